@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench [scan|reversible|model]`` (no argument runs all that fit the machine)."""

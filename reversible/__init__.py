@@ -1,0 +1,1 @@
+"""Reversible (RevNet additive-coupling) containers for PyTorch with flat activation memory in depth."""
