@@ -1,0 +1,288 @@
+"""Pure-PyTorch references of the gate-loop scan: the test oracles and the CPU path.
+
+Three implementations of ``o_t = Re(S_t)^T q_t`` with ``S_t = a_t S_{t-1} + k_t v_t^T``
+(see ``shared/DESIGN.md``), each a small function, all differentiable through autograd:
+
+* :func:`associative_scan_reference` -- the seed's semantics (a parallel associative scan that
+  materializes every state, ``O(B n d e)`` memory);
+* :func:`sequential_reference` -- a plain loop over time, the float64 ground truth;
+* :func:`chunked_reference` -- the chunked algorithm the kernels implement: chunk-local gate
+  products (only ever products of gates *forward* in time, no division, so zero gates are exact),
+  the complex state carried between chunks. Memory ``O(B n (d + e + C) + B (n / C) d e)``.
+
+The same trio exists for the simplified operator (real gate, ``kv`` given, per channel).
+Half-precision inputs are computed in float32; float64 stays float64. Outputs come back in the
+promoted input dtype.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_simple_inputs
+
+__all__ = [
+    "associative_scan_reference",
+    "sequential_reference",
+    "chunked_reference",
+    "simple_associative_scan_reference",
+    "simple_sequential_reference",
+    "simple_chunked_reference",
+    "diagonal_scan_chunked",
+]
+
+DEFAULT_CHUNK = 64
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+def real_dtype(t: Tensor) -> torch.dtype:
+    """The real dtype of ``t`` (its own dtype unless complex)."""
+    return t.real.dtype if t.is_complex() else t.dtype
+
+
+def out_dtype(*ts: Tensor) -> torch.dtype:
+    """Promoted real dtype of the inputs: the dtype outputs are returned in."""
+    return functools.reduce(torch.promote_types, (real_dtype(t) for t in ts))
+
+
+def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(real, complex) accumulation dtypes: float64 stays float64, everything else runs in float32."""
+    return (torch.float64, torch.complex128) if dtype == torch.float64 else (torch.float32, torch.complex64)
+
+
+def _gate_as(a: Tensor, cdtype: torch.dtype) -> Tensor:
+    return a.to(cdtype)
+
+
+# ----------------------------------------------------------------------------- (1) associative scan
+
+def _associative_scan(op: Callable[[Sequence[Tensor], Sequence[Tensor]], Sequence[Tensor]],
+                      elems: Sequence[Tensor]) -> list[Tensor]:
+    """Inclusive scan of ``elems`` (tuples of tensors, time on dim 1) under the associative ``op``.
+
+    Odd/even recursion: combine neighbouring pairs, scan the half-length sequence, then fill
+    the even positions from their odd predecessors.
+    """
+    n = elems[0].shape[1]
+    if n < 2:
+        return list(elems)
+    paired = op([x[:, 0:n - 1:2] for x in elems], [x[:, 1:n:2] for x in elems])
+    odd = _associative_scan(op, paired)  # prefixes ending at positions 1, 3, 5, ...
+    evens_right = [x[:, 2::2] for x in elems]
+    m = evens_right[0].shape[1]
+    evens = op([o[:, :m] for o in odd], evens_right)  # prefixes ending at positions 2, 4, ...
+    out = []
+    for x, ev, od in zip(elems, evens, odd):
+        full = torch.cat([x[:, :1], ev], dim=1)
+        merged = full.new_empty((x.shape[0], n, *full.shape[2:]))
+        merged[:, 0::2] = full
+        merged[:, 1::2] = od
+        out.append(merged)
+    return out
+
+
+def _gate_combine(left: Sequence[Tensor], right: Sequence[Tensor]) -> list[Tensor]:
+    a_i, s_i = left
+    a_j, s_j = right
+    return [a_j * a_i, a_j * s_i + s_j]
+
+
+def associative_scan_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Tensor:
+    """The seed's ``gate_loop_operator``: materializes every ``S_t`` via an associative scan.
+
+    Shapes as :func:`gateloop_kernels.gate_loop_operator`. Memory ``O(B n d e)``.
+    """
+    check_gate_loop_inputs(q, k, v, a)
+    odt = out_dtype(q, k, v, a)
+    rdt, cdt = acc_dtypes(odt)
+    kv = torch.einsum("bnd,bne->bnde", k.to(rdt), v.to(rdt)).to(cdt)
+    _, states = _associative_scan(_gate_combine, [_gate_as(a, cdt), kv])
+    return torch.einsum("bnd,bnde->bne", q.to(rdt), states.real).to(odt)
+
+
+# ----------------------------------------------------------------------------- (2) sequential
+
+def sequential_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state: Optional[Tensor] = None,
+                         return_final_state: bool = False):
+    """Plain loop over time (the ground truth): any gate layout broadcastable to ``(B, n, d, e)``.
+
+    ``initial_state``: optional complex ``(B, d, e)`` state before step 0. Returns ``out (B, n, e)``,
+    and the final complex state ``(B, d, e)`` too when ``return_final_state``.
+    """
+    _, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
+    check_initial_state(initial_state, B, d, e, q.device)
+    odt = out_dtype(q, k, v, a)
+    rdt, cdt = acc_dtypes(odt)
+    qf, kf, vf = q.to(rdt), k.to(rdt), v.to(rdt)
+    ac = _gate_as(a, cdt).expand(B, n, d, e)
+    state = q.new_zeros((B, d, e), dtype=cdt) if initial_state is None else initial_state.to(cdt)
+    outs = []
+    for t in range(n):
+        state = ac[:, t] * state + (kf[:, t, :, None] * vf[:, t, None, :]).to(cdt)
+        outs.append(torch.einsum("bd,bde->be", qf[:, t], state.real))
+    out = torch.stack(outs, dim=1).to(odt) if n else q.new_zeros((B, 0, e), dtype=odt)
+    return (out, state) if return_final_state else out
+
+
+# ----------------------------------------------------------------------------- (3) chunked
+
+def _pad_time(t: Tensor, total: int, value: float) -> Tensor:
+    extra = total - t.shape[1]
+    if extra == 0:
+        return t
+    pad = t.new_full((t.shape[0], extra, *t.shape[2:]), value)
+    return torch.cat([t, pad], dim=1)
+
+
+def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
+                          chunk_size: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
+    """First-order scan ``h_t = a_t h_{t-1} + x_t`` per channel, chunked.
+
+    ``a, x: (B, n, D)`` (real or complex, one dtype), ``h0: (B, D)`` or ``None``.
+    Returns ``(h (B, n, D), h_last (B, D))``. Within a chunk the scan runs step by step for all
+    chunks at once; the carries between chunks run over the ``n / C`` chunk ends. Memory ``O(B n D)``.
+    """
+    B, n, D = x.shape
+    h = x.new_zeros((B, D)) if h0 is None else h0.to(x.dtype)
+    if n == 0:
+        return x, h
+    C = chunk_size
+    nc = -(-n // C)
+    ac = _pad_time(a, nc * C, 1.0).reshape(B, nc, C, D)
+    xc = _pad_time(x, nc * C, 0.0).reshape(B, nc, C, D)
+    local, prods = [], []
+    hl, pr = torch.zeros_like(xc[:, :, 0]), torch.ones_like(ac[:, :, 0])
+    for t in range(C):
+        hl = ac[:, :, t] * hl + xc[:, :, t]
+        pr = pr * ac[:, :, t]
+        local.append(hl)
+        prods.append(pr)
+    hloc, cum = torch.stack(local, dim=2), torch.stack(prods, dim=2)  # (B, nc, C, D)
+    starts = []
+    for c in range(nc):
+        starts.append(h)
+        h = cum[:, c, -1] * h + hloc[:, c, -1]
+    out = hloc + cum * torch.stack(starts, dim=1)[:, :, None]
+    return out.reshape(B, nc * C, D)[:, :n], h
+
+
+def _chunked_head_gate(q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Tensor, C: int) -> tuple[Tensor, Tensor]:
+    """Scalar complex gate per step ``a: (B, n)``; ``q, k: (B, n, d)``, ``v: (B, n, e)``, ``state: (B, d, e)``."""
+    B, n, d = q.shape
+    e = v.shape[2]
+    nc = -(-n // C)
+    qc = _pad_time(q, nc * C, 0.0).reshape(B, nc, C, d)
+    kc = _pad_time(k, nc * C, 0.0).reshape(B, nc, C, d)
+    vc = _pad_time(v, nc * C, 0.0).reshape(B, nc, C, e)
+    ac = _pad_time(a, nc * C, 1.0).reshape(B, nc, C)
+    later = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)  # t > s
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # t >= s
+    # decay[t, s] = prod_{s < u <= t} a_u, built only from forward products (exact at zero gates)
+    decay = torch.where(later, ac[..., :, None], torch.ones((), dtype=ac.dtype, device=ac.device)).cumprod(dim=2)
+    decay = torch.where(causal, decay, torch.zeros((), dtype=ac.dtype, device=ac.device))
+    cum = ac.cumprod(dim=2)  # prod_{u <= t} a_u within the chunk
+    out = (decay.real * (qc @ kc.transpose(-1, -2))) @ vc
+    to_end = decay[:, :, C - 1]  # prod_{s < u <= C-1} a_u
+    upd_re = (kc * to_end.real[..., None]).transpose(-1, -2) @ vc
+    upd_im = (kc * to_end.imag[..., None]).transpose(-1, -2) @ vc
+    update = torch.complex(upd_re, upd_im)  # (B, nc, d, e)
+    total = cum[:, :, -1]
+    starts = []
+    for c in range(nc):
+        starts.append(state)
+        state = total[:, c, None, None] * state + update[:, c]
+    s = torch.stack(starts, dim=1)  # state entering each chunk
+    out = out + cum.real[..., None] * (qc @ s.real) - cum.imag[..., None] * (qc @ s.imag)
+    return out.reshape(B, nc * C, e)[:, :n], state
+
+
+def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state: Optional[Tensor] = None,
+                      return_final_state: bool = False, chunk_size: int = DEFAULT_CHUNK):
+    """Chunked gate-loop scan (DESIGN.md) for a gate per head ``a: (B|1, n, 1, 1)``.
+
+    ``d = e = 1`` runs as a chunked first-order scan; ``d, e > 1`` as intra-chunk decay-masked
+    attention plus a complex state carried between chunks. Other gate layouts (per key dim, per
+    value dim) fall back to :func:`sequential_reference`. Arguments and returns as there.
+    """
+    layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
+    if layout != GATE_HEAD:
+        return sequential_reference(q, k, v, a, initial_state, return_final_state)
+    check_initial_state(initial_state, B, d, e, q.device)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    odt = out_dtype(q, k, v, a)
+    rdt, cdt = acc_dtypes(odt)
+    qf, kf, vf = q.to(rdt), k.to(rdt), v.to(rdt)
+    gate = _gate_as(a, cdt)[:, :, 0, 0].expand(B, n)
+    state = q.new_zeros((B, d, e), dtype=cdt) if initial_state is None else initial_state.to(cdt)
+    if n == 0:
+        out = q.new_zeros((B, 0, e), dtype=odt)
+    elif d == 1 and e == 1:
+        h, last = diagonal_scan_chunked(gate[..., None], (kf * vf).to(cdt), state[:, :, 0], chunk_size)
+        out, state = (qf * h.real).to(odt), last[:, :, None]
+    else:
+        out, state = _chunked_head_gate(qf, kf, vf, gate, state, chunk_size)
+        out = out.to(odt)
+    return (out, state) if return_final_state else out
+
+
+# ----------------------------------------------------------------------------- simplified operator
+
+def _simple_finish(q: Tensor, h: Tensor, a: Tensor, cache_a: Optional[Tensor], h_last: Tensor, odt: torch.dtype):
+    a_last = a.prod(dim=1)
+    if cache_a is not None:
+        a_last = cache_a.to(a.dtype) * a_last
+    return (q * h).to(odt), (a_last.to(odt), h_last.to(odt))
+
+
+def _simple_prepare(q: Tensor, kv: Tensor, a: Tensor, cache):
+    check_simple_inputs(q, kv, a, cache)
+    odt = out_dtype(q, kv, a)
+    rdt, _ = acc_dtypes(odt)
+    cache_a, cache_kv = (None, None) if cache is None else (cache[0].to(rdt), cache[1].to(rdt))
+    return q.to(rdt), kv.to(rdt), a.to(rdt), cache_a, cache_kv, odt
+
+
+def simple_associative_scan_reference(q: Tensor, kv: Tensor, a: Tensor, cache=None):
+    """The seed's simplified ``gate_loop_operator(q, kv, a, cache)``: the cache is a prefix step.
+
+    ``q, kv, a: (B, n, D)`` real; ``cache``: ``(a_prev, kv_prev)`` each ``(B, D)`` or ``None``.
+    Returns ``(q * h, (a_last, kv_last))`` with ``a_last`` the product of all gates seen.
+    """
+    qf, kvf, af, cache_a, cache_kv, odt = _simple_prepare(q, kv, a, cache)
+    if cache is not None:
+        af = torch.cat([cache_a[:, None], af], dim=1)
+        kvf = torch.cat([cache_kv[:, None], kvf], dim=1)
+    if af.shape[1] == 0:
+        B, _, D = q.shape
+        ones, zeros = q.new_ones((B, D), dtype=odt), q.new_zeros((B, D), dtype=odt)
+        return q.new_zeros(q.shape, dtype=odt), (ones, zeros)
+    a_scan, h = _associative_scan(_gate_combine, [af, kvf])
+    if cache is not None:
+        a_scan, h = a_scan[:, 1:], h[:, 1:]
+    a_last = a_scan[:, -1] if a_scan.shape[1] else cache_a
+    h_last = h[:, -1] if h.shape[1] else cache_kv
+    return (qf * h).to(odt), (a_last.to(odt), h_last.to(odt))
+
+
+def simple_sequential_reference(q: Tensor, kv: Tensor, a: Tensor, cache=None):
+    """Plain loop over time for the simplified operator; arguments and returns as the seed's."""
+    qf, kvf, af, cache_a, cache_kv, odt = _simple_prepare(q, kv, a, cache)
+    h = torch.zeros_like(qf[:, 0]) if cache_kv is None else cache_kv
+    hs = []
+    for t in range(q.shape[1]):
+        h = af[:, t] * h + kvf[:, t]
+        hs.append(h)
+    hall = torch.stack(hs, dim=1) if hs else torch.zeros_like(qf)
+    return _simple_finish(qf, hall, af, cache_a, h, odt)
+
+
+def simple_chunked_reference(q: Tensor, kv: Tensor, a: Tensor, cache=None, chunk_size: int = DEFAULT_CHUNK):
+    """Chunked simplified operator (:func:`diagonal_scan_chunked`); arguments and returns as the seed's."""
+    qf, kvf, af, cache_a, cache_kv, odt = _simple_prepare(q, kv, a, cache)
+    h, h_last = diagonal_scan_chunked(af, kvf, cache_kv, chunk_size)
+    return _simple_finish(qf, h, af, cache_a, h_last, odt)
