@@ -27,7 +27,7 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
         return_final_state: also return the complex ``(B, d, e)`` state after the last step.
 
     Returns:
-        ``out: (B, n, e)`` in the promoted real dtype of the inputs, or ``(out, final_state)``.
+        ``out: (B, n, e)`` in the promoted dtype of ``q, k, v``, or ``(out, final_state)``.
 
     Raises:
         TypeError: non-tensor or integer inputs. ValueError: shapes, devices.

@@ -12,7 +12,7 @@ Three implementations of ``o_t = Re(S_t)^T q_t`` with ``S_t = a_t S_{t-1} + k_t 
 
 The same trio exists for the simplified operator (real gate, ``kv`` given, per channel).
 Half-precision inputs are computed in float32; float64 stays float64. Outputs come back in the
-promoted input dtype.
+promoted dtype of ``q, k, v`` (the gate's precision does not decide it: there is no complex bf16).
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def associative_scan_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Te
     Shapes as :func:`gateloop_kernels.gate_loop_operator`. Memory ``O(B n d e)``.
     """
     check_gate_loop_inputs(q, k, v, a)
-    odt = out_dtype(q, k, v, a)
+    odt = out_dtype(q, k, v)
     rdt, cdt = acc_dtypes(odt)
     kv = torch.einsum("bnd,bne->bnde", k.to(rdt), v.to(rdt)).to(cdt)
     _, states = _associative_scan(_gate_combine, [_gate_as(a, cdt), kv])
@@ -115,7 +115,7 @@ def sequential_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_sta
     """
     _, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     check_initial_state(initial_state, B, d, e, q.device)
-    odt = out_dtype(q, k, v, a)
+    odt = out_dtype(q, k, v)
     rdt, cdt = acc_dtypes(odt)
     qf, kf, vf = q.to(rdt), k.to(rdt), v.to(rdt)
     ac = _gate_as(a, cdt).expand(B, n, d, e)
@@ -214,7 +214,7 @@ def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state:
     check_initial_state(initial_state, B, d, e, q.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    odt = out_dtype(q, k, v, a)
+    odt = out_dtype(q, k, v)
     rdt, cdt = acc_dtypes(odt)
     qf, kf, vf = q.to(rdt), k.to(rdt), v.to(rdt)
     gate = _gate_as(a, cdt)[:, :, 0, 0].expand(B, n)
@@ -272,7 +272,7 @@ def simple_associative_scan_reference(q: Tensor, kv: Tensor, a: Tensor, cache=No
 def simple_sequential_reference(q: Tensor, kv: Tensor, a: Tensor, cache=None):
     """Plain loop over time for the simplified operator; arguments and returns as the seed's."""
     qf, kvf, af, cache_a, cache_kv, odt = _simple_prepare(q, kv, a, cache)
-    h = torch.zeros_like(qf[:, 0]) if cache_kv is None else cache_kv
+    h = qf.new_zeros((q.shape[0], q.shape[2])) if cache_kv is None else cache_kv
     hs = []
     for t in range(q.shape[1]):
         h = af[:, t] * h + kvf[:, t]
