@@ -1,0 +1,541 @@
+"""The one additive-coupling core that every container in :mod:`reversible` runs on.
+
+A reversible stack is described as a flat list of :class:`Coupling` steps over a set of
+*streams*. Every stream is held as one activation buffer whose two halves (along the stream's
+split dim) are addressed by *half indices*: stream ``i`` owns halves ``2 * i`` (first) and
+``2 * i + 1`` (second). A coupling step does, in place,
+
+    ``state[target] += fn(*state[sources], **kwargs)``
+
+and because ``sources`` and ``target`` are disjoint, the step is undone exactly by
+``state[target] -= fn(*state[sources], **kwargs)``. The usual RevNet block
+(``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``) is two such steps; the dual-modality blocks of
+NUWA are four; dict-valued streams (SE3) are steps whose ``fn`` maps a dict of halves to a dict.
+
+The backward pass walks the steps in reverse: recompute ``out = fn(sources)`` with grad
+(under the forward's autocast state and with the forward's RNG state of *this call*), take the
+vector-Jacobian product with the target's gradient half, then, in one fused in-place launch
+(:func:`reversible._inplace.reconstruct_`), ``target -= out`` and ``d_source += vjp``.
+The whole stack therefore keeps exactly one activation buffer and one gradient buffer per
+stream; no ``torch.cat`` and no new full-size tensor per block.
+
+Parameters of the step functions (and tensors passed as keyword arguments that require
+grad) are explicit inputs of the autograd Function, and their gradients are *returned* from
+its backward instead of being accumulated behind autograd's back. That is what makes
+parameters get gradients when the stream input does not require grad, and what makes
+``DistributedDataParallel`` (including ``find_unused_parameters=True``) work.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from . import _inplace
+
+__all__ = ["Coupling", "run_couplings", "reverse_couplings", "MERGES", "INPUT_MODES"]
+
+MERGES = ("mean", "sum", "cat")
+INPUT_MODES = ("duplicate", "split")
+
+_TWICE = ("the backward of a reversible stack was run twice (e.g. retain_graph=True followed by a "
+          "second backward). Its activation buffer is reconstructed in place during the first "
+          "backward, so a second one is not possible; run the forward again instead.")
+
+
+@dataclass(eq=False)
+class Coupling:
+    """One additive coupling step: ``state[targets] += fn(*state[sources], **kwargs)``.
+
+    Args:
+        fn: the function (usually an ``nn.Module``). With ``keys=None`` it is called as
+            ``fn(*source_halves, **kwargs)`` and must return one tensor shaped like the target
+            half. With ``keys`` it is called as ``fn({key: source_half}, **kwargs)`` and must
+            return a dict holding (at least) those keys, each shaped like its target half.
+        targets: half indices that receive the output (one per key with ``keys``, else one).
+        sources: half indices fed to ``fn`` (one per key with ``keys``); disjoint from targets.
+        kwargs: keyword arguments for ``fn``. Tensors in them that require grad get gradients.
+        keys: the dict keys of a dict-valued stream, or ``None``.
+        params: extra tensors ``fn`` closes over that need gradients (the parameters of ``fn``
+            itself are found automatically when it is an ``nn.Module`` or a bound method of one).
+    """
+
+    fn: Callable[..., Any]
+    targets: tuple[int, ...]
+    sources: tuple[int, ...]
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    keys: tuple[str, ...] | None = None
+    params: Sequence[Tensor] = ()
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(int(t) for t in self.targets)
+        self.sources = tuple(int(s) for s in self.sources)
+        if not callable(self.fn):
+            raise TypeError(f"Coupling.fn must be callable, got {type(self.fn).__name__}")
+        if not self.targets or not self.sources:
+            raise ValueError("Coupling needs at least one target and one source half")
+        if set(self.targets) & set(self.sources):
+            raise ValueError(f"Coupling targets {self.targets} and sources {self.sources} overlap: "
+                             "a half cannot be both updated and read by the same step")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"Coupling targets {self.targets} repeat a half")
+        if self.keys is None:
+            if len(self.targets) != 1:
+                raise ValueError("a Coupling without keys has exactly one target")
+        else:
+            self.keys = tuple(self.keys)
+            if not (len(self.keys) == len(self.targets) == len(self.sources)):
+                raise ValueError("a dict Coupling needs one target and one source half per key")
+        if self.kwargs is None:
+            self.kwargs = {}
+
+    @property
+    def name(self) -> str:
+        return type(self.fn).__name__ if isinstance(self.fn, nn.Module) else getattr(self.fn, "__name__", repr(self.fn))
+
+    def call(self, sources: Sequence[Tensor], kwargs: Mapping[str, Any]) -> list[Tensor]:
+        """Run ``fn`` on the given source halves; returns one output per target."""
+        if self.keys is None:
+            out = self.fn(*sources, **kwargs)
+            if not isinstance(out, Tensor):
+                raise TypeError(f"coupling function {self.name} must return a Tensor, got {type(out).__name__}")
+            return [out]
+        out = self.fn(dict(zip(self.keys, sources)), **kwargs)
+        if not isinstance(out, Mapping):
+            raise TypeError(f"coupling function {self.name} on a dict stream must return a dict, "
+                            f"got {type(out).__name__}")
+        missing = [k for k in self.keys if k not in out]
+        if missing:
+            raise KeyError(f"coupling function {self.name} returned no value for stream key(s) {missing}")
+        return [out[k] for k in self.keys]
+
+
+# ----------------------------------------------------------------------------- state capture
+
+def _autocast_state(device_type: str) -> dict[str, dict[str, Any]]:
+    """Autocast settings of the device and of the CPU, as torch.utils.checkpoint records them."""
+    state = {}
+    for dev in dict.fromkeys((device_type, "cpu")):
+        try:
+            enabled = torch.is_autocast_enabled(dev)
+            dtype = torch.get_autocast_dtype(dev)
+        except (TypeError, RuntimeError, AttributeError):  # device without autocast support
+            continue
+        state[dev] = {"enabled": enabled, "dtype": dtype, "cache_enabled": torch.is_autocast_cache_enabled()}
+    return state
+
+
+def _autocast_replay(state: Mapping[str, Mapping[str, Any]]) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    for dev, kw in state.items():
+        stack.enter_context(torch.autocast(dev, **kw))
+    return stack
+
+
+def _rng_state(tensors: Sequence[Tensor]) -> tuple[Tensor, list[int], list[Tensor]]:
+    from torch.utils.checkpoint import get_device_states
+
+    devices, states = get_device_states(*tensors) if any(t.is_cuda for t in tensors) else ([], [])
+    return torch.get_rng_state(), devices, states
+
+
+@contextlib.contextmanager
+def _rng_replay(state: tuple[Tensor, list[int], list[Tensor]] | None) -> Iterator[None]:
+    if state is None:
+        yield
+        return
+    from torch.utils.checkpoint import set_device_states
+
+    cpu, devices, states = state
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        torch.set_rng_state(cpu)
+        if devices:
+            set_device_states(devices, states)
+        yield
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _fn_params(fn: Callable[..., Any]) -> list[Tensor]:
+    if isinstance(fn, nn.Module):
+        return list(fn.parameters())
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        return list(owner.parameters())
+    return []
+
+
+def _map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _iter_tensors(obj: Any) -> Iterator[Tensor]:
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _iter_tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from _iter_tensors(o)
+
+
+def _same_storage(a: Tensor, bufs: Sequence[Tensor]) -> bool:
+    ptr = a.untyped_storage().data_ptr()
+    return any(ptr == b.untyped_storage().data_ptr() for b in bufs)
+
+
+def _reconstruct(targets: list[Tensor], outs: list[Tensor], dsources: list[Tensor],
+                 grads: Sequence[Tensor | None]) -> None:
+    """``targets -= outs`` and ``dsources += grads``, through the fused in-place helpers."""
+    pairs = [(d, g) for d, g in zip(dsources, grads) if g is not None]
+    n = min(len(targets), len(pairs))
+    if n == 1:
+        _inplace.reconstruct_(targets[0], outs[0], pairs[0][0], pairs[0][1])
+    elif n > 1:
+        _inplace.reconstruct_multi_(targets[:n], outs[:n], [d for d, _ in pairs[:n]], [g for _, g in pairs[:n]])
+    with torch.no_grad():
+        for t, o in zip(targets[n:], outs[n:]):  # targets without a matching source gradient
+            _inplace.coupling_add_(t, torch.neg(o))
+        for d, g in pairs[n:]:  # more sources than targets (e.g. f(x2, m2))
+            _inplace.coupling_add_(d, g)
+
+
+# ----------------------------------------------------------------------------- per-call plan
+
+@dataclass
+class _Stream:
+    dim: int           # split dim, non-negative
+    dtype: torch.dtype  # dtype of the user's tensor (and of what fn sees)
+    buf_dtype: torch.dtype  # dtype of the activation / gradient buffer
+
+
+class _Run:
+    """Everything one call of a reversible stack needs in backward (kept per call, never on a module)."""
+
+    def __init__(self, couplings: Sequence[Coupling], streams: list[_Stream], merge: str, input_mode: str,
+                 preserve_rng_state: bool) -> None:
+        self.couplings = list(couplings)
+        self.streams = streams
+        self.merge = merge
+        self.input_mode = input_mode
+        self.preserve_rng_state = preserve_rng_state
+        # parameters (deduplicated, needing grad) and the ones each coupling uses
+        self.params: list[Tensor] = []
+        self.param_idx: list[list[int]] = []
+        index: dict[int, int] = {}
+        for c in self.couplings:
+            mine = []
+            for p in [*_fn_params(c.fn), *c.params]:
+                if not (isinstance(p, Tensor) and p.requires_grad):
+                    continue
+                if id(p) not in index:
+                    index[id(p)] = len(self.params)
+                    self.params.append(p)
+                j = index[id(p)]
+                if j not in mine:
+                    mine.append(j)
+            self.param_idx.append(mine)
+        # tensors in kwargs that need grad
+        self.kw_tensors: list[Tensor] = []
+        self.kw_index: dict[int, int] = {}
+        self.kw_idx: list[list[int]] = []
+        for c in self.couplings:
+            mine = []
+            for t in _iter_tensors(dict(c.kwargs)):
+                if not t.requires_grad:
+                    continue
+                if id(t) not in self.kw_index:
+                    self.kw_index[id(t)] = len(self.kw_tensors)
+                    self.kw_tensors.append(t)
+                j = self.kw_index[id(t)]
+                if j not in mine:
+                    mine.append(j)
+            self.kw_idx.append(mine)
+        self.rng: list[Any] = []
+        self.autocast: dict[str, dict[str, Any]] = {}
+        self.bufs: list[Tensor] | None = None
+        self.done = False
+
+    # --- buffers and halves
+    def halves(self, bufs: Sequence[Tensor]) -> list[Tensor]:
+        out = []
+        for buf, s in zip(bufs, self.streams):
+            n = buf.shape[s.dim] // 2
+            out += [buf.narrow(s.dim, 0, n), buf.narrow(s.dim, n, n)]
+        return out
+
+    def make_buffer(self, i: int, x: Tensor) -> Tensor:
+        s = self.streams[i]
+        if self.input_mode == "split":
+            return x.to(s.buf_dtype, copy=True, memory_format=torch.contiguous_format)
+        shape = list(x.shape)
+        shape[s.dim] *= 2
+        buf = x.new_empty(shape, dtype=s.buf_dtype)
+        n = x.shape[s.dim]
+        buf.narrow(s.dim, 0, n).copy_(x)
+        buf.narrow(s.dim, n, n).copy_(x)
+        return buf
+
+    def make_grad_buffer(self, i: int, g: Tensor | None, buf: Tensor) -> Tensor:
+        s = self.streams[i]
+        if g is None:
+            return torch.zeros_like(buf)
+        if self.merge == "cat":
+            return g.to(s.buf_dtype, copy=True, memory_format=torch.contiguous_format)
+        gbuf = torch.empty_like(buf)
+        n = buf.shape[s.dim] // 2
+        scale = 0.5 if self.merge == "mean" else 1.0
+        for h in (gbuf.narrow(s.dim, 0, n), gbuf.narrow(s.dim, n, n)):
+            h.copy_(g)
+            if scale != 1.0:
+                h.mul_(scale)
+        return gbuf
+
+    def merged(self, halves: Sequence[Tensor]) -> list[Tensor]:
+        outs = []
+        for i, s in enumerate(self.streams):
+            a, b = halves[2 * i], halves[2 * i + 1]
+            if self.merge == "mean":
+                o = (a + b).mul_(0.5)
+            elif self.merge == "sum":
+                o = a + b
+            else:
+                o = torch.cat((a, b), dim=s.dim)
+            outs.append(o.to(s.dtype))
+        return outs
+
+    def to_compute(self, half_idx: int, t: Tensor) -> Tensor:
+        dtype = self.streams[half_idx // 2].dtype
+        return t if t.dtype == dtype else t.to(dtype)
+
+    def backward_kwargs(self, ci: int, leaves: Sequence[Tensor]) -> Mapping[str, Any]:
+        if not self.kw_idx[ci]:
+            return self.couplings[ci].kwargs
+        return _map_tensors(dict(self.couplings[ci].kwargs),
+                            lambda t: leaves[self.kw_index[id(t)]] if id(t) in self.kw_index else t)
+
+    # --- one step forward (no grad) / irreversibly (with grad)
+    def step_forward(self, ci: int, halves: list[Tensor], inplace: bool) -> None:
+        c = self.couplings[ci]
+        srcs = [self.to_compute(s, halves[s]) for s in c.sources]
+        outs = c.call(srcs, c.kwargs)
+        for t, o in zip(c.targets, outs):
+            if o.shape != halves[t].shape:
+                raise ValueError(f"coupling function {c.name} returned shape {tuple(o.shape)} for a half "
+                                 f"of shape {tuple(halves[t].shape)}; f and g must preserve the shape of "
+                                 "the stream half they are given")
+            if inplace:
+                _inplace.coupling_add_(halves[t], o)
+            else:
+                halves[t] = halves[t] + o
+
+    # --- one step backward: recompute, vjp, reconstruct in place
+    def step_backward(self, ci: int, halves: list[Tensor], ghalves: list[Tensor], pgrads: list[Tensor | None],
+                      kgrads: list[Tensor | None], leaves: Sequence[Tensor], gbufs: Sequence[Tensor]) -> None:
+        c = self.couplings[ci]
+        srcs = [halves[s].detach().requires_grad_() for s in c.sources]
+        params = [self.params[j] for j in self.param_idx[ci]]
+        kws = [leaves[j] for j in self.kw_idx[ci]]
+        kwargs = self.backward_kwargs(ci, leaves)
+        rng = self.rng[ci] if self.rng else None
+        with torch.enable_grad(), _autocast_replay(self.autocast), _rng_replay(rng):
+            outs = c.call([self.to_compute(s, x) for s, x in zip(c.sources, srcs)], kwargs)
+            outs = [o if o.dtype == halves[t].dtype else o.to(halves[t].dtype) for o, t in zip(outs, c.targets)]
+        for t, o in zip(c.targets, outs):
+            if o.shape != halves[t].shape:
+                raise ValueError(f"coupling function {c.name} returned shape {tuple(o.shape)} in recomputation "
+                                 f"for a half of shape {tuple(halves[t].shape)}")
+        diff = [(o, ghalves[t]) for o, t in zip(outs, c.targets) if o.requires_grad]
+        inputs = [*srcs, *params, *kws]
+        if diff:
+            grads = torch.autograd.grad([o for o, _ in diff], inputs, grad_outputs=[g for _, g in diff],
+                                        allow_unused=True)
+        else:
+            grads = (None,) * len(inputs)
+        ns, npar = len(srcs), len(params)
+        for acc, idx, gs in ((pgrads, self.param_idx[ci], grads[ns:ns + npar]), (kgrads, self.kw_idx[ci], grads[ns + npar:])):
+            for j, g in zip(idx, gs):
+                if g is None:
+                    continue
+                if acc[j] is None:
+                    acc[j] = g.clone() if _same_storage(g, gbufs) else g
+                else:
+                    acc[j] = acc[j] + g
+        _reconstruct([halves[t] for t in c.targets], [o.detach() for o in outs],
+                     [ghalves[s] for s in c.sources], grads[:ns])
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    """Whole-stack autograd Function: inputs are ``(run, *stream_inputs, *params, *kwarg_tensors)``."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        inputs = tensors[:len(run.streams)]
+        bufs = [run.make_buffer(i, x) for i, x in enumerate(inputs)]
+        halves = run.halves(bufs)
+        run.autocast = _autocast_state(bufs[0].device.type)
+        for ci, c in enumerate(run.couplings):
+            if run.preserve_rng_state:
+                run.rng.append(_rng_state([halves[s] for s in c.sources]))
+            run.step_forward(ci, halves, inplace=True)
+        outs = run.merged(halves)
+        run.bufs = bufs
+        ctx.run = run
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *gouts: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        run: _Run = ctx.run
+        if run is None or run.bufs is None:
+            raise RuntimeError(_TWICE)
+        bufs, run.bufs = run.bufs, None
+        ctx.run = None
+        gbufs = [run.make_grad_buffer(i, g, b) for i, (g, b) in enumerate(zip(gouts, bufs))]
+        halves, ghalves = run.halves(bufs), run.halves(gbufs)
+        pgrads: list[Tensor | None] = [None] * len(run.params)
+        kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
+        leaves = [t.detach().requires_grad_() for t in run.kw_tensors]
+        for ci in reversed(range(len(run.couplings))):
+            run.step_backward(ci, halves, ghalves, pgrads, kgrads, leaves, gbufs)
+        del halves, bufs
+        needs = ctx.needs_input_grad
+        dxs = []
+        for i, s in enumerate(run.streams):
+            if not needs[1 + i]:
+                dxs.append(None)
+            elif run.input_mode == "duplicate":
+                dxs.append((ghalves[2 * i] + ghalves[2 * i + 1]).to(s.dtype))
+            else:
+                dxs.append(gbufs[i].to(s.dtype))
+        pgrads = [g if g is None else g.to(p.dtype) for g, p in zip(pgrads, run.params)]
+        return (None, *dxs, *pgrads, *kgrads)
+
+
+def _normalize_dim(dim: int, ndim: int) -> int:
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"split dim {dim} is out of range for a tensor with {ndim} dims")
+    return dim % ndim
+
+
+def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, dims: int | Sequence[int] = -1,
+                  merge: str = "mean", input_mode: str = "duplicate", stream_dtype: torch.dtype | None = None,
+                  preserve_rng_state: bool = True, reversible: bool = True) -> list[Tensor]:
+    """Run a stack of coupling steps over streams; the general entry point of the library.
+
+    Args:
+        inputs: one tensor per stream (floating point, all on one device).
+        couplings: the steps, in forward order; half ``2*i`` / ``2*i+1`` is the first / second
+            half of stream ``i``.
+        dims: the split dim of each stream (one int for all).
+        merge: how each stream's two output halves become the output: ``"mean"``, ``"sum"``
+            or ``"cat"`` (the two halves concatenated along the split dim).
+        input_mode: ``"duplicate"``: the input is copied into both halves (the seeds'
+            ``cat([x, x])``; the input gradient is the sum of both halves' gradients);
+            ``"split"``: the input already holds both halves along the split dim.
+        stream_dtype: dtype of the activation and gradient buffers (e.g. ``torch.float32``
+            for bf16/fp16 inputs, which makes reconstruction exact to float32 rounding);
+            ``fn`` still sees halves in the input's dtype. Default: the input's dtype.
+        preserve_rng_state: record the RNG state before every step of this call and replay
+            it during recomputation (needed for dropout inside the step functions).
+        reversible: ``False`` runs the same steps with plain autograd (activations kept).
+
+    Returns:
+        one output tensor per stream (new tensors, never modified by the backward pass).
+    """
+    inputs = list(inputs)
+    if not inputs:
+        raise ValueError("run_couplings needs at least one input stream")
+    for i, x in enumerate(inputs):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"stream input {i} must be a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"stream input {i} must be floating point, got {x.dtype}")
+        if x.dim() == 0:
+            raise ValueError(f"stream input {i} is a scalar; it needs a dim to split")
+        if x.device != inputs[0].device:
+            raise ValueError(f"all stream inputs must be on one device; got {inputs[0].device} and {x.device}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+    if input_mode not in INPUT_MODES:
+        raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
+    if stream_dtype is not None and not stream_dtype.is_floating_point:
+        raise ValueError(f"stream_dtype must be a floating dtype, got {stream_dtype}")
+    dims = [dims] * len(inputs) if isinstance(dims, int) else list(dims)
+    if len(dims) != len(inputs):
+        raise ValueError(f"got {len(dims)} split dims for {len(inputs)} streams")
+    streams = []
+    for i, (x, d) in enumerate(zip(inputs, dims)):
+        d = _normalize_dim(d, x.dim())
+        if input_mode == "split" and x.shape[d] % 2:
+            raise ValueError(f"stream input {i} has odd size {x.shape[d]} on split dim {d}; "
+                             "input_mode='split' needs two equal halves")
+        streams.append(_Stream(d, x.dtype, stream_dtype or x.dtype))
+    couplings = list(couplings)
+    for c in couplings:
+        if not isinstance(c, Coupling):
+            raise TypeError(f"couplings must be Coupling objects, got {type(c).__name__}")
+        bad = [h for h in (*c.targets, *c.sources) if not 0 <= h < 2 * len(inputs)]
+        if bad:
+            raise ValueError(f"coupling {c.name} refers to half {bad[0]}, but {len(inputs)} stream(s) "
+                             f"have halves 0..{2 * len(inputs) - 1}")
+
+    run = _Run(couplings, streams, merge, input_mode, preserve_rng_state)
+    needs_graph = torch.is_grad_enabled() and (
+        any(x.requires_grad for x in inputs) or bool(run.params) or bool(run.kw_tensors))
+    if reversible and needs_graph:
+        return list(_ReversibleFunction.apply(run, *inputs, *run.params, *run.kw_tensors))
+    # irreversible (plain autograd) or no graph at all: the same steps, functionally
+    halves = []
+    for x, s in zip(inputs, streams):
+        x = x.to(s.buf_dtype)
+        if input_mode == "duplicate":
+            halves += [x, x]
+        else:
+            n = x.shape[s.dim] // 2
+            halves += [x.narrow(s.dim, 0, n), x.narrow(s.dim, n, n)]
+    for ci in range(len(couplings)):
+        run.step_forward(ci, halves, inplace=False)
+    return run.merged(halves)
+
+
+def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], couplings: Sequence[Coupling], *,
+                      dims: int | Sequence[int] = -1) -> tuple[list[Tensor], list[Tensor]]:
+    """Undo a stack of couplings from its (un-merged) outputs, as the seeds' ``backward_pass``.
+
+    ``outputs`` and ``grads`` hold both halves of each stream along its split dim. Returns the
+    reconstructed inputs and their gradients (new tensors; the arguments are not modified);
+    parameter gradients are accumulated into ``.grad`` like ``Tensor.backward`` does. RNG
+    state is not replayed (this is a standalone inverse, not part of a recorded call).
+    """
+    dims = [dims] * len(outputs) if isinstance(dims, int) else list(dims)
+    streams = [_Stream(_normalize_dim(d, y.dim()), y.dtype, y.dtype) for y, d in zip(outputs, dims)]
+    run = _Run(couplings, streams, "cat", "split", preserve_rng_state=False)
+    run.autocast = {}
+    bufs = [y.detach().clone(memory_format=torch.contiguous_format) for y in outputs]
+    gbufs = [g.detach().to(y.dtype, copy=True, memory_format=torch.contiguous_format) for g, y in zip(grads, outputs)]
+    halves, ghalves = run.halves(bufs), run.halves(gbufs)
+    pgrads: list[Tensor | None] = [None] * len(run.params)
+    kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
+    leaves = [t.detach().requires_grad_() for t in run.kw_tensors]
+    for ci in reversed(range(len(run.couplings))):
+        run.step_backward(ci, halves, ghalves, pgrads, kgrads, leaves, gbufs)
+    with torch.no_grad():
+        for p, g in zip(run.params, pgrads):
+            if g is not None:
+                p.grad = g.to(p.dtype).clone() if p.grad is None else p.grad.add_(g.to(p.dtype))
+    pending = [(t, g) for t, g in zip(run.kw_tensors, kgrads) if g is not None]
+    if pending:  # tensors passed as keyword arguments: let their own graph take the gradient
+        torch.autograd.backward([t for t, _ in pending], [g for _, g in pending])
+    return bufs, gbufs
