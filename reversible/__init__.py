@@ -13,6 +13,7 @@ lucidrains' per-project ``reversible.py`` files live in :mod:`reversible.compat`
 """
 from .core import INPUT_MODES, MERGES, Coupling, reverse_couplings, run_couplings
 from .diagnostics import reconstruction_error
+from ._extension import extension_info
 from .dual import (BLOCK_TYPES, DualModalityReversibleSequence, ReversibleCrossAttnBlock,
                    ReversibleCrossModalityAttnBlock, ReversibleSelfAttnBlock)
 from .routing import layer_drop, route_args
