@@ -3,10 +3,13 @@
 Public API:
     gate_loop_operator(q, k, v, a)          -- drop-in for the seed's operator
     simple_gate_loop_operator(q, kv, a, cache=None) -- the simplified (real-gate) operator
+    gate_loop_heads(q, k, v, z=... | log_magnitude=..., phase=...) -- head layout (B, n, H, d), real gate parameters
     reference                                -- the pure-PyTorch oracles
 """
 from . import reference
+from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
 from .operator import gate_loop_operator, simple_gate_loop_operator
 
-__all__ = ["gate_loop_operator", "simple_gate_loop_operator", "reference"]
+__all__ = ["gate_loop_operator", "simple_gate_loop_operator", "gate_loop_heads", "gate_from_preactivation",
+           "gate_from_log_polar", "reference"]
 __version__ = "0.1.0"

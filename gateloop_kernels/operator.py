@@ -1,17 +1,83 @@
-"""Public scan operators with the seed's contracts; dispatch to the fastest path for the inputs.
+"""Public scan operators with the seed's contracts, and the one place that picks a path.
 
-CPU tensors (and shapes no kernel covers yet) run the chunked PyTorch reference
-(:mod:`gateloop_kernels.reference`); CUDA tensors run the Triton kernels where they exist.
+* head gate, ``d = e = 1`` (and the simplified operator): the elementwise scan op
+  ``gateloop::elementwise_scan`` (:mod:`gateloop_kernels.elementwise`) -- the Triton kernel on CUDA,
+  the chunked reference's algorithm in PyTorch elsewhere;
+* head gate, ``16 <= d, e <= 256`` on CUDA: the chunked tensor-core kernel
+  (``gateloop_kernels.chunked.chunk_gate_loop``) once that module exists;
+* everything else (other gate layouts, other sizes, float64): :func:`reference.chunked_reference`.
 """
 from __future__ import annotations
 
-from typing import Optional
+import importlib
+from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from . import reference
+from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_simple_inputs
+from .elementwise import elementwise_scan
 
-__all__ = ["gate_loop_operator", "simple_gate_loop_operator"]
+__all__ = ["gate_loop_operator", "simple_gate_loop_operator", "kernel_dtypes", "chunk_kernel",
+           "scan_head_gate", "CHUNK_DIMS"]
+
+#: input dtypes the Triton kernels take (state and accumulation are float32 for all of them)
+kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
+#: head and value dims the chunked tensor-core kernel covers
+CHUNK_DIMS = (16, 256)
+
+
+def chunk_kernel() -> Optional[Callable]:
+    """``gateloop_kernels.chunked.chunk_gate_loop`` if that module imports and has it, else ``None``."""
+    try:
+        mod = importlib.import_module(".chunked", __package__)
+    except ImportError:
+        return None
+    return getattr(mod, "chunk_gate_loop", None)
+
+
+def _use_kernels(*ts: Tensor) -> bool:
+    return all(t.is_cuda for t in ts) and reference.out_dtype(*ts) in kernel_dtypes
+
+
+def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
+                   initial_state: Optional[Tensor], output_final_state: bool):
+    """Head-layout scan with the gate as real parts; the dispatch behind every public entry point.
+
+    Args:
+        q, k: ``(B, n, H, d)``; v: ``(B, n, H, e)``; real floating, one dtype.
+        a_re, a_im: ``(B, n, H)`` gate real and imaginary parts (float32 recommended).
+        initial_state: complex ``(B, H, d, e)`` or ``None``.
+        output_final_state: also return the complex ``(B, H, d, e)`` final state.
+
+    Returns:
+        ``(o (B, n, H, e) in q's dtype, final_state or None)``.
+    """
+    B, n, H, d = q.shape
+    e = v.shape[-1]
+    if d == 1 and e == 1 and (q.dtype in kernel_dtypes or not q.is_cuda):
+        h0r = h0i = None
+        if initial_state is not None:
+            h0r, h0i = initial_state.real[..., 0, 0], initial_state.imag[..., 0, 0]
+        o, hr, hi, _ = elementwise_scan(q[..., 0], k[..., 0], v[..., 0], a_re, a_im, h0r, h0i)
+        final = torch.complex(hr, hi)[..., None, None] if output_final_state else None
+        return o[..., None], final
+    chunk = chunk_kernel()
+    if (chunk is not None and q.is_cuda and q.dtype in kernel_dtypes
+            and CHUNK_DIMS[0] <= d <= CHUNK_DIMS[1] and CHUNK_DIMS[0] <= e <= CHUNK_DIMS[1]):
+        return chunk(q, k, v, a_re.float(), a_im.float(), initial_state=initial_state,
+                     output_final_state=output_final_state)
+    # reference: head-major copies, a complex gate
+    def heads_first(t: Tensor) -> Tensor:
+        return t.transpose(1, 2).reshape(B * H, n, *t.shape[3:])
+    a = torch.complex(a_re.float(), a_im.float()) if q.dtype != torch.float64 else \
+        torch.complex(a_re.double(), a_im.double())
+    s0 = None if initial_state is None else initial_state.reshape(B * H, d, e)
+    out, state = reference.chunked_reference(heads_first(q), heads_first(k), heads_first(v),
+                                             heads_first(a)[..., None, None], s0, return_final_state=True)
+    o = out.reshape(B, H, n, e).transpose(1, 2)
+    return o, (state.reshape(B, H, d, e) if output_final_state else None)
 
 
 def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_state: Optional[Tensor] = None,
@@ -27,13 +93,43 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
         return_final_state: also return the complex ``(B, d, e)`` state after the last step.
 
     Returns:
-        ``out: (B, n, e)`` in the promoted dtype of ``q, k, v``, or ``(out, final_state)``.
+        ``out: (B, n, e)`` in the promoted real dtype of the inputs, or ``(out, final_state)``.
 
     Raises:
         TypeError: non-tensor or integer inputs. ValueError: shapes, devices.
     """
-    return reference.chunked_reference(q, k, v, a, initial_state=initial_state,
-                                       return_final_state=return_final_state)
+    layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
+    check_initial_state(initial_state, B, d, e, q.device)
+    odt = reference.out_dtype(q, k, v, a)
+    fast_1 = d == 1 and e == 1 and (odt in kernel_dtypes or not q.is_cuda)
+    fast_chunk = q.is_cuda and odt in kernel_dtypes and CHUNK_DIMS[0] <= min(d, e) and max(d, e) <= CHUNK_DIMS[1] \
+        and chunk_kernel() is not None
+    if layout != GATE_HEAD or not (fast_1 or fast_chunk) or (odt == torch.float64 and not fast_1):
+        return reference.chunked_reference(q, k, v, a, initial_state=initial_state,
+                                           return_final_state=return_final_state)
+    q, k, v = q.to(odt), k.to(odt), v.to(odt)
+    if a.is_complex():
+        a_re, a_im = a.real, a.imag
+    else:
+        a_re, a_im = a, torch.zeros_like(a)
+    a_re, a_im = a_re[:, :, 0, 0].expand(B, n), a_im[:, :, 0, 0].expand(B, n)
+    if fast_1:
+        # (B, n, 1) sequences -> one batch of B channels, time contiguous: (1, n, B) views
+        def chan(t: Tensor) -> Tensor:
+            return t.reshape(B, n).t()[None]
+        h0r = h0i = None
+        if initial_state is not None:
+            h0r, h0i = initial_state.real[:, 0, 0][None], initial_state.imag[:, 0, 0][None]
+        o, hr, hi, _ = elementwise_scan(chan(q), chan(k), chan(v), a_re.t()[None], a_im.t()[None], h0r, h0i)
+        out = o[0].t()[..., None]
+        state = torch.complex(hr[0], hi[0])[:, None, None]
+    else:
+        s0 = None if initial_state is None else initial_state[:, None]
+        out, state = scan_head_gate(q[:, :, None], k[:, :, None], v[:, :, None], a_re[:, :, None], a_im[:, :, None],
+                                    s0, return_final_state)
+        out = out[:, :, 0]
+        state = None if state is None else state[:, 0]
+    return (out, state) if return_final_state else out
 
 
 def simple_gate_loop_operator(q: Tensor, kv: Tensor, a: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None):
@@ -52,4 +148,15 @@ def simple_gate_loop_operator(q: Tensor, kv: Tensor, a: Tensor, cache: Optional[
     Raises:
         TypeError / ValueError as :func:`gate_loop_operator`.
     """
-    return reference.simple_chunked_reference(q, kv, a, cache)
+    check_simple_inputs(q, kv, a, cache)
+    odt = reference.out_dtype(q, kv, a)
+    if not (odt in kernel_dtypes or not q.is_cuda):
+        return reference.simple_chunked_reference(q, kv, a, cache)
+    q, kv, a = q.to(odt), kv.to(odt), a.to(odt)
+    cache_a, cache_kv = (None, None) if cache is None else cache
+    o, h_last, _, _ = elementwise_scan(q, kv, None, a, None, cache_kv, None)
+    rdt = h_last.dtype
+    a_last = a.to(rdt).prod(dim=1)
+    if cache_a is not None:
+        a_last = cache_a.to(rdt) * a_last
+    return o, (a_last.to(odt), h_last.to(odt))

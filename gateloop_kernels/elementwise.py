@@ -1,0 +1,583 @@
+"""Triton kernels for the elementwise gate loop (head dim ``d = e = 1``) and the simplified operator.
+
+Per channel ``c`` of a ``(B, n, C)`` tensor (any strides; channels contiguous is the fast case):
+
+    forward   h_t = a_t h_{t-1} + x_t,  o_t = q_t Re(h_t),  x_t = k_t v_t (or ``kv_t`` given)
+    backward  lam_t = conj(a_{t+1}) lam_{t+1} + q_t do_t  (lam_{n-1} also gets dL/dh_{n-1})
+              dq_t = Re(h_t) do_t, dk_t = Re(lam_t) v_t, dv_t = Re(lam_t) k_t (dkv_t = Re(lam_t)),
+              da_t = lam_t conj(h_{t-1}),  dh_{-1} = conj(a_0) lam_0
+
+with a complex gate ``a = a_re + i a_im`` (``a_im = None``: a real gate) and an optional initial
+state ``h_{-1}``. The state and all arithmetic are float32 whatever the input dtype.
+
+Algorithm: one pass over the data. The grid is ``segments x batch x channel blocks``; each
+program loads one ``(BLOCK_T, BLOCK_C)`` tile, scans it locally (``tl.associative_scan`` over
+complex affine maps ``h -> a h + x``), publishes the tile's aggregate map, then finds the state
+entering its tile by a *decoupled look-back* over the previous segments' published aggregates and
+inclusive states, publishes its own inclusive state, and writes its outputs. Programs take
+segments in order from an atomic ticket, so a program only ever waits for programs that are
+already running (no deadlock). Every published float is stored as one 64-bit word
+``(float bits << 32) | 1``, so a reader that sees the flag bit sees the value: no fences needed.
+The backward runs the same look-back in reverse time for ``lam``; it recomputes ``h`` per tile
+from the forward pass's inclusive states (``carries``, ``B n C / BLOCK_T`` complex numbers).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["scan_forward", "scan_backward", "tile_config"]
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _combine(ar1, ai1, hr1, hi1, ar2, ai2, hr2, hi2):
+    """Compose the complex affine maps ``h -> a1 h + h1`` then ``h -> a2 h + h2``."""
+    return (ar2 * ar1 - ai2 * ai1, ar2 * ai1 + ai2 * ar1,
+            ar2 * hr1 - ai2 * hi1 + hr2, ar2 * hi1 + ai2 * hr1 + hi2)
+
+
+@triton.jit
+def _pack(x):
+    """float32 -> int64 word ``(bits << 32) | 1`` (the low bit says 'written')."""
+    return (x.to(tl.uint32, bitcast=True).to(tl.int64) << 32) | 1
+
+
+@triton.jit
+def _unpack(w):
+    return (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row(x, rows, r):
+    """Row ``r`` of a ``(BLOCK_T, BLOCK_C)`` tile as a ``(BLOCK_C,)`` vector."""
+    return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
+
+
+@triton.jit
+def _publish(buf_ptr, sidx, mc, r0, r1, r2, r3, WORDS: tl.constexpr):
+    tl.store(buf_ptr + sidx * WORDS, _pack(r0), mask=mc)
+    tl.store(buf_ptr + sidx * WORDS + 1, _pack(r1), mask=mc)
+    if WORDS == 4:
+        tl.store(buf_ptr + sidx * WORDS + 2, _pack(r2), mask=mc)
+        tl.store(buf_ptr + sidx * WORDS + 3, _pack(r3), mask=mc)
+
+
+@triton.jit
+def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i, BLOCK_C: tl.constexpr):
+    """State entering segment ``seg`` (complex ``(BLOCK_C,)`` pair).
+
+    Walks ``j = seg - step, seg - 2 step, ...`` until a segment's inclusive state is published,
+    folding in the aggregates published on the way (spinning while neither is there). Reaching
+    ``stop`` means the walk passed the first segment: the state there is ``init``.
+    """
+    j = seg - step
+    found = j * 0
+    acc_ar = tl.full([BLOCK_C], 1.0, tl.float32)
+    acc_ai = tl.zeros([BLOCK_C], tl.float32)
+    acc_hr = tl.zeros([BLOCK_C], tl.float32)
+    acc_hi = tl.zeros([BLOCK_C], tl.float32)
+    car_r = tl.zeros([BLOCK_C], tl.float32)
+    car_i = tl.zeros([BLOCK_C], tl.float32)
+    while (j != stop) & (found == 0):
+        sidx = (j * B + b).to(tl.int64) * C + c
+        w0 = tl.load(inc_ptr + sidx * 2, mask=mc, other=1, volatile=True)
+        w1 = tl.load(inc_ptr + sidx * 2 + 1, mask=mc, other=1, volatile=True)
+        u0 = tl.load(agg_ptr + sidx * 4, mask=mc, other=1, volatile=True)
+        u1 = tl.load(agg_ptr + sidx * 4 + 1, mask=mc, other=1, volatile=True)
+        u2 = tl.load(agg_ptr + sidx * 4 + 2, mask=mc, other=1, volatile=True)
+        u3 = tl.load(agg_ptr + sidx * 4 + 3, mask=mc, other=1, volatile=True)
+        inc_ok = tl.min((w0 & w1 & 1).to(tl.int32), axis=0) == 1
+        agg_ok = tl.min((u0 & u1 & u2 & u3 & 1).to(tl.int32), axis=0) == 1
+        take_agg = agg_ok & (inc_ok == 0)
+        hr, hi = _unpack(w0), _unpack(w1)
+        ar, ai, xr, xi = _combine(_unpack(u0), _unpack(u1), _unpack(u2), _unpack(u3),
+                                  acc_ar, acc_ai, acc_hr, acc_hi)
+        car_r = tl.where(inc_ok, acc_ar * hr - acc_ai * hi + acc_hr, car_r)
+        car_i = tl.where(inc_ok, acc_ar * hi + acc_ai * hr + acc_hi, car_i)
+        acc_ar = tl.where(take_agg, ar, acc_ar)
+        acc_ai = tl.where(take_agg, ai, acc_ai)
+        acc_hr = tl.where(take_agg, xr, acc_hr)
+        acc_hi = tl.where(take_agg, xi, acc_hi)
+        j = tl.where(take_agg, j - step, j)
+        found = tl.where(inc_ok, 1, found)
+    car_r = tl.where(found == 1, car_r, acc_ar * init_r - acc_ai * init_i + acc_hr)
+    car_i = tl.where(found == 1, car_i, acc_ar * init_i + acc_ai * init_r + acc_hi)
+    return car_r, car_i
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
+                o_ptr, hTr_ptr, hTi_ptr, agg_ptr, inc_ptr, ticket_ptr,
+                n, B, C, NCB, NSEG,
+                s_b, s_n, s_c, g_b, g_n, g_c,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr):
+    vid = tl.atomic_add(ticket_ptr, 1)
+    seg = vid // (B * NCB)
+    b = (vid % (B * NCB)) // NCB
+    cb = vid % NCB
+    rows = tl.arange(0, BLOCK_T)
+    t = seg * BLOCK_T + rows
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    m = (t < n)[:, None] & mc[None, :]
+    t64 = t[:, None].to(tl.int64)
+    off = b.to(tl.int64) * s_b + t64 * s_n + c[None, :] * s_c
+    goff = b.to(tl.int64) * g_b + t64 * g_n + c[None, :] * g_c
+
+    x = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if not KV_GIVEN:
+        x = x * tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
+    ar = tl.load(ar_ptr + goff, mask=m, other=1.0).to(tl.float32)
+    if COMPLEX:
+        ai = tl.load(ai_ptr + goff, mask=m, other=0.0).to(tl.float32)
+    else:
+        ai = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    A_r, A_i, H_r, H_i = tl.associative_scan((ar, ai, x, tl.zeros_like(x)), 0, _combine)
+
+    last = BLOCK_T - 1
+    Ar_l, Ai_l, Hr_l, Hi_l = _row(A_r, rows, last), _row(A_i, rows, last), _row(H_r, rows, last), _row(H_i, rows, last)
+    sidx = (seg * B + b).to(tl.int64) * C + c
+    if seg > 0:
+        _publish(agg_ptr, sidx, mc, Ar_l, Ai_l, Hr_l, Hi_l, 4)
+    if HAS_H0:
+        h0r = tl.load(h0r_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
+        h0i = tl.load(h0i_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(h0r)
+    else:
+        h0r = tl.zeros([BLOCK_C], tl.float32)
+        h0i = tl.zeros([BLOCK_C], tl.float32)
+    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, -1, b, B, C, c, mc, h0r, h0i, BLOCK_C)
+    inc_r = Ar_l * car_r - Ai_l * car_i + Hr_l
+    inc_i = Ar_l * car_i + Ai_l * car_r + Hi_l
+    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 2)
+    if seg == NSEG - 1:
+        tl.store(hTr_ptr + b * C + c, inc_r, mask=mc)
+        if COMPLEX:
+            tl.store(hTi_ptr + b * C + c, inc_i, mask=mc)
+
+    h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
+    q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(o_ptr + off, (q * h_r).to(o_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, fwd_inc_ptr,
+                dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr,
+                agg_ptr, inc_ptr, ticket_ptr,
+                n, B, C, NCB, NSEG,
+                s_b, s_n, s_c, g_b, g_n, g_c,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr):
+    vid = tl.atomic_add(ticket_ptr, 1)
+    seg = NSEG - 1 - vid // (B * NCB)
+    b = (vid % (B * NCB)) // NCB
+    cb = vid % NCB
+    rows = tl.arange(0, BLOCK_T)
+    t = seg * BLOCK_T + rows
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    mt = t < n
+    m = mt[:, None] & mc[None, :]
+    t64 = t[:, None].to(tl.int64)
+    off = b.to(tl.int64) * s_b + t64 * s_n + c[None, :] * s_c
+    goff = b.to(tl.int64) * g_b + t64 * g_n + c[None, :] * g_c
+
+    # reverse adjoint: lam_t = b_t lam_{t+1} + g_t with b_t = conj(a_{t+1}) (1 past the end)
+    mn = ((t + 1) < n)[:, None] & mc[None, :]
+    br = tl.load(ar_ptr + goff + g_n, mask=mn, other=1.0).to(tl.float32)
+    if COMPLEX:
+        bi = -tl.load(ai_ptr + goff + g_n, mask=mn, other=0.0).to(tl.float32)
+    else:
+        bi = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    do = tl.load(do_ptr + off, mask=m, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
+    g = q * do
+    B_r, B_i, L_r, L_i = tl.associative_scan((br, bi, g, tl.zeros_like(g)), 0, _combine, reverse=True)
+    Br_0, Bi_0, Lr_0, Li_0 = _row(B_r, rows, 0), _row(B_i, rows, 0), _row(L_r, rows, 0), _row(L_i, rows, 0)
+    sidx = (seg * B + b).to(tl.int64) * C + c
+    if seg < NSEG - 1:
+        _publish(agg_ptr, sidx, mc, Br_0, Bi_0, Lr_0, Li_0, 4)
+    if HAS_GT:
+        gTr = tl.load(gTr_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
+        gTi = tl.load(gTi_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(gTr)
+    else:
+        gTr = tl.zeros([BLOCK_C], tl.float32)
+        gTi = tl.zeros([BLOCK_C], tl.float32)
+    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C)
+    inc_r = Br_0 * car_r - Bi_0 * car_i + Lr_0
+    inc_i = Br_0 * car_i + Bi_0 * car_r + Li_0
+    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 2)
+    lam_r = L_r + B_r * car_r[None, :] - B_i * car_i[None, :]
+    lam_i = L_i + B_r * car_i[None, :] + B_i * car_r[None, :]
+
+    # forward state entering the tile: the forward pass's inclusive state of segment seg - 1
+    if seg > 0:
+        pidx = ((seg - 1) * B + b).to(tl.int64) * C + c
+        f_r = _unpack(tl.load(fwd_inc_ptr + pidx * 2, mask=mc, other=0))
+        f_i = _unpack(tl.load(fwd_inc_ptr + pidx * 2 + 1, mask=mc, other=0))
+    elif HAS_H0:
+        f_r = tl.load(h0r_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
+        f_i = tl.load(h0i_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(f_r)
+    else:
+        f_r = tl.zeros([BLOCK_C], tl.float32)
+        f_i = tl.zeros([BLOCK_C], tl.float32)
+    # y_t = h_{t-1}: scan of (a_{t-1}, x_{t-1}) with row 0 replaced by the reset (0, state entering)
+    first = (rows == 0)[:, None]
+    mp = (t >= 1)[:, None] & m
+    xp = tl.load(k_ptr + off - s_n, mask=mp, other=0.0).to(tl.float32)
+    if not KV_GIVEN:
+        xp = xp * tl.load(v_ptr + off - s_n, mask=mp, other=0.0).to(tl.float32)
+    ap_r = tl.load(ar_ptr + goff - g_n, mask=mp, other=0.0).to(tl.float32)
+    if COMPLEX:
+        ap_i = tl.load(ai_ptr + goff - g_n, mask=mp, other=0.0).to(tl.float32)
+    else:
+        ap_i = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    ap_r = tl.where(first, 0.0, ap_r)
+    ap_i = tl.where(first, 0.0, ap_i)
+    xp_r = tl.where(first, f_r[None, :], xp)
+    xp_i = tl.where(first, f_i[None, :], 0.0)
+    _, _, y_r, y_i = tl.associative_scan((ap_r, ap_i, xp_r, xp_i), 0, _combine)
+
+    a_r = tl.load(ar_ptr + goff, mask=m, other=1.0).to(tl.float32)
+    if COMPLEX:
+        a_i = tl.load(ai_ptr + goff, mask=m, other=0.0).to(tl.float32)
+    else:
+        a_i = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    k = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if KV_GIVEN:
+        x = k
+    else:
+        v = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
+        x = k * v
+    h_r = a_r * y_r - a_i * y_i + x
+    tl.store(dq_ptr + off, (h_r * do).to(dq_ptr.dtype.element_ty), mask=m)
+    if KV_GIVEN:
+        tl.store(dk_ptr + off, lam_r.to(dk_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(dk_ptr + off, (lam_r * v).to(dk_ptr.dtype.element_ty), mask=m)
+        tl.store(dv_ptr + off, (lam_r * k).to(dv_ptr.dtype.element_ty), mask=m)
+    # da_t = lam_t conj(y_t); gate gradients are stored with the q strides
+    tl.store(dar_ptr + off, (lam_r * y_r + lam_i * y_i).to(dar_ptr.dtype.element_ty), mask=m)
+    if COMPLEX:
+        tl.store(dai_ptr + off, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
+    if HAS_H0:
+        if seg == 0:
+            # dh0 = conj(a_0) lam_0
+            a0r, a0i = _row(a_r, rows, 0), _row(a_i, rows, 0)
+            l0r, l0i = _row(lam_r, rows, 0), _row(lam_i, rows, 0)
+            tl.store(dh0r_ptr + b * C + c, a0r * l0r + a0i * l0i, mask=mc)
+            if COMPLEX:
+                tl.store(dh0i_ptr + b * C + c, a0r * l0i - a0i * l0r, mask=mc)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+#: elements per tile (BLOCK_T * BLOCK_C); warps of the forward and the backward kernel
+TILE, WARPS_FWD, WARPS_BWD = 2048, 8, 8
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def tile_config(n: int, C: int, stride_n: int, stride_c: int, backward: bool = False) -> tuple[int, int, int]:
+    """``(BLOCK_T, BLOCK_C, num_warps)`` for a ``(B, n, C)`` problem with the given strides.
+
+    Channels-contiguous tensors get 32 channels a tile (128-byte rows); time-contiguous ones
+    up to 256 steps a tile. The backward uses the forward's tile (its saved carries are per
+    tile). Deterministic in its arguments (the fake implementations use it).
+    """
+    tile, warps = TILE, (WARPS_BWD if backward else WARPS_FWD)
+    if stride_c == 1 or stride_n != 1:
+        block_c = min(32, _pow2(C))
+        block_t = min(tile // block_c, max(16, _pow2(n)))
+    else:
+        block_t = min(256, max(16, _pow2(n)))
+        block_c = min(tile // block_t, _pow2(C))
+    return block_t, block_c, warps
+
+
+def _segments(n: int, block_t: int) -> int:
+    return max(1, -(-n // block_t))
+
+
+def carries_numel(B: int, n: int, C: int, stride_n: int, stride_c: int) -> int:
+    """Number of int64 words of the forward's saved inclusive states (``carries``)."""
+    block_t, _, _ = tile_config(n, C, stride_n, stride_c)
+    return _segments(n, block_t) * B * C * 2
+
+
+def _strided_like(x: Tensor, ref: Tensor) -> Tensor:
+    """``x`` with the strides of ``ref`` (a copy only where they differ)."""
+    if x.stride() == ref.stride():
+        return x
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=x.dtype, device=x.device).copy_(x)
+
+
+def _check(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor]) -> None:
+    if q.ndim != 3:
+        raise ValueError(f"q must be (B, n, C), got {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v), ("a_re", a_re), ("a_im", a_im)):
+        if t is not None and t.shape != q.shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+
+
+def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
+                 h0_re: Optional[Tensor] = None, h0_im: Optional[Tensor] = None,
+                 block: Optional[tuple[int, int, int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Forward elementwise scan on the device of ``q`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+
+    Args:
+        q, k: ``(B, n, C)`` float32/bfloat16/float16 (any strides). ``v``: like ``q``, or ``None``
+            when ``k`` already holds ``kv = k v`` (the simplified operator).
+        a_re, a_im: the gate's real and imaginary parts ``(B, n, C)`` (any float dtype, any strides);
+            ``a_im = None`` for a real gate.
+        h0_re, h0_im: optional initial state ``(B, C)`` (``h0_im`` only with a complex gate).
+        block: ``(BLOCK_T, BLOCK_C, num_warps)`` override (tests); default :func:`tile_config`.
+
+    Returns:
+        ``(o, hT_re, hT_im, carries)``: ``o`` like ``q`` (dtype of ``q``); the final state float32
+        ``(B, C)`` (``hT_im`` empty for a real gate); ``carries`` int64, saved for the backward.
+
+    Raises:
+        ValueError: shape mismatch.
+    """
+    _check(q, k, v, a_re, a_im)
+    B, n, C = q.shape
+    k = _strided_like(k, q)
+    v = None if v is None else _strided_like(v, q)
+    if a_im is not None:
+        a_im = _strided_like(a_im, a_re)
+    complex_gate = a_im is not None
+    dev = q.device
+    hT_re = torch.zeros((B, C), dtype=torch.float32, device=dev)
+    hT_im = torch.zeros((B, C) if complex_gate else (0,), dtype=torch.float32, device=dev)
+    o = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev)
+    block_t, block_c, warps = block or tile_config(n, C, q.stride(1), q.stride(2))
+    nseg = _segments(n, block_t)
+    carries = torch.zeros(nseg * B * C * 2, dtype=torch.int64, device=dev)
+    if n == 0 or B * C == 0:
+        if h0_re is not None:
+            hT_re.copy_(h0_re)
+            if complex_gate:
+                hT_im.copy_(h0_im)
+        return o, hT_re, hT_im, carries
+    ncb = -(-C // block_c)
+    ws = torch.zeros(nseg * B * C * 4 + 1, dtype=torch.int64, device=dev)
+    h0r = (h0_re.contiguous() if h0_re is not None else hT_re)
+    h0i = (h0_im.contiguous() if (h0_im is not None and complex_gate) else hT_re)
+    _fwd_kernel[(nseg * B * ncb,)](
+        q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
+        o, hT_re, hT_im if complex_gate else hT_re, ws[1:], carries, ws[:1].view(torch.int32),
+        n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
+        BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
+        HAS_H0=h0_re is not None, num_warps=warps)
+    return o, hT_re, hT_im, carries
+
+
+def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor, k: Tensor,
+                  v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor], h0_re: Optional[Tensor],
+                  h0_im: Optional[Tensor], carries: Tensor, block: Optional[tuple[int, int, int]] = None):
+    """Backward of :func:`scan_forward` (same arguments, plus the output and final-state gradients).
+
+    ``do``: ``(B, n, C)``, gradient of ``o``; ``dhT_re/dhT_im``: ``(B, C)`` gradient of the final
+    state (``None``: zero); ``carries``: from :func:`scan_forward`, run with the same ``block``
+    (``BLOCK_T`` must match the forward's).
+
+    Returns:
+        ``(dq, dk, dv, da_re, da_im, dh0_re, dh0_im)``: ``dq, dk, dv`` like ``q`` (``dv`` is
+        ``None`` when ``v`` is), gate gradients in the gate's dtype (``da_im`` ``None`` for a real
+        gate), ``dh0_*`` float32 ``(B, C)`` or ``None`` without an initial state.
+    """
+    _check(q, k, v, a_re, a_im)
+    B, n, C = q.shape
+    dev = q.device
+    complex_gate = a_im is not None
+    k = _strided_like(k, q)
+    v = None if v is None else _strided_like(v, q)
+    do = _strided_like(do, q)
+    if complex_gate:
+        a_im = _strided_like(a_im, a_re)
+
+    def like_q(dtype: torch.dtype) -> Tensor:
+        return torch.empty_strided(q.shape, q.stride(), dtype=dtype, device=dev)
+
+    dq, dk = like_q(q.dtype), like_q(k.dtype)
+    dv = like_q(v.dtype) if v is not None else None
+    da_re = like_q(a_re.dtype)
+    da_im = like_q(a_im.dtype) if complex_gate else None
+    has_h0 = h0_re is not None
+    dh0_re = torch.zeros((B, C), dtype=torch.float32, device=dev) if has_h0 else None
+    dh0_im = torch.zeros((B, C), dtype=torch.float32, device=dev) if (has_h0 and complex_gate) else None
+    if n == 0 or B * C == 0:
+        if has_h0 and dhT_re is not None:
+            dh0_re.copy_(dhT_re)
+            if complex_gate and dhT_im is not None:
+                dh0_im.copy_(dhT_im)
+        return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
+    block_t, block_c, warps = block or tile_config(n, C, q.stride(1), q.stride(2), backward=True)
+    nseg = _segments(n, block_t)
+    ncb = -(-C // block_c)
+    ws = torch.zeros(nseg * B * C * 6 + 1, dtype=torch.int64, device=dev)
+    agg, inc = ws[1:1 + nseg * B * C * 4], ws[1 + nseg * B * C * 4:]
+    dummy = dh0_re if has_h0 else da_re
+    has_gt = dhT_re is not None
+    gTr = dhT_re.contiguous() if has_gt else dummy
+    gTi = dhT_im.contiguous() if (has_gt and complex_gate and dhT_im is not None) else (
+        torch.zeros_like(gTr) if (has_gt and complex_gate) else gTr)
+    _bwd_kernel[(nseg * B * ncb,)](
+        do, gTr, gTi, q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re,
+        h0_re.contiguous() if has_h0 else dummy,
+        h0_im.contiguous() if (has_h0 and complex_gate) else dummy, carries,
+        dq, dk, dv if dv is not None else dk, da_re, da_im if complex_gate else da_re,
+        dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
+        agg, inc, ws[:1].view(torch.int32),
+        n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
+        BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
+        HAS_H0=has_h0, HAS_GT=has_gt, num_warps=warps)
+    return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+def _empty() -> Tensor:
+    return torch.empty(0)
+
+
+def _torch_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
+                   h0_re: Optional[Tensor], h0_im: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The same scan in PyTorch (the chunked reference's algorithm): the ops' non-CUDA implementation."""
+    from .reference import acc_dtypes, diagonal_scan_chunked
+    rdt, cdt = acc_dtypes(torch.promote_types(q.dtype, a_re.dtype))
+    x = k.to(rdt) if v is None else k.to(rdt) * v.to(rdt)
+    if a_im is None:
+        h, last = diagonal_scan_chunked(a_re.to(rdt), x, None if h0_re is None else h0_re.to(rdt))
+        return q.to(rdt) * h, last, last.new_zeros(0)
+    h0 = None if h0_re is None else torch.complex(h0_re.to(rdt), h0_im.to(rdt))
+    h, last = diagonal_scan_chunked(torch.complex(a_re.to(rdt), a_im.to(rdt)), x.to(cdt), h0)
+    return q.to(rdt) * h.real, last.real, last.imag
+
+
+def _torch_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor, k: Tensor,
+                    v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor], h0_re: Optional[Tensor],
+                    h0_im: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """The adjoint scan (module docstring) in PyTorch: the ops' non-CUDA backward."""
+    from .reference import acc_dtypes, diagonal_scan_chunked
+    rdt, cdt = acc_dtypes(torch.promote_types(q.dtype, a_re.dtype))
+    qf, kf, dof = q.to(rdt), k.to(rdt), do.to(rdt)
+    x = kf if v is None else kf * v.to(rdt)
+    cplx = a_im is not None
+    a = torch.complex(a_re.to(rdt), a_im.to(rdt)) if cplx else a_re.to(rdt)
+    B, n, C = q.shape
+    if h0_re is None:
+        h0 = torch.zeros((B, C), dtype=a.dtype, device=q.device)
+    else:
+        h0 = torch.complex(h0_re.to(rdt), h0_im.to(rdt)) if cplx else h0_re.to(rdt)
+    h, _ = diagonal_scan_chunked(a, x.to(a.dtype), h0)
+    y = torch.cat([h0[:, None], h[:, :-1]], dim=1)  # h_{t-1}
+    gT = torch.zeros_like(h0)
+    if dhT_re is not None:
+        gT = gT + dhT_re.to(rdt)
+    if cplx and dhT_im is not None:
+        gT = gT + 1j * dhT_im.to(rdt)
+    b = torch.cat([a[:, 1:].conj(), torch.ones_like(a[:, :1])], dim=1)  # conj(a_{t+1}), 1 past the end
+    lam, _ = diagonal_scan_chunked(b.flip(1), (qf * dof).to(a.dtype).flip(1), gT)
+    lam = lam.flip(1)
+    lam_re = lam.real if cplx else lam
+    h_re = h.real if cplx else h
+    da = lam * y.conj() if cplx else lam * y
+    dh0 = None
+    if h0_re is not None:
+        dh0 = a[:, 0].conj() * lam[:, 0] if cplx else a[:, 0] * lam[:, 0]
+    dk = lam_re.clone() if v is None else lam_re * v.to(rdt)
+    dv = None if v is None else lam_re * kf
+    parts = [h_re * dof, dk, dv, da.real if cplx else da, da.imag if cplx else None,
+             None if dh0 is None else (dh0.real if cplx else dh0), dh0.imag if (dh0 is not None and cplx) else None]
+    return [None if p is None else p.contiguous() for p in parts]
+
+
+def _carries_numel(q: Tensor) -> int:
+    if q.device.type != "cuda":
+        return 0
+    B, n, C = q.shape
+    return carries_numel(B, n, C, q.stride(1), q.stride(2))
+
+
+@torch.library.custom_op("gateloop::elementwise_scan", mutates_args=())
+def elementwise_scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
+                     h0_re: Optional[Tensor], h0_im: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Op form of :func:`scan_forward`: ``(o, hT_re, hT_im, carries)``.
+
+    CUDA tensors run the Triton kernel; other devices the PyTorch implementation (``carries``
+    empty). ``hT_*`` are float32 ``(B, C)`` (float64 for float64 inputs off CUDA); ``hT_im`` is
+    empty for a real gate (``a_im = None``).
+    """
+    if q.device.type == "cuda":
+        return scan_forward(q, k, v, a_re, a_im, h0_re, h0_im)
+    o, hr, hi = _torch_forward(q, k, v, a_re, a_im, h0_re, h0_im)
+    out = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device).copy_(o)
+    return out, hr.contiguous(), hi.contiguous(), torch.zeros(0, dtype=torch.int64, device=q.device)
+
+
+@elementwise_scan.register_fake
+def _(q, k, v, a_re, a_im, h0_re, h0_im):
+    B, _, C = q.shape
+    sdt = torch.float64 if (q.device.type != "cuda" and torch.promote_types(q.dtype, a_re.dtype) == torch.float64) \
+        else torch.float32
+    o = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
+    hr = q.new_empty((B, C), dtype=sdt)
+    hi = q.new_empty((B, C) if a_im is not None else (0,), dtype=sdt)
+    return o, hr, hi, q.new_empty((_carries_numel(q),), dtype=torch.int64)
+
+
+@torch.library.custom_op("gateloop::elementwise_scan_backward", mutates_args=())
+def elementwise_scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor,
+                              k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
+                              h0_re: Optional[Tensor], h0_im: Optional[Tensor], carries: Tensor) -> list[Tensor]:
+    """Op form of :func:`scan_backward`: ``[dq, dk, dv, da_re, da_im, dh0_re, dh0_im]``, empty where
+    the input is absent. Gradients in their input's dtype."""
+    if q.device.type == "cuda":
+        grads = scan_backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries)
+    else:
+        grads = _torch_backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im)
+    refs = (q, k, v, a_re, a_im, h0_re, h0_im)
+    return [torch.empty(0, dtype=q.dtype, device=q.device) if g is None else g.to(r.dtype)
+            for g, r in zip(grads, refs)]
+
+
+@elementwise_scan_backward.register_fake
+def _(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries):
+    dev = q.device
+
+    def like(t: Optional[Tensor]) -> Tensor:
+        if t is None:
+            return torch.empty(0, dtype=q.dtype, device=dev)
+        if dev.type == "cuda" and t.dim() == 3:
+            return torch.empty_strided(q.shape, q.stride(), dtype=t.dtype, device=dev)
+        return torch.empty(t.shape, dtype=t.dtype, device=dev)
+    return [like(t) for t in (q, k, v, a_re, a_im, h0_re, h0_im)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, a_re, a_im, h0_re, h0_im = inputs
+    ctx.absent = [t is None for t in inputs]
+    ctx.save_for_backward(q, k, v, a_re, a_im, h0_re, h0_im, output[3])
+
+
+def _backward(ctx, do, dhT_re, dhT_im, _dcarries):
+    q, k, v, a_re, a_im, h0_re, h0_im, carries = ctx.saved_tensors
+    if a_im is None or (dhT_im is not None and dhT_im.numel() == 0):
+        dhT_im = None
+    grads = elementwise_scan_backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries)
+    return tuple(None if absent else g for g, absent in zip(grads, ctx.absent))
+
+
+elementwise_scan.register_autograd(_backward, setup_context=_setup_context)
