@@ -1,0 +1,560 @@
+"""Chunked gate-loop scan on tensor cores (Triton): a complex gate per head, head dims 16..256.
+
+``S_t = a_t S_{t-1} + k_t v_t^T`` (complex ``d x e`` state, complex scalar gate per head and step),
+``o_t = Re(S_t)^T q_t``, computed chunk by chunk (``BT = 64`` steps) as in ``shared/DESIGN.md``:
+
+* gates are only ever combined forward in time inside a chunk: chunk-local log-magnitude
+  ``g_t = sum_{w<=t} log|a_w|``, a count ``z_t`` of zero gates (hard resets) and the unit phasor
+  ``u_t = prod_{w<=t} a_w/|a_w|`` (a complex cumulative product, so no phase is ever accumulated as
+  an angle); ``D[t, s] = prod_{s<w<=t} a_w = [z_t == z_s] exp(g_t - g_s) u_t conj(u_s)`` for ``t >= s``.
+  Nothing divides by a gate, so zero gates are exact in the forward and in every gradient;
+* the state entering each chunk is carried as a complex matrix (Re and Im planes, float32).
+
+Kernels (all accumulate in float32; the dots run in the input dtype for bf16/fp16, with
+``input_precision`` ``ieee``/``tf32x3``/``tf32`` for float32):
+
+``_fwd_h``   sequential over chunks, parallel over (key block, value block, batch*head): states ``h_c``;
+``_fwd_o``   parallel over (value block, chunk, batch*head): outputs;
+``_bwd_dh``  sequential backwards: adjoint states ``dh`` (gradient of the state leaving each chunk);
+``_bwd_chunk`` parallel over (chunk, batch*head): dq, dk, dv and the complex gate gradient.
+
+The gate gradient is the division-free form ``grad_a_u = <Lambda_u, S_{u-1}>`` (``Lambda`` the
+adjoint state), expanded per chunk (``tests/test_chunked_math.py`` holds the float64 prototype
+of exactly these formulas, checked against autograd):
+``grad_a_u = sum_{t>=u} conj(D[t,u]) (R[t,u] + psi_t conj(A_{u-1}))
++ conj(D[C-1,u]) (sigma conj(A_{u-1}) + sum_{s<u} conj(D[u-1,s]) phi_s)``, with
+``P = (Q K^T) o (dO V^T)``, ``R = P conj(D_shift)^T``, ``psi_t = q_t^T conj(h) do_t``,
+``phi_s = k_s^T dh v_s``, ``sigma = <dh, h>``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["chunk_gate_loop", "PRECISIONS"]
+
+#: accepted ``precision`` values for float32 inputs. "ieee" is the exact default (float32 dots),
+#: "tf32x3" is exact to float32 too (three TF32 products), "tf32" is the fast opt-in.
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+_MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DEFAULT_BT = 64
+# Under TRITON_INTERPRET=1 (Triton 3.9) a 16-bit tl.dot returns garbage: emulate it there by rounding
+# the operands to the 16-bit dtype and multiplying in float32 (the interpreter's dots are exact anyway).
+_INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _cmul(ar, ai, br, bi):
+    return ar * br - ai * bi, ar * bi + ai * br
+
+
+@triton.jit
+def _dot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
+    """Dot with float32 accumulation: float32 operands at PREC, else the 16-bit input dtype."""
+    if MODE == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    elif _INTERP:
+        if MODE == 1:
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32))
+        else:
+            return tl.dot(a.to(tl.float16).to(tl.float32), b.to(tl.float16).to(tl.float32))
+    elif MODE == 1:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+
+
+@triton.jit
+def _sdot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
+    """Dot with a state operand: fp16 has too little range for states, so it runs in tf32 there."""
+    if MODE == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    else:
+        return _dot(a, b, MODE, PREC)
+
+
+@triton.jit
+def _gate_prefix(are_ptr, aim_ptr, t_idx, valid, stride):
+    """Chunk-local prefixes of the gates at ``t_idx`` (gate 1 where not ``valid``).
+
+    Returns ``g`` (sum of log|a| over non-zero gates), ``z`` (number of zero gates) and the unit
+    phasor ``(ur, ui)`` (product of a/|a| over non-zero gates), all inclusive.
+    """
+    ar = tl.load(are_ptr + t_idx.to(tl.int64) * stride, mask=valid, other=1.0).to(tl.float32)
+    ai = tl.load(aim_ptr + t_idx.to(tl.int64) * stride, mask=valid, other=0.0).to(tl.float32)
+    m2 = ar * ar + ai * ai
+    zero = m2 == 0.0
+    mag = tl.sqrt(tl.where(zero, 1.0, m2))
+    lg = tl.where(zero, 0.0, tl.log(mag))
+    pr = tl.where(zero, 1.0, ar / mag)
+    pi = tl.where(zero, 0.0, ai / mag)
+    g = tl.cumsum(lg, 0)
+    z = tl.cumsum(zero.to(tl.int32), 0)
+    ur, ui = tl.associative_scan((pr, pi), 0, _cmul)
+    return g, z, ur, ui
+
+
+@triton.jit
+def _last(x, idx, BT: tl.constexpr):
+    return tl.sum(tl.where(idx == BT - 1, x, 0), 0)
+
+
+@triton.jit
+def _pair_decay(gt, zt, urt, uit, gs, zs, urs, uis, ok):
+    """``D[t, s] = [ok and z_t == z_s] exp(g_t - g_s) u_t conj(u_s)`` as (Re, Im) tiles."""
+    ok = ok & (zt[:, None] == zs[None, :])
+    mag = tl.where(ok, tl.exp(tl.where(ok, gt[:, None] - gs[None, :], 0.0)), 0.0)
+    re = mag * (urt[:, None] * urs[None, :] + uit[:, None] * uis[None, :])
+    im = mag * (uit[:, None] * urs[None, :] - urt[:, None] * uis[None, :])
+    return re, im
+
+
+@triton.jit
+def _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end):
+    """``D[C-1, s]`` (Re, Im) per s and the chunk total ``A_end`` (Re, Im)."""
+    ok = z == z_end
+    mag = tl.where(ok, tl.exp(tl.where(ok, g_end - g, 0.0)), 0.0)
+    wre = mag * (ur_end * ur + ui_end * ui)
+    wim = mag * (ui_end * ur - ur_end * ui)
+    amag = tl.where(z_end == 0, tl.exp(g_end), 0.0)
+    return wre, wim, amag * ur_end, amag * ui_end
+
+
+@triton.jit
+def _ld_t(ptr, t0, c0, n, C, S, BT: tl.constexpr, BC: tl.constexpr):
+    """(BT, BC) tile of a time-major (n, C) matrix with row stride S (zeros outside)."""
+    rr = tl.arange(0, BT)
+    cc = c0 + tl.arange(0, BC)
+    m = ((t0 + rr) < n)[:, None] & (cc < C)[None, :]
+    return tl.load(ptr + t0.to(tl.int64) * S + rr[:, None] * S + cc[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _ld_tT(ptr, t0, c0, n, C, S, BT: tl.constexpr, BC: tl.constexpr):
+    """Transposed (BC, BT) tile of a time-major (n, C) matrix with row stride S."""
+    rr = tl.arange(0, BT)
+    cc = c0 + tl.arange(0, BC)
+    m = (cc < C)[:, None] & ((t0 + rr) < n)[None, :]
+    return tl.load(ptr + t0.to(tl.int64) * S + rr[None, :] * S + cc[:, None], mask=m, other=0.0)
+
+
+@triton.jit
+def _st_t(ptr, x, t0, c0, n, C, S, BT: tl.constexpr, BC: tl.constexpr):
+    rr = tl.arange(0, BT)
+    cc = c0 + tl.arange(0, BC)
+    m = ((t0 + rr) < n)[:, None] & (cc < C)[None, :]
+    tl.store(ptr + t0.to(tl.int64) * S + rr[:, None] * S + cc[None, :], x.to(ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _ld_s(ptr, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """(BK, BV) tile of a row-major (K, V) state plane."""
+    rr = r0 + tl.arange(0, BK)
+    cc = c0 + tl.arange(0, BV)
+    m = (rr < K)[:, None] & (cc < V)[None, :]
+    return tl.load(ptr + rr[:, None] * V + cc[None, :], mask=m, other=0.0)
+
+
+@triton.jit
+def _ld_sT(ptr, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Transposed (BV, BK) tile of a row-major (K, V) state plane."""
+    rr = r0 + tl.arange(0, BK)
+    cc = c0 + tl.arange(0, BV)
+    m = (cc < V)[:, None] & (rr < K)[None, :]
+    return tl.load(ptr + rr[None, :] * V + cc[:, None], mask=m, other=0.0)
+
+
+@triton.jit
+def _st_s(ptr, x, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    rr = r0 + tl.arange(0, BK)
+    cc = c0 + tl.arange(0, BV)
+    m = (rr < K)[:, None] & (cc < V)[None, :]
+    tl.store(ptr + rr[:, None] * V + cc[None, :], x.to(ptr.dtype.element_ty), mask=m)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _fwd_h(k, v, are, aim, h0, h, ht, n, H, NT,
+           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """h[c] = state entering chunk c (Re, Im planes); ht = state after the last step."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    bt = i_b.to(tl.int64) * n * H + i_h  # row (b, t=0, h)
+    k += bt * K
+    v += bt * V
+    idx = tl.arange(0, BT)
+    r0, c0 = i_k * BK, i_v * BV
+    s_re = tl.zeros([BK, BV], dtype=tl.float32)
+    s_im = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        p0 = h0 + i_bh.to(tl.int64) * 2 * K * V
+        s_re += _ld_s(p0, r0, c0, K, V, BK, BV).to(tl.float32)
+        s_im += _ld_s(p0 + K * V, r0, c0, K, V, BK, BV).to(tl.float32)
+    for i_t in range(NT):
+        ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
+        _st_s(ph, s_re, r0, c0, K, V, BK, BV)
+        _st_s(ph + K * V, s_im, r0, c0, K, V, BK, BV)
+        t0 = i_t * BT
+        t_idx = t0 + idx
+        g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
+        g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
+        ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
+        wre, wim, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+        b_kt = _ld_tT(k, t0, r0, n, K, H * K, BT, BK)
+        b_v = _ld_t(v, t0, c0, n, V, H * V, BT, BV)
+        u_re = _dot(b_kt * wre[None, :], b_v, MODE, PREC)
+        u_im = _dot(b_kt * wim[None, :], b_v, MODE, PREC)
+        s_re, s_im = ae_re * s_re - ae_im * s_im + u_re, ae_re * s_im + ae_im * s_re + u_im
+    if STORE_HT:
+        pt = ht + i_bh.to(tl.int64) * 2 * K * V
+        _st_s(pt, s_re, r0, c0, K, V, BK, BV)
+        _st_s(pt + K * V, s_im, r0, c0, K, V, BK, BV)
+
+
+@triton.jit
+def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
+           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+           MODE: tl.constexpr, PREC: tl.constexpr):
+    i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    bt = i_b.to(tl.int64) * n * H + i_h
+    q += bt * K
+    k += bt * K
+    v += bt * V
+    o += bt * V
+    idx = tl.arange(0, BT)
+    t0 = i_t * BT
+    c0 = i_v * BV
+    t_idx = t0 + idx
+    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
+    amag = tl.where(z == 0, tl.exp(g), 0.0)
+    a_re, a_im = amag * ur, amag * ui
+    ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    b_a = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        r0 = i_k * BK
+        b_q = _ld_t(q, t0, r0, n, K, H * K, BT, BK)
+        b_kt = _ld_tT(k, t0, r0, n, K, H * K, BT, BK)
+        b_hr = _ld_s(ph, r0, c0, K, V, BK, BV)
+        b_hi = _ld_s(ph + K * V, r0, c0, K, V, BK, BV)
+        b_o += _sdot(b_q * a_re[:, None], b_hr, MODE, PREC)
+        b_o -= _sdot(b_q * a_im[:, None], b_hi, MODE, PREC)
+        b_a += _dot(b_q, b_kt, MODE, PREC)
+    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
+    b_v = _ld_t(v, t0, c0, n, V, H * V, BT, BV)
+    b_o += _dot(d_re * b_a, b_v, MODE, PREC)
+    _st_t(o, b_o, t0, c0, n, V, H * V, BT, BV)
+
+
+@triton.jit
+def _bwd_dh(q, do, are, aim, dht, dh, dh0, n, H, NT,
+            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+            HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """dh[c] = adjoint of the state leaving chunk c; dh0 = adjoint of the initial state."""
+    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    bt = i_b.to(tl.int64) * n * H + i_h
+    q += bt * K
+    do += bt * V
+    idx = tl.arange(0, BT)
+    r0, c0 = i_k * BK, i_v * BV
+    l_re = tl.zeros([BK, BV], dtype=tl.float32)
+    l_im = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        pt = dht + i_bh.to(tl.int64) * 2 * K * V
+        l_re += _ld_s(pt, r0, c0, K, V, BK, BV).to(tl.float32)
+        l_im += _ld_s(pt + K * V, r0, c0, K, V, BK, BV).to(tl.float32)
+    for j in range(NT):
+        i_t = NT - 1 - j
+        ph = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
+        _st_s(ph, l_re, r0, c0, K, V, BK, BV)
+        _st_s(ph + K * V, l_im, r0, c0, K, V, BK, BV)
+        t0 = i_t * BT
+        t_idx = t0 + idx
+        g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
+        g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
+        ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
+        amag = tl.where(z == 0, tl.exp(g), 0.0)
+        a_re, a_im = amag * ur, amag * ui
+        emag = tl.where(z_end == 0, tl.exp(g_end), 0.0)
+        ae_re, ae_im = emag * ur_end, emag * ui_end
+        b_qt = _ld_tT(q, t0, r0, n, K, H * K, BT, BK)
+        b_do = _ld_t(do, t0, c0, n, V, H * V, BT, BV)
+        u_re = _dot(b_qt * a_re[None, :], b_do, MODE, PREC)
+        u_im = _dot(b_qt * a_im[None, :], b_do, MODE, PREC)
+        l_re, l_im = ae_re * l_re + ae_im * l_im + u_re, ae_re * l_im - ae_im * l_re - u_im
+    if STORE_DH0:
+        p0 = dh0 + i_bh.to(tl.int64) * 2 * K * V
+        _st_s(p0, l_re, r0, c0, K, V, BK, BV)
+        _st_s(p0 + K * V, l_im, r0, c0, K, V, BK, BV)
+
+
+@triton.jit
+def _bwd_chunk(q, k, v, do, are, aim, h, dh, dq, dk, dv, dare, daim, n, H, NT,
+               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               MODE: tl.constexpr, PREC: tl.constexpr):
+    i_t, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bt = i_b.to(tl.int64) * n * H + i_h
+    q += bt * K
+    k += bt * K
+    dq += bt * K
+    dk += bt * K
+    v += bt * V
+    do += bt * V
+    dv += bt * V
+    idx = tl.arange(0, BT)
+    t0 = i_t * BT
+    t_idx = t0 + idx
+    valid = t_idx < n
+    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, valid, H)
+    # exclusive prefixes (the state before step t): the same scan over the gates shifted by one
+    xs = t_idx - 1
+    gx, zx, uxr, uxi = _gate_prefix(are + bt, aim + bt, xs, (idx > 0) & (xs < n), H)
+    g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
+    ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
+    de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+    amag = tl.where(z == 0, tl.exp(g), 0.0)
+    a_re, a_im = amag * ur, amag * ui
+    xmag = tl.where(zx == 0, tl.exp(gx), 0.0)
+    ax_re, ax_im = xmag * uxr, xmag * uxi
+    causal = idx[:, None] >= idx[None, :]
+
+    ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
+    pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
+    b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        b_aqk += _dot(_ld_t(q, t0, i_k * BK, n, K, H * K, BT, BK), _ld_tT(k, t0, i_k * BK, n, K, H * K, BT, BK),
+                      MODE, PREC)
+    b_adv = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        b_adv += _dot(_ld_t(do, t0, i_v * BV, n, V, H * V, BT, BV), _ld_tT(v, t0, i_v * BV, n, V, H * V, BT, BV),
+                      MODE, PREC)
+    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, causal)
+    b_p = b_aqk * b_adv  # P[t, s] = (q_t . k_s)(do_t . v_s)
+    b_dqk = d_re * b_aqk
+    b_ddv = d_re * b_adv
+
+    psi_re = tl.zeros([BT], dtype=tl.float32)
+    psi_im = tl.zeros([BT], dtype=tl.float32)
+    phi_re = tl.zeros([BT], dtype=tl.float32)
+    phi_im = tl.zeros([BT], dtype=tl.float32)
+    sig_re = tl.zeros([BV, BK], dtype=tl.float32)
+    sig_im = tl.zeros([BV, BK], dtype=tl.float32)
+    # dq, dk by key block
+    for i_k in range(tl.cdiv(K, BK)):
+        r0 = i_k * BK
+        b_q = _ld_t(q, t0, r0, n, K, H * K, BT, BK)
+        b_k = _ld_t(k, t0, r0, n, K, H * K, BT, BK)
+        g_re = tl.zeros([BT, BK], dtype=tl.float32)
+        g_im = tl.zeros([BT, BK], dtype=tl.float32)
+        w_re = tl.zeros([BT, BK], dtype=tl.float32)
+        w_im = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            c0 = i_v * BV
+            b_do = _ld_t(do, t0, c0, n, V, H * V, BT, BV)
+            b_v = _ld_t(v, t0, c0, n, V, H * V, BT, BV)
+            b_hr = _ld_sT(ph, r0, c0, K, V, BK, BV)
+            b_hi = _ld_sT(ph + K * V, r0, c0, K, V, BK, BV)
+            b_dr = _ld_sT(pd, r0, c0, K, V, BK, BV)
+            b_di = _ld_sT(pd + K * V, r0, c0, K, V, BK, BV)
+            g_re += _sdot(b_do, b_hr, MODE, PREC)
+            g_im += _sdot(b_do, b_hi, MODE, PREC)
+            w_re += _sdot(b_v, b_dr, MODE, PREC)
+            w_im += _sdot(b_v, b_di, MODE, PREC)
+            sig_re += b_dr * b_hr + b_di * b_hi
+            sig_im += b_di * b_hr - b_dr * b_hi
+        b_dq = a_re[:, None] * g_re - a_im[:, None] * g_im + _dot(b_ddv, b_k, MODE, PREC)
+        b_dk = de_re[:, None] * w_re + de_im[:, None] * w_im + _dot(tl.trans(b_ddv), b_q, MODE, PREC)
+        qf = b_q.to(tl.float32)
+        kf = b_k.to(tl.float32)
+        psi_re += tl.sum(qf * g_re, 1)
+        psi_im -= tl.sum(qf * g_im, 1)
+        phi_re += tl.sum(kf * w_re, 1)
+        phi_im += tl.sum(kf * w_im, 1)
+        _st_t(dq, b_dq, t0, r0, n, K, H * K, BT, BK)
+        _st_t(dk, b_dk, t0, r0, n, K, H * K, BT, BK)
+    # dv by value block
+    for i_v in range(tl.cdiv(V, BV)):
+        c0 = i_v * BV
+        b_do = _ld_t(do, t0, c0, n, V, H * V, BT, BV)
+        u_re = tl.zeros([BT, BV], dtype=tl.float32)
+        u_im = tl.zeros([BT, BV], dtype=tl.float32)
+        for i_k in range(tl.cdiv(K, BK)):
+            r0 = i_k * BK
+            b_k = _ld_t(k, t0, r0, n, K, H * K, BT, BK)
+            u_re += _sdot(b_k, _ld_s(pd, r0, c0, K, V, BK, BV), MODE, PREC)
+            u_im += _sdot(b_k, _ld_s(pd + K * V, r0, c0, K, V, BK, BV), MODE, PREC)
+        b_dv = _dot(tl.trans(b_dqk), b_do, MODE, PREC) + de_re[:, None] * u_re + de_im[:, None] * u_im
+        _st_t(dv, b_dv, t0, c0, n, V, H * V, BT, BV)
+    # gate gradient
+    s_re = tl.sum(tl.sum(sig_re, 1), 0)
+    s_im = tl.sum(tl.sum(sig_im, 1), 0)
+    e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, idx[:, None] > idx[None, :])
+    e_im = -e_im  # E[u, s] = conj(D[u-1, s]), s < u
+    r_re = _dot(b_p, tl.trans(e_re), MODE, PREC)
+    r_im = _dot(b_p, tl.trans(e_im), MODE, PREC)
+    ephi_re = tl.sum(e_re * phi_re[None, :] - e_im * phi_im[None, :], 1)
+    ephi_im = tl.sum(e_re * phi_im[None, :] + e_im * phi_re[None, :], 1)
+    m_re = r_re + psi_re[:, None] * ax_re[None, :] + psi_im[:, None] * ax_im[None, :]
+    m_im = r_im + psi_im[:, None] * ax_re[None, :] - psi_re[:, None] * ax_im[None, :]
+    t1_re = tl.sum(d_re * m_re + d_im * m_im, 0)
+    t1_im = tl.sum(d_re * m_im - d_im * m_re, 0)
+    t2_re = ax_re * s_re + ax_im * s_im + ephi_re
+    t2_im = ax_re * s_im - ax_im * s_re + ephi_im
+    ga_re = t1_re + de_re * t2_re + de_im * t2_im
+    ga_im = t1_im + de_re * t2_im - de_im * t2_re
+    tl.store(dare + bt + t_idx.to(tl.int64) * H, ga_re, mask=valid)
+    tl.store(daim + bt + t_idx.to(tl.int64) * H, ga_im, mask=valid)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _blocks(K: int, V: int) -> tuple[int, int]:
+    bk = min(64, max(16, triton.next_power_of_2(K)))
+    bv = min(64, max(16, triton.next_power_of_2(V)))
+    return bk, bv
+
+
+def _states(k, v, are, aim, h0, BT, mode, prec, store_ht):
+    B, n, H, K = k.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(n, BT)
+    BK, BV = _blocks(K, V)
+    h = torch.empty(B * H, NT, 2, K, V, device=k.device, dtype=torch.float32)
+    ht = torch.empty(B * H, 2, K, V, device=k.device, dtype=torch.float32) if store_ht else None
+    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
+    _fwd_h[grid](k, v, are, aim, h0 if h0 is not None else h, h, ht if ht is not None else h, n, H, NT,
+                 K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_HT=store_ht,
+                 MODE=mode, PREC=prec, num_warps=4)
+    return h, ht
+
+
+def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
+    B, n, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(n, BT)
+    BK, BV = _blocks(K, V)
+    h, ht = _states(k, v, are, aim, h0, BT, mode, prec, store_ht)
+    o = torch.empty_like(v)
+    _fwd_o[(triton.cdiv(V, BV), NT, B * H)](q, k, v, are, aim, h, o, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                            MODE=mode, PREC=prec, num_warps=4)
+    return o, ht
+
+
+def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
+    B, n, H, K = q.shape
+    V = v.shape[-1]
+    NT = triton.cdiv(n, BT)
+    BK, BV = _blocks(K, V)
+    h, _ = _states(k, v, are, aim, h0, BT, mode, prec, False)
+    dh = torch.empty_like(h)
+    dh0 = torch.empty(B * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
+    _bwd_dh[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
+        q, do, are, aim, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh, n, H, NT,
+        K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
+        MODE=mode, PREC=prec, num_warps=4)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dare, daim = torch.empty_like(are), torch.empty_like(aim)
+    _bwd_chunk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, dv, dare, daim, n, H, NT,
+                            K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec,
+                            num_warps=8 if BT >= 64 else 4)
+    return dq, dk, dv, dare, daim, dh0
+
+
+class _ChunkGateLoop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, are, aim, h0, output_final_state, prec, BT):
+        mode = _MODE[q.dtype]
+        o, ht = _forward(q, k, v, are, aim, h0, output_final_state, BT, mode, prec)
+        ctx.save_for_backward(q, k, v, are, aim, h0)
+        ctx.cfg = (BT, mode, prec)
+        if ht is None:
+            return o, None
+        B, _, H, K = q.shape
+        ht = ht.view(B, H, 2, K, v.shape[-1])
+        return o, torch.complex(ht[:, :, 0], ht[:, :, 1])
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, are, aim, h0 = ctx.saved_tensors
+        BT, mode, prec = ctx.cfg
+        B, n, H, K = q.shape
+        V = v.shape[-1]
+        do = do.contiguous().to(q.dtype)
+        if dht is not None:
+            dht = torch.stack([dht.real, dht.imag], dim=2).to(torch.float32).contiguous()
+        dq, dk, dv, dare, daim, dh0 = _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec)
+        if dh0 is not None:
+            dh0 = dh0.view(B, H, 2, K, V)  # h0 enters as stacked (Re, Im) planes
+        return dq, dk, dv, dare, daim, dh0, None, None, None
+
+
+def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
+                    initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                    precision: str = "ieee", *, chunk_size: int = _DEFAULT_BT):
+    """Chunked gate-loop scan with a complex gate per head (Triton; CUDA, or CPU under TRITON_INTERPRET=1).
+
+    Args:
+        q, k: ``(B, n, H, d)``; v: ``(B, n, H, e)``; float32, bfloat16 or float16 (one dtype is used:
+            the promoted one), ``16 <= d, e <= 256``.
+        a_re, a_im: ``(B, n, H)`` real and imaginary parts of the gate ``a_t`` (computed in float32).
+            Zero gates (hard resets) are legal.
+        initial_state: optional complex ``(B, H, d, e)`` state before step 0.
+        output_final_state: also return the complex ``(B, H, d, e)`` state after the last step.
+        precision: float32 dots: ``"ieee"`` (default, exact float32), ``"tf32x3"`` (exact to
+            float32 through three TF32 products) or ``"tf32"`` (fast, ~1e-3 relative). 16-bit inputs
+            use their own tensor-core dots whatever this says (float32 accumulation).
+        chunk_size: steps per chunk (a power of two >= 16; 64 by default).
+
+    Returns:
+        ``(o, final_state)``: ``o (B, n, H, e)`` in the input dtype; ``final_state`` complex64
+        ``(B, H, d, e)`` or ``None``. Differentiable in q, k, v, a_re, a_im and initial_state.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    for name, t in (("q", q), ("k", k), ("v", v), ("a_re", a_re), ("a_im", a_im)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a real floating-point tensor")
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be (B, n, H, d) and v (B, n, H, e); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, n, H, d = q.shape
+    e = v.shape[-1]
+    if a_re.shape != (B, n, H) or a_im.shape != (B, n, H):
+        raise ValueError(f"a_re, a_im must be (B, n, H) = ({B}, {n}, {H}); got {tuple(a_re.shape)}, "
+                         f"{tuple(a_im.shape)}")
+    if not (16 <= d <= 256 and 16 <= e <= 256):
+        raise ValueError(f"chunk_gate_loop needs 16 <= d, e <= 256, got d={d}, e={e}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, d, e):
+        raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), "
+                         f"got {tuple(initial_state.shape)}")
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if dtype not in _MODE:
+        dtype = torch.float32
+    q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
+    are, aim = a_re.to(torch.float32).contiguous(), a_im.to(torch.float32).contiguous()
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.to(torch.complex64)
+        h0 = torch.stack([h0.real, h0.imag], dim=2).contiguous()  # (B, H, 2, d, e)
+    if n == 0:
+        o = v.new_zeros(v.shape)
+        ht = None
+        if output_final_state:
+            ht = initial_state.to(torch.complex64) if initial_state is not None else \
+                torch.zeros(B, H, d, e, dtype=torch.complex64, device=q.device)
+        return o, ht
+    return _ChunkGateLoop.apply(q, k, v, are, aim, h0, output_final_state, precision, chunk_size)

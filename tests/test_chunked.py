@@ -1,0 +1,182 @@
+"""chunk_gate_loop (Triton chunked scan) against the float64 sequential reference.
+
+CPU: the real kernels under ``TRITON_INTERPRET=1`` (CI sets it) on small shapes.
+GPU (``-m gpu``): real sizes, every precision mode, poisoned outputs, long sequences.
+"""
+import os
+
+import pytest
+import torch
+
+from gateloop_kernels import reference
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not HAS_CUDA and not INTERPRET:
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+from gateloop_kernels.chunked import chunk_gate_loop  # noqa: E402
+
+
+def make_inputs(B, n, H, d, e, dtype, device, zeros=False, mag=(0.6, 1.0)):
+    q = torch.randn(B, n, H, d, device=device).to(dtype)
+    k = (torch.randn(B, n, H, d, device=device) / d ** 0.5).to(dtype)
+    v = torch.randn(B, n, H, e, device=device).to(dtype)
+    r = torch.rand(B, n, H, device=device) * (mag[1] - mag[0]) + mag[0]
+    ph = (torch.rand(B, n, H, device=device) * 2 - 1) * 3.14159
+    ar, ai = r * torch.cos(ph), r * torch.sin(ph)
+    if zeros:
+        m = torch.rand(B, n, H, device=device) < 0.05
+        m[:, 0] = True
+        m[:, -1] = True
+        ar, ai = ar.masked_fill(m, 0.0), ai.masked_fill(m, 0.0)
+    return q, k, v, ar, ai
+
+
+def reference_f64(q, k, v, ar, ai, h0, do, dht):
+    """Float64 sequential reference (layouts converted: B*H becomes the batch); output and grads."""
+    B, n, H, d = q.shape
+    e = v.shape[-1]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, ar, ai)]
+    h0l = None if h0 is None else h0.detach().to(torch.complex128).requires_grad_()
+
+    def bh(x):
+        return x.permute(0, 2, 1, 3).reshape(B * H, n, x.shape[-1])
+
+    a = torch.complex(leaves[3], leaves[4]).permute(0, 2, 1).reshape(B * H, n)[:, :, None, None]
+    o, st = reference.sequential_reference(bh(leaves[0]), bh(leaves[1]), bh(leaves[2]), a,
+                                           None if h0l is None else h0l.reshape(B * H, d, e),
+                                           return_final_state=True)
+    o = o.reshape(B, H, n, e).permute(0, 2, 1, 3)
+    st = st.reshape(B, H, d, e)
+    loss = (o * do.double()).sum()
+    if dht is not None:
+        loss = loss + (st * dht.to(torch.complex128).conj()).real.sum()
+    loss.backward()
+    grads = [t.grad for t in leaves] + ([h0l.grad] if h0l is not None else [])
+    return o.detach(), st.detach(), grads
+
+
+def rel(x, y):
+    x, y = x.detach().to(torch.complex128 if x.is_complex() or y.is_complex() else torch.float64), y.detach()
+    y = y.to(x.dtype)
+    return ((x - y).abs().norm() / y.abs().norm().clamp_min(1e-30)).item()
+
+
+def check(B, n, H, d, e, dtype, device, tol, zeros=False, init=False, final=False, chunk_size=64,
+          precision="ieee", poison=False):
+    q, k, v, ar, ai = make_inputs(B, n, H, d, e, dtype, device, zeros)
+    h0 = torch.complex(torch.randn(B, H, d, e, device=device), torch.randn(B, H, d, e, device=device)) \
+        if init else None
+    do = torch.randn(B, n, H, e, device=device).to(dtype)
+    dht = torch.complex(torch.randn(B, H, d, e, device=device), torch.randn(B, H, d, e, device=device)) \
+        if final else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, ar, ai)]
+    h0l = h0.clone().requires_grad_() if init else None
+    if poison and device == "cuda":
+        torch.empty(1 << 28, device=device).fill_(float("nan"))  # freed: the next allocations read NaN
+    o, st = chunk_gate_loop(*leaves, initial_state=h0l, output_final_state=final, precision=precision,
+                            chunk_size=chunk_size)
+    assert o.dtype == dtype and o.shape == (B, n, H, e)
+    loss = (o.float() * do.float()).sum()
+    if final:
+        assert st.shape == (B, H, d, e) and st.dtype == torch.complex64
+        loss = loss + (st * dht.conj()).real.sum()
+    else:
+        assert st is None
+    if poison and device == "cuda":
+        torch.empty(1 << 28, device=device).fill_(float("nan"))
+    loss.backward()
+    ro, rst, rgrads = reference_f64(q, k, v, ar, ai, h0, do, dht)
+    errs = {"o": rel(o, ro)}
+    if final:
+        errs["final_state"] = rel(st, rst)
+    names = ["dq", "dk", "dv", "da_re", "da_im"] + (["dh0"] if init else [])
+    for name, leaf, g in zip(names, leaves + ([h0l] if init else []), rgrads):
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), name
+        errs[name] = rel(leaf.grad, g)
+    bad = {k_: v_ for k_, v_ in errs.items() if not v_ <= tol}
+    assert not bad, f"errors over {tol}: {bad} (all: {errs})"
+    return errs
+
+
+# ----------------------------------------------------------------------------- CPU (interpreter)
+
+@pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
+@pytest.mark.parametrize("n,H,d,e,chunk,zeros,init,final", [
+    (40, 2, 16, 32, 16, True, True, True),    # zero gates, initial + final state, d != e
+    (70, 1, 32, 16, 64, False, False, False),  # n not a multiple of a 64-chunk, d = 32
+    (33, 1, 24, 40, 16, True, True, False),    # dims that are not powers of two
+])
+def test_cpu_float32(n, H, d, e, chunk, zeros, init, final):
+    check(1, n, H, d, e, torch.float32, "cpu", 2e-5, zeros=zeros, init=init, final=final, chunk_size=chunk)
+
+
+@pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_half(dtype):
+    check(2, 35, 1, 16, 16, dtype, "cpu", 2e-2, zeros=True, init=True, final=True, chunk_size=16)
+
+
+@pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
+def test_cpu_precision_modes_and_errors():
+    check(1, 20, 1, 16, 16, torch.float32, "cpu", 2e-5, chunk_size=16, precision="tf32x3")
+    q, k, v, ar, ai = make_inputs(1, 8, 1, 16, 16, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="precision"):
+        chunk_gate_loop(q, k, v, ar, ai, precision="fast")
+    with pytest.raises(ValueError, match="16 <= d"):
+        chunk_gate_loop(q[..., :8], k[..., :8], v, ar, ai)
+    with pytest.raises(ValueError, match="a_re"):
+        chunk_gate_loop(q, k, v, ar[:, :4], ai)
+    o, st = chunk_gate_loop(q[:, :0], k[:, :0], v[:, :0], ar[:, :0], ai[:, :0], output_final_state=True)
+    assert o.shape == (1, 0, 1, 16) and st.abs().sum() == 0
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = [  # B, n, H, d, e
+    (2, 1000, 4, 64, 64),
+    (1, 777, 3, 128, 64),
+    (2, 300, 2, 16, 48),
+    (1, 200, 2, 256, 256),
+    (1, 513, 2, 96, 160),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("precision,tol", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 5e-3)])
+def test_gpu_float32(shape, precision, tol):
+    check(*shape, torch.float32, "cuda", tol, zeros=True, init=True, final=True, precision=precision, poison=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES[:3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_half(shape, dtype):
+    check(*shape, dtype, "cuda", 1e-2, zeros=True, init=True, final=True, poison=True)
+
+
+@pytest.mark.gpu
+def test_gpu_long_sequence_error_growth():
+    """Error at n = 2^20 is within 10x the error at n = 2^10 (forward and gradients, float32)."""
+    errs = {}
+    for n in (1 << 10, 1 << 20):
+        torch.manual_seed(0)
+        B, H, d, e = 1, 1, 64, 64
+        q, k, v, ar, ai = make_inputs(B, n, H, d, e, torch.float32, "cuda", mag=(0.97, 1.0))
+        do = torch.randn(B, n, H, e, device="cuda")
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, ar, ai)]
+        o, _ = chunk_gate_loop(*leaves)
+        (o * do).sum().backward()
+        # float64 chunked reference (same math as the sequential one, checked in test_reference.py)
+        rl = [t.double().requires_grad_() for t in (q, k, v, ar, ai)]
+        a = torch.complex(rl[3], rl[4])[0].T.reshape(H, n)[:, :, None, None]
+        ro = reference.chunked_reference(rl[0][0].transpose(0, 1), rl[1][0].transpose(0, 1),
+                                         rl[2][0].transpose(0, 1), a)
+        ro = ro.transpose(0, 1)[None]
+        (ro * do.double()).sum().backward()
+        errs[n] = [rel(o, ro)] + [rel(x.grad, y.grad) for x, y in zip(leaves, rl)]
+    small, big = errs[1 << 10], errs[1 << 20]
+    assert all(b <= 10 * max(s, 1e-7) for s, b in zip(small, big)), errs
+    assert all(b <= 1e-5 for b in big), errs
