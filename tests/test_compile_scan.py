@@ -1,0 +1,67 @@
+"""torch.compile(fullgraph=True) over the public scan functions, and opcheck of the custom ops."""
+import pytest
+import torch
+
+import gateloop_kernels as G
+from gateloop_kernels import elementwise as ew
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_opcheck_elementwise_scan():
+    B, n, C = 2, 19, 3
+    q, k, v, ar, ai = (torch.randn(B, n, C, device=DEV, requires_grad=True) for _ in range(5))
+    ar2, ai2 = (0.5 * ar).detach().requires_grad_(), (0.5 * ai).detach().requires_grad_()
+    h0r, h0i = (torch.randn(B, C, device=DEV, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(ew.elementwise_scan, (q, k, v, ar2, ai2, h0r, h0i))
+    torch.library.opcheck(ew.elementwise_scan, (q, k, None, ar2, None, None, None))
+
+
+def test_compile_fullgraph_no_graph_break():
+    torch._dynamo.reset()
+    B, n, H = 2, 24, 3
+
+    def model(q, k, v, z, q2, kv, a2):
+        o, s = G.gate_loop_heads(q, k, v, z=z, output_final_state=True)
+        o2, (al, hl) = G.simple_gate_loop_operator(q2, kv, a2)
+        return o.sum() + s.real.sum() + o2.sum() + hl.sum()
+
+    args = [torch.randn(B, n, H, 1, device=DEV, requires_grad=True) for _ in range(3)]
+    args.append(torch.randn(B, n, H, 2, device=DEV, requires_grad=True))
+    args += [torch.randn(B, n, 4, device=DEV, requires_grad=True), torch.randn(B, n, 4, device=DEV, requires_grad=True),
+             torch.rand(B, n, 4, device=DEV, requires_grad=True)]
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(*args)
+    ref = model(*args)
+    assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+    g = torch.autograd.grad(got, args)
+    rg = torch.autograd.grad(ref, args)
+    for x, y in zip(g, rg):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_seed_operator_fullgraph():
+    torch._dynamo.reset()
+    B, n = 3, 20
+    q, k, v = (torch.randn(B, n, 1, device=DEV) for _ in range(3))
+    a = torch.polar(torch.rand(B, n, 1, 1, device=DEV), torch.randn(B, n, 1, 1, device=DEV))
+    f = torch.compile(lambda *t: G.gate_loop_operator(*t), fullgraph=True, backend="aot_eager")
+    assert torch.allclose(f(q, k, v, a), G.gate_loop_operator(q, k, v, a), atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_compile_inductor_gpu():
+    torch._dynamo.reset()
+    B, n, H = 2, 4096, 256
+    q, k, v = (torch.randn(B, n, H, 1, device="cuda", requires_grad=True) for _ in range(3))
+    z = torch.randn(B, n, H, 2, device="cuda", requires_grad=True)
+    f = lambda *t: G.gate_loop_heads(*t[:3], z=t[3])[0].square().sum()  # noqa: E731
+    got = torch.compile(f, fullgraph=True)(q, k, v, z)
+    ref = f(q, k, v, z)
+    assert torch.allclose(got, ref, rtol=1e-5)
+    g = torch.autograd.grad(got, [q, k, v, z])
+    rg = torch.autograd.grad(ref, [q, k, v, z])
+    for x, y in zip(g, rg):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-4)
+    torch.library.opcheck(ew.elementwise_scan, (q[..., 0].detach(), k[..., 0].detach(), v[..., 0].detach(),
+                                                0.5 * z[..., 0].detach(), 0.5 * z[..., 1].detach(), None, None))

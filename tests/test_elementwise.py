@@ -1,0 +1,181 @@
+"""The elementwise (d = e = 1) Triton kernels against the float64 sequential scan.
+
+On the CPU these run under the Triton interpreter (``TRITON_INTERPRET=1``) on small shapes whose
+tiles leave partial blocks and carry across several segments; on a GPU (``-m gpu``) at real sizes.
+"""
+import os
+
+import pytest
+import torch
+
+from gateloop_kernels import elementwise as ew
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
+                                   reason="needs TRITON_INTERPRET=1 or a CUDA device")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def rel(x, ref):
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all(), "non-finite values (unwritten output?)"
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def make(B, n, C, dtype, complex_gate, kv_given, with_h0, device=DEV, zero_gates=False):
+    q, k, v = (torch.randn(B, n, C, device=device).to(dtype) for _ in range(3))
+    mag = 0.5 + 0.5 * torch.rand(B, n, C, device=device)
+    ph = torch.randn(B, n, C, device=device) if complex_gate else torch.zeros(B, n, C, device=device)
+    if zero_gates:
+        mag = torch.where(torch.rand_like(mag) < 0.1, torch.zeros_like(mag), mag)
+    a_re = mag * torch.cos(ph)
+    a_im = mag * torch.sin(ph) if complex_gate else None
+    h0_re = torch.randn(B, C, device=device) if with_h0 else None
+    h0_im = torch.randn(B, C, device=device) if (with_h0 and complex_gate) else None
+    return q, k, None if kv_given else v, a_re, a_im, h0_re, h0_im
+
+
+def f64(t):
+    return None if t is None else t.double()
+
+
+def oracle(q, k, v, a_re, a_im, h0_re, h0_im, do, g_re, g_im):
+    """Float64 sequential forward, and gradients through autograd of the same loop."""
+    ins = [None if t is None else t.detach().double().requires_grad_() for t in (q, k, v, a_re, a_im, h0_re, h0_im)]
+    q64, k64, v64, ar, ai, h0r, h0i = ins
+    a = torch.complex(ar, ai) if ai is not None else torch.complex(ar, torch.zeros_like(ar))
+    x = k64 if v64 is None else k64 * v64
+    B, n, C = q.shape
+    h = torch.zeros(B, C, dtype=torch.complex128, device=q.device)
+    if h0r is not None:
+        h = torch.complex(h0r, h0i if h0i is not None else torch.zeros_like(h0r))
+    outs = []
+    for t in range(n):
+        h = a[:, t] * h + x[:, t]
+        outs.append(q64[:, t] * h.real)
+    o = torch.stack(outs, 1)
+    loss = (o * do.double()).sum() + (h.real * g_re.double()).sum()
+    if g_im is not None:
+        loss = loss + (h.imag * g_im.double()).sum()
+    present = [t for t in ins if t is not None]
+    grads = iter(torch.autograd.grad(loss, present))
+    return o.detach(), h.detach(), [None if t is None else next(grads) for t in ins]
+
+
+CASES = [(dt, cg, kv, h0) for dt in (torch.float32, torch.bfloat16, torch.float16)
+         for cg in (True, False) for kv in (False, True) for h0 in (True,)]
+CASES += [(torch.float32, True, False, False), (torch.float32, False, True, False)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype,complex_gate,kv_given,with_h0", CASES)
+def test_kernel_matches_oracle_small(dtype, complex_gate, kv_given, with_h0):
+    """n = 37 with 8-step tiles (5 segments, last one partial), 5 channels in tiles of 4."""
+    B, n, C = 2, 37, 5
+    args = make(B, n, C, dtype, complex_gate, kv_given, with_h0)
+    block = (8, 4, 1)
+    o, hT_re, hT_im, carries = ew.scan_forward(*args, block=block)
+    do = torch.randn(B, n, C, device=DEV).to(dtype)
+    g_re = torch.randn(B, C, device=DEV)
+    g_im = torch.randn(B, C, device=DEV) if complex_gate else None
+    ro, rh, rgrads = oracle(*args, do, g_re, g_im)
+    tol = TOL[dtype]
+    assert o.dtype == dtype
+    assert rel(o, ro) < tol
+    assert rel(hT_re, rh.real) < 1e-5
+    if complex_gate:
+        assert rel(hT_im, rh.imag) < 1e-5
+    grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=block)
+    for name, g, r, inp in zip(("dq", "dk", "dv", "da_re", "da_im", "dh0_re", "dh0_im"), grads, rgrads, args):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert g.dtype == (inp.dtype if inp.dim() == 3 else torch.float32), name
+            assert rel(g, r) < tol, name
+
+
+@needs_kernels
+def test_kernel_time_contiguous_layout_and_zero_gates():
+    """The seed's (B, n, 1) layout viewed as one batch of B time-contiguous channels; hard resets."""
+    B, n = 6, 45
+    q, k, v, a_re, a_im, h0_re, h0_im = make(B, n, 1, torch.float32, True, False, True, zero_gates=True)
+    chan = [t[..., 0].t()[None] for t in (q, k, v, a_re, a_im)]
+    h0 = [h0_re.t(), h0_im.t()]
+    assert chan[0].stride(1) == 1
+    block = (16, 2, 1)
+    o, hr, hi, carries = ew.scan_forward(*chan, *h0, block=block)
+    do = torch.randn_like(chan[0])
+    g_re, g_im = torch.randn(1, B, device=DEV), torch.randn(1, B, device=DEV)
+    ro, rh, rgrads = oracle(*chan, *h0, do, g_re, g_im)
+    assert rel(o, ro) < 1e-5 and rel(hr, rh.real) < 1e-5 and rel(hi, rh.imag) < 1e-5
+    grads = ew.scan_backward(do, g_re, g_im, *chan, *h0, carries, block=block)
+    for g, r in zip(grads, rgrads):
+        assert rel(g, r) < 1e-5
+
+
+@needs_kernels
+def test_kernel_single_segment_and_empty():
+    q, k, v, a_re, a_im, h0_re, h0_im = make(1, 3, 2, torch.float32, True, False, True)
+    o, hr, hi, _ = ew.scan_forward(q, k, v, a_re, a_im, h0_re, h0_im, block=(16, 2, 1))
+    ro, rh, _ = oracle(q, k, v, a_re, a_im, h0_re, h0_im, torch.ones_like(q), torch.zeros_like(hr), None)
+    assert rel(o, ro) < 1e-5 and rel(hr, rh.real) < 1e-5
+    e = [t[:, :0] for t in (q, k, v, a_re, a_im)]
+    o, hr, hi, _ = ew.scan_forward(*e, h0_re, h0_im)
+    assert o.shape == (1, 0, 2) and torch.equal(hr, h0_re) and torch.equal(hi, h0_im)
+
+
+# ----------------------------------------------------------------------------- GPU, real sizes
+
+def _poison():
+    """Fill the allocator's free blocks with NaN so that an unwritten output shows."""
+    free = torch.cuda.mem_get_info()[0]
+    x = torch.empty(int(free * 0.3) // 4, device="cuda").fill_(float("nan"))
+    del x
+
+
+def _torch_oracle(args, do, g_re, g_im):
+    """Float64 forward/backward through the PyTorch implementation (validated against autograd above)."""
+    a64 = [f64(t) for t in args]
+    o, hr, hi = ew._torch_forward(*a64)
+    grads = ew._torch_backward(do.double(), f64(g_re), f64(g_im), *a64)
+    return o, hr, hi, grads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,n,C,layout", [(4, 2048, 1024, "bnc"), (1, 2048, 4096, "time"), (2, 1 << 20, 32, "bnc"),
+                                          (1, 1 << 20, 64, "time")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("complex_gate", [True, False])
+def test_gpu_real_sizes(B, n, C, layout, dtype, complex_gate):
+    args = list(make(B, n, C, dtype, complex_gate, not complex_gate, True, device="cuda"))
+    if layout == "time":  # time-contiguous: channels strided by n
+        args = [None if t is None else (t.transpose(1, 2).contiguous().transpose(1, 2) if t.dim() == 3 else t)
+                for t in args]
+    do = torch.randn(B, n, C, device="cuda").to(dtype)
+    g_re = torch.randn(B, C, device="cuda")
+    g_im = torch.randn(B, C, device="cuda") if complex_gate else None
+    _poison()
+    o, hr, hi, carries = ew.scan_forward(*args)
+    _poison()
+    grads = ew.scan_backward(do, g_re, g_im, *args, carries)
+    torch.cuda.synchronize()
+    ro, rhr, rhi, rgrads = _torch_oracle(args, do, g_re, g_im)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(o, ro) < tol
+    assert rel(hr, rhr) < 1e-5
+    if complex_gate:
+        assert rel(hi, rhi) < 1e-5
+    for name, g, r in zip(("dq", "dk", "dv", "da_re", "da_im", "dh0_re", "dh0_im"), grads, rgrads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert rel(g, r) < tol, name
+
+
+@pytest.mark.gpu
+def test_gpu_zero_gates_and_repeatability():
+    """Hard resets stay finite; the look-back gives bit-identical results run to run."""
+    args = make(2, 4096, 256, torch.float32, True, False, True, device="cuda", zero_gates=True)
+    outs = [ew.scan_forward(*args)[0] for _ in range(3)]
+    ro, *_ = _torch_oracle(args, torch.ones_like(args[0]), None, None)
+    assert rel(outs[0], ro) < 1e-5
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
