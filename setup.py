@@ -85,7 +85,8 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "einops>=0.7", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6"],
+        # the upstream package is the oracle of the drop-in layers (its tests skip without it)
+        "test": ["pytest>=7", "hypothesis>=6", "gateloop-transformer==0.2.5", "rotary-embedding-torch"],
         "bench": ["matplotlib"],
     },
     ext_modules=ext_modules,

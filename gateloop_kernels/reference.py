@@ -16,6 +16,7 @@ promoted dtype of ``q, k, v`` (the gate's precision does not decide it: there is
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable, Optional, Sequence
 
@@ -58,6 +59,18 @@ def _gate_as(a: Tensor, cdtype: torch.dtype) -> Tensor:
     return a.to(cdtype)
 
 
+def _no_autocast(fn: Callable) -> Callable:
+    """Run ``fn`` in its own accumulation dtypes whatever autocast region it is called from."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 # ----------------------------------------------------------------------------- (1) associative scan
 
 def _associative_scan(op: Callable[[Sequence[Tensor], Sequence[Tensor]], Sequence[Tensor]],
@@ -91,6 +104,7 @@ def _gate_combine(left: Sequence[Tensor], right: Sequence[Tensor]) -> list[Tenso
     return [a_j * a_i, a_j * s_i + s_j]
 
 
+@_no_autocast
 def associative_scan_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Tensor:
     """The seed's ``gate_loop_operator``: materializes every ``S_t`` via an associative scan.
 
@@ -106,6 +120,7 @@ def associative_scan_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Te
 
 # ----------------------------------------------------------------------------- (2) sequential
 
+@_no_autocast
 def sequential_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state: Optional[Tensor] = None,
                          return_final_state: bool = False):
     """Plain loop over time (the ground truth): any gate layout broadcastable to ``(B, n, d, e)``.
@@ -200,6 +215,7 @@ def _chunked_head_gate(q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Tensor
     return out.reshape(B, nc * C, e)[:, :n], state
 
 
+@_no_autocast
 def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state: Optional[Tensor] = None,
                       return_final_state: bool = False, chunk_size: int = DEFAULT_CHUNK):
     """Chunked gate-loop scan (DESIGN.md) for a gate per head ``a: (B|1, n, 1, 1)``.
@@ -247,6 +263,7 @@ def _simple_prepare(q: Tensor, kv: Tensor, a: Tensor, cache):
     return q.to(rdt), kv.to(rdt), a.to(rdt), cache_a, cache_kv, odt
 
 
+@_no_autocast
 def simple_associative_scan_reference(q: Tensor, kv: Tensor, a: Tensor, cache=None):
     """The seed's simplified ``gate_loop_operator(q, kv, a, cache)``: the cache is a prefix step.
 
@@ -269,6 +286,7 @@ def simple_associative_scan_reference(q: Tensor, kv: Tensor, a: Tensor, cache=No
     return (qf * h).to(odt), (a_last.to(odt), h_last.to(odt))
 
 
+@_no_autocast
 def simple_sequential_reference(q: Tensor, kv: Tensor, a: Tensor, cache=None):
     """Plain loop over time for the simplified operator; arguments and returns as the seed's."""
     qf, kvf, af, cache_a, cache_kv, odt = _simple_prepare(q, kv, a, cache)
@@ -281,6 +299,7 @@ def simple_sequential_reference(q: Tensor, kv: Tensor, a: Tensor, cache=None):
     return _simple_finish(qf, hall, af, cache_a, h, odt)
 
 
+@_no_autocast
 def simple_chunked_reference(q: Tensor, kv: Tensor, a: Tensor, cache=None, chunk_size: int = DEFAULT_CHUNK):
     """Chunked simplified operator (:func:`diagonal_scan_chunked`); arguments and returns as the seed's."""
     qf, kvf, af, cache_a, cache_kv, odt = _simple_prepare(q, kv, a, cache)

@@ -1,0 +1,311 @@
+"""Drop-in layers for lucidrains' ``gateloop-transformer`` running on the fused scan.
+
+``GateLoopedAttention``, ``SimpleGateLoopLayer``, ``CausalFullAttention`` and ``Transformer`` take
+the seed's constructor arguments (same defaults) and hold the same parameters under the same
+names, so a ``state_dict`` saved from the seed's modules loads here and gives the same outputs.
+What differs is inside: heads stay in the ``(b, n, h, d)`` layout, the gate activation
+``polar(sigmoid(|z|), angle z)`` is computed in real arithmetic, no complex tensors are built and
+no ``torch.utils.checkpoint`` wraps the scan (the kernels keep no per-step state), so the layers
+also run under bf16 autocast. ``Transformer(..., reversible=True)`` runs the same blocks through
+the :mod:`reversible` core (activation memory flat in depth).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import Module, ModuleList
+
+from .heads import gate_loop_heads
+from .operator import simple_gate_loop_operator
+
+__all__ = ["RMSNorm", "PreNorm", "PostNorm", "FeedForward", "CausalFullAttention", "GateLoopedAttention",
+           "SimpleGateLoopLayer", "Transformer"]
+
+
+class RMSNorm(Module):
+    """``normalize(x) * sqrt(dim) * gamma`` over the last dim."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(x, dim=-1) * self.scale * self.gamma
+
+
+class PreNorm(Module):
+    """``fn(RMSNorm(x)) + x``."""
+
+    def __init__(self, dim: int, fn: Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.norm = RMSNorm(dim)
+
+    def branch(self, x: Tensor, **kwargs: Any) -> Tensor:
+        """The residual branch alone, ``fn(norm(x))`` (what a reversible coupling adds)."""
+        return self.fn(self.norm(x), **kwargs)
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        return self.branch(x, **kwargs) + x
+
+
+class PostNorm(Module):
+    """``LayerNorm(fn(x) + x)``."""
+
+    def __init__(self, dim: int, fn: Module) -> None:
+        super().__init__()
+        self.fn = fn
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        return self.norm(self.fn(x, **kwargs) + x)
+
+
+def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (the seed's name)
+    """``Linear(dim, dim*mult) -> GELU -> Linear(dim*mult, dim)``."""
+    return nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
+
+
+def _frac_gradient(t: Tensor, frac: float) -> Tensor:
+    """Same value, gradient scaled by ``frac`` (the seed's slower-moving gate parameters)."""
+    return t * frac + t.detach() * (1 - frac)
+
+
+class CausalFullAttention(Module):
+    """The seed's causal attention baseline (softmax, or linear with a data-dependent decay).
+
+    Input ``(b, n, dim)``, output ``(b, n, dim)``. ``rotary_emb=True`` needs ``rotary-embedding-torch``.
+    """
+
+    def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, rotary_emb: bool = False,
+                 add_swish_gating: bool = False, data_dependent_rel_pos: bool = False,
+                 frac_gradient_data_dependent_rel_pos: float = 0.5, softmax_normalize: Optional[bool] = None) -> None:
+        super().__init__()
+        dim_inner = dim_head * heads
+        self.heads = heads
+        self.softmax_normalize = (not data_dependent_rel_pos) if softmax_normalize is None else softmax_normalize
+        self.scale = dim_head ** -0.5
+        self.rotary_emb = None
+        if rotary_emb:
+            try:
+                from rotary_embedding_torch import RotaryEmbedding
+            except ImportError as err:  # pragma: no cover - depends on the environment
+                raise ImportError("rotary_emb=True needs `pip install rotary-embedding-torch`") from err
+            self.rotary_emb = RotaryEmbedding(dim_head)
+        self.to_qkv = nn.Sequential(nn.Linear(dim, dim_inner * 3, bias=False))
+        self.data_dependent_rel_pos = data_dependent_rel_pos
+        self.frac_gradient_data_dependent_rel_pos = frac_gradient_data_dependent_rel_pos
+        if data_dependent_rel_pos:
+            self.to_a = nn.Sequential(nn.Linear(dim, dim_inner, bias=False))
+        self.to_gates = nn.Sequential(nn.Linear(dim, dim_inner, bias=False), nn.SiLU()) if add_swish_gating else None
+        self.to_out = nn.Sequential(nn.Identity(), nn.Linear(dim_inner, dim))
+
+    def _heads(self, t: Tensor) -> Tensor:  # (b, n, h*d) -> (b, h, n, d)
+        b, n, _ = t.shape
+        return t.view(b, n, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False) -> Tensor:
+        q, k, v = map(self._heads, self.to_qkv(x).chunk(3, dim=-1))
+        if self.rotary_emb is not None:
+            q = self.rotary_emb.rotate_queries_or_keys(q)
+            k = self.rotary_emb.rotate_queries_or_keys(k)
+        q = q * self.scale
+        if self.data_dependent_rel_pos and not ablate_state_transition:
+            z = _frac_gradient(self.to_a(x), self.frac_gradient_data_dependent_rel_pos)
+            z = self._heads(z).unflatten(-1, (-1, 2))  # (b, h, n, d/2, 2): (re, im) per feature pair
+            if ablate_complex:
+                z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
+            a = torch.polar(torch.linalg.vector_norm(z, dim=-1).sigmoid(), torch.atan2(z[..., 1], z[..., 0]))
+            # the seed's cumulative product runs over the feature pairs (dim -2 of its (..., d/2, 1)
+            # tensor), not over time; kept as is so that trained weights mean the same thing
+            cum_real = a.cumprod(dim=-1).real.clamp(min=1e-10)[..., None]
+            q = (q.unflatten(-1, (-1, 2)) * cum_real).flatten(-2)
+            k = (k.unflatten(-1, (-1, 2)) / cum_real).flatten(-2)
+        n = x.shape[1]
+        if self.softmax_normalize:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        else:
+            sim = q @ k.transpose(-1, -2)
+            keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            out = sim.masked_fill(~keep, 0.0) @ v
+        out = out.transpose(1, 2).flatten(2)
+        if self.to_gates is not None:
+            out = out * self.to_gates(x)
+        return self.to_out(out)
+
+
+class GateLoopedAttention(Module):
+    """Gate-looped attention (the seed's ``GateLoopedAttention``) on the fused head-layout scan.
+
+    Input ``(b, n, dim)``, output ``(b, n, dim)``. ``heads`` defaults to ``dim_inner`` (head dim 1,
+    the seed's default). ``checkpoint_gate_looped_attn`` is accepted for compatibility and has
+    no effect: the scan keeps no per-step state, so there is nothing to checkpoint.
+    """
+
+    def __init__(self, dim: int, heads: Optional[int] = None, dim_inner: Optional[int] = None,
+                 checkpoint_gate_looped_attn: bool = True, add_swish_gating: bool = True, sub_ln: bool = False,
+                 frac_gradient_state_transition: float = 0.9) -> None:
+        super().__init__()
+        dim_inner = dim if dim_inner is None else dim_inner
+        heads = dim_inner if heads is None else heads
+        if dim_inner % heads:
+            raise ValueError(f"dim_inner {dim_inner} must be divisible by the number of gate loop heads {heads}")
+        self.frac_gradient_state_transition = frac_gradient_state_transition
+        self.checkpoint_gate_looped_attn = checkpoint_gate_looped_attn
+        self.to_qkv = nn.Linear(dim, dim_inner * 3, bias=False)
+        self.to_a = nn.Sequential(nn.Linear(dim, heads * 2))
+        self.maybe_sub_ln = nn.LayerNorm(dim_inner) if sub_ln else nn.Identity()
+        self.to_gates = nn.Sequential(nn.Linear(dim, dim_inner, bias=False), nn.SiLU()) if add_swish_gating else None
+        self.to_out = (nn.Linear(dim_inner, dim, bias=False) if dim_inner != dim or add_swish_gating
+                       else nn.Identity())
+
+    def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False) -> Tensor:
+        # written against attributes the upstream class has too, so patch_gateloop_transformer()
+        # can install it on upstream instances
+        b, n, _ = x.shape
+        lin_a = self.to_a[0]
+        heads = lin_a.out_features // 2
+        q, k, v = (t.unflatten(-1, (heads, -1)) for t in self.to_qkv(x).chunk(3, dim=-1))
+        z = _frac_gradient(lin_a(x), self.frac_gradient_state_transition).unflatten(-1, (heads, 2))
+        if ablate_state_transition:
+            ones = torch.zeros(b, n, heads, device=x.device, dtype=torch.float32)
+            out, _ = gate_loop_heads(q, k, v, log_magnitude=ones, phase=ones)
+        else:
+            if ablate_complex:
+                z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
+            out, _ = gate_loop_heads(q, k, v, z=z)
+        out = self.maybe_sub_ln(out.flatten(2))
+        if self.to_gates is not None:
+            out = self.to_gates(x) * out
+        return self.to_out(out)
+
+
+class SimpleGateLoopLayer(Module):
+    """The seed's simplified gate loop (real sigmoid gate per channel) on the fused operator.
+
+    ``forward(x, cache=None, return_cache=False)``: ``x (b, n, dim)`` -> ``(b, n, dim)``; the cache is
+    the seed's ``(a, kv)`` pair, each ``(b * dim, 1)``. ``use_heinsen`` / ``use_jax_associative_scan``
+    are accepted for compatibility: every choice runs the same exact fused scan.
+    """
+
+    def __init__(self, dim: int, prenorm: bool = True, use_heinsen: bool = False,
+                 use_jax_associative_scan: bool = False, post_ln: bool = False, reverse: bool = False) -> None:
+        super().__init__()
+        if use_heinsen and use_jax_associative_scan:
+            raise ValueError("choose at most one of use_heinsen and use_jax_associative_scan")
+        self.dim = dim
+        self.norm = RMSNorm(dim) if prenorm else nn.Identity()
+        self.to_qkva = nn.Sequential(nn.Linear(dim, dim * 3, bias=False))
+        self.maybe_post_ln = nn.LayerNorm(dim) if post_ln else nn.Identity()
+        self.reverse = reverse
+
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, return_cache: bool = False):
+        if self.reverse:
+            if return_cache or cache is not None:
+                raise ValueError("caching only works with a non-reversed sequence (reverse=False)")
+            x = torch.flip(x, dims=(-2,))
+        b = x.shape[0]
+        q, kv, a = self.to_qkva[0](self.norm(x)).chunk(3, dim=-1)
+        if cache is not None:
+            cache = tuple(c.reshape(b, -1) for c in cache)
+        out, (a_last, kv_last) = simple_gate_loop_operator(q, kv, a.sigmoid(), cache=cache)
+        out = self.maybe_post_ln(out)
+        if self.reverse:
+            out = torch.flip(out, dims=(-2,))
+        if not return_cache:
+            return out
+        return out, (a_last.reshape(-1, 1), kv_last.reshape(-1, 1))
+
+
+class Transformer(Module):
+    """The seed's GateLoop ``Transformer`` (token embedding, gate-looped or full attention + MLP
+    blocks, logits), same arguments and parameter names, plus ``reversible``.
+
+    ``reversible=True`` runs the blocks as reversible couplings ``y1 = x1 + attn(x2)``,
+    ``y2 = x2 + ff(y1)`` (input duplicated, output halves averaged; a different function from
+    the residual stack, with flat activation memory in depth). Needs pre-norm blocks.
+    ``forward(x, return_loss=False, ...)``: ``x`` token ids ``(b, n)``; logits ``(b, n, num_tokens)``
+    or, with ``return_loss``, the next-token cross-entropy.
+    """
+
+    def __init__(self, dim: int, *, num_tokens: int, depth: int, dim_head: int = 64, heads: int = 8,
+                 ff_mult: int = 4, checkpoint_gate_looped_attn: bool = True, use_gate_looped_attn: bool = True,
+                 gate_loop_heads: Optional[int] = None, attn_add_swish_gating: bool = True,
+                 dim_gate_looped_attn: Optional[int] = None, attn_softmax_normalize: Optional[bool] = None,
+                 data_dependent_rel_pos: bool = False, frac_gradient_state_transition: float = 0.9,
+                 ablate_complex: bool = False, ablate_state_transition: bool = False, rotary_emb: bool = False,
+                 post_ln_norm: bool = False, sub_ln: bool = False, reversible: bool = False) -> None:
+        super().__init__()
+        if reversible and post_ln_norm:
+            raise ValueError("reversible=True needs pre-norm blocks (post_ln_norm=False)")
+        self.ablate_complex = ablate_complex
+        self.ablate_state_transition = ablate_state_transition
+        self.reversible = reversible
+        self.token_emb = nn.Embedding(num_tokens, dim)
+        wrapper = PostNorm if post_ln_norm else PreNorm
+        self.layers = ModuleList([])
+        for _ in range(depth):
+            if use_gate_looped_attn:
+                mixer: Module = GateLoopedAttention(
+                    dim=dim, heads=gate_loop_heads, dim_inner=dim_gate_looped_attn,
+                    add_swish_gating=attn_add_swish_gating, sub_ln=sub_ln,
+                    checkpoint_gate_looped_attn=checkpoint_gate_looped_attn,
+                    frac_gradient_state_transition=frac_gradient_state_transition)
+            else:
+                mixer = CausalFullAttention(
+                    dim=dim, dim_head=dim_head, heads=heads, rotary_emb=rotary_emb,
+                    add_swish_gating=attn_add_swish_gating, softmax_normalize=attn_softmax_normalize,
+                    data_dependent_rel_pos=data_dependent_rel_pos,
+                    frac_gradient_data_dependent_rel_pos=frac_gradient_state_transition)
+            self.layers.append(ModuleList([wrapper(dim, mixer), wrapper(dim, FeedForward(dim=dim, mult=ff_mult))]))
+        self.to_logits = (nn.Linear(dim, num_tokens, bias=False) if post_ln_norm
+                          else nn.Sequential(RMSNorm(dim), nn.Linear(dim, num_tokens, bias=False)))
+        if reversible:
+            from reversible import ReversibleSequence
+
+            blocks = [(_Branch(attn), _Branch(ff)) for attn, ff in self.layers]
+            attn_only = {name: [(True, False)] * depth for name in ("ablate_complex", "ablate_state_transition")}
+            # kept out of the module tree: it shares the layers' parameters, and the state_dict
+            # must keep the seed's names
+            self.__dict__["_reversible_stack"] = ReversibleSequence(blocks, dim=-1, merge="mean",
+                                                                    args_route=attn_only)
+
+    def forward(self, x: Tensor, return_loss: bool = False, ablate_complex: Optional[bool] = None,
+                ablate_state_transition: Optional[bool] = None) -> Tensor:
+        ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
+        ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
+                                   else ablate_state_transition)
+        if return_loss:
+            x, labels = x[:, :-1], x[:, 1:]
+        h = self.token_emb(x)
+        kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)
+        if self.reversible:
+            stack = self.__dict__["_reversible_stack"]
+            stack.train(self.training)
+            h = stack(h, **kwargs)
+        else:
+            for attn, ff in self.layers:
+                h = ff(attn(h, **kwargs))
+        logits = self.to_logits(h)
+        if not return_loss:
+            return logits
+        return F.cross_entropy(logits.transpose(1, 2), labels)
+
+
+class _Branch(Module):
+    """A pre-norm block's residual branch as a coupling function (no second copy of parameters)."""
+
+    def __init__(self, block: PreNorm) -> None:
+        super().__init__()
+        self.__dict__["block"] = block  # not a submodule: parameters stay under the Transformer's names
+
+    def parameters(self, recurse: bool = True):  # the reversible core collects gradients through these
+        return self.block.parameters(recurse)
+
+    def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        return self.block.branch(x, **kwargs)
+

@@ -1,0 +1,97 @@
+"""The drop-in layers against the seed's modules (upstream ``gateloop-transformer``, float64, <= 1e-8),
+the reversible Transformer against plain autograd of the same coupling, and bf16 autocast."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from gateloop_kernels import layers as L
+
+up = pytest.importorskip("gateloop_transformer", reason="upstream gateloop-transformer not installed")
+
+CONFIGS = [
+    dict(),
+    dict(gate_loop_heads=2),
+    dict(gate_loop_heads=1, dim_gate_looped_attn=32),
+    dict(ablate_complex=True),
+    dict(ablate_state_transition=True),
+    dict(post_ln_norm=True, sub_ln=True, attn_add_swish_gating=False),
+    dict(use_gate_looped_attn=False),
+    dict(use_gate_looped_attn=False, rotary_emb=True),
+    dict(use_gate_looped_attn=False, data_dependent_rel_pos=True),
+    dict(use_gate_looped_attn=False, data_dependent_rel_pos=True, ablate_complex=True),
+]
+
+
+def _loss_and_grads(model, x):
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the seed's checkpoint warns about use_reentrant
+        loss = model(x, return_loss=True)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: ",".join(kw) or "default")
+def test_transformer_matches_seed_state_dict(kw):
+    ref = up.Transformer(dim=16, num_tokens=20, depth=2, dim_head=8, heads=2, **kw).double()
+    ours = L.Transformer(dim=16, num_tokens=20, depth=2, dim_head=8, heads=2, **kw).double()
+    ours.load_state_dict(ref.state_dict())  # strict: same names, same shapes
+    x = torch.randint(0, 20, (2, 41))
+    l_ref, g_ref = _loss_and_grads(ref, x)
+    l_ours, g_ours = _loss_and_grads(ours, x)
+    assert abs(l_ref - l_ours) <= 1e-8 * abs(l_ref)
+    assert g_ref.keys() == g_ours.keys()
+    for name in g_ref:
+        a, b = g_ref[name], g_ours[name]
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert (a - b).norm() <= 1e-8 * a.norm().clamp_min(1e-12), name
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(post_ln=True), dict(prenorm=False), dict(reverse=True)])
+def test_simple_layer_matches_seed(kw):
+    from gateloop_transformer.simplified_gate_loop import SimpleGateLoopLayer as Seed
+    ref, ours = Seed(8, **kw).double(), L.SimpleGateLoopLayer(8, **kw).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 19, 8, dtype=torch.float64, requires_grad=True)
+    o_ref, o_ours = ref(x), ours(x)
+    assert (o_ref - o_ours).abs().max() <= 1e-10
+    w = torch.randn_like(o_ref)
+    g_ref = torch.autograd.grad((o_ref * w).sum(), [x, *ref.parameters()])
+    g_ours = torch.autograd.grad((o_ours * w).sum(), [x, *ours.parameters()])
+    for a, b in zip(g_ref, g_ours):
+        assert (a - b).norm() <= 1e-8 * a.norm()
+
+
+def test_simple_layer_cache_matches_seed():
+    from gateloop_transformer.simplified_gate_loop import SimpleGateLoopLayer as Seed
+    ref, ours = Seed(8).double(), L.SimpleGateLoopLayer(8).double()
+    ours.load_state_dict(ref.state_dict())
+    x1, x2 = torch.randn(2, 11, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
+    o1, c_ref = ref(x1, return_cache=True)
+    p1, c_ours = ours(x1, return_cache=True)
+    for a, b in zip(c_ref, c_ours):
+        assert a.shape == b.shape and (a - b).abs().max() <= 1e-12
+    assert (ref(x2, cache=c_ref) - ours(x2, cache=c_ours)).abs().max() <= 1e-10
+
+
+def test_patch_gateloop_transformer_keeps_outputs():
+    from gateloop_kernels import patch_gateloop_transformer
+    import gateloop_transformer.gateloop_transformer as upm
+
+    model = up.Transformer(dim=16, num_tokens=20, depth=2, gate_loop_heads=2).double()
+    x = torch.randint(0, 20, (2, 30))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        before = model(x)
+    saved = (upm.gate_loop_operator, upm.GateLoopedAttention.forward)
+    try:
+        patch_gateloop_transformer()
+        assert upm.GateLoopedAttention.forward is L.GateLoopedAttention.forward
+        after = model(x)  # the same instance, now on our forward
+    finally:
+        upm.gate_loop_operator, upm.GateLoopedAttention.forward = saved
+    assert (before - after).abs().max() <= 1e-10
