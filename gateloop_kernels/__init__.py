@@ -5,11 +5,16 @@ Public API:
     simple_gate_loop_operator(q, kv, a, cache=None) -- the simplified (real-gate) operator
     gate_loop_heads(q, k, v, z=... | log_magnitude=..., phase=...) -- head layout (B, n, H, d), real gate parameters
     reference                                -- the pure-PyTorch oracles
+    GateLoopedAttention, SimpleGateLoopLayer, Transformer, CausalFullAttention -- drop-in layers
+    patch_gateloop_transformer()             -- make an installed upstream package use all of the above
 """
 from . import reference
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
 from .operator import gate_loop_operator, simple_gate_loop_operator
+from .layers import CausalFullAttention, GateLoopedAttention, SimpleGateLoopLayer, Transformer
+from .patch import patch_gateloop_transformer
 
 __all__ = ["gate_loop_operator", "simple_gate_loop_operator", "gate_loop_heads", "gate_from_preactivation",
-           "gate_from_log_polar", "reference"]
+           "gate_from_log_polar", "reference", "CausalFullAttention", "GateLoopedAttention", "SimpleGateLoopLayer",
+           "Transformer", "patch_gateloop_transformer"]
 __version__ = "0.1.0"
