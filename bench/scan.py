@@ -1,0 +1,288 @@
+"""Scan benchmark, head dim 1: ``python -m bench scan [--quick] [--out DIR] [--sweep] [--no-chunked]``.
+
+For ``(B*H, n, d=1)`` problems -- ``(4096, 2048)``, ``(64, 1024)`` and an n sweep from 1k to 1M at a
+fixed total size -- in float32 and bfloat16, times the forward and forward+backward
+(``triton.testing.do_bench``, median after warm-up) of:
+
+* ``ours (b,n,h)``: the elementwise op on the native head layout (``gateloop::elementwise_scan``);
+* ``ours seed-op``: :func:`gateloop_kernels.gate_loop_operator` with the seed's ``(B H, n, 1)`` tensors
+  and complex gate;
+* ``seed``: upstream ``gateloop_transformer``'s operator when importable, else
+  :func:`gateloop_kernels.reference.associative_scan_reference`;
+* ``accel-scan``: ``accelerated_scan.complex.scan`` (``(B, C, T)`` layout) when importable.
+
+Each result is checked against a float64 oracle before it is timed. Prints a table, writes
+``scan.json`` and (with matplotlib) ``scan.png`` to ``--out`` (default ``bench/out``). Bytes floor:
+each input read once and each output written once at 3.0 TB/s (measured H100 copy bandwidth).
+On a machine without CUDA it runs tiny sizes through the reference only, and says so.
+Afterwards runs ``bench.scan_chunked.main`` when that module exists (unless ``--no-chunked``).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+from gateloop_kernels import elementwise as ew
+from gateloop_kernels import operator as op
+from gateloop_kernels import reference as R
+
+COPY_BW = 3.0e12  # bytes/s, measured device-to-device copy (read + write) on the H100
+TOTAL = 4096 * 2048
+
+
+def _log(msg: str) -> None:
+    print(f"[scan] {msg}", flush=True)
+
+
+def floor_bytes(numel: int, dtype: torch.dtype, backward: bool) -> int:
+    """Fewest bytes: q, k, v, o in ``dtype``, the gate as two float32; backward adds do, dq, dk, dv, da."""
+    s = torch.tensor([], dtype=dtype).element_size()
+    fwd = 3 * s + 8 + s
+    bwd = (4 * s + 8) + (3 * s + 8)
+    return numel * (fwd + (bwd if backward else 0))
+
+
+def _seed_operator() -> tuple[str, Callable]:
+    try:
+        from gateloop_transformer.gateloop_transformer import gate_loop_operator as upstream
+        return "seed (upstream)", upstream
+    except Exception:  # noqa: BLE001 - any import failure means: not installed here
+        return "seed (reference)", R.associative_scan_reference
+
+
+def _accel_scan() -> Optional[Callable]:
+    try:
+        from accelerated_scan.complex import scan
+        return scan
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _make(BH: int, n: int, dtype: torch.dtype, device: str, B: int):
+    H = BH // B
+    q, k, v = (torch.randn(B, n, H, device=device).to(dtype) for _ in range(3))
+    mag = 0.9 + 0.1 * torch.rand(B, n, H, device=device)
+    ph = 0.1 * torch.randn(B, n, H, device=device)
+    return q, k, v, mag * torch.cos(ph), mag * torch.sin(ph)
+
+
+def _impls(q, k, v, a_re, a_im):
+    """name -> (setup() -> (inputs requiring grad, forward(*inputs) -> out (B, n, H)))"""
+    B, n, H = q.shape
+    seed_name, seed_fn = _seed_operator()
+    accel = _accel_scan()
+
+    def heads_first(t):  # (B, n, H) -> (B H, n, 1)
+        return t.transpose(1, 2).reshape(B * H, n, 1).contiguous()
+
+    def back(t):  # (B H, n, 1) -> (B, n, H)
+        return t.reshape(B, H, n).transpose(1, 2)
+
+    impls = {}
+    impls["ours (b,n,h)"] = (lambda: [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)],
+                             lambda *t: ew.elementwise_scan(*t, None, None)[0])
+
+    def seed_inputs():
+        a = torch.complex(heads_first(a_re), heads_first(a_im))[..., None]
+        return [heads_first(t).requires_grad_() for t in (q, k, v)] + [a.requires_grad_()]
+
+    impls["ours seed-op"] = (seed_inputs, lambda q_, k_, v_, a_: back(op.gate_loop_operator(q_, k_, v_, a_)))
+    impls[seed_name] = (seed_inputs, lambda q_, k_, v_, a_: back(seed_fn(q_, k_, v_, a_)))
+    if accel is not None and q.is_cuda:
+        def acc_inputs():  # (1, B H, n): channels x time, time contiguous
+            def tl_(t):
+                return t.transpose(1, 2).reshape(1, B * H, n).contiguous()
+            a = torch.complex(tl_(a_re), tl_(a_im))
+            return [tl_(t).requires_grad_() for t in (q, k, v)] + [a.requires_grad_()]
+
+        def acc_fwd(q_, k_, v_, a_):
+            h = accel(a_, (k_ * v_).float())
+            return (q_ * h.real).to(q_.dtype).reshape(B, H, n).transpose(1, 2)
+        impls["accel-scan"] = (acc_inputs, acc_fwd)
+    return impls
+
+
+def _time(fn: Callable, cuda: bool, grad_to_none=None) -> float:
+    """Median milliseconds."""
+    if cuda:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    fn()
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool = True) -> list[dict]:
+    cuda = device == "cuda"
+    B = 4 if BH % 4 == 0 and BH >= 64 else 1
+    q, k, v, a_re, a_im = _make(BH, n, dtype, device, B)
+    numel = BH * n
+    ref_o, _, _ = ew._torch_forward(q.double(), k.double(), v.double(), a_re.double(), a_im.double(), None, None)
+    do = torch.randn_like(q)
+    ref_g = ew._torch_backward(do.double(), None, None, q.double(), k.double(), v.double(), a_re.double(),
+                               a_im.double(), None, None) if check_grads else None
+    rows = []
+    for name, (setup, fwd) in _impls(q, k, v, a_re, a_im).items():
+        row = {"impl": name, "BH": BH, "n": n, "d": 1, "dtype": str(dtype).replace("torch.", "")}
+        try:
+            inputs = setup()
+            out = fwd(*inputs)
+            row["rel_err_fwd"] = _rel(out, ref_o)
+            if name.startswith("ours") and ref_g is not None:
+                grads = torch.autograd.grad(out, inputs[:3], do)
+                row["rel_err_grads"] = max(_rel(g.reshape(q.shape) if g.shape == q.shape else
+                                                g.reshape(B, -1, n).transpose(1, 2), r)
+                                           for g, r in zip(grads, ref_g[:3]))
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            if row["rel_err_fwd"] > tol or row.get("rel_err_grads", 0.0) > tol:
+                row["error"] = "wrong result"
+                rows.append(row)
+                _log(f"{name}: WRONG (fwd {row['rel_err_fwd']:.2e}, grads {row.get('rel_err_grads', 0):.2e})")
+                continue
+            with torch.no_grad():
+                row["fwd_ms"] = _time(lambda: fwd(*inputs), cuda)
+            gout = torch.randn_like(out)
+
+            def step():
+                torch.autograd.backward(fwd(*inputs), gout)
+            row["fwdbwd_ms"] = _time(step, cuda, grad_to_none=inputs)
+            if cuda:
+                for t in inputs:
+                    t.grad = None
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                row["peak_extra_MB"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                for t in inputs:
+                    t.grad = None
+            for key, bwd in (("fwd", False), ("fwdbwd", True)):
+                nbytes = floor_bytes(numel, dtype, bwd)
+                row[f"{key}_GBps"] = nbytes / (row[f"{key}_ms"] * 1e-3) / 1e9
+                row[f"{key}_floor_ms"] = nbytes / COPY_BW * 1e3
+                row[f"{key}_frac_floor"] = row[f"{key}_floor_ms"] / row[f"{key}_ms"]
+        except torch.cuda.OutOfMemoryError:
+            row["error"] = "out of memory"
+            torch.cuda.empty_cache()
+        rows.append(row)
+        _log(f"{name:18s} BH={BH:5d} n={n:8d} {row['dtype']:8s} " +
+             (f"fwd {row['fwd_ms']:.4f} ms  fwd+bwd {row['fwdbwd_ms']:.4f} ms" if "fwd_ms" in row else row["error"]))
+    return rows
+
+
+def _table(rows: list[dict]) -> str:
+    head = (f"{'impl':18s} {'BH':>6s} {'n':>8s} {'dtype':8s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd GB/s':>9s} "
+            f"{'f+b GB/s':>9s} {'fwd/flr':>7s} {'f+b/flr':>7s} {'peak MB':>8s} {'err':>8s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "fwd_ms" not in r:
+            lines.append(f"{r['impl']:18s} {r['BH']:6d} {r['n']:8d} {r['dtype']:8s} {r.get('error', '')}")
+            continue
+        lines.append(f"{r['impl']:18s} {r['BH']:6d} {r['n']:8d} {r['dtype']:8s} {r['fwd_ms']:8.4f} "
+                     f"{r['fwdbwd_ms']:8.4f} {r['fwd_GBps']:9.0f} {r['fwdbwd_GBps']:9.0f} {r['fwd_frac_floor']:7.2f} "
+                     f"{r['fwdbwd_frac_floor']:7.2f} {r.get('peak_extra_MB', float('nan')):8.1f} "
+                     f"{max(r['rel_err_fwd'], r.get('rel_err_grads', 0.0)):8.1e}")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        _log("matplotlib not installed: no plot")
+        return
+    sweep = [r for r in rows if r["BH"] * r["n"] == TOTAL and "fwd_ms" in r]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key in zip(axes, ("fwd_ms", "fwdbwd_ms")):
+        for impl in sorted({r["impl"] for r in sweep}):
+            for dt, style in (("float32", "-"), ("bfloat16", "--")):
+                pts = sorted((r["n"], r[key]) for r in sweep if r["impl"] == impl and r["dtype"] == dt)
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", label=f"{impl} {dt}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("n (B*H = 8M / n, d = 1)")
+        ax.set_ylabel(key.replace("_ms", "") + " time (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _log(f"plot: {path}")
+
+
+def _sweep_tiles() -> None:
+    """Tile size / warps sweep of our kernel at (4096, 2048) float32 (for tuning)."""
+    q, k, v, a_re, a_im = _make(4096, 2048, torch.float32, "cuda", 4)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)]
+    gout = torch.randn_like(q)
+    saved = (ew.TILE, ew.WARPS_FWD, ew.WARPS_BWD)
+    for tile in (1024, 2048, 4096):
+        for warps in (4, 8, 16):
+            ew.TILE, ew.WARPS_FWD, ew.WARPS_BWD = tile, warps, warps
+            with torch.no_grad():
+                f = _time(lambda: ew.elementwise_scan(*inputs, None, None), True)
+            fb = _time(lambda: torch.autograd.backward(ew.elementwise_scan(*inputs, None, None)[0], gout), True,
+                       grad_to_none=inputs)
+            _log(f"tile {tile:5d} warps {warps:2d}: fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms")
+    ew.TILE, ew.WARPS_FWD, ew.WARPS_BWD = saved
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench scan", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="only the two headline shapes")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    p.add_argument("--sweep", action="store_true", help="also sweep tile sizes of our kernel")
+    p.add_argument("--no-chunked", action="store_true", help="skip bench.scan_chunked")
+    args, rest = p.parse_known_args(argv)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if cuda:
+        shapes = [(4096, 2048), (64, 1024)]
+        if not args.quick:
+            shapes += [(TOTAL // n, n) for n in (1024, 4096, 16384, 65536, 262144, 1 << 20)]
+        _log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    else:
+        shapes = [(16, 256), (4, 1024)]
+        _log("no CUDA device: tiny sizes, every path runs the PyTorch reference (timings are not kernel timings)")
+    if cuda and args.sweep:
+        _sweep_tiles()
+    rows = []
+    for BH, n in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            rows += run_case(BH, n, dtype, device, check_grads=BH * n <= TOTAL)
+    print(_table(rows), flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "copy_bw": COPY_BW}
+    with open(os.path.join(args.out, "scan.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    _log(f"json: {os.path.join(args.out, 'scan.json')}")
+    _plot(rows, os.path.join(args.out, "scan.png"))
+    if not args.no_chunked:
+        try:
+            chunked = importlib.import_module("bench.scan_chunked")
+        except ModuleNotFoundError as e:
+            if e.name != "bench.scan_chunked":
+                raise
+            return
+        chunked.main(rest)
