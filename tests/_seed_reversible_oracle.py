@@ -131,6 +131,18 @@ def grads_of(loss, tensors):
     return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, gs)]
 
 
+def backward_grads(loss, tensors):
+    """Gradients through ``loss.backward()`` (what the seeds fill in as a side effect), read from
+    ``.grad`` (zeros where none) and cleared again."""
+    for t in tensors:
+        t.grad = None
+    loss.backward()
+    out = [torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in tensors]
+    for t in tensors:
+        t.grad = None
+    return out
+
+
 def rel_err(a, b):
     scale = b.abs().max().item()
     return (a - b).abs().max().item() / (scale if scale > 0 else 1.0)

@@ -4,7 +4,7 @@ import torch
 
 import reversible
 from _seed_reversible import SeedReversibleSequence
-from _seed_reversible_oracle import Fn, assert_close_all, grads_of, oracle_sequence, rel_err
+from _seed_reversible_oracle import Fn, assert_close_all, backward_grads, grads_of, oracle_sequence, rel_err
 
 D = 32
 
@@ -19,7 +19,7 @@ def _autocast_grads(make_net, pairs, x, w, seed):
     torch.manual_seed(seed)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = net(x)
-    return grads_of((y.float() * w).sum(), tensors)
+    return backward_grads((y.float() * w).sum(), tensors)
 
 
 def test_bf16_autocast_recomputation_replays_autocast(_seed):
@@ -39,7 +39,7 @@ def test_bf16_autocast_recomputation_replays_autocast(_seed):
     err_seed = max(rel_err(a, b) for a, b in zip(seed, want))
     print(f"bf16 autocast grad error vs oracle: ours {err_ours:.2e}, seed {err_seed:.2e}")
     assert err_ours <= 2e-3, err_ours
-    assert err_seed > 1e-2, f"the seed's behaviour should be visibly wrong here, got {err_seed:.2e}"
+    assert err_seed > 2e-3, f"the seed's behaviour should be visibly wrong here, got {err_seed:.2e}"
 
 
 def test_two_forwards_before_one_backward_replay_their_own_masks(_seed):
@@ -53,7 +53,7 @@ def test_two_forwards_before_one_backward_replay_their_own_masks(_seed):
         torch.manual_seed(_seed)
         ya = net(xa)
         yb = net(xb)  # e.g. gradient accumulation / a shared block used twice
-        return grads_of((ya * ya).sum() + (yb * 3).sum(), tensors)
+        return backward_grads((ya * ya).sum() + (yb * 3).sum(), tensors)
 
     torch.manual_seed(_seed)
     ya, yb = oracle_sequence(pairs, xa), oracle_sequence(pairs, xb)
