@@ -152,18 +152,27 @@ class ReversibleSequence(nn.Module):
         self.preserve_rng_state = preserve_rng_state
         self.input_mode = input_mode
 
-    def couplings(self, kwargs: Mapping[str, Any], keys: Sequence[str] | None = None) -> list[Coupling]:
-        """The steps of one call: routed kwargs, layer dropout applied (while training)."""
-        routed = route_args(self.args_route, kwargs, len(self.blocks), default=self.default_route)
+    def couplings(self, kwargs: Mapping[str, Any], keys: Sequence[str] | None = None, *,
+                  default_route: Route | None | str = "module") -> list[Coupling]:
+        """The steps of one call: routed kwargs, layer dropout applied (while training).
+
+        ``default_route`` overrides the module's for this call (``"module"``: keep it)."""
+        default = self.default_route if isinstance(default_route, str) else default_route
+        routed = route_args(self.args_route, kwargs, len(self.blocks), default=default)
         layers = list(zip(self.blocks, routed))
         if self.training and self.layer_dropout > 0:
             layers = layer_drop(layers, self.layer_dropout)
         return [c for block, (f_args, g_args) in layers for c in block.couplings(f_args, g_args, keys)]
 
     def forward(self, x: Stream, **kwargs: Any) -> Stream:
+        """Run the stack on ``x`` (a tensor, or a dict of tensors); ``kwargs`` are routed to f / g."""
+        return self._run(x, kwargs)
+
+    def _run(self, x: Stream, kwargs: Mapping[str, Any], default_route: Route | None | str = "module") -> Stream:
         keys = _keys(x)
         inputs = [x[k] for k in keys] if keys is not None else [x]
-        outs = run_couplings(inputs, self.couplings(kwargs, keys), dims=self.dim, merge=self.merge,
+        couplings = self.couplings(kwargs, keys, default_route=default_route)
+        outs = run_couplings(inputs, couplings, dims=self.dim, merge=self.merge,
                              input_mode=self.input_mode, stream_dtype=self.stream_dtype,
                              preserve_rng_state=self.preserve_rng_state, reversible=self.reversible)
         return dict(zip(keys, outs)) if keys is not None else outs[0]
