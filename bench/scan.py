@@ -115,8 +115,20 @@ def _impls(q, k, v, a_re, a_im):
     return impls
 
 
+def _time_graph(fn: Callable, grad_to_none=None) -> float:
+    """Median milliseconds of CUDA-graph replays of ``fn``: device time without host overhead (NaN if
+    ``fn`` cannot be captured)."""
+    import triton.testing
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - capture is not supported by every peer
+        _log(f"graph capture failed: {type(e).__name__}: {str(e)[:120]}")
+        torch.cuda.synchronize()
+        return float("nan")
+
+
 def _time(fn: Callable, cuda: bool, grad_to_none=None) -> float:
-    """Median milliseconds."""
+    """Median milliseconds (``do_bench``: events around each call, host overhead included)."""
     if cuda:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
@@ -164,6 +176,9 @@ def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool
                 torch.autograd.backward(fwd(*inputs), gout)
             row["fwdbwd_ms"] = _time(step, cuda, grad_to_none=inputs)
             if cuda:
+                with torch.no_grad():
+                    row["graph_fwd_ms"] = _time_graph(lambda: fwd(*inputs))
+                row["graph_fwdbwd_ms"] = _time_graph(step, grad_to_none=inputs)
                 for t in inputs:
                     t.grad = None
                 torch.cuda.synchronize()
@@ -179,26 +194,34 @@ def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool
                 row[f"{key}_GBps"] = nbytes / (row[f"{key}_ms"] * 1e-3) / 1e9
                 row[f"{key}_floor_ms"] = nbytes / COPY_BW * 1e3
                 row[f"{key}_frac_floor"] = row[f"{key}_floor_ms"] / row[f"{key}_ms"]
+                if f"graph_{key}_ms" in row:
+                    row[f"graph_{key}_frac_floor"] = row[f"{key}_floor_ms"] / row[f"graph_{key}_ms"]
         except torch.cuda.OutOfMemoryError:
             row["error"] = "out of memory"
             torch.cuda.empty_cache()
         rows.append(row)
         _log(f"{name:18s} BH={BH:5d} n={n:8d} {row['dtype']:8s} " +
-             (f"fwd {row['fwd_ms']:.4f} ms  fwd+bwd {row['fwdbwd_ms']:.4f} ms" if "fwd_ms" in row else row["error"]))
+             (f"fwd {row['fwd_ms']:.4f} ms  fwd+bwd {row['fwdbwd_ms']:.4f} ms  graph: fwd "
+              f"{row.get('graph_fwd_ms', float('nan')):.4f} fwd+bwd {row.get('graph_fwdbwd_ms', float('nan')):.4f}"
+              if "fwd_ms" in row else row["error"]))
     return rows
 
 
 def _table(rows: list[dict]) -> str:
-    head = (f"{'impl':18s} {'BH':>6s} {'n':>8s} {'dtype':8s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd GB/s':>9s} "
-            f"{'f+b GB/s':>9s} {'fwd/flr':>7s} {'f+b/flr':>7s} {'peak MB':>8s} {'err':>8s}")
+    head = (f"{'impl':18s} {'BH':>6s} {'n':>8s} {'dtype':8s} {'fwd ms':>8s} {'f+b ms':>8s} {'g.fwd':>8s} "
+            f"{'g.f+b':>8s} {'fwd GB/s':>9s} {'f+b GB/s':>9s} {'flr/fwd':>7s} {'flr/f+b':>7s} {'flr/g.f':>7s} "
+            f"{'flr/g.fb':>8s} {'peak MB':>8s} {'err':>8s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if "fwd_ms" not in r:
             lines.append(f"{r['impl']:18s} {r['BH']:6d} {r['n']:8d} {r['dtype']:8s} {r.get('error', '')}")
             continue
+        nan = float("nan")
         lines.append(f"{r['impl']:18s} {r['BH']:6d} {r['n']:8d} {r['dtype']:8s} {r['fwd_ms']:8.4f} "
-                     f"{r['fwdbwd_ms']:8.4f} {r['fwd_GBps']:9.0f} {r['fwdbwd_GBps']:9.0f} {r['fwd_frac_floor']:7.2f} "
-                     f"{r['fwdbwd_frac_floor']:7.2f} {r.get('peak_extra_MB', float('nan')):8.1f} "
+                     f"{r['fwdbwd_ms']:8.4f} {r.get('graph_fwd_ms', nan):8.4f} {r.get('graph_fwdbwd_ms', nan):8.4f} "
+                     f"{r['fwd_GBps']:9.0f} {r['fwdbwd_GBps']:9.0f} {r['fwd_frac_floor']:7.2f} "
+                     f"{r['fwdbwd_frac_floor']:7.2f} {r.get('graph_fwd_frac_floor', nan):7.2f} "
+                     f"{r.get('graph_fwdbwd_frac_floor', nan):8.2f} {r.get('peak_extra_MB', nan):8.1f} "
                      f"{max(r['rel_err_fwd'], r.get('rel_err_grads', 0.0)):8.1e}")
     return "\n".join(lines)
 
@@ -247,12 +270,58 @@ def _sweep_tiles() -> None:
     ew.TILE, ew.WARPS_FWD, ew.WARPS_BWD = saved
 
 
+def _profile() -> None:
+    """Host overhead of each layer of our call (tiny problem, device idle) and per-kernel device times
+    at (4096, 2048) float32 (``torch.profiler``)."""
+    q, k, v, a_re, a_im = _make(32, 64, torch.float32, "cuda", 1)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)]
+
+    def host_us(fn: Callable, reps: int = 200) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / reps * 1e6
+    with torch.no_grad():
+        _log(f"host: empty torch op {host_us(lambda: torch.empty(1, device='cuda')):.1f} us, "
+             f"scan_forward {host_us(lambda: ew.scan_forward(q, k, v, a_re, a_im)):.1f} us, "
+             f"op (no grad) {host_us(lambda: ew.elementwise_scan(q, k, v, a_re, a_im, None, None)):.1f} us")
+    _, _, _, car = ew.scan_forward(q, k, v, a_re, a_im)
+    _log(f"host: scan_backward {host_us(lambda: ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, car)):.1f} us, "
+         f"op fwd+bwd {host_us(lambda: ew.elementwise_scan(*leaves, None, None)[0].sum().backward()):.1f} us")
+    from torch.profiler import ProfilerActivity, profile
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v, a_re, a_im = _make(4096, 2048, dtype, "cuda", 4)
+        for name, (setup, fwd) in _impls(q, k, v, a_re, a_im).items():
+            if "seed" in name:
+                continue
+            inputs = setup()
+            gout = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+            for _ in range(3):
+                torch.autograd.backward(fwd(*inputs), gout)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    torch.autograd.backward(fwd(*inputs), gout)
+                torch.cuda.synchronize()
+            total = 0.0
+            for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
+                if ev.device_time_total <= 0:
+                    continue
+                total += ev.device_time_total / 10
+                _log(f"  {name} {str(dtype)[6:]}: {ev.device_time_total / 10:8.1f} us/iter  x{ev.count // 10}  {ev.key[:90]}")
+            _log(f"  {name} {str(dtype)[6:]}: device total {total:.1f} us per fwd+bwd")
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m bench scan", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="only the two headline shapes")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
     p.add_argument("--sweep", action="store_true", help="also sweep tile sizes of our kernel")
     p.add_argument("--no-chunked", action="store_true", help="skip bench.scan_chunked")
+    p.add_argument("--profile", action="store_true", help="host overheads and per-kernel device times first")
     args, rest = p.parse_known_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -264,6 +333,8 @@ def main(argv: list[str]) -> None:
     else:
         shapes = [(16, 256), (4, 1024)]
         _log("no CUDA device: tiny sizes, every path runs the PyTorch reference (timings are not kernel timings)")
+    if cuda and args.profile:
+        _profile()
     if cuda and args.sweep:
         _sweep_tiles()
     rows = []

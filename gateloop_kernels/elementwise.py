@@ -310,9 +310,9 @@ def _segments(n: int, block_t: int) -> int:
 
 
 def carries_numel(B: int, n: int, C: int, stride_n: int, stride_c: int) -> int:
-    """Number of int64 words of the forward's saved inclusive states (``carries``)."""
+    """Number of int64 words of the forward's ``carries`` buffer (look-back words and ticket)."""
     block_t, _, _ = tile_config(n, C, stride_n, stride_c)
-    return _segments(n, block_t) * B * C * 2
+    return _segments(n, block_t) * B * C * 6 + 1
 
 
 def _strided_like(x: Tensor, ref: Tensor) -> Tensor:
@@ -358,25 +358,29 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
         a_im = _strided_like(a_im, a_re)
     complex_gate = a_im is not None
     dev = q.device
-    hT_re = torch.zeros((B, C), dtype=torch.float32, device=dev)
-    hT_im = torch.zeros((B, C) if complex_gate else (0,), dtype=torch.float32, device=dev)
+    hT_re = torch.empty((B, C), dtype=torch.float32, device=dev)
+    hT_im = torch.empty((B, C) if complex_gate else (0,), dtype=torch.float32, device=dev)
     o = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev)
     block_t, block_c, warps = block or tile_config(n, C, q.stride(1), q.stride(2))
     nseg = _segments(n, block_t)
-    carries = torch.zeros(nseg * B * C * 2, dtype=torch.int64, device=dev)
+    # one zeroed buffer: inclusive states (kept for the backward) | aggregates | ticket
+    carries = torch.zeros(nseg * B * C * 6 + 1, dtype=torch.int64, device=dev)
     if n == 0 or B * C == 0:
         if h0_re is not None:
             hT_re.copy_(h0_re)
             if complex_gate:
                 hT_im.copy_(h0_im)
+        else:
+            hT_re.zero_()
+            hT_im.zero_()
         return o, hT_re, hT_im, carries
     ncb = -(-C // block_c)
-    ws = torch.zeros(nseg * B * C * 4 + 1, dtype=torch.int64, device=dev)
-    h0r = (h0_re.contiguous() if h0_re is not None else hT_re)
-    h0i = (h0_im.contiguous() if (h0_im is not None and complex_gate) else hT_re)
+    n_inc = nseg * B * C * 2
+    h0r = h0_re.contiguous() if h0_re is not None else hT_re
+    h0i = h0_im.contiguous() if (h0_im is not None and complex_gate) else hT_re
     _fwd_kernel[(nseg * B * ncb,)](
         q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
-        o, hT_re, hT_im if complex_gate else hT_re, ws[1:], carries, ws[:1].view(torch.int32),
+        o, hT_re, hT_im if complex_gate else hT_re, carries[n_inc:], carries, carries[-1:].view(torch.int32),
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=h0_re is not None, num_warps=warps)
@@ -415,13 +419,12 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     da_re = like_q(a_re.dtype)
     da_im = like_q(a_im.dtype) if complex_gate else None
     has_h0 = h0_re is not None
-    dh0_re = torch.zeros((B, C), dtype=torch.float32, device=dev) if has_h0 else None
-    dh0_im = torch.zeros((B, C), dtype=torch.float32, device=dev) if (has_h0 and complex_gate) else None
+    dh0_re = torch.empty((B, C), dtype=torch.float32, device=dev) if has_h0 else None
+    dh0_im = torch.empty((B, C), dtype=torch.float32, device=dev) if (has_h0 and complex_gate) else None
     if n == 0 or B * C == 0:
-        if has_h0 and dhT_re is not None:
-            dh0_re.copy_(dhT_re)
-            if complex_gate and dhT_im is not None:
-                dh0_im.copy_(dhT_im)
+        for dh0, dhT in ((dh0_re, dhT_re), (dh0_im, dhT_im)):
+            if dh0 is not None:
+                dh0.copy_(dhT) if dhT is not None else dh0.zero_()
         return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
     block_t, block_c, warps = block or tile_config(n, C, q.stride(1), q.stride(2), backward=True)
     nseg = _segments(n, block_t)
