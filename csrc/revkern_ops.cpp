@@ -286,52 +286,93 @@ void reconstruct_multi_meta(at::TensorList ys, at::TensorList fys, at::TensorLis
   validate("reconstruct_multi_", dys, grads);
 }
 
-// ADInplaceOrView: bump the version counters of the mutated arguments (tensors and tensor lists),
-// as ATen's in-place ops do, so autograd notices if a tensor it saved was changed.
-void bump_versions_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  const auto& schema = op.schema();
-  const size_t nargs = schema.arguments().size();
-  const size_t start = stack->size() - nargs;
-  std::vector<at::Tensor> mutated;
-  for (size_t i = 0; i < nargs; ++i) {
-    if (!schema.is_mutable({c10::SchemaArgType::input, i})) continue;
-    const c10::IValue& iv = (*stack)[start + i];
-    if (iv.isTensor()) {
-      mutated.push_back(iv.toTensor());
-    } else if (iv.isTensorList()) {
-      for (const at::Tensor& t : iv.toTensorVector()) mutated.push_back(t);
-    }
-  }
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
-  }
-  for (const at::Tensor& t : mutated) {
-    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+// Autograd and ADInplaceOrView kernels (unboxed: these sit on every call's path).
+//  * Autograd: the ops are not differentiable (they are meant for no-grad regions: the reversible
+//    backward and forward); refuse grad-requiring inputs in grad mode rather than silently cutting
+//    the graph, and pass everything else on.
+//  * ADInplaceOrView: bump the version counters of the mutated arguments, as ATen's in-place ops
+//    do, so autograd notices if a tensor it saved was changed.
+using Op4 = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using Op2 = void(const at::Tensor&, const at::Tensor&);
+using OpL = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+void no_grad_check(const char* op, std::initializer_list<const at::Tensor*> ts) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const at::Tensor* t : ts) {
+    TORCH_CHECK(!(t->defined() && t->requires_grad()), op,
+                " is not differentiable: call it under torch.no_grad() (an argument requires grad)");
   }
 }
 
-// Autograd: the ops are not differentiable (they are meant for no-grad regions: the reversible
-// backward and forward); refuse grad-requiring inputs in grad mode rather than silently cutting
-// the graph, and pass everything else on (through ADInplaceOrView, which bumps the versions).
-void autograd_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::jit::Stack* stack) {
-  if (at::GradMode::is_enabled()) {
-    const size_t nargs = op.schema().arguments().size();
-    const size_t start = stack->size() - nargs;
-    for (size_t i = 0; i < nargs; ++i) {
-      const c10::IValue& iv = (*stack)[start + i];
-      bool rg = false;
-      if (iv.isTensor()) {
-        rg = iv.toTensor().requires_grad();
-      } else if (iv.isTensorList()) {
-        for (const at::Tensor& t : iv.toTensorVector()) rg = rg || (t.defined() && t.requires_grad());
-      }
-      TORCH_CHECK(!rg, op.schema().name(), " is not differentiable: call it under torch.no_grad() ",
-                  "(argument ", i, " requires grad)");
-    }
+void no_grad_check_list(const char* op, at::TensorList ts) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const at::Tensor& t : ts) {
+    TORCH_CHECK(!(t.defined() && t.requires_grad()), op,
+                " is not differentiable: call it under torch.no_grad() (an argument requires grad)");
   }
+}
+
+void bump(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+void coupling_add_autograd(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& fx) {
+  no_grad_check("revkern::coupling_add_", {&x, &fx});
+  static const auto op = handle<Op2>("revkern::coupling_add_");
   at::AutoDispatchBelowAutograd guard;
-  op.redispatchBoxed(ks & c10::after_autograd_keyset, stack);
+  op.redispatch(ks & c10::after_autograd_keyset, x, fx);
+}
+
+void reconstruct_autograd(c10::DispatchKeySet ks, const at::Tensor& y, const at::Tensor& fy, const at::Tensor& dy,
+                          const at::Tensor& grad) {
+  no_grad_check("revkern::reconstruct_", {&y, &fy, &dy, &grad});
+  static const auto op = handle<Op4>("revkern::reconstruct_");
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatch(ks & c10::after_autograd_keyset, y, fy, dy, grad);
+}
+
+void reconstruct_multi_autograd(c10::DispatchKeySet ks, at::TensorList ys, at::TensorList fys, at::TensorList dys,
+                                at::TensorList grads) {
+  for (at::TensorList l : {ys, fys, dys, grads}) no_grad_check_list("revkern::reconstruct_multi_", l);
+  static const auto op = handle<OpL>("revkern::reconstruct_multi_");
+  at::AutoDispatchBelowAutograd guard;
+  op.redispatch(ks & c10::after_autograd_keyset, ys, fys, dys, grads);
+}
+
+void coupling_add_inplace(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& fx) {
+  static const auto op = handle<Op2>("revkern::coupling_add_");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, x, fx);
+  }
+  bump(x);
+}
+
+void reconstruct_inplace(c10::DispatchKeySet ks, const at::Tensor& y, const at::Tensor& fy, const at::Tensor& dy,
+                         const at::Tensor& grad) {
+  static const auto op = handle<Op4>("revkern::reconstruct_");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, y, fy, dy, grad);
+  }
+  bump(y);
+  bump(dy);
+}
+
+void reconstruct_multi_inplace(c10::DispatchKeySet ks, at::TensorList ys, at::TensorList fys, at::TensorList dys,
+                               at::TensorList grads) {
+  static const auto op = handle<OpL>("revkern::reconstruct_multi_");
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatch(ks & c10::after_ADInplaceOrView_keyset, ys, fys, dys, grads);
+  }
+  for (const at::Tensor& t : ys) bump(t);
+  for (const at::Tensor& t : dys) bump(t);
 }
 
 }  // namespace
@@ -356,15 +397,15 @@ TORCH_LIBRARY_IMPL(revkern, Meta, m) {
 }
 
 TORCH_LIBRARY_IMPL(revkern, ADInplaceOrView, m) {
-  m.impl("coupling_add_", torch::CppFunction::makeFromBoxedFunction<&revkern::bump_versions_boxed>());
-  m.impl("reconstruct_", torch::CppFunction::makeFromBoxedFunction<&revkern::bump_versions_boxed>());
-  m.impl("reconstruct_multi_", torch::CppFunction::makeFromBoxedFunction<&revkern::bump_versions_boxed>());
+  m.impl("coupling_add_", &revkern::coupling_add_inplace);
+  m.impl("reconstruct_", &revkern::reconstruct_inplace);
+  m.impl("reconstruct_multi_", &revkern::reconstruct_multi_inplace);
 }
 
 TORCH_LIBRARY_IMPL(revkern, Autograd, m) {
-  m.impl("coupling_add_", torch::CppFunction::makeFromBoxedFunction<&revkern::autograd_boxed>());
-  m.impl("reconstruct_", torch::CppFunction::makeFromBoxedFunction<&revkern::autograd_boxed>());
-  m.impl("reconstruct_multi_", torch::CppFunction::makeFromBoxedFunction<&revkern::autograd_boxed>());
+  m.impl("coupling_add_", &revkern::coupling_add_autograd);
+  m.impl("reconstruct_", &revkern::reconstruct_autograd);
+  m.impl("reconstruct_multi_", &revkern::reconstruct_multi_autograd);
 }
 
 #ifdef REVKERN_PYTHON_MODULE

@@ -10,8 +10,8 @@ Order of attempts, on first use (not at import):
    CUDA sources are included when torch has CUDA, a GPU is visible and nvcc is found;
 3. otherwise the pure-PyTorch bodies in ``reversible._inplace`` run, after ONE warning.
 
-``REVERSIBLE_EXTENSION=0`` (or ``off``/``false``/``pytorch``) forces the PyTorch path;
-:func:`set_enabled` / :func:`use_extension` switch it at run time (tests compare on/off).
+``REVERSIBLE_EXTENSION=0`` (or ``off``/``false``/``pytorch``; read at import) forces the PyTorch
+path; :func:`set_enabled` / :func:`use_extension` switch it at run time (tests compare on/off).
 ``REVERSIBLE_EXTENSION_JIT=0`` skips step 2.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-__all__ = ["extension_info", "ops", "set_enabled", "use_extension", "load"]
+__all__ = ["extension_info", "ops", "live_devices", "set_enabled", "use_extension", "load"]
 
 _OPS = ("coupling_add_", "reconstruct_", "reconstruct_multi_")
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -40,15 +40,22 @@ _state: dict[str, Any] = {
     "build_seconds": None,
     "warned": False,
 }
-_enabled: bool | None = None  # None: follow REVERSIBLE_EXTENSION
+_enabled: bool | None = None  # None: follow REVERSIBLE_EXTENSION (read at import and by set_enabled(None))
+# Hot-path cache for reversible._inplace: the device types the extension is live for right now
+# (empty when forced off or unavailable); None until resolved (first use, or after a switch).
+_fast: frozenset | None = None
+_OVERLOADS: dict[str, Any] = {}
 
 
 def _env_enabled() -> bool:
     return os.environ.get("REVERSIBLE_EXTENSION", "1").strip().lower() not in ("0", "off", "false", "no", "pytorch")
 
 
+_env_on = _env_enabled()
+
+
 def _is_enabled() -> bool:
-    return _env_enabled() if _enabled is None else _enabled
+    return _env_on if _enabled is None else _enabled
 
 
 def _registered() -> bool:
@@ -159,27 +166,45 @@ def ops():
         warnings.warn(
             f"reversible: C++/CUDA extension unavailable, using the PyTorch path ({_state['reason']})",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return None
 
 
+def live_devices() -> frozenset:
+    """Device types ("cpu", "cuda") the extension's kernels serve right now (empty: PyTorch path).
+
+    Cached; the first call loads the extension (and warns once if it is unavailable)."""
+    global _fast
+    if _fast is None:
+        o = ops()
+        if o is not None:
+            _OVERLOADS.update({name: getattr(o, name).default for name in _OPS})
+            _fast = frozenset(_state["devices"])
+        else:
+            _fast = frozenset()
+    return _fast
+
+
 def set_enabled(enabled: bool | None) -> None:
-    """Force the extension on (True) or off (False, the PyTorch path); None follows the env var."""
-    global _enabled
+    """Force the extension on (True) or off (False, the PyTorch path); None re-reads the env var."""
+    global _enabled, _fast, _env_on
     _enabled = enabled
+    if enabled is None:
+        _env_on = _env_enabled()
+    _fast = None
 
 
 @contextlib.contextmanager
 def use_extension(enabled: bool) -> Iterator[None]:
     """Context manager: run the block with the extension on or off."""
-    global _enabled
+    global _enabled, _fast
     old = _enabled
-    _enabled = enabled
+    _enabled, _fast = enabled, None
     try:
         yield
     finally:
-        _enabled = old
+        _enabled, _fast = old, None
 
 
 def extension_info(load_now: bool = True) -> dict[str, Any]:

@@ -20,33 +20,24 @@ from . import _extension
 
 __all__ = ["coupling_add_", "reconstruct_", "reconstruct_multi_"]
 
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_FLOATS = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
+_ops = _extension._OVERLOADS  # op name -> torch.ops.revkern.<name>.default, filled on first use
 
 
-def _ext(tensors: Sequence[Tensor], pairs: Sequence[tuple[Tensor, Tensor]]):
-    """The extension's op namespace if it can take these tensors, else None."""
-    ops = _extension.ops()
-    if ops is None:
-        return None
-    dev = tensors[0].device
-    if dev.type not in _extension._state["devices"]:
-        return None
-    for t in tensors:
-        if t.device != dev or t.dtype not in _FLOATS:
-            return None
-    for d, s in pairs:
-        if d.shape != s.shape:  # broadcasting: leave it to ATen
-            return None
-    return ops
+def _live(t: Tensor) -> bool:
+    """True if the extension serves t's device (the hot path: one cached lookup)."""
+    devs = _extension._fast
+    if devs is None:
+        devs = _extension.live_devices()
+    return bool(devs) and t.device.type in devs
 
 
 def coupling_add_(x: Tensor, fx: Tensor) -> Tensor:
     """Forward coupling in place: ``x += fx``; returns ``x`` (same storage)."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or fx.requires_grad)):
-        ops = _ext((x, fx), ((x, fx),))
-        if ops is not None:
-            ops.coupling_add_(x, fx)
-            return x
+    if (_live(x) and x.shape == fx.shape and x.dtype in _FLOATS and fx.dtype in _FLOATS
+            and not (torch.is_grad_enabled() and (x.requires_grad or fx.requires_grad))):
+        _ops["coupling_add_"](x, fx)
+        return x
     return x.add_(fx)
 
 
@@ -57,9 +48,9 @@ def reconstruct_(y: Tensor, fy: Tensor, dy: Tensor, grad: Tensor) -> None:
     strided views (a half of a split activation / gradient buffer).
     """
     with torch.no_grad():
-        ops = _ext((y, fy, dy, grad), ((y, fy), (dy, grad)))
-        if ops is not None:
-            ops.reconstruct_(y, fy, dy, grad)
+        if (_live(y) and y.shape == fy.shape and dy.shape == grad.shape and y.dtype in _FLOATS
+                and fy.dtype in _FLOATS and dy.dtype in _FLOATS and grad.dtype in _FLOATS):
+            _ops["reconstruct_"](y, fy, dy, grad)
             return
         y.sub_(fy)
         dy.add_(grad)
@@ -73,9 +64,10 @@ def reconstruct_multi_(ys: Sequence[Tensor], fys: Sequence[Tensor], dys: Sequenc
     if not ys:
         return
     with torch.no_grad():
-        ops = _ext((*ys, *fys, *dys, *grads), (*zip(ys, fys), *zip(dys, grads)))
-        if ops is not None:
-            ops.reconstruct_multi_(list(ys), list(fys), list(dys), list(grads))
+        if _live(ys[0]) and all(
+                y.shape == fy.shape and dy.shape == g.shape and y.dtype in _FLOATS and fy.dtype in _FLOATS
+                and dy.dtype in _FLOATS and g.dtype in _FLOATS for y, fy, dy, g in zip(ys, fys, dys, grads)):
+            _ops["reconstruct_multi_"](list(ys), list(fys), list(dys), list(grads))
             return
         for y, fy, dy, g in zip(ys, fys, dys, grads):
             y.sub_(fy)

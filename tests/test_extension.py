@@ -232,6 +232,7 @@ def test_unavailable_extension_warns_once(monkeypatch):
     state.update(tried=True, loaded=False, warned=False, reason="simulated: no compiler")
     monkeypatch.setattr(_extension, "_state", state)
     monkeypatch.setattr(_extension, "_enabled", True)
+    monkeypatch.setattr(_extension, "_fast", None)
     y, fy, dy, g = (torch.randn(3, 4) for _ in range(4))
     want = _ref_reconstruct(y, fy, dy, g)
     with warnings.catch_warnings(record=True) as rec:

@@ -1,0 +1,148 @@
+"""A faithful port of the seeds' reversible stack (h-transformer-1d's ``reversible.py``, seed 001),
+used only as the benchmark's baseline. Its behaviour is kept as the seed has it, bugs included:
+
+* the RNG state is recorded on the module (``Deterministic``), not per call;
+* the recomputation in backward runs in whatever autocast state the autograd engine has
+  (none), so under ``torch.autocast`` the forward runs in bf16 and the recomputation in fp32;
+* every block's backward allocates new tensors (``y2 - gy1``, ``dy1 + y1.grad``) and two
+  ``torch.cat`` of the full width;
+* parameter gradients are accumulated inside the Function's backward.
+
+Split dim: the last one (the seed's ``dim=2`` for ``(batch, seq, features)`` inputs). The output
+merges the two halves by summing them, as the seed's ``ReversibleSequence`` does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import Function
+from torch.utils.checkpoint import get_device_states, set_device_states
+
+__all__ = ["SeedReversibleSequence", "seed_reconstruction_error"]
+
+
+class _Deterministic(nn.Module):
+    """Wraps a module; records the RNG state at forward (on the module) and replays it."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.cpu_state = None
+        self.cuda_in_fwd = None
+        self.gpu_devices = None
+        self.gpu_states = None
+
+    def record_rng(self, *args):
+        self.cpu_state = torch.get_rng_state()
+        if torch.cuda._initialized:
+            self.cuda_in_fwd = True
+            self.gpu_devices, self.gpu_states = get_device_states(*args)
+
+    def forward(self, *args, record_rng=False, set_rng=False, **kwargs):
+        if record_rng:
+            self.record_rng(*args)
+        if not set_rng:
+            return self.net(*args, **kwargs)
+        devices = self.gpu_devices if self.cuda_in_fwd else []
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda_in_fwd:
+                set_device_states(self.gpu_devices, self.gpu_states)
+            return self.net(*args, **kwargs)
+
+
+class _SeedBlock(nn.Module):
+    def __init__(self, f: nn.Module, g: nn.Module):
+        super().__init__()
+        self.f = _Deterministic(f)
+        self.g = _Deterministic(g)
+
+    def forward(self, x):
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        with torch.no_grad():
+            y1 = x1 + self.f(x2, record_rng=self.training)
+            y2 = x2 + self.g(y1, record_rng=self.training)
+        return torch.cat([y1, y2], dim=-1)
+
+    def backward_pass(self, y, dy):
+        y1, y2 = torch.chunk(y, 2, dim=-1)
+        del y
+        dy1, dy2 = torch.chunk(dy, 2, dim=-1)
+        del dy
+
+        with torch.enable_grad():
+            y1.requires_grad = True
+            gy1 = self.g(y1, set_rng=True)
+            torch.autograd.backward(gy1, dy2)
+
+        with torch.no_grad():
+            x2 = y2 - gy1
+            del y2, gy1
+            dx1 = dy1 + y1.grad
+            del dy1
+            y1.grad = None
+
+        with torch.enable_grad():
+            x2.requires_grad = True
+            fx2 = self.f(x2, set_rng=True)
+            torch.autograd.backward(fx2, dx1, retain_graph=True)
+
+        with torch.no_grad():
+            x1 = y1 - fx2
+            del y1, fx2
+            dx2 = dy2 + x2.grad
+            del dy2
+            x2.grad = None
+            x = torch.cat([x1, x2.detach()], dim=-1)
+            dx = torch.cat([dx1, dx2], dim=-1)
+        return x, dx
+
+
+class _SeedFunction(Function):
+    @staticmethod
+    def forward(ctx, x, blocks):
+        for block in blocks:
+            x = block(x)
+        ctx.y = x.detach()
+        ctx.blocks = blocks
+        return x
+
+    @staticmethod
+    def backward(ctx, dy):
+        y = ctx.y
+        for block in ctx.blocks[::-1]:
+            y, dy = block.backward_pass(y, dy)
+        return dy, None
+
+
+class SeedReversibleSequence(nn.Module):
+    """``blocks``: a list of ``(f, g)`` module pairs. ``forward(x)`` with ``x: (..., d)``."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = nn.ModuleList([_SeedBlock(f, g) for f, g in blocks])
+
+    def forward(self, x):
+        x = torch.cat([x, x], dim=-1)
+        out = _SeedFunction.apply(x, self.blocks)
+        return torch.stack(out.chunk(2, dim=-1)).sum(dim=0)
+
+
+@torch.no_grad()
+def seed_reconstruction_error(model: SeedReversibleSequence, x: torch.Tensor, autocast_dtype=None) -> float:
+    """What the seed's backward reconstructs: forward under ``autocast_dtype`` (if any), the inverse
+    outside autocast (as its backward runs). Largest abs error relative to ``max |x|``."""
+    x = torch.cat([x, x], dim=-1)
+    ref = x.double()
+    ctx = torch.autocast(x.device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(
+        x.device.type, enabled=False)
+    with ctx:
+        y = x
+        for blk in model.blocks:
+            y = blk(y)
+    for blk in reversed(model.blocks):
+        y1, y2 = torch.chunk(y, 2, dim=-1)
+        x2 = y2 - blk.g(y1, set_rng=True)
+        x1 = y1 - blk.f(x2, set_rng=True)
+        y = torch.cat([x1, x2], dim=-1)
+    return ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()

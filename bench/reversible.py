@@ -1,0 +1,503 @@
+"""Reversible stack benchmark: memory and time vs depth, reconstruction error, fused-op microbenchmark.
+
+``python -m bench reversible [options]`` (or ``main(argv)``).
+
+A transformer-like stack of ``(f, g)`` pairs, f = pre-norm causal attention
+(``scaled_dot_product_attention``), g = pre-norm MLP (4x, GELU); default d_model 1024, 16 heads,
+seq 2048, batch 8, bf16 autocast, fp32 params, depths 4..64 (issue 6). Side by side, on the
+same parameters:
+
+* ``rev_ext``   this project's ``reversible.ReversibleSequence`` (merge="sum"), extension on;
+* ``rev_noext`` the same with the extension forced off (PyTorch in-place ops);
+* ``seed``      a faithful port of the seeds' reversible code (``bench/_seed_reversible.py``);
+* ``plain``     the residual stack ``x += f(x); x += g(x)`` with plain autograd;
+* ``ckpt``      the same with ``torch.utils.checkpoint`` per block (non-reentrant).
+
+Reported per (variant, depth): peak memory, activation memory (peak minus parameters,
+gradients and the input with its gradient), step time (forward + backward, median of
+``--steps``), time per block and the ratio to ``plain``. Per depth: reconstruction error of the
+input after a full inverse pass (ours vs the seed; fp32 and bf16 autocast). At the smallest depth:
+gradient error of ours and the seed against plain autograd of the same two-stream function.
+Microbenchmark: the fused in-place steps vs the PyTorch in-place ops vs the seed's out-of-place
+ops + ``torch.cat``, at the stack's sizes.
+
+Writes a table to stdout, JSON and (if matplotlib imports) a PNG to ``--out`` (bench/out/).
+On a machine without CUDA it runs a tiny config in seconds and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GiB = 1024 ** 3
+VARIANTS = ("rev_ext", "rev_noext", "seed", "plain", "ckpt")
+
+
+# ----------------------------------------------------------------------------- the model
+
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, mult: int = 4):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, mult * d)
+        self.fc2 = nn.Linear(mult * d, d)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class Residual(nn.Module):
+    """``x += f(x); x += g(x)`` per block, plain autograd or checkpointed per block."""
+
+    def __init__(self, pairs, checkpoint: bool = False):
+        super().__init__()
+        self.pairs = nn.ModuleList([nn.ModuleList(p) for p in pairs])
+        self.checkpoint = checkpoint
+
+    @staticmethod
+    def _block(f, g, x):
+        x = x + f(x)
+        return x + g(x)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        for f, g in self.pairs:
+            if self.checkpoint:
+                x = checkpoint(self._block, f, g, x, use_reentrant=False)
+            else:
+                x = self._block(f, g, x)
+        return x
+
+
+def make_pairs(depth: int, d: int, heads: int, device) -> list[tuple[nn.Module, nn.Module]]:
+    with torch.device(device):
+        return [(Attention(d, heads), MLP(d)) for _ in range(depth)]
+
+
+def make_model(variant: str, pairs):
+    import reversible
+    from bench._seed_reversible import SeedReversibleSequence
+
+    if variant in ("rev_ext", "rev_noext"):
+        return reversible.ReversibleSequence(pairs, dim=-1, merge="sum")
+    if variant == "seed":
+        return SeedReversibleSequence(pairs)
+    if variant == "plain":
+        return Residual(pairs)
+    if variant == "ckpt":
+        return Residual(pairs, checkpoint=True)
+    raise ValueError(variant)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+class _Timer:
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.a.record()
+        else:
+            self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.b.record()
+            self.b.synchronize()
+            self.ms = self.a.elapsed_time(self.b)
+        else:
+            self.ms = (time.perf_counter() - self.t) * 1e3
+
+
+def _ext_ctx(variant: str):
+    from reversible import _extension
+
+    return _extension.use_extension(variant != "rev_noext")
+
+
+def _autocast(device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure(variant: str, model: nn.Module, x: torch.Tensor, params: list[torch.Tensor], amp: bool,
+            steps: int, warmup: int) -> dict[str, Any]:
+    device = x.device
+    cuda = device.type == "cuda"
+    param_bytes = sum(p.numel() * p.element_size() for p in params)
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        with _autocast(device, amp):
+            y = model(x)
+        loss = y.float().square().mean()
+        loss.backward()
+
+    with _ext_ctx(variant):
+        try:
+            for _ in range(warmup):
+                step()
+            times = []
+            for p in params:
+                p.grad = None
+            x.grad = None
+            _free()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            for _ in range(steps):
+                with _Timer(device) as t:
+                    step()
+                times.append(t.ms)
+            out: dict[str, Any] = {"step_ms": statistics.median(times), "step_ms_all": [round(v, 3) for v in times]}
+            if cuda:
+                peak = torch.cuda.max_memory_allocated()
+                x_bytes = 2 * x.numel() * x.element_size()  # x and x.grad
+                out["peak_gib"] = peak / GiB
+                out["act_gib"] = (peak - base - param_bytes - x.numel() * x.element_size()) / GiB
+                out["fixed_gib"] = (base + param_bytes + x.numel() * x.element_size()) / GiB
+                out["x_gib"] = x_bytes / GiB
+        except torch.cuda.OutOfMemoryError as e:
+            out = {"error": f"OOM: {str(e).splitlines()[0]}"}
+        finally:
+            for p in params:
+                p.grad = None
+            x.grad = None
+            _free()
+    return out
+
+
+def grad_errors(pairs, x: torch.Tensor, amp: bool) -> dict[str, float]:
+    """Relative gradient error (max over tensors of ||g - g_ref|| / ||g_ref||) of ours and the
+    seed against plain autograd of the same two-stream function (ours with reversible=False)."""
+    import reversible
+    from bench._seed_reversible import SeedReversibleSequence
+
+    params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
+
+    def grads(model, seed=0):
+        torch.manual_seed(seed)
+        xx = x.detach().clone().requires_grad_()
+        with _autocast(x.device, amp):
+            y = model(xx)
+        gs = torch.autograd.grad(y.float().square().mean(), [xx, *params], allow_unused=True)
+        out = [g.float() if g is not None else None for g in gs]
+        for p in params:
+            p.grad = None
+        return out
+
+    def rel(a, b):
+        errs = []
+        for u, v in zip(a, b):
+            if v is None:
+                continue
+            u = torch.zeros_like(v) if u is None else u
+            errs.append(((u - v).norm() / v.norm().clamp_min(1e-30)).item())
+        return max(errs)
+
+    ref_model = reversible.ReversibleSequence(pairs, dim=-1, merge="sum")
+    ref_model.reversible = False
+    ref = grads(ref_model)
+    ours = grads(reversible.ReversibleSequence(pairs, dim=-1, merge="sum"))
+    # the seed accumulates parameter gradients inside its backward (not returned by autograd.grad)
+    seed_model = SeedReversibleSequence(pairs)
+    torch.manual_seed(0)
+    xx = x.detach().clone().requires_grad_()
+    with _autocast(x.device, amp):
+        y = seed_model(xx)
+    y.float().square().mean().backward()
+    seed = [xx.grad.float()] + [p.grad.float() if p.grad is not None else None for p in params]
+    for p in params:
+        p.grad = None
+    return {"ours": rel(ours, ref), "seed": rel(seed, ref)}
+
+
+def recon_errors(pairs, x: torch.Tensor) -> dict[str, float]:
+    import reversible
+    from bench._seed_reversible import SeedReversibleSequence, seed_reconstruction_error
+
+    ours = reversible.ReversibleSequence(pairs, dim=-1, merge="sum")
+    seed = SeedReversibleSequence(pairs)
+    out = {}
+    with torch.no_grad():
+        out["ours_fp32"] = reversible.reconstruction_error(ours, x)
+        with _autocast(x.device, True):
+            out["ours_bf16"] = reversible.reconstruction_error(ours, x)
+        out["seed_fp32"] = seed_reconstruction_error(seed, x)
+        out["seed_bf16"] = seed_reconstruction_error(seed, x, autocast_dtype=torch.bfloat16)
+    return out
+
+
+# ----------------------------------------------------------------------------- microbenchmark
+
+def _bench_ms(fn: Callable[[], None], device, iters: int) -> float:
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    with _Timer(device) as t:
+        for _ in range(iters):
+            fn()
+    return t.ms / iters
+
+
+def microbench(b: int, n: int, d: int, device, iters: int) -> list[dict[str, Any]]:
+    """One block's elementwise backward work (two half-steps) at the stack's sizes, three ways."""
+    from reversible import _extension, _inplace
+
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        buf = torch.randn(b, n, 2 * d, device=device, dtype=dtype)
+        gbuf = torch.randn(b, n, 2 * d, device=device, dtype=dtype)
+        fy = torch.randn(b, n, d, device=device, dtype=dtype)
+        g = torch.randn(b, n, d, device=device, dtype=dtype)
+        y1, y2 = buf.chunk(2, dim=-1)
+        d1, d2 = gbuf.chunk(2, dim=-1)
+
+        def fused():
+            _inplace.reconstruct_(y2, fy, d1, g)
+            _inplace.reconstruct_(y1, fy, d2, g)
+
+        def seed_like():  # the seeds: out-of-place sub/add per half-step, two cats per block
+            x2 = y2 - fy
+            dx1 = d1 + g
+            x1 = y1 - fy
+            dx2 = d2 + g
+            torch.cat([x1, x2], dim=-1)
+            torch.cat([dx1, dx2], dim=-1)
+
+        with _extension.use_extension(True):
+            live = _extension.extension_info()["path"] == "extension" and device.type in _extension._state["devices"]
+            t_ext = _bench_ms(fused, device, iters)
+        with _extension.use_extension(False):
+            t_torch = _bench_ms(fused, device, iters)
+        t_seed = _bench_ms(seed_like, device, iters)
+        half_bytes = b * n * d * buf.element_size()
+        moved = 2 * 6 * half_bytes  # per block: 2 half-steps x (read y, fy, dy, grad; write y, dy)
+        rows.append({"dtype": str(dtype).replace("torch.", ""), "ext_live": live, "ext_ms": t_ext,
+                     "torch_inplace_ms": t_torch, "seed_ms": t_seed,
+                     "ext_GBps": moved / t_ext / 1e6, "speedup_vs_torch": t_torch / t_ext,
+                     "speedup_vs_seed": t_seed / t_ext})
+        del buf, gbuf, fy, g, y1, y2, d1, d2
+        _free()
+
+    # a dict-valued stream: 3 keys of different widths, one launch vs a loop of ATen ops
+    widths = (d, d // 2, d // 4)
+    ys = [torch.randn(b, n, 2 * w, device=device).chunk(2, -1)[1] for w in widths]
+    ds = [torch.randn(b, n, 2 * w, device=device).chunk(2, -1)[0] for w in widths]
+    fs = [torch.randn(b, n, w, device=device) for w in widths]
+    gs = [torch.randn(b, n, w, device=device) for w in widths]
+    with _extension.use_extension(True):
+        t_ext = _bench_ms(lambda: _inplace.reconstruct_multi_(ys, fs, ds, gs), device, iters)
+    with _extension.use_extension(False):
+        t_torch = _bench_ms(lambda: _inplace.reconstruct_multi_(ys, fs, ds, gs), device, iters)
+    rows.append({"dtype": "float32 dict(3 keys)", "ext_live": live, "ext_ms": t_ext, "torch_inplace_ms": t_torch,
+                 "seed_ms": float("nan"), "ext_GBps": 6 * sum(t.numel() for t in ys) * 4 / t_ext / 1e6,
+                 "speedup_vs_torch": t_torch / t_ext, "speedup_vs_seed": float("nan")})
+    return rows
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def _fmt(v, spec=".2f"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def print_table(results: list[dict[str, Any]]) -> None:
+    plain = {r["depth"]: r.get("step_ms") for r in results if r["variant"] == "plain"}
+    print(f"{'depth':>5} {'variant':>10} {'peak GiB':>9} {'act GiB':>8} {'step ms':>9} {'ms/block':>9} {'x plain':>8}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['depth']:>5} {r['variant']:>10}  {r['error'][:60]}")
+            continue
+        ratio = r["step_ms"] / plain[r["depth"]] if plain.get(r["depth"]) else None
+        print(f"{r['depth']:>5} {r['variant']:>10} {_fmt(r.get('peak_gib')):>9} {_fmt(r.get('act_gib')):>8} "
+              f"{_fmt(r['step_ms'], '.1f'):>9} {_fmt(r['step_ms'] / r['depth']):>9} {_fmt(ratio):>8}")
+
+
+def plot(results: list[dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for v in VARIANTS:
+        rows = [r for r in results if r["variant"] == v and "error" not in r]
+        if not rows:
+            continue
+        dep = [r["depth"] for r in rows]
+        if rows[0].get("act_gib") is not None:
+            axes[0].plot(dep, [r["act_gib"] for r in rows], marker="o", label=v)
+        axes[1].plot(dep, [r["step_ms"] for r in rows], marker="o", label=v)
+    for ax, ylab in zip(axes, ("activation memory (GiB)", "step time, fwd+bwd (ms)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("depth (blocks)")
+        ax.set_ylabel(ylab)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench reversible", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--depths", type=int, nargs="+", default=None)
+    ap.add_argument("--d-model", type=int, default=None)
+    ap.add_argument("--heads", type=int, default=None)
+    ap.add_argument("--seq", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per point (median; default 3, tiny 1)")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--no-amp", action="store_true", help="fp32 compute (default: bf16 autocast; tiny: fp32)")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast also in the tiny config")
+    ap.add_argument("--no-micro", action="store_true")
+    ap.add_argument("--micro-only", action="store_true")
+    ap.add_argument("--micro-iters", type=int, default=None)
+    ap.add_argument("--no-errors", action="store_true", help="skip reconstruction / gradient errors")
+    ap.add_argument("--tiny", action="store_true", help="the tiny CPU config, also on a GPU")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
+    args = ap.parse_args(argv or [])
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    tiny = args.tiny or not cuda
+    if tiny:
+        dflt = dict(depths=[2, 4], d_model=64, heads=4, seq=32, batch=2, micro_iters=5)
+        print("[bench reversible] " + ("no CUDA device: " if not cuda else "") +
+              "running a TINY config (d_model 64, seq 32, batch 2, depths 2 4) to check the script; "
+              "its numbers say nothing about the GPU targets")
+    else:
+        dflt = dict(depths=[4, 8, 16, 32, 64], d_model=1024, heads=16, seq=2048, batch=8, micro_iters=50)
+    depths = args.depths or dflt["depths"]
+    d, heads = args.d_model or dflt["d_model"], args.heads or dflt["heads"]
+    seq, batch = args.seq or dflt["seq"], args.batch or dflt["batch"]
+    iters = args.micro_iters or dflt["micro_iters"]
+    if not cuda:
+        torch.set_num_threads(1)  # tiny ops: threading only adds contention on a shared CPU
+    amp = (not args.no_amp) and (args.amp or not tiny)  # CPU bf16 autocast is slow: tiny runs fp32
+    steps = args.steps or (1 if tiny else 3)
+
+    import reversible
+
+    info = reversible.extension_info()
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
+        "config": {"d_model": d, "heads": heads, "seq": seq, "batch": batch, "depths": depths,
+                   "amp": "bf16 autocast" if amp else "fp32", "params": "fp32", "steps": steps,
+                   "warmup": args.warmup, "tiny": tiny},
+        "extension": info,
+        "command": "python -m bench reversible " + " ".join(argv or []),
+    }
+    print(f"[bench reversible] {meta['device']} torch {meta['torch']} | extension: {info['path']} "
+          f"({info['source']}, devices {info['devices']}; {info['reason']})")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"meta": meta, "results": [], "errors": {}, "micro": []}
+
+    if not args.micro_only:
+        for depth in depths:
+            torch.manual_seed(0)
+            pairs = make_pairs(depth, d, heads, device)
+            params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
+            x = torch.randn(batch, seq, d, device=device, requires_grad=True)
+            for v in args.variants:
+                model = make_model(v, pairs)
+                t0 = time.perf_counter()
+                r = measure(v, model, x, params, amp, steps, args.warmup)
+                r.update(variant=v, depth=depth, wall_s=round(time.perf_counter() - t0, 2))
+                report["results"].append(r)
+                msg = r.get("error") or (f"step {r['step_ms']:.1f} ms" +
+                                         (f", act {r['act_gib']:.2f} GiB, peak {r['peak_gib']:.2f} GiB"
+                                          if "act_gib" in r else ""))
+                print(f"  depth {depth:>3} {v:>10}: {msg}", flush=True)
+                del model
+                _free()
+            if not args.no_errors:
+                e = recon_errors(pairs, x.detach())
+                if depth == min(depths):
+                    e["grad_rel_err_bf16"] = grad_errors(pairs, x, amp=True)
+                    e["grad_rel_err_fp32"] = grad_errors(pairs, x, amp=False)
+                report["errors"][depth] = e
+                print(f"  depth {depth:>3} errors: " + json.dumps(e, default=lambda o: round(o, 8)), flush=True)
+            del pairs, params, x
+            _free()
+        print()
+        print_table(report["results"])
+
+    if not args.no_micro:
+        report["micro"] = microbench(batch, seq, d, device, iters)
+        print(f"\nfused elementwise steps, one block's backward (2 half-steps) at b={batch} n={seq} d={d} "
+              f"(halves of a (b, n, 2d) buffer):")
+        print(f"{'dtype':>20} {'ext ms':>8} {'torch ms':>9} {'seed ms':>8} {'ext GB/s':>9} {'vs torch':>9} {'vs seed':>8}")
+        for m in report["micro"]:
+            print(f"{m['dtype']:>20} {m['ext_ms']:>8.3f} {m['torch_inplace_ms']:>9.3f} {_fmt(m['seed_ms'], '.3f'):>8} "
+                  f"{m['ext_GBps']:>9.0f} {m['speedup_vs_torch']:>8.2f}x {_fmt(m['speedup_vs_seed']):>7}x")
+
+    tag = "tiny" if tiny else "gpu"
+    jpath = out_dir / f"reversible_{tag}.json"
+    jpath.write_text(json.dumps(report, indent=1, default=str))
+    print(f"\n[bench reversible] wrote {jpath}")
+    if report["results"]:
+        ppath = out_dir / f"reversible_{tag}.png"
+        title = f"{meta['device']}, d={d} h={heads} n={seq} b={batch}, {meta['config']['amp']}"
+        if plot(report["results"], ppath, title):
+            print(f"[bench reversible] wrote {ppath}")
+        else:
+            print("[bench reversible] matplotlib not importable: no plot")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
