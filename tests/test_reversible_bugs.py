@@ -134,3 +134,34 @@ class EltFn(torch.nn.Module):
 
 def _elt_pairs(depth, p=0.1):
     return [(EltFn(D, p), EltFn(D, p)) for _ in range(depth)]
+
+
+@pytest.mark.gpu
+def test_cuda_dropout_autocast_and_two_forwards(_seed):
+    """On the GPU: CUDA RNG replay (dropout) per call and CUDA autocast replay."""
+    dev = torch.device("cuda")
+    pairs = [tuple(m.to(dev) for m in pr) for pr in _pairs(3, p=0.3, dtype=torch.float64, d=16)]
+    params = [p for pr in pairs for m in pr for p in m.parameters()]
+    xa = torch.randn(2, 8, 16, device=dev, dtype=torch.float64, requires_grad=True)
+    xb = torch.randn(2, 8, 16, device=dev, dtype=torch.float64, requires_grad=True)
+    net = reversible.ReversibleSequence(pairs)
+    torch.manual_seed(_seed)
+    ya, yb = net(xa), net(xb)
+    got = backward_grads((ya * ya).sum() + yb.sum(), [xa, xb, *params])
+    torch.manual_seed(_seed)
+    ra, rb = oracle_sequence(pairs, xa), oracle_sequence(pairs, xb)
+    want = grads_of((ra * ra).sum() + rb.sum(), [xa, xb, *params])
+    assert_close_all(got, want, 1e-10)
+
+    pairs = [tuple(m.to(dev) for m in pr) for pr in _pairs(4, p=0.1)]
+    params = [p for pr in pairs for m in pr for p in m.parameters()]
+    x = torch.randn(2, 64, D, device=dev, requires_grad=True)
+    torch.manual_seed(_seed)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = reversible.ReversibleSequence(pairs)(x)
+    got = backward_grads(y.float().square().sum(), [x, *params])
+    torch.manual_seed(_seed)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        r = oracle_sequence(pairs, x)
+    want = grads_of(r.float().square().sum(), [x, *params])
+    assert max(rel_err(a, b) for a, b in zip(got, want)) <= 2e-3
