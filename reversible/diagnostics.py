@@ -13,19 +13,29 @@ __all__ = ["reconstruction_error"]
 
 
 @torch.no_grad()
-def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor], *,
+def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor] | tuple[Tensor, Tensor], *,
                          stream_dtype: torch.dtype | None = None, **kwargs: Any) -> float:
     """Run ``model``'s couplings forward on ``x`` and back again, as its backward pass does;
     return the largest absolute error of the reconstructed input (in the buffer's dtype,
     relative to ``max |x|``).
 
     ``model`` is a :class:`reversible.ReversibleSequence` (or anything with
-    ``couplings(kwargs, keys)``, ``dim`` and ``input_mode``); ``stream_dtype`` overrides the
-    model's buffer dtype (e.g. ``torch.float32`` for a bf16 model). Dropout is replayed.
+    ``couplings(kwargs, keys)``, ``dim`` and ``input_mode``; a compat sequence too) or a
+    :class:`reversible.DualModalityReversibleSequence` (then ``x = (video, audio)``);
+    ``stream_dtype`` overrides the model's buffer dtype (e.g. ``torch.float32`` for a bf16
+    model). Dropout is replayed; ``kwargs`` are the model's call keyword arguments.
     """
-    keys = tuple(x.keys()) if isinstance(x, Mapping) else None
-    inputs = [x[k] for k in keys] if keys is not None else [x]
-    couplings = model.couplings(kwargs, keys)
+    from .dual import DualModalityReversibleSequence
+
+    if isinstance(model, DualModalityReversibleSequence):
+        if isinstance(x, (Tensor, Mapping)) or len(x) != 2:
+            raise TypeError("for a DualModalityReversibleSequence pass x=(video, audio)")
+        inputs = list(x)
+        couplings = [c for block in model.blocks for c in block.couplings(**kwargs)]
+    else:
+        keys = tuple(x.keys()) if isinstance(x, Mapping) else None
+        inputs = [x[k] for k in keys] if keys is not None else [x]
+        couplings = model.couplings(kwargs, keys)
     sd = stream_dtype or getattr(model, "stream_dtype", None)
     streams = [_Stream(_normalize_dim(model.dim, t.dim()), t.dtype, sd or t.dtype) for t in inputs]
     run = _Run(couplings, streams, "cat", getattr(model, "input_mode", "duplicate"), True)

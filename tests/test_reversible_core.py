@@ -288,3 +288,78 @@ def test_bad_input_errors():
         reversible.Coupling(Fn(D), (0,), (0,))
     with pytest.raises(ValueError, match="refers to half"):
         reversible.run_couplings([torch.randn(2, D)], [reversible.Coupling(Fn(D), (0,), (3,))])
+
+
+def test_input_never_modified_and_nested_stacks(_seed):
+    inner = reversible.ReversibleSequence(_pairs(2))
+    pairs = [(inner, Fn(D)), (Fn(D), Fn(D))]  # a reversible stack inside f
+    net = reversible.ReversibleSequence(pairs)
+    x = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+    x0 = x.detach().clone()
+    torch.manual_seed(_seed)
+    y = net(x)
+    got = grads_of(y.square().sum(), [x, *net.parameters()])
+    assert torch.equal(x.detach(), x0)
+    inner_pairs = [(blk.f, blk.g) for blk in inner.blocks]
+    ref_pairs = [(lambda t: oracle_sequence(inner_pairs, t), pairs[0][1]), pairs[1]]
+    torch.manual_seed(_seed)
+    want = grads_of(oracle_sequence(ref_pairs, x).square().sum(), [x, *net.parameters()])
+    assert_close_all(got, want, TOL)
+
+
+def test_reconstruction_error_dual(_seed):
+    d, types, blocks = _dual_setup()
+    net = reversible.DualModalityReversibleSequence(blocks, types)
+    video = torch.randn(2, 5, d, dtype=torch.float64)
+    audio = torch.randn(2, 3, d, dtype=torch.float64)
+    err = reversible.reconstruction_error(net, (video, audio), context=torch.randn(2, 4, d, dtype=torch.float64))
+    assert err < 1e-13
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+
+class _Scale(nn.Module):
+    """Shape-agnostic step: tanh(a * x + b) * c with scalar parameters, plus dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(3, dtype=torch.float64))
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        return self.drop(torch.tanh(self.p[0] * x + self.p[1])) * self.p[2]
+
+
+if given is not None:
+    @settings(max_examples=25, deadline=None)
+    @given(shape=st.lists(st.integers(1, 4), min_size=1, max_size=4), dim_pick=st.integers(0, 7),
+           merge=st.sampled_from(["mean", "sum", "cat"]), split=st.booleans(), depth=st.integers(1, 4),
+           seed=st.integers(0, 2**31 - 1))
+    def test_property_any_shape_dim_merge(shape, dim_pick, merge, split, depth, seed):
+        ndim = len(shape)
+        dim = dim_pick % (2 * ndim) - ndim  # negative or positive
+        if split:
+            shape = list(shape)
+            shape[dim] *= 2
+        pairs = [(_Scale(), _Scale()) for _ in range(depth)]
+        net = reversible.ReversibleSequence(pairs, dim=dim, merge=merge, input_mode="split" if split else "duplicate")
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        tensors = [x, *net.parameters()]
+        torch.manual_seed(seed)
+        y = net(x)
+        w = torch.randn_like(y)
+        got = grads_of((y * w).sum(), tensors)
+        torch.manual_seed(seed)
+        x1, x2 = x.chunk(2, dim) if split else (x, x)
+        for f, g in pairs:
+            x1 = x1 + f(x2)
+            x2 = x2 + g(x1)
+        y_ref = {"mean": (x1 + x2) / 2, "sum": x1 + x2, "cat": torch.cat([x1, x2], dim)}[merge]
+        want = grads_of((y_ref * w).sum(), tensors)
+        assert_close_all([y], [y_ref], TOL)
+        assert_close_all(got, want, TOL)
