@@ -1,0 +1,293 @@
+"""Benchmark of the chunked Triton scan (``gateloop_kernels.chunked.chunk_gate_loop``), issue 5.
+
+``python -m bench.scan_chunked [--quick] [--peers seed,fla] [--sweep] [--json PATH]``; also called at
+the end of ``python -m bench scan``. For each ``(B*H, n, d)`` (``e = d``) and input mode (float32
+"ieee" / "tf32x3" / "tf32", bf16) it prints the two floors first (bytes / 3.0 TB/s and flops / rate:
+float32 FFMA 52 TFLOP/s, tf32 375, 3xTF32 375/3, bf16 790), checks the result against a float64
+oracle, then times forward and forward+backward (``triton.testing.do_bench`` medians) and the peak
+memory beyond inputs, outputs and gradients. Peers in the same run, when importable: the seed's
+operator (``reference.associative_scan_reference``, skipped where it would need > 60 GB) and fla's
+``chunk_simple_gla`` through the real rewrite (``q' = [q cos P, q sin P]``, ``k' = [k cos P, k sin P]``,
+``g = log|a|``, key dim ``2d``): kernel alone, and with the rotation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+MAIN = [(64, 2048, 64), (32, 8192, 64), (16, 4096, 128)]
+SWEEP = [(8, 1 << p, 64) for p in (11, 13, 15, 17, 20)]
+RATE = {"ieee": 52e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "bf16": 790e12}
+BW = 3.0e12
+HEADS = 4  # B*H is split as B = BH / HEADS, H = HEADS (the layers' (B, n, H, d) layout)
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def split_bh(bh):
+    h = HEADS if bh % HEADS == 0 else 1
+    return bh // h, h
+
+
+def floors(bh, n, d, e, mode, C=64):
+    """(bytes floor seconds, flops floor seconds, flops) for forward + backward."""
+    esz = 2 if mode == "bf16" else 4
+    per_tok_in = (2 * d + e) * esz + 8  # q, k, v, a (re, im float32)
+    per_tok = 2 * per_tok_in + 2 * e * esz + (2 * d + e) * esz + 8  # fwd in+o, bwd in+do+grads
+    byts = bh * n * per_tok
+    nc = math.ceil(n / C)
+    fwd = 2 * C * C * (d + e) + 8 * C * d * e  # QK^T, (D o A) V, inter (Re, Im), state update
+    bwd = 4 * C * d * e * 2 + 2 * C * C * (d + e) + 2 * (4 * C * d * e + 2 * C * C * d) + 4 * C * d * e \
+        + 2 * C * C * e + 4 * C ** 3  # h recompute, dh, P, dq, dk, dv, gate R
+    flops = bh * nc * (fwd + bwd)
+    return byts / BW, flops / RATE[mode], flops
+
+
+def make(bh, n, d, e, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    B, H = split_bh(bh)
+    q = torch.randn(B, n, H, d, device="cuda", generator=g).to(dtype)
+    k = (torch.randn(B, n, H, d, device="cuda", generator=g) / d ** 0.5).to(dtype)
+    v = torch.randn(B, n, H, e, device="cuda", generator=g).to(dtype)
+    r = torch.rand(B, n, H, device="cuda", generator=g) * 0.1 + 0.9
+    ph = (torch.rand(B, n, H, device="cuda", generator=g) * 2 - 1) * 0.5
+    do = torch.randn(B, n, H, e, device="cuda", generator=g).to(dtype)
+    return q, k, v, r * torch.cos(ph), r * torch.sin(ph), do
+
+
+def rel(x, y):
+    return ((x.double() - y.double()).norm() / y.double().norm()).item()
+
+
+def oracle(q, k, v, ar, ai, do, with_grads=True):
+    """float64 chunked reference (checked against the sequential one in tests) on the GPU."""
+    from gateloop_kernels import reference
+    B, n, H, d = q.shape
+    e = v.shape[-1]
+    leaves = [t.detach().double().requires_grad_(with_grads) for t in (q, k, v, ar, ai)]
+
+    def bh(x):
+        return x.permute(0, 2, 1, 3).reshape(B * H, n, x.shape[-1])
+
+    a = torch.complex(leaves[3], leaves[4]).permute(0, 2, 1).reshape(B * H, n)[:, :, None, None]
+    o = reference.chunked_reference(bh(leaves[0]), bh(leaves[1]), bh(leaves[2]), a)
+    o = o.reshape(B, H, n, e).permute(0, 2, 1, 3)
+    grads = torch.autograd.grad(o, leaves, do.double()) if with_grads else None
+    return o.detach(), grads
+
+
+def bench_fn(fn, quick):
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
+
+
+def time_pair(run, inputs, do, quick):
+    """(fwd ms, fwd+bwd ms, extra peak bytes) for ``run(*inputs) -> o``."""
+    def fwd():
+        with torch.no_grad():
+            run(*inputs)
+
+    def fwdbwd():
+        o = run(*inputs)
+        torch.autograd.grad(o, [t for t in inputs if t.requires_grad], do)
+
+    t_f = bench_fn(fwd, quick)
+    t_fb = bench_fn(fwdbwd, quick)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    o = run(*inputs)
+    gr = torch.autograd.grad(o, [t for t in inputs if t.requires_grad], do)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    kept = o.numel() * o.element_size() + sum(g.numel() * g.element_size() for g in gr)
+    del o, gr
+    return t_f, t_fb, max(0, peak - kept)
+
+
+def profile(run, inputs, do):
+    from torch.profiler import ProfilerActivity, profile as prof
+    for _ in range(2):
+        torch.autograd.grad(run(*inputs), inputs, do)
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(5):
+            torch.autograd.grad(run(*inputs), inputs, do)
+        torch.cuda.synchronize()
+    tot = {}
+    for ev in p.events():
+        if ev.device_type.name == "CUDA":
+            tot[ev.name] = tot.get(ev.name, 0.0) + ev.device_time / 5
+    for name, us in sorted(tot.items(), key=lambda x: -x[1])[:10]:
+        log(f"[scan_chunked]     {us:9.1f} us  {name[:70]}")
+
+
+def ours(precision):
+    from gateloop_kernels.chunked import chunk_gate_loop
+
+    def run(q, k, v, ar, ai):
+        return chunk_gate_loop(q, k, v, ar, ai, precision=precision)[0]
+    return run
+
+
+def seed_op(q, k, v, ar, ai):
+    from gateloop_kernels import reference
+    B, n, H, d = q.shape
+    e = v.shape[-1]
+
+    def bh(x):
+        return x.permute(0, 2, 1, 3).reshape(B * H, n, x.shape[-1])
+    a = torch.complex(ar, ai).permute(0, 2, 1).reshape(B * H, n)[:, :, None, None]
+    o = reference.associative_scan_reference(bh(q), bh(k), bh(v), a)
+    return o.reshape(B, H, n, e).permute(0, 2, 1, 3)
+
+
+def fla_available():
+    try:
+        import fla.ops.common.chunk_o as co
+        from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
+        co.TRITON_ABOVE_3_7_1 = True  # pass the Hopper guard (DESIGN.md: gradients checked at K = 128/256)
+        return True
+    except Exception as ex:  # noqa: BLE001
+        log(f"[scan_chunked] fla not importable ({type(ex).__name__}: {ex}); fla columns skipped")
+        return False
+
+
+def fla_rotate(q, k, ar, ai):
+    ph = torch.atan2(ai, ar).cumsum(1)  # global phase: the rewrite's own (fp32) weakness at long n
+    c, s = torch.cos(ph)[..., None], torch.sin(ph)[..., None]
+    q2 = torch.cat([q * c, q * s], -1).to(q.dtype)
+    k2 = torch.cat([k * c, k * s], -1).to(k.dtype)
+    g = 0.5 * torch.log(ar * ar + ai * ai)
+    return q2, k2, g
+
+
+def fla_kernel(q2, k2, v, g):
+    from fla.ops.simple_gla import chunk_simple_gla
+    return chunk_simple_gla(q2, k2, v, g, scale=1.0)[0]
+
+
+def fla_full(q, k, v, ar, ai):
+    q2, k2, g = fla_rotate(q, k, ar, ai)
+    return fla_kernel(q2, k2, v, g)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="bench scan_chunked", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--peers", default="seed,fla", help="comma list of seed,fla (or 'none')")
+    ap.add_argument("--sweep", action="store_true", help="also the n sweep to 2^20 (B*H = 8, d = 64)")
+    ap.add_argument("--modes", default="ieee,tf32,bf16")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd (torch.profiler)")
+    ap.add_argument("--shapes", default="main", help="'main' or BH:n:d,... ")
+    ap.add_argument("--json", default=os.path.join("bench", "out", "scan_chunked.json"))
+    args, _ = ap.parse_known_args(argv)
+    if not torch.cuda.is_available():
+        log("[scan_chunked] needs a CUDA GPU; skipped")
+        return
+    peers = [p for p in args.peers.split(",") if p and p != "none"]
+    use_fla = "fla" in peers and fla_available()
+    modes = args.modes.split(",")
+    shapes = MAIN if args.shapes == "main" else [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")]
+    if args.sweep:
+        shapes = shapes + SWEEP
+    dev = torch.cuda.get_device_name()
+    log(f"[scan_chunked] device {dev}, torch {torch.__version__}, "
+        f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    rows = []
+    for (bh, n, d) in shapes:
+        e = d
+        for mode in modes:
+            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+            tb, tf, flops = floors(bh, n, d, e, mode)
+            row = dict(bh=bh, n=n, d=d, e=e, mode=mode, floor_bytes_ms=tb * 1e3, floor_flops_ms=tf * 1e3,
+                       gflop=flops / 1e9)
+            log(f"[scan_chunked] ({bh}, {n}, {d}) {mode}: floors bytes {tb * 1e3:.3f} ms, "
+                f"flops {tf * 1e3:.3f} ms ({flops / 1e9:.1f} GFLOP fwd+bwd)")
+            q, k, v, ar, ai, do = make(bh, n, d, e, dtype)
+            inputs = [t.requires_grad_() for t in (q, k, v, ar, ai)]
+            in_bytes = sum(t.numel() * t.element_size() for t in inputs)
+            prec = "ieee" if mode == "bf16" else mode
+            run = ours(prec)
+            # correctness first
+            tokens = bh * n
+            check_grads = tokens <= (1 << 18)
+            if tokens <= (1 << 21):
+                ro, rg = oracle(q, k, v, ar, ai, do, check_grads)
+                o = run(*inputs)
+                row["err_o"] = rel(o, ro)
+                if check_grads:
+                    gr = torch.autograd.grad(o, inputs, do)
+                    row["err_grad_max"] = max(rel(g_, r_) for g_, r_ in zip(gr, rg))
+                    del gr
+                del o
+            else:
+                ro = rg = None
+            if args.profile:
+                profile(run, inputs, do)
+            t_f, t_fb, extra = time_pair(run, inputs, do, args.quick)
+            row.update(ours_fwd_ms=t_f, ours_fwdbwd_ms=t_fb, ours_extra_mem_frac=extra / in_bytes)
+            log(f"[scan_chunked]   ours: fwd {t_f:.3f} ms, fwd+bwd {t_fb:.3f} ms, extra mem "
+                f"{extra / in_bytes * 100:.0f}% of inputs, err o {row.get('err_o', float('nan')):.2e} "
+                f"grads {row.get('err_grad_max', float('nan')):.2e}")
+            if "seed" in peers and prec != "tf32x3":
+                est = bh * n * d * e * 8 * 7
+                if est > 60e9:
+                    log(f"[scan_chunked]   seed: skipped (would need ~{est / 1e9:.0f} GB)")
+                else:
+                    try:
+                        if ro is not None:
+                            row["seed_err_o"] = rel(seed_op(*inputs).detach(), ro)
+                        from triton.testing import do_bench
+                        t = do_bench(lambda: torch.autograd.grad(seed_op(*inputs), inputs, do), warmup=1, rep=1,
+                                     return_mode="median")
+                        row["seed_fwdbwd_ms"] = t
+                        log(f"[scan_chunked]   seed: fwd+bwd {t:.1f} ms")
+                    except torch.OutOfMemoryError:
+                        log("[scan_chunked]   seed: out of memory, skipped")
+                    torch.cuda.empty_cache()
+            if use_fla and mode in ("tf32", "bf16") and (bh, n, d) in MAIN:
+                # fla runs its float32 dots in tf32 whatever we ask: compare it in those rows
+                try:
+                    q2, k2, g = fla_rotate(q.detach(), k.detach(), ar.detach(), ai.detach())
+                    kin = [t.requires_grad_() for t in (q2, k2, v.detach().clone(), g)]
+                    if ro is not None:
+                        row["fla_err_o"] = rel(fla_full(*inputs).detach(), ro)
+                    f_f, f_fb, f_extra = time_pair(fla_kernel, kin, do, args.quick)
+                    r_f, r_fb, r_extra = time_pair(fla_full, inputs, do, args.quick)
+                    row.update(fla_kernel_fwd_ms=f_f, fla_kernel_fwdbwd_ms=f_fb, fla_rot_fwd_ms=r_f,
+                               fla_rot_fwdbwd_ms=r_fb, fla_rot_extra_mem_frac=r_extra / in_bytes)
+                    log(f"[scan_chunked]   fla kernel: fwd {f_f:.3f} fwd+bwd {f_fb:.3f} ms; with rotation: fwd "
+                        f"{r_f:.3f} fwd+bwd {r_fb:.3f} ms; err o {row.get('fla_err_o', float('nan')):.2e}")
+                except Exception as ex:  # noqa: BLE001
+                    log(f"[scan_chunked]   fla failed: {type(ex).__name__}: {str(ex)[:200]}")
+            rows.append(row)
+            del inputs, q, k, v, ar, ai, do, ro, rg
+            torch.cuda.empty_cache()
+    # table
+    hdr = ["shape", "mode", "floorB", "floorF", "fwd", "fwd+bwd", "mem%", "err_o", "err_g", "seed", "fla_k", "fla_rot"]
+    log("\n" + " | ".join(hdr))
+    for r in rows:
+        def f(key, fmt="{:.3f}"):
+            return fmt.format(r[key]) if key in r else "-"
+        log(" | ".join([f"({r['bh']},{r['n']},{r['d']})", r["mode"], f("floor_bytes_ms"), f("floor_flops_ms"),
+                        f("ours_fwd_ms"), f("ours_fwdbwd_ms"), f("ours_extra_mem_frac", "{:.0%}"),
+                        f("err_o", "{:.1e}"), f("err_grad_max", "{:.1e}"), f("seed_fwdbwd_ms", "{:.1f}"),
+                        f("fla_kernel_fwdbwd_ms"), f("fla_rot_fwdbwd_ms")]))
+    out = args.json
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(dict(device=dev, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows), fh, indent=1)
+    log(f"[scan_chunked] wrote {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
