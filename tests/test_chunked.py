@@ -182,3 +182,20 @@ def test_gpu_long_sequence_error_growth():
     small, big = errs[1 << 10], errs[1 << 20]
     assert all(b <= 10 * max(s, 1e-7) for s, b in zip(small, big)), errs
     assert all(b <= 1e-5 for b in big), errs
+
+
+@pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
+def test_cpu_custom_op_opcheck_and_compile():
+    from gateloop_kernels import chunked
+    q, k, v, ar, ai = make_inputs(1, 20, 1, 16, 16, torch.float32, "cpu")
+    h0 = torch.randn(1, 1, 2, 16, 16)
+    args = (q, k, v, ar, ai, h0, True, "tf32x3", 16)
+    torch.library.opcheck(chunked._op_fwd, [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args],
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, ar, ai)]
+    fn = torch.compile(lambda *x: chunk_gate_loop(*x, chunk_size=16)[0], backend="aot_eager", fullgraph=True)
+    o = fn(*leaves)
+    ref = chunk_gate_loop(*[t.detach() for t in leaves], chunk_size=16)[0]
+    torch.testing.assert_close(o, ref)
+    o.sum().backward()
+    assert all(t.grad is not None for t in leaves)
