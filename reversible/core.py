@@ -17,7 +17,10 @@ The backward pass walks the steps in reverse: recompute ``out = fn(sources)`` wi
 vector-Jacobian product with the target's gradient half, then, in one fused in-place launch
 (:func:`reversible._inplace.reconstruct_`), ``target -= out`` and ``d_source += vjp``.
 The whole stack therefore keeps exactly one activation buffer and one gradient buffer per
-stream; no ``torch.cat`` and no new full-size tensor per block.
+stream; no ``torch.cat`` and no new full-size tensor per block. Steps that touch disjoint halves
+(the video and audio steps of a dual-modality block) are inverted as one group, so their
+in-place updates go out in one multi-tensor call (:func:`reversible._inplace.reconstruct_multi_`),
+as do the per-key updates of dict-valued streams.
 
 Parameters of the step functions (and tensors passed as keyword arguments that require
 grad) are explicit inputs of the autograd Function, and their gradients are *returned* from
@@ -195,19 +198,33 @@ def _same_storage(a: Tensor, bufs: Sequence[Tensor]) -> bool:
     return any(ptr == b.untyped_storage().data_ptr() for b in bufs)
 
 
-def _reconstruct(targets: list[Tensor], outs: list[Tensor], dsources: list[Tensor],
-                 grads: Sequence[Tensor | None]) -> None:
-    """``targets -= outs`` and ``dsources += grads``, through the fused in-place helpers."""
-    pairs = [(d, g) for d, g in zip(dsources, grads) if g is not None]
-    n = min(len(targets), len(pairs))
-    if n == 1:
-        _inplace.reconstruct_(targets[0], outs[0], pairs[0][0], pairs[0][1])
-    elif n > 1:
-        _inplace.reconstruct_multi_(targets[:n], outs[:n], [d for d, _ in pairs[:n]], [g for _, g in pairs[:n]])
+def _reconstruct(steps: Sequence[tuple[list[Tensor], list[Tensor], list[Tensor], Sequence[Tensor | None]]]) -> None:
+    """For every step ``(targets, outs, dsources, grads)``: ``targets -= outs`` and
+    ``dsources += grads``, all steps (independent ones) in one call of the fused helpers.
+
+    Targets are paired with source gradients of the same step (same shape for the usual blocks);
+    what does not pair up (a step with more sources than targets, or an unused source) is done
+    with ``coupling_add_``.
+    """
+    ys, fys, dys, gs = [], [], [], []
+    rest_t, rest_d = [], []
+    for targets, outs, dsources, grads in steps:
+        pairs = [(d, g) for d, g in zip(dsources, grads) if g is not None]
+        n = min(len(targets), len(pairs))
+        ys += targets[:n]
+        fys += outs[:n]
+        dys += [d for d, _ in pairs[:n]]
+        gs += [g for _, g in pairs[:n]]
+        rest_t += zip(targets[n:], outs[n:])
+        rest_d += pairs[n:]
+    if len(ys) == 1:
+        _inplace.reconstruct_(ys[0], fys[0], dys[0], gs[0])
+    elif ys:
+        _inplace.reconstruct_multi_(ys, fys, dys, gs)
     with torch.no_grad():
-        for t, o in zip(targets[n:], outs[n:]):  # targets without a matching source gradient
+        for t, o in rest_t:  # targets without a source gradient to pair with
             _inplace.coupling_add_(t, torch.neg(o))
-        for d, g in pairs[n:]:  # more sources than targets (e.g. f(x2, m2))
+        for d, g in rest_d:  # more sources than targets (e.g. f(x2, m2))
             _inplace.coupling_add_(d, g)
 
 
@@ -340,9 +357,29 @@ class _Run:
             else:
                 halves[t] = halves[t] + o
 
-    # --- one step backward: recompute, vjp, reconstruct in place
-    def step_backward(self, ci: int, halves: list[Tensor], ghalves: list[Tensor], pgrads: list[Tensor | None],
-                      kgrads: list[Tensor | None], leaves: Sequence[Tensor], gbufs: Sequence[Tensor]) -> None:
+    # --- backward: recompute, vjp, then reconstruct in place
+    def backward_schedule(self) -> list[list[int]]:
+        """Coupling indices in the order their inverses run, grouped: the steps of one group touch
+        disjoint halves (e.g. a video and an audio step), so their in-place updates go out in one
+        multi-tensor call. A step's inverse runs after those of all later steps it shares a half with."""
+        level: list[int] = [0] * len(self.couplings)
+        last: dict[int, int] = {}
+        for i in reversed(range(len(self.couplings))):
+            c = self.couplings[i]
+            halves = (*c.targets, *c.sources)
+            level[i] = max((last[h] + 1 for h in halves if h in last), default=0)
+            for h in halves:
+                last[h] = max(last.get(h, -1), level[i])
+        groups: dict[int, list[int]] = {}
+        for i in reversed(range(len(self.couplings))):
+            groups.setdefault(level[i], []).append(i)
+        return [groups[lv] for lv in sorted(groups)]
+
+    def step_recompute(self, ci: int, halves: list[Tensor], ghalves: list[Tensor], pgrads: list[Tensor | None],
+                       kgrads: list[Tensor | None], leaves: Sequence[Tensor], gbufs: Sequence[Tensor]
+                       ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Sequence[Tensor | None]]:
+        """Recompute step ``ci`` with grad and take its vjp; accumulates parameter / kwarg
+        gradients and returns what :func:`_reconstruct` needs."""
         c = self.couplings[ci]
         srcs = [halves[s].detach().requires_grad_() for s in c.sources]
         params = [self.params[j] for j in self.param_idx[ci]]
@@ -372,8 +409,13 @@ class _Run:
                     acc[j] = g.clone() if _same_storage(g, gbufs) else g
                 else:
                     acc[j] = acc[j] + g
-        _reconstruct([halves[t] for t in c.targets], [o.detach() for o in outs],
-                     [ghalves[s] for s in c.sources], grads[:ns])
+        return ([halves[t] for t in c.targets], [o.detach() for o in outs], [ghalves[s] for s in c.sources],
+                grads[:ns])
+
+    def backward_all(self, halves: list[Tensor], ghalves: list[Tensor], pgrads: list[Tensor | None],
+                     kgrads: list[Tensor | None], leaves: Sequence[Tensor], gbufs: Sequence[Tensor]) -> None:
+        for group in self.backward_schedule():
+            _reconstruct([self.step_recompute(ci, halves, ghalves, pgrads, kgrads, leaves, gbufs) for ci in group])
 
 
 class _ReversibleFunction(torch.autograd.Function):
@@ -407,8 +449,7 @@ class _ReversibleFunction(torch.autograd.Function):
         pgrads: list[Tensor | None] = [None] * len(run.params)
         kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
         leaves = [t.detach().requires_grad_() for t in run.kw_tensors]
-        for ci in reversed(range(len(run.couplings))):
-            run.step_backward(ci, halves, ghalves, pgrads, kgrads, leaves, gbufs)
+        run.backward_all(halves, ghalves, pgrads, kgrads, leaves, gbufs)
         del halves, bufs
         needs = ctx.needs_input_grad
         dxs = []
@@ -529,8 +570,7 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
     pgrads: list[Tensor | None] = [None] * len(run.params)
     kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
     leaves = [t.detach().requires_grad_() for t in run.kw_tensors]
-    for ci in reversed(range(len(run.couplings))):
-        run.step_backward(ci, halves, ghalves, pgrads, kgrads, leaves, gbufs)
+    run.backward_all(halves, ghalves, pgrads, kgrads, leaves, gbufs)
     with torch.no_grad():
         for p, g in zip(run.params, pgrads):
             if g is not None:

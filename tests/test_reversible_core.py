@@ -249,6 +249,17 @@ def test_backward_is_in_place_through_the_helpers(monkeypatch, _seed):
     sum(v.sum() for v in out.values()).backward()
     assert calls["reconstruct_multi_"] == 4
 
+    # dual streams: a video step and an audio step that touch different halves share one launch
+    calls.update(reconstruct_=0, reconstruct_multi_=0)
+    types = ["intra_modality_self_attn"] * 2
+    dual = reversible.DualModalityReversibleSequence([(Fn(D), Fn(D), Fn(D), Fn(D)) for _ in types], types)
+    v, a = dual(torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True),
+                torch.randn(2, 3, D, dtype=torch.float64, requires_grad=True))
+    with log:
+        (v.sum() + a.sum()).backward()
+    assert calls == {"reconstruct_": 0, "reconstruct_multi_": 4, "coupling_add_": calls["coupling_add_"]}
+    assert "cat" not in log.ops
+
 
 def test_backward_twice_is_a_clear_error():
     net = reversible.ReversibleSequence(_pairs(2))
