@@ -282,7 +282,6 @@ class _Run:
         self.rng: list[Any] = []
         self.autocast: dict[str, dict[str, Any]] = {}
         self.bufs: list[Tensor] | None = None
-        self.done = False
 
     # --- buffers and halves
     def halves(self, bufs: Sequence[Tensor]) -> list[Tensor]:
