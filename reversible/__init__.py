@@ -10,6 +10,7 @@ Quick start::
 Everything runs on one coupling core (:mod:`reversible.core`): ``y1 = x1 + f(x2)``,
 ``y2 = x2 + g(y1)``, inverted block by block in place during backward. Drop-in replacements for
 lucidrains' per-project ``reversible.py`` files live in :mod:`reversible.compat`.
+:func:`extension_info` says whether the fused C++/CUDA in-place steps are live.
 """
 from .core import INPUT_MODES, MERGES, Coupling, reverse_couplings, run_couplings
 from .diagnostics import reconstruction_error
@@ -24,5 +25,5 @@ __all__ = [
     "ReversibleBlock", "IrreversibleBlock", "ReversibleSequence", "SequentialSequence",
     "DualModalityReversibleSequence", "ReversibleSelfAttnBlock", "ReversibleCrossAttnBlock",
     "ReversibleCrossModalityAttnBlock", "BLOCK_TYPES",
-    "route_args", "layer_drop", "reconstruction_error",
+    "route_args", "layer_drop", "reconstruction_error", "extension_info",
 ]
