@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <string>
 #include <cstdint>
 #include <vector>
 
@@ -48,6 +49,27 @@ bool kernel_supports(at::ScalarType dst, at::ScalarType src);
 
 namespace revkern {
 
+// Error messages are built with std::string / std::to_string and handed to TORCH_CHECK as ONE
+// string, never streamed through std::ostream in this library: on the GPU image (torch 2.11), an
+// integer streamed into an ostringstream from code compiled here crashed (the libstdc++ the
+// process loads differs from the one the extension was compiled against). One-argument
+// TORCH_CHECK messages take no stream (c10::str passes a single string through).
+[[noreturn]] inline void fail(const std::string& msg) {
+  TORCH_CHECK(false, msg);
+  while (true) {
+  }
+}
+#define REVKERN_CHECK(cond, msg)                 \
+  do {                                           \
+    if (C10_UNLIKELY(!(cond))) ::revkern::fail(msg); \
+  } while (0)
+
+inline std::string shape_str(at::IntArrayRef s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
 // Calls f(static_cast<T*>(nullptr), static_cast<U*>(nullptr)) for the (dst, src) dtype pair.
 // Instantiated pairs: same dtype for float32/float64/bfloat16/float16, and float32 dst with a
 // bfloat16 or float16 src (an fp32 stream updated with an autocast-produced f(x)).
@@ -66,7 +88,7 @@ inline void dispatch_dtypes(at::ScalarType dt, at::ScalarType st, const F& f) {
   } else if (dt == at::kFloat && st == at::kHalf) {
     return f(static_cast<float*>(nullptr), static_cast<c10::Half*>(nullptr));
   }
-  TORCH_CHECK(false, "revkern: unsupported dtype pair (dst ", dt, ", src ", st, ")");
+  fail(std::string("revkern: unsupported dtype pair (dst ") + c10::toString(dt) + ", src " + c10::toString(st) + ")");
 }
 
 // Throws on internal overlap of a dst, partial overlap of a dst with its src, or any overlap
@@ -98,9 +120,10 @@ void reconstruct_impl(const at::Tensor& y, const at::Tensor& fy, const at::Tenso
 
 template <ApplyFn Apply>
 void reconstruct_multi_impl(at::TensorList ys, at::TensorList fys, at::TensorList dys, at::TensorList grads) {
-  TORCH_CHECK(ys.size() == fys.size() && ys.size() == dys.size() && ys.size() == grads.size(),
-              "reconstruct_multi_: the four lists must have the same length (got ", ys.size(), ", ",
-              fys.size(), ", ", dys.size(), ", ", grads.size(), ")");
+  REVKERN_CHECK(ys.size() == fys.size() && ys.size() == dys.size() && ys.size() == grads.size(),
+                "reconstruct_multi_: the four lists must have the same length (got " + std::to_string(ys.size()) +
+                    ", " + std::to_string(fys.size()) + ", " + std::to_string(dys.size()) + ", " +
+                    std::to_string(grads.size()) + ")");
   auto ups = make_updates("reconstruct_multi_", ys, fys, -1.0);
   ups = make_updates("reconstruct_multi_", dys, grads, 1.0, std::move(ups));
   check_overlaps(ups);

@@ -96,7 +96,7 @@ void cuda_apply(const std::vector<Update>& ups) {
   // Group by (dst dtype, src dtype): one launch per group (more only past kMaxPairs pairs).
   std::map<std::pair<int, int>, std::vector<std::pair<const Update*, Layout>>> groups;
   for (const Update& u : ups) {
-    TORCH_CHECK(u.dst.is_cuda() && u.src.is_cuda(), "revkern: expected CUDA tensors");
+    REVKERN_CHECK(u.dst.is_cuda() && u.src.is_cuda(), "revkern: expected CUDA tensors");
     if (u.dst.numel() == 0) continue;
     Layout L = coalesce(u);
     if (L.overflow || !kernel_supports(u.dst.scalar_type(), u.src.scalar_type())) {

@@ -41,22 +41,24 @@ bool kernel_supports(at::ScalarType dst, at::ScalarType src) {
 }
 
 void validate(const char* op, at::TensorList dsts, at::TensorList srcs) {
-  TORCH_CHECK(dsts.size() == srcs.size(), op, ": lists differ in length (", dsts.size(), " vs ", srcs.size(), ")");
+  const std::string o(op);
+  REVKERN_CHECK(dsts.size() == srcs.size(), o + ": lists differ in length (" + std::to_string(dsts.size()) + " vs " +
+                                                std::to_string(srcs.size()) + ")");
   for (size_t i = 0; i < dsts.size(); ++i) {
     const at::Tensor& d = dsts[i];
     const at::Tensor& s = srcs[i];
-    TORCH_CHECK(d.defined() && s.defined(), op, ": undefined tensor at position ", i);
-    TORCH_CHECK(d.sizes() == s.sizes(), op, ": shape mismatch at position ", i, ": ", d.sizes(), " vs ",
-                s.sizes(), " (no broadcasting)");
-    TORCH_CHECK(d.device() == s.device(), op, ": device mismatch at position ", i, ": ", d.device(), " vs ",
-                s.device());
-    TORCH_CHECK(is_supported_float(d.scalar_type()) && is_supported_float(s.scalar_type()), op,
-                ": dtypes must be float32/float64/bfloat16/float16, got ", d.scalar_type(), " and ", s.scalar_type());
-    TORCH_CHECK(at::canCast(s.scalar_type(), d.scalar_type()) , op, ": cannot update ", d.scalar_type(),
-                " in place with ", s.scalar_type());
+    const std::string at_i = " at position " + std::to_string(i);
+    REVKERN_CHECK(d.defined() && s.defined(), o + ": undefined tensor" + at_i);
+    REVKERN_CHECK(d.sizes() == s.sizes(), o + ": shape mismatch" + at_i + ": " + shape_str(d.sizes()) + " vs " +
+                                              shape_str(s.sizes()) + " (no broadcasting)");
+    REVKERN_CHECK(d.device() == s.device(), o + ": device mismatch" + at_i + ": " + d.device().str() + " vs " +
+                                                s.device().str());
+    REVKERN_CHECK(is_supported_float(d.scalar_type()) && is_supported_float(s.scalar_type()),
+                  o + ": dtypes must be float32/float64/bfloat16/float16, got " + c10::toString(d.scalar_type()) +
+                      " and " + c10::toString(s.scalar_type()));
     if (i > 0) {
-      TORCH_CHECK(d.device() == dsts[0].device(), op, ": all tensors must be on one device (", d.device(), " vs ",
-                  dsts[0].device(), ")");
+      REVKERN_CHECK(d.device() == dsts[0].device(), o + ": all tensors must be on one device (" + d.device().str() +
+                                                        " vs " + dsts[0].device().str() + ")");
     }
   }
 }
@@ -65,8 +67,8 @@ std::vector<Update> make_updates(const char* op, at::TensorList dsts, at::Tensor
                                  std::vector<Update> into) {
   validate(op, dsts, srcs);
   for (size_t i = 0; i < dsts.size(); ++i) {
-    TORCH_CHECK(into.empty() || dsts[i].device() == into.front().dst.device(), op,
-                ": all tensors must be on one device");
+    REVKERN_CHECK(into.empty() || dsts[i].device() == into.front().dst.device(),
+                  std::string(op) + ": all tensors must be on one device");
     // Pairs the kernels do not instantiate (e.g. a bfloat16 dst with a float32 src) are applied
     // with ATen's add_ by the backends, which keeps ATen's rounding exactly.
     into.push_back(Update{dsts[i], srcs[i], alpha});
@@ -83,15 +85,15 @@ void check_overlaps(const std::vector<Update>& ups) {
     for (size_t j = 0; j < i; ++j) {
       if (ups[j].dst.numel() == 0) continue;
       auto st = at::get_overlap_status(u.dst, ups[j].dst);
-      TORCH_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial,
-                  "revkern: two destination tensors of one call overlap in memory");
+      REVKERN_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial,
+                    "revkern: two destination tensors of one call overlap in memory");
     }
     // The updates of one call run concurrently: no src may read another update's dst.
     for (size_t j = 0; j < ups.size(); ++j) {
       if (j == i || ups[j].src.numel() == 0) continue;
       auto st = at::get_overlap_status(u.dst, ups[j].src);
-      TORCH_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial,
-                  "revkern: an input of one update overlaps the destination of another in the same call");
+      REVKERN_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial,
+                    "revkern: an input of one update overlaps the destination of another in the same call");
     }
   }
 }
@@ -276,12 +278,12 @@ void reconstruct_meta(const at::Tensor& y, const at::Tensor& fy, const at::Tenso
   std::vector<at::Tensor> d1{y}, s1{fy}, d2{dy}, s2{grad};
   validate("reconstruct_", d1, s1);
   validate("reconstruct_", d2, s2);
-  TORCH_CHECK(y.device() == dy.device(), "reconstruct_: all tensors must be on one device");
+  REVKERN_CHECK(y.device() == dy.device(), "reconstruct_: all tensors must be on one device");
 }
 
 void reconstruct_multi_meta(at::TensorList ys, at::TensorList fys, at::TensorList dys, at::TensorList grads) {
-  TORCH_CHECK(ys.size() == fys.size() && ys.size() == dys.size() && ys.size() == grads.size(),
-              "reconstruct_multi_: the four lists must have the same length");
+  REVKERN_CHECK(ys.size() == fys.size() && ys.size() == dys.size() && ys.size() == grads.size(),
+                "reconstruct_multi_: the four lists must have the same length");
   validate("reconstruct_multi_", ys, fys);
   validate("reconstruct_multi_", dys, grads);
 }
@@ -304,16 +306,16 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 void no_grad_check(const char* op, std::initializer_list<const at::Tensor*> ts) {
   if (!at::GradMode::is_enabled()) return;
   for (const at::Tensor* t : ts) {
-    TORCH_CHECK(!(t->defined() && t->requires_grad()), op,
-                " is not differentiable: call it under torch.no_grad() (an argument requires grad)");
+    REVKERN_CHECK(!(t->defined() && t->requires_grad()),
+                  std::string(op) + " is not differentiable: call it under torch.no_grad() (an argument requires grad)");
   }
 }
 
 void no_grad_check_list(const char* op, at::TensorList ts) {
   if (!at::GradMode::is_enabled()) return;
   for (const at::Tensor& t : ts) {
-    TORCH_CHECK(!(t.defined() && t.requires_grad()), op,
-                " is not differentiable: call it under torch.no_grad() (an argument requires grad)");
+    REVKERN_CHECK(!(t.defined() && t.requires_grad()),
+                  std::string(op) + " is not differentiable: call it under torch.no_grad() (an argument requires grad)");
   }
 }
 
