@@ -31,6 +31,7 @@ parameters get gradients when the stream input does not require grad, and what m
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -191,6 +192,46 @@ def _iter_tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, dict):
         for o in obj.values():
             yield from _iter_tensors(o)
+
+
+_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _foreign_leaves(outs: Sequence[Tensor], known: set[int]) -> list[Tensor]:
+    """Leaf tensors needing grad that ``outs`` depend on but are not in ``known`` (by id):
+    their gradients would be lost (they are not inputs of the Function)."""
+    seen: set[int] = set()
+    stack = [o.grad_fn for o in outs if o.grad_fn is not None]
+    found = []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        var = getattr(node, "variable", None)  # an AccumulateGrad node
+        if var is not None:
+            if id(var) not in known:
+                found.append(var)
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return found
+
+
+def _check_closure(c: Coupling, outs: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
+    owner = c.fn if isinstance(c.fn, nn.Module) else getattr(c.fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        if owner in _CHECKED:
+            return
+    foreign = _foreign_leaves(outs, {id(t) for t in inputs})
+    if foreign:
+        shapes = ", ".join(str(tuple(t.shape)) for t in foreign[:4])
+        raise RuntimeError(
+            f"coupling function {c.name} uses {len(foreign)} tensor(s) that need grad (shapes {shapes}) but are "
+            "neither parameters of the function's module nor tensors passed as keyword arguments, so their "
+            "gradients would be lost. Register them as nn.Parameter of the module, pass them as keyword "
+            "arguments, or list them in Coupling(params=...).")
+    if isinstance(owner, nn.Module):
+        _CHECKED[owner] = True
 
 
 def _same_storage(a: Tensor, bufs: Sequence[Tensor]) -> bool:
@@ -394,6 +435,7 @@ class _Run:
                                  f"for a half of shape {tuple(halves[t].shape)}")
         diff = [(o, ghalves[t]) for o, t in zip(outs, c.targets) if o.requires_grad]
         inputs = [*srcs, *params, *kws]
+        _check_closure(c, [o for o, _ in diff], inputs)
         if diff:
             grads = torch.autograd.grad([o for o, _ in diff], inputs, grad_outputs=[g for _, g in diff],
                                         allow_unused=True)

@@ -374,3 +374,23 @@ if given is not None:
         want = grads_of((y_ref * w).sum(), tensors)
         assert_close_all([y], [y_ref], TOL)
         assert_close_all(got, want, TOL)
+
+
+def test_tensors_closed_over_are_an_error_not_lost_grads():
+    w = torch.randn(D, dtype=torch.float64, requires_grad=True)
+
+    class Closure(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x * w)
+
+    net = reversible.ReversibleSequence([(Closure(), Fn(D))])
+    x = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="gradients would be lost"):
+        net(x).sum().backward()
+    # the low-level API takes such tensors explicitly
+    c = [reversible.Coupling(lambda t: torch.tanh(t * w), (0,), (1,), params=[w]), reversible.Coupling(Fn(D, p=0.0), (1,), (0,))]
+    y = reversible.run_couplings([x], c)[0]
+    got = grads_of(y.sum(), [x, w])
+    x1 = x + torch.tanh(x * w)
+    x2 = x + c[1].fn(x1)
+    assert_close_all(got, grads_of(((x1 + x2) / 2).sum(), [x, w]), TOL)
