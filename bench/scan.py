@@ -254,20 +254,20 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _sweep_tiles() -> None:
-    """Tile size / warps sweep of our kernel at (4096, 2048) float32 (for tuning)."""
+    """Segment length / warps sweep of our kernel at (4096, 2048) float32 (for tuning)."""
     q, k, v, a_re, a_im = _make(4096, 2048, torch.float32, "cuda", 4)
     inputs = [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)]
     gout = torch.randn_like(q)
-    saved = (ew.TILE, ew.WARPS_FWD, ew.WARPS_BWD)
-    for tile in (1024, 2048, 4096):
-        for warps in (4, 8, 16):
-            ew.TILE, ew.WARPS_FWD, ew.WARPS_BWD = tile, warps, warps
-            with torch.no_grad():
-                f = _time(lambda: ew.elementwise_scan(*inputs, None, None), True)
-            fb = _time(lambda: torch.autograd.backward(ew.elementwise_scan(*inputs, None, None)[0], gout), True,
-                       grad_to_none=inputs)
-            _log(f"tile {tile:5d} warps {warps:2d}: fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms")
-    ew.TILE, ew.WARPS_FWD, ew.WARPS_BWD = saved
+    saved = (ew.BLOCK_T, ew.WARPS_FWD, ew.WARPS_BWD)
+    for block_t, wf, wb in ((64, 8, 16), (64, 4, 8), (64, 8, 8), (64, 16, 16), (128, 8, 16), (128, 16, 16),
+                            (128, 8, 8), (32, 4, 8), (32, 8, 16)):
+        ew.BLOCK_T, ew.WARPS_FWD, ew.WARPS_BWD = block_t, wf, wb
+        with torch.no_grad():
+            f = _time_graph(lambda: ew.elementwise_scan(*inputs, None, None))
+        fb = _time_graph(lambda: torch.autograd.backward(ew.elementwise_scan(*inputs, None, None)[0], gout),
+                         grad_to_none=inputs)
+        _log(f"BLOCK_T {block_t:4d} warps fwd {wf:2d} bwd {wb:2d}: graph fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms")
+    ew.BLOCK_T, ew.WARPS_FWD, ew.WARPS_BWD = saved
 
 
 def _profile() -> None:
