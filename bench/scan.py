@@ -73,10 +73,11 @@ def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _make(BH: int, n: int, dtype: torch.dtype, device: str, B: int):
     H = BH // B
-    q, k, v = (torch.randn(B, n, H, device=device).to(dtype) for _ in range(3))
-    mag = 0.9 + 0.1 * torch.rand(B, n, H, device=device)
-    ph = 0.1 * torch.randn(B, n, H, device=device)
-    return q, k, v, mag * torch.cos(ph), mag * torch.sin(ph)
+    # drawn on the CPU: a failed graph capture of a peer must not disturb the device generator
+    q, k, v = (torch.randn(B, n, H).to(device=device, dtype=dtype) for _ in range(3))
+    mag = 0.9 + 0.1 * torch.rand(B, n, H)
+    ph = 0.1 * torch.randn(B, n, H)
+    return q, k, v, (mag * torch.cos(ph)).to(device), (mag * torch.sin(ph)).to(device)
 
 
 def _impls(q, k, v, a_re, a_im):
@@ -147,7 +148,7 @@ def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool
     q, k, v, a_re, a_im = _make(BH, n, dtype, device, B)
     numel = BH * n
     ref_o, _, _ = ew._torch_forward(q.double(), k.double(), v.double(), a_re.double(), a_im.double(), None, None)
-    do = torch.randn_like(q)
+    do = torch.randn(q.shape).to(q)
     ref_g = ew._torch_backward(do.double(), None, None, q.double(), k.double(), v.double(), a_re.double(),
                                a_im.double(), None, None) if check_grads else None
     rows = []
@@ -170,7 +171,7 @@ def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool
                 continue
             with torch.no_grad():
                 row["fwd_ms"] = _time(lambda: fwd(*inputs), cuda)
-            gout = torch.randn_like(out)
+            gout = torch.randn(out.shape).to(out)
 
             def step():
                 torch.autograd.backward(fwd(*inputs), gout)
@@ -178,7 +179,7 @@ def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool
             if cuda:
                 with torch.no_grad():
                     row["graph_fwd_ms"] = _time_graph(lambda: fwd(*inputs))
-                row["graph_fwdbwd_ms"] = _time_graph(step, grad_to_none=inputs)
+                row["graph_fwdbwd_ms"] = _time_graph(lambda: torch.autograd.grad(fwd(*inputs), inputs, gout))
                 for t in inputs:
                     t.grad = None
                 torch.cuda.synchronize()
@@ -257,15 +258,14 @@ def _sweep_tiles() -> None:
     """Segment length / warps sweep of our kernel at (4096, 2048) float32 (for tuning)."""
     q, k, v, a_re, a_im = _make(4096, 2048, torch.float32, "cuda", 4)
     inputs = [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)]
-    gout = torch.randn_like(q)
+    gout = torch.randn(q.shape).to(q)
     saved = (ew.BLOCK_T, ew.WARPS_FWD, ew.WARPS_BWD)
     for block_t, wf, wb in ((64, 8, 16), (64, 4, 8), (64, 8, 8), (64, 16, 16), (128, 8, 16), (128, 16, 16),
                             (128, 8, 8), (32, 4, 8), (32, 8, 16)):
         ew.BLOCK_T, ew.WARPS_FWD, ew.WARPS_BWD = block_t, wf, wb
         with torch.no_grad():
             f = _time_graph(lambda: ew.elementwise_scan(*inputs, None, None))
-        fb = _time_graph(lambda: torch.autograd.backward(ew.elementwise_scan(*inputs, None, None)[0], gout),
-                         grad_to_none=inputs)
+        fb = _time_graph(lambda: torch.autograd.grad(ew.elementwise_scan(*inputs, None, None)[0], inputs, gout))
         _log(f"BLOCK_T {block_t:4d} warps fwd {wf:2d} bwd {wb:2d}: graph fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms")
     ew.BLOCK_T, ew.WARPS_FWD, ew.WARPS_BWD = saved
 
@@ -298,13 +298,13 @@ def _profile() -> None:
             if "seed" in name:
                 continue
             inputs = setup()
-            gout = torch.randn(q.shape, device="cuda", dtype=q.dtype)
+            gout = torch.randn(q.shape).to(q)
             for _ in range(3):
-                torch.autograd.backward(fwd(*inputs), gout)
+                torch.autograd.grad(fwd(*inputs), inputs, gout)
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
-                    torch.autograd.backward(fwd(*inputs), gout)
+                    torch.autograd.grad(fwd(*inputs), inputs, gout)
                 torch.cuda.synchronize()
             total = 0.0
             for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
