@@ -1,4 +1,4 @@
-"""Entry point: ``python -m bench [scan|reversible|model] [options]``.
+"""Entry point: ``python -m bench [scan|reversible|model|train] [options]``.
 
 Each subcommand lives in ``bench/<name>.py`` and exposes ``main(argv: list[str]) -> None``.
 Without a subcommand every benchmark runs with its default (machine-sized) settings.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUBCOMMANDS = ("scan", "reversible", "model")
+SUBCOMMANDS = ("scan", "reversible", "model", "train")
 
 
 def main(argv: list[str]) -> None:

@@ -59,3 +59,24 @@ def test_bf16_autocast_trains_and_matches_fp32(heads):
     num = torch.sqrt(sum((a - b).norm() ** 2 for a, b in zip(g16, g32)))
     den = torch.sqrt(sum(b.norm() ** 2 for b in g32))
     assert num / den <= 5e-2  # bf16 noise
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [None, 8], ids=["head_dim_1", "head_dim_8"])
+@pytest.mark.parametrize("reversible", [False, True])
+def test_cuda_model_matches_cpu_float64(heads, reversible):
+    torch.manual_seed(0)
+    cpu = L.Transformer(dim=64, num_tokens=50, depth=2, gate_loop_heads=heads, reversible=reversible).double()
+    gpu = L.Transformer(dim=64, num_tokens=50, depth=2, gate_loop_heads=heads, reversible=reversible).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    x = torch.randint(0, 50, (4, 300))
+    l64, g64 = _grads(cpu, x)
+    l32, g32 = _grads(gpu, x.cuda())
+    assert abs(l32.cpu().double() - l64) <= 1e-5 * abs(l64)
+    for a, b in zip(g32, g64):
+        assert (a.cpu().double() - b).norm() <= 1e-4 * b.norm().clamp_min(1e-12)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        l16, g16 = _grads(gpu, x.cuda())
+    num = torch.sqrt(sum((a.double().cpu() - b).norm() ** 2 for a, b in zip(g16, g64)))
+    den = torch.sqrt(sum(b.norm() ** 2 for b in g64))
+    assert torch.isfinite(l16) and num / den <= 5e-2

@@ -1,0 +1,136 @@
+"""Full training steps of the GateLoop Transformer: ours against the seed's model, side by side.
+
+``python -m bench model [--quick]``: tokens/s and peak memory of forward + backward + AdamW steps
+(dim 512, depth 6, 256 tokens) at head dim 1 (the seed's default, ``heads = dim``) and head dim 64
+(``gate_loop_heads=8``), fp32 and bf16 autocast, batch 8 x 2048 and 1 x 32768, plus 1 x 131072 for
+ours (reversible too). The seed's model comes from an installed ``gateloop_transformer``; it
+cannot run under bf16 autocast (``view_as_complex`` rejects bfloat16), which is reported, not
+hidden. On the CPU a tiny configuration runs through the reference path, and says so.
+Writes ``bench/out/model.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+
+def _make(which: str, heads: Optional[int], dim: int, depth: int, reversible: bool) -> nn.Module:
+    kwargs = dict(dim=dim, num_tokens=256, depth=depth, gate_loop_heads=heads)
+    if which == "seed":
+        from gateloop_transformer import Transformer as Seed
+        return Seed(**kwargs)
+    from gateloop_kernels import Transformer
+    return Transformer(**kwargs, reversible=reversible)
+
+
+def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, device: str, dim: int = 512,
+            depth: int = 6, reversible: bool = False, steps: int = 5, warmup: int = 2) -> dict:
+    """Median tokens/s over ``steps`` AdamW steps after ``warmup``; peak memory in GiB."""
+    torch.manual_seed(0)
+    model = _make(which, heads, dim, depth, reversible).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 256, (batch, seq + 1), device=device)
+    sync: Callable[[], None] = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = model(tokens, return_loss=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss.item()}")
+    t = sorted(times)[len(times) // 2]
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+    return {"tokens_per_s": batch * seq / t, "step_ms": t * 1e3, "peak_gib": peak, "loss": loss.item()}
+
+
+def cases(device: str, quick: bool) -> list[dict]:
+    if device != "cuda":
+        return [dict(which=w, heads=h, batch=2, seq=128, amp=amp, dim=64, depth=2)
+                for h in (None, 4) for amp in (False, True) for w in ("seed", "ours")]
+    out = []
+    for heads in (None, 8):
+        for batch, seq in ((8, 2048), (1, 32768)):
+            for amp in (False, True):
+                for which in ("seed", "ours"):
+                    out.append(dict(which=which, heads=heads, batch=batch, seq=seq, amp=amp))
+    if not quick:
+        for heads in (None, 8):
+            for rev in (False, True):
+                out.append(dict(which="ours", heads=heads, batch=1, seq=131072, amp=True, reversible=rev))
+    return out
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench model", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="skip the 131072-token runs")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        print("[model] no GPU: a tiny configuration (dim 64, depth 2, 2 x 128 tokens) through the CPU "
+              "reference path; the figures say nothing about GPU speed")
+    todo = cases(device, args.quick)
+    rows = []
+    for i, c in enumerate(todo):
+        label = (f"{c['which']:4s} heads={c['heads'] or 'dim':>3} {c['batch']}x{c['seq']:<6d} "
+                 f"{'bf16' if c['amp'] else 'fp32'}{' rev' if c.get('reversible') else ''}")
+        print(f"[model] ({i + 1}/{len(todo)}) {label} ...", end=" ", flush=True)
+        try:
+            r = measure(device=device, **c)
+            print(f"{r['tokens_per_s'] / 1e3:8.1f}k tok/s  {r['peak_gib']:6.2f} GiB", flush=True)
+        except ImportError:
+            r = {"error": "upstream gateloop_transformer not installed"}
+            print("skipped (upstream not installed)")
+        except torch.cuda.OutOfMemoryError:
+            r = {"error": "out of memory"}
+            print("out of memory")
+        except Exception as err:  # the seed's model under bf16, for one
+            r = {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+            print(r["error"])
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        rows.append({**c, **r})
+    _table(rows)
+    out = Path("bench/out")
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+    (out / "model.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+
+
+def _table(rows: list[dict]) -> None:
+    print("\nheads  batch x seq   amp   rev   seed tok/s  seed GiB   ours tok/s  ours GiB   speedup  mem ratio")
+    keyf = lambda r: (r["heads"], r["batch"], r["seq"], r["amp"], r.get("reversible", False))  # noqa: E731
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(keyf(r), {})[r["which"]] = r
+    for (heads, b, s, amp, rev), g in groups.items():
+        seed, ours = g.get("seed", {}), g.get("ours", {})
+        st, sm = seed.get("tokens_per_s"), seed.get("peak_gib")
+        ot, om = ours.get("tokens_per_s"), ours.get("peak_gib")
+        fmt = lambda x, f: (f % x) if isinstance(x, float) else "   -"  # noqa: E731
+        sp = f"{ot / st:7.1f}x" if st and ot else "      -"
+        mr = f"{om / sm:8.2f}" if sm and om and sm == sm else "       -"
+        seed_txt = fmt(st, "%10.0f") if st else f"{'fails' if seed.get('error') else '-':>10s}"
+        print(f"{str(heads or 'dim'):>5s}  {b:>2d} x {s:<7d} {'bf16' if amp else 'fp32'}  {'yes' if rev else ' no'}  "
+              f"{seed_txt} {fmt(sm, '%9.2f')}  {fmt(ot, '%11.0f')} {fmt(om, '%9.2f')}  {sp} {mr}")
