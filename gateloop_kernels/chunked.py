@@ -13,10 +13,13 @@
 Kernels (all accumulate in float32; the dots run in the input dtype for bf16/fp16, with
 ``input_precision`` ``ieee``/``tf32x3``/``tf32`` for float32):
 
-``_fwd_h``   sequential over chunks, parallel over (key block, value block, batch*head): states ``h_c``;
-``_fwd_o``   parallel over (value block, chunk, batch*head): outputs;
-``_bwd_dh``  sequential backwards: adjoint states ``dh`` (gradient of the state leaving each chunk);
-``_bwd_chunk`` parallel over (chunk, batch*head): dq, dk, dv and the complex gate gradient.
+``_chunk_local`` parallel over (key block, value block, chunk*batch*head): each chunk's own state
+               contribution (forward) or adjoint contribution (backward), and its total gate;
+``_state_scan``   the carry across chunks, in place, elementwise over the state (memory-bound):
+               states ``h_c`` entering each chunk / adjoints ``dh_c`` of the state leaving it;
+``_fwd_o``        parallel over (value block, chunk, batch*head): outputs;
+``_bwd_dqk``, ``_bwd_dv``, ``_bwd_gate``  parallel over (chunk, batch*head): dq and dk (and the
+               gate-gradient pieces psi, phi, sigma), dv, and the complex gate gradient.
 
 The gate gradient is the division-free form ``grad_a_u = <Lambda_u, S_{u-1}>`` (``Lambda`` the
 adjoint state), expanded per chunk (``tests/test_chunked_math.py`` holds the float64 prototype
@@ -43,9 +46,9 @@ __all__ = ["chunk_gate_loop", "PRECISIONS"]
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 _MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DEFAULT_BT = 64
-# tile caps (compile-checked for spills on sm_90): state kernels and backward chunk kernels use 32-wide
-# key/value tiles (more programs for the sequential state kernels, fewer live registers in backward)
-_STATE_CAP = 32
+# tile caps (compile-checked for spills on sm_90): the backward chunk kernels use 32-wide key/value tiles
+# (fewer live registers); the per-chunk state kernel 64-wide ones
+_STATE_CAP = 64
 _BWD_CAP = 32
 # Under TRITON_INTERPRET=1 (Triton 3.9) a 16-bit tl.dot returns garbage: emulate it there by rounding
 # the operands to the 16-bit dtype and multiplying in float32 (the interpreter's dots are exact anyway).
@@ -202,42 +205,83 @@ def _st_s(ptr, x, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _fwd_h(k, v, are, aim, h0, h, ht, n, H, NT,
-           K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
-    """h[c] = state entering chunk c (Re, Im planes); ht = state after the last step."""
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _chunk_local(x, y, are, aim, u, atot, n, H, NT,
+                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, in parallel: the chunk's own contribution to the carried state.
+
+    forward (x = k, y = v):  U_c = sum_s D[C-1, s] k_s v_s^T (the chunk's state from a zero start);
+    reverse (x = q, y = dO): U_c = sum_t conj(A_t) q_t do_t^T (the chunk's adjoint of its entering state).
+    Also the chunk's total gate A_c = prod_t a_t into atot (Re, Im).
+    """
+    i_k, i_v, i_tb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_t = i_tb // NT, i_tb % NT
     i_b, i_h = i_bh // H, i_bh % H
-    bt = i_b.to(tl.int64) * n * H + i_h  # row (b, t=0, h)
-    k += bt * K
-    v += bt * V
+    bt = i_b.to(tl.int64) * n * H + i_h
+    x += bt * K
+    y += bt * V
     idx = tl.arange(0, BT)
     r0, c0 = i_k * BK, i_v * BV
-    s_re = tl.zeros([BK, BV], dtype=tl.float32)
-    s_im = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        p0 = h0 + i_bh.to(tl.int64) * 2 * K * V
-        s_re += _ld_s(p0, r0, c0, K, V, BK, BV).to(tl.float32)
-        s_im += _ld_s(p0 + K * V, r0, c0, K, V, BK, BV).to(tl.float32)
-    for i_t in range(NT):
-        ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
-        _st_s(ph, s_re, r0, c0, K, V, BK, BV)
-        _st_s(ph + K * V, s_im, r0, c0, K, V, BK, BV)
-        t0 = i_t * BT
-        t_idx = t0 + idx
-        g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
-        g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
-        ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
-        wre, wim, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
-        b_kt = _ld_tT(k, t0, r0, n, K, H * K, BT, BK)
-        b_v = _ld_t(v, t0, c0, n, V, H * V, BT, BV)
-        u_re = _dot(b_kt * wre[None, :], b_v, MODE, PREC)
-        u_im = _dot(b_kt * wim[None, :], b_v, MODE, PREC)
-        s_re, s_im = ae_re * s_re - ae_im * s_im + u_re, ae_re * s_im + ae_im * s_re + u_im
-    if STORE_HT:
-        pt = ht + i_bh.to(tl.int64) * 2 * K * V
-        _st_s(pt, s_re, r0, c0, K, V, BK, BV)
-        _st_s(pt + K * V, s_im, r0, c0, K, V, BK, BV)
+    t0 = i_t * BT
+    t_idx = t0 + idx
+    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
+    g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
+    ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
+    if REV:
+        amag = tl.where(z == 0, tl.exp(g), 0.0)
+        w_re, w_im = amag * ur, -amag * ui
+        emag = tl.where(z_end == 0, tl.exp(g_end), 0.0)
+        ae_re, ae_im = emag * ur_end, emag * ui_end
+    else:
+        w_re, w_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+    b_xt = _ld_tT(x, t0, r0, n, K, H * K, BT, BK)
+    b_y = _ld_t(y, t0, c0, n, V, H * V, BT, BV)
+    pu = u + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
+    _st_s(pu, _dot(b_xt * w_re[None, :], b_y, MODE, PREC), r0, c0, K, V, BK, BV)
+    _st_s(pu + K * V, _dot(b_xt * w_im[None, :], b_y, MODE, PREC), r0, c0, K, V, BK, BV)
+    if (i_k == 0) & (i_v == 0):
+        pa = atot + (i_bh.to(tl.int64) * NT + i_t) * 2
+        tl.store(pa, ae_re)
+        tl.store(pa + 1, ae_im)
+
+
+@triton.jit
+def _state_scan(u, atot, s0, sT, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
+                HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, REV: tl.constexpr):
+    """In place over chunks: slot c holds U_c on entry and the carried state on exit.
+
+    forward: slot c <- S (entering chunk c), S <- A_c S + U_c; reverse (c from the end):
+    slot c <- L (adjoint of the state leaving chunk c), L <- conj(A_c) L + U_c.
+    """
+    i_e, i_bh = tl.program_id(0), tl.program_id(1)
+    offs = i_e * BLOCK + tl.arange(0, BLOCK)
+    m = offs < KV
+    s_re = tl.zeros([BLOCK], dtype=tl.float32)
+    s_im = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_S0:
+        p0 = s0 + i_bh.to(tl.int64) * 2 * KV
+        s_re += tl.load(p0 + offs, mask=m, other=0.0)
+        s_im += tl.load(p0 + KV + offs, mask=m, other=0.0)
+    for j in range(NT):
+        if REV:
+            i_t = NT - 1 - j
+        else:
+            i_t = j
+        pu = u + (i_bh.to(tl.int64) * NT + i_t) * 2 * KV
+        pa = atot + (i_bh.to(tl.int64) * NT + i_t) * 2
+        a_re = tl.load(pa)
+        a_im = tl.load(pa + 1)
+        if REV:
+            a_im = -a_im
+        u_re = tl.load(pu + offs, mask=m, other=0.0)
+        u_im = tl.load(pu + KV + offs, mask=m, other=0.0)
+        tl.store(pu + offs, s_re, mask=m)
+        tl.store(pu + KV + offs, s_im, mask=m)
+        s_re, s_im = a_re * s_re - a_im * s_im + u_re, a_re * s_im + a_im * s_re + u_im
+    if STORE_ST:
+        pt = sT + i_bh.to(tl.int64) * 2 * KV
+        tl.store(pt + offs, s_re, mask=m)
+        tl.store(pt + KV + offs, s_im, mask=m)
 
 
 @triton.jit
@@ -274,49 +318,6 @@ def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
     b_v = _ld_t(v, t0, c0, n, V, H * V, BT, BV)
     b_o += _dot(d_re * b_a, b_v, MODE, PREC)
     _st_t(o, b_o, t0, c0, n, V, H * V, BT, BV)
-
-
-@triton.jit
-def _bwd_dh(q, do, are, aim, dht, dh, dh0, n, H, NT,
-            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
-    """dh[c] = adjoint of the state leaving chunk c; dh0 = adjoint of the initial state."""
-    i_k, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    bt = i_b.to(tl.int64) * n * H + i_h
-    q += bt * K
-    do += bt * V
-    idx = tl.arange(0, BT)
-    r0, c0 = i_k * BK, i_v * BV
-    l_re = tl.zeros([BK, BV], dtype=tl.float32)
-    l_im = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        pt = dht + i_bh.to(tl.int64) * 2 * K * V
-        l_re += _ld_s(pt, r0, c0, K, V, BK, BV).to(tl.float32)
-        l_im += _ld_s(pt + K * V, r0, c0, K, V, BK, BV).to(tl.float32)
-    for j in range(NT):
-        i_t = NT - 1 - j
-        ph = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
-        _st_s(ph, l_re, r0, c0, K, V, BK, BV)
-        _st_s(ph + K * V, l_im, r0, c0, K, V, BK, BV)
-        t0 = i_t * BT
-        t_idx = t0 + idx
-        g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
-        g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
-        ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
-        amag = tl.where(z == 0, tl.exp(g), 0.0)
-        a_re, a_im = amag * ur, amag * ui
-        emag = tl.where(z_end == 0, tl.exp(g_end), 0.0)
-        ae_re, ae_im = emag * ur_end, emag * ui_end
-        b_qt = _ld_tT(q, t0, r0, n, K, H * K, BT, BK)
-        b_do = _ld_t(do, t0, c0, n, V, H * V, BT, BV)
-        u_re = _dot(b_qt * a_re[None, :], b_do, MODE, PREC)
-        u_im = _dot(b_qt * a_im[None, :], b_do, MODE, PREC)
-        l_re, l_im = ae_re * l_re + ae_im * l_im + u_re, ae_re * l_im - ae_im * l_re - u_im
-    if STORE_DH0:
-        p0 = dh0 + i_bh.to(tl.int64) * 2 * K * V
-        _st_s(p0, l_re, r0, c0, K, V, BK, BV)
-        _st_s(p0 + K * V, l_im, r0, c0, K, V, BK, BV)
 
 
 @triton.jit
@@ -501,23 +502,45 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
 
 # ----------------------------------------------------------------------------- launchers
 
+def _block(D: int, cap: int) -> int:
+    """Largest power of two <= cap (>= 16) dividing D, so tiles need no column masks (e.g. 96 -> 32);
+    else the next power of two, capped. (A masked 64-wide tile at d = 96 gave wrong tf32 outputs with
+    Triton 3.6 on the H100; exact tiles avoid that path.)"""
+    b = cap
+    while b >= 16:
+        if D % b == 0:
+            return b
+        b //= 2
+    return min(cap, max(16, triton.next_power_of_2(D)))
+
+
 def _blocks(K: int, V: int, cap: int = 64) -> tuple[int, int]:
-    bk = min(cap, max(16, triton.next_power_of_2(K)))
-    bv = min(cap, max(16, triton.next_power_of_2(V)))
-    return bk, bv
+    return _block(K, cap), _block(V, cap)
+
+
+def _carried(x, y, are, aim, s0, sT, BT, mode, prec, rev):
+    """Chunk states (forward: x = k, y = v) or adjoint states (reverse: x = q, y = dO), (B*H, NT, 2, K, V)."""
+    B, n, H, K = x.shape
+    V = y.shape[-1]
+    NT = triton.cdiv(n, BT)
+    BK, BV = _blocks(K, V, _STATE_CAP)
+    u = torch.empty(B * H, NT, 2, K, V, device=x.device, dtype=torch.float32)
+    atot = torch.empty(B * H, NT, 2, device=x.device, dtype=torch.float32)
+    _chunk_local[(triton.cdiv(K, BK), triton.cdiv(V, BV), NT * B * H)](
+        x, y, are, aim, u, atot, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV, REV=rev, MODE=mode, PREC=prec,
+        num_warps=4, num_stages=1)
+    BLOCK = min(1024, triton.next_power_of_2(K * V))
+    _state_scan[(triton.cdiv(K * V, BLOCK), B * H)](
+        u, atot, s0 if s0 is not None else u, sT if sT is not None else u, NT, KV=K * V, BLOCK=BLOCK,
+        HAS_S0=s0 is not None, STORE_ST=sT is not None, REV=rev, num_warps=4, num_stages=3)
+    return u
 
 
 def _states(k, v, are, aim, h0, BT, mode, prec, store_ht):
     B, n, H, K = k.shape
     V = v.shape[-1]
-    NT = triton.cdiv(n, BT)
-    BK, BV = _blocks(K, V, _STATE_CAP)
-    h = torch.empty(B * H, NT, 2, K, V, device=k.device, dtype=torch.float32)
     ht = torch.empty(B * H, 2, K, V, device=k.device, dtype=torch.float32) if store_ht else None
-    grid = (triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)
-    _fwd_h[grid](k, v, are, aim, h0 if h0 is not None else h, h, ht if ht is not None else h, n, H, NT,
-                 K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_H0=h0 is not None, STORE_HT=store_ht,
-                 MODE=mode, PREC=prec, num_warps=4, num_stages=2)
+    h = _carried(k, v, are, aim, h0, ht, BT, mode, prec, False)
     return h, ht
 
 
@@ -539,12 +562,8 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     NT = triton.cdiv(n, BT)
     BK, BV = _blocks(K, V, _STATE_CAP)
     h, _ = _states(k, v, are, aim, h0, BT, mode, prec, False)
-    dh = torch.empty_like(h)
     dh0 = torch.empty(B * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
-    _bwd_dh[(triton.cdiv(K, BK), triton.cdiv(V, BV), B * H)](
-        q, do, are, aim, dht if dht is not None else dh, dh, dh0 if dh0 is not None else dh, n, H, NT,
-        K=K, V=V, BT=BT, BK=BK, BV=BV, HAS_DHT=dht is not None, STORE_DH0=dh0 is not None,
-        MODE=mode, PREC=prec, num_warps=4, num_stages=2)
+    dh = _carried(q, do, are, aim, dht, dh0, BT, mode, prec, True)
     BK, BV = _blocks(K, V, _BWD_CAP)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dare, daim = torch.empty_like(are), torch.empty_like(aim)

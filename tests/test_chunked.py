@@ -27,7 +27,7 @@ def make_inputs(B, n, H, d, e, dtype, device, zeros=False, mag=(0.6, 1.0)):
     ar, ai = r * torch.cos(ph), r * torch.sin(ph)
     if zeros:
         m = torch.rand(B, n, H, device=device) < 0.05
-        m[:, 0] = True
+        m[:, 1] = True  # a reset near the start (not at 0, so the initial state still matters)
         m[:, -1] = True
         ar, ai = ar.masked_fill(m, 0.0), ai.masked_fill(m, 0.0)
     return q, k, v, ar, ai
