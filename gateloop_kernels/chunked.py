@@ -440,7 +440,7 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
 
 
 @triton.jit
-def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
+def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               MODE: tl.constexpr, PREC: tl.constexpr):
     """The complex gate gradient of one chunk (division-free, see the module docstring)."""
@@ -470,33 +470,47 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
     xs = t_idx - 1
     gx, zx, uxr, uxi = _gate_prefix(are + bt, aim + bt, xs, (idx > 0) & (xs < n), H)
     pa = aux + (i_bh.to(tl.int64) * NT + i_t) * 6 * BT
-    phi_re = tl.load(pa + 2 * BT + idx)
-    phi_im = tl.load(pa + 3 * BT + idx)
     xmag = tl.where(zx == 0, tl.exp(gx), 0.0)
     ax_re, ax_im = xmag * uxr, xmag * uxi
     psi_re = tl.load(pa + idx)
     psi_im = tl.load(pa + BT + idx)
-    lower = idx[:, None] > idx[None, :]
-    causal = idx[:, None] >= idx[None, :]
-    # E[u, s] = conj(D[u-1, s]) (s < u); R = P E^T; t1_u = sum_t conj(D[t, u]) (R[t, u] + psi_t conj(A_{u-1})).
-    # Real and imaginary halves one after the other (fewer live tiles: 3xTF32 splits every operand).
-    e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, lower)
-    r_re = _dot(b_p, tl.trans(e_re), MODE, PREC)
-    ephi_re = tl.sum(e_re * phi_re[None, :], 1)
-    ephi_im = tl.sum(e_re * phi_im[None, :], 1)
+    # R[t, u] = sum_{s<u} P[t, s] E[u, s], E[u, s] = conj(D[u-1, s]), as BT rank-one float32 FMA updates
+    # (exact in every mode, and no BT x BT x BT tensor-core product whose 3xTF32 operand splits spill):
+    # P and the chunk's prefixes go through a per-program scratch row so column s can be read back.
+    ps = pscr + (i_bh.to(tl.int64) * NT + i_t) * (BT * BT + 4 * BT)
+    tl.store(ps + idx[:, None] * BT + idx[None, :], b_p)
+    pg = ps + BT * BT
+    tl.store(pg + idx, g)
+    tl.store(pg + BT + idx, z.to(tl.float32))
+    tl.store(pg + 2 * BT + idx, ur)
+    tl.store(pg + 3 * BT + idx, ui)
+    tl.debug_barrier()
+    r_re = tl.zeros([BT, BT], dtype=tl.float32)
+    r_im = tl.zeros([BT, BT], dtype=tl.float32)
+    ephi_re = tl.zeros([BT], dtype=tl.float32)
+    ephi_im = tl.zeros([BT], dtype=tl.float32)
+    zxf = zx.to(tl.float32)
+    for j in range(BT):
+        p_col = tl.load(ps + idx * BT + j)
+        g_s = tl.load(pg + j)
+        z_s = tl.load(pg + BT + j)
+        ur_s = tl.load(pg + 2 * BT + j)
+        ui_s = tl.load(pg + 3 * BT + j)
+        f_re = tl.load(pa + 2 * BT + j)
+        f_im = tl.load(pa + 3 * BT + j)
+        ok = (idx > j) & (zxf == z_s)
+        emag = tl.where(ok, tl.exp(tl.where(ok, gx - g_s, 0.0)), 0.0)
+        ec_re = emag * (uxr * ur_s + uxi * ui_s)
+        ec_im = -emag * (uxi * ur_s - uxr * ui_s)
+        r_re += p_col[:, None] * ec_re[None, :]
+        r_im += p_col[:, None] * ec_im[None, :]
+        ephi_re += ec_re * f_re - ec_im * f_im
+        ephi_im += ec_re * f_im + ec_im * f_re
     m_re = r_re + psi_re[:, None] * ax_re[None, :] + psi_im[:, None] * ax_im[None, :]
-    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, causal)
-    t1_re = tl.sum(d_re * m_re, 0)
-    t1_im = -tl.sum(d_im * m_re, 0)
-    e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, lower)
-    e_im = -e_im
-    r_im = _dot(b_p, tl.trans(e_im), MODE, PREC)
-    ephi_re -= tl.sum(e_im * phi_im[None, :], 1)
-    ephi_im += tl.sum(e_im * phi_re[None, :], 1)
     m_im = r_im + psi_im[:, None] * ax_re[None, :] - psi_re[:, None] * ax_im[None, :]
-    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, causal)
-    t1_re += tl.sum(d_im * m_im, 0)
-    t1_im += tl.sum(d_re * m_im, 0)
+    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
+    t1_re = tl.sum(d_re * m_re + d_im * m_im, 0)
+    t1_im = tl.sum(d_re * m_im - d_im * m_re, 0)
     g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
     ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
     de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
@@ -582,8 +596,9 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=8, num_stages=1)
     _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, n, H, NT,
                          K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=4, num_stages=1)
-    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
-                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=4, num_stages=1)
+    pscr = torch.empty(B * H * NT, BT * BT + 4 * BT, device=q.device, dtype=torch.float32)
+    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
+                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=8, num_stages=1)
     return dq, dk, dv, dare, daim, dh0
 
 
