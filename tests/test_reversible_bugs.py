@@ -22,7 +22,20 @@ def _autocast_grads(make_net, pairs, x, w, seed):
     return backward_grads((y.float() * w).sum(), tensors)
 
 
+def _norm_errs(got, want):
+    """(relative error of all gradients together, worst relative error of one tensor), in 2-norm."""
+    a = torch.cat([g.flatten().double() for g in got])
+    b = torch.cat([w.flatten().double() for w in want])
+    total = ((a - b).norm() / b.norm()).item()
+    per = max(((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item() for g, w in zip(got, want))
+    return total, per
+
+
 def test_bf16_autocast_recomputation_replays_autocast(_seed):
+    """Measured over 200 seeds: ours is about 1e-9 off the oracle (all gradients together, 2-norm)
+    in most runs and at most 5e-4 (1e-3 for one tensor) -- a reconstructed fp32 input 1 ulp off can
+    flip a bf16 rounding in recomputation, which no reversible net avoids; the seed is 6e-3 to
+    1.3e-2 off (its recomputation runs in fp32)."""
     pairs = _pairs(4)
     x = torch.randn(2, 16, D, requires_grad=True)
     w = torch.randn(2, 16, D)
@@ -33,13 +46,12 @@ def test_bf16_autocast_recomputation_replays_autocast(_seed):
         y_ref = oracle_sequence(pairs, x)
     want = grads_of((y_ref.float() * w).sum(), params)
 
-    ours = _autocast_grads(reversible.ReversibleSequence, pairs, x, w, _seed)
-    seed = _autocast_grads(SeedReversibleSequence, pairs, x, w, _seed)
-    err_ours = max(rel_err(a, b) for a, b in zip(ours, want))
-    err_seed = max(rel_err(a, b) for a, b in zip(seed, want))
-    print(f"bf16 autocast grad error vs oracle: ours {err_ours:.2e}, seed {err_seed:.2e}")
-    assert err_ours <= 2e-3, err_ours
-    assert err_seed > 2e-3, f"the seed's behaviour should be visibly wrong here, got {err_seed:.2e}"
+    ours = _norm_errs(_autocast_grads(reversible.ReversibleSequence, pairs, x, w, _seed), want)
+    seed = _norm_errs(_autocast_grads(SeedReversibleSequence, pairs, x, w, _seed), want)
+    print(f"bf16 autocast grad error vs oracle (all, worst tensor): ours {ours[0]:.1e} {ours[1]:.1e}, "
+          f"seed {seed[0]:.1e} {seed[1]:.1e}")
+    assert ours[0] <= 2e-3 and ours[1] <= 5e-3, ours
+    assert seed[0] > 2e-3, f"the seed's behaviour should be visibly wrong here, got {seed}"
 
 
 def test_two_forwards_before_one_backward_replay_their_own_masks(_seed):
@@ -164,4 +176,5 @@ def test_cuda_dropout_autocast_and_two_forwards(_seed):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         r = oracle_sequence(pairs, x)
     want = grads_of(r.float().square().sum(), [x, *params])
-    assert max(rel_err(a, b) for a, b in zip(got, want)) <= 2e-3
+    total, per = _norm_errs(got, want)
+    assert total <= 2e-3 and per <= 5e-3, (total, per)
