@@ -255,19 +255,24 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _sweep_tiles() -> None:
-    """Segment length / warps sweep of our kernel at (4096, 2048) float32 (for tuning)."""
+    """Tile / warps sweep of our kernels at (4096, 2048) float32, graph-replay times (for tuning)."""
     q, k, v, a_re, a_im = _make(4096, 2048, torch.float32, "cuda", 4)
     inputs = [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)]
     gout = torch.randn(q.shape).to(q)
-    saved = (ew.BLOCK_T, ew.WARPS_FWD, ew.WARPS_BWD)
-    for block_t, wf, wb in ((64, 8, 16), (64, 4, 8), (64, 8, 8), (64, 16, 16), (128, 8, 16), (128, 16, 16),
-                            (128, 8, 8), (32, 4, 8), (32, 8, 16)):
-        ew.BLOCK_T, ew.WARPS_FWD, ew.WARPS_BWD = block_t, wf, wb
+    names = ("BLOCK_T", "BLOCK_C_FWD", "BLOCK_C_BWD", "WARPS_FWD", "WARPS_BWD")
+    saved = tuple(getattr(ew, nm) for nm in names)
+    for cfg in ((64, 32, 32, 8, 8), (64, 32, 16, 4, 4), (64, 32, 16, 8, 4), (128, 32, 32, 8, 8),
+                (128, 32, 16, 8, 8), (128, 16, 16, 4, 4), (32, 32, 32, 4, 4), (64, 64, 32, 8, 8),
+                (128, 32, 8, 8, 4)):
+        for nm, val in zip(names, cfg):
+            setattr(ew, nm, val)
         with torch.no_grad():
             f = _time_graph(lambda: ew.elementwise_scan(*inputs, None, None))
         fb = _time_graph(lambda: torch.autograd.grad(ew.elementwise_scan(*inputs, None, None)[0], inputs, gout))
-        _log(f"BLOCK_T {block_t:4d} warps fwd {wf:2d} bwd {wb:2d}: graph fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms")
-    ew.BLOCK_T, ew.WARPS_FWD, ew.WARPS_BWD = saved
+        _log(f"BLOCK_T {cfg[0]:4d} BLOCK_C {cfg[1]:3d}/{cfg[2]:3d} warps {cfg[3]:2d}/{cfg[4]:2d}: "
+             f"graph fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms")
+    for nm, val in zip(names, saved):
+        setattr(ew, nm, val)
 
 
 def _profile() -> None:

@@ -54,6 +54,12 @@ def _unpack(w):
 
 
 @triton.jit
+def _row(x, rows, r):
+    """Row ``r`` of a ``(BLOCK_T, BLOCK_C)`` tile as a ``(BLOCK_C,)`` vector."""
+    return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
+
+
+@triton.jit
 def _publish(buf_ptr, sidx, mc, r0, r1, r2, r3, WORDS: tl.constexpr):
     tl.store(buf_ptr + sidx * WORDS, _pack(r0), mask=mc)
     tl.store(buf_ptr + sidx * WORDS + 1, _pack(r1), mask=mc)
@@ -106,108 +112,33 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
 
 
 # ----------------------------------------------------------------------------- kernels
-#
-# Tiles are 3D, ``(R, W, BLOCK_C)``: time step ``t = seg * R * W + w * R + r``. Triton's default
-# layout puts the channels on the lanes, ``W`` on the warps and the ``R`` steps of one run inside
-# one thread, so the scan of a run is sequential in registers; only the ``W`` run aggregates
-# cross warps (one small shared-memory exchange).
-
 
 @triton.jit
-def _runs(X, rr, r):
-    """Row ``r`` of every run: ``(R, W, C) -> (W, C)`` (an in-thread reduction)."""
-    return tl.sum(tl.where(rr == r, X, 0.0), axis=0)
-
-
-@triton.jit
-def _across_warps(Ar, Ai, Hr, Hi, W: tl.constexpr, REVERSE: tl.constexpr):
-    """Scan the run aggregates ``(W, C)`` across warps (in time order, or reversed).
-
-    Returns the maps entering each run (exclusive, identity for the first run in scan order) and
-    the total map of all runs, each as complex ``(a, h)`` pairs.
-    """
-    Ir, Ii, Jr, Ji = tl.associative_scan((Ar, Ai, Hr, Hi), 0, _combine, reverse=REVERSE)
-    wi = tl.arange(0, W)
-    if REVERSE:
-        src = wi + 1
-        last = 0
-    else:
-        src = wi - 1
-        last = W - 1
-    sel = (wi[None, :] == src[:, None])[:, :, None]  # (target run, source run, 1)
-    none = (src < 0) | (src >= W)
-    Er = tl.sum(tl.where(sel, Ir[None, :, :], 0.0), axis=1) + tl.where(none, 1.0, 0.0)[:, None]
-    Ei = tl.sum(tl.where(sel, Ii[None, :, :], 0.0), axis=1)
-    Fr = tl.sum(tl.where(sel, Jr[None, :, :], 0.0), axis=1)
-    Fi = tl.sum(tl.where(sel, Ji[None, :, :], 0.0), axis=1)
-    is_last = (wi == last)[:, None]
-    Tr = tl.sum(tl.where(is_last, Ir, 0.0), axis=0)
-    Ti = tl.sum(tl.where(is_last, Ii, 0.0), axis=0)
-    Ur = tl.sum(tl.where(is_last, Jr, 0.0), axis=0)
-    Ui = tl.sum(tl.where(is_last, Ji, 0.0), axis=0)
-    return Er, Ei, Fr, Fi, Tr, Ti, Ur, Ui
-
-
-@triton.jit
-def _apply(Ar, Ai, Hr, Hi, sr, si):
-    """``A s + H`` (complex; broadcasting)."""
-    return Ar * sr - Ai * si + Hr, Ar * si + Ai * sr + Hi
-
-
-@triton.jit
-def _enter(xr, xi, ar, ai, sr, si, rr, r0):
-    """Fold the state ``s`` entering each run into the run's first step ``r0``: ``x + a s`` there."""
-    first = rr == r0
-    return (tl.where(first, xr + ar * sr[None, :, :] - ai * si[None, :, :], xr),
-            tl.where(first, xi + ar * si[None, :, :] + ai * sr[None, :, :], xi))
-
-
-@triton.jit
-def _tile(seg, b, cb, n, C, s_b, s_n, s_c, g_b, g_n, g_c,
-          R: tl.constexpr, W: tl.constexpr, BLOCK_C: tl.constexpr, BIG: tl.constexpr):
-    """Index tensors of a program's tile; offsets are ``(batch offset, in-batch offsets)``, the latter
-    int32 unless ``BIG`` (in-batch extents of 2**31 elements or more)."""
-    rr = tl.arange(0, R)[:, None, None]
-    ww = tl.arange(0, W)[None, :, None]
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    t = seg * (R * W) + ww * R + rr
-    mc = c < C
-    m = (t < n) & mc[None, None, :]
-    cc = c[None, None, :]
-    if BIG:
-        t = t.to(tl.int64)
-    off = t * s_n + cc * s_c
-    goff = t * g_n + cc * g_c
-    return rr, ww, t, c, mc, m, b.to(tl.int64) * s_b, off, b.to(tl.int64) * g_b, goff
-
-
-@triton.jit
-def _load_state(ptr, b, C, c, mc, PRESENT: tl.constexpr, BLOCK_C: tl.constexpr):
-    if PRESENT:
-        return tl.load(ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
-    else:
-        return tl.zeros([BLOCK_C], tl.float32)
-
-
-@triton.jit(do_not_specialize=["s_c", "g_c"])
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
                 o_ptr, hTr_ptr, hTi_ptr, agg_ptr, inc_ptr, ticket_ptr,
                 n, B, C, NCB, NSEG,
                 s_b, s_n, s_c, g_b, g_n, g_c,
-                R: tl.constexpr, W: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr):
     vid = tl.atomic_add(ticket_ptr, 1)
     seg = vid // (B * NCB)
     b = (vid % (B * NCB)) // NCB
     cb = vid % NCB
-    rr, ww, t, c, mc, m, boff, off, gboff, goff = _tile(seg, b, cb, n, C, s_b, s_n, s_c, g_b, g_n, g_c,
-                                                        R, W, BLOCK_C, BIG)
+    rows = tl.arange(0, BLOCK_T)
+    t = seg * BLOCK_T + rows
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    m = (t < n)[:, None] & mc[None, :]
+    tt = t[:, None].to(tl.int64) if BIG else t[:, None]
+    off = tt * s_n + c[None, :] * s_c  # in-batch offsets (int32 unless BIG)
+    goff = tt * g_n + c[None, :] * g_c
+    boff = b.to(tl.int64) * s_b
     q_ptr += boff
     k_ptr += boff
     v_ptr += boff
     o_ptr += boff
-    ar_ptr += gboff
-    ai_ptr += gboff
+    ar_ptr += b.to(tl.int64) * g_b
+    ai_ptr += b.to(tl.int64) * g_b
 
     x = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
     if not KV_GIVEN:
@@ -216,45 +147,57 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     if COMPLEX:
         ai = tl.load(ai_ptr + goff, mask=m, other=0.0).to(tl.float32)
     else:
-        ai = tl.zeros_like(ar)
-    q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
+        ai = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     A_r, A_i, H_r, H_i = tl.associative_scan((ar, ai, x, tl.zeros_like(x)), 0, _combine)
-    Er, Ei, Fr, Fi, Tr, Ti, Ur, Ui = _across_warps(_runs(A_r, rr, R - 1), _runs(A_i, rr, R - 1),
-                                                   _runs(H_r, rr, R - 1), _runs(H_i, rr, R - 1), W, False)
+
+    last = BLOCK_T - 1
+    Ar_l, Ai_l, Hr_l, Hi_l = _row(A_r, rows, last), _row(A_i, rows, last), _row(H_r, rows, last), _row(H_i, rows, last)
     sidx = (seg * B + b).to(tl.int64) * C + c
     if seg > 0:
-        _publish(agg_ptr, sidx, mc, Tr, Ti, Ur, Ui, 4)
-    h0r = _load_state(h0r_ptr, b, C, c, mc, HAS_H0, BLOCK_C)
-    h0i = _load_state(h0i_ptr, b, C, c, mc, HAS_H0 and COMPLEX, BLOCK_C)
+        _publish(agg_ptr, sidx, mc, Ar_l, Ai_l, Hr_l, Hi_l, 4)
+    if HAS_H0:
+        h0r = tl.load(h0r_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
+        h0i = tl.load(h0i_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(h0r)
+    else:
+        h0r = tl.zeros([BLOCK_C], tl.float32)
+        h0i = tl.zeros([BLOCK_C], tl.float32)
     car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, -1, b, B, C, c, mc, h0r, h0i, BLOCK_C)
-    inc_r, inc_i = _apply(Tr, Ti, Ur, Ui, car_r, car_i)
+    inc_r = Ar_l * car_r - Ai_l * car_i + Hr_l
+    inc_i = Ar_l * car_i + Ai_l * car_r + Hi_l
     _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 2)
     if seg == NSEG - 1:
         tl.store(hTr_ptr + b * C + c, inc_r, mask=mc)
         if COMPLEX:
             tl.store(hTi_ptr + b * C + c, inc_i, mask=mc)
-    # state entering each run, folded into its first step; the run's scan again gives the states
-    sr, si = _apply(Er, Ei, Fr, Fi, car_r[None, :], car_i[None, :])
-    xr, xi = _enter(x, tl.zeros_like(x), ar, ai, sr, si, rr, 0)
-    _, _, h_r, _ = tl.associative_scan((ar, ai, xr, xi), 0, _combine)
+
+    h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
+    q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + off, (q * h_r).to(o_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["s_c", "g_c"])
+@triton.jit
 def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, fwd_inc_ptr,
                 dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr,
                 agg_ptr, inc_ptr, ticket_ptr,
                 n, B, C, NCB, NSEG,
                 s_b, s_n, s_c, g_b, g_n, g_c,
-                R: tl.constexpr, W: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr,
                 BIG: tl.constexpr):
     vid = tl.atomic_add(ticket_ptr, 1)
     seg = NSEG - 1 - vid // (B * NCB)
     b = (vid % (B * NCB)) // NCB
     cb = vid % NCB
-    rr, ww, t, c, mc, m, boff, off, gboff, goff = _tile(seg, b, cb, n, C, s_b, s_n, s_c, g_b, g_n, g_c,
-                                                        R, W, BLOCK_C, BIG)
+    rows = tl.arange(0, BLOCK_T)
+    t = seg * BLOCK_T + rows
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    mt = t < n
+    m = mt[:, None] & mc[None, :]
+    tt = t[:, None].to(tl.int64) if BIG else t[:, None]
+    off = tt * s_n + c[None, :] * s_c  # in-batch offsets (int32 unless BIG)
+    goff = tt * g_n + c[None, :] * g_c
+    boff = b.to(tl.int64) * s_b
     do_ptr += boff
     q_ptr += boff
     k_ptr += boff
@@ -264,55 +207,51 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     dv_ptr += boff
     dar_ptr += boff
     dai_ptr += boff
-    ar_ptr += gboff
-    ai_ptr += gboff
+    ar_ptr += b.to(tl.int64) * g_b
+    ai_ptr += b.to(tl.int64) * g_b
 
-    # 1. reverse adjoint: lam_t = b_t lam_{t+1} + g_t, b_t = conj(a_{t+1}) (1 past the end)
-    mn = (t + 1 < n) & mc[None, None, :]
+    # reverse adjoint: lam_t = b_t lam_{t+1} + g_t with b_t = conj(a_{t+1}) (1 past the end)
+    mn = ((t + 1) < n)[:, None] & mc[None, :]
     br = tl.load(ar_ptr + goff + g_n, mask=mn, other=1.0).to(tl.float32)
     if COMPLEX:
         bi = -tl.load(ai_ptr + goff + g_n, mask=mn, other=0.0).to(tl.float32)
     else:
-        bi = tl.zeros_like(br)
+        bi = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     do = tl.load(do_ptr + off, mask=m, other=0.0).to(tl.float32)
-    g = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32) * do
+    q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
+    g = q * do
     B_r, B_i, L_r, L_i = tl.associative_scan((br, bi, g, tl.zeros_like(g)), 0, _combine, reverse=True)
-    Er, Ei, Fr, Fi, Tr, Ti, Ur, Ui = _across_warps(_runs(B_r, rr, 0), _runs(B_i, rr, 0),
-                                                   _runs(L_r, rr, 0), _runs(L_i, rr, 0), W, True)
+    Br_0, Bi_0, Lr_0, Li_0 = _row(B_r, rows, 0), _row(B_i, rows, 0), _row(L_r, rows, 0), _row(L_i, rows, 0)
     sidx = (seg * B + b).to(tl.int64) * C + c
     if seg < NSEG - 1:
-        _publish(agg_ptr, sidx, mc, Tr, Ti, Ur, Ui, 4)
-    gTr = _load_state(gTr_ptr, b, C, c, mc, HAS_GT, BLOCK_C)
-    gTi = _load_state(gTi_ptr, b, C, c, mc, HAS_GT and COMPLEX, BLOCK_C)
-    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C)
-    inc_r, inc_i = _apply(Tr, Ti, Ur, Ui, car_r, car_i)
-    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 2)
-    sr, si = _apply(Er, Ei, Fr, Fi, car_r[None, :], car_i[None, :])
-    gr, gi = _enter(g, tl.zeros_like(g), br, bi, sr, si, rr, R - 1)
-    _, _, lam_r, lam_i = tl.associative_scan((br, bi, gr, gi), 0, _combine, reverse=True)
-
-    # 2. dk, dv
-    k = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
-    if KV_GIVEN:
-        x = k
-        tl.store(dk_ptr + off, lam_r.to(dk_ptr.dtype.element_ty), mask=m)
+        _publish(agg_ptr, sidx, mc, Br_0, Bi_0, Lr_0, Li_0, 4)
+    if HAS_GT:
+        gTr = tl.load(gTr_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
+        gTi = tl.load(gTi_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(gTr)
     else:
-        v = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
-        x = k * v
-        tl.store(dk_ptr + off, (lam_r * v).to(dk_ptr.dtype.element_ty), mask=m)
-        tl.store(dv_ptr + off, (lam_r * k).to(dv_ptr.dtype.element_ty), mask=m)
+        gTr = tl.zeros([BLOCK_C], tl.float32)
+        gTi = tl.zeros([BLOCK_C], tl.float32)
+    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C)
+    inc_r = Br_0 * car_r - Bi_0 * car_i + Lr_0
+    inc_i = Br_0 * car_i + Bi_0 * car_r + Li_0
+    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 2)
+    lam_r = L_r + B_r * car_r[None, :] - B_i * car_i[None, :]
+    lam_i = L_i + B_r * car_i[None, :] + B_i * car_r[None, :]
 
-    # 3. y_t = h_{t-1}: scan of (a_{t-1}, x_{t-1}); the segment's first step is the reset
-    #    (0, state entering the segment) from the forward's inclusive states
+    # forward state entering the tile: the forward pass's inclusive state of segment seg - 1
     if seg > 0:
         pidx = ((seg - 1) * B + b).to(tl.int64) * C + c
         f_r = _unpack(tl.load(fwd_inc_ptr + pidx * 2, mask=mc, other=0))
         f_i = _unpack(tl.load(fwd_inc_ptr + pidx * 2 + 1, mask=mc, other=0))
+    elif HAS_H0:
+        f_r = tl.load(h0r_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
+        f_i = tl.load(h0i_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(f_r)
     else:
-        f_r = _load_state(h0r_ptr, b, C, c, mc, HAS_H0, BLOCK_C)
-        f_i = _load_state(h0i_ptr, b, C, c, mc, HAS_H0 and COMPLEX, BLOCK_C)
-    first = (rr == 0) & (ww == 0)
-    mp = (t >= 1) & m
+        f_r = tl.zeros([BLOCK_C], tl.float32)
+        f_i = tl.zeros([BLOCK_C], tl.float32)
+    # y_t = h_{t-1}: scan of (a_{t-1}, x_{t-1}) with row 0 replaced by the reset (0, state entering)
+    first = (rows == 0)[:, None]
+    mp = (t >= 1)[:, None] & m
     xp = tl.load(k_ptr + off - s_n, mask=mp, other=0.0).to(tl.float32)
     if not KV_GIVEN:
         xp = xp * tl.load(v_ptr + off - s_n, mask=mp, other=0.0).to(tl.float32)
@@ -320,36 +259,40 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     if COMPLEX:
         ap_i = tl.load(ai_ptr + goff - g_n, mask=mp, other=0.0).to(tl.float32)
     else:
-        ap_i = tl.zeros_like(ap_r)
+        ap_i = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     ap_r = tl.where(first, 0.0, ap_r)
     ap_i = tl.where(first, 0.0, ap_i)
-    xp_r = tl.where(first, f_r[None, None, :], xp)
-    xp_i = tl.where(first, f_i[None, None, :], 0.0)
-    Y_ar, Y_ai, Y_r, Y_i = tl.associative_scan((ap_r, ap_i, xp_r, xp_i), 0, _combine)
-    Er, Ei, Fr, Fi, Tr, Ti, Ur, Ui = _across_warps(_runs(Y_ar, rr, R - 1), _runs(Y_ai, rr, R - 1),
-                                                   _runs(Y_r, rr, R - 1), _runs(Y_i, rr, R - 1), W, False)
-    # the reset makes the state entering the segment irrelevant: entering each run is F
-    xp_r, xp_i = _enter(xp_r, xp_i, ap_r, ap_i, Fr, Fi, rr, 0)
+    xp_r = tl.where(first, f_r[None, :], xp)
+    xp_i = tl.where(first, f_i[None, :], 0.0)
     _, _, y_r, y_i = tl.associative_scan((ap_r, ap_i, xp_r, xp_i), 0, _combine)
 
-    # 4. da_t = lam_t conj(y_t) (stored with the q strides); dq_t = Re(a_t y_t + x_t) do_t
-    tl.store(dar_ptr + off, (lam_r * y_r + lam_i * y_i).to(dar_ptr.dtype.element_ty), mask=m)
-    if COMPLEX:
-        tl.store(dai_ptr + off, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
     a_r = tl.load(ar_ptr + goff, mask=m, other=1.0).to(tl.float32)
     if COMPLEX:
         a_i = tl.load(ai_ptr + goff, mask=m, other=0.0).to(tl.float32)
     else:
-        a_i = tl.zeros_like(a_r)
+        a_i = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    k = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
+    if KV_GIVEN:
+        x = k
+    else:
+        v = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
+        x = k * v
     h_r = a_r * y_r - a_i * y_i + x
     tl.store(dq_ptr + off, (h_r * do).to(dq_ptr.dtype.element_ty), mask=m)
+    if KV_GIVEN:
+        tl.store(dk_ptr + off, lam_r.to(dk_ptr.dtype.element_ty), mask=m)
+    else:
+        tl.store(dk_ptr + off, (lam_r * v).to(dk_ptr.dtype.element_ty), mask=m)
+        tl.store(dv_ptr + off, (lam_r * k).to(dv_ptr.dtype.element_ty), mask=m)
+    # da_t = lam_t conj(y_t); gate gradients are stored with the q strides
+    tl.store(dar_ptr + off, (lam_r * y_r + lam_i * y_i).to(dar_ptr.dtype.element_ty), mask=m)
+    if COMPLEX:
+        tl.store(dai_ptr + off, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
     if HAS_H0:
         if seg == 0:
             # dh0 = conj(a_0) lam_0
-            a0r = tl.sum(tl.sum(tl.where(first, a_r, 0.0), axis=0), axis=0)
-            a0i = tl.sum(tl.sum(tl.where(first, a_i, 0.0), axis=0), axis=0)
-            l0r = tl.sum(tl.sum(tl.where(first, lam_r, 0.0), axis=0), axis=0)
-            l0i = tl.sum(tl.sum(tl.where(first, lam_i, 0.0), axis=0), axis=0)
+            a0r, a0i = _row(a_r, rows, 0), _row(a_i, rows, 0)
+            l0r, l0i = _row(lam_r, rows, 0), _row(lam_i, rows, 0)
             tl.store(dh0r_ptr + b * C + c, a0r * l0r + a0i * l0i, mask=mc)
             if COMPLEX:
                 tl.store(dh0i_ptr + b * C + c, a0r * l0i - a0i * l0r, mask=mc)
@@ -357,8 +300,9 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
 
 # ----------------------------------------------------------------------------- launchers
 
-#: time steps per segment (one program's tile), and warps of the forward / backward programs
-BLOCK_T, WARPS_FWD, WARPS_BWD = 64, 8, 16
+#: time steps per program (forward and backward share it: the saved carries are per segment),
+#: channels per program and warps, forward / backward
+BLOCK_T, BLOCK_C_FWD, BLOCK_C_BWD, WARPS_FWD, WARPS_BWD = 64, 32, 32, 8, 8
 
 
 def _pow2(x: int) -> int:
@@ -366,13 +310,20 @@ def _pow2(x: int) -> int:
 
 
 def tile_config(n: int, C: int, backward: bool = False) -> tuple[int, int, int]:
-    """``(R, W, BLOCK_C)`` for a ``(B, n, C)`` problem: a program covers ``R * W`` steps of ``BLOCK_C``
-    channels, ``W`` warps of ``R`` steps each. Forward and backward share ``R * W`` (the saved carries
-    are per segment). Deterministic in its arguments (the fake implementations use it).
+    """``(BLOCK_T, BLOCK_C, num_warps)`` for a ``(B, n, C)`` problem.
+
+    A program scans a ``(BLOCK_T, BLOCK_C)`` tile; ``BLOCK_T`` is the same for the forward and the
+    backward (the forward's saved carries are per segment of ``BLOCK_T`` steps). Deterministic in
+    its arguments (the fake implementations use it).
     """
-    bt = min(BLOCK_T, max(16, _pow2(n)))
-    w = min(WARPS_BWD if backward else WARPS_FWD, bt)
-    return bt // w, w, min(32, _pow2(C))
+    block_t = min(BLOCK_T, max(16, _pow2(n)))
+    block_c = min(BLOCK_C_BWD if backward else BLOCK_C_FWD, _pow2(C))
+    return block_t, block_c, WARPS_BWD if backward else WARPS_FWD
+
+
+def _big(*ts: Tensor) -> bool:
+    """Whether an in-batch offset (time and channel strides, one step past the end) may pass int32."""
+    return any((t.shape[1] + 1) * abs(t.stride(1)) + t.shape[2] * abs(t.stride(2)) >= 2 ** 31 for t in ts)
 
 
 def _segments(n: int, block_t: int) -> int:
@@ -381,13 +332,8 @@ def _segments(n: int, block_t: int) -> int:
 
 def carries_numel(B: int, n: int, C: int) -> int:
     """Number of int64 words of the forward's ``carries`` buffer (look-back words and ticket)."""
-    r, w, _ = tile_config(n, C)
-    return _segments(n, r * w) * B * C * 6 + 1
-
-
-def _big(*ts: Tensor) -> bool:
-    """Whether an in-batch offset (time and channel strides, one step past the end) may pass int32."""
-    return any((t.shape[1] + 1) * abs(t.stride(1)) + t.shape[2] * abs(t.stride(2)) >= 2 ** 31 for t in ts)
+    block_t, _, _ = tile_config(n, C)
+    return _segments(n, block_t) * B * C * 6 + 1
 
 
 def _strided_like(x: Tensor, ref: Tensor) -> Tensor:
@@ -416,7 +362,7 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
         a_re, a_im: the gate's real and imaginary parts ``(B, n, C)`` (any float dtype, any strides);
             ``a_im = None`` for a real gate.
         h0_re, h0_im: optional initial state ``(B, C)`` (``h0_im`` only with a complex gate).
-        block: ``(R, W, BLOCK_C)`` override (tests); default :func:`tile_config`.
+        block: ``(BLOCK_T, BLOCK_C, num_warps)`` override (tests); default :func:`tile_config`.
 
     Returns:
         ``(o, hT_re, hT_im, carries)``: ``o`` like ``q`` (dtype of ``q``); the final state float32
@@ -436,8 +382,8 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     hT_re = torch.empty((B, C), dtype=torch.float32, device=dev)
     hT_im = torch.empty((B, C) if complex_gate else (0,), dtype=torch.float32, device=dev)
     o = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev)
-    r, w, block_c = block or tile_config(n, C)
-    nseg = _segments(n, r * w)
+    block_t, block_c, warps = block or tile_config(n, C)
+    nseg = _segments(n, block_t)
     # one zeroed buffer: inclusive states (kept for the backward) | aggregates | ticket
     carries = torch.zeros(nseg * B * C * 6 + 1, dtype=torch.int64, device=dev)
     if n == 0 or B * C == 0:
@@ -457,8 +403,8 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
         q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
         o, hT_re, hT_im if complex_gate else hT_re, carries[n_inc:], carries, carries[-1:].view(torch.int32),
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
-        R=r, W=w, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=h0_re is not None, BIG=_big(q, a_re), num_warps=w)
+        BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
+        HAS_H0=h0_re is not None, BIG=_big(q, a_re), num_warps=warps)
     return o, hT_re, hT_im, carries
 
 
@@ -469,7 +415,7 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
 
     ``do``: ``(B, n, C)``, gradient of ``o``; ``dhT_re/dhT_im``: ``(B, C)`` gradient of the final
     state (``None``: zero); ``carries``: from :func:`scan_forward`; ``block``: as there, with the
-    forward's ``R * W``.
+    forward's ``BLOCK_T``.
 
     Returns:
         ``(dq, dk, dv, da_re, da_im, dh0_re, dh0_im)``: ``dq, dk, dv`` like ``q`` (``dv`` is
@@ -501,8 +447,8 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
             if dh0 is not None:
                 dh0.copy_(dhT) if dhT is not None else dh0.zero_()
         return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
-    r, w, block_c = block or tile_config(n, C, backward=True)
-    nseg = _segments(n, r * w)
+    block_t, block_c, warps = block or tile_config(n, C, backward=True)
+    nseg = _segments(n, block_t)
     ncb = -(-C // block_c)
     ws = torch.zeros(nseg * B * C * 6 + 1, dtype=torch.int64, device=dev)
     agg, inc = ws[1:1 + nseg * B * C * 4], ws[1 + nseg * B * C * 4:]
@@ -519,8 +465,8 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
         agg, inc, ws[:1].view(torch.int32),
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
-        R=r, W=w, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=w)
+        BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
+        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=warps)
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
 
 

@@ -71,10 +71,10 @@ CASES += [(torch.float32, True, False, False), (torch.float32, False, True, Fals
 @needs_kernels
 @pytest.mark.parametrize("dtype,complex_gate,kv_given,with_h0", CASES)
 def test_kernel_matches_oracle_small(dtype, complex_gate, kv_given, with_h0):
-    """n = 37 with 8-step tiles of 2 runs of 4 (5 segments, last one partial), 5 channels in tiles of 4."""
+    """n = 37 with 8-step tiles (5 segments, last one partial), 5 channels in tiles of 4."""
     B, n, C = 2, 37, 5
     args = make(B, n, C, dtype, complex_gate, kv_given, with_h0)
-    block = (4, 2, 4)
+    block = (8, 4, 1)
     o, hT_re, hT_im, carries = ew.scan_forward(*args, block=block)
     do = torch.randn(B, n, C, device=DEV).to(dtype)
     g_re = torch.randn(B, C, device=DEV)
@@ -102,7 +102,7 @@ def test_kernel_time_contiguous_layout_and_zero_gates():
     chan = [t[..., 0].t()[None] for t in (q, k, v, a_re, a_im)]
     h0 = [h0_re.t(), h0_im.t()]
     assert chan[0].stride(1) == 1
-    block = (8, 2, 2)
+    block = (16, 2, 1)
     o, hr, hi, carries = ew.scan_forward(*chan, *h0, block=block)
     do = torch.randn_like(chan[0])
     g_re, g_im = torch.randn(1, B, device=DEV), torch.randn(1, B, device=DEV)
@@ -116,7 +116,7 @@ def test_kernel_time_contiguous_layout_and_zero_gates():
 @needs_kernels
 def test_kernel_single_segment_and_empty():
     q, k, v, a_re, a_im, h0_re, h0_im = make(1, 3, 2, torch.float32, True, False, True)
-    o, hr, hi, _ = ew.scan_forward(q, k, v, a_re, a_im, h0_re, h0_im, block=(8, 2, 2))
+    o, hr, hi, _ = ew.scan_forward(q, k, v, a_re, a_im, h0_re, h0_im, block=(16, 2, 1))
     ro, rh, _ = oracle(q, k, v, a_re, a_im, h0_re, h0_im, torch.ones_like(q), torch.zeros_like(hr), None)
     assert rel(o, ro) < 1e-5 and rel(hr, rh.real) < 1e-5
     e = [t[:, :0] for t in (q, k, v, a_re, a_im)]
