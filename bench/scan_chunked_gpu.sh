@@ -13,7 +13,7 @@ while [ $# -gt 0 ]; do
     sanitize) shift; timeout 200 compute-sanitizer --tool memcheck --print-limit 20 python3 -c "
 import torch
 from gateloop_kernels.chunked import chunk_gate_loop
-B,n,H,d,e=1,300,2,64,32
+B,n,H,d,e=2,300,2,16,48
 q,k=torch.randn(B,n,H,d,device='cuda'),torch.randn(B,n,H,d,device='cuda'); v=torch.randn(B,n,H,e,device='cuda')
 ar,ai=torch.rand(B,n,H,device='cuda'),torch.rand(B,n,H,device='cuda')*0.1
 h0=torch.randn(B,H,d,e,dtype=torch.complex64,device='cuda')

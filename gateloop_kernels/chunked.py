@@ -246,12 +246,40 @@ def _chunk_local(x, y, are, aim, u, atot, n, H, NT,
 
 
 @triton.jit
+def _scan_load(u, atot, i_bh, i_t, NT, offs, m, KV: tl.constexpr, REV: tl.constexpr):
+    i_t = tl.full([], 0, tl.int32) + i_t  # a tensor, also where i_t is a Python int (interpreter)
+    ok = i_t < NT
+    i_s = tl.where(ok, i_t, 0)
+    if REV:
+        i_s = NT - 1 - i_s
+    pu = u + (i_bh.to(tl.int64) * NT + i_s) * 2 * KV
+    pa = atot + (i_bh.to(tl.int64) * NT + i_s) * 2
+    a_re = tl.where(ok, tl.load(pa), 1.0)
+    a_im = tl.where(ok, tl.load(pa + 1), 0.0)
+    if REV:
+        a_im = -a_im
+    okv = m & ((offs * 0 + i_t) < NT)
+    u_re = tl.load(pu + offs, mask=okv, other=0.0)
+    u_im = tl.load(pu + KV + offs, mask=okv, other=0.0)
+    return pu, okv, a_re, a_im, u_re, u_im
+
+
+@triton.jit
+def _scan_step(s_re, s_im, pu, okv, a_re, a_im, u_re, u_im, offs, m, KV: tl.constexpr):
+    tl.store(pu + offs, s_re, mask=okv)
+    tl.store(pu + KV + offs, s_im, mask=okv)
+    return a_re * s_re - a_im * s_im + u_re, a_re * s_im + a_im * s_re + u_im
+
+
+@triton.jit
 def _state_scan(u, atot, s0, sT, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
                 HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, REV: tl.constexpr):
     """In place over chunks: slot c holds U_c on entry and the carried state on exit.
 
     forward: slot c <- S (entering chunk c), S <- A_c S + U_c; reverse (c from the end):
     slot c <- L (adjoint of the state leaving chunk c), L <- conj(A_c) L + U_c.
+    Four chunks per iteration, all loaded before any is overwritten: one memory round trip per four
+    steps on the sequential path.
     """
     i_e, i_bh = tl.program_id(0), tl.program_id(1)
     offs = i_e * BLOCK + tl.arange(0, BLOCK)
@@ -262,22 +290,15 @@ def _state_scan(u, atot, s0, sT, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
         p0 = s0 + i_bh.to(tl.int64) * 2 * KV
         s_re += tl.load(p0 + offs, mask=m, other=0.0)
         s_im += tl.load(p0 + KV + offs, mask=m, other=0.0)
-    for j in range(NT):
-        if REV:
-            i_t = NT - 1 - j
-        else:
-            i_t = j
-        pu = u + (i_bh.to(tl.int64) * NT + i_t) * 2 * KV
-        pa = atot + (i_bh.to(tl.int64) * NT + i_t) * 2
-        a_re = tl.load(pa)
-        a_im = tl.load(pa + 1)
-        if REV:
-            a_im = -a_im
-        u_re = tl.load(pu + offs, mask=m, other=0.0)
-        u_im = tl.load(pu + KV + offs, mask=m, other=0.0)
-        tl.store(pu + offs, s_re, mask=m)
-        tl.store(pu + KV + offs, s_im, mask=m)
-        s_re, s_im = a_re * s_re - a_im * s_im + u_re, a_re * s_im + a_im * s_re + u_im
+    for j in range(0, NT, 4):
+        p0, k0, ar0, ai0, ur0, ui0 = _scan_load(u, atot, i_bh, j, NT, offs, m, KV, REV)
+        p1, k1, ar1, ai1, ur1, ui1 = _scan_load(u, atot, i_bh, j + 1, NT, offs, m, KV, REV)
+        p2, k2, ar2, ai2, ur2, ui2 = _scan_load(u, atot, i_bh, j + 2, NT, offs, m, KV, REV)
+        p3, k3, ar3, ai3, ur3, ui3 = _scan_load(u, atot, i_bh, j + 3, NT, offs, m, KV, REV)
+        s_re, s_im = _scan_step(s_re, s_im, p0, k0, ar0, ai0, ur0, ui0, offs, m, KV)
+        s_re, s_im = _scan_step(s_re, s_im, p1, k1, ar1, ai1, ur1, ui1, offs, m, KV)
+        s_re, s_im = _scan_step(s_re, s_im, p2, k2, ar2, ai2, ur2, ui2, offs, m, KV)
+        s_re, s_im = _scan_step(s_re, s_im, p3, k3, ar3, ai3, ur3, ui3, offs, m, KV)
     if STORE_ST:
         pt = sT + i_bh.to(tl.int64) * 2 * KV
         tl.store(pt + offs, s_re, mask=m)
@@ -553,10 +574,10 @@ def _carried(x, y, are, aim, s0, sT, BT, mode, prec, rev):
     _chunk_local[(triton.cdiv(K, BK), triton.cdiv(V, BV), NT * B * H)](
         x, y, are, aim, u, atot, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV, REV=rev, MODE=mode, PREC=prec,
         num_warps=4, num_stages=1)
-    BLOCK = min(1024, triton.next_power_of_2(K * V))
+    BLOCK = min(512, triton.next_power_of_2(K * V))
     _state_scan[(triton.cdiv(K * V, BLOCK), B * H)](
         u, atot, s0 if s0 is not None else u, sT if sT is not None else u, NT, KV=K * V, BLOCK=BLOCK,
-        HAS_S0=s0 is not None, STORE_ST=sT is not None, REV=rev, num_warps=4, num_stages=3)
+        HAS_S0=s0 is not None, STORE_ST=sT is not None, REV=rev, num_warps=4, num_stages=1)
     return u
 
 
