@@ -234,3 +234,33 @@ def test_nuwa_reversible_sequence(_seed):
     ga = [{"scale": scale} if r[1] else {} for r in route["scale"]]
     _train_pair_grads(lambda: net(x, scale=scale),
                       lambda: oracle_sequence(blocks, x, merge="sum", f_args=fa, g_args=ga), tensors, _seed)
+
+
+def test_install_points_an_unedited_package_at_the_compat_module(tmp_path, monkeypatch):
+    import sys
+
+    import reversible.compat as compat
+
+    pkg = tmp_path / "nuwa_pytorch"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from nuwa_pytorch.nuwa_pytorch import Model\n")
+    (pkg / "nuwa_pytorch.py").write_text(
+        "from nuwa_pytorch.reversible import ReversibleSequence\n"
+        "from nuwa_pytorch.reversible_video_audio import DualModalityReversibleSequence\n"
+        "class Model:\n    seq, dual = ReversibleSequence, DualModalityReversibleSequence\n")
+    (pkg / "reversible.py").write_text("raise ImportError('the original was imported')\n")
+    (pkg / "reversible_video_audio.py").write_text("raise ImportError('the original was imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("nuwa_pytorch", "nuwa_pytorch.nuwa_pytorch", *compat.TARGETS["nuwa"]):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    try:
+        compat.install("nuwa")
+        import nuwa_pytorch
+
+        assert nuwa_pytorch.Model.seq is nuwa.ReversibleSequence
+        assert nuwa_pytorch.Model.dual is nuwa.DualModalityReversibleSequence
+    finally:
+        for name in ("nuwa_pytorch", "nuwa_pytorch.nuwa_pytorch", *compat.TARGETS["nuwa"]):
+            sys.modules.pop(name, None)
+    with pytest.raises(ValueError, match="unknown compat module"):
+        compat.install("nope")
