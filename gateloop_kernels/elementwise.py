@@ -302,7 +302,7 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
 
 #: time steps per program (forward and backward share it: the saved carries are per segment),
 #: channels per program and warps, forward / backward
-BLOCK_T, BLOCK_C_FWD, BLOCK_C_BWD, WARPS_FWD, WARPS_BWD = 64, 32, 32, 8, 8
+BLOCK_T, BLOCK_C_FWD, BLOCK_C_BWD, WARPS_FWD, WARPS_BWD = 64, 32, 16, 4, 4
 
 
 def _pow2(x: int) -> int:
