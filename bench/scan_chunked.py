@@ -189,6 +189,8 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd (torch.profiler)")
     ap.add_argument("--shapes", default="main", help="'main' or BH:n:d,... ")
     ap.add_argument("--json", default=os.path.join("bench", "out", "scan_chunked.json"))
+    ap.add_argument("--fla-shapes", default="64:2048:64", help="BH:n:d,... where fla runs (it autotunes per shape)")
+    ap.add_argument("--sweep-modes", default="ieee", help="modes for the n sweep")
     args, _ = ap.parse_known_args(argv)
     if not torch.cuda.is_available():
         log("[scan_chunked] needs a CUDA GPU; skipped")
@@ -202,10 +204,15 @@ def main(argv=None):
     dev = torch.cuda.get_device_name()
     log(f"[scan_chunked] device {dev}, torch {torch.__version__}, "
         f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    fla_shapes = [tuple(int(x) for x in t.split(":")) for t in args.fla_shapes.split(",") if t]
+    out = args.json
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     rows = []
     for (bh, n, d) in shapes:
         e = d
         for mode in modes:
+            if (bh, n, d) in SWEEP and (bh, n, d) not in MAIN and mode not in args.sweep_modes.split(","):
+                continue
             dtype = torch.bfloat16 if mode == "bf16" else torch.float32
             tb, tf, flops = floors(bh, n, d, e, mode)
             row = dict(bh=bh, n=n, d=d, e=e, mode=mode, floor_bytes_ms=tb * 1e3, floor_flops_ms=tf * 1e3,
@@ -254,7 +261,7 @@ def main(argv=None):
                     except torch.OutOfMemoryError:
                         log("[scan_chunked]   seed: out of memory, skipped")
                     torch.cuda.empty_cache()
-            if use_fla and mode in ("tf32", "bf16") and (bh, n, d) in MAIN:
+            if use_fla and mode in ("tf32", "bf16") and (bh, n, d) in fla_shapes:
                 # fla runs its float32 dots in tf32 whatever we ask: compare it in those rows
                 try:
                     q2, k2, g = fla_rotate(q.detach(), k.detach(), ar.detach(), ai.detach())
@@ -270,6 +277,9 @@ def main(argv=None):
                 except Exception as ex:  # noqa: BLE001
                     log(f"[scan_chunked]   fla failed: {type(ex).__name__}: {str(ex)[:200]}")
             rows.append(row)
+            with open(out, "w") as fh:  # after every row: a run stopped at its time limit keeps what it measured
+                json.dump(dict(device=dev, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows), fh,
+                          indent=1)
             del inputs, q, k, v, ar, ai, do, ro, rg
             torch.cuda.empty_cache()
     # table
@@ -282,10 +292,6 @@ def main(argv=None):
                         f("ours_fwd_ms"), f("ours_fwdbwd_ms"), f("ours_extra_mem_frac", "{:.0%}"),
                         f("err_o", "{:.1e}"), f("err_grad_max", "{:.1e}"), f("seed_fwdbwd_ms", "{:.1f}"),
                         f("fla_kernel_fwdbwd_ms"), f("fla_rot_fwdbwd_ms")]))
-    out = args.json
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(dict(device=dev, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows), fh, indent=1)
     log(f"[scan_chunked] wrote {out}")
 
 

@@ -20,7 +20,7 @@ h0=torch.randn(B,H,d,e,dtype=torch.complex64,device='cuda')
 xs=[t.requires_grad_() for t in (q,k,v,ar,ai,h0)]
 o,st=chunk_gate_loop(*xs[:5],initial_state=xs[5],output_final_state=True)
 (o.sum()+st.abs().sum()).backward(); torch.cuda.synchronize(); print('sanitizer run done')
-" 2>&1 | tail -15 | tee $OUT/sanitize.log ;;
+" > $OUT/sanitize.log 2>&1; grep -m12 -E "Invalid|at 0x|_chunk|_state|_fwd|_bwd|ERROR SUMMARY|done" $OUT/sanitize.log ;;
     bench) shift; python3 -m bench.scan_chunked --json $OUT/scan_chunked.json "$@" 2>&1 | tee $OUT/bench.log; break ;;
     *) echo "unknown step $1"; exit 2 ;;
   esac

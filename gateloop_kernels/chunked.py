@@ -548,15 +548,18 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
 # ----------------------------------------------------------------------------- launchers
 
 def _block(D: int, cap: int) -> int:
-    """Largest power of two <= cap (>= 16) dividing D, so tiles need no column masks (e.g. 96 -> 32);
-    else the next power of two, capped. (A masked 64-wide tile at d = 96 gave wrong tf32 outputs with
-    Triton 3.6 on the H100; exact tiles avoid that path.)"""
+    """Tile width for a head dim: the largest power of two in [32, cap] dividing D, so tiles need no
+    column masks (96 -> 32); 16 for D <= 16; else the next power of two, capped, with masks.
+    (A masked 64-wide tile at d = 96 gave wrong tf32 outputs with Triton 3.6 on the H100, and 16-wide
+    tiles at D = 48 faulted there: neither path is used for dims that are multiples of 32.)"""
     b = cap
-    while b >= 16:
+    while b >= 32:
         if D % b == 0:
             return b
         b //= 2
-    return min(cap, max(16, triton.next_power_of_2(D)))
+    if D <= 16:
+        return 16
+    return min(cap, triton.next_power_of_2(D))
 
 
 def _blocks(K: int, V: int, cap: int = 64) -> tuple[int, int]:
