@@ -1,7 +1,9 @@
 """End to end on the CPU: multi-query associative recall (bench/train.py, tiny config).
 
-The fused model's loss curve equals the seed's (same init, same batches: fp32 to 1e-3 relative,
-bf16 autocast within 5e-2), and the model learns the task (chance accuracy is 1/8)."""
+The fused model's loss curve equals the seed's (same init, same batches) over the first 30 steps:
+fp32 to 1e-4 relative, bf16 autocast within 3e-2 (bf16 noise; later the runs part ways as any two
+trainings do, chaotically: fp32 by ~1e-2 and bf16 by ~1e-1 at step 60, measured). The model learns
+the task (chance accuracy is 1/8)."""
 from __future__ import annotations
 
 import pytest
@@ -31,13 +33,13 @@ def test_mqar_batches_are_well_formed():
 
 
 def test_loss_curve_matches_seed_model():
-    steps = 60
+    steps = 30
     seed = _run("seed", steps)["losses"]
     ours = _run("ours", steps)["losses"]
     bf16 = _run("ours", steps, torch.bfloat16)["losses"]
     for s, o, h in zip(seed, ours, bf16):
-        assert abs(o - s) <= 1e-3 * abs(s)
-        assert abs(h - s) <= 5e-2 * abs(s)
+        assert abs(o - s) <= 1e-4 * abs(s)
+        assert abs(h - s) <= 3e-2 * abs(s)
 
 
 def test_learns_associative_recall():
