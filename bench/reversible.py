@@ -337,6 +337,48 @@ def microbench(b: int, n: int, d: int, device, iters: int) -> list[dict[str, Any
     return rows
 
 
+def profile_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool,
+                     rows: int) -> dict[str, Any]:
+    """One profiled step per variant: kernel (device) time vs step time, and the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    pairs = make_pairs(depth, d, heads, device)
+    params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
+    x = torch.randn(batch, seq, d, device=device, requires_grad=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {}
+    for v in variants:
+        model = make_model(v, pairs)
+
+        def step():
+            for p in params:
+                p.grad = None
+            x.grad = None
+            with _autocast(device, amp):
+                y = model(x)
+            y.float().square().mean().backward()
+
+        with _ext_ctx(v):
+            step()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=acts) as prof:
+                with _Timer(device) as t:
+                    step()
+        ka = prof.key_averages()
+        dev_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ka)
+        out[v] = {"step_ms": t.ms, "kernel_ms": dev_us / 1e3}
+        print(f"\n[profile] {v} depth {depth}: step {t.ms:.1f} ms (profiled), kernels {dev_us / 1e3:.1f} ms, "
+              f"GPU idle {t.ms - dev_us / 1e3:.1f} ms")
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(ka.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+        del model
+        _free()
+    return out
+
+
 # ----------------------------------------------------------------------------- reporting
 
 def _fmt(v, spec=".2f"):
@@ -406,6 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--micro-iters", type=int, default=None)
     ap.add_argument("--no-errors", action="store_true", help="skip reconstruction / gradient errors")
     ap.add_argument("--tiny", action="store_true", help="the tiny CPU config, also on a GPU")
+    ap.add_argument("--profile", type=int, default=None, metavar="DEPTH",
+                    help="only profile one step per variant at this depth (kernel time vs step time, top ops)")
+    ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = ap.parse_args(argv or [])
 
@@ -445,6 +490,11 @@ def main(argv: list[str] | None = None) -> None:
           f"({info['source']}, devices {info['devices']}; {info['reason']})")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        prof = profile_variants(args.variants, args.profile, d, heads, seq, batch, device, amp, args.profile_rows)
+        (out_dir / "reversible_profile.json").write_text(json.dumps({"meta": meta, "profile": prof}, indent=1,
+                                                                    default=str))
+        return
     report: dict[str, Any] = {"meta": meta, "results": [], "errors": {}, "micro": []}
 
     if not args.micro_only:
