@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The project's one GPU script. On a bare GPU machine, from the repository root: make the peers'
+# wheels (from .whl/, when carried) and this package importable, then run the requested stages.
+# Logs, JSON and plots go to bench/out/; on the device machine ($OUT set) they come back as
+# $OUT/results.tgz.
+#   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them)
+#   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
+#           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op
+#           scan reversible model train   the benchmarks (python -m bench <name>)
+set -uo pipefail
+stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests memcheck scan reversible model train)
+out=bench/out; mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit 1
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+python3 -c 'import reversible; print("reversible extension:", reversible.extension_info())'
+rc=0
+for stage in "${stages[@]}"; do
+  echo "=== $stage ($(date -u +%H:%M:%S)) ==="
+  case $stage in
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || rc=1 ;;
+    memcheck) compute-sanitizer --tool memcheck --error-exitcode 3 python3 bench/_memcheck.py 2>&1 \
+                | tail -n 20 | tee "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1 ;;
+    scan|reversible|model|train) python3 -m bench "$stage" 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
+    *) echo "unknown stage $stage"; rc=2 ;;
+  esac
+done
+[[ -n ${OUT:-} ]] && tar czf "$OUT/results.tgz" -C bench out
+exit $rc
