@@ -21,6 +21,10 @@ Kernels (all accumulate in float32; the dots run in the input dtype for bf16/fp1
 ``_bwd_dqk``, ``_bwd_dv``, ``_bwd_gate``  parallel over (chunk, batch*head): dq and dk (and the
                gate-gradient pieces psi, phi, sigma), dv, and the complex gate gradient.
 
+Per-key-dim gates ``a: (B, n, d, 1)`` have no kernel here: ``gateloop_kernels.operator`` should send them to
+the reference (``reference.chunked_reference``, which runs the sequential loop for that layout) with a
+one-time warning.
+
 The gate gradient is the division-free form ``grad_a_u = <Lambda_u, S_{u-1}>`` (``Lambda`` the
 adjoint state), expanded per chunk (``tests/test_chunked_math.py`` holds the float64 prototype
 of exactly these formulas, checked against autograd):
