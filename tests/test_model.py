@@ -20,7 +20,14 @@ def test_reversible_transformer_equals_plain_coupling(heads):
     model = L.Transformer(dim=16, num_tokens=23, depth=3, gate_loop_heads=heads, reversible=True).double()
     x = torch.randint(0, 23, (2, 21))
     loss, grads = _grads(model, x)
-    # oracle: the same coupling written out with plain autograd
+    ref, ref_grads = _plain_coupling(model, x)
+    assert abs(loss - ref) <= 1e-10 * abs(ref)
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() <= 1e-9 * r.norm().clamp_min(1e-12)
+
+
+def _plain_coupling(model, x):
+    """Oracle of ``reversible=True``: the same coupling written out with plain autograd."""
     model.zero_grad()
     inp, labels = x[:, :-1], x[:, 1:]
     h1 = h2 = model.token_emb(inp)
@@ -28,11 +35,9 @@ def test_reversible_transformer_equals_plain_coupling(heads):
         h1 = h1 + attn.branch(h2)
         h2 = h2 + ff.branch(h1)
     logits = model.to_logits((h1 + h2) / 2)
-    ref = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels)
-    ref.backward()
-    assert abs(loss - ref) <= 1e-10 * abs(ref)
-    for g, p in zip(grads, model.parameters()):
-        assert (g - p.grad).norm() <= 1e-9 * p.grad.norm().clamp_min(1e-12)
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
 def test_reversible_needs_prenorm():
@@ -77,6 +82,9 @@ def test_cuda_model_matches_cpu_float64(heads, reversible):
         assert (a.cpu().double() - b).norm() <= 1e-4 * b.norm().clamp_min(1e-12)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         l16, g16 = _grads(gpu, x.cuda())
-    num = torch.sqrt(sum((a.double().cpu() - b).norm() ** 2 for a, b in zip(g16, g64)))
-    den = torch.sqrt(sum(b.norm() ** 2 for b in g64))
-    assert torch.isfinite(l16) and num / den <= 5e-2
+        # bf16 noise is a property of the function: for the reversible stack, compare with the same
+        # coupling under the same autocast (plain autograd); the residual stack against float64
+        oracle = _plain_coupling(gpu, x.cuda())[1] if reversible else g64
+    num = torch.sqrt(sum((a.double().cpu() - b.double().cpu()).norm() ** 2 for a, b in zip(g16, oracle)))
+    den = torch.sqrt(sum(b.double().cpu().norm() ** 2 for b in oracle))
+    assert torch.isfinite(l16) and num / den <= (1e-2 if reversible else 5e-2)
