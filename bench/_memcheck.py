@@ -1,12 +1,10 @@
-"""One forward+backward of every GPU kernel, small shapes, for ``compute-sanitizer --tool memcheck``
-(run by ``bench/gpu.sh memcheck``): the elementwise scan (complex and real gate, initial state), the
-chunked scan (initial and final state), and the reversible extension's fused ops on strided halves."""
+"""One forward+backward of each scan kernel, small shapes, for ``compute-sanitizer --tool memcheck``
+(run by ``bench/gpu.sh memcheck``, with ``csrc/sanitizer_smoke.py`` for the reversible extension):
+the elementwise scan (complex and real gate, initial state) and the chunked scan (initial and final state)."""
 import torch
 
-import reversible
 from gateloop_kernels import elementwise as ew
 from gateloop_kernels.chunked import chunk_gate_loop
-from reversible import _inplace
 
 dev = "cuda"
 for cplx in (True, False):
@@ -25,13 +23,5 @@ xs = [t.requires_grad_() for t in (q, k, v, ar, ai, h0)]
 o, st = chunk_gate_loop(*xs[:5], initial_state=xs[5], output_final_state=True)
 (o.sum() + st.abs().sum()).backward()
 
-print("reversible extension:", reversible.extension_info())
-for dtype in (torch.float32, torch.bfloat16):
-    buf, gbuf = torch.randn(4, 37, 2 * 66, device=dev, dtype=dtype), torch.randn(4, 37, 2 * 66, device=dev, dtype=dtype)
-    y, dy = buf[..., 66:], gbuf[..., :66]  # strided, unaligned halves
-    _inplace.reconstruct_(y, torch.randn_like(y), dy, torch.randn_like(dy))
-    _inplace.coupling_add_(buf[..., :66], torch.randn(4, 37, 66, device=dev, dtype=dtype))
-    _inplace.reconstruct_multi_([y, buf[:2]], [torch.randn_like(y), torch.randn_like(buf[:2])],
-                                [dy, gbuf[:2]], [torch.randn_like(dy), torch.randn_like(gbuf[:2])])
 torch.cuda.synchronize()
 print("memcheck run done")

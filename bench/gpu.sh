@@ -24,8 +24,10 @@ for stage in "${stages[@]}"; do
   echo "=== $stage ($(date -u +%H:%M:%S)) ==="
   case $stage in
     tests) python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || rc=1 ;;
-    memcheck) compute-sanitizer --tool memcheck --error-exitcode 3 python3 bench/_memcheck.py 2>&1 \
-                | tail -n 20 | tee "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1 ;;
+    memcheck) for script in bench/_memcheck.py csrc/sanitizer_smoke.py; do
+                compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$script" 2>&1 \
+                  | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+              done ;;
     scan|reversible|model|train) python3 -m bench "$stage" 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
