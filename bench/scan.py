@@ -1,4 +1,4 @@
-"""Scan benchmark, head dim 1: ``python -m bench scan [--quick] [--out DIR] [--sweep] [--no-chunked]``.
+"""Scan benchmark, head dim 1: ``python -m bench scan [--quick] [--out DIR] [--sweep] [--profile] [--no-chunked]``.
 
 For ``(B*H, n, d=1)`` problems -- ``(4096, 2048)``, ``(64, 1024)`` and an n sweep from 1k to 1M at a
 fixed total size -- in float32 and bfloat16, times the forward and forward+backward

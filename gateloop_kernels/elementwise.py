@@ -472,10 +472,6 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
 
 # ----------------------------------------------------------------------------- custom ops
 
-def _empty() -> Tensor:
-    return torch.empty(0)
-
-
 def _torch_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
                    h0_re: Optional[Tensor], h0_im: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """The same scan in PyTorch (the chunked reference's algorithm): the ops' non-CUDA implementation."""

@@ -154,3 +154,17 @@ def test_gpu_operators_real_size(dtype):
     rg = torch.autograd.grad((ro.reshape(B, H, n, 1).transpose(1, 2) * w).sum(), [q, k, v, z])
     for x, y in zip(g, rg):
         assert rel(x, y) < tol
+
+
+@pytest.mark.gpu
+def test_gpu_heads_dispatch_chunked_head_dim():
+    """16 <= d, e <= 256 on CUDA goes to the chunked kernel when it exists; either way it matches float64."""
+    B, n, H, d = 2, 300, 3, 32
+    q, k, v = (torch.randn(B, n, H, d, device="cuda") for _ in range(3))
+    z = torch.randn(B, n, H, 2, device="cuda")
+    o, s = G.gate_loop_heads(q, k, v, z=z, output_final_state=True)
+    a = seed_gate(z.double())
+    ro, rs = R.chunked_reference(heads_first(q.double()), heads_first(k.double()), heads_first(v.double()),
+                                 heads_first(a)[..., None, None], None, True)
+    assert rel(o, ro.reshape(B, H, n, d).transpose(1, 2)) < 1e-4
+    assert ((s - rs.reshape(B, H, d, d)).abs().max() / rs.abs().max()).item() < 1e-4
