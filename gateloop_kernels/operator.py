@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -80,6 +81,24 @@ def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
     return o, (state.reshape(B, H, d, e) if output_final_state else None)
 
 
+_WARNED: set = set()
+
+
+def _warn_reference(layout: str, d: int, e: int, dtype: torch.dtype) -> None:
+    """One warning per kind of input that runs on the GPU through the PyTorch reference."""
+    if layout != GATE_HEAD:
+        why = (f"a gate per key dim (a: (B, n, d, 1))" if layout == "key" else "a gate per value dim / per entry")
+        why += " has no Triton kernel yet"
+    elif dtype == torch.float64:
+        why = "float64 inputs have no Triton kernel"
+    else:
+        why = f"head dims d={d}, e={e} are outside the kernels' range (d = e = 1, or {CHUNK_DIMS[0]}..{CHUNK_DIMS[1]})"
+    if why not in _WARNED:
+        _WARNED.add(why)
+        warnings.warn(f"gate_loop_operator: {why}; running the chunked PyTorch reference on the GPU "
+                      "(correct, much slower)", stacklevel=3)
+
+
 def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_state: Optional[Tensor] = None,
                        return_final_state: bool = False):
     """Gate-loop scan: ``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t``.
@@ -93,18 +112,24 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
         return_final_state: also return the complex ``(B, d, e)`` state after the last step.
 
     Returns:
-        ``out: (B, n, e)`` in the promoted real dtype of the inputs, or ``(out, final_state)``.
+        ``out: (B, n, e)`` in the promoted dtype of ``q, k, v``, or ``(out, final_state)``.
+
+    CUDA inputs run the Triton kernels for a gate per head with ``d = e = 1`` or ``16 <= d, e <= 256``
+    (float32/bfloat16/float16); anything else (a gate per key dim, other head dims, float64) runs the
+    chunked PyTorch reference, with one warning per kind of input.
 
     Raises:
         TypeError: non-tensor or integer inputs. ValueError: shapes, devices.
     """
     layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     check_initial_state(initial_state, B, d, e, q.device)
-    odt = reference.out_dtype(q, k, v, a)
+    odt = reference.out_dtype(q, k, v)
     fast_1 = d == 1 and e == 1 and (odt in kernel_dtypes or not q.is_cuda)
     fast_chunk = q.is_cuda and odt in kernel_dtypes and CHUNK_DIMS[0] <= min(d, e) and max(d, e) <= CHUNK_DIMS[1] \
         and chunk_kernel() is not None
     if layout != GATE_HEAD or not (fast_1 or fast_chunk) or (odt == torch.float64 and not fast_1):
+        if q.is_cuda:
+            _warn_reference(layout, d, e, odt)
         return reference.chunked_reference(q, k, v, a, initial_state=initial_state,
                                            return_final_state=return_final_state)
     q, k, v = q.to(odt), k.to(odt), v.to(odt)

@@ -48,7 +48,7 @@ def test_gate_loop_operator_float32_and_bf16():
     ref = R.sequential_reference(q.double(), k.double(), v.double(), a.to(torch.complex128))
     assert rel(op.gate_loop_operator(q, k, v, a), ref) < 1e-5
     out = op.gate_loop_operator(q.bfloat16(), k.bfloat16(), v.bfloat16(), a)
-    assert out.dtype == torch.float32  # promoted with the complex64 gate, as the reference
+    assert out.dtype == torch.bfloat16  # the dtype of q, k, v (no complex bf16 gate exists)
     assert rel(out, ref) < 1e-2
 
 
@@ -168,3 +168,17 @@ def test_gpu_heads_dispatch_chunked_head_dim():
                                  heads_first(a)[..., None, None], None, True)
     assert rel(o, ro.reshape(B, H, n, d).transpose(1, 2)) < 1e-4
     assert ((s - rs.reshape(B, H, d, d)).abs().max() / rs.abs().max()).item() < 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_reference_fallback_warns_once():
+    B, n, d, e = 2, 20, 3, 2
+    q, k, v = torch.randn(B, n, d, device="cuda"), torch.randn(B, n, d, device="cuda"), torch.randn(B, n, e, device="cuda")
+    a = torch.polar(torch.rand(B, n, d, 1, device="cuda"), torch.randn(B, n, d, 1, device="cuda"))
+    op._WARNED.clear()
+    with pytest.warns(UserWarning, match="per key dim"):
+        op.gate_loop_operator(q, k, v, a)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op.gate_loop_operator(q, k, v, a)  # once only
