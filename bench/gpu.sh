@@ -6,7 +6,8 @@
 #   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them)
 #   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
 #           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op
-#           scan reversible model train   the benchmarks (python -m bench <name>)
+#           scan reversible model train   the benchmarks (python -m bench <name> $<NAME>_ARGS,
+#                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan)
 set -uo pipefail
 stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests memcheck scan reversible model train)
 out=bench/out; mkdir -p "$out"
@@ -28,7 +29,8 @@ for stage in "${stages[@]}"; do
                 compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$script" 2>&1 \
                   | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done ;;
-    scan|reversible|model|train) python3 -m bench "$stage" 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
+    scan|reversible|model|train) args_var="${stage^^}_ARGS"
+      python3 -m bench "$stage" ${!args_var:-} 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
 done
