@@ -8,8 +8,9 @@ used only as the benchmark's baseline. Its behaviour is kept as the seed has it,
   ``torch.cat`` of the full width;
 * parameter gradients are accumulated inside the Function's backward.
 
-Split dim: the last one (the seed's ``dim=2`` for ``(batch, seq, features)`` inputs). The output
-merges the two halves by summing them, as the seed's ``ReversibleSequence`` does.
+Split dim: the last one by default (the seed's ``dim=2`` for ``(batch, seq, features)`` inputs). The
+output merges the two halves by summing them, as the seed's ``ReversibleSequence`` does (``merge="mean"``:
+as axial-attention's). The bug tests (``tests/test_reversible_bugs.py``, ``_ddp.py``) use it too.
 """
 from __future__ import annotations
 
@@ -52,22 +53,23 @@ class _Deterministic(nn.Module):
 
 
 class _SeedBlock(nn.Module):
-    def __init__(self, f: nn.Module, g: nn.Module):
+    def __init__(self, f: nn.Module, g: nn.Module, dim: int = -1):
         super().__init__()
         self.f = _Deterministic(f)
         self.g = _Deterministic(g)
+        self.dim = dim
 
     def forward(self, x):
-        x1, x2 = torch.chunk(x, 2, dim=-1)
+        x1, x2 = torch.chunk(x, 2, dim=self.dim)
         with torch.no_grad():
             y1 = x1 + self.f(x2, record_rng=self.training)
             y2 = x2 + self.g(y1, record_rng=self.training)
-        return torch.cat([y1, y2], dim=-1)
+        return torch.cat([y1, y2], dim=self.dim)
 
     def backward_pass(self, y, dy):
-        y1, y2 = torch.chunk(y, 2, dim=-1)
+        y1, y2 = torch.chunk(y, 2, dim=self.dim)
         del y
-        dy1, dy2 = torch.chunk(dy, 2, dim=-1)
+        dy1, dy2 = torch.chunk(dy, 2, dim=self.dim)
         del dy
 
         with torch.enable_grad():
@@ -93,8 +95,8 @@ class _SeedBlock(nn.Module):
             dx2 = dy2 + x2.grad
             del dy2
             x2.grad = None
-            x = torch.cat([x1, x2.detach()], dim=-1)
-            dx = torch.cat([dx1, dx2], dim=-1)
+            x = torch.cat([x1, x2.detach()], dim=self.dim)
+            dx = torch.cat([dx1, dx2], dim=self.dim)
         return x, dx
 
 
@@ -116,16 +118,21 @@ class _SeedFunction(Function):
 
 
 class SeedReversibleSequence(nn.Module):
-    """``blocks``: a list of ``(f, g)`` module pairs. ``forward(x)`` with ``x: (..., d)``."""
+    """``blocks``: a list of ``(f, g)`` module pairs. ``forward(x)``: ``cat([x, x], dim)`` -> blocks ->
+    the two halves summed (``merge="sum"``) or averaged (``"mean"``)."""
 
-    def __init__(self, blocks):
+    def __init__(self, blocks, dim: int = -1, merge: str = "sum"):
         super().__init__()
-        self.blocks = nn.ModuleList([_SeedBlock(f, g) for f, g in blocks])
+        if merge not in ("sum", "mean"):
+            raise ValueError(f"merge must be 'sum' or 'mean', got {merge!r}")
+        self.dim, self.merge = dim, merge
+        self.blocks = nn.ModuleList([_SeedBlock(f, g, dim) for f, g in blocks])
 
     def forward(self, x):
-        x = torch.cat([x, x], dim=-1)
+        x = torch.cat([x, x], dim=self.dim)
         out = _SeedFunction.apply(x, self.blocks)
-        return torch.stack(out.chunk(2, dim=-1)).sum(dim=0)
+        halves = torch.stack(out.chunk(2, dim=self.dim))
+        return halves.sum(dim=0) if self.merge == "sum" else halves.mean(dim=0)
 
 
 @torch.no_grad()
