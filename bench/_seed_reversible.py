@@ -17,39 +17,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.autograd.function import Function
-from torch.utils.checkpoint import get_device_states, set_device_states
+
+from reversible.compat._common import Deterministic as _Deterministic  # the seeds' RNG wrapper, as they have it
 
 __all__ = ["SeedReversibleSequence", "seed_reconstruction_error"]
-
-
-class _Deterministic(nn.Module):
-    """Wraps a module; records the RNG state at forward (on the module) and replays it."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-        self.cpu_state = None
-        self.cuda_in_fwd = None
-        self.gpu_devices = None
-        self.gpu_states = None
-
-    def record_rng(self, *args):
-        self.cpu_state = torch.get_rng_state()
-        if torch.cuda._initialized:
-            self.cuda_in_fwd = True
-            self.gpu_devices, self.gpu_states = get_device_states(*args)
-
-    def forward(self, *args, record_rng=False, set_rng=False, **kwargs):
-        if record_rng:
-            self.record_rng(*args)
-        if not set_rng:
-            return self.net(*args, **kwargs)
-        devices = self.gpu_devices if self.cuda_in_fwd else []
-        with torch.random.fork_rng(devices=devices, enabled=True):
-            torch.set_rng_state(self.cpu_state)
-            if self.cuda_in_fwd:
-                set_device_states(self.gpu_devices, self.gpu_states)
-            return self.net(*args, **kwargs)
 
 
 class _SeedBlock(nn.Module):
