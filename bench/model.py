@@ -58,7 +58,7 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss.item()}")
     t = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None  # no allocator stats on CPU
     return {"tokens_per_s": batch * seq / t, "step_ms": t * 1e3, "peak_gib": peak, "loss": loss.item()}
 
 
@@ -96,7 +96,8 @@ def main(argv: list[str]) -> None:
         print(f"[model] ({i + 1}/{len(todo)}) {label} ...", end=" ", flush=True)
         try:
             r = measure(device=device, **c)
-            print(f"{r['tokens_per_s'] / 1e3:8.1f}k tok/s  {r['peak_gib']:6.2f} GiB", flush=True)
+            mem = f"{r['peak_gib']:6.2f} GiB" if r["peak_gib"] is not None else "   (no memory stats on the CPU)"
+            print(f"{r['tokens_per_s'] / 1e3:8.1f}k tok/s  {mem}", flush=True)
         except ImportError:
             r = {"error": "upstream gateloop_transformer not installed"}
             print("skipped (upstream not installed)")
@@ -128,9 +129,9 @@ def _table(rows: list[dict]) -> None:
         seed, ours = g.get("seed", {}), g.get("ours", {})
         st, sm = seed.get("tokens_per_s"), seed.get("peak_gib")
         ot, om = ours.get("tokens_per_s"), ours.get("peak_gib")
-        fmt = lambda x, f: (f % x) if isinstance(x, float) else "   -"  # noqa: E731
+        fmt = lambda x, f: (f % x) if isinstance(x, float) else f"{'-':>{len(f % 0.0)}}"  # noqa: E731
         sp = f"{ot / st:7.1f}x" if st and ot else "      -"
-        mr = f"{om / sm:8.2f}" if sm and om and sm == sm else "       -"
+        mr = f"{om / sm:8.2f}" if sm and om else "       -"
         seed_txt = fmt(st, "%10.0f") if st else f"{'fails' if seed.get('error') else '-':>10s}"
         print(f"{str(heads or 'dim'):>5s}  {b:>2d} x {s:<7d} {'bf16' if amp else 'fp32'}  {'yes' if rev else ' no'}  "
               f"{seed_txt} {fmt(sm, '%9.2f')}  {fmt(ot, '%11.0f')} {fmt(om, '%9.2f')}  {sp} {mr}")
