@@ -325,38 +325,44 @@ class _Run:
         self.bufs: list[Tensor] | None = None
 
     # --- buffers and halves
+    # A stream's activation (and gradient) buffer is laid out (2, *half_shape): its two halves are
+    # contiguous tensors whatever the split dim, so f and g get contiguous inputs and the fused
+    # in-place steps run on contiguous memory (a split along the last dim would otherwise give
+    # every half a row stride of twice its width).
     def halves(self, bufs: Sequence[Tensor]) -> list[Tensor]:
-        out = []
-        for buf, s in zip(bufs, self.streams):
-            n = buf.shape[s.dim] // 2
-            out += [buf.narrow(s.dim, 0, n), buf.narrow(s.dim, n, n)]
-        return out
+        return [h for buf in bufs for h in (buf[0], buf[1])]
+
+    def to_buffer(self, i: int, x: Tensor) -> Tensor:
+        """``x`` holding both halves along the split dim -> a new (2, *half_shape) buffer."""
+        s = self.streams[i]
+        n = x.shape[s.dim] // 2
+        buf = x.new_empty((2, *x.narrow(s.dim, 0, n).shape), dtype=s.buf_dtype)
+        buf[0].copy_(x.narrow(s.dim, 0, n))
+        buf[1].copy_(x.narrow(s.dim, n, n))
+        return buf
+
+    def from_buffer(self, i: int, buf: Tensor) -> Tensor:
+        """The inverse of :meth:`to_buffer`: the halves concatenated along the split dim (a new tensor)."""
+        return torch.cat((buf[0], buf[1]), dim=self.streams[i].dim)
 
     def make_buffer(self, i: int, x: Tensor) -> Tensor:
-        s = self.streams[i]
         if self.input_mode == "split":
-            return x.to(s.buf_dtype, copy=True, memory_format=torch.contiguous_format)
-        shape = list(x.shape)
-        shape[s.dim] *= 2
-        buf = x.new_empty(shape, dtype=s.buf_dtype)
-        n = x.shape[s.dim]
-        buf.narrow(s.dim, 0, n).copy_(x)
-        buf.narrow(s.dim, n, n).copy_(x)
+            return self.to_buffer(i, x)
+        buf = x.new_empty((2, *x.shape), dtype=self.streams[i].buf_dtype)
+        buf[0].copy_(x)
+        buf[1].copy_(x)
         return buf
 
     def make_grad_buffer(self, i: int, g: Tensor | None, buf: Tensor) -> Tensor:
-        s = self.streams[i]
         if g is None:
             return torch.zeros_like(buf)
         if self.merge == "cat":
-            return g.to(s.buf_dtype, copy=True, memory_format=torch.contiguous_format)
+            return self.to_buffer(i, g)
         gbuf = torch.empty_like(buf)
-        n = buf.shape[s.dim] // 2
-        scale = 0.5 if self.merge == "mean" else 1.0
-        for h in (gbuf.narrow(s.dim, 0, n), gbuf.narrow(s.dim, n, n)):
-            h.copy_(g)
-            if scale != 1.0:
-                h.mul_(scale)
+        gbuf[0].copy_(g)
+        if self.merge == "mean":
+            gbuf[0].mul_(0.5)
+        gbuf[1].copy_(gbuf[0])
         return gbuf
 
     def merged(self, halves: Sequence[Tensor]) -> list[Tensor]:
@@ -500,7 +506,7 @@ class _ReversibleFunction(torch.autograd.Function):
             elif run.input_mode == "duplicate":
                 dxs.append((ghalves[2 * i] + ghalves[2 * i + 1]).to(s.dtype))
             else:
-                dxs.append(gbufs[i].to(s.dtype))
+                dxs.append(run.from_buffer(i, gbufs[i]).to(s.dtype))
         pgrads = [g if g is None else g.to(p.dtype) for g, p in zip(pgrads, run.params)]
         return (None, *dxs, *pgrads, *kgrads)
 
@@ -605,8 +611,8 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
     streams = [_Stream(_normalize_dim(d, y.dim()), y.dtype, y.dtype) for y, d in zip(outputs, dims)]
     run = _Run(couplings, streams, "cat", "split", preserve_rng_state=False)
     run.autocast = {}
-    bufs = [y.detach().clone(memory_format=torch.contiguous_format) for y in outputs]
-    gbufs = [g.detach().to(y.dtype, copy=True, memory_format=torch.contiguous_format) for g, y in zip(grads, outputs)]
+    bufs = [run.to_buffer(i, y.detach()) for i, y in enumerate(outputs)]
+    gbufs = [run.to_buffer(i, g.detach()) for i, g in enumerate(grads)]
     halves, ghalves = run.halves(bufs), run.halves(gbufs)
     pgrads: list[Tensor | None] = [None] * len(run.params)
     kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
@@ -619,4 +625,4 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
     pending = [(t, g) for t, g in zip(run.kw_tensors, kgrads) if g is not None]
     if pending:  # tensors passed as keyword arguments: let their own graph take the gradient
         torch.autograd.backward([t for t, _ in pending], [g for _, g in pending])
-    return bufs, gbufs
+    return [run.from_buffer(i, b) for i, b in enumerate(bufs)], [run.from_buffer(i, g) for i, g in enumerate(gbufs)]
