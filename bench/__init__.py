@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m bench [scan|reversible|model]`` (no argument runs all that fit the machine)."""
+"""Benchmarks: ``python -m bench [scan|reversible|model|train]`` (no argument runs all that fit the machine)."""

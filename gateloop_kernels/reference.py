@@ -55,10 +55,6 @@ def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     return (torch.float64, torch.complex128) if dtype == torch.float64 else (torch.float32, torch.complex64)
 
 
-def _gate_as(a: Tensor, cdtype: torch.dtype) -> Tensor:
-    return a.to(cdtype)
-
-
 def _no_autocast(fn: Callable) -> Callable:
     """Run ``fn`` in its own accumulation dtypes whatever autocast region it is called from."""
     @functools.wraps(fn)
@@ -114,7 +110,7 @@ def associative_scan_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Te
     odt = out_dtype(q, k, v)
     rdt, cdt = acc_dtypes(odt)
     kv = torch.einsum("bnd,bne->bnde", k.to(rdt), v.to(rdt)).to(cdt)
-    _, states = _associative_scan(_gate_combine, [_gate_as(a, cdt), kv])
+    _, states = _associative_scan(_gate_combine, [a.to(cdt), kv])
     return torch.einsum("bnd,bnde->bne", q.to(rdt), states.real).to(odt)
 
 
@@ -133,7 +129,7 @@ def sequential_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_sta
     odt = out_dtype(q, k, v)
     rdt, cdt = acc_dtypes(odt)
     qf, kf, vf = q.to(rdt), k.to(rdt), v.to(rdt)
-    ac = _gate_as(a, cdt).expand(B, n, d, e)
+    ac = a.to(cdt).expand(B, n, d, e)
     state = q.new_zeros((B, d, e), dtype=cdt) if initial_state is None else initial_state.to(cdt)
     outs = []
     for t in range(n):
@@ -233,7 +229,7 @@ def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state:
     odt = out_dtype(q, k, v)
     rdt, cdt = acc_dtypes(odt)
     qf, kf, vf = q.to(rdt), k.to(rdt), v.to(rdt)
-    gate = _gate_as(a, cdt)[:, :, 0, 0].expand(B, n)
+    gate = a.to(cdt)[:, :, 0, 0].expand(B, n)
     state = q.new_zeros((B, d, e), dtype=cdt) if initial_state is None else initial_state.to(cdt)
     if n == 0:
         out = q.new_zeros((B, 0, e), dtype=odt)
