@@ -1,4 +1,5 @@
-"""DistributedDataParallel over a reversible stack: 2 processes, gloo, CPU.
+"""DistributedDataParallel over a reversible stack: 2 processes, gloo on the CPU (and NCCL on a
+machine with two GPUs), with and without layer dropout.
 
 The core returns parameter gradients from the Function's backward (parameters are inputs of the
 Function), so DDP sees every parameter in the graph and its hooks fire once per parameter. The
@@ -23,13 +24,13 @@ D, DEPTH, BATCH = 8, 3, 4
 
 
 class Model(nn.Module):
-    def __init__(self, kind):
+    def __init__(self, kind, layer_dropout=0.0):
         super().__init__()
         self.embed = nn.Linear(D, D, dtype=torch.float64)  # the sequence's input needs grad via this
         pairs = [(Fn(D, p=0.0), Fn(D, p=0.0)) for _ in range(DEPTH)]
         pairs[1][1].unused = nn.Parameter(torch.ones(2, dtype=torch.float64))  # never gets a gradient
         self.net = (SeedReversibleSequence(pairs) if kind == "seed" else
-                    reversible.ReversibleSequence(pairs, layer_dropout=0.0))
+                    reversible.ReversibleSequence(pairs, layer_dropout=layer_dropout))
         self.head = nn.Linear(D, 1, dtype=torch.float64)
 
     def forward(self, x):
@@ -45,22 +46,32 @@ def _grads(model):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 
 
-def _worker(rank, world, store, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+# (kind, find_unused_parameters, layer dropout): layer dropout draws from the CPU generator, seeded
+# alike on every rank, so every rank drops the same blocks, and so does the single-process reference
+CASES = (("ours", True, 0.0), ("ours", False, 0.0), ("ours", True, 0.5), ("seed", True, 0.0))
+
+
+def _worker(rank, world, store, out_dir, backend="gloo"):
+    dev = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(dev)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
         results = {}
-        for kind, find_unused in (("ours", True), ("ours", False), ("seed", True)):
+        for kind, find_unused, p_drop in CASES:
             torch.manual_seed(0)
-            model = nn.parallel.DistributedDataParallel(Model(kind), find_unused_parameters=find_unused)
-            key = f"{kind}-{find_unused}"
+            model = nn.parallel.DistributedDataParallel(
+                Model(kind, p_drop).to(dev), find_unused_parameters=find_unused,
+                device_ids=[rank] if backend == "nccl" else None)
+            key = f"{kind}-{find_unused}-{p_drop}"
             try:
                 steps = []
                 for x in _data():  # two steps: DDP reports reduction problems on the next iteration
                     model.zero_grad(set_to_none=True)
-                    shard = x.chunk(world)[rank]
+                    shard = x.chunk(world)[rank].to(dev)
                     model(shard).backward()
-                    steps.append(_grads(model.module))
+                    steps.append({n: None if g is None else g.cpu() for n, g in _grads(model.module).items()})
                 results[key] = steps
             except RuntimeError as e:
                 results[key] = str(e)
@@ -74,27 +85,36 @@ def _worker(rank, world, store, out_dir):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_two_process_gloo_matches_single_process(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    results = torch.load(tmp_path / "ddp.pt")
-
-    torch.manual_seed(0)
-    ref = Model("ours")
-    for step, x in enumerate(_data()):
-        ref.zero_grad(set_to_none=True)
-        ref(x).backward()
-        want = _grads(ref)
-        for key in ("ours-True", "ours-False"):
-            got = results[key]
-            assert not isinstance(got, str), f"DDP ({key}) failed: {got}"
-            got = got[step]
+def _check(results):
+    for kind, find_unused, p_drop in CASES[:-1]:
+        torch.manual_seed(0)
+        ref = Model(kind, p_drop)
+        key = f"{kind}-{find_unused}-{p_drop}"
+        got_all = results[key]
+        assert not isinstance(got_all, str), f"DDP ({key}) failed: {got_all}"
+        for step, x in enumerate(_data()):
+            ref.zero_grad(set_to_none=True)
+            ref(x).backward()
+            want, got = _grads(ref), got_all[step]
             assert got.keys() == want.keys()
             for name in want:
                 if want[name] is None:
                     assert got[name] is None or not got[name].any(), name
                 else:
-                    assert_close_all([got[name]], [want[name]], 1e-10, f"{key} step {step} {name}")
-
-    seed = results["seed-True"]
+                    assert got[name] is not None, f"{key} step {step} {name}: no gradient"
+                    assert_close_all([got[name].to(want[name].dtype)], [want[name]], 1e-10, f"{key} step {step} {name}")
+    seed = results["seed-True-0.0"]
     assert isinstance(seed, str) and "only once" in seed, f"the seed's behaviour should break DDP here: {seed!r:.300}"
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_process_gloo_matches_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    _check(torch.load(tmp_path / "ddp.pt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 GPUs and NCCL")
+def test_ddp_two_gpus_nccl_matches_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), "nccl"), nprocs=2, join=True)
+    _check(torch.load(tmp_path / "ddp.pt"))
