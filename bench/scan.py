@@ -325,29 +325,16 @@ def _profile() -> None:
          f"{host_us(lambda: torch.autograd.grad(ew.elementwise_scan(*leaves, None, None)[0], leaves, q)):.1f} us")
     _log(f"host: scan_backward {host_us(lambda: ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, car)):.1f} us, "
          f"op fwd+bwd {host_us(lambda: ew.elementwise_scan(*leaves, None, None)[0].sum().backward()):.1f} us")
-    from torch.profiler import ProfilerActivity, profile
+    from bench._profile import kernel_times
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, a_re, a_im = _make(4096, 2048, dtype, "cuda", 4)
         for name, (setup, fwd) in _impls(q, k, v, a_re, a_im).items():
             if "seed" in name:
                 continue
-            inputs = setup()
-            gout = torch.randn(q.shape).to(q)
-            for _ in range(3):
-                torch.autograd.grad(fwd(*inputs), inputs, gout)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    torch.autograd.grad(fwd(*inputs), inputs, gout)
-                torch.cuda.synchronize()
-            total = 0.0
-            for ev in sorted(prof.key_averages(), key=lambda e: -e.device_time_total):
-                if ev.device_time_total <= 0:
-                    continue
-                total += ev.device_time_total / 10
-                _log(f"  {name} {str(dtype)[6:]}: {ev.device_time_total / 10:8.1f} us/iter  x{ev.count // 10}  {ev.key[:90]}")
-            _log(f"  {name} {str(dtype)[6:]}: device total {total:.1f} us per fwd+bwd")
-
+            rows = kernel_times(fwd, setup(), torch.randn(q.shape).to(q))
+            for kernel, us, calls in rows:
+                _log(f"  {name} {str(dtype)[6:]}: {us:8.1f} us/iter  x{calls}  {kernel[:90]}")
+            _log(f"  {name} {str(dtype)[6:]}: device total {sum(r[1] for r in rows):.1f} us per fwd+bwd")
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m bench scan", description=__doc__.splitlines()[0])

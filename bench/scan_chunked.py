@@ -114,19 +114,8 @@ def time_pair(run, inputs, do, quick):
 
 
 def profile(run, inputs, do):
-    from torch.profiler import ProfilerActivity, profile as prof
-    for _ in range(2):
-        torch.autograd.grad(run(*inputs), inputs, do)
-    torch.cuda.synchronize()
-    with prof(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(5):
-            torch.autograd.grad(run(*inputs), inputs, do)
-        torch.cuda.synchronize()
-    tot = {}
-    for ev in p.events():
-        if ev.device_type.name == "CUDA":
-            tot[ev.name] = tot.get(ev.name, 0.0) + ev.device_time / 5
-    for name, us in sorted(tot.items(), key=lambda x: -x[1])[:10]:
+    from bench._profile import kernel_times
+    for name, us, _ in kernel_times(run, inputs, do, reps=5, warmup=2)[:10]:
         log(f"[scan_chunked]     {us:9.1f} us  {name[:70]}")
 
 
