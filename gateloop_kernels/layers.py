@@ -172,8 +172,8 @@ class GateLoopedAttention(Module):
         q, k, v = (t.unflatten(-1, (heads, -1)) for t in self.to_qkv(x).chunk(3, dim=-1))
         z = _frac_gradient(lin_a(x), self.frac_gradient_state_transition).unflatten(-1, (heads, 2))
         if ablate_state_transition:
-            ones = torch.zeros(b, n, heads, device=x.device, dtype=torch.float32)
-            out, _ = gate_loop_heads(q, k, v, log_magnitude=ones, phase=ones)
+            no_decay = torch.zeros(b, n, heads, device=x.device, dtype=torch.float32)  # gate exp(0 + 0i) = 1
+            out, _ = gate_loop_heads(q, k, v, log_magnitude=no_decay, phase=no_decay)
         else:
             if ablate_complex:
                 z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
