@@ -34,5 +34,6 @@ for stage in "${stages[@]}"; do
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
 done
+python3 -m bench summary 2>&1 | tee "$out/summary.log"   # the short table, last
 [[ -n ${OUT:-} ]] && tar czf "$OUT/results.tgz" -C bench out
 exit $rc
