@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import importlib
 import warnings
 from typing import Callable, Optional
 
@@ -29,13 +28,15 @@ kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_DIMS = (16, 256)
 
 
+try:  # resolved once at import: a lookup at call time would break torch.compile(fullgraph=True)
+    from .chunked import chunk_gate_loop as _chunk_gate_loop
+except ImportError:  # pragma: no cover - the module ships with the package
+    _chunk_gate_loop = None
+
+
 def chunk_kernel() -> Optional[Callable]:
-    """``gateloop_kernels.chunked.chunk_gate_loop`` if that module imports and has it, else ``None``."""
-    try:
-        mod = importlib.import_module(".chunked", __package__)
-    except ImportError:
-        return None
-    return getattr(mod, "chunk_gate_loop", None)
+    """``gateloop_kernels.chunked.chunk_gate_loop`` if that module imported, else ``None``."""
+    return _chunk_gate_loop
 
 
 def _use_kernels(*ts: Tensor) -> bool:

@@ -16,7 +16,6 @@ promoted dtype of ``q, k, v`` (the gate's precision does not decide it: there is
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Callable, Optional, Sequence
 
@@ -56,13 +55,14 @@ def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
 
 
 def _no_autocast(fn: Callable) -> Callable:
-    """Run ``fn`` in its own accumulation dtypes whatever autocast region it is called from."""
+    """Run ``fn`` in its own accumulation dtypes whatever autocast region it is called from
+    (plain ``with`` blocks, so torch.compile traces through them)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.autocast("cpu", enabled=False))
+        with torch.autocast("cpu", enabled=False):
             if torch.cuda.is_available():
-                stack.enter_context(torch.autocast("cuda", enabled=False))
+                with torch.autocast("cuda", enabled=False):
+                    return fn(*args, **kwargs)
             return fn(*args, **kwargs)
     return wrapper
 

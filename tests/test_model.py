@@ -88,3 +88,18 @@ def test_cuda_model_matches_cpu_float64(heads, reversible):
     num = torch.sqrt(sum((a.double().cpu() - b.double().cpu()).norm() ** 2 for a, b in zip(g16, oracle)))
     den = torch.sqrt(sum(b.double().cpu().norm() ** 2 for b in oracle))
     assert torch.isfinite(l16) and num / den <= (1e-2 if reversible else 5e-2)
+
+
+@pytest.mark.parametrize("heads", [None, 4], ids=["head_dim_1", "head_dim_8"])
+def test_layer_compiles_fullgraph(heads):
+    """torch.compile(fullgraph=True) over the layer: no graph break anywhere on its path (the dispatch,
+    the gate activation, the scan op or reference), same outputs and gradients as eager."""
+    layer = L.GateLoopedAttention(32, heads=heads)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    eager = layer(x)
+    g_eager = torch.autograd.grad(eager.sum(), [x, *layer.parameters()])
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    g_comp = torch.autograd.grad(compiled.sum(), [x, *layer.parameters()])
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g_comp, g_eager):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)

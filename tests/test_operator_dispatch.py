@@ -129,9 +129,9 @@ def test_heads_rejects_bad_gate_arguments():
         G.gate_loop_heads(q, q, q, z=torch.randn(1, 4, 3, 2))
 
 
-def test_chunk_kernel_lookup_is_guarded():
-    chunk = op.chunk_kernel()
-    assert chunk is None or callable(chunk)
+def test_chunk_kernel_is_the_chunked_module_entry():
+    from gateloop_kernels import chunked
+    assert op.chunk_kernel() is chunked.chunk_gate_loop
 
 
 @pytest.mark.gpu
