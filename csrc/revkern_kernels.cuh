@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include "revkern_acc.h"
 
 namespace revkern {
 namespace cuda {
@@ -38,15 +39,6 @@ struct PairMeta {
 struct Batch {
   int32_t npairs;
   PairMeta pairs[kMaxPairs];
-};
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
 };
 
 template <typename A>

@@ -8,6 +8,7 @@
 // All ops mutate their first (and third) arguments in place and return nothing, so that
 // torch.compile can functionalize them (auto_functionalized) and opcheck accepts them.
 #include "revkern.h"
+#include "revkern_acc.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
@@ -152,15 +153,6 @@ Layout coalesce(const Update& u) {
 // CPU kernels
 // ------------------------------------------------------------------------------------------------
 namespace {
-
-template <typename T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
 
 constexpr int64_t kGrain = 32768;  // elements per parallel_for task
 
