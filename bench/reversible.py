@@ -31,7 +31,6 @@ import datetime as _dt
 import gc
 import json
 import math
-import os
 import platform
 import statistics
 import sys
@@ -158,21 +157,25 @@ def _free():
         torch.cuda.empty_cache()
 
 
+def _train_step(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, amp: bool):
+    """One forward + backward of ``model`` on ``x`` (gradients cleared first): what every variant times."""
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        x.grad = None
+        with _autocast(x.device, amp):
+            y = model(x)
+        y.float().square().mean().backward()
+    return step
+
+
 def measure(variant: str, model: nn.Module, x: torch.Tensor, params: list[torch.Tensor], amp: bool,
             steps: int, warmup: int) -> dict[str, Any]:
     device = x.device
     cuda = device.type == "cuda"
     param_bytes = sum(p.numel() * p.element_size() for p in params)
 
-    def step():
-        for p in params:
-            p.grad = None
-        x.grad = None
-        with _autocast(device, amp):
-            y = model(x)
-        loss = y.float().square().mean()
-        loss.backward()
-
+    step = _train_step(model, params, x, amp)
     with _ext_ctx(variant):
         try:
             for _ in range(warmup):
@@ -350,15 +353,7 @@ def profile_variants(variants, depth: int, d: int, heads: int, seq: int, batch: 
     out = {}
     for v in variants:
         model = make_model(v, pairs)
-
-        def step():
-            for p in params:
-                p.grad = None
-            x.grad = None
-            with _autocast(device, amp):
-                y = model(x)
-            y.float().square().mean().backward()
-
+        step = _train_step(model, params, x, amp)
         with _ext_ctx(v):
             step()
             step()

@@ -39,10 +39,6 @@ def chunk_kernel() -> Optional[Callable]:
     return _chunk_gate_loop
 
 
-def _use_kernels(*ts: Tensor) -> bool:
-    return all(t.is_cuda for t in ts) and reference.out_dtype(*ts) in kernel_dtypes
-
-
 def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
                    initial_state: Optional[Tensor], output_final_state: bool):
     """Head-layout scan with the gate as real parts; the dispatch behind every public entry point.
@@ -88,7 +84,7 @@ _WARNED: set = set()
 def _warn_reference(layout: str, d: int, e: int, dtype: torch.dtype) -> None:
     """One warning per kind of input that runs on the GPU through the PyTorch reference."""
     if layout != GATE_HEAD:
-        why = (f"a gate per key dim (a: (B, n, d, 1))" if layout == "key" else "a gate per value dim / per entry")
+        why = "a gate per key dim (a: (B, n, d, 1))" if layout == "key" else "a gate per value dim / per entry"
         why += " has no Triton kernel yet"
     elif dtype == torch.float64:
         why = "float64 inputs have no Triton kernel"
