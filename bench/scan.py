@@ -276,55 +276,10 @@ def _sweep_tiles() -> None:
 
 
 def _profile() -> None:
-    """Host overhead of each layer of our call (tiny problem, device idle) and per-kernel device times
-    at (4096, 2048) float32 (``torch.profiler``)."""
-    q, k, v, a_re, a_im = _make(32, 64, torch.float32, "cuda", 1)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)]
-
-    def host_us(fn: Callable, reps: int = 200) -> float:
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / reps * 1e6
-    with torch.no_grad():
-        _log(f"host: empty torch op {host_us(lambda: torch.empty(1, device='cuda')):.1f} us, "
-             f"scan_forward {host_us(lambda: ew.scan_forward(q, k, v, a_re, a_im)):.1f} us, "
-             f"op (no grad) {host_us(lambda: ew.elementwise_scan(q, k, v, a_re, a_im, None, None)):.1f} us")
-    _, _, _, car = ew.scan_forward(q, k, v, a_re, a_im)
-    import cProfile
-    import pstats
-
-    class Direct(torch.autograd.Function):  # the launchers under a plain autograd.Function (no custom op)
-        @staticmethod
-        def forward(ctx, *t):
-            o, _, _, carries = ew.scan_forward(*t)
-            ctx.save_for_backward(*t, carries)
-            return o
-
-        @staticmethod
-        def backward(ctx, do):
-            *t, carries = ctx.saved_tensors
-            g = ew.scan_backward(do, None, None, *t, None, None, carries)
-            return g[:5]
-    for _ in range(3):
-        torch.autograd.grad(ew.elementwise_scan(*leaves, None, None)[0], leaves, q)
-    _log(f"host: plain autograd.Function over the launchers, fwd+bwd "
-         f"{host_us(lambda: torch.autograd.grad(Direct.apply(*leaves), leaves, q)):.1f} us")
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(50):
-        torch.autograd.grad(ew.elementwise_scan(*leaves, None, None)[0], leaves, q)
-    torch.cuda.synchronize()
-    prof.disable()
-    _log("host profile of 50 op fwd+bwd (autograd.grad), by own time:")
-    pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
-    _log(f"host: op fwd+bwd via autograd.grad "
-         f"{host_us(lambda: torch.autograd.grad(ew.elementwise_scan(*leaves, None, None)[0], leaves, q)):.1f} us")
-    _log(f"host: scan_backward {host_us(lambda: ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, car)):.1f} us, "
-         f"op fwd+bwd {host_us(lambda: ew.elementwise_scan(*leaves, None, None)[0].sum().backward()):.1f} us")
+    """Host overhead of each layer of our call (``bench._host_probe``) and per-kernel device times at
+    (4096, 2048) float32 (``torch.profiler``)."""
+    from bench import _host_probe
+    _host_probe.main()
     from bench._profile import kernel_times
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, a_re, a_im = _make(4096, 2048, dtype, "cuda", 4)

@@ -604,12 +604,12 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     BK, BV = _blocks(K, V)
     h, ht = _states(k, v, are, aim, h0, BT, mode, prec, store_ht)
     o = torch.empty_like(v)
-    # Workaround: in tf32 mode at (d, e) = (96, 160) this kernel's output was 7% off on the H100
-    # (Triton 3.6; states and every gradient were right, and 3xTF32 at the same shape was exact):
-    # head dims that are not multiples of 64 run its dots in 3xTF32.
-    prec_o = "tf32x3" if prec == "tf32" and (K % 64 or V % 64) else prec
+    # num_stages=1: with the K loop software-pipelined (num_stages=2) Triton 3.6 miscompiled this kernel
+    # on the H100 whenever the loop ran more than once: 7% output error in tf32 at (d, e) = (96, 160),
+    # 5.7% in bf16 at (128, 64), while states and every gradient were right (the Hopper dot hazard of
+    # flash-linear-attention issue 640); the interpreter gives the right answer for both.
     _fwd_o[(NT, triton.cdiv(V, BV), B * H)](q, k, v, are, aim, h, o, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                            MODE=mode, PREC=prec_o, num_warps=8, num_stages=2)
+                                            MODE=mode, PREC=prec, num_warps=8, num_stages=1)
     return o, ht
 
 

@@ -115,12 +115,17 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
 
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
-                o_ptr, hTr_ptr, hTi_ptr, agg_ptr, inc_ptr, ticket_ptr,
+                o_ptr, hTr_ptr, hTi_ptr, ws_ptr,
                 n, B, C, NCB, NSEG,
                 s_b, s_n, s_c, g_b, g_n, g_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr):
-    vid = tl.atomic_add(ticket_ptr, 1)
+    # ws (zeroed int64 words): inclusive states (2 per channel and segment, kept for the backward),
+    # aggregates (4 per channel and segment), the ticket
+    n_words = NSEG.to(tl.int64) * B * C
+    inc_ptr = ws_ptr
+    agg_ptr = ws_ptr + 2 * n_words
+    vid = tl.atomic_add(ws_ptr + 6 * n_words, 1).to(tl.int32)
     seg = vid // (B * NCB)
     b = (vid % (B * NCB)) // NCB
     cb = vid % NCB
@@ -177,14 +182,17 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
 
 @triton.jit
 def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, fwd_inc_ptr,
-                dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr,
-                agg_ptr, inc_ptr, ticket_ptr,
+                dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr,
                 n, B, C, NCB, NSEG,
                 s_b, s_n, s_c, g_b, g_n, g_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr,
                 BIG: tl.constexpr):
-    vid = tl.atomic_add(ticket_ptr, 1)
+    # ws: zeroed int64 words laid out as the forward's (inclusive states | aggregates | ticket)
+    n_words = NSEG.to(tl.int64) * B * C
+    inc_ptr = ws_ptr
+    agg_ptr = ws_ptr + 2 * n_words
+    vid = tl.atomic_add(ws_ptr + 6 * n_words, 1).to(tl.int32)
     seg = NSEG - 1 - vid // (B * NCB)
     b = (vid % (B * NCB)) // NCB
     cb = vid % NCB
@@ -396,12 +404,11 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
             hT_im.zero_()
         return o, hT_re, hT_im, carries
     ncb = -(-C // block_c)
-    n_inc = nseg * B * C * 2
     h0r = h0_re.contiguous() if h0_re is not None else hT_re
     h0i = h0_im.contiguous() if (h0_im is not None and complex_gate) else hT_re
     _fwd_kernel[(nseg * B * ncb,)](
         q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
-        o, hT_re, hT_im if complex_gate else hT_re, carries[n_inc:], carries, carries[-1:].view(torch.int32),
+        o, hT_re, hT_im if complex_gate else hT_re, carries,
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=h0_re is not None, BIG=_big(q, a_re), num_warps=warps)
@@ -451,7 +458,6 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     nseg = _segments(n, block_t)
     ncb = -(-C // block_c)
     ws = torch.zeros(nseg * B * C * 6 + 1, dtype=torch.int64, device=dev)
-    agg, inc = ws[1:1 + nseg * B * C * 4], ws[1 + nseg * B * C * 4:]
     dummy = dh0_re if has_h0 else da_re
     has_gt = dhT_re is not None
     gTr = dhT_re.contiguous() if has_gt else dummy
@@ -463,7 +469,7 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         h0_im.contiguous() if (has_h0 and complex_gate) else dummy, carries,
         dq, dk, dv if dv is not None else dk, da_re, da_im if complex_gate else da_re,
         dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
-        agg, inc, ws[:1].view(torch.int32),
+        ws,
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=warps)
@@ -589,13 +595,18 @@ def _(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries):
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, a_re, a_im, h0_re, h0_im = inputs
     ctx.absent = [t is None for t in inputs]
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs (carries, final state)
     ctx.save_for_backward(q, k, v, a_re, a_im, h0_re, h0_im, output[3])
 
 
 def _backward(ctx, do, dhT_re, dhT_im, _dcarries):
     q, k, v, a_re, a_im, h0_re, h0_im, carries = ctx.saved_tensors
+    if do is None:  # only the final state is used
+        do = torch.zeros_like(q)
     if a_im is None or (dhT_im is not None and dhT_im.numel() == 0):
         dhT_im = None
+    if dhT_re is None and dhT_im is not None:  # only the final state's imaginary part is used
+        dhT_re = torch.zeros_like(dhT_im)
     grads = elementwise_scan_backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries)
     return tuple(None if absent else g for g, absent in zip(grads, ctx.absent))
 

@@ -153,7 +153,7 @@ def test_gpu_float32(shape, precision, tol):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", GPU_SHAPES[:3])
+@pytest.mark.parametrize("shape", GPU_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_half(shape, dtype):
     check(*shape, dtype, "cuda", 1e-2, zeros=True, init=True, final=True, poison=True)

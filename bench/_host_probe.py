@@ -1,0 +1,79 @@
+"""Host (CPU) cost of each layer of our head-dim-1 scan call, on a tiny problem with the device idle.
+
+``python -m bench._host_probe`` (also run by ``python -m bench scan --profile``): microseconds per
+call of the allocator, a zero fill, a bare Triton launch, our launchers, the custom op, and forward +
+backward through autograd (with and without the autograd engine's device thread), then where the
+time goes by ``torch.profiler`` (CPU events on every thread).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import triton
+import triton.language as tl
+
+from gateloop_kernels import elementwise as ew
+
+
+@triton.jit
+def _noop(x_ptr, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16, a17, a18, a19,
+          n, B, C, NCB, NSEG, s0, s1, s2, g0, g1, g2, X: tl.constexpr, Y: tl.constexpr):
+    pass
+
+
+def host_us(fn: Callable, reps: int = 300) -> float:
+    """Mean wall microseconds per call of ``fn`` (device synchronized before and after)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps * 1e6
+
+
+def main() -> None:
+    B, n, C = 1, 64, 32
+    q, k, v, a_re, a_im = (torch.randn(B, n, C, device="cuda") for _ in range(5))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)]
+    _, _, _, car = ew.scan_forward(q, k, v, a_re, a_im)
+    N = ew.carries_numel(B, n, C)
+    ptrs = [torch.empty(1, device="cuda") for _ in range(20)]
+
+    def fwd_bwd_op():
+        torch.autograd.grad(ew.elementwise_scan(*leaves, None, None)[0], leaves, q)
+
+    def trivial_autograd():
+        torch.autograd.grad(leaves[0] * 2.0, leaves[0], q)
+    rows = [
+        ("torch.empty (int64 carries)", lambda: torch.empty(N, dtype=torch.int64, device="cuda")),
+        ("torch.zeros (int64 carries)", lambda: torch.zeros(N, dtype=torch.int64, device="cuda")),
+        ("bare Triton launch, 32 args", lambda: _noop[(1,)](q, *ptrs, n, B, C, 1, 1, 1, 1, 1, 1, 1, 1, X=1, Y=2)),
+        ("scan_forward (launcher)", lambda: ew.scan_forward(q, k, v, a_re, a_im)),
+        ("scan_backward (launcher)", lambda: ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, car)),
+        ("op forward, no grad", lambda: ew.elementwise_scan(q, k, v, a_re, a_im, None, None)),
+        ("autograd.grad of x * 2", trivial_autograd),
+        ("op forward + backward (autograd.grad)", fwd_bwd_op),
+    ]
+    with torch.no_grad():
+        res = [(name, host_us(fn)) for name, fn in rows[:-2]]
+    res += [(name, host_us(fn)) for name, fn in rows[-2:]]
+    torch.autograd.set_multithreading_enabled(False)
+    res.append(("op forward + backward, autograd multithreading off", host_us(fwd_bwd_op)))
+    torch.autograd.set_multithreading_enabled(True)
+    for name, us in res:
+        print(f"[host] {name:55s} {us:8.1f} us", flush=True)
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            fwd_bwd_op()
+        torch.cuda.synchronize()
+    print("[host] torch.profiler, 20 op forward + backward, by self CPU time (all threads):\n"
+          + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
+if __name__ == "__main__":
+    main()
