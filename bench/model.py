@@ -32,40 +32,63 @@ def _make(which: str, heads: Optional[int], dim: int, depth: int, reversible: bo
 
 
 def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, device: str, dim: int = 512,
-            depth: int = 6, reversible: bool = False, steps: int = 5, warmup: int = 2) -> dict:
-    """Median tokens/s over ``steps`` AdamW steps after ``warmup``; peak memory in GiB."""
+            depth: int = 6, reversible: bool = False, steps: int = 5, warmup: int = 2, compiled: bool = False,
+            compile_mode: str = "default") -> dict:
+    """Median tokens/s over ``steps`` AdamW steps after ``warmup``; peak memory in GiB.
+
+    ``compiled``: the steps run ``torch.compile(model, mode=compile_mode)`` (the optimizer stays
+    eager); dynamo is reset first, the warm-up (at least one step) covers compilation, and the
+    first step's wall time is returned as ``compile_s``.
+    """
     torch.manual_seed(0)
     model = _make(which, heads, dim, depth, reversible).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    step_model: Callable[..., torch.Tensor] = model
+    if compiled:
+        torch._dynamo.reset()  # no graphs or guards left over from the previous configuration
+        step_model = torch.compile(model, mode=compile_mode)
+        warmup = max(warmup, 1)
     tokens = torch.randint(0, 256, (batch, seq + 1), device=device)
     sync: Callable[[], None] = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, first = [], None
     for i in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loss = model(tokens, return_loss=True)
+            loss = step_model(tokens, return_loss=True)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
+        if i == 0:
+            first = time.perf_counter() - t0
+            if compiled and device == "cuda":  # the peak of the steps, not of compilation (autotuning buffers)
+                torch.cuda.reset_peak_memory_stats()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss.item()}")
     t = sorted(times)[len(times) // 2]
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None  # no allocator stats on CPU
-    return {"tokens_per_s": batch * seq / t, "step_ms": t * 1e3, "peak_gib": peak, "loss": loss.item()}
+    out = {"tokens_per_s": batch * seq / t, "step_ms": t * 1e3, "peak_gib": peak, "loss": loss.item()}
+    if compiled:
+        out["compile_s"] = first
+        torch._dynamo.reset()
+    return out
 
 
-def cases(device: str, quick: bool) -> list[dict]:
+def cases(device: str, quick: bool, compile: bool = False) -> list[dict]:
     if device != "cuda":
-        return [dict(which=w, heads=h, batch=2, seq=128, amp=amp, dim=64, depth=2)
-                for h in (None, 4) for amp in (False, True) for w in ("seed", "ours")]
+        out = [dict(which=w, heads=h, batch=2, seq=128, amp=amp, dim=64, depth=2)
+               for h in (None, 4) for amp in (False, True) for w in ("seed", "ours")]
+        if compile:
+            out += [dict(which="ours", heads=h, batch=2, seq=128, amp=amp, dim=64, depth=2, compiled=True)
+                    for h in (None, 4) for amp in (False, True)]
+        return out
     out = []
     for heads in (None, 8):
         for batch, seq in ((8, 2048), (1, 32768)):
@@ -76,6 +99,9 @@ def cases(device: str, quick: bool) -> list[dict]:
         for heads in (None, 8):
             for rev in (False, True):
                 out.append(dict(which="ours", heads=heads, batch=1, seq=131072, amp=True, reversible=rev))
+    if compile:  # few configurations: each compile costs minutes
+        out += [dict(which="ours", heads=heads, batch=8, seq=2048, amp=amp, compiled=True)
+                for heads in (None, 8) for amp in (False, True)]
     return out
 
 
@@ -83,21 +109,33 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m bench model", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="skip the 131072-token runs")
     p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="add rows of ours under torch.compile(model) (8 x 2048 on the GPU; minutes per compile)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of the compiled rows (default: %(default)s)")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         print("[model] no GPU: a tiny configuration (dim 64, depth 2, 2 x 128 tokens) through the CPU "
               "reference path; the figures say nothing about GPU speed")
-    todo = cases(device, args.quick)
+    if args.compile:
+        print(f"[model] compiled rows: torch.compile(model, mode={args.compile_mode!r}), inductor backend; "
+              "the optimizer step stays eager; compile = wall time of the first step")
+    todo = cases(device, args.quick, args.compile)
     rows = []
     for i, c in enumerate(todo):
         label = (f"{c['which']:4s} heads={c['heads'] or 'dim':>3} {c['batch']}x{c['seq']:<6d} "
-                 f"{'bf16' if c['amp'] else 'fp32'}{' rev' if c.get('reversible') else ''}")
+                 f"{'bf16' if c['amp'] else 'fp32'}{' rev' if c.get('reversible') else ''}"
+                 f"{' compiled' if c.get('compiled') else ''}")
         print(f"[model] ({i + 1}/{len(todo)}) {label} ...", end=" ", flush=True)
+        if c.get("compiled"):
+            c = {**c, "compile_mode": args.compile_mode}
         try:
             r = measure(device=device, **c)
             mem = f"{r['peak_gib']:6.2f} GiB" if r["peak_gib"] is not None else "   (no memory stats on the CPU)"
-            print(f"{r['tokens_per_s'] / 1e3:8.1f}k tok/s  {mem}", flush=True)
+            comp = f"  (compile {r['compile_s']:.0f} s)" if "compile_s" in r else ""
+            print(f"{r['tokens_per_s'] / 1e3:8.1f}k tok/s  {mem}{comp}", flush=True)
         except ImportError:
             r = {"error": "upstream gateloop_transformer not installed"}
             print("skipped (upstream not installed)")
@@ -110,28 +148,38 @@ def main(argv: list[str]) -> None:
         finally:
             if device == "cuda":
                 torch.cuda.empty_cache()
-        rows.append({**c, **r})
+        rows.append({**c, "compiled": bool(c.get("compiled")), **r})
     _table(rows)
     out = Path("bench/out")
     out.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+            "date": time.strftime("%Y-%m-%d"), "compile_mode": args.compile_mode if args.compile else None}
     (out / "model.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
 
 
 def _table(rows: list[dict]) -> None:
-    print("\nheads  batch x seq   amp   rev   seed tok/s  seed GiB   ours tok/s  ours GiB   speedup  mem ratio")
+    """One line per configuration: seed, ours eager and, when measured, ours compiled (with its
+    speed against ours eager and the compile time)."""
+    with_comp = any(r.get("compiled") for r in rows)
+    print("\nheads  batch x seq   amp   rev   seed tok/s  seed GiB   ours tok/s  ours GiB   speedup  mem ratio"
+          + ("   compiled tok/s  GiB  vs eager  compile s" if with_comp else ""))
     keyf = lambda r: (r["heads"], r["batch"], r["seq"], r["amp"], r.get("reversible", False))  # noqa: E731
     groups: dict = {}
     for r in rows:
-        groups.setdefault(keyf(r), {})[r["which"]] = r
+        groups.setdefault(keyf(r), {})["ours compiled" if r.get("compiled") else r["which"]] = r
     for (heads, b, s, amp, rev), g in groups.items():
-        seed, ours = g.get("seed", {}), g.get("ours", {})
+        seed, ours, comp = g.get("seed", {}), g.get("ours", {}), g.get("ours compiled")
         st, sm = seed.get("tokens_per_s"), seed.get("peak_gib")
         ot, om = ours.get("tokens_per_s"), ours.get("peak_gib")
         fmt = lambda x, f: (f % x) if isinstance(x, float) else f"{'-':>{len(f % 0.0)}}"  # noqa: E731
         sp = f"{ot / st:7.1f}x" if st and ot else "      -"
         mr = f"{om / sm:8.2f}" if sm and om else "       -"
         seed_txt = fmt(st, "%10.0f") if st else f"{'fails' if seed.get('error') else '-':>10s}"
-        print(f"{str(heads or 'dim'):>5s}  {b:>2d} x {s:<7d} {'bf16' if amp else 'fp32'}  {'yes' if rev else ' no'}  "
-              f"{seed_txt} {fmt(sm, '%9.2f')}  {fmt(ot, '%11.0f')} {fmt(om, '%9.2f')}  {sp} {mr}")
+        line = (f"{str(heads or 'dim'):>5s}  {b:>2d} x {s:<7d} {'bf16' if amp else 'fp32'}  {'yes' if rev else ' no'}  "
+                f"{seed_txt} {fmt(sm, '%9.2f')}  {fmt(ot, '%11.0f')} {fmt(om, '%9.2f')}  {sp} {mr}")
+        if comp is not None:
+            ct = comp.get("tokens_per_s")
+            ct_txt = fmt(ct, "%16.0f") if ct else f"{'fails':>16s}"
+            vs = f"{ct / ot:8.2f}x" if ct and ot else "        -"
+            line += f" {ct_txt} {fmt(comp.get('peak_gib'), '%5.2f')}  {vs}  {fmt(comp.get('compile_s'), '%9.1f')}"
+        print(line)

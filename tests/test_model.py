@@ -1,6 +1,9 @@
 """The Transformer without the upstream package: reversible mode against plain autograd of the same
-coupling (float64), and bf16 autocast training (which the seed's model cannot run)."""
+coupling (float64), bf16 autocast training (which the seed's model cannot run), and torch.compile
+of the model against eager."""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -103,3 +106,50 @@ def test_layer_compiles_fullgraph(heads):
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_comp, g_eager):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        not os.environ.get("GATELOOP_TEST_INDUCTOR"), reason="~30 s per compile on the CPU; GATELOOP_TEST_INDUCTOR=1")),
+])
+@pytest.mark.parametrize("heads", [None, 4], ids=["head_dim_1", "head_dim_8"])
+def test_compiled_model_matches_eager(heads, backend):
+    """``torch.compile(model)`` as ``python -m bench model --compile`` runs it (a training step: loss with
+    ``return_loss=True``, backward): the same loss and parameter gradients as eager on the same
+    parameters and tokens, with no graph break (``fullgraph=True``); then a bf16 autocast step.
+
+    The CPU runs the ``aot_eager`` backend (dynamo tracing and AOT autograd, no code generation):
+    inductor compiles take ~30 s each on a CPU; ``GATELOOP_TEST_INDUCTOR=1`` adds them. The benchmark
+    on the GPU uses inductor."""
+    torch._dynamo.reset()
+    model = L.Transformer(dim=32, num_tokens=256, depth=2, gate_loop_heads=heads)
+    x = torch.randint(0, 256, (2, 65))
+    loss, grads = _grads(model, x)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    c_loss, c_grads = _grads(compiled, x)
+    assert len(c_grads) == len(grads) > 0
+    assert abs(c_loss - loss) <= 1e-5 * abs(loss)
+    for (name, _), a, b in zip(model.named_parameters(), c_grads, grads):
+        assert (a - b).norm() <= 1e-5 * b.norm().clamp_min(1e-12), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        l16, g16 = _grads(compiled, x)
+    assert torch.isfinite(l16) and abs(l16 - loss) <= 2e-2 * abs(loss)
+    assert all(torch.isfinite(g).all() for g in g16)
+    torch._dynamo.reset()
+
+
+def test_bench_table_puts_compiled_rows_beside_eager(capsys):
+    """``bench/model.py``'s table: a compiled row of ours lands on its configuration's line (after seed
+    and ours eager), with its speed against ours eager and its compile time."""
+    from bench import model as bench_model
+
+    base = dict(heads=8, batch=8, seq=2048, amp=True)
+    rows = [dict(base, which="seed", compiled=False, error="RuntimeError: view_as_complex"),
+            dict(base, which="ours", compiled=False, tokens_per_s=1e5, peak_gib=2.0),
+            dict(base, which="ours", compiled=True, tokens_per_s=3e5, peak_gib=1.5, compile_s=42.0)]
+    bench_model._table(rows)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "compiled tok/s" in lines[0] and len(lines) == 2
+    assert "fails" in lines[1] and "100000" in lines[1] and "300000" in lines[1]
+    assert "3.00x" in lines[1] and "42.0" in lines[1]
