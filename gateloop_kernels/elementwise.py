@@ -115,17 +115,16 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
 
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
-                o_ptr, hTr_ptr, hTi_ptr, ws_ptr,
+                o_ptr, hTr_ptr, hTi_ptr, ws_ptr, agg_off, ticket_off,
                 n, B, C, NCB, NSEG,
                 s_b, s_n, s_c, g_b, g_n, g_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr):
-    # ws (zeroed int64 words): inclusive states (2 per channel and segment, kept for the backward),
-    # aggregates (4 per channel and segment), the ticket
-    n_words = NSEG.to(tl.int64) * B * C
+    # ws (zeroed int64 words): inclusive states (2 per channel and segment, kept for the backward) from 0,
+    # aggregates (4 per channel and segment) from agg_off, the ticket at ticket_off
     inc_ptr = ws_ptr
-    agg_ptr = ws_ptr + 2 * n_words
-    vid = tl.atomic_add(ws_ptr + 6 * n_words, 1).to(tl.int32)
+    agg_ptr = ws_ptr + agg_off
+    vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
     seg = vid // (B * NCB)
     b = (vid % (B * NCB)) // NCB
     cb = vid % NCB
@@ -182,17 +181,16 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
 
 @triton.jit
 def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, fwd_inc_ptr,
-                dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr,
+                dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr, agg_off, ticket_off,
                 n, B, C, NCB, NSEG,
                 s_b, s_n, s_c, g_b, g_n, g_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr,
                 BIG: tl.constexpr):
     # ws: zeroed int64 words laid out as the forward's (inclusive states | aggregates | ticket)
-    n_words = NSEG.to(tl.int64) * B * C
     inc_ptr = ws_ptr
-    agg_ptr = ws_ptr + 2 * n_words
-    vid = tl.atomic_add(ws_ptr + 6 * n_words, 1).to(tl.int32)
+    agg_ptr = ws_ptr + agg_off
+    vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
     seg = NSEG - 1 - vid // (B * NCB)
     b = (vid % (B * NCB)) // NCB
     cb = vid % NCB
@@ -408,7 +406,7 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     h0i = h0_im.contiguous() if (h0_im is not None and complex_gate) else hT_re
     _fwd_kernel[(nseg * B * ncb,)](
         q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
-        o, hT_re, hT_im if complex_gate else hT_re, carries,
+        o, hT_re, hT_im if complex_gate else hT_re, carries, 2 * nseg * B * C, 6 * nseg * B * C,
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=h0_re is not None, BIG=_big(q, a_re), num_warps=warps)
@@ -469,7 +467,7 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         h0_im.contiguous() if (has_h0 and complex_gate) else dummy, carries,
         dq, dk, dv if dv is not None else dk, da_re, da_im if complex_gate else da_re,
         dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
-        ws,
+        ws, 2 * nseg * B * C, 6 * nseg * B * C,
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=warps)
