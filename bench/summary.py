@@ -80,13 +80,17 @@ def _model(lines: list[str]) -> None:
         return
     groups: dict = {}
     for r in data["rows"]:
-        groups.setdefault((r["heads"], r["batch"], r["seq"], r["amp"], r.get("reversible", False)), {})[r["which"]] = r
+        which = r["which"] + (" compiled" if r.get("compiled") else "")
+        groups.setdefault((r["heads"], r["batch"], r["seq"], r["amp"], r.get("reversible", False)), {})[which] = r
     for (heads, b, s, amp, rev), g in groups.items():
         ours, seed = g.get("ours", {}), g.get("seed", {})
         if "tokens_per_s" not in ours:
             continue
         vs = (f"{ours['tokens_per_s'] / seed['tokens_per_s']:.1f}x the seed" if "tokens_per_s" in seed
               else "seed: " + str(seed.get("error", "-"))[:40])
+        comp = g.get("ours compiled", {})
+        if "tokens_per_s" in comp:
+            vs += f"; compiled {comp['tokens_per_s'] / 1e3:.1f}k tok/s"
         lines.append(f"model heads={heads or 'dim'} {b}x{s} {'bf16' if amp else 'fp32'}{' rev' if rev else ''}: "
                      f"{ours['tokens_per_s'] / 1e3:.1f}k tok/s, {vs}")
 
