@@ -114,7 +114,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="torch.compile mode of the compiled rows (default: %(default)s)")
+    p.add_argument("--compiled-only", action="store_true",
+                   help="only the compiled rows (implies --compile); writes model_compiled_<mode>.json")
     args = p.parse_args(argv)
+    args.compile = args.compile or args.compiled_only
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         print("[model] no GPU: a tiny configuration (dim 64, depth 2, 2 x 128 tokens) through the CPU "
@@ -123,6 +126,8 @@ def main(argv: list[str]) -> None:
         print(f"[model] compiled rows: torch.compile(model, mode={args.compile_mode!r}), inductor backend; "
               "the optimizer step stays eager; compile = wall time of the first step")
     todo = cases(device, args.quick, args.compile)
+    if args.compiled_only:
+        todo = [c for c in todo if c.get("compiled")]
     rows = []
     for i, c in enumerate(todo):
         label = (f"{c['which']:4s} heads={c['heads'] or 'dim':>3} {c['batch']}x{c['seq']:<6d} "
@@ -154,7 +159,8 @@ def main(argv: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "compile_mode": args.compile_mode if args.compile else None}
-    (out / "model.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    name = f"model_compiled_{args.compile_mode}.json" if args.compiled_only else "model.json"
+    (out / name).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
 
 
 def _table(rows: list[dict]) -> None:
