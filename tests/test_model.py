@@ -144,19 +144,27 @@ def test_compiled_model_matches_eager(heads, backend):
 def test_cuda_inductor_model_matches_eager(heads):
     """On the GPU, ``torch.compile(model)`` with inductor (what ``python -m bench model --compile``
     times: the Triton scan kernels as custom ops, the rest fused by inductor) gives eager's loss and
-    gradients: fp32 to 1e-4 (inductor reorders float32 sums), bf16 autocast to 3e-2 of the norm."""
+    gradients in fp32 to 1e-4 (inductor reorders float32 sums). Under bf16 autocast the two round at
+    different places (inductor keeps fused intermediates in fp32), so the oracle is the fp32 run:
+    compiled bf16 must be no further from it than 2x eager bf16's distance."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = L.Transformer(dim=128, num_tokens=256, depth=2, gate_loop_heads=heads).cuda()
     x = torch.randint(0, 256, (2, 1025), device="cuda")
     compiled = torch.compile(model, fullgraph=True)
-    for amp, tol in ((False, 1e-4), (True, 3e-2)):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            loss, grads = _grads(model, x)
-            c_loss, c_grads = _grads(compiled, x)
-        assert abs(c_loss - loss) <= tol * abs(loss), (amp, c_loss, loss)
-        for (name, _), a, b in zip(model.named_parameters(), c_grads, grads):
-            assert (a - b).norm() <= tol * b.norm().clamp_min(1e-12), (amp, name)
+    loss, grads = _grads(model, x)
+    c_loss, c_grads = _grads(compiled, x)
+    assert abs(c_loss - loss) <= 1e-4 * abs(loss), (c_loss, loss)
+    for (name, _), a, b in zip(model.named_parameters(), c_grads, grads):
+        assert (a - b).norm() <= 1e-4 * b.norm().clamp_min(1e-12), name
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        e_loss, e_grads = _grads(model, x)
+        b_loss, b_grads = _grads(compiled, x)
+    flat = lambda gs: torch.cat([g.flatten().float() for g in gs])  # noqa: E731
+    ref = flat(grads)
+    err_eager, err_comp = ((flat(g) - ref).norm() / ref.norm() for g in (e_grads, b_grads))
+    assert 0 < err_eager < 5e-2 and err_comp <= 2 * err_eager, (err_comp, err_eager)
+    assert abs(b_loss - loss) <= 2 * abs(e_loss - loss) + 1e-3 * abs(loss), (b_loss, e_loss, loss)
     torch._dynamo.reset()
 
 
