@@ -256,21 +256,31 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _sweep_tiles() -> None:
-    """Tile / warps sweep of our kernels at (4096, 2048) float32, graph-replay times (for tuning)."""
+    """Tile / warps / backward register-cap sweep of our kernels at (4096, 2048) float32, graph-replay
+    times (for tuning)."""
     q, k, v, a_re, a_im = _make(4096, 2048, torch.float32, "cuda", 4)
     inputs = [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)]
     gout = torch.randn(q.shape).to(q)
-    names = ("BLOCK_T", "BLOCK_C_FWD", "BLOCK_C_BWD", "WARPS_FWD", "WARPS_BWD")
+    names = ("BLOCK_T", "BLOCK_C_FWD", "BLOCK_C_BWD", "WARPS_FWD", "WARPS_BWD", "MAXNREG_BWD")
     saved = tuple(getattr(ew, nm) for nm in names)
-    for cfg in ((64, 32, 16, 4, 4), (64, 32, 16, 4, 2), (64, 16, 16, 4, 4), (64, 32, 32, 4, 4),
-                (64, 32, 8, 4, 2), (128, 32, 16, 4, 4), (64, 64, 16, 8, 4), (32, 32, 16, 4, 4), (64, 16, 8, 2, 2)):
+    ref = torch.autograd.grad(ew.elementwise_scan(*inputs, None, None)[0], inputs, gout)
+    for cfg in ((64, 32, 16, 4, 4, None), (64, 32, 16, 4, 4, 128), (64, 32, 16, 4, 4, 96), (64, 32, 16, 4, 4, 80),
+                (64, 32, 32, 4, 4, None), (64, 32, 32, 4, 4, 128), (64, 32, 32, 4, 8, None),
+                (64, 32, 32, 4, 8, 96), (64, 32, 16, 4, 2, None), (64, 32, 16, 4, 2, 128), (64, 32, 8, 4, 2, 96),
+                (64, 32, 64, 4, 8, 128), (128, 32, 16, 4, 4, 128), (128, 32, 32, 4, 8, 128)):
         for nm, val in zip(names, cfg):
             setattr(ew, nm, val)
-        with torch.no_grad():
-            f = _time_graph(lambda: ew.elementwise_scan(*inputs, None, None))
-        fb = _time_graph(lambda: torch.autograd.grad(ew.elementwise_scan(*inputs, None, None)[0], inputs, gout))
-        _log(f"BLOCK_T {cfg[0]:4d} BLOCK_C {cfg[1]:3d}/{cfg[2]:3d} warps {cfg[3]:2d}/{cfg[4]:2d}: "
-             f"graph fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms")
+        try:
+            with torch.no_grad():
+                f = _time_graph(lambda: ew.elementwise_scan(*inputs, None, None))
+            fb = _time_graph(lambda: torch.autograd.grad(ew.elementwise_scan(*inputs, None, None)[0], inputs, gout))
+            g = torch.autograd.grad(ew.elementwise_scan(*inputs, None, None)[0], inputs, gout)
+            err = max(_rel(x, y) for x, y in zip(g, ref))
+        except Exception as e:  # noqa: BLE001 - a configuration the compiler rejects
+            _log(f"{cfg}: {type(e).__name__}: {str(e)[:100]}")
+            continue
+        _log(f"BLOCK_T {cfg[0]:4d} BLOCK_C {cfg[1]:3d}/{cfg[2]:3d} warps {cfg[3]:2d}/{cfg[4]:2d} maxnreg bwd "
+             f"{cfg[5]}: graph fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms  grads vs default {err:.1e}")
     for nm, val in zip(names, saved):
         setattr(ew, nm, val)
 

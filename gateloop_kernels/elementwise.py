@@ -309,6 +309,8 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
 #: time steps per program (forward and backward share it: the saved carries are per segment),
 #: channels per program and warps, forward / backward
 BLOCK_T, BLOCK_C_FWD, BLOCK_C_BWD, WARPS_FWD, WARPS_BWD = 64, 32, 16, 4, 4
+#: register cap of the backward kernel (``None``: the compiler's choice), CUDA only
+MAXNREG_BWD: Optional[int] = None
 
 
 def _pow2(x: int) -> int:
@@ -470,7 +472,8 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         ws, 2 * nseg * B * C, 6 * nseg * B * C,
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=warps)
+        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=warps,
+        **({"maxnreg": MAXNREG_BWD} if MAXNREG_BWD and q.is_cuda else {}))
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
 
 
