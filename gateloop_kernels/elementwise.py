@@ -309,8 +309,10 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
 #: time steps per program (forward and backward share it: the saved carries are per segment),
 #: channels per program and warps, forward / backward
 BLOCK_T, BLOCK_C_FWD, BLOCK_C_BWD, WARPS_FWD, WARPS_BWD = 64, 32, 16, 4, 4
-#: register cap of the backward kernel (``None``: the compiler's choice), CUDA only
-MAXNREG_BWD: Optional[int] = None
+#: register cap of the backward kernel (``None``: the compiler's choice), CUDA only. 128 (the compiler
+#: takes 136, so 3 programs per SM) lets 4 programs share an SM: -6% forward+backward on the H100
+#: (``python -m bench scan --sweep``); lower caps spill and are slower.
+MAXNREG_BWD: Optional[int] = 128
 
 
 def _pow2(x: int) -> int:
