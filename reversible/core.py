@@ -353,12 +353,11 @@ class _Run:
         buf[1].copy_(x)
         return buf
 
-    def make_grad_buffer(self, i: int, g: Tensor | None, buf: Tensor) -> Tensor:
-        if g is None:
-            return torch.zeros_like(buf)
+    def make_grad_buffer(self, i: int, g: Tensor, shape: Sequence[int]) -> Tensor:
+        """The gradient buffer (laid out like the activation buffer, ``shape``) for output gradient ``g``."""
         if self.merge == "cat":
             return self.to_buffer(i, g)
-        gbuf = torch.empty_like(buf)
+        gbuf = g.new_empty(shape, dtype=self.streams[i].buf_dtype)
         gbuf[0].copy_(g)
         if self.merge == "mean":
             gbuf[0].mul_(0.5)
@@ -432,19 +431,37 @@ class _Run:
         kws = [leaves[j] for j in self.kw_idx[ci]]
         kwargs = self.backward_kwargs(ci, leaves)
         rng = self.rng[ci] if self.rng else None
+        roots: list[Any] = []  # (output or its autograd edge, its gradient) per output needing grad
+        check: list[Tensor] = []
         with torch.enable_grad(), _autocast_replay(self.autocast), _rng_replay(rng):
             outs = c.call([self.to_compute(s, x) for s, x in zip(c.sources, srcs)], kwargs)
-            outs = [o if o.dtype == halves[t].dtype else o.to(halves[t].dtype) for o, t in zip(outs, c.targets)]
-        for t, o in zip(c.targets, outs):
-            if o.shape != halves[t].shape:
-                raise ValueError(f"coupling function {c.name} returned shape {tuple(o.shape)} in recomputation "
-                                 f"for a half of shape {tuple(halves[t].shape)}")
-        diff = [(o, ghalves[t]) for o, t in zip(outs, c.targets) if o.requires_grad]
+            for i, (o, t) in enumerate(zip(outs, c.targets)):
+                if o.shape != halves[t].shape:
+                    raise ValueError(f"coupling function {c.name} returned shape {tuple(o.shape)} in recomputation "
+                                     f"for a half of shape {tuple(halves[t].shape)}")
+                if o.dtype == halves[t].dtype:
+                    if o.requires_grad:
+                        roots.append((o, ghalves[t]))
+                        check.append(o)
+                    continue
+                wide = o.to(halves[t].dtype)  # the cast the target half sees, as in the forward
+                if wide.requires_grad:
+                    # the vjp starts from the cast's autograd edge, so the wide copy itself is not held
+                    roots.append((torch.autograd.graph.get_gradient_edge(wide), ghalves[t]))
+                    check.append(wide)
+                if torch.promote_types(o.dtype, halves[t].dtype) == halves[t].dtype:
+                    # an exact widening (bf16/fp16 -> fp32): the reconstruction subtracts the narrow
+                    # output (same result, half the bytes) and the wide copy is not kept through the vjp
+                    outs[i] = o.detach()
+                else:
+                    outs[i] = wide.detach()
         inputs = [*srcs, *params, *kws]
-        _check_closure(c, [o for o, _ in diff], inputs)
-        if diff:
-            grads = torch.autograd.grad([o for o, _ in diff], inputs, grad_outputs=[g for _, g in diff],
+        _check_closure(c, check, inputs)
+        o = wide = check = None  # no local reference keeps a wide copy alive through the vjp
+        if roots:
+            grads = torch.autograd.grad([r for r, _ in roots], inputs, grad_outputs=[g for _, g in roots],
                                         allow_unused=True)
+            roots = None
         else:
             grads = (None,) * len(inputs)
         ns, npar = len(srcs), len(params)
@@ -466,10 +483,18 @@ class _Run:
 
 
 class _ReversibleFunction(torch.autograd.Function):
-    """Whole-stack autograd Function: inputs are ``(run, *stream_inputs, *params, *kwarg_tensors)``."""
+    """Whole-stack autograd Function: inputs are ``(run, *stream_inputs, *params, *kwarg_tensors)``;
+    outputs are the streams' activation buffers themselves, laid out ``(2, *half)``.
+
+    The buffers never reach the user: :class:`_Merge` turns them into the outputs, and its backward
+    builds the gradient buffers, which this backward then updates in place. So the gradient of the
+    merged outputs is released by autograd before this backward runs, instead of being held
+    (by the engine) beside the gradient buffers through the whole reconstruction.
+    """
 
     @staticmethod
     def forward(ctx: Any, run: _Run, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
         inputs = tensors[:len(run.streams)]
         bufs = [run.make_buffer(i, x) for i, x in enumerate(inputs)]
         halves = run.halves(bufs)
@@ -478,10 +503,11 @@ class _ReversibleFunction(torch.autograd.Function):
             if run.preserve_rng_state:
                 run.rng.append(_rng_state([halves[s] for s in c.sources]))
             run.step_forward(ci, halves, inplace=True)
-        outs = run.merged(halves)
-        run.bufs = bufs
+        # aliases without autograd history: the outputs get this node as grad_fn, and the run (held
+        # by this node's ctx) must not hold them back (a reference cycle through the graph)
+        run.bufs = [b.detach() for b in bufs]
         ctx.run = run
-        return tuple(outs)
+        return tuple(bufs)
 
     @staticmethod
     @once_differentiable
@@ -491,7 +517,12 @@ class _ReversibleFunction(torch.autograd.Function):
             raise RuntimeError(_TWICE)
         bufs, run.bufs = run.bufs, None
         ctx.run = None
-        gbufs = [run.make_grad_buffer(i, g, b) for i, (g, b) in enumerate(zip(gouts, bufs))]
+        # the incoming gradients are the buffers _Merge.backward just made (only _Merge reads the
+        # activation buffers), so they are the gradient buffers, updated in place from here on
+        gbufs = [g if g is not None and g.shape == b.shape and g.dtype == b.dtype and g.device == b.device
+                 and g.is_contiguous() else (torch.zeros_like(b) if g is None else torch.empty_like(b).copy_(g))
+                 for g, b in zip(gouts, bufs)]
+        del gouts
         halves, ghalves = run.halves(bufs), run.halves(gbufs)
         pgrads: list[Tensor | None] = [None] * len(run.params)
         kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
@@ -509,6 +540,26 @@ class _ReversibleFunction(torch.autograd.Function):
                 dxs.append(run.from_buffer(i, gbufs[i]).to(s.dtype))
         pgrads = [g if g is None else g.to(p.dtype) for g, p in zip(pgrads, run.params)]
         return (None, *dxs, *pgrads, *kgrads)
+
+
+class _Merge(torch.autograd.Function):
+    """The streams' activation buffers -> the outputs (``merge``); backward: the outputs'
+    gradients -> fresh gradient buffers (the only tensors :class:`_ReversibleFunction` gets)."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, *bufs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        ctx.run = run
+        ctx.shapes = [b.shape for b in bufs]
+        return tuple(run.merged(run.halves(bufs)))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *gouts: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        run: _Run = ctx.run
+        gbufs = [None if g is None else run.make_grad_buffer(i, g, shape)
+                 for i, (g, shape) in enumerate(zip(gouts, ctx.shapes))]
+        return (None, *gbufs)
 
 
 def _normalize_dim(dim: int, ndim: int) -> int:
@@ -583,7 +634,7 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
     needs_graph = torch.is_grad_enabled() and (
         any(x.requires_grad for x in inputs) or bool(run.params) or bool(run.kw_tensors))
     if reversible and needs_graph:
-        return list(_ReversibleFunction.apply(run, *inputs, *run.params, *run.kw_tensors))
+        return list(_Merge.apply(run, *_ReversibleFunction.apply(run, *inputs, *run.params, *run.kw_tensors)))
     # irreversible (plain autograd) or no graph at all: the same steps, functionally
     halves = []
     for x, s in zip(inputs, streams):

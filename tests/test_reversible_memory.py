@@ -107,3 +107,71 @@ def test_activation_memory_flat_in_depth_gpu():
           f"plain depth 4 {seq4 / 2**20:.1f}, 32 {seq32 / 2**20:.1f}")
     assert rev32 <= rev4 + act // 2
     assert seq32 > seq4 + 20 * act
+
+
+class TokenBytes(LiveBytes):
+    """:class:`LiveBytes` restricted to activation-sized storages (a dim equal to the token count)."""
+
+    def __init__(self, tokens):
+        super().__init__()
+        self.tokens = tokens
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and self.tokens in t.shape:
+                s = t.untyped_storage()
+                key, n = s.data_ptr(), s.nbytes()
+                if n and key not in self.live:
+                    self.live[key] = n
+                    self.current += n
+                    self.peak = max(self.peak, self.current)
+                    weakref.finalize(s, self._free, key)
+        return out
+
+
+class _Mlp(nn.Module):
+    """The benchmark's g: pre-norm 4x MLP with GELU."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1 = nn.Linear(d, 4 * d)
+        self.fc2 = nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return self.fc2(nn.functional.gelu(self.fc1(self.norm(x))))
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_backward_peak_is_buffers_plus_one_step(amp):
+    """Peak of the activation-sized bytes allocated during backward, in units of one stream half H
+    (fp32, tokens x d). Live before backward: the buffer (2H) and the output (1H). Backward adds the
+    gradient buffer (2H) and one step's recompute + vjp: for the MLP (hidden 4d) at its fc2 backward,
+    fp32: LayerNorm out 1 + fc1 out 4 + GELU out 4 + its gradient 4 + the output kept for the
+    reconstruction 1 = 14H; bf16 autocast: LayerNorm out cast 0.5 + fc1 out 2 + GELU out 2 + its
+    gradient 2 + the output's gradient cast 0.5 + the bf16 output kept 0.5 = 7.5H.
+    Nothing else: the output gradient (1H) is released before the stack's backward (it only fills the
+    gradient buffer), and under autocast the fp32 copy of a recomputed output is not held through
+    its vjp (the reconstruction subtracts the bf16 output). Before: 17H / 11H."""
+    from reversible import _extension
+
+    d, n = 32, 600
+    torch.manual_seed(0)
+    net = reversible.ReversibleSequence([(_Mlp(d), _Mlp(d)) for _ in range(2)], merge="sum")
+    x = torch.randn(1, n, d, requires_grad=True)
+    half = x.nbytes
+    with _extension.use_extension(False):
+        tally = TokenBytes(n)
+        with tally:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = net(x)
+            loss = y.float().square().mean()
+            before = tally.current
+            tally.reset_peak()
+            loss.backward()
+    assert before == 3 * half  # buffer (2, *half) + merged output
+    extra = (tally.peak - before) / half
+    expected = 2 + (7.5 if amp else 14)
+    print(f"amp={amp}: backward peak over the forward's {before / half:.2f} H: {extra:.3f} H (expected {expected})")
+    assert extra <= expected + 0.25
