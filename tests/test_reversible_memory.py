@@ -24,10 +24,14 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key):
         self.current -= self.live.pop(key)
 
+    def counts(self, t) -> bool:
+        """Whether an output tensor's storage is tallied (every tensor here)."""
+        return isinstance(t, torch.Tensor)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if self.counts(t):
                 s = t.untyped_storage()
                 key, n = s.data_ptr(), s.nbytes()
                 if n and key not in self.live:
@@ -116,18 +120,8 @@ class TokenBytes(LiveBytes):
         super().__init__()
         self.tokens = tokens
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and self.tokens in t.shape:
-                s = t.untyped_storage()
-                key, n = s.data_ptr(), s.nbytes()
-                if n and key not in self.live:
-                    self.live[key] = n
-                    self.current += n
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(s, self._free, key)
-        return out
+    def counts(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and self.tokens in t.shape
 
 
 class _Mlp(nn.Module):
