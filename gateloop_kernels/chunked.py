@@ -118,6 +118,12 @@ def _last(x, idx, BT: tl.constexpr):
 
 
 @triton.jit
+def _ends(g, z, ur, ui, idx, BT: tl.constexpr):
+    """The chunk's full prefixes (the values at its last step) of :func:`_gate_prefix`'s outputs."""
+    return _last(g, idx, BT), _last(z, idx, BT), _last(ur, idx, BT), _last(ui, idx, BT)
+
+
+@triton.jit
 def _pair_decay(gt, zt, urt, uit, gs, zs, urs, uis, ok):
     """``D[t, s] = [ok and z_t == z_s] exp(g_t - g_s) u_t conj(u_s)`` as (Re, Im) tiles."""
     ok = ok & (zt[:, None] == zs[None, :])
@@ -206,6 +212,17 @@ def _st_s(ptr, x, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV
         tl.store(ptr + rr[:, None] * V + cc[None, :], x.to(ptr.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _scores(a, b, t0, n, C: tl.constexpr, H, BT: tl.constexpr, BC: tl.constexpr, MODE: tl.constexpr,
+            PREC: tl.constexpr):
+    """``A B^T`` of one chunk, (BT, BT) float32, for time-major (n, C) inputs of row stride H * C."""
+    acc = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_c in range(tl.cdiv(C, BC)):
+        acc += _dot(_ld_t(a, t0, i_c * BC, n, C, H * C, BT, BC), _ld_tT(b, t0, i_c * BC, n, C, H * C, BT, BC),
+                    MODE, PREC)
+    return acc
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -229,8 +246,7 @@ def _chunk_local(x, y, are, aim, u, atot, n, H, NT,
     t0 = i_t * BT
     t_idx = t0 + idx
     g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
-    g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
-    ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
+    g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
     if REV:
         amag = tl.where(z == 0, tl.exp(g), 0.0)
         w_re, w_im = amag * ur, -amag * ui
@@ -363,17 +379,13 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
     t0 = i_t * BT
     t_idx = t0 + idx
     g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
-    g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
-    ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
+    g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
     de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
     amag = tl.where(z == 0, tl.exp(g), 0.0)
     a_re, a_im = amag * ur, amag * ui
     ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
-    b_adv = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        b_adv += _dot(_ld_t(do, t0, i_v * BV, n, V, H * V, BT, BV), _ld_tT(v, t0, i_v * BV, n, V, H * V, BT, BV),
-                      MODE, PREC)
+    b_adv = _scores(do, v, t0, n, V, H, BT, BV, MODE, PREC)
     d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
     b_ddv = d_re * b_adv
     psi_re = tl.zeros([BT], dtype=tl.float32)
@@ -440,14 +452,10 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
     t0 = i_t * BT
     t_idx = t0 + idx
     g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
-    g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
-    ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
+    g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
     de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
     pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
-    b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        b_aqk += _dot(_ld_t(q, t0, i_k * BK, n, K, H * K, BT, BK), _ld_tT(k, t0, i_k * BK, n, K, H * K, BT, BK),
-                      MODE, PREC)
+    b_aqk = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC)
     d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
     b_dqkt = tl.trans(d_re * b_aqk)
     for i_v in range(tl.cdiv(V, BV)):
@@ -481,14 +489,8 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
     t_idx = t0 + idx
     valid = t_idx < n
     # P = (Q K^T) o (dO V^T)
-    b_aqk = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        b_aqk += _dot(_ld_t(q, t0, i_k * BK, n, K, H * K, BT, BK), _ld_tT(k, t0, i_k * BK, n, K, H * K, BT, BK),
-                      MODE, PREC)
-    b_adv = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_v in range(tl.cdiv(V, BV)):
-        b_adv += _dot(_ld_t(do, t0, i_v * BV, n, V, H * V, BT, BV), _ld_tT(v, t0, i_v * BV, n, V, H * V, BT, BV),
-                      MODE, PREC)
+    b_aqk = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC)
+    b_adv = _scores(do, v, t0, n, V, H, BT, BV, MODE, PREC)
     b_p = b_aqk * b_adv
     g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, valid, H)
     # exclusive prefixes (the state before step u): the same scan over the gates shifted by one
@@ -536,8 +538,7 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
     d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
     t1_re = tl.sum(d_re * m_re + d_im * m_im, 0)
     t1_im = tl.sum(d_re * m_im - d_im * m_re, 0)
-    g_end, z_end = _last(g, idx, BT), _last(z, idx, BT)
-    ur_end, ui_end = _last(ur, idx, BT), _last(ui, idx, BT)
+    g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
     de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
     s_re = tl.load(pa + 4 * BT)
     s_im = tl.load(pa + 5 * BT)

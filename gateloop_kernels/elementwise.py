@@ -69,6 +69,25 @@ def _publish(buf_ptr, sidx, mc, r0, r1, r2, r3, WORDS: tl.constexpr):
 
 
 @triton.jit
+def _tile(seg, rem, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
+          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BIG: tl.constexpr):
+    """Indices of the tile of segment ``seg`` and ``rem = batch * NCB + channel block``: ``(b, rows,
+    t, c, mc, m, off, goff, boff, gboff)``: in-batch offsets of the tile in the q-like and the gate
+    tensors (int32 unless ``BIG``), and the batch offsets to add to their pointers."""
+    b = rem // NCB
+    cb = rem % NCB
+    rows = tl.arange(0, BLOCK_T)
+    t = seg * BLOCK_T + rows
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    m = (t < n)[:, None] & mc[None, :]
+    tt = t[:, None].to(tl.int64) if BIG else t[:, None]
+    off = tt * s_n + c[None, :] * s_c
+    goff = tt * g_n + c[None, :] * g_c
+    return b, rows, t, c, mc, m, off, goff, b.to(tl.int64) * s_b, b.to(tl.int64) * g_b
+
+
+@triton.jit
 def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i, BLOCK_C: tl.constexpr):
     """State entering segment ``seg`` (complex ``(BLOCK_C,)`` pair).
 
@@ -126,23 +145,14 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     agg_ptr = ws_ptr + agg_off
     vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
     seg = vid // (B * NCB)
-    b = (vid % (B * NCB)) // NCB
-    cb = vid % NCB
-    rows = tl.arange(0, BLOCK_T)
-    t = seg * BLOCK_T + rows
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = c < C
-    m = (t < n)[:, None] & mc[None, :]
-    tt = t[:, None].to(tl.int64) if BIG else t[:, None]
-    off = tt * s_n + c[None, :] * s_c  # in-batch offsets (int32 unless BIG)
-    goff = tt * g_n + c[None, :] * g_c
-    boff = b.to(tl.int64) * s_b
+    b, rows, t, c, mc, m, off, goff, boff, gboff = _tile(seg, vid % (B * NCB), n, C, NCB, s_b, s_n, s_c,
+                                                         g_b, g_n, g_c, BLOCK_T, BLOCK_C, BIG)
     q_ptr += boff
     k_ptr += boff
     v_ptr += boff
     o_ptr += boff
-    ar_ptr += b.to(tl.int64) * g_b
-    ai_ptr += b.to(tl.int64) * g_b
+    ar_ptr += gboff
+    ai_ptr += gboff
 
     x = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
     if not KV_GIVEN:
@@ -192,18 +202,8 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     agg_ptr = ws_ptr + agg_off
     vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
     seg = NSEG - 1 - vid // (B * NCB)
-    b = (vid % (B * NCB)) // NCB
-    cb = vid % NCB
-    rows = tl.arange(0, BLOCK_T)
-    t = seg * BLOCK_T + rows
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = c < C
-    mt = t < n
-    m = mt[:, None] & mc[None, :]
-    tt = t[:, None].to(tl.int64) if BIG else t[:, None]
-    off = tt * s_n + c[None, :] * s_c  # in-batch offsets (int32 unless BIG)
-    goff = tt * g_n + c[None, :] * g_c
-    boff = b.to(tl.int64) * s_b
+    b, rows, t, c, mc, m, off, goff, boff, gboff = _tile(seg, vid % (B * NCB), n, C, NCB, s_b, s_n, s_c,
+                                                         g_b, g_n, g_c, BLOCK_T, BLOCK_C, BIG)
     do_ptr += boff
     q_ptr += boff
     k_ptr += boff
@@ -213,8 +213,8 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     dv_ptr += boff
     dar_ptr += boff
     dai_ptr += boff
-    ar_ptr += b.to(tl.int64) * g_b
-    ai_ptr += b.to(tl.int64) * g_b
+    ar_ptr += gboff
+    ai_ptr += gboff
 
     # reverse adjoint: lam_t = b_t lam_{t+1} + g_t with b_t = conj(a_{t+1}) (1 past the end)
     mn = ((t + 1) < n)[:, None] & mc[None, :]
