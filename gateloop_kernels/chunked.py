@@ -628,8 +628,10 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     aux = torch.empty(B * H * NT, 6, BT, device=q.device, dtype=torch.float32)
     _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=8, num_stages=1)
+    del h  # stream-ordered frees: the states' memory serves the scratch below, not a new allocation
     _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, n, H, NT,
                          K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=4, num_stages=1)
+    del dh
     pscr = torch.empty(B * H * NT, BT * BT + 4 * BT, device=q.device, dtype=torch.float32)
     _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
                            K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=8, num_stages=1)

@@ -134,6 +134,37 @@ def test_cpu_precision_modes_and_errors():
     assert o.shape == (1, 0, 1, 16) and st.abs().sum() == 0
 
 
+@pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
+def test_backward_peak_holds_states_once():
+    """Peak bytes allocated by the backward (tally of the tensors its factory calls create): the
+    gradients, the chunk states h and adjoint states dh and the gate workspace, but never the gate
+    kernel's scratch on top of h and dh (they are freed before it is allocated). Chunks of 16 steps
+    at d = e = 32, so the states dominate the scratch."""
+    from _live_bytes import LiveBytes
+
+    from gateloop_kernels import chunked
+
+    aten = torch.ops.aten
+    factories = (aten.empty, aten.empty_like, aten.empty_strided, aten.zeros, aten.zeros_like, aten.new_empty,
+                 aten.new_zeros, aten.full, aten.ones)
+
+    class Tally(LiveBytes):
+        def counts(self, func, t):  # (the interpreter copies kernel arguments with set_: not counted)
+            return isinstance(t, torch.Tensor) and func.overloadpacket in factories
+
+    B, n, H, K, V, BT = 1, 64, 2, 32, 32, 16
+    q, k, v, ar, ai = make_inputs(B, n, H, K, V, torch.float32, "cpu")
+    do = torch.randn(B, n, H, V)
+    with Tally() as tally:
+        grads = chunked._backward(q, k, v, ar, ai, None, do, None, BT, 0, "tf32x3")
+    chunks = B * H * (n // BT)
+    states = 2 * chunks * 2 * K * V * 4  # h and dh, float32 (Re, Im)
+    aux, scratch = chunks * 6 * BT * 4, chunks * (BT * BT + 4 * BT) * 4
+    grad_bytes = sum(g.nbytes for g in grads if g is not None)
+    extra = tally.peak - grad_bytes
+    assert states <= extra < states + aux + scratch // 2, (extra, states, aux, scratch)
+
+
 # ----------------------------------------------------------------------------- GPU
 
 GPU_SHAPES = [  # B, n, H, d, e

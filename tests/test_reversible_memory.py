@@ -1,48 +1,12 @@
 """Activation memory does not grow with depth (CPU: a live-storage tally; GPU: max_memory_allocated)."""
-import weakref
-
 import pytest
 import torch
+from _live_bytes import LiveBytes
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import reversible
 
 D = 32
-
-
-class LiveBytes(TorchDispatchMode):
-    """Tallies the bytes of every storage created by an op while active, until it is freed."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = {}
-        self.current = 0
-        self.peak = 0
-
-    def _free(self, key):
-        self.current -= self.live.pop(key)
-
-    def counts(self, t) -> bool:
-        """Whether an output tensor's storage is tallied (every tensor here)."""
-        return isinstance(t, torch.Tensor)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if self.counts(t):
-                s = t.untyped_storage()
-                key, n = s.data_ptr(), s.nbytes()
-                if n and key not in self.live:
-                    self.live[key] = n
-                    self.current += n
-                    self.peak = max(self.peak, self.current)
-                    weakref.finalize(s, self._free, key)
-        return out
-
-    def reset_peak(self):
-        self.peak = self.current
 
 
 class Block(nn.Module):
@@ -120,7 +84,7 @@ class TokenBytes(LiveBytes):
         super().__init__()
         self.tokens = tokens
 
-    def counts(self, t) -> bool:
+    def counts(self, func, t) -> bool:
         return isinstance(t, torch.Tensor) and self.tokens in t.shape
 
 
