@@ -139,8 +139,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
                 s_b, s_n, s_c, g_b, g_n, g_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr):
-    # ws (zeroed int64 words): inclusive states (2 per channel and segment, kept for the backward) from 0,
-    # aggregates (4 per channel and segment) from agg_off, the ticket at ticket_off
+    # ws: the look-back words laid out by _workspace
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
     vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
@@ -197,7 +196,7 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr,
                 BIG: tl.constexpr):
-    # ws: zeroed int64 words laid out as the forward's (inclusive states | aggregates | ticket)
+    # ws: the look-back words laid out by _workspace
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
     vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
@@ -340,10 +339,17 @@ def _segments(n: int, block_t: int) -> int:
     return max(1, -(-n // block_t))
 
 
+def _workspace(nseg: int, B: int, C: int, device: torch.device) -> tuple[Tensor, int, int]:
+    """A kernel's zeroed look-back words and its offsets ``(ws, agg_off, ticket_off)``: inclusive states
+    (2 words per channel and segment) from 0, aggregates (4) from ``agg_off``, the ticket at ``ticket_off``."""
+    words = nseg * B * C
+    return torch.zeros(6 * words + 1, dtype=torch.int64, device=device), 2 * words, 6 * words
+
+
 def carries_numel(B: int, n: int, C: int) -> int:
-    """Number of int64 words of the forward's ``carries`` buffer (look-back words and ticket)."""
+    """Number of int64 words of the forward's ``carries`` buffer (its :func:`_workspace`)."""
     block_t, _, _ = tile_config(n, C)
-    return _segments(n, block_t) * B * C * 6 + 1
+    return _workspace(_segments(n, block_t), B, C, torch.device("meta"))[0].numel()
 
 
 def _strided_like(x: Tensor, ref: Tensor) -> Tensor:
@@ -394,8 +400,7 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     o = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev)
     block_t, block_c, warps = block or tile_config(n, C)
     nseg = _segments(n, block_t)
-    # one zeroed buffer: inclusive states (kept for the backward) | aggregates | ticket
-    carries = torch.zeros(nseg * B * C * 6 + 1, dtype=torch.int64, device=dev)
+    carries, agg_off, ticket_off = _workspace(nseg, B, C, dev)  # its inclusive states are kept for the backward
     if n == 0 or B * C == 0:
         if h0_re is not None:
             hT_re.copy_(h0_re)
@@ -410,7 +415,7 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     h0i = h0_im.contiguous() if (h0_im is not None and complex_gate) else hT_re
     _fwd_kernel[(nseg * B * ncb,)](
         q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
-        o, hT_re, hT_im if complex_gate else hT_re, carries, 2 * nseg * B * C, 6 * nseg * B * C,
+        o, hT_re, hT_im if complex_gate else hT_re, carries, agg_off, ticket_off,
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=h0_re is not None, BIG=_big(q, a_re), num_warps=warps)
@@ -459,19 +464,19 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     block_t, block_c, warps = block or tile_config(n, C, backward=True)
     nseg = _segments(n, block_t)
     ncb = -(-C // block_c)
-    ws = torch.zeros(nseg * B * C * 6 + 1, dtype=torch.int64, device=dev)
+    ws, agg_off, ticket_off = _workspace(nseg, B, C, dev)
     dummy = dh0_re if has_h0 else da_re
-    has_gt = dhT_re is not None
-    gTr = dhT_re.contiguous() if has_gt else dummy
-    gTi = dhT_im.contiguous() if (has_gt and complex_gate and dhT_im is not None) else (
-        torch.zeros_like(gTr) if (has_gt and complex_gate) else gTr)
+    # either part of the final-state gradient may be absent (zero); the kernel takes both or neither
+    has_gt = dhT_re is not None or (complex_gate and dhT_im is not None)
+    gTr = (dhT_re.contiguous() if dhT_re is not None else torch.zeros_like(dhT_im)) if has_gt else dummy
+    gTi = (dhT_im.contiguous() if dhT_im is not None else torch.zeros_like(gTr)) if (has_gt and complex_gate) else gTr
     _bwd_kernel[(nseg * B * ncb,)](
         do, gTr, gTi, q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re,
         h0_re.contiguous() if has_h0 else dummy,
         h0_im.contiguous() if (has_h0 and complex_gate) else dummy, carries,
         dq, dk, dv if dv is not None else dk, da_re, da_im if complex_gate else da_re,
         dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
-        ws, 2 * nseg * B * C, 6 * nseg * B * C,
+        ws, agg_off, ticket_off,
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=warps,
@@ -608,8 +613,6 @@ def _backward(ctx, do, dhT_re, dhT_im, _dcarries):
         do = torch.zeros_like(q)
     if a_im is None or (dhT_im is not None and dhT_im.numel() == 0):
         dhT_im = None
-    if dhT_re is None and dhT_im is not None:  # only the final state's imaginary part is used
-        dhT_re = torch.zeros_like(dhT_im)
     grads = elementwise_scan_backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries)
     return tuple(None if absent else g for g, absent in zip(grads, ctx.absent))
 

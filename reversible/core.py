@@ -519,9 +519,7 @@ class _ReversibleFunction(torch.autograd.Function):
         ctx.run = None
         # the incoming gradients are the buffers _Merge.backward just made (only _Merge reads the
         # activation buffers), so they are the gradient buffers, updated in place from here on
-        gbufs = [g if g is not None and g.shape == b.shape and g.dtype == b.dtype and g.device == b.device
-                 and g.is_contiguous() else (torch.zeros_like(b) if g is None else torch.empty_like(b).copy_(g))
-                 for g, b in zip(gouts, bufs)]
+        gbufs = [torch.zeros_like(b) if g is None else g for g, b in zip(gouts, bufs)]
         del gouts
         halves, ghalves = run.halves(bufs), run.halves(gbufs)
         pgrads: list[Tensor | None] = [None] * len(run.params)

@@ -125,6 +125,23 @@ def test_kernel_single_segment_and_empty():
 
 
 @needs_kernels
+@pytest.mark.parametrize("absent", ["re", "im"])
+def test_kernel_final_state_gradient_one_part(absent):
+    """The backward launcher takes either part of the final state's gradient alone (the other is zero)."""
+    B, n, C = 2, 37, 5
+    args = make(B, n, C, torch.float32, True, False, True)
+    _, _, _, carries = ew.scan_forward(*args, block=(8, 4, 1))
+    do = torch.randn(B, n, C, device=DEV)
+    g = torch.randn(B, C, device=DEV)
+    g_re, g_im = (None, g) if absent == "re" else (g, None)
+    grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=(8, 4, 1))
+    zero = torch.zeros_like(g)
+    _, _, ref = oracle(*args, do, zero if g_re is None else g_re, zero if g_im is None else g_im)
+    for got, want in zip(grads, ref):
+        assert rel(got, want) < 1e-5
+
+
+@needs_kernels
 @pytest.mark.parametrize("used", ["o", "hT_re", "hT_im", "hT"])
 def test_op_autograd_with_unused_outputs(used):
     """Through the custom op's autograd, a loss that uses only some outputs (the others get no
