@@ -169,6 +169,66 @@ def fla_full(q, k, v, ar, ai):
     return fla_kernel(q2, k2, v, g)
 
 
+TUNE = {  # candidate launch configurations per kernel (gateloop_kernels.chunked._CFG)
+    "chunk_local": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (2, 4, 8)],
+    "state_scan": [{"block": b, "num_warps": w} for b, w in ((256, 2), (512, 4), (1024, 2), (1024, 4), (2048, 4),
+                                                            (2048, 8))],
+    "fwd_o": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)],
+    "bwd_dqk": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)],
+    "bwd_dv": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)],
+    "bwd_gate": [{"cap": c, "num_warps": w, "rprec": r} for c in (32, 64) for w in (4, 8)
+                 for r in ("ieee", "tf32x3")],
+}
+
+
+def tune(shapes, modes, kernels=tuple(TUNE)):
+    """Coordinate search over ``chunked._CFG``: each kernel's candidates in turn (the others at their best
+    so far), timed per kernel with torch.profiler over one forward+backward; every candidate's output and
+    gradients are checked against the default configuration's (a miscompiled tile shape shows up here)."""
+    from bench._profile import kernel_times
+    from gateloop_kernels import chunked
+
+    for (bh, n, d) in shapes:
+        for mode in modes:
+            dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+            q, k, v, ar, ai, do = make(bh, n, d, d, dtype)
+            inputs = [t.requires_grad_() for t in (q, k, v, ar, ai)]
+            run = ours("ieee" if mode == "bf16" else mode)
+            o = run(*inputs)
+            base = [o.detach()] + list(torch.autograd.grad(o, inputs, do))
+            tol = 1e-2 if mode == "bf16" else (5e-3 if mode == "tf32" else 1e-5)
+            table = chunked._CFG["16bit" if mode == "bf16" else "fp32"]
+            default = {k_: dict(v_) for k_, v_ in table.items()}
+            for kern in kernels:
+                cands, best = TUNE[kern], None
+                for cfg in cands:
+                    if mode == "bf16" and "rprec" in cfg:
+                        if cfg["rprec"] != "ieee":
+                            continue
+                        cfg = {k_: v_ for k_, v_ in cfg.items() if k_ != "rprec"}
+                    table[kern] = cfg
+                    try:
+                        o = run(*inputs)
+                        got = [o.detach()] + list(torch.autograd.grad(o, inputs, do))
+                        err = max(rel(g_, b_) for g_, b_ in zip(got, base))
+                        us = sum(t for name, t, _ in kernel_times(run, inputs, do, reps=10, warmup=2)
+                                 if name.startswith("_" + kern))
+                    except Exception as ex:  # noqa: BLE001
+                        log(f"[tune] ({bh},{n},{d}) {mode} {kern} {cfg}: failed {type(ex).__name__}: {str(ex)[:120]}")
+                        continue
+                    ok = err <= tol
+                    log(f"[tune] ({bh},{n},{d}) {mode} {kern:12s} {str(cfg):52s} {us:8.1f} us  "
+                        f"diff {err:.1e}{'' if ok else '  WRONG'}")
+                    if ok and (best is None or us < best[0]):
+                        best = (us, cfg)
+                table[kern] = best[1] if best else default[kern]
+                log(f"[tune] ({bh},{n},{d}) {mode} {kern}: best {table[kern]}" + (f" {best[0]:.1f} us" if best else ""))
+            log(f"[tune] ({bh},{n},{d}) {mode}: {table}")
+            table.update(default)
+            del inputs, q, k, v, ar, ai, do, base
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="bench scan_chunked", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
@@ -180,6 +240,9 @@ def main(argv=None):
     ap.add_argument("--json", default=os.path.join("bench", "out", "scan_chunked.json"))
     ap.add_argument("--fla-shapes", default="64:2048:64", help="BH:n:d,... where fla runs (it autotunes per shape)")
     ap.add_argument("--sweep-modes", default="ieee", help="modes for the n sweep")
+    ap.add_argument("--tune", action="store_true", help="only search the kernels' launch configurations "
+                    "(gateloop_kernels.chunked._CFG) at --shapes and --modes, and print the best")
+    ap.add_argument("--tune-kernels", default=",".join(TUNE), help="kernels --tune searches")
     args, _ = ap.parse_known_args(argv)
     if not torch.cuda.is_available():
         log("[scan_chunked] needs a CUDA GPU; skipped")
@@ -188,6 +251,9 @@ def main(argv=None):
     use_fla = "fla" in peers and fla_available()
     modes = args.modes.split(",")
     shapes = MAIN if args.shapes == "main" else [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")]
+    if args.tune:
+        tune(shapes, modes, args.tune_kernels.split(","))
+        return
     if args.sweep:
         shapes = shapes + SWEEP
     dev = torch.cuda.get_device_name()

@@ -50,10 +50,35 @@ __all__ = ["chunk_gate_loop", "PRECISIONS"]
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 _MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DEFAULT_BT = 64
-# tile caps (compile-checked for spills on sm_90): the backward chunk kernels use 32-wide key/value tiles
-# (fewer live registers); the per-chunk state kernel 64-wide ones
-_STATE_CAP = 64
-_BWD_CAP = 32
+# Launch configuration per kernel, for float32 and for 16-bit inputs: ``cap`` bounds the key/value tile
+# width (see ``_block``); ``rprec`` is the gate kernel's float32 precision for its BT x BT x BT product in the
+# exact modes; for the state scan, ``block`` elements per program. Picked on the H100 at (64, 2048, 64) with
+# ``python -m bench.scan_chunked --tune`` (which edits this table in memory and checks every configuration
+# against the default's results); bench/RESULTS.md has the timings.
+_CFG = {
+    "fp32": {
+        "chunk_local": {"cap": 64, "num_warps": 4},
+        "state_scan": {"block": 1024, "num_warps": 4},
+        "fwd_o": {"cap": 64, "num_warps": 4},
+        "bwd_dqk": {"cap": 32, "num_warps": 4},
+        "bwd_dv": {"cap": 32, "num_warps": 4},
+        "bwd_gate": {"cap": 64, "num_warps": 4, "rprec": "ieee"},
+    },
+    "16bit": {
+        "chunk_local": {"cap": 64, "num_warps": 4},
+        "state_scan": {"block": 1024, "num_warps": 4},
+        "fwd_o": {"cap": 64, "num_warps": 4},
+        "bwd_dqk": {"cap": 64, "num_warps": 4},
+        "bwd_dv": {"cap": 64, "num_warps": 4},
+        "bwd_gate": {"cap": 64, "num_warps": 4},
+    },
+}
+
+
+def _cfg(kernel: str, mode: int) -> dict:
+    return _CFG["fp32" if mode == 0 else "16bit"][kernel]
+
+
 # Under TRITON_INTERPRET=1 (Triton 3.9) a 16-bit tl.dot returns garbage: emulate it there by rounding
 # the operands to the 16-bit dtype and multiplying in float32 (the interpreter's dots are exact anyway).
 _INTERP = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
@@ -394,39 +419,43 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
     phi_im = tl.zeros([BT], dtype=tl.float32)
     sig_re = 0.0
     sig_im = 0.0
+    # per key block: dq (from dO h^T) and then dk (from V dh^T) in separate value loops, so only one
+    # pair of (BT, BK) accumulators is live at a time (both at once spilled under 3xTF32 on sm_90)
     for i_k in range(tl.cdiv(K, BK)):
         r0 = i_k * BK
-        b_q = _ld_t(q, t0, r0, n, K, H * K, BT, BK)
-        b_k = _ld_t(k, t0, r0, n, K, H * K, BT, BK)
         g_re = tl.zeros([BT, BK], dtype=tl.float32)
         g_im = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            c0 = i_v * BV
+            b_do = _ld_t(do, t0, c0, n, V, H * V, BT, BV)
+            g_re += _sdot(b_do, _ld_sT(ph, r0, c0, K, V, BK, BV), MODE, PREC)
+            g_im += _sdot(b_do, _ld_sT(ph + K * V, r0, c0, K, V, BK, BV), MODE, PREC)
+        b_k = _ld_t(k, t0, r0, n, K, H * K, BT, BK)
+        b_dq = a_re[:, None] * g_re - a_im[:, None] * g_im + _dot(b_ddv, b_k, MODE, PREC)
+        _st_t(dq, b_dq, t0, r0, n, K, H * K, BT, BK)
+        qf = _ld_t(q, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
+        psi_re += tl.sum(qf * g_re, 1)
+        psi_im -= tl.sum(qf * g_im, 1)
         w_re = tl.zeros([BT, BK], dtype=tl.float32)
         w_im = tl.zeros([BT, BK], dtype=tl.float32)
         for i_v in range(tl.cdiv(V, BV)):
             c0 = i_v * BV
-            b_do = _ld_t(do, t0, c0, n, V, H * V, BT, BV)
             b_v = _ld_t(v, t0, c0, n, V, H * V, BT, BV)
             # transposed (BV, BK) views of h and dh
             b_hr = _ld_sT(ph, r0, c0, K, V, BK, BV)
             b_hi = _ld_sT(ph + K * V, r0, c0, K, V, BK, BV)
             b_dr = _ld_sT(pd, r0, c0, K, V, BK, BV)
             b_di = _ld_sT(pd + K * V, r0, c0, K, V, BK, BV)
-            g_re += _sdot(b_do, b_hr, MODE, PREC)
-            g_im += _sdot(b_do, b_hi, MODE, PREC)
             w_re += _sdot(b_v, b_dr, MODE, PREC)
             w_im += _sdot(b_v, b_di, MODE, PREC)
             sig_re += tl.sum(tl.sum(b_dr * b_hr + b_di * b_hi, 1), 0)
             sig_im += tl.sum(tl.sum(b_di * b_hr - b_dr * b_hi, 1), 0)
-        b_dq = a_re[:, None] * g_re - a_im[:, None] * g_im + _dot(b_ddv, b_k, MODE, PREC)
-        qf = b_q.to(tl.float32)
-        psi_re += tl.sum(qf * g_re, 1)
-        psi_im -= tl.sum(qf * g_im, 1)
-        _st_t(dq, b_dq, t0, r0, n, K, H * K, BT, BK)
+        b_q = _ld_t(q, t0, r0, n, K, H * K, BT, BK)
         b_dk = de_re[:, None] * w_re + de_im[:, None] * w_im + _dot(tl.trans(b_ddv), b_q, MODE, PREC)
-        kf = b_k.to(tl.float32)
+        _st_t(dk, b_dk, t0, r0, n, K, H * K, BT, BK)
+        kf = _ld_t(k, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
         phi_re += tl.sum(kf * w_re, 1)
         phi_im += tl.sum(kf * w_im, 1)
-        _st_t(dk, b_dk, t0, r0, n, K, H * K, BT, BK)
     pa = aux + (i_bh.to(tl.int64) * NT + i_t) * 6 * BT
     tl.store(pa + idx, psi_re)
     tl.store(pa + BT + idx, psi_im)
@@ -473,9 +502,9 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
 
 
 @triton.jit
-def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
+def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              MODE: tl.constexpr, PREC: tl.constexpr):
+              MODE: tl.constexpr, PREC: tl.constexpr, RPREC: tl.constexpr):
     """The complex gate gradient of one chunk (division-free, see the module docstring)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -489,9 +518,7 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
     t_idx = t0 + idx
     valid = t_idx < n
     # P = (Q K^T) o (dO V^T)
-    b_aqk = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC)
-    b_adv = _scores(do, v, t0, n, V, H, BT, BV, MODE, PREC)
-    b_p = b_aqk * b_adv
+    b_p = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC) * _scores(do, v, t0, n, V, H, BT, BV, MODE, PREC)
     g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, valid, H)
     # exclusive prefixes (the state before step u): the same scan over the gates shifted by one
     xs = t_idx - 1
@@ -501,43 +528,24 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
     ax_re, ax_im = xmag * uxr, xmag * uxi
     psi_re = tl.load(pa + idx)
     psi_im = tl.load(pa + BT + idx)
-    # R[t, u] = sum_{s<u} P[t, s] E[u, s], E[u, s] = conj(D[u-1, s]), as BT rank-one float32 FMA updates
-    # (exact in every mode, and no BT x BT x BT tensor-core product whose 3xTF32 operand splits spill):
-    # P and the chunk's prefixes go through a per-program scratch row so column s can be read back.
-    ps = pscr + (i_bh.to(tl.int64) * NT + i_t) * (BT * BT + 4 * BT)
-    tl.store(ps + idx[:, None] * BT + idx[None, :], b_p)
-    pg = ps + BT * BT
-    tl.store(pg + idx, g)
-    tl.store(pg + BT + idx, z.to(tl.float32))
-    tl.store(pg + 2 * BT + idx, ur)
-    tl.store(pg + 3 * BT + idx, ui)
-    tl.debug_barrier()
-    r_re = tl.zeros([BT, BT], dtype=tl.float32)
-    r_im = tl.zeros([BT, BT], dtype=tl.float32)
-    ephi_re = tl.zeros([BT], dtype=tl.float32)
-    ephi_im = tl.zeros([BT], dtype=tl.float32)
-    zxf = zx.to(tl.float32)
-    for j in range(BT):
-        p_col = tl.load(ps + idx * BT + j)
-        g_s = tl.load(pg + j)
-        z_s = tl.load(pg + BT + j)
-        ur_s = tl.load(pg + 2 * BT + j)
-        ui_s = tl.load(pg + 3 * BT + j)
-        f_re = tl.load(pa + 2 * BT + j)
-        f_im = tl.load(pa + 3 * BT + j)
-        ok = (idx > j) & (zxf == z_s)
-        emag = tl.where(ok, tl.exp(tl.where(ok, gx - g_s, 0.0)), 0.0)
-        ec_re = emag * (uxr * ur_s + uxi * ui_s)
-        ec_im = -emag * (uxi * ur_s - uxr * ui_s)
-        r_re += p_col[:, None] * ec_re[None, :]
-        r_im += p_col[:, None] * ec_im[None, :]
-        ephi_re += ec_re * f_re - ec_im * f_im
-        ephi_im += ec_re * f_im + ec_im * f_re
-    m_re = r_re + psi_re[:, None] * ax_re[None, :] + psi_im[:, None] * ax_im[None, :]
-    m_im = r_im + psi_im[:, None] * ax_re[None, :] - psi_re[:, None] * ax_im[None, :]
+    phi_re = tl.load(pa + 2 * BT + idx)
+    phi_im = tl.load(pa + 3 * BT + idx)
+    # E[u, s] = conj(D[u-1, s]) for s < u (the decay from after step s to before step u), rows u;
+    # R = P E^T (float32 dots at RPREC) and sum_{s<u} E[u, s] phi_s, then E and P are dead
+    e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, idx[:, None] > idx[None, :])
+    e_im = -e_im
+    r_re = _dot(b_p, tl.trans(e_re), 0, RPREC)
+    r_im = _dot(b_p, tl.trans(e_im), 0, RPREC)
+    ephi_re = tl.sum(e_re * phi_re[None, :] - e_im * phi_im[None, :], 1)
+    ephi_im = tl.sum(e_re * phi_im[None, :] + e_im * phi_re[None, :], 1)
+    # M = R + psi conj(A_{u-1}); t1[u] = sum_{t>=u} conj(D[t, u]) M[t, u], one plane of M at a time
     d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
-    t1_re = tl.sum(d_re * m_re + d_im * m_im, 0)
-    t1_im = tl.sum(d_re * m_im - d_im * m_re, 0)
+    m_re = r_re + psi_re[:, None] * ax_re[None, :] + psi_im[:, None] * ax_im[None, :]
+    t1_re = tl.sum(d_re * m_re, 0)
+    t1_im = -tl.sum(d_im * m_re, 0)
+    m_im = r_im + psi_im[:, None] * ax_re[None, :] - psi_re[:, None] * ax_im[None, :]
+    t1_re += tl.sum(d_im * m_im, 0)
+    t1_im += tl.sum(d_re * m_im, 0)
     g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
     de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
     s_re = tl.load(pa + 4 * BT)
@@ -576,17 +584,19 @@ def _carried(x, y, are, aim, s0, sT, BT, mode, prec, rev):
     B, n, H, K = x.shape
     V = y.shape[-1]
     NT = triton.cdiv(n, BT)
-    BK, BV = _blocks(K, V, _STATE_CAP)
+    cfg = _cfg("chunk_local", mode)
+    BK, BV = _blocks(K, V, cfg["cap"])
     u = torch.empty(B * H, NT, 2, K, V, device=x.device, dtype=torch.float32)
     atot = torch.empty(B * H, NT, 2, device=x.device, dtype=torch.float32)
     # chunks x heads on grid axis 0 (axes 1 and 2 stop at 65535: n = 2^20 at B*H = 8 is 131072 chunks)
     _chunk_local[(NT * B * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
         x, y, are, aim, u, atot, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV, REV=rev, MODE=mode, PREC=prec,
-        num_warps=4, num_stages=1)
-    BLOCK = min(512, triton.next_power_of_2(K * V))
+        num_warps=cfg["num_warps"], num_stages=1)
+    cfg = _cfg("state_scan", mode)
+    BLOCK = min(cfg["block"], triton.next_power_of_2(K * V))
     _state_scan[(triton.cdiv(K * V, BLOCK), B * H)](
         u, atot, s0 if s0 is not None else u, sT if sT is not None else u, NT, KV=K * V, BLOCK=BLOCK,
-        HAS_S0=s0 is not None, STORE_ST=sT is not None, REV=rev, num_warps=4, num_stages=1)
+        HAS_S0=s0 is not None, STORE_ST=sT is not None, REV=rev, num_warps=cfg["num_warps"], num_stages=1)
     return u
 
 
@@ -602,7 +612,8 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     B, n, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(n, BT)
-    BK, BV = _blocks(K, V)
+    cfg = _cfg("fwd_o", mode)
+    BK, BV = _blocks(K, V, cfg["cap"])
     h, ht = _states(k, v, are, aim, h0, BT, mode, prec, store_ht)
     o = torch.empty_like(v)
     # num_stages=1: with the K loop software-pipelined (num_stages=2) Triton 3.6 miscompiled this kernel
@@ -610,7 +621,7 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     # 5.7% in bf16 at (128, 64), while states and every gradient were right (the Hopper dot hazard of
     # flash-linear-attention issue 640); the interpreter gives the right answer for both.
     _fwd_o[(NT, triton.cdiv(V, BV), B * H)](q, k, v, are, aim, h, o, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                            MODE=mode, PREC=prec, num_warps=8, num_stages=1)
+                                            MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
     return o, ht
 
 
@@ -618,23 +629,30 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     B, n, H, K = q.shape
     V = v.shape[-1]
     NT = triton.cdiv(n, BT)
-    BK, BV = _blocks(K, V, _STATE_CAP)
     h, _ = _states(k, v, are, aim, h0, BT, mode, prec, False)
     dh0 = torch.empty(B * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
     dh = _carried(q, do, are, aim, dht, dh0, BT, mode, prec, True)
-    BK, BV = _blocks(K, V, _BWD_CAP)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dare, daim = torch.empty_like(are), torch.empty_like(aim)
     aux = torch.empty(B * H * NT, 6, BT, device=q.device, dtype=torch.float32)
-    _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
-                          K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=8, num_stages=1)
-    del h  # stream-ordered frees: the states' memory serves the scratch below, not a new allocation
+    cfg = _cfg("bwd_dqk", mode)
+    BK, BV = _blocks(K, V, cfg["cap"])
+    _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                          MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
+    del h  # freed as soon as the last kernel reading it is queued
+    cfg = _cfg("bwd_dv", mode)
+    BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, n, H, NT,
-                         K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=4, num_stages=1)
+                         K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=cfg["num_warps"],
+                         num_stages=1)
     del dh
-    pscr = torch.empty(B * H * NT, BT * BT + 4 * BT, device=q.device, dtype=torch.float32)
-    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
-                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=8, num_stages=1)
+    # R = P E^T in the gate kernel: in tf32 for the tf32 mode and for 16-bit inputs (~5e-4 relative, well
+    # under their own rounding), else exact (the table's choice of IEEE FFMA or 3xTF32 dots)
+    cfg = _cfg("bwd_gate", mode)
+    BK, BV = _blocks(K, V, cfg["cap"])
+    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
+                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec,
+                           RPREC=cfg.get("rprec", "tf32") if prec != "tf32" else "tf32", num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dv, dare, daim, dh0
 
 
