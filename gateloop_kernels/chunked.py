@@ -50,33 +50,50 @@ __all__ = ["chunk_gate_loop", "PRECISIONS"]
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 _MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DEFAULT_BT = 64
-# Launch configuration per kernel, for float32 and for 16-bit inputs: ``cap`` bounds the key/value tile
-# width (see ``_block``); ``rprec`` is the gate kernel's float32 precision for its BT x BT x BT product in the
-# exact modes; for the state scan, ``block`` elements per program. Picked on the H100 at (64, 2048, 64) with
-# ``python -m bench.scan_chunked --tune`` (which edits this table in memory and checks every configuration
-# against the default's results); bench/RESULTS.md has the timings.
+# Launch configuration per kernel and input dtype: ``cap`` bounds the key/value tile width (see ``_block``);
+# for the state scan, ``block`` elements per program. float32 and bf16 were picked on the H100 at
+# (64, 2048, 64) with ``python -m bench.scan_chunked --tune`` (which edits this table in memory and checks
+# every configuration against the default's results); bench/RESULTS.md has the timings. fp16 keeps the
+# configuration validated before the search for every kernel with tensor-core dots: the tuned 4-warp one
+# faulted there (an illegal address at (d, e) = (96, 160) with Triton 3.6 on the H100; bf16, which differs
+# only in running its state dots in bf16 instead of tf32, passed at every test shape).
 _CFG = {
-    "fp32": {
+    torch.float32: {
         "chunk_local": {"cap": 64, "num_warps": 4},
-        "state_scan": {"block": 1024, "num_warps": 4},
+        "state_scan": {"block": 1024, "num_warps": 2},
         "fwd_o": {"cap": 64, "num_warps": 4},
         "bwd_dqk": {"cap": 32, "num_warps": 4},
         "bwd_dv": {"cap": 32, "num_warps": 4},
-        "bwd_gate": {"cap": 64, "num_warps": 4, "rprec": "ieee"},
+        "bwd_gate": {"cap": 32, "num_warps": 8},
     },
-    "16bit": {
+    torch.bfloat16: {
         "chunk_local": {"cap": 64, "num_warps": 4},
-        "state_scan": {"block": 1024, "num_warps": 4},
+        "state_scan": {"block": 1024, "num_warps": 2},
         "fwd_o": {"cap": 64, "num_warps": 4},
         "bwd_dqk": {"cap": 64, "num_warps": 4},
         "bwd_dv": {"cap": 64, "num_warps": 4},
         "bwd_gate": {"cap": 64, "num_warps": 4},
     },
+    torch.float16: {
+        "chunk_local": {"cap": 64, "num_warps": 4},
+        "state_scan": {"block": 1024, "num_warps": 2},
+        "fwd_o": {"cap": 64, "num_warps": 8},
+        "bwd_dqk": {"cap": 32, "num_warps": 8},
+        "bwd_dv": {"cap": 32, "num_warps": 4},
+        "bwd_gate": {"cap": 32, "num_warps": 8},
+    },
 }
+_DTYPE = {m: t for t, m in _MODE.items()}
+# For head dims that are not multiples of 32 (16-wide or masked tiles) the backward kernels keep the
+# configuration validated before the search: with 4 warps, Triton 3.6 on the H100 gave a 300% wrong dq in bf16
+# at (d, e) = (16, 48) (the Hopper dot hazard again); every other gradient and the fp32 modes were right.
+_IRREGULAR_BWD = {"cap": 32, "num_warps": 8}
 
 
-def _cfg(kernel: str, mode: int) -> dict:
-    return _CFG["fp32" if mode == 0 else "16bit"][kernel]
+def _cfg(kernel: str, mode: int, K: int = 32, V: int = 32) -> dict:
+    if kernel.startswith("bwd_") and (K % 32 or V % 32):
+        return _IRREGULAR_BWD
+    return _CFG[_DTYPE[mode]][kernel]
 
 
 # Under TRITON_INTERPRET=1 (Triton 3.9) a 16-bit tl.dot returns garbage: emulate it there by rounding
@@ -502,9 +519,9 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
 
 
 @triton.jit
-def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
+def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              MODE: tl.constexpr, PREC: tl.constexpr, RPREC: tl.constexpr):
+              MODE: tl.constexpr, PREC: tl.constexpr, EXACT_R: tl.constexpr):
     """The complex gate gradient of one chunk (division-free, see the module docstring)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -528,16 +545,52 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
     ax_re, ax_im = xmag * uxr, xmag * uxi
     psi_re = tl.load(pa + idx)
     psi_im = tl.load(pa + BT + idx)
-    phi_re = tl.load(pa + 2 * BT + idx)
-    phi_im = tl.load(pa + 3 * BT + idx)
-    # E[u, s] = conj(D[u-1, s]) for s < u (the decay from after step s to before step u), rows u;
-    # R = P E^T (float32 dots at RPREC) and sum_{s<u} E[u, s] phi_s, then E and P are dead
-    e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, idx[:, None] > idx[None, :])
-    e_im = -e_im
-    r_re = _dot(b_p, tl.trans(e_re), 0, RPREC)
-    r_im = _dot(b_p, tl.trans(e_im), 0, RPREC)
-    ephi_re = tl.sum(e_re * phi_re[None, :] - e_im * phi_im[None, :], 1)
-    ephi_im = tl.sum(e_re * phi_im[None, :] + e_im * phi_re[None, :], 1)
+    # R = P E^T and ephi[u] = sum_{s<u} E[u, s] phi_s, with E[u, s] = conj(D[u-1, s]) for s < u (the decay
+    # from after step s to before step u).
+    if EXACT_R:
+        # float32 exact: BT rank-one FMA updates, P and the prefixes read back by column from a per-program
+        # scratch row (on the H100 at (64, 2048, 64): 430 us for this kernel, against 530 us with Triton's
+        # IEEE FFMA dot for R and 870+ us with its 3xTF32 dot)
+        ps = pscr + (i_bh.to(tl.int64) * NT + i_t) * (BT * BT + 4 * BT)
+        tl.store(ps + idx[:, None] * BT + idx[None, :], b_p)
+        pg = ps + BT * BT
+        tl.store(pg + idx, g)
+        tl.store(pg + BT + idx, z.to(tl.float32))
+        tl.store(pg + 2 * BT + idx, ur)
+        tl.store(pg + 3 * BT + idx, ui)
+        tl.debug_barrier()
+        r_re = tl.zeros([BT, BT], dtype=tl.float32)
+        r_im = tl.zeros([BT, BT], dtype=tl.float32)
+        ephi_re = tl.zeros([BT], dtype=tl.float32)
+        ephi_im = tl.zeros([BT], dtype=tl.float32)
+        zxf = zx.to(tl.float32)
+        for j in range(BT):
+            p_col = tl.load(ps + idx * BT + j)
+            g_s = tl.load(pg + j)
+            z_s = tl.load(pg + BT + j)
+            ur_s = tl.load(pg + 2 * BT + j)
+            ui_s = tl.load(pg + 3 * BT + j)
+            f_re = tl.load(pa + 2 * BT + j)
+            f_im = tl.load(pa + 3 * BT + j)
+            ok = (idx > j) & (zxf == z_s)
+            emag = tl.where(ok, tl.exp(tl.where(ok, gx - g_s, 0.0)), 0.0)
+            ec_re = emag * (uxr * ur_s + uxi * ui_s)
+            ec_im = -emag * (uxi * ur_s - uxr * ui_s)
+            r_re += p_col[:, None] * ec_re[None, :]
+            r_im += p_col[:, None] * ec_im[None, :]
+            ephi_re += ec_re * f_re - ec_im * f_im
+            ephi_im += ec_re * f_im + ec_im * f_re
+    else:
+        # tf32 mode and 16-bit inputs: R as two tf32 tensor-core dots (~5e-4 relative, under their own
+        # rounding); 2x faster than the loop in bf16
+        phi_re = tl.load(pa + 2 * BT + idx)
+        phi_im = tl.load(pa + 3 * BT + idx)
+        e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, idx[:, None] > idx[None, :])
+        e_im = -e_im
+        r_re = _dot(b_p, tl.trans(e_re), 0, "tf32")
+        r_im = _dot(b_p, tl.trans(e_im), 0, "tf32")
+        ephi_re = tl.sum(e_re * phi_re[None, :] - e_im * phi_im[None, :], 1)
+        ephi_im = tl.sum(e_re * phi_im[None, :] + e_im * phi_re[None, :], 1)
     # M = R + psi conj(A_{u-1}); t1[u] = sum_{t>=u} conj(D[t, u]) M[t, u], one plane of M at a time
     d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
     m_re = r_re + psi_re[:, None] * ax_re[None, :] + psi_im[:, None] * ax_im[None, :]
@@ -562,9 +615,9 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
 
 def _block(D: int, cap: int) -> int:
     """Tile width for a head dim: the largest power of two in [32, cap] dividing D, so tiles need no
-    column masks (96 -> 32); 16 for D <= 16; else the next power of two, capped, with masks.
-    (A masked 64-wide tile at d = 96 gave wrong tf32 outputs with Triton 3.6 on the H100, and 16-wide
-    tiles at D = 48 faulted there: neither path is used for dims that are multiples of 32.)"""
+    column masks (96 -> 32); 16 for D <= 16; else 32-wide tiles with masks (48 -> 32 + 16 masked).
+    (With Triton 3.6 on the H100, masked 64-wide tiles gave wrong tf32 outputs at d = 96 and a fault in a
+    bf16 backward at e = 48, and 16-wide tiles at D = 48 faulted too: none of these is used.)"""
     b = cap
     while b >= 32:
         if D % b == 0:
@@ -572,7 +625,7 @@ def _block(D: int, cap: int) -> int:
         b //= 2
     if D <= 16:
         return 16
-    return min(cap, triton.next_power_of_2(D))
+    return 32
 
 
 def _blocks(K: int, V: int, cap: int = 64) -> tuple[int, int]:
@@ -635,24 +688,25 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dare, daim = torch.empty_like(are), torch.empty_like(aim)
     aux = torch.empty(B * H * NT, 6, BT, device=q.device, dtype=torch.float32)
-    cfg = _cfg("bwd_dqk", mode)
+    cfg = _cfg("bwd_dqk", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
                           MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
-    del h  # freed as soon as the last kernel reading it is queued
-    cfg = _cfg("bwd_dv", mode)
+    del h  # stream-ordered frees: the states' memory serves the gate kernel's scratch, not a new allocation
+    cfg = _cfg("bwd_dv", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, n, H, NT,
                          K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=cfg["num_warps"],
                          num_stages=1)
     del dh
-    # R = P E^T in the gate kernel: in tf32 for the tf32 mode and for 16-bit inputs (~5e-4 relative, well
-    # under their own rounding), else exact (the table's choice of IEEE FFMA or 3xTF32 dots)
-    cfg = _cfg("bwd_gate", mode)
+    cfg = _cfg("bwd_gate", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
-    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
-                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec,
-                           RPREC=cfg.get("rprec", "tf32") if prec != "tf32" else "tf32", num_warps=cfg["num_warps"], num_stages=1)
+    exact_r = mode == 0 and prec != "tf32"
+    # the exact path's scratch: P and the prefixes per chunk (in the memory h and dh just left)
+    pscr = torch.empty(B * H * NT, BT * BT + 4 * BT, device=q.device, dtype=torch.float32) if exact_r else aux
+    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
+                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, EXACT_R=exact_r,
+                           num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dv, dare, daim, dh0
 
 
