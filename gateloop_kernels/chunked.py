@@ -64,7 +64,7 @@ _CFG = {
         "fwd_o": {"cap": 64, "num_warps": 4},
         "bwd_dqk": {"cap": 32, "num_warps": 4},
         "bwd_dv": {"cap": 32, "num_warps": 4},
-        "bwd_gate": {"cap": 32, "num_warps": 8},
+        "bwd_gate": {"cap": 64, "num_warps": 4},
     },
     torch.bfloat16: {
         "chunk_local": {"cap": 64, "num_warps": 4},
@@ -131,6 +131,26 @@ def _sdot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
         return _dot(a, b, MODE, PREC)
+
+
+@triton.jit
+def _tf32_hi(x):
+    """x with its low 13 mantissa bits cleared: exact in tf32, and x - _tf32_hi(x) is exact in float32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rdot(a, b, EXACT: tl.constexpr):
+    """float32 ``a @ b`` on tensor cores from register operands: exact to float32 as three tf32 dots of hi/lo
+    halves (a_hi b_lo + a_lo b_hi + a_hi b_hi; the dropped a_lo b_lo is ~2^-20 relative) when EXACT, else one
+    tf32 dot. (Triton's own tf32x3 lowering of the same product ran 2-3x slower on the H100.)"""
+    if EXACT:
+        a_hi = _tf32_hi(a)
+        b_hi = _tf32_hi(b)
+        acc = tl.dot(a_hi, b - b_hi, input_precision="tf32")
+        acc = tl.dot(a - a_hi, b_hi, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    return tl.dot(a, b, input_precision="tf32")
 
 
 @triton.jit
@@ -519,7 +539,7 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
 
 
 @triton.jit
-def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
+def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               MODE: tl.constexpr, PREC: tl.constexpr, EXACT_R: tl.constexpr):
     """The complex gate gradient of one chunk (division-free, see the module docstring)."""
@@ -546,51 +566,17 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
     psi_re = tl.load(pa + idx)
     psi_im = tl.load(pa + BT + idx)
     # R = P E^T and ephi[u] = sum_{s<u} E[u, s] phi_s, with E[u, s] = conj(D[u-1, s]) for s < u (the decay
-    # from after step s to before step u).
-    if EXACT_R:
-        # float32 exact: BT rank-one FMA updates, P and the prefixes read back by column from a per-program
-        # scratch row (on the H100 at (64, 2048, 64): 430 us for this kernel, against 530 us with Triton's
-        # IEEE FFMA dot for R and 870+ us with its 3xTF32 dot)
-        ps = pscr + (i_bh.to(tl.int64) * NT + i_t) * (BT * BT + 4 * BT)
-        tl.store(ps + idx[:, None] * BT + idx[None, :], b_p)
-        pg = ps + BT * BT
-        tl.store(pg + idx, g)
-        tl.store(pg + BT + idx, z.to(tl.float32))
-        tl.store(pg + 2 * BT + idx, ur)
-        tl.store(pg + 3 * BT + idx, ui)
-        tl.debug_barrier()
-        r_re = tl.zeros([BT, BT], dtype=tl.float32)
-        r_im = tl.zeros([BT, BT], dtype=tl.float32)
-        ephi_re = tl.zeros([BT], dtype=tl.float32)
-        ephi_im = tl.zeros([BT], dtype=tl.float32)
-        zxf = zx.to(tl.float32)
-        for j in range(BT):
-            p_col = tl.load(ps + idx * BT + j)
-            g_s = tl.load(pg + j)
-            z_s = tl.load(pg + BT + j)
-            ur_s = tl.load(pg + 2 * BT + j)
-            ui_s = tl.load(pg + 3 * BT + j)
-            f_re = tl.load(pa + 2 * BT + j)
-            f_im = tl.load(pa + 3 * BT + j)
-            ok = (idx > j) & (zxf == z_s)
-            emag = tl.where(ok, tl.exp(tl.where(ok, gx - g_s, 0.0)), 0.0)
-            ec_re = emag * (uxr * ur_s + uxi * ui_s)
-            ec_im = -emag * (uxi * ur_s - uxr * ui_s)
-            r_re += p_col[:, None] * ec_re[None, :]
-            r_im += p_col[:, None] * ec_im[None, :]
-            ephi_re += ec_re * f_re - ec_im * f_im
-            ephi_im += ec_re * f_im + ec_im * f_re
-    else:
-        # tf32 mode and 16-bit inputs: R as two tf32 tensor-core dots (~5e-4 relative, under their own
-        # rounding); 2x faster than the loop in bf16
-        phi_re = tl.load(pa + 2 * BT + idx)
-        phi_im = tl.load(pa + 3 * BT + idx)
-        e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, idx[:, None] > idx[None, :])
-        e_im = -e_im
-        r_re = _dot(b_p, tl.trans(e_re), 0, "tf32")
-        r_im = _dot(b_p, tl.trans(e_im), 0, "tf32")
-        ephi_re = tl.sum(e_re * phi_re[None, :] - e_im * phi_im[None, :], 1)
-        ephi_im = tl.sum(e_re * phi_im[None, :] + e_im * phi_re[None, :], 1)
+    # from after step s to before step u); R on tensor cores, exact to float32 in the exact modes (three tf32
+    # dots of hi/lo halves), one tf32 dot in the tf32 mode and for 16-bit inputs (~5e-4 relative, under their
+    # own rounding)
+    phi_re = tl.load(pa + 2 * BT + idx)
+    phi_im = tl.load(pa + 3 * BT + idx)
+    e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, idx[:, None] > idx[None, :])
+    e_im = -e_im
+    r_re = _rdot(b_p, tl.trans(e_re), EXACT_R)
+    r_im = _rdot(b_p, tl.trans(e_im), EXACT_R)
+    ephi_re = tl.sum(e_re * phi_re[None, :] - e_im * phi_im[None, :], 1)
+    ephi_im = tl.sum(e_re * phi_im[None, :] + e_im * phi_re[None, :], 1)
     # M = R + psi conj(A_{u-1}); t1[u] = sum_{t>=u} conj(D[t, u]) M[t, u], one plane of M at a time
     d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
     m_re = r_re + psi_re[:, None] * ax_re[None, :] + psi_im[:, None] * ax_im[None, :]
@@ -692,7 +678,7 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
                           MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
-    del h  # stream-ordered frees: the states' memory serves the gate kernel's scratch, not a new allocation
+    del h  # freed as soon as the last kernel reading it is queued
     cfg = _cfg("bwd_dv", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, n, H, NT,
@@ -701,11 +687,8 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     del dh
     cfg = _cfg("bwd_gate", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
-    exact_r = mode == 0 and prec != "tf32"
-    # the exact path's scratch: P and the prefixes per chunk (in the memory h and dh just left)
-    pscr = torch.empty(B * H * NT, BT * BT + 4 * BT, device=q.device, dtype=torch.float32) if exact_r else aux
-    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, pscr, n, H, NT,
-                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, EXACT_R=exact_r,
+    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
+                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, EXACT_R=mode == 0 and prec != "tf32",
                            num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dv, dare, daim, dh0
 
