@@ -599,6 +599,11 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
 
 # ----------------------------------------------------------------------------- launchers
 
+def _cdiv(a: int, b: int) -> int:
+    # host arithmetic: recent Triton (3.9 in CI) makes triton.cdiv a constexpr function, ~9 us a call
+    return -(-a // b)
+
+
 def _block(D: int, cap: int) -> int:
     """Tile width for a head dim: the largest power of two in [32, cap] dividing D, so tiles need no
     column masks (96 -> 32); 16 for D <= 16; else 32-wide tiles with masks (48 -> 32 + 16 masked).
@@ -622,18 +627,18 @@ def _carried(x, y, are, aim, s0, sT, BT, mode, prec, rev):
     """Chunk states (forward: x = k, y = v) or adjoint states (reverse: x = q, y = dO), (B*H, NT, 2, K, V)."""
     B, n, H, K = x.shape
     V = y.shape[-1]
-    NT = triton.cdiv(n, BT)
+    NT = _cdiv(n, BT)
     cfg = _cfg("chunk_local", mode)
     BK, BV = _blocks(K, V, cfg["cap"])
     u = torch.empty(B * H, NT, 2, K, V, device=x.device, dtype=torch.float32)
     atot = torch.empty(B * H, NT, 2, device=x.device, dtype=torch.float32)
     # chunks x heads on grid axis 0 (axes 1 and 2 stop at 65535: n = 2^20 at B*H = 8 is 131072 chunks)
-    _chunk_local[(NT * B * H, triton.cdiv(K, BK), triton.cdiv(V, BV))](
+    _chunk_local[(NT * B * H, _cdiv(K, BK), _cdiv(V, BV))](
         x, y, are, aim, u, atot, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV, REV=rev, MODE=mode, PREC=prec,
         num_warps=cfg["num_warps"], num_stages=1)
     cfg = _cfg("state_scan", mode)
-    BLOCK = min(cfg["block"], triton.next_power_of_2(K * V))
-    _state_scan[(triton.cdiv(K * V, BLOCK), B * H)](
+    BLOCK = min(cfg["block"], 1 << (K * V - 1).bit_length())
+    _state_scan[(_cdiv(K * V, BLOCK), B * H)](
         u, atot, s0 if s0 is not None else u, sT if sT is not None else u, NT, KV=K * V, BLOCK=BLOCK,
         HAS_S0=s0 is not None, STORE_ST=sT is not None, REV=rev, num_warps=cfg["num_warps"], num_stages=1)
     return u
@@ -650,7 +655,7 @@ def _states(k, v, are, aim, h0, BT, mode, prec, store_ht):
 def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     B, n, H, K = q.shape
     V = v.shape[-1]
-    NT = triton.cdiv(n, BT)
+    NT = _cdiv(n, BT)
     cfg = _cfg("fwd_o", mode)
     BK, BV = _blocks(K, V, cfg["cap"])
     h, ht = _states(k, v, are, aim, h0, BT, mode, prec, store_ht)
@@ -659,7 +664,7 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     # on the H100 whenever the loop ran more than once: 7% output error in tf32 at (d, e) = (96, 160),
     # 5.7% in bf16 at (128, 64), while states and every gradient were right (the Hopper dot hazard of
     # flash-linear-attention issue 640); the interpreter gives the right answer for both.
-    _fwd_o[(NT, triton.cdiv(V, BV), B * H)](q, k, v, are, aim, h, o, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
+    _fwd_o[(NT, _cdiv(V, BV), B * H)](q, k, v, are, aim, h, o, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                             MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
     return o, ht
 
@@ -667,7 +672,7 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
 def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     B, n, H, K = q.shape
     V = v.shape[-1]
-    NT = triton.cdiv(n, BT)
+    NT = _cdiv(n, BT)
     h, _ = _states(k, v, are, aim, h0, BT, mode, prec, False)
     dh0 = torch.empty(B * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
     dh = _carried(q, do, are, aim, dht, dh0, BT, mode, prec, True)
