@@ -109,9 +109,31 @@ def _cmul(ar, ai, br, bi):
 
 
 @triton.jit
+def _tf32_hi(x):
+    """x with its low 13 mantissa bits cleared: exact in tf32, and x - _tf32_hi(x) is exact in float32."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rdot(a, b, EXACT: tl.constexpr):
+    """float32 ``a @ b`` on tensor cores: exact to float32 as three tf32 dots of hi/lo halves
+    (a_hi b_lo + a_lo b_hi + a_hi b_hi; the dropped a_lo b_lo is ~2^-20 relative) when EXACT, else one tf32
+    dot. (Triton 3.6's own tf32x3 lowering ran the gate kernel's product 2-3x slower on the H100.)"""
+    if EXACT:
+        a_hi = _tf32_hi(a)
+        b_hi = _tf32_hi(b)
+        acc = tl.dot(a_hi, b - b_hi, input_precision="tf32")
+        acc = tl.dot(a - a_hi, b_hi, acc, input_precision="tf32")
+        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    return tl.dot(a, b, input_precision="tf32")
+
+
+@triton.jit
 def _dot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
     """Dot with float32 accumulation: float32 operands at PREC, else the 16-bit input dtype."""
     if MODE == 0:
+        if PREC == "tf32x3":
+            return _rdot(a.to(tl.float32), b.to(tl.float32), True)
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     elif _INTERP:
         if MODE == 1:
@@ -131,26 +153,6 @@ def _sdot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
         return _dot(a, b, MODE, PREC)
-
-
-@triton.jit
-def _tf32_hi(x):
-    """x with its low 13 mantissa bits cleared: exact in tf32, and x - _tf32_hi(x) is exact in float32."""
-    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _rdot(a, b, EXACT: tl.constexpr):
-    """float32 ``a @ b`` on tensor cores from register operands: exact to float32 as three tf32 dots of hi/lo
-    halves (a_hi b_lo + a_lo b_hi + a_hi b_hi; the dropped a_lo b_lo is ~2^-20 relative) when EXACT, else one
-    tf32 dot. (Triton's own tf32x3 lowering of the same product ran 2-3x slower on the H100.)"""
-    if EXACT:
-        a_hi = _tf32_hi(a)
-        b_hi = _tf32_hi(b)
-        acc = tl.dot(a_hi, b - b_hi, input_precision="tf32")
-        acc = tl.dot(a - a_hi, b_hi, acc, input_precision="tf32")
-        return tl.dot(a_hi, b_hi, acc, input_precision="tf32")
-    return tl.dot(a, b, input_precision="tf32")
 
 
 @triton.jit
