@@ -10,8 +10,8 @@
   Nothing divides by a gate, so zero gates are exact in the forward and in every gradient;
 * the state entering each chunk is carried as a complex matrix (Re and Im planes, float32).
 
-Kernels (all accumulate in float32; the dots run in the input dtype for bf16/fp16, with
-``input_precision`` ``ieee``/``tf32x3``/``tf32`` for float32):
+Kernels (all accumulate in float32; the dots run in the input dtype for bf16/fp16; for float32 either as
+three tf32 dots of hi/lo operand halves, exact to float32 (``_rdot``; the default), or as one tf32 dot):
 
 ``_chunk_local`` parallel over (key block, value block, chunk*batch*head): each chunk's own state
                contribution (forward) or adjoint contribution (backward), and its total gate;
@@ -45,8 +45,8 @@ from torch import Tensor
 
 __all__ = ["chunk_gate_loop", "PRECISIONS"]
 
-#: accepted ``precision`` values for float32 inputs. "ieee" is the exact default (float32 dots),
-#: "tf32x3" is exact to float32 too (three TF32 products), "tf32" is the fast opt-in.
+#: accepted ``precision`` values for float32 inputs. "ieee" is the exact default (exact to float32, run as
+#: three TF32 products), "tf32x3" the same by name, "tf32" the fast opt-in (~1e-3 relative).
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 _MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DEFAULT_BT = 64
