@@ -51,8 +51,9 @@ def _scan(lines: list[str]) -> None:
     chunked = _load("scan_chunked.json")
     if chunked:
         for r in chunked["rows"]:
+            dev = f" (device {_ms(r['ours_device_fwdbwd_ms'])})" if "ours_device_fwdbwd_ms" in r else ""
             lines.append(f"scan chunked ({r['bh']}, {r['n']}, {r['d']}) {r['mode']}: fwd+bwd ours "
-                         f"{_ms(r.get('ours_fwdbwd_ms'))}, seed {_ms(r.get('seed_fwdbwd_ms'))}, "
+                         f"{_ms(r.get('ours_fwdbwd_ms'))}{dev}, seed {_ms(r.get('seed_fwdbwd_ms'))}, "
                          f"fla kernel {_ms(r.get('fla_kernel_fwdbwd_ms'))}")
 
 

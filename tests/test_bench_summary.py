@@ -19,3 +19,14 @@ def test_summary_reads_results(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "14.0x the seed" in out and "seed: RuntimeError" in out and "ours fp32 0.50" in out
     assert "could not read" in out  # a scan row without its fields is reported, not a crash
+
+
+def test_summary_chunked_rows_show_device_time_when_measured(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(summary, "OUT", str(tmp_path))
+    (tmp_path / "scan_chunked.json").write_text(json.dumps({"rows": [
+        dict(bh=64, n=2048, d=64, mode="ieee", ours_fwdbwd_ms=1.2, ours_device_fwdbwd_ms=1.1),
+        dict(bh=64, n=2048, d=64, mode="bf16", ours_fwdbwd_ms=0.9)]}))
+    summary.main([])
+    out = capsys.readouterr().out
+    assert "ieee: fwd+bwd ours 1.200 ms (device 1.100 ms), seed" in out
+    assert "bf16: fwd+bwd ours 0.900 ms, seed" in out
