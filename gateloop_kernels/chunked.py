@@ -667,7 +667,7 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     # 5.7% in bf16 at (128, 64), while states and every gradient were right (the Hopper dot hazard of
     # flash-linear-attention issue 640); the interpreter gives the right answer for both.
     _fwd_o[(NT, _cdiv(V, BV), B * H)](q, k, v, are, aim, h, o, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                            MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
+                                      MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
     return o, ht
 
 
@@ -685,7 +685,7 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
                           MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
-    del h  # freed as soon as the last kernel reading it is queued
+    del h  # released once the last kernel reading it is queued (stream-ordered)
     cfg = _cfg("bwd_dv", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, n, H, NT,
@@ -695,8 +695,8 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     cfg = _cfg("bwd_gate", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
-                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, EXACT_R=mode == 0 and prec != "tf32",
-                           num_warps=cfg["num_warps"], num_stages=1)
+                           K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec,
+                           EXACT_R=mode == 0 and prec != "tf32", num_warps=cfg["num_warps"], num_stages=1)
     return dq, dk, dv, dare, daim, dh0
 
 
