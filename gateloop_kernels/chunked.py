@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._eager import eager_function, traced
+
 __all__ = ["chunk_gate_loop", "PRECISIONS"]
 
 #: accepted ``precision`` values for float32 inputs. "ieee" is the exact default (exact to float32, run as
@@ -702,16 +704,19 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
 # All-real schemas: states travel as stacked (Re, Im) float32 planes (B, H, 2, d, e); an absent final
-# state / initial-state gradient is an empty tensor.
+# state / initial-state gradient is an empty tensor. Eager calls run the same implementations through
+# ``_Eager`` (see ``_eager.py``).
 
-@torch.library.custom_op("gateloop::chunk_gate_loop_fwd", mutates_args=())
-def _op_fwd(q: Tensor, k: Tensor, v: Tensor, are: Tensor, aim: Tensor, h0: Optional[Tensor],
-            output_final_state: bool, prec: str, BT: int) -> tuple[Tensor, Tensor]:
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, are: Tensor, aim: Tensor, h0: Optional[Tensor],
+              output_final_state: bool, prec: str, BT: int) -> tuple[Tensor, Tensor]:
     B, n, H, K = q.shape
     V = v.shape[-1]
     o, ht = _forward(q, k, v, are, aim, h0, output_final_state, BT, _MODE[q.dtype], prec)
     ht = ht.view(B, H, 2, K, V) if ht is not None else q.new_empty(0, dtype=torch.float32)
     return o, ht
+
+
+_op_fwd = torch.library.custom_op("gateloop::chunk_gate_loop_fwd", mutates_args=())(_fwd_impl)
 
 
 @_op_fwd.register_fake
@@ -722,14 +727,16 @@ def _(q, k, v, are, aim, h0, output_final_state, prec, BT):
     return torch.empty_like(v), q.new_empty(shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("gateloop::chunk_gate_loop_bwd", mutates_args=())
-def _op_bwd(q: Tensor, k: Tensor, v: Tensor, are: Tensor, aim: Tensor, h0: Optional[Tensor], do: Tensor,
-            dht: Optional[Tensor], prec: str, BT: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_impl(q: Tensor, k: Tensor, v: Tensor, are: Tensor, aim: Tensor, h0: Optional[Tensor], do: Tensor,
+              dht: Optional[Tensor], prec: str, BT: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     B, n, H, K = q.shape
     V = v.shape[-1]
     dq, dk, dv, dare, daim, dh0 = _backward(q, k, v, are, aim, h0, do.contiguous(), dht, BT, _MODE[q.dtype], prec)
     dh0 = dh0.view(B, H, 2, K, V) if dh0 is not None else q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dare, daim, dh0
+
+
+_op_bwd = torch.library.custom_op("gateloop::chunk_gate_loop_bwd", mutates_args=())(_bwd_impl)
 
 
 @_op_bwd.register_fake
@@ -752,11 +759,13 @@ def _op_backward(ctx, do, dht):
         dht = None
     elif dht is not None:
         dht = dht.to(torch.float32).contiguous()
-    dq, dk, dv, dare, daim, dh0 = _op_bwd(q, k, v, are, aim, h0, do.to(q.dtype), dht, prec, BT)
+    bwd = _bwd_impl if getattr(ctx, "eager", False) else _op_bwd
+    dq, dk, dv, dare, daim, dh0 = bwd(q, k, v, are, aim, h0, do.to(q.dtype), dht, prec, BT)
     return dq, dk, dv, dare, daim, (dh0 if h0 is not None else None), None, None, None
 
 
 _op_fwd.register_autograd(_op_backward, setup_context=_setup_context)
+_Eager = eager_function("ChunkGateLoop", _fwd_impl, _setup_context, _op_backward)
 
 
 def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
@@ -820,5 +829,5 @@ def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
     # exact float32: Triton's IEEE (FFMA) dots are ~6x slower than 3xTF32 on Hopper at the same accuracy
     # (measured on the H100: 22 ms vs 3.6 ms forward+backward at (64, 2048, 64)), so "ieee" runs 3xTF32
     prec = "tf32x3" if precision == "ieee" else precision
-    o, ht = _op_fwd(q, k, v, are, aim, h0, output_final_state, prec, chunk_size)
+    o, ht = (_op_fwd if traced(q) else _Eager.apply)(q, k, v, are, aim, h0, output_final_state, prec, chunk_size)
     return o, (torch.complex(ht[:, :, 0], ht[:, :, 1]) if output_final_state else None)

@@ -30,6 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._eager import eager_function, traced
+
 __all__ = ["scan_forward", "scan_backward", "tile_config"]
 
 
@@ -545,9 +547,8 @@ def _carries_numel(q: Tensor) -> int:
     return carries_numel(B, n, C)
 
 
-@torch.library.custom_op("gateloop::elementwise_scan", mutates_args=())
-def elementwise_scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
-                     h0_re: Optional[Tensor], h0_im: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _scan_impl(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
+               h0_re: Optional[Tensor], h0_im: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Op form of :func:`scan_forward`: ``(o, hT_re, hT_im, carries)``.
 
     CUDA tensors run the Triton kernel; other devices the PyTorch implementation (``carries``
@@ -561,7 +562,10 @@ def elementwise_scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_
     return out, hr.contiguous(), hi.contiguous(), torch.zeros(0, dtype=torch.int64, device=q.device)
 
 
-@elementwise_scan.register_fake
+elementwise_scan_op = torch.library.custom_op("gateloop::elementwise_scan", mutates_args=())(_scan_impl)
+
+
+@elementwise_scan_op.register_fake
 def _(q, k, v, a_re, a_im, h0_re, h0_im):
     B, _, C = q.shape
     sdt = torch.float64 if (q.device.type != "cuda" and torch.promote_types(q.dtype, a_re.dtype) == torch.float64) \
@@ -572,10 +576,9 @@ def _(q, k, v, a_re, a_im, h0_re, h0_im):
     return o, hr, hi, q.new_empty((_carries_numel(q),), dtype=torch.int64)
 
 
-@torch.library.custom_op("gateloop::elementwise_scan_backward", mutates_args=())
-def elementwise_scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor,
-                              k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
-                              h0_re: Optional[Tensor], h0_im: Optional[Tensor], carries: Tensor) -> list[Tensor]:
+def _scan_backward_impl(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor,
+                        k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
+                        h0_re: Optional[Tensor], h0_im: Optional[Tensor], carries: Tensor) -> list[Tensor]:
     """Op form of :func:`scan_backward`: ``[dq, dk, dv, da_re, da_im, dh0_re, dh0_im]``, empty where
     the input is absent. Gradients in their input's dtype."""
     if q.device.type == "cuda":
@@ -585,6 +588,10 @@ def elementwise_scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Opti
     refs = (q, k, v, a_re, a_im, h0_re, h0_im)
     return [torch.empty(0, dtype=q.dtype, device=q.device) if g is None else g.to(r.dtype)
             for g, r in zip(grads, refs)]
+
+
+elementwise_scan_backward = torch.library.custom_op("gateloop::elementwise_scan_backward",
+                                                    mutates_args=())(_scan_backward_impl)
 
 
 @elementwise_scan_backward.register_fake
@@ -613,8 +620,19 @@ def _backward(ctx, do, dhT_re, dhT_im, _dcarries):
         do = torch.zeros_like(q)
     if a_im is None or (dhT_im is not None and dhT_im.numel() == 0):
         dhT_im = None
-    grads = elementwise_scan_backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries)
+    bwd = _scan_backward_impl if getattr(ctx, "eager", False) else elementwise_scan_backward
+    grads = bwd(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries)
     return tuple(None if absent else g for g, absent in zip(grads, ctx.absent))
 
 
-elementwise_scan.register_autograd(_backward, setup_context=_setup_context)
+elementwise_scan_op.register_autograd(_backward, setup_context=_setup_context)
+_Eager = eager_function("ElementwiseScan", _scan_impl, _setup_context, _backward)
+
+
+def elementwise_scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
+                     h0_re: Optional[Tensor], h0_im: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The differentiable scan, ``(o, hT_re, hT_im, carries)`` as :func:`_scan_impl` says: the custom op
+    ``gateloop::elementwise_scan`` (``elementwise_scan_op``) under torch.compile and for fake tensors, the same
+    implementation and backward through an autograd.Function in eager calls (see ``_eager.py``)."""
+    fn = elementwise_scan_op if traced(q) else _Eager.apply
+    return fn(q, k, v, a_re, a_im, h0_re, h0_im)
