@@ -43,23 +43,11 @@ def main() -> None:
     N = ew.carries_numel(B, n, C)
     ptrs = [torch.empty(1, device="cuda") for _ in range(20)]
 
-    def fwd_bwd_op():
+    def fwd_bwd_op():  # the public function: eager calls skip the custom-op dispatch (gateloop_kernels/_eager.py)
         torch.autograd.grad(ew.elementwise_scan(*leaves, None, None)[0], leaves, q)
 
-    class Direct(torch.autograd.Function):  # the launchers under a plain autograd.Function (no custom op)
-        @staticmethod
-        def forward(ctx, *t):
-            o, _, _, carries = ew.scan_forward(*t)
-            ctx.save_for_backward(*t, carries)
-            return o
-
-        @staticmethod
-        def backward(ctx, do):
-            *t, carries = ctx.saved_tensors
-            return ew.scan_backward(do, None, None, *t, None, None, carries)[:5]
-
-    def fwd_bwd_direct():
-        torch.autograd.grad(Direct.apply(*leaves), leaves, q)
+    def fwd_bwd_registered():  # the registered custom op itself (what torch.compile traces)
+        torch.autograd.grad(ew.elementwise_scan_op(*leaves, None, None)[0], leaves, q)
 
     def trivial_autograd():
         torch.autograd.grad(leaves[0] * 2.0, leaves[0], q)
@@ -71,7 +59,7 @@ def main() -> None:
         ("scan_backward (launcher)", lambda: ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, car)),
         ("op forward, no grad", lambda: ew.elementwise_scan(q, k, v, a_re, a_im, None, None)),
         ("autograd.grad of x * 2", trivial_autograd),
-        ("launchers under a plain autograd.Function, fwd + bwd", fwd_bwd_direct),
+        ("registered custom op, fwd + bwd", fwd_bwd_registered),
         ("op forward + backward (autograd.grad)", fwd_bwd_op),
     ]
     with torch.no_grad():
