@@ -172,14 +172,12 @@ def fla_full(q, k, v, ar, ai):
     return fla_kernel(q2, k2, v, g)
 
 
+_TILES = [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)]
 TUNE = {  # candidate launch configurations per kernel (gateloop_kernels.chunked._CFG)
     "chunk_local": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (2, 4, 8)],
     "state_scan": [{"block": b, "num_warps": w} for b, w in ((256, 2), (512, 4), (1024, 2), (1024, 4), (2048, 4),
                                                             (2048, 8))],
-    "fwd_o": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)],
-    "bwd_dqk": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)],
-    "bwd_dv": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)],
-    "bwd_gate": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)],
+    "fwd_o": _TILES, "bwd_dqk": _TILES, "bwd_dv": _TILES, "bwd_gate": _TILES,
 }
 
 
@@ -200,7 +198,7 @@ def tune(shapes, modes, kernels=tuple(TUNE)):
             base = [o.detach()] + list(torch.autograd.grad(o, inputs, do))
             tol = 1e-2 if mode == "bf16" else (5e-3 if mode == "tf32" else 1e-5)
             table = chunked._CFG[dtype]
-            default = {k_: dict(v_) for k_, v_ in table.items()}
+            default = dict(table)  # (entries are replaced, never edited in place)
             for kern in kernels:
                 cands, best = TUNE[kern], None
                 for cfg in cands:

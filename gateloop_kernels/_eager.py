@@ -32,7 +32,4 @@ def eager_function(name: str, forward: Callable, setup_context: Callable,
         setup_context(ctx, inputs, out)
         return out
 
-    def bwd(ctx, *grads):
-        return backward(ctx, *grads)
-
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})

@@ -53,42 +53,32 @@ PRECISIONS = ("ieee", "tf32x3", "tf32")
 _MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DEFAULT_BT = 64
 # Launch configuration per kernel and input dtype: ``cap`` bounds the key/value tile width (see ``_block``);
-# for the state scan, ``block`` elements per program. float32 and bf16 were picked on the H100 at
-# (64, 2048, 64) with ``python -m bench.scan_chunked --tune`` (which edits this table in memory and checks
-# every configuration against the default's results); bench/RESULTS.md has the timings. fp16 keeps the
-# configuration validated before the search for every kernel with tensor-core dots: the tuned 4-warp one
-# faulted there (an illegal address at (d, e) = (96, 160) with Triton 3.6 on the H100; bf16, which differs
-# only in running its state dots in bf16 instead of tf32, passed at every test shape).
+# for the state scan, ``block`` elements per program. Picked on the H100 at (64, 2048, 64) with
+# ``python -m bench.scan_chunked --tune`` (which edits this table in memory and checks every configuration
+# against the default's results); bench/RESULTS.md has the timings. bf16 differs from float32 only where the
+# search chose wider backward tiles. fp16 keeps the configuration validated before the search for every
+# kernel with tensor-core dots: the tuned 4-warp one faulted there (an illegal address at (d, e) = (96, 160)
+# with Triton 3.6 on the H100; bf16, which differs only in running its state dots in bf16 instead of tf32,
+# passed at every test shape).
+_SEARCHED = {
+    "chunk_local": {"cap": 64, "num_warps": 4},
+    "state_scan": {"block": 1024, "num_warps": 2},
+    "fwd_o": {"cap": 64, "num_warps": 4},
+    "bwd_dqk": {"cap": 32, "num_warps": 4},
+    "bwd_dv": {"cap": 32, "num_warps": 4},
+    "bwd_gate": {"cap": 64, "num_warps": 4},
+}
 _CFG = {
-    torch.float32: {
-        "chunk_local": {"cap": 64, "num_warps": 4},
-        "state_scan": {"block": 1024, "num_warps": 2},
-        "fwd_o": {"cap": 64, "num_warps": 4},
-        "bwd_dqk": {"cap": 32, "num_warps": 4},
-        "bwd_dv": {"cap": 32, "num_warps": 4},
-        "bwd_gate": {"cap": 64, "num_warps": 4},
-    },
-    torch.bfloat16: {
-        "chunk_local": {"cap": 64, "num_warps": 4},
-        "state_scan": {"block": 1024, "num_warps": 2},
-        "fwd_o": {"cap": 64, "num_warps": 4},
-        "bwd_dqk": {"cap": 64, "num_warps": 4},
-        "bwd_dv": {"cap": 64, "num_warps": 4},
-        "bwd_gate": {"cap": 64, "num_warps": 4},
-    },
-    torch.float16: {
-        "chunk_local": {"cap": 64, "num_warps": 4},
-        "state_scan": {"block": 1024, "num_warps": 2},
-        "fwd_o": {"cap": 64, "num_warps": 8},
-        "bwd_dqk": {"cap": 32, "num_warps": 8},
-        "bwd_dv": {"cap": 32, "num_warps": 4},
-        "bwd_gate": {"cap": 32, "num_warps": 8},
-    },
+    torch.float32: dict(_SEARCHED),
+    torch.bfloat16: {**_SEARCHED, "bwd_dqk": {"cap": 64, "num_warps": 4}, "bwd_dv": {"cap": 64, "num_warps": 4}},
+    torch.float16: {**_SEARCHED, "fwd_o": {"cap": 64, "num_warps": 8}, "bwd_dqk": {"cap": 32, "num_warps": 8},
+                    "bwd_gate": {"cap": 32, "num_warps": 8}},
 }
 _DTYPE = {m: t for t, m in _MODE.items()}
-# For head dims that are not multiples of 32 (16-wide or masked tiles) the backward kernels keep the
-# configuration validated before the search: with 4 warps, Triton 3.6 on the H100 gave a 300% wrong dq in bf16
-# at (d, e) = (16, 48) (the Hopper dot hazard again); every other gradient and the fp32 modes were right.
+# For head dims that are not multiples of 32 (16-wide or masked tiles) all three backward kernels run 32-wide
+# tiles on 8 warps, the configuration every GPU test passed with at such shapes: with the searched 4 warps,
+# Triton 3.6 on the H100 gave a 300% wrong dq in bf16 at (d, e) = (16, 48) (the Hopper dot hazard again;
+# every other gradient and the fp32 modes were right).
 _IRREGULAR_BWD = {"cap": 32, "num_warps": 8}
 
 

@@ -4,7 +4,7 @@
   ``gateloop::elementwise_scan`` (:mod:`gateloop_kernels.elementwise`) -- the Triton kernel on CUDA,
   the chunked reference's algorithm in PyTorch elsewhere;
 * head gate, ``16 <= d, e <= 256`` on CUDA: the chunked tensor-core kernel
-  (``gateloop_kernels.chunked.chunk_gate_loop``) once that module exists;
+  (``gateloop_kernels.chunked.chunk_gate_loop``);
 * everything else (other gate layouts, other sizes, float64): :func:`reference.chunked_reference`.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import reference
 from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_simple_inputs
+from .chunked import chunk_gate_loop
 from .elementwise import elementwise_scan
 
 __all__ = ["gate_loop_operator", "simple_gate_loop_operator", "kernel_dtypes", "chunk_kernel",
@@ -28,15 +29,9 @@ kernel_dtypes = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_DIMS = (16, 256)
 
 
-try:  # resolved once at import: a lookup at call time would break torch.compile(fullgraph=True)
-    from .chunked import chunk_gate_loop as _chunk_gate_loop
-except ImportError:  # pragma: no cover - the module ships with the package
-    _chunk_gate_loop = None
-
-
-def chunk_kernel() -> Optional[Callable]:
-    """``gateloop_kernels.chunked.chunk_gate_loop`` if that module imported, else ``None``."""
-    return _chunk_gate_loop
+def chunk_kernel() -> Callable:
+    """The chunked head-dim-16..256 kernel entry, ``gateloop_kernels.chunked.chunk_gate_loop``."""
+    return chunk_gate_loop
 
 
 def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
@@ -61,10 +56,9 @@ def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
         o, hr, hi, _ = elementwise_scan(q[..., 0], k[..., 0], v[..., 0], a_re, a_im, h0r, h0i)
         final = torch.complex(hr, hi)[..., None, None] if output_final_state else None
         return o[..., None], final
-    chunk = chunk_kernel()
-    if (chunk is not None and q.is_cuda and q.dtype in kernel_dtypes
+    if (q.is_cuda and q.dtype in kernel_dtypes
             and CHUNK_DIMS[0] <= d <= CHUNK_DIMS[1] and CHUNK_DIMS[0] <= e <= CHUNK_DIMS[1]):
-        return chunk(q, k, v, a_re.float(), a_im.float(), initial_state=initial_state,
+        return chunk_gate_loop(q, k, v, a_re.float(), a_im.float(), initial_state=initial_state,
                      output_final_state=output_final_state)
     # reference: head-major copies, a complex gate
     def heads_first(t: Tensor) -> Tensor:
@@ -122,8 +116,7 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
     check_initial_state(initial_state, B, d, e, q.device)
     odt = reference.out_dtype(q, k, v)
     fast_1 = d == 1 and e == 1 and (odt in kernel_dtypes or not q.is_cuda)
-    fast_chunk = q.is_cuda and odt in kernel_dtypes and CHUNK_DIMS[0] <= min(d, e) and max(d, e) <= CHUNK_DIMS[1] \
-        and chunk_kernel() is not None
+    fast_chunk = q.is_cuda and odt in kernel_dtypes and CHUNK_DIMS[0] <= min(d, e) and max(d, e) <= CHUNK_DIMS[1]
     if layout != GATE_HEAD or not (fast_1 or fast_chunk) or (odt == torch.float64 and not fast_1):
         if q.is_cuda:
             _warn_reference(layout, d, e, odt)
