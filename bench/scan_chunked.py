@@ -177,6 +177,7 @@ TUNE = {  # candidate launch configurations per kernel (gateloop_kernels.chunked
     "chunk_local": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (2, 4, 8)],
     "state_scan": [{"block": b, "num_warps": w} for b, w in ((256, 2), (512, 4), (1024, 2), (1024, 4), (2048, 4),
                                                             (2048, 8))],
+    "chunk_states": [{"cap": c, "num_warps": w, "num_stages": st} for c in (32, 64) for w in (2, 4) for st in (2, 3, 4)],
     "fwd_o": _TILES, "bwd_dqk": _TILES, "bwd_dv": _TILES, "bwd_gate": _TILES,
 }
 

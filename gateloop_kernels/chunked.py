@@ -13,10 +13,12 @@
 Kernels (all accumulate in float32; the dots run in the input dtype for bf16/fp16; for float32 either as
 three tf32 dots of hi/lo operand halves, exact to float32 (``_rdot``; the default), or as one tf32 dot):
 
-``_chunk_local`` parallel over (key block, value block, chunk*batch*head): each chunk's own state
-               contribution (forward) or adjoint contribution (backward), and its total gate;
-``_state_scan``   the carry across chunks, in place, elementwise over the state (memory-bound):
-               states ``h_c`` entering each chunk / adjoints ``dh_c`` of the state leaving it;
+``_chunk_states`` parallel over (batch*head, key block, value block), sequential over chunks: the
+               states ``h_c`` entering each chunk / adjoints ``dh_c`` of the state leaving it (tf32 and
+               16-bit dots);
+``_chunk_local`` + ``_state_scan``  the same in two passes for the exact float32 mode: each chunk's own
+               state (adjoint) contribution and total gate, in parallel over chunks; then the carry across
+               chunks, in place, elementwise over the state (memory-bound);
 ``_fwd_o``        parallel over (value block, chunk, batch*head): outputs;
 ``_bwd_dqk``, ``_bwd_dv``, ``_bwd_gate``  parallel over (chunk, batch*head): dq and dk (and the
                gate-gradient pieces psi, phi, sigma), dv, and the complex gate gradient.
@@ -63,6 +65,7 @@ _DEFAULT_BT = 64
 _SEARCHED = {
     "chunk_local": {"cap": 64, "num_warps": 4},
     "state_scan": {"block": 1024, "num_warps": 2},
+    "chunk_states": {"cap": 32, "num_warps": 2, "num_stages": 3},
     "fwd_o": {"cap": 64, "num_warps": 4},
     "bwd_dqk": {"cap": 32, "num_warps": 4},
     "bwd_dv": {"cap": 32, "num_warps": 4},
@@ -382,6 +385,63 @@ def _state_scan(u, atot, s0, sT, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
 
 
 @triton.jit
+def _chunk_states(x, y, are, aim, h, s0, sT, n, H, NT,
+                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  REV: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, MODE: tl.constexpr,
+                  PREC: tl.constexpr, STAGES: tl.constexpr):
+    """The carried states of one (key block, value block) tile of one batch*head, chunk after chunk.
+
+    forward (x = k, y = v): slot c <- S (the state entering chunk c), S <- A_c S + U_c with
+    U_c = sum_s D[C-1, s] k_s v_s^T; reverse (x = q, y = dO, c from the end): slot c <- L (the adjoint of
+    the state leaving chunk c), L <- conj(A_c) L + U_c with U_c = sum_t conj(A_t) q_t do_t^T.
+    The state stays in registers; a chunk's loads do not depend on it (software-pipelined, STAGES).
+    """
+    i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    bt = i_b.to(tl.int64) * n * H + i_h
+    x += bt * K
+    y += bt * V
+    are += bt
+    aim += bt
+    idx = tl.arange(0, BT)
+    r0, c0 = i_k * BK, i_v * BV
+    s_re = tl.zeros([BK, BV], dtype=tl.float32)
+    s_im = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_S0:
+        p0 = s0 + i_bh.to(tl.int64) * 2 * K * V
+        s_re += _ld_s(p0, r0, c0, K, V, BK, BV)
+        s_im += _ld_s(p0 + K * V, r0, c0, K, V, BK, BV)
+    ph = h + i_bh.to(tl.int64) * NT * 2 * K * V
+    for j in tl.range(0, NT, num_stages=STAGES):
+        i_t = tl.full([], 0, tl.int32) + j  # a tensor, also where j is a Python int (interpreter)
+        if REV:
+            i_t = NT - 1 - i_t
+        t0 = i_t * BT
+        t_idx = t0 + idx
+        g, z, ur, ui = _gate_prefix(are, aim, t_idx, t_idx < n, H)
+        g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
+        if REV:
+            amag = tl.where(z == 0, tl.exp(g), 0.0)
+            w_re, w_im = amag * ur, -amag * ui
+            emag = tl.where(z_end == 0, tl.exp(g_end), 0.0)
+            ae_re, ae_im = emag * ur_end, -emag * ui_end
+        else:
+            w_re, w_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+        b_xt = _ld_tT(x, t0, r0, n, K, H * K, BT, BK)
+        b_y = _ld_t(y, t0, c0, n, V, H * V, BT, BV)
+        pc = ph + i_t.to(tl.int64) * 2 * K * V
+        _st_s(pc, s_re, r0, c0, K, V, BK, BV)
+        _st_s(pc + K * V, s_im, r0, c0, K, V, BK, BV)
+        u_re = _dot(b_xt * w_re[None, :], b_y, MODE, PREC)
+        u_im = _dot(b_xt * w_im[None, :], b_y, MODE, PREC)
+        s_re, s_im = ae_re * s_re - ae_im * s_im + u_re, ae_re * s_im + ae_im * s_re + u_im
+    if STORE_ST:
+        pt = sT + i_bh.to(tl.int64) * 2 * K * V
+        _st_s(pt, s_re, r0, c0, K, V, BK, BV)
+        _st_s(pt + K * V, s_im, r0, c0, K, V, BK, BV)
+
+
+@triton.jit
 def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            MODE: tl.constexpr, PREC: tl.constexpr):
@@ -618,10 +678,26 @@ def _blocks(K: int, V: int, cap: int = 64) -> tuple[int, int]:
 
 
 def _carried(x, y, are, aim, s0, sT, BT, mode, prec, rev):
-    """Chunk states (forward: x = k, y = v) or adjoint states (reverse: x = q, y = dO), (B*H, NT, 2, K, V)."""
+    """Chunk states (forward: x = k, y = v) or adjoint states (reverse: x = q, y = dO), (B*H, NT, 2, K, V).
+
+    One-pass dots (tf32, 16-bit) carry the state through the chunks in one kernel (``_chunk_states``); the
+    exact float32 mode's three dots per chunk would lengthen that sequential loop, so it computes every
+    chunk's contribution in parallel first and then scans them (``_chunk_local`` + ``_state_scan``).
+    (H100, forward+backward device time of the three state passes at (64, 2048, 64) / (32, 8192, 64) /
+    (16, 4096, 128), two passes -> one kernel: bf16 293 -> 144, 770 -> 492, 605 -> 271 us; tf32 342 -> 176,
+    850 -> 641, 686 -> 322 us; exact 387 -> 463, 925 -> 1352, 764 -> 906 us (its best tiles); bench/RESULTS.md.)"""
     B, n, H, K = x.shape
     V = y.shape[-1]
     NT = _cdiv(n, BT)
+    if mode != 0 or prec == "tf32":
+        cfg = _cfg("chunk_states", mode)
+        BK, BV = _blocks(K, V, cfg["cap"])
+        h = torch.empty(B * H, NT, 2, K, V, device=x.device, dtype=torch.float32)
+        _chunk_states[(B * H, _cdiv(K, BK), _cdiv(V, BV))](
+            x, y, are, aim, h, s0 if s0 is not None else h, sT if sT is not None else h, n, H, NT,
+            K=K, V=V, BT=BT, BK=BK, BV=BV, REV=rev, HAS_S0=s0 is not None, STORE_ST=sT is not None, MODE=mode,
+            PREC=prec, STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+        return h
     cfg = _cfg("chunk_local", mode)
     BK, BV = _blocks(K, V, cfg["cap"])
     u = torch.empty(B * H, NT, 2, K, V, device=x.device, dtype=torch.float32)
