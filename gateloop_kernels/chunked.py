@@ -8,7 +8,8 @@
   ``u_t = prod_{w<=t} a_w/|a_w|`` (a complex cumulative product, so no phase is ever accumulated as
   an angle); ``D[t, s] = prod_{s<w<=t} a_w = [z_t == z_s] exp(g_t - g_s) u_t conj(u_s)`` for ``t >= s``.
   Nothing divides by a gate, so zero gates are exact in the forward and in every gradient;
-* the state entering each chunk is carried as a complex matrix (Re and Im planes, float32).
+* the state entering each chunk is carried as a complex matrix (Re and Im planes, float32; stored in bf16 for
+  bf16 inputs, whose dots round it to bf16 anyway).
 
 Kernels (all accumulate in float32; the dots run in the input dtype for bf16/fp16; for float32 either as
 three tf32 dots of hi/lo operand halves, exact to float32 (``_rdot``; the default), or as one tf32 dot):
@@ -539,8 +540,10 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
             b_di = _ld_sT(pd + K * V, r0, c0, K, V, BK, BV)
             w_re += _sdot(b_v, b_dr, MODE, PREC)
             w_im += _sdot(b_v, b_di, MODE, PREC)
-            sig_re += tl.sum(tl.sum(b_dr * b_hr + b_di * b_hi, 1), 0)
-            sig_im += tl.sum(tl.sum(b_di * b_hr - b_dr * b_hi, 1), 0)
+            f_hr, f_hi, f_dr, f_di = (b_hr.to(tl.float32), b_hi.to(tl.float32), b_dr.to(tl.float32),
+                                      b_di.to(tl.float32))
+            sig_re += tl.sum(tl.sum(f_dr * f_hr + f_di * f_hi, 1), 0)
+            sig_im += tl.sum(tl.sum(f_di * f_hr - f_dr * f_hi, 1), 0)
         b_q = _ld_t(q, t0, r0, n, K, H * K, BT, BK)
         b_dk = de_re[:, None] * w_re + de_im[:, None] * w_im + _dot(tl.trans(b_ddv), b_q, MODE, PREC)
         _st_t(dk, b_dk, t0, r0, n, K, H * K, BT, BK)
@@ -692,7 +695,9 @@ def _carried(x, y, are, aim, s0, sT, BT, mode, prec, rev):
     if mode != 0 or prec == "tf32":
         cfg = _cfg("chunk_states", mode)
         BK, BV = _blocks(K, V, cfg["cap"])
-        h = torch.empty(B * H, NT, 2, K, V, device=x.device, dtype=torch.float32)
+        # bf16 inputs: the states are stored in bf16 (every dot reading them rounds them to bf16 anyway; they
+        # are carried in float32 registers), half the memory and traffic of float32 states
+        h = torch.empty(B * H, NT, 2, K, V, device=x.device, dtype=torch.bfloat16 if mode == 1 else torch.float32)
         _chunk_states[(B * H, _cdiv(K, BK), _cdiv(V, BV))](
             x, y, are, aim, h, s0 if s0 is not None else h, sT if sT is not None else h, n, H, NT,
             K=K, V=V, BT=BT, BK=BK, BV=BV, REV=rev, HAS_S0=s0 is not None, STORE_ST=sT is not None, MODE=mode,
