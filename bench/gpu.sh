@@ -7,7 +7,8 @@
 #   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
 #           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op
 #           scan reversible model train   the benchmarks (python -m bench <name> $<NAME>_ARGS,
-#                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan)
+#                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
+#                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
 set -uo pipefail
 stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests memcheck scan reversible model train)
 out=bench/out; mkdir -p "$out"
@@ -24,7 +25,7 @@ rc=0
 for stage in "${stages[@]}"; do
   echo "=== $stage ($(date -u +%H:%M:%S)) ==="
   case $stage in
-    tests) python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || rc=1 ;;
+    tests) python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} 2>&1 | tee "$out/gpu_tests.log" || rc=1 ;;
     memcheck) for script in bench/_memcheck.py csrc/sanitizer_smoke.py; do
                 compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$script" 2>&1 \
                   | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1

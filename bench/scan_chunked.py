@@ -178,8 +178,13 @@ TUNE = {  # candidate launch configurations per kernel (gateloop_kernels.chunked
     "state_scan": [{"block": b, "num_warps": w} for b, w in ((256, 2), (512, 4), (1024, 2), (1024, 4), (2048, 4),
                                                             (2048, 8))],
     "chunk_states": [{"cap": c, "num_warps": w, "num_stages": st} for c in (32, 64) for w in (2, 4) for st in (2, 3, 4)],
+    # None: the two passes chunk_local + state_scan (the exact mode's default)
+    "chunk_states_exact": [None] + [{"cap": c, "num_warps": w, "num_stages": st}
+                                    for c in (32, 64) for w in (1, 2, 4) for st in (2, 3, 4)],
     "fwd_o": _TILES, "bwd_dqk": _TILES, "bwd_dv": _TILES, "bwd_gate": _TILES,
 }
+#: the kernels whose device time --tune sums for a table entry (default: the entry's own kernel)
+TUNE_KERNELS = {"chunk_states_exact": ("_chunk_states", "_chunk_local", "_state_scan")}
 
 
 def tune(shapes, modes, kernels=tuple(TUNE)):
@@ -209,7 +214,7 @@ def tune(shapes, modes, kernels=tuple(TUNE)):
                         got = [o.detach()] + list(torch.autograd.grad(o, inputs, do))
                         err = max(rel(g_, b_) for g_, b_ in zip(got, base))
                         us = sum(t for name, t, _ in kernel_times(run, inputs, do, reps=10, warmup=2)
-                                 if name.startswith("_" + kern))
+                                 if name.startswith(TUNE_KERNELS.get(kern, ("_" + kern,))))
                     except Exception as ex:  # noqa: BLE001
                         log(f"[tune] ({bh},{n},{d}) {mode} {kern} {cfg}: failed {type(ex).__name__}: {str(ex)[:120]}")
                         continue

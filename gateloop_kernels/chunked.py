@@ -67,6 +67,9 @@ _SEARCHED = {
     "chunk_local": {"cap": 64, "num_warps": 4},
     "state_scan": {"block": 1024, "num_warps": 2},
     "chunk_states": {"cap": 32, "num_warps": 2, "num_stages": 3},
+    # the exact float32 mode's state pass: None runs the two passes chunk_local + state_scan, a configuration
+    # runs chunk_states with it (see _carried)
+    "chunk_states_exact": None,
     "fwd_o": {"cap": 64, "num_warps": 4},
     "bwd_dqk": {"cap": 32, "num_warps": 4},
     "bwd_dv": {"cap": 32, "num_warps": 4},
@@ -286,26 +289,18 @@ def _scores(a, b, t0, n, C: tl.constexpr, H, BT: tl.constexpr, BC: tl.constexpr,
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
-def _chunk_local(x, y, are, aim, u, atot, n, H, NT,
-                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk, in parallel: the chunk's own contribution to the carried state.
+def _chunk_contrib(x, y, are, aim, t0, r0, c0, n, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """One chunk's own contribution to the carried state, ``(u_re, u_im, ae_re, ae_im)``, for the
+    ``(BK, BV)`` state tile at ``(r0, c0)`` of the chunk starting at step ``t0`` (pointers at the head):
 
-    forward (x = k, y = v):  U_c = sum_s D[C-1, s] k_s v_s^T (the chunk's state from a zero start);
-    reverse (x = q, y = dO): U_c = sum_t conj(A_t) q_t do_t^T (the chunk's adjoint of its entering state).
-    Also the chunk's total gate A_c = prod_t a_t into atot (Re, Im).
+    forward (x = k, y = v):  U = sum_s D[C-1, s] k_s v_s^T (the chunk's state from a zero start);
+    reverse (x = q, y = dO): U = sum_t conj(A_t) q_t do_t^T (the chunk's adjoint of its entering state);
+    and the chunk's total gate ``A = prod_t a_t`` (not conjugated, in both directions).
     """
-    i_tb, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_bh, i_t = i_tb // NT, i_tb % NT
-    i_b, i_h = i_bh // H, i_bh % H
-    bt = i_b.to(tl.int64) * n * H + i_h
-    x += bt * K
-    y += bt * V
     idx = tl.arange(0, BT)
-    r0, c0 = i_k * BK, i_v * BV
-    t0 = i_t * BT
     t_idx = t0 + idx
-    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
+    g, z, ur, ui = _gate_prefix(are, aim, t_idx, t_idx < n, H)
     g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
     if REV:
         amag = tl.where(z == 0, tl.exp(g), 0.0)
@@ -316,9 +311,25 @@ def _chunk_local(x, y, are, aim, u, atot, n, H, NT,
         w_re, w_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
     b_xt = _ld_tT(x, t0, r0, n, K, H * K, BT, BK)
     b_y = _ld_t(y, t0, c0, n, V, H * V, BT, BV)
+    return _dot(b_xt * w_re[None, :], b_y, MODE, PREC), _dot(b_xt * w_im[None, :], b_y, MODE, PREC), ae_re, ae_im
+
+
+@triton.jit
+def _chunk_local(x, y, are, aim, u, atot, n, H, NT,
+                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, in parallel: the chunk's own state contribution ``U_c`` (:func:`_chunk_contrib`) into
+    ``u`` and its total gate ``A_c`` (Re, Im) into ``atot``."""
+    i_tb, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_bh, i_t = i_tb // NT, i_tb % NT
+    i_b, i_h = i_bh // H, i_bh % H
+    bt = i_b.to(tl.int64) * n * H + i_h
+    r0, c0 = i_k * BK, i_v * BV
+    u_re, u_im, ae_re, ae_im = _chunk_contrib(x + bt * K, y + bt * V, are + bt, aim + bt, i_t * BT, r0, c0, n, H,
+                                              K, V, BT, BK, BV, REV, MODE, PREC)
     pu = u + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
-    _st_s(pu, _dot(b_xt * w_re[None, :], b_y, MODE, PREC), r0, c0, K, V, BK, BV)
-    _st_s(pu + K * V, _dot(b_xt * w_im[None, :], b_y, MODE, PREC), r0, c0, K, V, BK, BV)
+    _st_s(pu, u_re, r0, c0, K, V, BK, BV)
+    _st_s(pu + K * V, u_im, r0, c0, K, V, BK, BV)
     if (i_k == 0) & (i_v == 0):
         pa = atot + (i_bh.to(tl.int64) * NT + i_t) * 2
         tl.store(pa, ae_re)
@@ -404,7 +415,6 @@ def _chunk_states(x, y, are, aim, h, s0, sT, n, H, NT,
     y += bt * V
     are += bt
     aim += bt
-    idx = tl.arange(0, BT)
     r0, c0 = i_k * BK, i_v * BV
     s_re = tl.zeros([BK, BV], dtype=tl.float32)
     s_im = tl.zeros([BK, BV], dtype=tl.float32)
@@ -417,24 +427,13 @@ def _chunk_states(x, y, are, aim, h, s0, sT, n, H, NT,
         i_t = tl.full([], 0, tl.int32) + j  # a tensor, also where j is a Python int (interpreter)
         if REV:
             i_t = NT - 1 - i_t
-        t0 = i_t * BT
-        t_idx = t0 + idx
-        g, z, ur, ui = _gate_prefix(are, aim, t_idx, t_idx < n, H)
-        g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
+        u_re, u_im, ae_re, ae_im = _chunk_contrib(x, y, are, aim, i_t * BT, r0, c0, n, H, K, V, BT, BK, BV, REV,
+                                                  MODE, PREC)
         if REV:
-            amag = tl.where(z == 0, tl.exp(g), 0.0)
-            w_re, w_im = amag * ur, -amag * ui
-            emag = tl.where(z_end == 0, tl.exp(g_end), 0.0)
-            ae_re, ae_im = emag * ur_end, -emag * ui_end
-        else:
-            w_re, w_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
-        b_xt = _ld_tT(x, t0, r0, n, K, H * K, BT, BK)
-        b_y = _ld_t(y, t0, c0, n, V, H * V, BT, BV)
+            ae_im = -ae_im
         pc = ph + i_t.to(tl.int64) * 2 * K * V
         _st_s(pc, s_re, r0, c0, K, V, BK, BV)
         _st_s(pc + K * V, s_im, r0, c0, K, V, BK, BV)
-        u_re = _dot(b_xt * w_re[None, :], b_y, MODE, PREC)
-        u_im = _dot(b_xt * w_im[None, :], b_y, MODE, PREC)
         s_re, s_im = ae_re * s_re - ae_im * s_im + u_re, ae_re * s_im + ae_im * s_re + u_im
     if STORE_ST:
         pt = sT + i_bh.to(tl.int64) * 2 * K * V
@@ -684,16 +683,17 @@ def _carried(x, y, are, aim, s0, sT, BT, mode, prec, rev):
     """Chunk states (forward: x = k, y = v) or adjoint states (reverse: x = q, y = dO), (B*H, NT, 2, K, V).
 
     One-pass dots (tf32, 16-bit) carry the state through the chunks in one kernel (``_chunk_states``); the
-    exact float32 mode's three dots per chunk would lengthen that sequential loop, so it computes every
-    chunk's contribution in parallel first and then scans them (``_chunk_local`` + ``_state_scan``).
+    exact float32 mode's three dots per chunk lengthen that sequential loop, so unless its table entry
+    (``chunk_states_exact``) names a configuration it computes every chunk's contribution in parallel first
+    and then scans them (``_chunk_local`` + ``_state_scan``).
     (H100, forward+backward device time of the three state passes at (64, 2048, 64) / (32, 8192, 64) /
     (16, 4096, 128), two passes -> one kernel: bf16 293 -> 144, 770 -> 492, 605 -> 271 us; tf32 342 -> 176,
     850 -> 641, 686 -> 322 us; exact 387 -> 463, 925 -> 1352, 764 -> 906 us (its best tiles); bench/RESULTS.md.)"""
     B, n, H, K = x.shape
     V = y.shape[-1]
     NT = _cdiv(n, BT)
-    if mode != 0 or prec == "tf32":
-        cfg = _cfg("chunk_states", mode)
+    cfg = _cfg("chunk_states_exact" if mode == 0 and prec != "tf32" else "chunk_states", mode)
+    if cfg is not None:
         BK, BV = _blocks(K, V, cfg["cap"])
         # bf16 inputs: the states are stored in bf16 (every dot reading them rounds them to bf16 anyway; they
         # are carried in float32 registers), half the memory and traffic of float32 states

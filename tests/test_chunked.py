@@ -114,6 +114,19 @@ def test_cpu_float32(n, H, d, e, chunk, zeros, init, final):
     check(1, n, H, d, e, torch.float32, "cpu", 2e-5, zeros=zeros, init=init, final=final, chunk_size=chunk)
 
 
+#: a one-kernel state pass for the exact float32 mode (``chunked._CFG``'s ``chunk_states_exact``; the default,
+#: None, runs the two passes): the best one-kernel configuration of the H200 search (bench/RESULTS.md)
+EXACT_ONE_KERNEL = {"cap": 32, "num_warps": 2, "num_stages": 2}
+
+
+@pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
+def test_cpu_float32_exact_one_kernel_state_pass(monkeypatch):
+    from gateloop_kernels import chunked
+
+    monkeypatch.setitem(chunked._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
+    check(1, 40, 2, 16, 32, torch.float32, "cpu", 2e-5, zeros=True, init=True, final=True, chunk_size=16)
+
+
 @pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_half(dtype):
@@ -181,6 +194,15 @@ GPU_SHAPES = [  # B, n, H, d, e
 @pytest.mark.parametrize("precision,tol", [("ieee", 1e-5), ("tf32x3", 1e-5), ("tf32", 5e-3)])
 def test_gpu_float32(shape, precision, tol):
     check(*shape, torch.float32, "cuda", tol, zeros=True, init=True, final=True, precision=precision, poison=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+def test_gpu_float32_exact_one_kernel_state_pass(shape, monkeypatch):
+    from gateloop_kernels import chunked
+
+    monkeypatch.setitem(chunked._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
+    check(*shape, torch.float32, "cuda", 1e-5, zeros=True, init=True, final=True, poison=True)
 
 
 @pytest.mark.gpu
