@@ -374,6 +374,37 @@ def profile_variants(variants, depth: int, d: int, heads: int, seq: int, batch: 
     return out
 
 
+def peak_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool,
+                  cpp: bool = False) -> None:
+    """Per variant, after two warm-up steps: the blocks live at the allocator's peak during one step."""
+    from bench._memory_peak import peak_breakdown, print_breakdown
+
+    if device.type != "cuda":
+        print("[peak] needs a CUDA device (the allocator's trace); skipped")
+        return
+    torch.manual_seed(0)
+    pairs = make_pairs(depth, d, heads, device)
+    params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
+    x = torch.randn(batch, seq, d, device=device, requires_grad=True)
+    for v in variants:
+        model = make_model(v, pairs)
+        step = _train_step(model, params, x, amp)
+        with _ext_ctx(v):
+            step()
+            step()
+            for p in params:
+                p.grad = None
+            x.grad = None
+            _free()
+            peak, rows = peak_breakdown(step, cpp=cpp)
+        print_breakdown(f"{v} depth {depth}", peak, rows)
+        del model
+        for p in params:
+            p.grad = None
+        x.grad = None
+        _free()
+
+
 # ----------------------------------------------------------------------------- reporting
 
 def _fmt(v, spec=".2f"):
@@ -446,6 +477,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", type=int, default=None, metavar="DEPTH",
                     help="only profile one step per variant at this depth (kernel time vs step time, top ops)")
     ap.add_argument("--profile-rows", type=int, default=15)
+    ap.add_argument("--peak", type=int, default=None, metavar="DEPTH",
+                    help="only list what is live at the memory peak of one step per variant at this depth (CUDA)")
+    ap.add_argument("--peak-cpp", action="store_true", help="--peak with the C++ frames (ATen ops, autograd nodes)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = ap.parse_args(argv or [])
 
@@ -485,6 +519,9 @@ def main(argv: list[str] | None = None) -> None:
           f"({info['source']}, devices {info['devices']}; {info['reason']})")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.peak:
+        peak_variants(args.variants, args.peak, d, heads, seq, batch, device, amp, args.peak_cpp)
+        return
     if args.profile:
         prof = profile_variants(args.variants, args.profile, d, heads, seq, batch, device, amp, args.profile_rows)
         (out_dir / "reversible_profile.json").write_text(json.dumps({"meta": meta, "profile": prof}, indent=1,
