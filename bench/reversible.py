@@ -340,48 +340,9 @@ def microbench(b: int, n: int, d: int, device, iters: int) -> list[dict[str, Any
     return rows
 
 
-def profile_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool,
-                     rows: int) -> dict[str, Any]:
-    """One profiled step per variant: kernel (device) time vs step time, and the top ops."""
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.manual_seed(0)
-    pairs = make_pairs(depth, d, heads, device)
-    params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
-    x = torch.randn(batch, seq, d, device=device, requires_grad=True)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    out = {}
-    for v in variants:
-        model = make_model(v, pairs)
-        step = _train_step(model, params, x, amp)
-        with _ext_ctx(v):
-            step()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            with profile(activities=acts) as prof:
-                with _Timer(device) as t:
-                    step()
-        ka = prof.key_averages()
-        dev_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ka)
-        out[v] = {"step_ms": t.ms, "kernel_ms": dev_us / 1e3}
-        print(f"\n[profile] {v} depth {depth}: step {t.ms:.1f} ms (profiled), kernels {dev_us / 1e3:.1f} ms, "
-              f"GPU idle {t.ms - dev_us / 1e3:.1f} ms")
-        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(ka.table(sort_by=key, row_limit=rows, max_name_column_width=60))
-        del model
-        _free()
-    return out
-
-
-def peak_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool,
-                  cpp: bool = False) -> None:
-    """Per variant, after two warm-up steps: the blocks live at the allocator's peak during one step."""
-    from bench._memory_peak import peak_breakdown, print_breakdown
-
-    if device.type != "cuda":
-        print("[peak] needs a CUDA device (the allocator's trace); skipped")
-        return
+def _warm_steps(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool):
+    """Per variant, ``(name, step)`` after two warm-up steps, inside the variant's extension context, with
+    the gradients cleared and the device idle (for the one-step diagnostics below)."""
     torch.manual_seed(0)
     pairs = make_pairs(depth, d, heads, device)
     params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
@@ -396,13 +357,48 @@ def peak_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int
                 p.grad = None
             x.grad = None
             _free()
-            peak, rows = peak_breakdown(step, cpp=cpp)
-        print_breakdown(f"{v} depth {depth}", peak, rows)
-        del model
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            yield v, step
+        del model, step
         for p in params:
             p.grad = None
         x.grad = None
         _free()
+
+
+def profile_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool,
+                     rows: int) -> dict[str, Any]:
+    """One profiled step per variant: kernel (device) time vs step time, and the top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    out = {}
+    for v, step in _warm_steps(variants, depth, d, heads, seq, batch, device, amp):
+        with profile(activities=acts) as prof:
+            with _Timer(device) as t:
+                step()
+        ka = prof.key_averages()
+        dev_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in ka)
+        out[v] = {"step_ms": t.ms, "kernel_ms": dev_us / 1e3}
+        print(f"\n[profile] {v} depth {depth}: step {t.ms:.1f} ms (profiled), kernels {dev_us / 1e3:.1f} ms, "
+              f"GPU idle {t.ms - dev_us / 1e3:.1f} ms")
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(ka.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    return out
+
+
+def peak_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool,
+                  cpp: bool = False) -> None:
+    """Per variant: the blocks live at the allocator's peak during one step (CUDA only)."""
+    from bench._memory_peak import peak_breakdown, print_breakdown
+
+    if device.type != "cuda":
+        print("[peak] needs a CUDA device (the allocator's trace); skipped")
+        return
+    for v, step in _warm_steps(variants, depth, d, heads, seq, batch, device, amp):
+        peak, rows = peak_breakdown(step, cpp=cpp)
+        print_breakdown(f"{v} depth {depth}", peak, rows)
 
 
 # ----------------------------------------------------------------------------- reporting
