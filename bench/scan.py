@@ -13,7 +13,8 @@ fixed total size -- in float32 and bfloat16, times the forward and forward+backw
 
 Each result is checked against a float64 oracle before it is timed. Prints a table, writes
 ``scan.json`` and (with matplotlib) ``scan.png`` to ``--out`` (default ``bench/out``). Bytes floor:
-each input read once and each output written once at 3.0 TB/s (measured H100 copy bandwidth).
+each input read once and each output written once, over the copy bandwidth measured on the device at the
+start (``bench/_ceilings.py``).
 On a machine without CUDA it runs tiny sizes through the reference only, and says so.
 Afterwards runs ``bench.scan_chunked.main`` when that module exists (unless ``--no-chunked``).
 """
@@ -29,11 +30,12 @@ from typing import Callable, Optional
 
 import torch
 
+from bench._ceilings import ceilings, describe
+
 from gateloop_kernels import elementwise as ew
 from gateloop_kernels import operator as op
 from gateloop_kernels import reference as R
 
-COPY_BW = 3.0e12  # bytes/s, measured device-to-device copy (read + write) on the H100
 TOTAL = 4096 * 2048
 
 
@@ -194,7 +196,7 @@ def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool
             for key, bwd in (("fwd", False), ("fwdbwd", True)):
                 nbytes = floor_bytes(numel, dtype, bwd)
                 row[f"{key}_GBps"] = nbytes / (row[f"{key}_ms"] * 1e-3) / 1e9
-                row[f"{key}_floor_ms"] = nbytes / COPY_BW * 1e3
+                row[f"{key}_floor_ms"] = nbytes / ceilings()["copy_bw"] * 1e3
                 row[f"{key}_frac_floor"] = row[f"{key}_floor_ms"] / row[f"{key}_ms"]
                 if f"graph_{key}_ms" in row:
                     row[f"graph_{key}_frac_floor"] = row[f"{key}_floor_ms"] / row[f"graph_{key}_ms"]
@@ -316,6 +318,7 @@ def main(argv: list[str]) -> None:
         if not args.quick:
             shapes += [(TOTAL // n, n) for n in (1024, 16384, 262144, 1 << 20)]
         _log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        _log(describe(ceilings()))
     else:
         shapes = [(16, 256), (4, 1024)]
         _log("no CUDA device: tiny sizes, every path runs the PyTorch reference (timings are not kernel timings)")
@@ -330,7 +333,7 @@ def main(argv: list[str]) -> None:
     print(_table(rows), flush=True)
     os.makedirs(args.out, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "copy_bw": COPY_BW}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": ceilings()}
     with open(os.path.join(args.out, "scan.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     _log(f"json: {os.path.join(args.out, 'scan.json')}")

@@ -2,8 +2,9 @@
 
 ``python -m bench.scan_chunked [--quick] [--peers seed,fla] [--sweep] [--json PATH]``; also called at
 the end of ``python -m bench scan``. For each ``(B*H, n, d)`` (``e = d``) and input mode (float32
-"ieee" / "tf32x3" / "tf32", bf16) it prints the two floors first (bytes / 3.0 TB/s and flops / rate:
-float32 FFMA 52 TFLOP/s, tf32 375, 3xTF32 375/3, bf16 790), checks the result against a float64
+"ieee" / "tf32x3" / "tf32", bf16) it prints the two floors first (bytes over the copy bandwidth and flops
+over the matrix rate, both measured on the device at the start, ``bench/_ceilings.py``: the exact float32
+modes at the faster of strict float32 and a third of tf32, since they run as three tf32 dots), checks the result against a float64
 oracle, then times forward and forward+backward (``triton.testing.do_bench`` medians) and the peak
 memory beyond inputs, outputs and gradients. Peers in the same run, when importable: the seed's
 operator (``reference.associative_scan_reference``, skipped where it would need > 60 GB) and fla's
@@ -21,10 +22,10 @@ import time
 
 import torch
 
+from bench._ceilings import ceilings, describe
+
 MAIN = [(64, 2048, 64), (32, 8192, 64), (16, 4096, 128)]
 SWEEP = [(8, 1 << p, 64) for p in (11, 13, 15, 17, 20)]
-RATE = {"ieee": 52e12, "tf32x3": 375e12 / 3, "tf32": 375e12, "bf16": 790e12}
-BW = 3.0e12
 HEADS = 4  # B*H is split as B = BH / HEADS, H = HEADS (the layers' (B, n, H, d) layout)
 
 
@@ -37,8 +38,15 @@ def split_bh(bh):
     return bh // h, h
 
 
+def rate(mode, c):
+    """FLOP/s ceiling of a mode from the measured ceilings ``c``: exact float32 is three tf32 dots (or FFMA)."""
+    if mode in ("ieee", "tf32x3"):
+        return max(c["fp32"], c["tf32"] / 3)
+    return c[mode]
+
+
 def floors(bh, n, d, e, mode, C=64):
-    """(bytes floor seconds, flops floor seconds, flops) for forward + backward."""
+    """(bytes floor seconds, flops floor seconds, flops) for forward + backward on this device."""
     esz = 2 if mode == "bf16" else 4
     per_tok_in = (2 * d + e) * esz + 8  # q, k, v, a (re, im float32)
     per_tok = 2 * per_tok_in + 2 * e * esz + (2 * d + e) * esz + 8  # fwd in+o, bwd in+do+grads
@@ -48,7 +56,8 @@ def floors(bh, n, d, e, mode, C=64):
     bwd = 4 * C * d * e * 2 + 2 * C * C * (d + e) + 2 * (4 * C * d * e + 2 * C * C * d) + 4 * C * d * e \
         + 2 * C * C * e + 4 * C ** 3  # h recompute, dh, P, dq, dk, dv, gate R
     flops = bh * nc * (fwd + bwd)
-    return byts / BW, flops / RATE[mode], flops
+    c = ceilings()
+    return byts / c["copy_bw"], flops / rate(mode, c), flops
 
 
 def make(bh, n, d, e, dtype, seed=0):
@@ -261,6 +270,7 @@ def main(argv=None):
     dev = torch.cuda.get_device_name()
     log(f"[scan_chunked] device {dev}, torch {torch.__version__}, "
         f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    log(f"[scan_chunked] {describe(ceilings())}")
     fla_shapes = [tuple(int(x) for x in t.split(":")) for t in args.fla_shapes.split(",") if t]
     out = args.json
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
