@@ -208,6 +208,24 @@ def _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end):
 
 
 @triton.jit
+def _head(i_bh, n, H):
+    """Offset, in steps x heads, of head ``i_bh % H`` of batch ``i_bh // H`` in a ``(B, n, H, ...)`` tensor."""
+    return (i_bh // H).to(tl.int64) * n * H + i_bh % H
+
+
+@triton.jit
+def _chunk_gates(are, aim, t0, n, H, BT: tl.constexpr):
+    """The gates of the chunk starting at step ``t0``: :func:`_gate_prefix`'s ``(g, z, ur, ui)`` and the
+    decay to the chunk's end ``D[C-1, s]`` (Re, Im) per step."""
+    idx = tl.arange(0, BT)
+    t_idx = t0 + idx
+    g, z, ur, ui = _gate_prefix(are, aim, t_idx, t_idx < n, H)
+    g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
+    de_re, de_im, _, _ = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+    return g, z, ur, ui, de_re, de_im
+
+
+@triton.jit
 def _ld_t(ptr, t0, c0, n, C: tl.constexpr, S, BT: tl.constexpr, BC: tl.constexpr):
     """(BT, BC) tile of a time-major (n, C) matrix with row stride S (zeros outside)."""
     rr = tl.arange(0, BT)
@@ -322,8 +340,7 @@ def _chunk_local(x, y, are, aim, u, atot, n, H, NT,
     ``u`` and its total gate ``A_c`` (Re, Im) into ``atot``."""
     i_tb, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_bh, i_t = i_tb // NT, i_tb % NT
-    i_b, i_h = i_bh // H, i_bh % H
-    bt = i_b.to(tl.int64) * n * H + i_h
+    bt = _head(i_bh, n, H)
     r0, c0 = i_k * BK, i_v * BV
     u_re, u_im, ae_re, ae_im = _chunk_contrib(x + bt * K, y + bt * V, are + bt, aim + bt, i_t * BT, r0, c0, n, H,
                                               K, V, BT, BK, BV, REV, MODE, PREC)
@@ -409,8 +426,7 @@ def _chunk_states(x, y, are, aim, h, s0, sT, n, H, NT,
     The state stays in registers; a chunk's loads do not depend on it (software-pipelined, STAGES).
     """
     i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    bt = i_b.to(tl.int64) * n * H + i_h
+    bt = _head(i_bh, n, H)
     x += bt * K
     y += bt * V
     are += bt
@@ -446,8 +462,7 @@ def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
            MODE: tl.constexpr, PREC: tl.constexpr):
     i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    bt = i_b.to(tl.int64) * n * H + i_h
+    bt = _head(i_bh, n, H)
     q += bt * K
     k += bt * K
     v += bt * V
@@ -483,8 +498,7 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
              MODE: tl.constexpr, PREC: tl.constexpr):
     """dq, dk of one chunk, and the gate-gradient pieces psi, phi (per step) and sigma (per chunk) in aux."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bt = i_b.to(tl.int64) * n * H + i_h
+    bt = _head(i_bh, n, H)
     q += bt * K
     k += bt * K
     dq += bt * K
@@ -493,10 +507,7 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
     do += bt * V
     idx = tl.arange(0, BT)
     t0 = i_t * BT
-    t_idx = t0 + idx
-    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
-    g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
-    de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+    g, z, ur, ui, de_re, de_im = _chunk_gates(are + bt, aim + bt, t0, n, H, BT)
     amag = tl.where(z == 0, tl.exp(g), 0.0)
     a_re, a_im = amag * ur, amag * ui
     ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
@@ -564,18 +575,14 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
             MODE: tl.constexpr, PREC: tl.constexpr):
     """dv of one chunk: (D o QK^T)^T dO + Re(conj(D[C-1, s]) dh^T k_s)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bt = i_b.to(tl.int64) * n * H + i_h
+    bt = _head(i_bh, n, H)
     q += bt * K
     k += bt * K
     do += bt * V
     dv += bt * V
     idx = tl.arange(0, BT)
     t0 = i_t * BT
-    t_idx = t0 + idx
-    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
-    g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
-    de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+    g, z, ur, ui, de_re, de_im = _chunk_gates(are + bt, aim + bt, t0, n, H, BT)
     pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     b_aqk = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC)
     d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
@@ -600,8 +607,7 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
               MODE: tl.constexpr, PREC: tl.constexpr, EXACT_R: tl.constexpr):
     """The complex gate gradient of one chunk (division-free, see the module docstring)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bt = i_b.to(tl.int64) * n * H + i_h
+    bt = _head(i_bh, n, H)
     q += bt * K
     k += bt * K
     v += bt * V
