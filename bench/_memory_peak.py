@@ -27,11 +27,12 @@ def _where(frames: list[dict], depth: int) -> str:
 
 def peak_breakdown(step: Callable[[], None], depth: int = 3, cpp: bool = False
                    ) -> tuple[int, list[tuple[int, int, str]]]:
-    """Run ``step()`` once under the allocator's recorder (``cpp``: also C++ frames, slower). Returns ``(peak bytes above the start,
-    [(block bytes, count, where)]``, largest groups first) for the blocks live at the peak that were
-    allocated during the step (blocks allocated before it are the baseline and left out)."""
+    """Run ``step()`` once under the allocator's recorder (``cpp``: also C++ frames, slower). Returns
+    ``(peak bytes above the start, [(block bytes, count, where)])``, largest groups first, for the blocks
+    live at the peak that were allocated during the step (blocks allocated before it are the baseline)."""
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="all" if cpp else "python", max_entries=1_000_000)
+    torch.cuda.memory._record_memory_history(enabled="all", context="alloc", stacks="all" if cpp else "python",
+                                             max_entries=1_000_000)
     try:
         step()
         torch.cuda.synchronize()

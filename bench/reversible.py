@@ -474,7 +474,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="only profile one step per variant at this depth (kernel time vs step time, top ops)")
     ap.add_argument("--profile-rows", type=int, default=15)
     ap.add_argument("--peak", type=int, default=None, metavar="DEPTH",
-                    help="only list what is live at the memory peak of one step per variant at this depth (CUDA)")
+                    help="only list what is live at the memory peak of one step per variant at this depth "
+                         "(CUDA)")
     ap.add_argument("--peak-cpp", action="store_true", help="--peak with the C++ frames (ATen ops, autograd nodes)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = ap.parse_args(argv or [])

@@ -31,7 +31,6 @@ from typing import Callable, Optional
 import torch
 
 from bench._ceilings import ceilings, describe
-
 from gateloop_kernels import elementwise as ew
 from gateloop_kernels import operator as op
 from gateloop_kernels import reference as R

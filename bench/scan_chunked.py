@@ -4,9 +4,9 @@
 the end of ``python -m bench scan``. For each ``(B*H, n, d)`` (``e = d``) and input mode (float32
 "ieee" / "tf32x3" / "tf32", bf16) it prints the two floors first (bytes over the copy bandwidth and flops
 over the matrix rate, both measured on the device at the start, ``bench/_ceilings.py``: the exact float32
-modes at the faster of strict float32 and a third of tf32, since they run as three tf32 dots), checks the result against a float64
-oracle, then times forward and forward+backward (``triton.testing.do_bench`` medians) and the peak
-memory beyond inputs, outputs and gradients. Peers in the same run, when importable: the seed's
+modes at the faster of strict float32 and a third of tf32, since they run as three tf32 dots), checks the
+result against a float64 oracle, then times forward and forward+backward (``triton.testing.do_bench``
+medians) and the peak memory beyond inputs, outputs and gradients. Peers in the same run, when importable: the seed's
 operator (``reference.associative_scan_reference``, skipped where it would need > 60 GB) and fla's
 ``chunk_simple_gla`` through the real rewrite (``q' = [q cos P, q sin P]``, ``k' = [k cos P, k sin P]``,
 ``g = log|a|``, key dim ``2d``): kernel alone, and with the rotation.
