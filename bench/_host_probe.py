@@ -52,8 +52,8 @@ def main() -> None:
     def trivial_autograd():
         torch.autograd.grad(leaves[0] * 2.0, leaves[0], q)
     rows = [
-        ("torch.empty (int64 carries)", lambda: torch.empty(N, dtype=torch.int64, device="cuda")),
-        ("torch.zeros (int64 carries)", lambda: torch.zeros(N, dtype=torch.int64, device="cuda")),
+        ("torch.empty (float32 carries)", lambda: torch.empty(N, device="cuda")),
+        ("torch.zeros (float32 carries)", lambda: torch.zeros(N, device="cuda")),
         ("bare Triton launch, 32 args", lambda: _noop[(1,)](q, *ptrs, n, B, C, 1, 1, 1, 1, 1, 1, 1, 1, X=1, Y=2)),
         ("scan_forward (launcher)", lambda: ew.scan_forward(q, k, v, a_re, a_im)),
         ("scan_backward (launcher)", lambda: ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, car)),

@@ -257,33 +257,39 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def _sweep_tiles() -> None:
-    """Tile / warps / backward register-cap sweep of our kernels at (4096, 2048) float32, graph-replay
-    times (for tuning)."""
-    q, k, v, a_re, a_im = _make(4096, 2048, torch.float32, "cuda", 4)
-    inputs = [t.clone().requires_grad_() for t in (q, k, v, a_re, a_im)]
-    gout = torch.randn(q.shape).to(q)
-    names = ("BLOCK_T", "BLOCK_C_FWD", "BLOCK_C_BWD", "WARPS_FWD", "WARPS_BWD", "MAXNREG_BWD")
+    """Tile sweep of our kernels (``elementwise.WIDE_FWD``, ``WIDE_BWD``, ``NARROW``): graph-replay times
+    at (4096, 2048) (1024 channels per batch), (64, 1024) and (32, 2^18) (16 and 8), float32, for
+    tuning; every configuration's output and gradients are compared with the default's."""
+    names = ("WIDE_FWD", "WIDE_BWD", "NARROW")
     saved = tuple(getattr(ew, nm) for nm in names)
-    ref = torch.autograd.grad(ew.elementwise_scan(*inputs, None, None)[0], inputs, gout)
-    for cfg in ((64, 32, 16, 4, 4, None), (64, 32, 16, 4, 4, 128), (64, 32, 16, 4, 4, 96), (64, 32, 16, 4, 4, 80),
-                (64, 32, 32, 4, 4, None), (64, 32, 32, 4, 4, 128), (64, 32, 32, 4, 8, None),
-                (64, 32, 32, 4, 8, 96), (64, 32, 16, 4, 2, None), (64, 32, 16, 4, 2, 128), (64, 32, 8, 4, 2, 96),
-                (64, 32, 64, 4, 8, 128), (128, 32, 16, 4, 4, 128), (128, 32, 32, 4, 8, 128)):
-        for nm, val in zip(names, cfg):
+    wide = [((32, 64, 2), (16, 64, 2)), ((16, 64, 2), (16, 64, 2)), ((32, 128, 4), (16, 128, 4)),
+            ((32, 32, 1), (16, 32, 1)), ((64, 64, 2), (16, 64, 2)), ((32, 64, 2), (8, 64, 2))]
+    narrow = [(64, 16, 1), (32, 16, 1), (64, 16, 2), (64, 16, 4)]
+    cases = [((4096, 2048), [(f, b, saved[2]) for f, b in wide]),
+             ((64, 1024), [(saved[0], saved[1], nw) for nw in narrow]),
+             ((32, 1 << 18), [(saved[0], saved[1], nw) for nw in narrow])]
+    for (BH, n), cfgs in cases:
+        ins = _make(BH, n, torch.float32, "cuda", 4)
+        gout = torch.randn(ins[0].shape).to(ins[0])
+
+        def fwd_bwd():  # the launchers: graph capture of autograd.grad over reused leaves failed here
+            o, _, _, carries = ew.scan_forward(*ins)
+            return (o, *ew.scan_backward(gout, None, None, *ins, None, None, carries)[:5])
+        ref = fwd_bwd()
+        for cfg in cfgs:
+            for nm, val in zip(names, cfg):
+                setattr(ew, nm, val)
+            try:
+                err = max(_rel(x, y) for x, y in zip(fwd_bwd(), ref))
+                f = _time_graph(lambda: ew.scan_forward(*ins))
+                fb = _time_graph(fwd_bwd)
+            except Exception as e:  # noqa: BLE001 - a configuration the compiler rejects
+                _log(f"({BH}, {n}) {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                continue
+            _log(f"({BH}, {n}) fwd {cfg[0]} bwd {cfg[1]} narrow {cfg[2]}: graph fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms"
+                 f"  vs default {err:.1e}")
+        for nm, val in zip(names, saved):
             setattr(ew, nm, val)
-        try:
-            with torch.no_grad():
-                f = _time_graph(lambda: ew.elementwise_scan(*inputs, None, None))
-            fb = _time_graph(lambda: torch.autograd.grad(ew.elementwise_scan(*inputs, None, None)[0], inputs, gout))
-            g = torch.autograd.grad(ew.elementwise_scan(*inputs, None, None)[0], inputs, gout)
-            err = max(_rel(x, y) for x, y in zip(g, ref))
-        except Exception as e:  # noqa: BLE001 - a configuration the compiler rejects
-            _log(f"{cfg}: {type(e).__name__}: {str(e)[:100]}")
-            continue
-        _log(f"BLOCK_T {cfg[0]:4d} BLOCK_C {cfg[1]:3d}/{cfg[2]:3d} warps {cfg[3]:2d}/{cfg[4]:2d} maxnreg bwd "
-             f"{cfg[5]}: graph fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms  grads vs default {err:.1e}")
-    for nm, val in zip(names, saved):
-        setattr(ew, nm, val)
 
 
 def _profile() -> None:

@@ -16,10 +16,15 @@ complex affine maps ``h -> a h + x``), publishes the tile's aggregate map, then 
 entering its tile by a *decoupled look-back* over the previous segments' published aggregates and
 inclusive states, publishes its own inclusive state, and writes its outputs. Programs take
 segments in order from an atomic ticket, so a program only ever waits for programs that are
-already running (no deadlock). Every published float is stored as one 64-bit word
-``(float bits << 32) | 1``, so a reader that sees the flag bit sees the value: no fences needed.
+already running (no deadlock). Published floats go in pairs into 64-bit words that a zeroed word
+cannot be mistaken for (``_pack``), so a reader that sees a word written sees its values: no fences.
 The backward runs the same look-back in reverse time for ``lam``; it recomputes ``h`` per tile
-from the forward pass's inclusive states (``carries``, ``B n C / BLOCK_T`` complex numbers).
+from the states the forward saved after every backward tile (``carries``: float32, ``2 B C`` per
+backward tile of ``CARRY_T`` steps).
+
+Layout: with 32 channels or more, each thread holds one channel's ``BLOCK_T`` steps of a tile and a
+warp 32 neighbouring channels (coalesced, not vectorized), so the tile scans, the row extractions and
+the reverse scan's flips stay in registers: no shared memory or shuffles but the look-back's checks.
 """
 from __future__ import annotations
 
@@ -45,14 +50,35 @@ def _combine(ar1, ai1, hr1, hi1, ar2, ai2, hr2, hi2):
 
 
 @triton.jit
-def _pack(x):
-    """float32 -> int64 word ``(bits << 32) | 1`` (the low bit says 'written')."""
-    return (x.to(tl.uint32, bitcast=True).to(tl.int64) << 32) | 1
+def _scan_reverse(ar, ai, x):
+    """Inclusive reverse-time scan of ``h -> a h + x`` (real ``x``) along axis 0: ``(A_r, A_i, H_r, H_i)``.
+
+    Written as flip, forward scan, flip: with a tile's rows inside each thread the flips move no data,
+    where ``associative_scan(reverse=True)`` shuffles every component across lanes (Triton 3.6)."""
+    A_r, A_i, H_r, H_i = tl.associative_scan((tl.flip(ar, 0), tl.flip(ai, 0), tl.flip(x, 0), tl.zeros_like(x)),
+                                             0, _combine)
+    return tl.flip(A_r, 0), tl.flip(A_i, 0), tl.flip(H_r, 0), tl.flip(H_i, 0)
+
+
+@triton.jit
+def _pack(lo, hi):
+    """Two float32 -> one int64 word: ``hi``'s bits, then ``lo``'s bits plus one (mod 2^32), so a zeroed
+    word reads as unwritten and every written one as written (NaNs are made canonical first: 0xFFFFFFFF,
+    the one pattern that would wrap to zero, is a NaN). One store: a reader sees both values or none."""
+    lo = tl.where(lo == lo, lo, float("nan"))
+    lo_bits = (lo.to(tl.uint32, bitcast=True) + 1).to(tl.int64) & 0xFFFFFFFF
+    return (hi.to(tl.uint32, bitcast=True).to(tl.int64) << 32) | lo_bits
 
 
 @triton.jit
 def _unpack(w):
-    return (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    lo = ((w & 0xFFFFFFFF) - 1).to(tl.uint32).to(tl.float32, bitcast=True)
+    return lo, (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _written(w):
+    return (w & 0xFFFFFFFF) != 0
 
 
 @triton.jit
@@ -63,15 +89,14 @@ def _row(x, rows, r):
 
 @triton.jit
 def _publish(buf_ptr, sidx, mc, r0, r1, r2, r3, WORDS: tl.constexpr):
-    tl.store(buf_ptr + sidx * WORDS, _pack(r0), mask=mc)
-    tl.store(buf_ptr + sidx * WORDS + 1, _pack(r1), mask=mc)
-    if WORDS == 4:
-        tl.store(buf_ptr + sidx * WORDS + 2, _pack(r2), mask=mc)
-        tl.store(buf_ptr + sidx * WORDS + 3, _pack(r3), mask=mc)
+    """``(r0, r1)`` as word ``sidx * WORDS``, and ``(r2, r3)`` after it when ``WORDS == 2``."""
+    tl.store(buf_ptr + sidx * WORDS, _pack(r0, r1), mask=mc)
+    if WORDS == 2:
+        tl.store(buf_ptr + sidx * WORDS + 1, _pack(r2, r3), mask=mc)
 
 
 @triton.jit
-def _tile(seg, rem, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
+def _tile(seg, rem, c0, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BIG: tl.constexpr):
     """Indices of the tile of segment ``seg`` and ``rem = batch * NCB + channel block``: ``(b, rows,
     t, c, mc, m, off, goff, boff, gboff)``: in-batch offsets of the tile in the q-like and the gate
@@ -80,7 +105,7 @@ def _tile(seg, rem, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
     cb = rem % NCB
     rows = tl.arange(0, BLOCK_T)
     t = seg * BLOCK_T + rows
-    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = c0 + cb * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = c < C
     m = (t < n)[:, None] & mc[None, :]
     tt = t[:, None].to(tl.int64) if BIG else t[:, None]
@@ -107,18 +132,16 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
     car_i = tl.zeros([BLOCK_C], tl.float32)
     while (j != stop) & (found == 0):
         sidx = (j * B + b).to(tl.int64) * C + c
-        w0 = tl.load(inc_ptr + sidx * 2, mask=mc, other=1, volatile=True)
-        w1 = tl.load(inc_ptr + sidx * 2 + 1, mask=mc, other=1, volatile=True)
-        u0 = tl.load(agg_ptr + sidx * 4, mask=mc, other=1, volatile=True)
-        u1 = tl.load(agg_ptr + sidx * 4 + 1, mask=mc, other=1, volatile=True)
-        u2 = tl.load(agg_ptr + sidx * 4 + 2, mask=mc, other=1, volatile=True)
-        u3 = tl.load(agg_ptr + sidx * 4 + 3, mask=mc, other=1, volatile=True)
-        inc_ok = tl.min((w0 & w1 & 1).to(tl.int32), axis=0) == 1
-        agg_ok = tl.min((u0 & u1 & u2 & u3 & 1).to(tl.int32), axis=0) == 1
+        w = tl.load(inc_ptr + sidx, mask=mc, other=1, volatile=True)
+        u0 = tl.load(agg_ptr + sidx * 2, mask=mc, other=1, volatile=True)
+        u1 = tl.load(agg_ptr + sidx * 2 + 1, mask=mc, other=1, volatile=True)
+        inc_ok = tl.min(_written(w).to(tl.int32), axis=0) == 1
+        agg_ok = tl.min((_written(u0) & _written(u1)).to(tl.int32), axis=0) == 1
         take_agg = agg_ok & (inc_ok == 0)
-        hr, hi = _unpack(w0), _unpack(w1)
-        ar, ai, xr, xi = _combine(_unpack(u0), _unpack(u1), _unpack(u2), _unpack(u3),
-                                  acc_ar, acc_ai, acc_hr, acc_hi)
+        hr, hi = _unpack(w)
+        ur, ui = _unpack(u0)
+        vr, vi = _unpack(u1)
+        ar, ai, xr, xi = _combine(ur, ui, vr, vi, acc_ar, acc_ai, acc_hr, acc_hi)
         car_r = tl.where(inc_ok, acc_ar * hr - acc_ai * hi + acc_hr, car_r)
         car_i = tl.where(inc_ok, acc_ar * hi + acc_ai * hr + acc_hi, car_i)
         acc_ar = tl.where(take_agg, ar, acc_ar)
@@ -134,19 +157,19 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
 
 # ----------------------------------------------------------------------------- kernels
 
-@triton.jit
+@triton.jit(do_not_specialize=["c0"])
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
-                o_ptr, hTr_ptr, hTi_ptr, ws_ptr, agg_off, ticket_off,
-                n, B, C, NCB, NSEG,
+                o_ptr, hTr_ptr, hTi_ptr, car_ptr, ws_ptr, agg_off, ticket_off, c0,
+                n, B, C, NCB, NSEG, NCAR,
                 s_b, s_n, s_c, g_b, g_n, g_c,
-                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CARRY_T: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr):
     # ws: the look-back words laid out by _workspace
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
     vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
     seg = vid // (B * NCB)
-    b, rows, t, c, mc, m, off, goff, boff, gboff = _tile(seg, vid % (B * NCB), n, C, NCB, s_b, s_n, s_c,
+    b, rows, t, c, mc, m, off, goff, boff, gboff = _tile(seg, vid % (B * NCB), c0, n, C, NCB, s_b, s_n, s_c,
                                                          g_b, g_n, g_c, BLOCK_T, BLOCK_C, BIG)
     q_ptr += boff
     k_ptr += boff
@@ -169,7 +192,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     Ar_l, Ai_l, Hr_l, Hi_l = _row(A_r, rows, last), _row(A_i, rows, last), _row(H_r, rows, last), _row(H_i, rows, last)
     sidx = (seg * B + b).to(tl.int64) * C + c
     if seg > 0:
-        _publish(agg_ptr, sidx, mc, Ar_l, Ai_l, Hr_l, Hi_l, 4)
+        _publish(agg_ptr, sidx, mc, Ar_l, Ai_l, Hr_l, Hi_l, 2)
     if HAS_H0:
         h0r = tl.load(h0r_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
         h0i = tl.load(h0i_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(h0r)
@@ -179,20 +202,29 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, -1, b, B, C, c, mc, h0r, h0i, BLOCK_C)
     inc_r = Ar_l * car_r - Ai_l * car_i + Hr_l
     inc_i = Ar_l * car_i + Ai_l * car_r + Hi_l
-    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 2)
+    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
     if seg == NSEG - 1:
         tl.store(hTr_ptr + b * C + c, inc_r, mask=mc)
         if COMPLEX:
             tl.store(hTi_ptr + b * C + c, inc_i, mask=mc)
+    # the state after every CARRY_T steps, for the backward (whose tiles are CARRY_T steps long)
+    for j in tl.static_range(BLOCK_T // CARRY_T):
+        r = (j + 1) * CARRY_T - 1
+        Ar_j, Ai_j = _row(A_r, rows, r), _row(A_i, rows, r)
+        sb = seg * (BLOCK_T // CARRY_T) + j
+        cidx = (sb * 2 * B + b).to(tl.int64) * C + c
+        ok = mc & ((c * 0 + sb) < NCAR)
+        tl.store(car_ptr + cidx, Ar_j * car_r - Ai_j * car_i + _row(H_r, rows, r), mask=ok)
+        tl.store(car_ptr + cidx + B * C, Ar_j * car_i + Ai_j * car_r + _row(H_i, rows, r), mask=ok)
 
     h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
     q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + off, (q * h_r).to(o_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, fwd_inc_ptr,
-                dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr, agg_off, ticket_off,
+@triton.jit(do_not_specialize=["c0"])
+def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, car_ptr,
+                dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr, agg_off, ticket_off, c0,
                 n, B, C, NCB, NSEG,
                 s_b, s_n, s_c, g_b, g_n, g_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -203,7 +235,7 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     agg_ptr = ws_ptr + agg_off
     vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
     seg = NSEG - 1 - vid // (B * NCB)
-    b, rows, t, c, mc, m, off, goff, boff, gboff = _tile(seg, vid % (B * NCB), n, C, NCB, s_b, s_n, s_c,
+    b, rows, t, c, mc, m, off, goff, boff, gboff = _tile(seg, vid % (B * NCB), c0, n, C, NCB, s_b, s_n, s_c,
                                                          g_b, g_n, g_c, BLOCK_T, BLOCK_C, BIG)
     do_ptr += boff
     q_ptr += boff
@@ -227,11 +259,11 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     do = tl.load(do_ptr + off, mask=m, other=0.0).to(tl.float32)
     q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
     g = q * do
-    B_r, B_i, L_r, L_i = tl.associative_scan((br, bi, g, tl.zeros_like(g)), 0, _combine, reverse=True)
+    B_r, B_i, L_r, L_i = _scan_reverse(br, bi, g)
     Br_0, Bi_0, Lr_0, Li_0 = _row(B_r, rows, 0), _row(B_i, rows, 0), _row(L_r, rows, 0), _row(L_i, rows, 0)
     sidx = (seg * B + b).to(tl.int64) * C + c
     if seg < NSEG - 1:
-        _publish(agg_ptr, sidx, mc, Br_0, Bi_0, Lr_0, Li_0, 4)
+        _publish(agg_ptr, sidx, mc, Br_0, Bi_0, Lr_0, Li_0, 2)
     if HAS_GT:
         gTr = tl.load(gTr_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
         gTi = tl.load(gTi_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(gTr)
@@ -241,15 +273,15 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C)
     inc_r = Br_0 * car_r - Bi_0 * car_i + Lr_0
     inc_i = Br_0 * car_i + Bi_0 * car_r + Li_0
-    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 2)
+    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
     lam_r = L_r + B_r * car_r[None, :] - B_i * car_i[None, :]
     lam_i = L_i + B_r * car_i[None, :] + B_i * car_r[None, :]
 
-    # forward state entering the tile: the forward pass's inclusive state of segment seg - 1
+    # forward state entering the tile: the forward pass's state after segment seg - 1
     if seg > 0:
-        pidx = ((seg - 1) * B + b).to(tl.int64) * C + c
-        f_r = _unpack(tl.load(fwd_inc_ptr + pidx * 2, mask=mc, other=0))
-        f_i = _unpack(tl.load(fwd_inc_ptr + pidx * 2 + 1, mask=mc, other=0))
+        pidx = ((seg - 1) * 2 * B + b).to(tl.int64) * C + c
+        f_r = tl.load(car_ptr + pidx, mask=mc, other=0.0)
+        f_i = tl.load(car_ptr + pidx + B * C, mask=mc, other=0.0)
     elif HAS_H0:
         f_r = tl.load(h0r_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
         f_i = tl.load(h0i_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(f_r)
@@ -307,13 +339,14 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
 
 # ----------------------------------------------------------------------------- launchers
 
-#: time steps per program (forward and backward share it: the saved carries are per segment),
-#: channels per program and warps, forward / backward
-BLOCK_T, BLOCK_C_FWD, BLOCK_C_BWD, WARPS_FWD, WARPS_BWD = 64, 32, 16, 4, 4
-#: register cap of the backward kernel (``None``: the compiler's choice), CUDA only. 128 (the compiler
-#: takes 136, so 3 programs per SM) lets 4 programs share an SM: -6% forward+backward on the H100
-#: (``python -m bench scan --sweep``); lower caps spill and are slower.
-MAXNREG_BWD: Optional[int] = 128
+#: ``(BLOCK_T, BLOCK_C, num_warps)`` of the forward and of the backward where a batch has 32 channels
+#: or more. Each thread holds one channel's ``BLOCK_T`` steps, so a tile's scan runs in registers; the
+#: backward holds twice the forward's tiles, so its tiles are half as long (longer ones spill). Measured
+#: on the H200, (4096, 2048) float32 (``python -m bench scan --sweep``).
+WIDE_FWD, WIDE_BWD = (32, 64, 2), (16, 64, 2)
+#: both passes with fewer channels: tiles of up to 64 steps and 16 channels, one warp (the lanes that the
+#: channels leave run along time), at most 16 steps per thread (32-step tiles at 16 channels).
+NARROW = (64, 16, 1)
 
 
 def _pow2(x: int) -> int:
@@ -321,15 +354,19 @@ def _pow2(x: int) -> int:
 
 
 def tile_config(n: int, C: int, backward: bool = False) -> tuple[int, int, int]:
-    """``(BLOCK_T, BLOCK_C, num_warps)`` for a ``(B, n, C)`` problem.
+    """``(BLOCK_T, BLOCK_C, num_warps)`` for a ``(B, n, C)`` problem, forward or backward.
 
-    A program scans a ``(BLOCK_T, BLOCK_C)`` tile; ``BLOCK_T`` is the same for the forward and the
-    backward (the forward's saved carries are per segment of ``BLOCK_T`` steps). Deterministic in
-    its arguments (the fake implementations use it).
+    The backward's ``BLOCK_T`` divides the forward's: the forward saves its state after every backward
+    tile (``carries``). Deterministic in its arguments (the fake implementations use it).
     """
-    block_t = min(BLOCK_T, max(16, _pow2(n)))
-    block_c = min(BLOCK_C_BWD if backward else BLOCK_C_FWD, _pow2(C))
-    return block_t, block_c, WARPS_BWD if backward else WARPS_FWD
+    if C >= 32:
+        block_t, block_c, warps = WIDE_BWD if backward else WIDE_FWD
+        block_c = min(block_c, _pow2(C))
+    else:
+        block_t, block_c, warps = NARROW
+        block_c = min(block_c, _pow2(C))
+        block_t = min(block_t, 16 * 32 * warps // block_c)
+    return min(block_t, max(16, _pow2(n))), block_c, warps
 
 
 def _big(*ts: Tensor) -> bool:
@@ -343,15 +380,16 @@ def _segments(n: int, block_t: int) -> int:
 
 def _workspace(nseg: int, B: int, C: int, device: torch.device) -> tuple[Tensor, int, int]:
     """A kernel's zeroed look-back words and its offsets ``(ws, agg_off, ticket_off)``: inclusive states
-    (2 words per channel and segment) from 0, aggregates (4) from ``agg_off``, the ticket at ``ticket_off``."""
+    (1 word per channel and segment) from 0, aggregates (2) from ``agg_off``, the ticket at ``ticket_off``."""
     words = nseg * B * C
-    return torch.zeros(6 * words + 1, dtype=torch.int64, device=device), 2 * words, 6 * words
+    return torch.zeros(3 * words + 1, dtype=torch.int64, device=device), words, 3 * words
 
 
-def carries_numel(B: int, n: int, C: int) -> int:
-    """Number of int64 words of the forward's ``carries`` buffer (its :func:`_workspace`)."""
-    block_t, _, _ = tile_config(n, C)
-    return _workspace(_segments(n, block_t), B, C, torch.device("meta"))[0].numel()
+def carries_numel(B: int, n: int, C: int, carry_t: Optional[int] = None) -> int:
+    """Number of float32 of the forward's ``carries`` (the state after every ``carry_t`` steps, real and
+    imaginary planes; ``carry_t`` defaults to the backward's ``BLOCK_T``)."""
+    carry_t = carry_t or tile_config(n, C, backward=True)[0]
+    return _segments(n, carry_t) * 2 * B * C
 
 
 def _strided_like(x: Tensor, ref: Tensor) -> Tensor:
@@ -371,7 +409,8 @@ def _check(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Option
 
 def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
                  h0_re: Optional[Tensor] = None, h0_im: Optional[Tensor] = None,
-                 block: Optional[tuple[int, int, int]] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 block: Optional[tuple[int, int, int]] = None,
+                 carry_t: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward elementwise scan on the device of ``q`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     Args:
@@ -381,13 +420,16 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
             ``a_im = None`` for a real gate.
         h0_re, h0_im: optional initial state ``(B, C)`` (``h0_im`` only with a complex gate).
         block: ``(BLOCK_T, BLOCK_C, num_warps)`` override (tests); default :func:`tile_config`.
+        carry_t: steps between the saved states, the backward's ``BLOCK_T`` (a power of 2 that divides
+            ``BLOCK_T``); default: ``block``'s ``BLOCK_T`` when given, else the backward's :func:`tile_config`.
 
     Returns:
         ``(o, hT_re, hT_im, carries)``: ``o`` like ``q`` (dtype of ``q``); the final state float32
-        ``(B, C)`` (``hT_im`` empty for a real gate); ``carries`` int64, saved for the backward.
+        ``(B, C)`` (``hT_im`` empty for a real gate); ``carries`` float32 (:func:`carries_numel`), the
+        state after every ``carry_t`` steps, saved for the backward.
 
     Raises:
-        ValueError: shape mismatch.
+        ValueError: shape mismatch, or a ``carry_t`` that does not divide ``BLOCK_T``.
     """
     _check(q, k, v, a_re, a_im)
     B, n, C = q.shape
@@ -401,8 +443,11 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     hT_im = torch.empty((B, C) if complex_gate else (0,), dtype=torch.float32, device=dev)
     o = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev)
     block_t, block_c, warps = block or tile_config(n, C)
+    carry_t = carry_t or (block_t if block else tile_config(n, C, backward=True)[0])
+    if carry_t > block_t or block_t % carry_t:
+        raise ValueError(f"carry_t {carry_t} must divide BLOCK_T {block_t}")
     nseg = _segments(n, block_t)
-    carries, agg_off, ticket_off = _workspace(nseg, B, C, dev)  # its inclusive states are kept for the backward
+    carries = torch.empty(carries_numel(B, n, C, carry_t), dtype=torch.float32, device=dev)
     if n == 0 or B * C == 0:
         if h0_re is not None:
             hT_re.copy_(h0_re)
@@ -415,11 +460,14 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     ncb = -(-C // block_c)
     h0r = h0_re.contiguous() if h0_re is not None else hT_re
     h0i = h0_im.contiguous() if (h0_im is not None and complex_gate) else hT_re
+    ws, agg_off, ticket_off = _workspace(nseg, B, C, dev)
+    # c0 = 0 is a kernel argument the compiler does not specialize on: the channel offsets' alignment is
+    # unknown, so loads are not vectorized along the channels and each thread keeps one channel's steps
     _fwd_kernel[(nseg * B * ncb,)](
         q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
-        o, hT_re, hT_im if complex_gate else hT_re, carries, agg_off, ticket_off,
-        n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
-        BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
+        o, hT_re, hT_im if complex_gate else hT_re, carries, ws, agg_off, ticket_off, 0,
+        n, B, C, ncb, nseg, _segments(n, carry_t), *q.stride(), *a_re.stride(),
+        BLOCK_T=block_t, BLOCK_C=block_c, CARRY_T=carry_t, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=h0_re is not None, BIG=_big(q, a_re), num_warps=warps)
     return o, hT_re, hT_im, carries
 
@@ -430,8 +478,8 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     """Backward of :func:`scan_forward` (same arguments, plus the output and final-state gradients).
 
     ``do``: ``(B, n, C)``, gradient of ``o``; ``dhT_re/dhT_im``: ``(B, C)`` gradient of the final
-    state (``None``: zero); ``carries``: from :func:`scan_forward`; ``block``: as there, with the
-    forward's ``BLOCK_T``.
+    state (``None``: zero); ``carries``: from :func:`scan_forward`; ``block``: as there, with
+    ``BLOCK_T`` equal to the forward's ``carry_t``.
 
     Returns:
         ``(dq, dk, dv, da_re, da_im, dh0_re, dh0_im)``: ``dq, dk, dv`` like ``q`` (``dv`` is
@@ -478,11 +526,10 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         h0_im.contiguous() if (has_h0 and complex_gate) else dummy, carries,
         dq, dk, dv if dv is not None else dk, da_re, da_im if complex_gate else da_re,
         dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
-        ws, agg_off, ticket_off,
+        ws, agg_off, ticket_off, 0,
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=warps,
-        **({"maxnreg": MAXNREG_BWD} if MAXNREG_BWD and q.is_cuda else {}))
+        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=warps)
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
 
 
@@ -559,7 +606,7 @@ def _scan_impl(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Op
         return scan_forward(q, k, v, a_re, a_im, h0_re, h0_im)
     o, hr, hi = _torch_forward(q, k, v, a_re, a_im, h0_re, h0_im)
     out = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device).copy_(o)
-    return out, hr.contiguous(), hi.contiguous(), torch.zeros(0, dtype=torch.int64, device=q.device)
+    return out, hr.contiguous(), hi.contiguous(), torch.zeros(0, dtype=torch.float32, device=q.device)
 
 
 elementwise_scan_op = torch.library.custom_op("gateloop::elementwise_scan", mutates_args=())(_scan_impl)
@@ -573,7 +620,7 @@ def _(q, k, v, a_re, a_im, h0_re, h0_im):
     o = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
     hr = q.new_empty((B, C), dtype=sdt)
     hi = q.new_empty((B, C) if a_im is not None else (0,), dtype=sdt)
-    return o, hr, hi, q.new_empty((_carries_numel(q),), dtype=torch.int64)
+    return o, hr, hi, q.new_empty((_carries_numel(q),), dtype=torch.float32)
 
 
 def _scan_backward_impl(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor,

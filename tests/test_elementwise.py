@@ -7,6 +7,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from gateloop_kernels import elementwise as ew
 
@@ -68,6 +70,35 @@ CASES = [(dt, cg, kv, h0) for dt in (torch.float32, torch.bfloat16, torch.float1
 CASES += [(torch.float32, True, False, False), (torch.float32, False, True, False)]
 
 
+@triton.jit
+def _pack_roundtrip(lo_ptr, hi_ptr, lo_out, hi_out, ok_out, N: tl.constexpr):
+    i = tl.arange(0, N)
+    w = ew._pack(tl.load(lo_ptr + i), tl.load(hi_ptr + i))
+    lo, hi = ew._unpack(w)
+    tl.store(lo_out + i, lo)
+    tl.store(hi_out + i, hi)
+    tl.store(ok_out + i, ew._written(w).to(tl.int32) + 2 * ew._written(w * 0).to(tl.int32))
+
+
+@needs_kernels
+def test_lookback_word_packing_is_exact_and_flagged():
+    """Every float pair survives a look-back word bit for bit (NaN as a NaN); a written word always reads
+    as written, a zeroed one never does."""
+    special = [0.0, -0.0, 1.0, -1.5, 3.4028235e38, -3.4028235e38, 1e-45, -1e-45, float("inf"), float("-inf"),
+               float("nan")]
+    lo = torch.tensor(special + [0.0] * 5, device=DEV)
+    lo.view(torch.int32)[-5:] = torch.tensor([-1, 0x7FFFFFFF, -2, 1, 0x7F800001], dtype=torch.int32)
+    lo = torch.cat([lo, torch.randn(16, device=DEV)])
+    hi = torch.cat([lo[16:], lo[:16]])
+    outs = [torch.empty_like(lo), torch.empty_like(lo), torch.empty(32, dtype=torch.int32, device=DEV)]
+    _pack_roundtrip[(1,)](lo, hi, *outs, N=32)
+    for got, want in zip(outs[:2], (lo, hi)):
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got.view(torch.int32)[~nan], want.view(torch.int32)[~nan])
+    assert (outs[2] == 1).all()
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype,complex_gate,kv_given,with_h0", CASES)
 def test_kernel_matches_oracle_small(dtype, complex_gate, kv_given, with_h0):
@@ -92,6 +123,35 @@ def test_kernel_matches_oracle_small(dtype, complex_gate, kv_given, with_h0):
         if g is not None:
             assert g.dtype == (inp.dtype if inp.dim() == 3 else torch.float32), name
             assert rel(g, r) < tol, name
+
+
+@needs_kernels
+@pytest.mark.parametrize("fwd_t,carry_t", [(16, 8), (32, 8), (32, 16)])
+@pytest.mark.parametrize("complex_gate", [True, False])
+def test_kernel_backward_tiles_shorter_than_forward(fwd_t, carry_t, complex_gate):
+    """The forward saves its state every ``carry_t`` steps inside its longer tiles (n = 75: the last
+    forward tile and the last backward tile are partial); the backward runs ``carry_t``-step tiles."""
+    B, n, C = 2, 75, 6
+    args = make(B, n, C, torch.float32, complex_gate, False, True)
+    o, hT_re, hT_im, carries = ew.scan_forward(*args, block=(fwd_t, 4, 1), carry_t=carry_t)
+    assert carries.numel() == ew.carries_numel(B, n, C, carry_t)
+    do = torch.randn(B, n, C, device=DEV)
+    g_re = torch.randn(B, C, device=DEV)
+    g_im = torch.randn(B, C, device=DEV) if complex_gate else None
+    ro, rh, rgrads = oracle(*args, do, g_re, g_im)
+    assert rel(o, ro) < 1e-5 and rel(hT_re, rh.real) < 1e-5
+    grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=(carry_t, 8, 1))
+    for name, g, r in zip(("dq", "dk", "dv", "da_re", "da_im", "dh0_re", "dh0_im"), grads, rgrads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert rel(g, r) < 1e-5, name
+
+
+@needs_kernels
+def test_kernel_rejects_carry_step_not_dividing_tile():
+    args = make(1, 40, 3, torch.float32, True, False, False)
+    with pytest.raises(ValueError, match="carry_t"):
+        ew.scan_forward(*args, block=(16, 4, 1), carry_t=32)
 
 
 @needs_kernels
