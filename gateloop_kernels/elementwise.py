@@ -23,8 +23,15 @@ from the states the forward saved after every backward tile (``carries``: float3
 backward tile of ``CARRY_T`` steps).
 
 Layout: with 32 channels or more, each thread holds one channel's ``BLOCK_T`` steps of a tile and a
-warp 32 neighbouring channels (coalesced, not vectorized), so the tile scans, the row extractions and
-the reverse scan's flips stay in registers: no shared memory or shuffles but the look-back's checks.
+warp 32 neighbouring channels (coalesced, not vectorized), so the tile scans, the row extractions, the
+reverse scan's flips and the backward's one-step shifts (``_shift``: the gate one step ahead, the state
+one step behind) stay in registers: no shared memory or shuffles but the look-back's checks, and each
+input is loaded once.
+
+Results are not bitwise reproducible run to run: a tile's entering state is built from whatever its
+predecessors have published when it looks (an inclusive state, or aggregates to fold first), so its
+rounding depends on timing, as in CUB's decoupled look-back scans. Every path is exact up to float32
+rounding.
 """
 from __future__ import annotations
 
@@ -58,6 +65,16 @@ def _scan_reverse(ar, ai, x):
     A_r, A_i, H_r, H_i = tl.associative_scan((tl.flip(ar, 0), tl.flip(ai, 0), tl.flip(x, 0), tl.zeros_like(x)),
                                              0, _combine)
     return tl.flip(A_r, 0), tl.flip(A_i, 0), tl.flip(H_r, 0), tl.flip(H_i, 0)
+
+
+@triton.jit
+def _shift(x, rows, D: tl.constexpr, fill, BLOCK_T: tl.constexpr):
+    """Row ``r`` of the result is row ``r - D`` of the ``(BLOCK_T, BLOCK_C)`` tile ``x`` (``D = 1``: down a
+    step, ``-1``: up); the row shifted in from outside the tile is ``fill`` (``(BLOCK_C,)``). A select-sum
+    over rows: with a tile's rows inside each thread it compiles to register moves (and one add a row)."""
+    src = rows - D
+    y = tl.sum(tl.where(src[:, None, None] == rows[None, :, None], x[None, :, :], -0.0), axis=1)
+    return tl.where(((src < 0) | (src >= BLOCK_T))[:, None], fill[None, :], y)
 
 
 @triton.jit
@@ -249,11 +266,19 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     ar_ptr += gboff
     ai_ptr += gboff
 
-    # reverse adjoint: lam_t = b_t lam_{t+1} + g_t with b_t = conj(a_{t+1}) (1 past the end)
-    mn = ((t + 1) < n)[:, None] & mc[None, :]
-    br = tl.load(ar_ptr + goff + g_n, mask=mn, other=1.0).to(tl.float32)
+    # reverse adjoint: lam_t = b_t lam_{t+1} + g_t with b_t = conj(a_{t+1}) (1 past the end): the tile's
+    # gate shifted up a step, the last row from the step after the tile
+    a_r = tl.load(ar_ptr + goff, mask=m, other=1.0).to(tl.float32)
     if COMPLEX:
-        bi = -tl.load(ai_ptr + goff + g_n, mask=mn, other=0.0).to(tl.float32)
+        a_i = tl.load(ai_ptr + goff, mask=m, other=0.0).to(tl.float32)
+    else:
+        a_i = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    tn = seg * BLOCK_T + BLOCK_T
+    mn = mc & ((c * 0 + tn) < n)
+    noff = (tn.to(tl.int64) if BIG else tn) * g_n + c * g_c
+    br = _shift(a_r, rows, -1, tl.load(ar_ptr + noff, mask=mn, other=1.0).to(tl.float32), BLOCK_T)
+    if COMPLEX:
+        bi = -_shift(a_i, rows, -1, tl.load(ai_ptr + noff, mask=mn, other=0.0).to(tl.float32), BLOCK_T)
     else:
         bi = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     do = tl.load(do_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -288,35 +313,19 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     else:
         f_r = tl.zeros([BLOCK_C], tl.float32)
         f_i = tl.zeros([BLOCK_C], tl.float32)
-    # y_t = h_{t-1}: scan of (a_{t-1}, x_{t-1}) with row 0 replaced by the reset (0, state entering)
-    first = (rows == 0)[:, None]
-    mp = (t >= 1)[:, None] & m
-    xp = tl.load(k_ptr + off - s_n, mask=mp, other=0.0).to(tl.float32)
-    if not KV_GIVEN:
-        xp = xp * tl.load(v_ptr + off - s_n, mask=mp, other=0.0).to(tl.float32)
-    ap_r = tl.load(ar_ptr + goff - g_n, mask=mp, other=0.0).to(tl.float32)
-    if COMPLEX:
-        ap_i = tl.load(ai_ptr + goff - g_n, mask=mp, other=0.0).to(tl.float32)
-    else:
-        ap_i = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
-    ap_r = tl.where(first, 0.0, ap_r)
-    ap_i = tl.where(first, 0.0, ap_i)
-    xp_r = tl.where(first, f_r[None, :], xp)
-    xp_i = tl.where(first, f_i[None, :], 0.0)
-    _, _, y_r, y_i = tl.associative_scan((ap_r, ap_i, xp_r, xp_i), 0, _combine)
-
-    a_r = tl.load(ar_ptr + goff, mask=m, other=1.0).to(tl.float32)
-    if COMPLEX:
-        a_i = tl.load(ai_ptr + goff, mask=m, other=0.0).to(tl.float32)
-    else:
-        a_i = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    # h_t inside the tile (the state entering it folded into step 0), and y_t = h_{t-1}: h shifted down
     k = tl.load(k_ptr + off, mask=m, other=0.0).to(tl.float32)
     if KV_GIVEN:
         x = k
     else:
         v = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
         x = k * v
-    h_r = a_r * y_r - a_i * y_i + x
+    first = (rows == 0)[:, None]
+    x_r = tl.where(first, x + a_r * f_r[None, :] - a_i * f_i[None, :], x)
+    x_i = tl.where(first, a_r * f_i[None, :] + a_i * f_r[None, :], 0.0)
+    _, _, h_r, h_i = tl.associative_scan((a_r, a_i, x_r, x_i), 0, _combine)
+    y_r = _shift(h_r, rows, 1, f_r, BLOCK_T)
+    y_i = _shift(h_i, rows, 1, f_i, BLOCK_T)
     tl.store(dq_ptr + off, (h_r * do).to(dq_ptr.dtype.element_ty), mask=m)
     if KV_GIVEN:
         tl.store(dk_ptr + off, lam_r.to(dk_ptr.dtype.element_ty), mask=m)
@@ -340,9 +349,11 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
 # ----------------------------------------------------------------------------- launchers
 
 #: ``(BLOCK_T, BLOCK_C, num_warps)`` of the forward and of the backward where a batch has 32 channels
-#: or more. Each thread holds one channel's ``BLOCK_T`` steps, so a tile's scan runs in registers; the
-#: backward holds twice the forward's tiles, so its tiles are half as long (longer ones spill). Measured
-#: on the H200, (4096, 2048) float32 (``python -m bench scan --sweep``).
+#: or more. Each thread holds one channel's ``BLOCK_T`` steps, so a tile's scans run in registers. The
+#: backward's tiles may be shorter than the forward's (the forward saves its state every backward tile):
+#: 16 steps take 184 registers; 32 spill 384 B and, on the H200 at (4096, 2048), were 3% faster in
+#: float32 (``python -m bench scan --sweep``) but took 0.255 ms in bfloat16, against 0.177 for the
+#: previous 16-step backward (not explained yet).
 WIDE_FWD, WIDE_BWD = (32, 64, 2), (16, 64, 2)
 #: both passes with fewer channels: tiles of up to 64 steps and 16 channels, one warp (the lanes that the
 #: channels leave run along time), at most 16 steps per thread (32-step tiles at 16 channels).

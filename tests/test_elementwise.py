@@ -270,9 +270,10 @@ def test_gpu_real_sizes(B, n, C, layout, dtype, complex_gate):
 
 @pytest.mark.gpu
 def test_gpu_zero_gates_and_repeatability():
-    """Hard resets stay finite; the look-back gives bit-identical results run to run."""
+    """Hard resets stay finite, and every run matches the oracle. Runs may differ in the last bits (the
+    look-back's path depends on timing: module docstring of ``elementwise``), not more."""
     args = make(2, 4096, 256, torch.float32, True, False, True, device="cuda", zero_gates=True)
     outs = [ew.scan_forward(*args)[0] for _ in range(3)]
     ro, *_ = _torch_oracle(args, torch.ones_like(args[0]), None, None)
-    assert rel(outs[0], ro) < 1e-5
-    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    assert all(rel(o, ro) < 1e-5 for o in outs)
+    assert all(rel(o, outs[0]) < 1e-6 for o in outs[1:])
