@@ -370,12 +370,9 @@ def tile_config(n: int, C: int, backward: bool = False) -> tuple[int, int, int]:
     The backward's ``BLOCK_T`` divides the forward's: the forward saves its state after every backward
     tile (``carries``). Deterministic in its arguments (the fake implementations use it).
     """
-    if C >= 32:
-        block_t, block_c, warps = WIDE_BWD if backward else WIDE_FWD
-        block_c = min(block_c, _pow2(C))
-    else:
-        block_t, block_c, warps = NARROW
-        block_c = min(block_c, _pow2(C))
+    block_t, block_c, warps = (WIDE_BWD if backward else WIDE_FWD) if C >= 32 else NARROW
+    block_c = min(block_c, _pow2(C))
+    if C < 32:
         block_t = min(block_t, 16 * 32 * warps // block_c)
     return min(block_t, max(16, _pow2(n))), block_c, warps
 

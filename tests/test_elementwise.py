@@ -70,6 +70,22 @@ CASES = [(dt, cg, kv, h0) for dt in (torch.float32, torch.bfloat16, torch.float1
 CASES += [(torch.float32, True, False, False), (torch.float32, False, True, False)]
 
 
+@pytest.mark.parametrize("n", [1, 15, 16, 37, 2048, 1 << 20])
+@pytest.mark.parametrize("C", [1, 5, 8, 16, 31, 32, 64, 1024])
+def test_tile_config_invariants(n, C):
+    """The backward's tile divides the forward's (the forward saves its state every backward tile), both
+    are powers of 2, and no thread holds more than 16 steps of a channel in the narrow tiles."""
+    ft, fc, fw = ew.tile_config(n, C)
+    bt, bc, bw = ew.tile_config(n, C, backward=True)
+    for x in (ft, fc, bt, bc):
+        assert x & (x - 1) == 0
+    assert ft % bt == 0 and bc <= max(64, C) and fc <= max(64, C)
+    if C < 32:
+        assert (ft, fc, fw) == (bt, bc, bw)
+        lanes_along_time = 32 // fc if fc < 32 else 1
+        assert ft // (lanes_along_time * fw) <= 16
+
+
 @triton.jit
 def _pack_roundtrip(lo_ptr, hi_ptr, lo_out, hi_out, ok_out, N: tl.constexpr):
     i = tl.arange(0, N)
