@@ -1,0 +1,114 @@
+"""Compile this package's Triton kernels for a GPU on a machine without one, and report what the compiler made.
+
+``python -m bench._offline_kernels [--arch 90] [--shape B,n,C] [--dtype float32] [--json]``
+
+Runs the head-dim-1 launchers (:mod:`gateloop_kernels.elementwise`) on CPU tensors with each kernel replaced by
+a recorder, binds every recorded launch the way Triton's launcher does (same specialization: 16-byte alignment,
+integers equal to 1, ``do_not_specialize``), compiles it for ``sm_<arch>`` and prints, per launch: registers and
+spilled bytes (``cuobjdump`` on the cubin), the static counts of shared-memory stores/loads, warp shuffles,
+barriers and global loads in the PTX, and the blocked layouts in the TTGIR. That answers layout and register
+questions without device time (``bench/RESULTS.md``, sixth session: the in-register tile scans were found so).
+
+Use the Triton of the GPU image (3.6.0 for the lent H100/H200): ``pip download --no-deps triton==3.6.0`` and
+install it in a side environment; other versions choose other layouts. ``_pack_args`` is a private method of
+Triton 3.6's ``JITFunction``. Needs ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+from gateloop_kernels import elementwise as ew
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the call instead of launching."""
+
+    def __init__(self, fn: JITFunction, calls: list) -> None:
+        self.fn, self.calls = fn, calls
+
+    def __getitem__(self, grid: Any):
+        return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
+
+
+def compile_call(fn: JITFunction, args: tuple, kwargs: dict, arch: int) -> Any:
+    """The compiled kernel Triton would build for ``fn[grid](*args, **kwargs)`` on ``sm_<arch>``."""
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def report(kernel: Any) -> dict:
+    """Registers, local (spill) bytes and static instruction counts of a compiled kernel."""
+    ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
+    out = {"shared st/ld": (ptx.count("st.shared"), ptx.count("ld.shared")), "shfl": ptx.count("shfl.sync"),
+           "bar": ptx.count("bar.sync"), "ld.global": ptx.count("ld.global"),
+           "layouts": sorted(set(re.findall(r"#ttg\.blocked<\{([^}]*)\}>", ttgir)))}
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    for key, pat in (("registers", r"REG:(\d+)"), ("stack bytes", r"STACK:(\d+)"), ("local bytes", r"LOCAL:(\d+)")):
+        m = re.search(pat, usage)
+        out[key] = int(m.group(1)) if m else None
+    return out
+
+
+def record_elementwise(B: int, n: int, C: int, dtype: torch.dtype) -> list:
+    """The launches of one forward and one backward of the head-dim-1 scan (complex gate, no initial state)."""
+    calls: list = []
+    saved = {name: getattr(ew, name) for name in ("_fwd_kernel", "_bwd_kernel")}
+    try:
+        for name, fn in saved.items():
+            setattr(ew, name, _Recorder(fn, calls))
+        q, k, v = (torch.randn(B, n, C).to(dtype) for _ in range(3))
+        a_re, a_im = torch.rand(B, n, C), torch.rand(B, n, C)
+        _, _, _, carries = ew.scan_forward(q, k, v, a_re, a_im)
+        ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, carries)
+    finally:
+        for name, fn in saved.items():
+            setattr(ew, name, fn)
+    return calls
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench._offline_kernels", description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
+    p.add_argument("--shape", default="4,2048,1024", help="B,n,C of the head-dim-1 scan (default 4,2048,1024)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--json", action="store_true", help="one JSON list of the launches instead of the text")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        p.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    B, n, C = (int(x) for x in args.shape.split(","))
+    rows = []
+    for fn, a, kw in record_elementwise(B, n, C, getattr(torch, args.dtype)):
+        rows.append({"kernel": fn.__name__, "constexprs": {k: v for k, v in kw.items() if k.isupper()},
+                     "num_warps": kw.get("num_warps"), **report(compile_call(fn, a, kw, args.arch))})
+    if args.json:
+        print(json.dumps(rows))
+        return
+    print(f"triton {triton.__version__}, sm_{args.arch}, head-dim-1 scan (B, n, C) = ({B}, {n}, {C}), {args.dtype}")
+    for row in rows:
+        print(f"{row.pop('kernel')} {row.pop('constexprs')} num_warps={row.pop('num_warps')}")
+        for key, val in row.items():
+            print(f"    {key}: {val}")
+
+
+if __name__ == "__main__":
+    main()

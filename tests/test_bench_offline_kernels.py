@@ -1,0 +1,46 @@
+"""``bench._offline_kernels``: the head-dim-1 kernels compiled for sm_90 without a GPU.
+
+Guards the layout those kernels depend on: with 32 channels or more, a thread holds one channel's steps of a
+tile, so the tile scans, flips and shifts use no shared memory and no shuffles (only the look-back's channel
+checks do, a handful of instructions). Compiled in a subprocess without ``TRITON_INTERPRET``.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import _offline_kernels as ok
+from gateloop_kernels import elementwise as ew
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_records_one_forward_and_one_backward_launch():
+    calls = ok.record_elementwise(2, 100, 40, torch.float32)
+    assert [fn.__name__ for fn, _, _ in calls] == ["_fwd_kernel", "_bwd_kernel"]
+    (_, _, fwd_kw), (_, _, bwd_kw) = calls
+    assert (fwd_kw["BLOCK_T"], fwd_kw["BLOCK_C"], fwd_kw["num_warps"]) == ew.tile_config(100, 40)
+    assert (bwd_kw["BLOCK_T"], bwd_kw["BLOCK_C"], bwd_kw["num_warps"]) == ew.tile_config(100, 40, backward=True)
+    assert fwd_kw["CARRY_T"] == bwd_kw["BLOCK_T"]
+    assert ew._fwd_kernel is calls[0][0]  # the kernels are put back
+
+
+def test_wide_tiles_keep_steps_in_threads():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "bench._offline_kernels", "--shape", "2,100,64", "--json"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if r.returncode != 0 and ("ptxas" in r.stderr or "cuda" in r.stderr.lower()):
+        pytest.skip(f"no sm_90 toolchain in this Triton build: {r.stderr[-300:]}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [row["kernel"] for row in rows] == ["_fwd_kernel", "_bwd_kernel"]
+    for row in rows:
+        tiles = [lay for lay in row["layouts"] if re.match(r"sizePerThread = \[\d+, \d+\]", lay)]  # 2-D
+        assert tiles and all("threadsPerWarp = [1, 32]" in lay for lay in tiles), row["layouts"]
+        assert row["shfl"] <= 8 and row["shared st/ld"][0] <= 8, row
+        assert row["registers"] is None or 0 < row["registers"] <= 255
