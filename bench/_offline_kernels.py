@@ -1,9 +1,10 @@
 """Compile this package's Triton kernels for a GPU on a machine without one, and report what the compiler made.
 
-``python -m bench._offline_kernels [--arch 90] [--shape B,n,C] [--dtype float32] [--json]``
+``python -m bench._offline_kernels [--op elementwise|chunked] [--shape ...] [--dtype float32] [--arch 90] [--json]``
 
-Runs the head-dim-1 launchers (:mod:`gateloop_kernels.elementwise`) on CPU tensors with each kernel replaced by
-a recorder, binds every recorded launch the way Triton's launcher does (same specialization: 16-byte alignment,
+Runs one forward and one backward of the head-dim-1 scan (:mod:`gateloop_kernels.elementwise`, shape ``B,n,C``)
+or of the chunked scan (:mod:`gateloop_kernels.chunked`, shape ``B,n,H,d,e``) on CPU tensors with each kernel
+replaced by a recorder, binds every recorded launch the way Triton's launcher does (same specialization: 16-byte alignment,
 integers equal to 1, ``do_not_specialize``), compiles it for ``sm_<arch>`` and prints, per launch: registers and
 spilled bytes (``cuobjdump`` on the cubin), the static counts of shared-memory stores/loads, warp shuffles,
 barriers and global loads in the PTX, and the blocked layouts in the TTGIR. That answers layout and register
@@ -27,8 +28,9 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import JITFunction, create_function_from_signature
+from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
+from gateloop_kernels import chunked as ch
 from gateloop_kernels import elementwise as ew
 
 
@@ -69,41 +71,71 @@ def report(kernel: Any) -> dict:
     return out
 
 
-def record_elementwise(B: int, n: int, C: int, dtype: torch.dtype) -> list:
-    """The launches of one forward and one backward of the head-dim-1 scan (complex gate, no initial state)."""
+def _record(module: Any, run: Any) -> list:
+    """``(kernel, args, kwargs)`` of every kernel launch of ``run()``, with ``module``'s Triton functions replaced
+    by recorders meanwhile (and put back before anything is compiled)."""
     calls: list = []
-    saved = {name: getattr(ew, name) for name in ("_fwd_kernel", "_bwd_kernel")}
+    saved = {name: fn for name, fn in vars(module).items() if isinstance(fn, KernelInterface)}
     try:
         for name, fn in saved.items():
-            setattr(ew, name, _Recorder(fn, calls))
-        q, k, v = (torch.randn(B, n, C).to(dtype) for _ in range(3))
-        a_re, a_im = torch.rand(B, n, C), torch.rand(B, n, C)
-        _, _, _, carries = ew.scan_forward(q, k, v, a_re, a_im)
-        ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, carries)
+            setattr(module, name, _Recorder(fn, calls))
+        run()
     finally:
         for name, fn in saved.items():
-            setattr(ew, name, fn)
+            setattr(module, name, fn)
     return calls
+
+
+def record_elementwise(B: int, n: int, C: int, dtype: torch.dtype) -> list:
+    """The launches of one forward and one backward of the head-dim-1 scan (complex gate, no initial state)."""
+    q, k, v = (torch.randn(B, n, C).to(dtype) for _ in range(3))
+    a_re, a_im = torch.rand(B, n, C), torch.rand(B, n, C)
+
+    def run() -> None:
+        _, _, _, carries = ew.scan_forward(q, k, v, a_re, a_im)
+        ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, carries)
+    return _record(ew, run)
+
+
+def record_chunked(B: int, n: int, H: int, d: int, e: int, dtype: torch.dtype, precision: str = "ieee") -> list:
+    """The launches of one forward and one backward of the chunked scan (no initial or final state)."""
+    q, k = (torch.randn(B, n, H, d).to(dtype) for _ in range(2))
+    v = torch.randn(B, n, H, e).to(dtype)
+    a_re, a_im = torch.rand(B, n, H), torch.rand(B, n, H)
+
+    def run() -> None:
+        ch._fwd_impl(q, k, v, a_re, a_im, None, False, precision, ch._DEFAULT_BT)
+        ch._bwd_impl(q, k, v, a_re, a_im, None, torch.randn_like(v), None, precision, ch._DEFAULT_BT)
+    return _record(ch, run)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench._offline_kernels", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
-    p.add_argument("--shape", default="4,2048,1024", help="B,n,C of the head-dim-1 scan (default 4,2048,1024)")
+    p.add_argument("--op", default="elementwise", choices=("elementwise", "chunked"))
+    p.add_argument("--shape", help="B,n,C (elementwise; default 4,2048,1024) or B,n,H,d,e (chunked; default "
+                                   "16,2048,4,64,64)")
+    p.add_argument("--precision", default="ieee", help="chunked float32 dots: ieee, tf32x3 or tf32")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--json", action="store_true", help="one JSON list of the launches instead of the text")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         p.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    B, n, C = (int(x) for x in args.shape.split(","))
+    dtype = getattr(torch, args.dtype)
+    if args.op == "elementwise":
+        shape = tuple(int(x) for x in (args.shape or "4,2048,1024").split(","))
+        calls = record_elementwise(*shape, dtype)
+    else:
+        shape = tuple(int(x) for x in (args.shape or "16,2048,4,64,64").split(","))
+        calls = record_chunked(*shape, dtype, args.precision)
     rows = []
-    for fn, a, kw in record_elementwise(B, n, C, getattr(torch, args.dtype)):
+    for fn, a, kw in calls:
         rows.append({"kernel": fn.__name__, "constexprs": {k: v for k, v in kw.items() if k.isupper()},
                      "num_warps": kw.get("num_warps"), **report(compile_call(fn, a, kw, args.arch))})
     if args.json:
         print(json.dumps(rows))
         return
-    print(f"triton {triton.__version__}, sm_{args.arch}, head-dim-1 scan (B, n, C) = ({B}, {n}, {C}), {args.dtype}")
+    print(f"triton {triton.__version__}, sm_{args.arch}, {args.op} scan, shape {shape}, {args.dtype}")
     for row in rows:
         print(f"{row.pop('kernel')} {row.pop('constexprs')} num_warps={row.pop('num_warps')}")
         for key, val in row.items():

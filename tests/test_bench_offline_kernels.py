@@ -29,6 +29,14 @@ def test_records_one_forward_and_one_backward_launch():
     assert ew._fwd_kernel is calls[0][0]  # the kernels are put back
 
 
+def test_records_the_chunked_launches():
+    from gateloop_kernels import chunked as ch
+    before = dict(vars(ch))
+    names = [fn.__name__ for fn, _, _ in ok.record_chunked(1, 100, 2, 32, 32, torch.float32)]
+    assert "_fwd_o" in names and names[-3:] == ["_bwd_dqk", "_bwd_dv", "_bwd_gate"]
+    assert all(vars(ch)[k] is v for k, v in before.items())  # the kernels are put back
+
+
 def test_wide_tiles_keep_steps_in_threads():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
