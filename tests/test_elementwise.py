@@ -164,6 +164,26 @@ def test_kernel_backward_tiles_shorter_than_forward(fwd_t, carry_t, complex_gate
 
 
 @needs_kernels
+@pytest.mark.parametrize("complex_gate", [True, False])
+def test_kernel_int64_offsets(monkeypatch, complex_gate):
+    """The 64-bit offset path (taken past 2^31 elements per batch) on a small problem, forced."""
+    monkeypatch.setattr(ew, "_big", lambda *ts: True)
+    B, n, C = 1, 40, 20
+    args = make(B, n, C, torch.float32, complex_gate, False, True)
+    o, hT_re, _, carries = ew.scan_forward(*args, block=(32, 32, 1), carry_t=16)
+    do = torch.randn(B, n, C, device=DEV)
+    g_re = torch.randn(B, C, device=DEV)
+    g_im = torch.randn(B, C, device=DEV) if complex_gate else None
+    ro, rh, rgrads = oracle(*args, do, g_re, g_im)
+    assert rel(o, ro) < 1e-5 and rel(hT_re, rh.real) < 1e-5
+    grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=(16, 32, 1))
+    for g, r in zip(grads, rgrads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert rel(g, r) < 1e-5
+
+
+@needs_kernels
 def test_kernel_rejects_carry_step_not_dividing_tile():
     args = make(1, 40, 3, torch.float32, True, False, False)
     with pytest.raises(ValueError, match="carry_t"):
