@@ -117,7 +117,9 @@ def _tile(seg, rem, c0, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BIG: tl.constexpr):
     """Indices of the tile of segment ``seg`` and ``rem = batch * NCB + channel block``: ``(b, rows,
     t, c, mc, m, off, goff, boff, gboff)``: in-batch offsets of the tile in the q-like and the gate
-    tensors (int32 unless ``BIG``), and the batch offsets to add to their pointers."""
+    tensors (int32 unless ``BIG``), and the batch offsets to add to their pointers. ``c0`` is always 0, an
+    argument the compiler does not specialize on: the channels' alignment is unknown, so loads are not
+    vectorized along them and a thread keeps one channel's rows (module docstring)."""
     b = rem // NCB
     cb = rem % NCB
     rows = tl.arange(0, BLOCK_T)
