@@ -31,7 +31,9 @@ input is loaded once.
 Results are not bitwise reproducible run to run: a tile's entering state is built from whatever its
 predecessors have published when it looks (an inclusive state, or aggregates to fold first), so its
 rounding depends on timing, as in CUB's decoupled look-back scans. Every path is exact up to float32
-rounding.
+rounding. Under ``torch.use_deterministic_algorithms(True)`` the look-back never folds: each tile waits
+for its predecessor's inclusive state, one rounding path, bitwise reproducible (and slower: the tiles of
+a channel block publish their states one after another).
 """
 from __future__ import annotations
 
@@ -134,12 +136,15 @@ def _tile(seg, rem, c0, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
 
 
 @triton.jit
-def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i, BLOCK_C: tl.constexpr):
+def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i, BLOCK_C: tl.constexpr,
+              DETERMINISTIC: tl.constexpr):
     """State entering segment ``seg`` (complex ``(BLOCK_C,)`` pair).
 
     Walks ``j = seg - step, seg - 2 step, ...`` until a segment's inclusive state is published,
     folding in the aggregates published on the way (spinning while neither is there). Reaching
-    ``stop`` means the walk passed the first segment: the state there is ``init``.
+    ``stop`` means the walk passed the first segment: the state there is ``init``. ``DETERMINISTIC``:
+    never fold, wait for the previous segment's inclusive state (one rounding path: bitwise
+    reproducible, but the segments' states are then published one after another).
     """
     j = seg - step
     found = j * 0
@@ -157,6 +162,8 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
         inc_ok = tl.min(_written(w).to(tl.int32), axis=0) == 1
         agg_ok = tl.min((_written(u0) & _written(u1)).to(tl.int32), axis=0) == 1
         take_agg = agg_ok & (inc_ok == 0)
+        if DETERMINISTIC:
+            take_agg = inc_ok & (inc_ok == 0)  # never
         hr, hi = _unpack(w)
         ur, ui = _unpack(u0)
         vr, vi = _unpack(u1)
@@ -182,7 +189,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
                 n, B, C, NCB, NSEG, NCAR,
                 s_b, s_n, s_c, g_b, g_n, g_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CARRY_T: tl.constexpr,
-                COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr):
+                COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr,
+                DETERMINISTIC: tl.constexpr):
     # ws: the look-back words laid out by _workspace
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
@@ -218,7 +226,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     else:
         h0r = tl.zeros([BLOCK_C], tl.float32)
         h0i = tl.zeros([BLOCK_C], tl.float32)
-    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, -1, b, B, C, c, mc, h0r, h0i, BLOCK_C)
+    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, -1, b, B, C, c, mc, h0r, h0i, BLOCK_C, DETERMINISTIC)
     inc_r = Ar_l * car_r - Ai_l * car_i + Hr_l
     inc_i = Ar_l * car_i + Ai_l * car_r + Hi_l
     _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
@@ -248,7 +256,7 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
                 s_b, s_n, s_c, g_b, g_n, g_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr,
-                BIG: tl.constexpr):
+                BIG: tl.constexpr, DETERMINISTIC: tl.constexpr):
     # ws: the look-back words laid out by _workspace
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
@@ -297,7 +305,7 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     else:
         gTr = tl.zeros([BLOCK_C], tl.float32)
         gTi = tl.zeros([BLOCK_C], tl.float32)
-    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C)
+    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C, DETERMINISTIC)
     inc_r = Br_0 * car_r - Bi_0 * car_i + Lr_0
     inc_i = Br_0 * car_i + Bi_0 * car_r + Li_0
     _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
@@ -478,7 +486,8 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
         o, hT_re, hT_im if complex_gate else hT_re, carries, ws, agg_off, ticket_off, 0,
         n, B, C, ncb, nseg, _segments(n, carry_t), *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, CARRY_T=carry_t, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=h0_re is not None, BIG=_big(q, a_re), num_warps=warps)
+        HAS_H0=h0_re is not None, BIG=_big(q, a_re), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
+        num_warps=warps)
     return o, hT_re, hT_im, carries
 
 
@@ -539,7 +548,8 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         ws, agg_off, ticket_off, 0,
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), num_warps=warps)
+        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
+        num_warps=warps)
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
 
 

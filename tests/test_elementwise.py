@@ -183,6 +183,30 @@ def test_kernel_int64_offsets(monkeypatch, complex_gate):
             assert rel(g, r) < 1e-5
 
 
+@pytest.fixture
+def deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@needs_kernels
+def test_kernel_deterministic_lookback(deterministic):
+    """Under ``torch.use_deterministic_algorithms(True)`` the look-back only waits for inclusive states;
+    results as the oracle's, forward and backward, with tiles of different lengths."""
+    B, n, C = 2, 75, 6
+    args = make(B, n, C, torch.float32, True, False, True)
+    o, hT_re, hT_im, carries = ew.scan_forward(*args, block=(32, 4, 1), carry_t=16)
+    do = torch.randn(B, n, C, device=DEV)
+    g_re, g_im = torch.randn(B, C, device=DEV), torch.randn(B, C, device=DEV)
+    ro, rh, rgrads = oracle(*args, do, g_re, g_im)
+    assert rel(o, ro) < 1e-5 and rel(hT_re, rh.real) < 1e-5 and rel(hT_im, rh.imag) < 1e-5
+    grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=(16, 8, 1))
+    for g, r in zip(grads, rgrads):
+        assert rel(g, r) < 1e-5
+
+
 @needs_kernels
 def test_kernel_rejects_carry_step_not_dividing_tile():
     args = make(1, 40, 3, torch.float32, True, False, False)
@@ -313,3 +337,17 @@ def test_gpu_zero_gates_and_repeatability():
     ro, *_ = _torch_oracle(args, torch.ones_like(args[0]), None, None)
     assert all(rel(o, ro) < 1e-5 for o in outs)
     assert all(rel(o, outs[0]) < 1e-6 for o in outs[1:])
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_is_bitwise_reproducible(deterministic):
+    """Under ``torch.use_deterministic_algorithms(True)``: forward and backward bit-identical run to run."""
+    args = make(2, 4096, 256, torch.float32, True, False, True, device="cuda", zero_gates=True)
+    do = torch.randn_like(args[0])
+    runs = []
+    for _ in range(3):
+        o, hr, hi, carries = ew.scan_forward(*args)
+        runs.append([o, hr, hi, *[g for g in ew.scan_backward(do, None, None, *args, carries) if g is not None]])
+    ro, *_ = _torch_oracle(args, do, None, None)
+    assert rel(runs[0][0], ro) < 1e-5
+    assert all(torch.equal(x, y) for run in runs[1:] for x, y in zip(runs[0], run))
