@@ -17,6 +17,7 @@ needs_kernels = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
                                    reason="needs TRITON_INTERPRET=1 or a CUDA device")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+GRAD_NAMES = ("dq", "dk", "dv", "da_re", "da_im", "dh0_re", "dh0_im")
 
 
 def rel(x, ref):
@@ -82,8 +83,7 @@ def test_tile_config_invariants(n, C):
     assert ft % bt == 0 and bc <= max(64, C) and fc <= max(64, C)
     if C < 32:
         assert (ft, fc, fw) == (bt, bc, bw)
-        lanes_along_time = 32 // fc if fc < 32 else 1
-        assert ft // (lanes_along_time * fw) <= 16
+        assert ft // (32 // fc * fw) <= 16  # steps per thread: the lanes the channels leave run along time
 
 
 @triton.jit
@@ -134,11 +134,33 @@ def test_kernel_matches_oracle_small(dtype, complex_gate, kv_given, with_h0):
     if complex_gate:
         assert rel(hT_im, rh.imag) < 1e-5
     grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=block)
-    for name, g, r, inp in zip(("dq", "dk", "dv", "da_re", "da_im", "dh0_re", "dh0_im"), grads, rgrads, args):
+    for name, g, r, inp in zip(GRAD_NAMES, grads, rgrads, args):
         assert (g is None) == (r is None), name
         if g is not None:
             assert g.dtype == (inp.dtype if inp.dim() == 3 else torch.float32), name
             assert rel(g, r) < tol, name
+
+
+def check_fwd_bwd(args, fwd_block, carry_t, bwd_block):
+    """Forward in ``fwd_block`` tiles saving states every ``carry_t`` steps, backward in ``bwd_block``
+    tiles: outputs, final state and every gradient against the float64 oracle (float32, 1e-5).
+    Returns the forward's ``carries``."""
+    q, _, _, _, a_im = args[:5]
+    B, n, C = q.shape
+    o, hT_re, hT_im, carries = ew.scan_forward(*args, block=fwd_block, carry_t=carry_t)
+    do = torch.randn(B, n, C, device=DEV)
+    g_re = torch.randn(B, C, device=DEV)
+    g_im = torch.randn(B, C, device=DEV) if a_im is not None else None
+    ro, rh, rgrads = oracle(*args, do, g_re, g_im)
+    assert rel(o, ro) < 1e-5 and rel(hT_re, rh.real) < 1e-5
+    if a_im is not None:
+        assert rel(hT_im, rh.imag) < 1e-5
+    grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=bwd_block)
+    for name, g, r in zip(GRAD_NAMES, grads, rgrads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert rel(g, r) < 1e-5, name
+    return carries
 
 
 @needs_kernels
@@ -149,18 +171,8 @@ def test_kernel_backward_tiles_shorter_than_forward(fwd_t, carry_t, complex_gate
     forward tile and the last backward tile are partial); the backward runs ``carry_t``-step tiles."""
     B, n, C = 2, 75, 6
     args = make(B, n, C, torch.float32, complex_gate, False, True)
-    o, hT_re, hT_im, carries = ew.scan_forward(*args, block=(fwd_t, 4, 1), carry_t=carry_t)
+    carries = check_fwd_bwd(args, (fwd_t, 4, 1), carry_t, (carry_t, 8, 1))
     assert carries.numel() == ew.carries_numel(B, n, C, carry_t)
-    do = torch.randn(B, n, C, device=DEV)
-    g_re = torch.randn(B, C, device=DEV)
-    g_im = torch.randn(B, C, device=DEV) if complex_gate else None
-    ro, rh, rgrads = oracle(*args, do, g_re, g_im)
-    assert rel(o, ro) < 1e-5 and rel(hT_re, rh.real) < 1e-5
-    grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=(carry_t, 8, 1))
-    for name, g, r in zip(("dq", "dk", "dv", "da_re", "da_im", "dh0_re", "dh0_im"), grads, rgrads):
-        assert (g is None) == (r is None), name
-        if g is not None:
-            assert rel(g, r) < 1e-5, name
 
 
 @needs_kernels
@@ -168,19 +180,7 @@ def test_kernel_backward_tiles_shorter_than_forward(fwd_t, carry_t, complex_gate
 def test_kernel_int64_offsets(monkeypatch, complex_gate):
     """The 64-bit offset path (taken past 2^31 elements per batch) on a small problem, forced."""
     monkeypatch.setattr(ew, "_big", lambda *ts: True)
-    B, n, C = 1, 40, 20
-    args = make(B, n, C, torch.float32, complex_gate, False, True)
-    o, hT_re, _, carries = ew.scan_forward(*args, block=(32, 32, 1), carry_t=16)
-    do = torch.randn(B, n, C, device=DEV)
-    g_re = torch.randn(B, C, device=DEV)
-    g_im = torch.randn(B, C, device=DEV) if complex_gate else None
-    ro, rh, rgrads = oracle(*args, do, g_re, g_im)
-    assert rel(o, ro) < 1e-5 and rel(hT_re, rh.real) < 1e-5
-    grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=(16, 32, 1))
-    for g, r in zip(grads, rgrads):
-        assert (g is None) == (r is None)
-        if g is not None:
-            assert rel(g, r) < 1e-5
+    check_fwd_bwd(make(1, 40, 20, torch.float32, complex_gate, False, True), (32, 32, 1), 16, (16, 32, 1))
 
 
 @pytest.fixture
@@ -195,16 +195,7 @@ def deterministic():
 def test_kernel_deterministic_lookback(deterministic):
     """Under ``torch.use_deterministic_algorithms(True)`` the look-back only waits for inclusive states;
     results as the oracle's, forward and backward, with tiles of different lengths."""
-    B, n, C = 2, 75, 6
-    args = make(B, n, C, torch.float32, True, False, True)
-    o, hT_re, hT_im, carries = ew.scan_forward(*args, block=(32, 4, 1), carry_t=16)
-    do = torch.randn(B, n, C, device=DEV)
-    g_re, g_im = torch.randn(B, C, device=DEV), torch.randn(B, C, device=DEV)
-    ro, rh, rgrads = oracle(*args, do, g_re, g_im)
-    assert rel(o, ro) < 1e-5 and rel(hT_re, rh.real) < 1e-5 and rel(hT_im, rh.imag) < 1e-5
-    grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=(16, 8, 1))
-    for g, r in zip(grads, rgrads):
-        assert rel(g, r) < 1e-5
+    check_fwd_bwd(make(2, 75, 6, torch.float32, True, False, True), (32, 4, 1), 16, (16, 8, 1))
 
 
 @needs_kernels
@@ -322,7 +313,7 @@ def test_gpu_real_sizes(B, n, C, layout, dtype, complex_gate):
     assert rel(hr, rhr) < 1e-5
     if complex_gate:
         assert rel(hi, rhi) < 1e-5
-    for name, g, r in zip(("dq", "dk", "dv", "da_re", "da_im", "dh0_re", "dh0_im"), grads, rgrads):
+    for name, g, r in zip(GRAD_NAMES, grads, rgrads):
         assert (g is None) == (r is None), name
         if g is not None:
             assert rel(g, r) < tol, name
