@@ -31,9 +31,9 @@ input is loaded once.
 Results are not bitwise reproducible run to run: a tile's entering state is built from whatever its
 predecessors have published when it looks (an inclusive state, or aggregates to fold first), so its
 rounding depends on timing, as in CUB's decoupled look-back scans. Every path is exact up to float32
-rounding. Under ``torch.use_deterministic_algorithms(True)`` the look-back never folds: each tile waits
-for its predecessor's inclusive state, one rounding path, bitwise reproducible (and slower: the tiles of
-a channel block publish their states one after another).
+rounding. Under ``torch.use_deterministic_algorithms(True)`` no aggregates are published, so the
+look-back never folds: each tile waits for its predecessor's inclusive state, one rounding path, bitwise
+reproducible (and slower: the tiles of a channel block publish their states one after another).
 """
 from __future__ import annotations
 
@@ -136,15 +136,13 @@ def _tile(seg, rem, c0, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
 
 
 @triton.jit
-def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i, BLOCK_C: tl.constexpr,
-              DETERMINISTIC: tl.constexpr):
+def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i, BLOCK_C: tl.constexpr):
     """State entering segment ``seg`` (complex ``(BLOCK_C,)`` pair).
 
     Walks ``j = seg - step, seg - 2 step, ...`` until a segment's inclusive state is published,
     folding in the aggregates published on the way (spinning while neither is there). Reaching
-    ``stop`` means the walk passed the first segment: the state there is ``init``. ``DETERMINISTIC``:
-    never fold, wait for the previous segment's inclusive state (one rounding path: bitwise
-    reproducible, but the segments' states are then published one after another).
+    ``stop`` means the walk passed the first segment: the state there is ``init``. Where no aggregates
+    are published (the kernels' ``DETERMINISTIC``), it waits for the previous segment's inclusive state.
     """
     j = seg - step
     found = j * 0
@@ -162,8 +160,6 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
         inc_ok = tl.min(_written(w).to(tl.int32), axis=0) == 1
         agg_ok = tl.min((_written(u0) & _written(u1)).to(tl.int32), axis=0) == 1
         take_agg = agg_ok & (inc_ok == 0)
-        if DETERMINISTIC:
-            take_agg = inc_ok & (inc_ok == 0)  # never
         hr, hi = _unpack(w)
         ur, ui = _unpack(u0)
         vr, vi = _unpack(u1)
@@ -218,15 +214,16 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     last = BLOCK_T - 1
     Ar_l, Ai_l, Hr_l, Hi_l = _row(A_r, rows, last), _row(A_i, rows, last), _row(H_r, rows, last), _row(H_i, rows, last)
     sidx = (seg * B + b).to(tl.int64) * C + c
-    if seg > 0:
-        _publish(agg_ptr, sidx, mc, Ar_l, Ai_l, Hr_l, Hi_l, 2)
+    if not DETERMINISTIC:  # without aggregates the look-back waits for inclusive states: one rounding path
+        if seg > 0:
+            _publish(agg_ptr, sidx, mc, Ar_l, Ai_l, Hr_l, Hi_l, 2)
     if HAS_H0:
         h0r = tl.load(h0r_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
         h0i = tl.load(h0i_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(h0r)
     else:
         h0r = tl.zeros([BLOCK_C], tl.float32)
         h0i = tl.zeros([BLOCK_C], tl.float32)
-    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, -1, b, B, C, c, mc, h0r, h0i, BLOCK_C, DETERMINISTIC)
+    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, -1, b, B, C, c, mc, h0r, h0i, BLOCK_C)
     inc_r = Ar_l * car_r - Ai_l * car_i + Hr_l
     inc_i = Ar_l * car_i + Ai_l * car_r + Hi_l
     _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
@@ -297,15 +294,16 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     B_r, B_i, L_r, L_i = _scan_reverse(br, bi, g)
     Br_0, Bi_0, Lr_0, Li_0 = _row(B_r, rows, 0), _row(B_i, rows, 0), _row(L_r, rows, 0), _row(L_i, rows, 0)
     sidx = (seg * B + b).to(tl.int64) * C + c
-    if seg < NSEG - 1:
-        _publish(agg_ptr, sidx, mc, Br_0, Bi_0, Lr_0, Li_0, 2)
+    if not DETERMINISTIC:
+        if seg < NSEG - 1:
+            _publish(agg_ptr, sidx, mc, Br_0, Bi_0, Lr_0, Li_0, 2)
     if HAS_GT:
         gTr = tl.load(gTr_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
         gTi = tl.load(gTi_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(gTr)
     else:
         gTr = tl.zeros([BLOCK_C], tl.float32)
         gTi = tl.zeros([BLOCK_C], tl.float32)
-    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C, DETERMINISTIC)
+    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C)
     inc_r = Br_0 * car_r - Bi_0 * car_i + Lr_0
     inc_i = Br_0 * car_i + Bi_0 * car_r + Li_0
     _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
