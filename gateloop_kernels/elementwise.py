@@ -357,7 +357,8 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
 # ----------------------------------------------------------------------------- launchers
 
 #: ``(BLOCK_T, BLOCK_C, num_warps)`` of the forward and of the backward where a batch has 32 channels
-#: or more. Each thread holds one channel's ``BLOCK_T`` steps, so a tile's scans run in registers. The
+#: or more (at most one warp per 32 channels of the tile). Each thread holds one channel's ``BLOCK_T``
+#: steps, so a tile's scans run in registers. The
 #: backward's tiles may be shorter than the forward's (the forward saves its state every backward tile):
 #: 16 steps take 184 registers; 32 spill 384 B and, on the H200 at (4096, 2048), were 3% faster in
 #: float32 (``python -m bench scan --sweep``) but took 0.255 ms in bfloat16, against 0.177 for the
@@ -382,6 +383,8 @@ def tile_config(n: int, C: int, backward: bool = False) -> tuple[int, int, int]:
     block_c = min(block_c, _pow2(C))
     if C < 32:
         block_t = min(block_t, 16 * 32 * warps // block_c)
+    else:  # warps only along the channels: a warp along time would put the scans in shared memory
+        warps = min(warps, block_c // 32)
     return min(block_t, max(16, _pow2(n))), block_c, warps
 
 

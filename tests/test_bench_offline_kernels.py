@@ -37,10 +37,11 @@ def test_records_the_chunked_launches():
     assert all(vars(ch)[k] is v for k, v in before.items())  # the kernels are put back
 
 
-def test_wide_tiles_keep_steps_in_threads():
+@pytest.mark.parametrize("shape", ["2,100,64", "1,100,32"])  # 32 channels: one warp, none along time
+def test_wide_tiles_keep_steps_in_threads(shape):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "bench._offline_kernels", "--shape", "2,100,64", "--json"],
+    r = subprocess.run([sys.executable, "-m", "bench._offline_kernels", "--shape", shape, "--json"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if r.returncode != 0 and ("ptxas" in r.stderr or "cuda" in r.stderr.lower()):
         pytest.skip(f"no sm_90 toolchain in this Triton build: {r.stderr[-300:]}")
