@@ -275,9 +275,11 @@ def test_op_autograd_with_unused_outputs(used):
 # ----------------------------------------------------------------------------- GPU, real sizes
 
 def _poison():
-    """Fill the allocator's free blocks with NaN so that an unwritten output shows."""
+    """Fill the allocator's free blocks with NaN so that an unwritten output shows. At most 4 GiB (more
+    than a case's outputs and workspace): the allocator keeps the block, and 8 test processes that each kept
+    30% of the free memory ran the GPU out of memory under pytest-xdist."""
     free = torch.cuda.mem_get_info()[0]
-    x = torch.empty(int(free * 0.3) // 4, device="cuda").fill_(float("nan"))
+    x = torch.empty(min(int(free * 0.3), 4 << 30) // 4, device="cuda").fill_(float("nan"))
     del x
 
 
