@@ -106,6 +106,24 @@ def cases(device: str, quick: bool, compile: bool = False) -> list[dict]:
     return out
 
 
+def time_gate(device: str) -> None:
+    """The fused gate activation (``gateloop_kernels.gate``) against its PyTorch formula at the head-dim-1
+    model's gate size (8 x 2048 x 512): ``do_bench`` medians of the forward and of the backward."""
+    if device != "cuda":
+        print("[model] gate timing needs a GPU; skipped")
+        return
+    import triton.testing as tt
+
+    from gateloop_kernels import gate
+    z = 2 * torch.randn(8, 2048, 512, 2, device=device)
+    g_re, g_im = torch.randn(2, 8, 2048, 512, device=device)
+    for name, fwd, bwd in (("fused kernels", gate.gate_forward, gate.gate_backward),
+                           ("PyTorch ops", gate.reference_forward, gate.reference_backward)):
+        tf = tt.do_bench(lambda: fwd(z), return_mode="median")
+        tb = tt.do_bench(lambda: bwd(z, g_re, g_im), return_mode="median")
+        print(f"[model] gate (8, 2048, 512) {name:13s} forward {tf * 1e3:7.1f} us  backward {tb * 1e3:7.1f} us")
+
+
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m bench model", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="skip the 131072-token runs")
@@ -119,8 +137,12 @@ def main(argv: list[str]) -> None:
                    help="torch.compile mode of the compiled rows (default: %(default)s)")
     p.add_argument("--compiled-only", action="store_true",
                    help="only the compiled rows (implies --compile); writes model_compiled_<mode>.json")
+    p.add_argument("--gate", action="store_true", help="first time the fused gate activation against its "
+                   "PyTorch formula (GPU)")
     args = p.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.gate:
+        time_gate(device)
     args.compile = args.compile or args.compiled_only or (device == "cuda" and not args.no_compile)
     if device == "cpu":
         print("[model] no GPU: a tiny configuration (dim 64, depth 2, 2 x 128 tokens) through the CPU "

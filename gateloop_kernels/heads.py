@@ -14,46 +14,10 @@ import torch
 from torch import Tensor
 
 from ._checks import check_real_float
+from .gate import SigmoidPolar
 from .operator import scan_head_gate
 
 __all__ = ["gate_loop_heads", "gate_from_preactivation", "gate_from_log_polar"]
-
-
-class _SigmoidPolar(torch.autograd.Function):
-    """``polar(sigmoid(|z|), angle(z))`` in real arithmetic; saves only ``z`` and recomputes in backward
-    (the intermediates would be ~10 floats per step and head: more than the scan itself keeps)."""
-
-    @staticmethod
-    def _parts(z: Tensor):
-        zf = z.double() if z.dtype == torch.float64 else z.float()
-        x, y = zf[..., 0], zf[..., 1]
-        r2 = x * x + y * y
-        pos = r2 > 0
-        r = torch.sqrt(torch.where(pos, r2, torch.ones_like(r2)))
-        mag = torch.sigmoid(torch.where(pos, r, torch.zeros_like(r)))
-        cos = torch.where(pos, x / r, torch.ones_like(r))
-        sin = torch.where(pos, y / r, torch.zeros_like(r))
-        return pos, r, mag, cos, sin
-
-    @staticmethod
-    def forward(ctx, z: Tensor):  # type: ignore[override]
-        _, _, mag, cos, sin = _SigmoidPolar._parts(z)
-        ctx.save_for_backward(z)
-        return mag * cos, mag * sin
-
-    @staticmethod
-    def backward(ctx, g_re: Optional[Tensor], g_im: Optional[Tensor]):  # type: ignore[override]
-        (z,) = ctx.saved_tensors
-        pos, r, s, c, sn = _SigmoidPolar._parts(z)
-        g_re = torch.zeros_like(r) if g_re is None else g_re.to(r.dtype)
-        g_im = torch.zeros_like(r) if g_im is None else g_im.to(r.dtype)
-        ds = s * (1 - s)  # d sigmoid / d r
-        t = s / r  # the angular part's 1/r
-        mixed = (ds - t) * c * sn
-        gx = g_re * (ds * c * c + t * sn * sn) + g_im * mixed
-        gy = g_re * mixed + g_im * (ds * sn * sn + t * c * c)
-        keep = pos.to(r.dtype)  # the gate is a constant 0.5 at z = 0
-        return torch.stack([gx * keep, gy * keep], dim=-1).to(z.dtype)
 
 
 def gate_from_preactivation(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,12 +29,12 @@ def gate_from_preactivation(z: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(a_re, a_im)``, each ``z.shape[:-1]``, float32 (float64 for float64 ``z``). At ``z = 0``
         the gate is ``0.5`` (angle 0) with gradient zero. Backward recomputes from ``z`` (nothing
-        else is saved).
+        else is saved). On CUDA one Triton kernel each way (:mod:`gateloop_kernels.gate`).
     """
     check_real_float("z", z)
     if z.shape[-1] != 2:
         raise ValueError(f"z must end in a dimension of 2 (real, imaginary), got {tuple(z.shape)}")
-    return _SigmoidPolar.apply(z)
+    return SigmoidPolar.apply(z)
 
 
 def gate_from_log_polar(log_magnitude: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
