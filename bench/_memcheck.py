@@ -1,9 +1,11 @@
 """One forward+backward of each scan kernel, small shapes, for ``compute-sanitizer --tool memcheck``
 (run by ``bench/gpu.sh memcheck``, with ``csrc/sanitizer_smoke.py`` for the reversible extension):
-the elementwise scan (complex and real gate, initial state) and the chunked scan (initial and final state)."""
+the elementwise scan (complex and real gate, initial state), the chunked scan (initial and final state) and the
+fused gate activation."""
 import torch
 
 from gateloop_kernels import elementwise as ew
+from gateloop_kernels import gate_from_preactivation
 from gateloop_kernels.chunked import chunk_gate_loop
 
 dev = "cuda"
@@ -22,6 +24,10 @@ h0 = torch.randn(B, H, d, e, dtype=torch.complex64, device=dev)
 xs = [t.requires_grad_() for t in (q, k, v, ar, ai, h0)]
 o, st = chunk_gate_loop(*xs[:5], initial_state=xs[5], output_final_state=True)
 (o.sum() + st.abs().sum()).backward()
+
+z = torch.randn(3, 1001, 7, 2, device=dev, requires_grad=True)  # a partial last block
+a_re, a_im = gate_from_preactivation(z)
+(a_re.sum() + a_im.sum()).backward()
 
 torch.cuda.synchronize()
 print("memcheck run done")
