@@ -70,9 +70,24 @@ def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (the se
     return nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward (a view: no kernel), gradient times ``frac`` backward."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, frac: float) -> Tensor:  # type: ignore[override]
+        ctx.frac = frac
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g * ctx.frac, None
+
+
 def _frac_gradient(t: Tensor, frac: float) -> Tensor:
-    """Same value, gradient scaled by ``frac`` (the seed's slower-moving gate parameters)."""
-    return t * frac + t.detach() * (1 - frac)
+    """Same value, gradient scaled by ``frac`` (the seed's slower-moving gate parameters). The seed
+    writes ``t * frac + t.detach() * (1 - frac)``: three kernels that give ``t`` up to rounding; this is
+    ``t`` exactly, and one kernel in the backward."""
+    return _ScaleGrad.apply(t, frac)
 
 
 class CausalFullAttention(Module):
