@@ -26,15 +26,20 @@ __all__ = ["RMSNorm", "PreNorm", "PostNorm", "FeedForward", "CausalFullAttention
 
 
 class RMSNorm(Module):
-    """``normalize(x) * sqrt(dim) * gamma`` over the last dim."""
+    """``normalize(x) * sqrt(dim) * gamma`` over the last dim (the seed's), computed as PyTorch's
+    ``rms_norm`` (one fused kernel each way where PyTorch has one, against ~5 forward and ~10 backward
+    elementwise kernels) in the promoted dtype of ``x`` and ``gamma``, as the seed's formula promotes.
+    ``eps = 1e-24 / dim`` stands for ``normalize``'s floor of 1e-12 on the norm."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.scale = dim ** 0.5
+        self.scale = dim ** 0.5  # the seed's attribute
         self.gamma = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(x, dim=-1) * self.scale * self.gamma
+        dim = self.gamma.shape[0]
+        dt = torch.promote_types(x.dtype, self.gamma.dtype)
+        return F.rms_norm(x.to(dt), (dim,), self.gamma.to(dt), eps=1e-24 / dim)
 
 
 class PreNorm(Module):

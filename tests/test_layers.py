@@ -95,3 +95,21 @@ def test_patch_gateloop_transformer_keeps_outputs():
     finally:
         upm.gate_loop_operator, upm.GateLoopedAttention.forward = saved
     assert (before - after).abs().max() <= 1e-10
+
+
+def test_rmsnorm_is_the_seeds_formula():
+    """``RMSNorm`` (PyTorch's rms_norm) against the seed's ``normalize(x) * sqrt(dim) * gamma``: float64 to
+    1e-14 with a zero row (both give 0 there) and tiny rows, and the seed's dtype promotion."""
+    norm = L.RMSNorm(24).double()
+    with torch.no_grad():
+        norm.gamma.normal_()
+    x = torch.randn(3, 5, 24, dtype=torch.float64)
+    x[0, 0] = 0.0
+    x[0, 1] *= 1e-20
+    ref = torch.nn.functional.normalize(x, dim=-1) * 24 ** 0.5 * norm.gamma
+    assert (norm(x) - ref).abs().max() < 1e-14
+    xb = torch.randn(2, 24, dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot dispatch to fused" mixed-dtype warning
+        out = L.RMSNorm(24)(xb)
+    assert out.dtype == torch.float32
