@@ -3,15 +3,13 @@
 CPU: the real kernels under ``TRITON_INTERPRET=1`` (CI sets it) on small shapes.
 GPU (``-m gpu``): real sizes, every precision mode, poisoned outputs, long sequences.
 """
-import os
-
 import pytest
 import torch
 
+from _kernels import INTERPRET
 from gateloop_kernels import reference
 
 HAS_CUDA = torch.cuda.is_available()
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not HAS_CUDA and not INTERPRET:
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 

@@ -3,19 +3,14 @@
 On the CPU these run under the Triton interpreter (``TRITON_INTERPRET=1``) on small shapes whose
 tiles leave partial blocks and carry across several segments; on a GPU (``-m gpu``) at real sizes.
 """
-import os
-
 import pytest
 import torch
 import triton
 import triton.language as tl
 
+from _kernels import DEV, INTERPRET, needs_kernels
 from gateloop_kernels import elementwise as ew
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernels = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
-                                   reason="needs TRITON_INTERPRET=1 or a CUDA device")
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 GRAD_NAMES = ("dq", "dk", "dv", "da_re", "da_im", "dh0_re", "dh0_im")
 

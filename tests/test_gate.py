@@ -1,11 +1,10 @@
 """The gate activations of the head-layout entry point against the seed's complex formula (float64)."""
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from _kernels import DEV, needs_kernels
 from gateloop_kernels import gate, gate_from_log_polar, gate_from_preactivation
 
 
@@ -51,9 +50,6 @@ def test_log_polar():
 
 # ----------------------------------------------------------------------------- the fused kernels
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernels = pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()),
-                                   reason="needs TRITON_INTERPRET=1 or a CUDA device")
 
 
 def _check_kernels(z: torch.Tensor, both_grads: bool = True) -> None:
@@ -80,8 +76,7 @@ def _check_kernels(z: torch.Tensor, both_grads: bool = True) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("both_grads", [True, False])
 def test_kernels_against_reference(dtype, both_grads):
-    dev = "cpu" if INTERPRET else "cuda"
-    z = (3 * torch.randn(2, 37, 5, 2)).to(device=dev, dtype=dtype)  # 370 gates: one partial block
+    z = (3 * torch.randn(2, 37, 5, 2)).to(device=DEV, dtype=dtype)  # 370 gates: one partial block
     z[0, :3] = 0.0  # hard zeros (the reference's where-branches)
     z[1, 0, :, 1] = 0.0  # real gates, both signs
     _check_kernels(z, both_grads)
