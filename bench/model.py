@@ -137,6 +137,8 @@ def main(argv: list[str]) -> None:
                    help="torch.compile mode of the compiled rows (default: %(default)s)")
     p.add_argument("--compiled-only", action="store_true",
                    help="only the compiled rows (implies --compile); writes model_compiled_<mode>.json")
+    p.add_argument("--extra-only", action="store_true",
+                   help="only the rows beyond the eager table: 1 x 131072 and the compiled ones")
     p.add_argument("--gate", action="store_true", help="first time the fused gate activation against its "
                    "PyTorch formula (GPU)")
     args = p.parse_args(argv)
@@ -153,6 +155,8 @@ def main(argv: list[str]) -> None:
     todo = cases(device, args.quick, args.compile)
     if args.compiled_only:
         todo = [c for c in todo if c.get("compiled")]
+    if args.extra_only:
+        todo = [c for c in todo if c.get("compiled") or c["seq"] > 32768]
     rows = []
     for i, c in enumerate(todo):
         label = (f"{c['which']:4s} heads={c['heads'] or 'dim':>3} {c['batch']}x{c['seq']:<6d} "

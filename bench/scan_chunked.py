@@ -131,11 +131,11 @@ def profile(run, inputs, do):
     return sum(us for _, us, _ in rows) / 1e3
 
 
-def ours(precision):
+def ours(precision, chunk_size=64):
     from gateloop_kernels.chunked import chunk_gate_loop
 
     def run(q, k, v, ar, ai):
-        return chunk_gate_loop(q, k, v, ar, ai, precision=precision)[0]
+        return chunk_gate_loop(q, k, v, ar, ai, precision=precision, chunk_size=chunk_size)[0]
     return run
 
 
@@ -254,6 +254,8 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", help="only search the kernels' launch configurations "
                     "(gateloop_kernels.chunked._CFG) at --shapes and --modes, and print the best")
     ap.add_argument("--tune-kernels", default=",".join(TUNE), help="kernels --tune searches")
+    ap.add_argument("--chunk-sizes", default="", help="comma list of other chunk sizes (e.g. 32,128) to time "
+                    "ours with too, each checked against the oracle")
     args, _ = ap.parse_known_args(argv)
     if not torch.cuda.is_available():
         log("[scan_chunked] needs a CUDA GPU; skipped")
@@ -312,6 +314,21 @@ def main(argv=None):
             log(f"[scan_chunked]   ours: fwd {t_f:.3f} ms, fwd+bwd {t_fb:.3f} ms, extra mem "
                 f"{extra / in_bytes * 100:.0f}% of inputs, err o {row.get('err_o', float('nan')):.2e} "
                 f"grads {row.get('err_grad_max', float('nan')):.2e}")
+            for bt in (int(c) for c in args.chunk_sizes.split(",") if c):
+                run_bt = ours(prec, bt)
+                if ro is not None:
+                    o = run_bt(*inputs)
+                    row[f"bt{bt}_err_o"] = rel(o, ro)
+                    if check_grads:
+                        row[f"bt{bt}_err_grad_max"] = max(rel(g_, r_) for g_, r_ in zip(
+                            torch.autograd.grad(o, inputs, do), rg))
+                    del o
+                c_f, c_fb, c_extra = time_pair(run_bt, inputs, do, args.quick)
+                row.update({f"bt{bt}_fwd_ms": c_f, f"bt{bt}_fwdbwd_ms": c_fb,
+                            f"bt{bt}_extra_mem_frac": c_extra / in_bytes})
+                log(f"[scan_chunked]   ours, chunk {bt}: fwd {c_f:.3f} ms, fwd+bwd {c_fb:.3f} ms, extra mem "
+                    f"{c_extra / in_bytes * 100:.0f}%, err o {row.get(f'bt{bt}_err_o', float('nan')):.2e} "
+                    f"grads {row.get(f'bt{bt}_err_grad_max', float('nan')):.2e}")
             if "seed" in peers and prec != "tf32x3":
                 est = bh * n * d * e * 8 * 7
                 if est > 60e9:
@@ -338,9 +355,13 @@ def main(argv=None):
                     f_f, f_fb, f_extra = time_pair(fla_kernel, kin, do, args.quick)
                     r_f, r_fb, r_extra = time_pair(fla_full, inputs, do, args.quick)
                     row.update(fla_kernel_fwd_ms=f_f, fla_kernel_fwdbwd_ms=f_fb, fla_rot_fwd_ms=r_f,
-                               fla_rot_fwdbwd_ms=r_fb, fla_rot_extra_mem_frac=r_extra / in_bytes)
-                    log(f"[scan_chunked]   fla kernel: fwd {f_f:.3f} fwd+bwd {f_fb:.3f} ms; with rotation: fwd "
-                        f"{r_f:.3f} fwd+bwd {r_fb:.3f} ms; err o {row.get('fla_err_o', float('nan')):.2e}")
+                               fla_rot_fwdbwd_ms=r_fb, fla_kernel_extra_mem_frac=f_extra / in_bytes,
+                               fla_rot_extra_mem_frac=r_extra / in_bytes)
+                    # extra memory as a fraction of our inputs' bytes, like ours (fla's kernel inputs are larger:
+                    # q and k rotated to 2d)
+                    log(f"[scan_chunked]   fla kernel: fwd {f_f:.3f} fwd+bwd {f_fb:.3f} ms, extra mem "
+                        f"{f_extra / in_bytes * 100:.0f}%; with rotation: fwd {r_f:.3f} fwd+bwd {r_fb:.3f} ms, "
+                        f"extra mem {r_extra / in_bytes * 100:.0f}%; err o {row.get('fla_err_o', float('nan')):.2e}")
                 except Exception as ex:  # noqa: BLE001
                     log(f"[scan_chunked]   fla failed: {type(ex).__name__}: {str(ex)[:200]}")
             rows.append(row)
