@@ -401,6 +401,74 @@ def peak_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int
         print_breakdown(f"{v} depth {depth}", peak, rows)
 
 
+def overlap_probe(d: int, heads: int, seq: int, batch: int, device, amp: bool, reps: int = 20) -> dict:
+    """What a second CUDA stream could buy the reversible backward (CUDA only).
+
+    A reversible backward could run the next block's recomputed forward (with its graph) on a second stream
+    while the current block's backward runs. This times, on one (attention, MLP) block pair of the
+    benchmark's config: the recomputed forward alone (F), a backward alone (B), the two in sequence on one
+    stream, and the two at once on two streams; returns milliseconds (``do_bench``-style medians of CUDA
+    events) and the step ratio to plain autograd that perfect use of the overlap would give,
+    ``(F + overlapped) / (F + B)`` against ``(F + sequence) / (F + B)`` without it.
+    """
+    if device.type != "cuda":
+        print("[overlap] needs a CUDA device; skipped")
+        return {}
+    torch.manual_seed(0)
+    (fa, ga), (fb, gb) = make_pairs(2, d, heads, device)
+    xa = torch.randn(batch, seq, d, device=device, requires_grad=True)
+    xb = torch.randn(batch, seq, d, device=device, requires_grad=True)
+    grad = torch.randn(batch, seq, d, device=device)
+    side = torch.cuda.Stream()
+
+    def block(f, g, x):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            x = x + f(x)
+            return x + g(x)
+
+    def forward():
+        block(fb, gb, xb)  # graph built and dropped, as a recomputation would keep it until its backward
+
+    out_a = block(fa, ga, xa)
+
+    def backward():
+        torch.autograd.backward(out_a, grad, retain_graph=True)
+
+    def sequence():
+        forward()
+        backward()
+
+    def overlapped():
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward()
+        backward()
+        torch.cuda.current_stream().wait_stream(side)
+
+    def time_ms(fn) -> float:
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    r = {k: time_ms(fn) for k, fn in (("forward_ms", forward), ("backward_ms", backward),
+                                       ("sequence_ms", sequence), ("overlapped_ms", overlapped))}
+    plain = r["forward_ms"] + r["backward_ms"]
+    r["ratio_sequence"] = (r["forward_ms"] + r["sequence_ms"]) / plain
+    r["ratio_overlapped"] = (r["forward_ms"] + r["overlapped_ms"]) / plain
+    print(f"[overlap] one block (b {batch}, n {seq}, d {d}, {'bf16 autocast' if amp else 'fp32'}): forward "
+          f"{r['forward_ms']:.2f} ms, backward {r['backward_ms']:.2f} ms, in sequence {r['sequence_ms']:.2f} ms, "
+          f"on two streams {r['overlapped_ms']:.2f} ms; step vs plain: recomputation in sequence "
+          f"{r['ratio_sequence']:.3f}x, overlapped {r['ratio_overlapped']:.3f}x")
+    return r
+
+
 # ----------------------------------------------------------------------------- reporting
 
 def _fmt(v, spec=".2f"):
@@ -477,6 +545,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="only list what is live at the memory peak of one step per variant at this depth "
                          "(CUDA)")
     ap.add_argument("--peak-cpp", action="store_true", help="--peak with the C++ frames (ATen ops, autograd nodes)")
+    ap.add_argument("--overlap-probe", action="store_true",
+                    help="only time one block's recomputed forward against a backward on one and on two CUDA "
+                         "streams: what a second stream could buy (CUDA)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
     args = ap.parse_args(argv or [])
 
@@ -516,6 +587,10 @@ def main(argv: list[str] | None = None) -> None:
           f"({info['source']}, devices {info['devices']}; {info['reason']})")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.overlap_probe:
+        r = overlap_probe(d, heads, seq, batch, device, amp)
+        (out_dir / "reversible_overlap.json").write_text(json.dumps({"meta": meta, "overlap": r}, indent=1))
+        return
     if args.peak:
         peak_variants(args.variants, args.peak, d, heads, seq, batch, device, amp, args.peak_cpp)
         return
