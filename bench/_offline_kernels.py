@@ -59,6 +59,7 @@ def report(kernel: Any) -> dict:
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     out = {"shared st/ld": (ptx.count("st.shared"), ptx.count("ld.shared")), "shfl": ptx.count("shfl.sync"),
            "bar": ptx.count("bar.sync"), "ld.global": ptx.count("ld.global"),
+           "mma (wgmma / mma.sync)": (ptx.count("wgmma.mma_async"), ptx.count("mma.sync")),
            "layouts": sorted(set(re.findall(r"#ttg\.blocked<\{([^}]*)\}>", ttgir)))}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
