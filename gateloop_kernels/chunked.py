@@ -20,6 +20,8 @@ three tf32 dots of hi/lo operand halves, exact to float32 (``_rdot``; the defaul
 ``_chunk_local`` + ``_state_scan``  the same in two passes for the exact float32 mode: each chunk's own
                state (adjoint) contribution and total gate, in parallel over chunks; then the carry across
                chunks, in place, elementwise over the state (memory-bound);
+(the backward needs both the states and their adjoints: each of these kernels runs the two directions in one
+launch there);
 ``_fwd_o``        parallel over (value block, chunk, batch*head): outputs;
 ``_bwd_dqk``, ``_bwd_dv``, ``_bwd_gate``  parallel over (chunk, batch*head): dq and dk (and the
                gate-gradient pieces psi, phi, sigma), dv, and the complex gate gradient.
@@ -333,12 +335,12 @@ def _chunk_contrib(x, y, are, aim, t0, r0, c0, n, H, K: tl.constexpr, V: tl.cons
 
 
 @triton.jit
-def _chunk_local(x, y, are, aim, u, atot, n, H, NT,
-                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
-    """Per chunk, in parallel: the chunk's own state contribution ``U_c`` (:func:`_chunk_contrib`) into
-    ``u`` and its total gate ``A_c`` (Re, Im) into ``atot``."""
-    i_tb, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+def _chunk_local_job(x, y, are, aim, u, atot, i_tb, n, H, NT,
+                     K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                     REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """Chunk ``i_tb % NT`` of batch*head ``i_tb // NT``: the chunk's own state contribution ``U_c``
+    (:func:`_chunk_contrib`) into ``u`` and its total gate ``A_c`` (Re, Im) into ``atot``."""
+    i_k, i_v = tl.program_id(1), tl.program_id(2)
     i_bh, i_t = i_tb // NT, i_tb % NT
     bt = _head(i_bh, n, H)
     r0, c0 = i_k * BK, i_v * BV
@@ -351,6 +353,25 @@ def _chunk_local(x, y, are, aim, u, atot, n, H, NT,
         pa = atot + (i_bh.to(tl.int64) * NT + i_t) * 2
         tl.store(pa, ae_re)
         tl.store(pa + 1, ae_im)
+
+
+@triton.jit
+def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, are, aim, n, H, NT, NTBH,
+                 K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                 FWD: tl.constexpr, BWD: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """Per chunk, in parallel, :func:`_chunk_local_job` of the forward direction (``FWD``: k, v into
+    ``u_f``, ``at_f``) and/or the reverse one (``BWD``: q, dO into ``u_r``, ``at_r``); with both, one launch
+    runs the two (grid axis 0 is ``2 * NTBH``: the forward's chunks first)."""
+    i = tl.program_id(0)
+    if FWD and BWD:
+        if i < NTBH:
+            _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, MODE, PREC)
+        else:
+            _chunk_local_job(qx, doy, are, aim, u_r, at_r, i - NTBH, n, H, NT, K, V, BT, BK, BV, True, MODE, PREC)
+    elif FWD:
+        _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, MODE, PREC)
+    else:
+        _chunk_local_job(qx, doy, are, aim, u_r, at_r, i, n, H, NT, K, V, BT, BK, BV, True, MODE, PREC)
 
 
 @triton.jit
@@ -380,17 +401,16 @@ def _scan_step(s_re, s_im, pu, okv, a_re, a_im, u_re, u_im, offs, m, KV: tl.cons
 
 
 @triton.jit
-def _state_scan(u, atot, s0, sT, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
-                HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, REV: tl.constexpr):
-    """In place over chunks: slot c holds U_c on entry and the carried state on exit.
+def _state_scan_job(u, atot, s0, sT, i_bh, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
+                    HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, REV: tl.constexpr):
+    """In place over the chunks of batch*head ``i_bh``: slot c holds U_c on entry and the carried state on exit.
 
     forward: slot c <- S (entering chunk c), S <- A_c S + U_c; reverse (c from the end):
     slot c <- L (adjoint of the state leaving chunk c), L <- conj(A_c) L + U_c.
     Four chunks per iteration, all loaded before any is overwritten: one memory round trip per four
     steps on the sequential path.
     """
-    i_e, i_bh = tl.program_id(0), tl.program_id(1)
-    offs = i_e * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < KV
     s_re = tl.zeros([BLOCK], dtype=tl.float32)
     s_im = tl.zeros([BLOCK], dtype=tl.float32)
@@ -414,18 +434,36 @@ def _state_scan(u, atot, s0, sT, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
 
 
 @triton.jit
-def _chunk_states(x, y, are, aim, h, s0, sT, n, H, NT,
-                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                  REV: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, MODE: tl.constexpr,
-                  PREC: tl.constexpr, STAGES: tl.constexpr):
-    """The carried states of one (key block, value block) tile of one batch*head, chunk after chunk.
+def _state_scan(u_f, at_f, s0_f, sT_f, u_r, at_r, s0_r, sT_r, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
+                FWD: tl.constexpr, BWD: tl.constexpr, HAS_S0_F: tl.constexpr, STORE_ST_F: tl.constexpr,
+                HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr):
+    """:func:`_state_scan_job` of the forward direction (``FWD``) and/or the reverse one (``BWD``); with both,
+    grid axis 2 picks the direction (0: forward), so the two memory-bound scans share one launch."""
+    i_bh = tl.program_id(1)
+    if FWD and BWD:
+        if tl.program_id(2) == 0:
+            _state_scan_job(u_f, at_f, s0_f, sT_f, i_bh, NT, KV, BLOCK, HAS_S0_F, STORE_ST_F, False)
+        else:
+            _state_scan_job(u_r, at_r, s0_r, sT_r, i_bh, NT, KV, BLOCK, HAS_S0_R, STORE_ST_R, True)
+    elif FWD:
+        _state_scan_job(u_f, at_f, s0_f, sT_f, i_bh, NT, KV, BLOCK, HAS_S0_F, STORE_ST_F, False)
+    else:
+        _state_scan_job(u_r, at_r, s0_r, sT_r, i_bh, NT, KV, BLOCK, HAS_S0_R, STORE_ST_R, True)
+
+
+@triton.jit
+def _chunk_states_job(x, y, are, aim, h, s0, sT, i_bh, n, H, NT,
+                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                      REV: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, MODE: tl.constexpr,
+                      PREC: tl.constexpr, STAGES: tl.constexpr):
+    """The carried states of one (key block, value block) tile of batch*head ``i_bh``, chunk after chunk.
 
     forward (x = k, y = v): slot c <- S (the state entering chunk c), S <- A_c S + U_c with
     U_c = sum_s D[C-1, s] k_s v_s^T; reverse (x = q, y = dO, c from the end): slot c <- L (the adjoint of
     the state leaving chunk c), L <- conj(A_c) L + U_c with U_c = sum_t conj(A_t) q_t do_t^T.
     The state stays in registers; a chunk's loads do not depend on it (software-pipelined, STAGES).
     """
-    i_bh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_k, i_v = tl.program_id(1), tl.program_id(2)
     bt = _head(i_bh, n, H)
     x += bt * K
     y += bt * V
@@ -455,6 +493,30 @@ def _chunk_states(x, y, are, aim, h, s0, sT, n, H, NT,
         pt = sT + i_bh.to(tl.int64) * 2 * K * V
         _st_s(pt, s_re, r0, c0, K, V, BK, BV)
         _st_s(pt + K * V, s_im, r0, c0, K, V, BK, BV)
+
+
+@triton.jit
+def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, are, aim, n, H, NT, BH,
+                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  FWD: tl.constexpr, BWD: tl.constexpr, HAS_S0_F: tl.constexpr, STORE_ST_F: tl.constexpr,
+                  HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+                  STAGES: tl.constexpr):
+    """:func:`_chunk_states_job` of the forward direction (``FWD``: k, v into ``h_f``) and/or the reverse one
+    (``BWD``: q, dO into ``h_r``); with both, one launch runs the two (grid axis 0 is ``2 * BH``)."""
+    i = tl.program_id(0)
+    if FWD and BWD:
+        if i < BH:
+            _chunk_states_job(kx, vy, are, aim, h_f, s0_f, sT_f, i, n, H, NT, K, V, BT, BK, BV, False,
+                              HAS_S0_F, STORE_ST_F, MODE, PREC, STAGES)
+        else:
+            _chunk_states_job(qx, doy, are, aim, h_r, s0_r, sT_r, i - BH, n, H, NT, K, V, BT, BK, BV, True,
+                              HAS_S0_R, STORE_ST_R, MODE, PREC, STAGES)
+    elif FWD:
+        _chunk_states_job(kx, vy, are, aim, h_f, s0_f, sT_f, i, n, H, NT, K, V, BT, BK, BV, False,
+                          HAS_S0_F, STORE_ST_F, MODE, PREC, STAGES)
+    else:
+        _chunk_states_job(qx, doy, are, aim, h_r, s0_r, sT_r, i, n, H, NT, K, V, BT, BK, BV, True,
+                          HAS_S0_R, STORE_ST_R, MODE, PREC, STAGES)
 
 
 @triton.jit
@@ -685,8 +747,13 @@ def _blocks(K: int, V: int, cap: int = 64) -> tuple[int, int]:
     return _block(K, cap), _block(V, cap)
 
 
-def _carried(x, y, are, aim, s0, sT, BT, mode, prec, rev):
-    """Chunk states (forward: x = k, y = v) or adjoint states (reverse: x = q, y = dO), (B*H, NT, 2, K, V).
+def _carried(fwd, rev, are, aim, BT, mode, prec):
+    """Chunk states and/or adjoint states, each (B*H, NT, 2, K, V): ``fwd = (k, v, s0, sT)`` gives the states
+    entering each chunk, ``rev = (q, dO, s0, sT)`` the adjoints of the states leaving each chunk (``s0``: the
+    initial state / final-state gradient or None; ``sT``: where to store the final state / initial-state
+    gradient, or None); either may be None. Returns ``(h, dh)``, None for an absent direction. With both
+    (the backward), each kernel runs the two directions in one launch (fewer launches, and the two
+    low-occupancy passes share the GPU).
 
     One-pass dots (tf32, 16-bit) carry the state through the chunks in one kernel (``_chunk_states``); the
     exact float32 mode's three dots per chunk lengthen that sequential loop, so unless its table entry
@@ -695,42 +762,52 @@ def _carried(x, y, are, aim, s0, sT, BT, mode, prec, rev):
     (H100, forward+backward device time of the three state passes at (64, 2048, 64) / (32, 8192, 64) /
     (16, 4096, 128), two passes -> one kernel: bf16 293 -> 144, 770 -> 492, 605 -> 271 us; tf32 342 -> 176,
     850 -> 641, 686 -> 322 us; exact 387 -> 463, 925 -> 1352, 764 -> 906 us (its best tiles); bench/RESULTS.md.)"""
+    x, y = (fwd or rev)[:2]
     B, n, H, K = x.shape
     V = y.shape[-1]
-    NT = _cdiv(n, BT)
+    BH, NT = B * H, _cdiv(n, BT)
+    jobs = (fwd is not None) + (rev is not None)
+    f_x, f_y, f_s0, f_sT = fwd if fwd is not None else (x, y, None, None)
+    r_x, r_y, r_s0, r_sT = rev if rev is not None else (x, y, None, None)
+    flags = dict(FWD=fwd is not None, BWD=rev is not None, HAS_S0_F=f_s0 is not None, STORE_ST_F=f_sT is not None,
+                 HAS_S0_R=r_s0 is not None, STORE_ST_R=r_sT is not None)
     cfg = _cfg("chunk_states_exact" if mode == 0 and prec != "tf32" else "chunk_states", mode)
     if cfg is not None:
         BK, BV = _blocks(K, V, cfg["cap"])
         # bf16 inputs: the states are stored in bf16 (every dot reading them rounds them to bf16 anyway; they
         # are carried in float32 registers), half the memory and traffic of float32 states
-        h = torch.empty(B * H, NT, 2, K, V, device=x.device, dtype=torch.bfloat16 if mode == 1 else torch.float32)
-        _chunk_states[(B * H, _cdiv(K, BK), _cdiv(V, BV))](
-            x, y, are, aim, h, s0 if s0 is not None else h, sT if sT is not None else h, n, H, NT,
-            K=K, V=V, BT=BT, BK=BK, BV=BV, REV=rev, HAS_S0=s0 is not None, STORE_ST=sT is not None, MODE=mode,
-            PREC=prec, STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
-        return h
+        dt = torch.bfloat16 if mode == 1 else torch.float32
+        h_f, h_r = (torch.empty(BH, NT, 2, K, V, device=x.device, dtype=dt) if j is not None else None
+                    for j in (fwd, rev))
+        any_h = h_f if h_f is not None else h_r  # stands in for absent pointers (never accessed)
+        _chunk_states[(jobs * BH, _cdiv(K, BK), _cdiv(V, BV))](
+            f_x, f_y, any_h if h_f is None else h_f, f_s0 if f_s0 is not None else any_h,
+            f_sT if f_sT is not None else any_h, r_x, r_y, any_h if h_r is None else h_r,
+            r_s0 if r_s0 is not None else any_h, r_sT if r_sT is not None else any_h, are, aim, n, H, NT, BH,
+            K=K, V=V, BT=BT, BK=BK, BV=BV, **flags, MODE=mode, PREC=prec, STAGES=cfg["num_stages"],
+            num_warps=cfg["num_warps"])
+        return h_f, h_r
     cfg = _cfg("chunk_local", mode)
     BK, BV = _blocks(K, V, cfg["cap"])
-    u = torch.empty(B * H, NT, 2, K, V, device=x.device, dtype=torch.float32)
-    atot = torch.empty(B * H, NT, 2, device=x.device, dtype=torch.float32)
-    # chunks x heads on grid axis 0 (axes 1 and 2 stop at 65535: n = 2^20 at B*H = 8 is 131072 chunks)
-    _chunk_local[(NT * B * H, _cdiv(K, BK), _cdiv(V, BV))](
-        x, y, are, aim, u, atot, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV, REV=rev, MODE=mode, PREC=prec,
-        num_warps=cfg["num_warps"], num_stages=1)
+    u_f, u_r = (torch.empty(BH, NT, 2, K, V, device=x.device, dtype=torch.float32) if j is not None else None
+                for j in (fwd, rev))
+    a_f, a_r = (torch.empty(BH, NT, 2, device=x.device, dtype=torch.float32) if j is not None else None
+                for j in (fwd, rev))
+    any_u = u_f if u_f is not None else u_r  # stands in for absent pointers (never accessed)
+    u_f0, a_f0 = (u_f, a_f) if fwd is not None else (any_u, any_u)
+    u_r0, a_r0 = (u_r, a_r) if rev is not None else (any_u, any_u)
+    # chunks x heads (x directions) on grid axis 0 (axes 1 and 2 stop at 65535: n = 2^20 at B*H = 8 is
+    # 131072 chunks)
+    _chunk_local[(jobs * NT * BH, _cdiv(K, BK), _cdiv(V, BV))](
+        f_x, f_y, u_f0, a_f0, r_x, r_y, u_r0, a_r0, are, aim, n, H, NT, NT * BH, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        FWD=flags["FWD"], BWD=flags["BWD"], MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
     cfg = _cfg("state_scan", mode)
     BLOCK = min(cfg["block"], 1 << (K * V - 1).bit_length())
-    _state_scan[(_cdiv(K * V, BLOCK), B * H)](
-        u, atot, s0 if s0 is not None else u, sT if sT is not None else u, NT, KV=K * V, BLOCK=BLOCK,
-        HAS_S0=s0 is not None, STORE_ST=sT is not None, REV=rev, num_warps=cfg["num_warps"], num_stages=1)
-    return u
-
-
-def _states(k, v, are, aim, h0, BT, mode, prec, store_ht):
-    B, n, H, K = k.shape
-    V = v.shape[-1]
-    ht = torch.empty(B * H, 2, K, V, device=k.device, dtype=torch.float32) if store_ht else None
-    h = _carried(k, v, are, aim, h0, ht, BT, mode, prec, False)
-    return h, ht
+    _state_scan[(_cdiv(K * V, BLOCK), BH, jobs)](
+        u_f0, a_f0, f_s0 if f_s0 is not None else any_u, f_sT if f_sT is not None else any_u,
+        u_r0, a_r0, r_s0 if r_s0 is not None else any_u, r_sT if r_sT is not None else any_u, NT, KV=K * V,
+        BLOCK=BLOCK, **flags, num_warps=cfg["num_warps"], num_stages=1)
+    return u_f, u_r
 
 
 def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
@@ -739,7 +816,8 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     NT = _cdiv(n, BT)
     cfg = _cfg("fwd_o", mode)
     BK, BV = _blocks(K, V, cfg["cap"])
-    h, ht = _states(k, v, are, aim, h0, BT, mode, prec, store_ht)
+    ht = torch.empty(B * H, 2, K, V, device=k.device, dtype=torch.float32) if store_ht else None
+    h, _ = _carried((k, v, h0, ht), None, are, aim, BT, mode, prec)
     o = torch.empty_like(v)
     # num_stages=1: with the K loop software-pipelined (num_stages=2) Triton 3.6 miscompiled this kernel
     # on the H100 whenever the loop ran more than once: 7% output error in tf32 at (d, e) = (96, 160),
@@ -754,9 +832,8 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     B, n, H, K = q.shape
     V = v.shape[-1]
     NT = _cdiv(n, BT)
-    h, _ = _states(k, v, are, aim, h0, BT, mode, prec, False)
     dh0 = torch.empty(B * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
-    dh = _carried(q, do, are, aim, dht, dh0, BT, mode, prec, True)
+    h, dh = _carried((k, v, h0, None), (q, do, dht, dh0), are, aim, BT, mode, prec)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dare, daim = torch.empty_like(are), torch.empty_like(aim)
     aux = torch.empty(B * H * NT, 6, BT, device=q.device, dtype=torch.float32)
