@@ -444,17 +444,23 @@ class _Run:
                         roots.append((o, ghalves[t]))
                         check.append(o)
                     continue
-                wide = o.to(halves[t].dtype)  # the cast the target half sees, as in the forward
+                if torch.promote_types(o.dtype, halves[t].dtype) == halves[t].dtype:
+                    # an exact widening (bf16/fp16 -> fp32), which the forward's in-place add did: no wide
+                    # copy is made. The vjp starts from the narrow output with the wide gradient, which the
+                    # autograd engine casts to the output's dtype as it enters the graph (what the cast's backward
+                    # did, bit for bit, and freed as soon as used); the reconstruction subtracts the narrow
+                    # output (the same result as the wide one).
+                    if o.requires_grad:
+                        roots.append((o, ghalves[t]))
+                        check.append(o)
+                    outs[i] = o.detach()
+                    continue
+                wide = o.to(halves[t].dtype)  # a narrowing (e.g. float64 output, float32 stream): as in the forward
                 if wide.requires_grad:
                     # the vjp starts from the cast's autograd edge, so the wide copy itself is not held
                     roots.append((torch.autograd.graph.get_gradient_edge(wide), ghalves[t]))
                     check.append(wide)
-                if torch.promote_types(o.dtype, halves[t].dtype) == halves[t].dtype:
-                    # an exact widening (bf16/fp16 -> fp32): the reconstruction subtracts the narrow
-                    # output (same result, half the bytes) and the wide copy is not kept through the vjp
-                    outs[i] = o.detach()
-                else:
-                    outs[i] = wide.detach()
+                outs[i] = wide.detach()
         inputs = [*srcs, *params, *kws]
         _check_closure(c, check, inputs)
         o = wide = check = None  # no local reference keeps a wide copy alive through the vjp
