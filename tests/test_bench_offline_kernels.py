@@ -37,6 +37,21 @@ def test_records_the_chunked_launches():
     assert all(vars(ch)[k] is v for k, v in before.items())  # the kernels are put back
 
 
+@pytest.mark.parametrize("precision, state_kernels", [("ieee", ["_chunk_local", "_state_scan"]),
+                                                      ("tf32", ["_chunk_states"])])
+def test_backward_runs_both_state_directions_in_one_launch(precision, state_kernels):
+    """The forward launches each state kernel once for the states; the backward once for the states and their
+    adjoints together (grid over both directions), not once per direction."""
+    calls = ok.record_chunked(1, 100, 2, 32, 32, torch.float32, precision)
+    names = [fn.__name__ for fn, _, _ in calls]
+    fwd, bwd = names[:names.index("_fwd_o") + 1], names[names.index("_fwd_o") + 1:]
+    assert fwd == state_kernels + ["_fwd_o"]
+    assert bwd == state_kernels + ["_bwd_dqk", "_bwd_dv", "_bwd_gate"]
+    for i, (fn, _, kw) in enumerate(calls):
+        if fn.__name__ in state_kernels:
+            assert kw["FWD"] and kw["BWD"] == (i > names.index("_fwd_o"))
+
+
 @pytest.mark.parametrize("shape", ["2,100,64", "1,100,32"])  # 32 channels: one warp, none along time
 def test_wide_tiles_keep_steps_in_threads(shape):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

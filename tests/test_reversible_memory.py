@@ -133,3 +133,39 @@ def test_backward_peak_is_buffers_plus_one_step(amp):
     expected = 2 + (7.5 if amp else 14)
     print(f"amp={amp}: backward peak over the forward's {before / half:.2f} H: {extra:.3f} H (expected {expected})")
     assert extra <= expected + 0.25
+
+
+def test_recomputation_makes_no_wide_copy_of_a_narrow_output():
+    """Under bf16 autocast the coupling outputs are bf16 and the stream float32: the backward's recomputation
+    starts the vjp from the bf16 output (the engine casts the float32 gradient), so it makes no float32 copy of
+    it. Counted with a dispatch mode: casts bf16 -> float32 of a stream-half-sized tensor made with grad mode on
+    during one backward, i.e. in the recomputation (the engine's own casts of gradients run with grad mode off;
+    the previous code made one such copy per coupling step, 6 here)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import reversible
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.widening = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func.overloadpacket is torch.ops.aten._to_copy and args[0].dtype == torch.bfloat16
+                    and kwargs.get("dtype") == torch.float32 and args[0].shape == half and torch.is_grad_enabled()):
+                self.widening += 1
+            return func(*args, **kwargs)
+
+    torch.manual_seed(0)
+    half = (2, 8, 16)
+    blocks = [(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)) for _ in range(3)]
+    model = reversible.ReversibleSequence(blocks, dim=-1, merge="sum")
+    x = torch.randn(*half, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    loss = y.float().square().mean()
+    with Casts() as mode:
+        loss.backward()
+    assert mode.widening == 0
+    assert x.grad is not None and torch.isfinite(x.grad).all()
