@@ -122,6 +122,25 @@ def time_pair(run, inputs, do, quick):
     return t_f, t_fb, max(0, peak - kept)
 
 
+def check_and_time(label, run, inputs, do, ro, rg, quick, in_bytes):
+    """``run`` against the oracle's output ``ro`` and gradients ``rg`` (each skipped when None), then
+    :func:`time_pair`; logs one line and returns ``err_o``, ``err_grad_max``, ``fwd_ms``, ``fwdbwd_ms``,
+    ``extra_mem_frac`` (extra peak bytes over the inputs' bytes)."""
+    r = {}
+    if ro is not None:
+        o = run(*inputs)
+        r["err_o"] = rel(o, ro)
+        if rg is not None:
+            r["err_grad_max"] = max(rel(g_, r_) for g_, r_ in zip(torch.autograd.grad(o, inputs, do), rg))
+        del o
+    r["fwd_ms"], r["fwdbwd_ms"], extra = time_pair(run, inputs, do, quick)
+    r["extra_mem_frac"] = extra / in_bytes
+    log(f"[scan_chunked]   {label}: fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwdbwd_ms']:.3f} ms, extra mem "
+        f"{r['extra_mem_frac'] * 100:.0f}% of inputs, err o {r.get('err_o', float('nan')):.2e} "
+        f"grads {r.get('err_grad_max', float('nan')):.2e}")
+    return r
+
+
 def profile(run, inputs, do):
     """Per-kernel device times of one forward+backward; returns their sum in ms (device time, no host)."""
     from bench._profile import kernel_times
@@ -293,42 +312,17 @@ def main(argv=None):
             in_bytes = sum(t.numel() * t.element_size() for t in inputs)
             prec = "ieee" if mode == "bf16" else mode
             run = ours(prec)
-            # correctness first
+            # correctness first (gradients up to 2^18 tokens, outputs up to 2^21: the float64 oracle's memory)
             tokens = bh * n
-            check_grads = tokens <= (1 << 18)
-            if tokens <= (1 << 21):
-                ro, rg = oracle(q, k, v, ar, ai, do, check_grads)
-                o = run(*inputs)
-                row["err_o"] = rel(o, ro)
-                if check_grads:
-                    gr = torch.autograd.grad(o, inputs, do)
-                    row["err_grad_max"] = max(rel(g_, r_) for g_, r_ in zip(gr, rg))
-                    del gr
-                del o
-            else:
-                ro = rg = None
+            ro, rg = oracle(q, k, v, ar, ai, do, tokens <= (1 << 18)) if tokens <= (1 << 21) else (None, None)
+            r = check_and_time("ours", run, inputs, do, ro, rg, args.quick, in_bytes)
+            row.update({k_: r[k_] for k_ in ("err_o", "err_grad_max") if k_ in r})
+            row.update(ours_fwd_ms=r["fwd_ms"], ours_fwdbwd_ms=r["fwdbwd_ms"], ours_extra_mem_frac=r["extra_mem_frac"])
             if args.profile:
                 row["ours_device_fwdbwd_ms"] = profile(run, inputs, do)
-            t_f, t_fb, extra = time_pair(run, inputs, do, args.quick)
-            row.update(ours_fwd_ms=t_f, ours_fwdbwd_ms=t_fb, ours_extra_mem_frac=extra / in_bytes)
-            log(f"[scan_chunked]   ours: fwd {t_f:.3f} ms, fwd+bwd {t_fb:.3f} ms, extra mem "
-                f"{extra / in_bytes * 100:.0f}% of inputs, err o {row.get('err_o', float('nan')):.2e} "
-                f"grads {row.get('err_grad_max', float('nan')):.2e}")
             for bt in (int(c) for c in args.chunk_sizes.split(",") if c):
-                run_bt = ours(prec, bt)
-                if ro is not None:
-                    o = run_bt(*inputs)
-                    row[f"bt{bt}_err_o"] = rel(o, ro)
-                    if check_grads:
-                        row[f"bt{bt}_err_grad_max"] = max(rel(g_, r_) for g_, r_ in zip(
-                            torch.autograd.grad(o, inputs, do), rg))
-                    del o
-                c_f, c_fb, c_extra = time_pair(run_bt, inputs, do, args.quick)
-                row.update({f"bt{bt}_fwd_ms": c_f, f"bt{bt}_fwdbwd_ms": c_fb,
-                            f"bt{bt}_extra_mem_frac": c_extra / in_bytes})
-                log(f"[scan_chunked]   ours, chunk {bt}: fwd {c_f:.3f} ms, fwd+bwd {c_fb:.3f} ms, extra mem "
-                    f"{c_extra / in_bytes * 100:.0f}%, err o {row.get(f'bt{bt}_err_o', float('nan')):.2e} "
-                    f"grads {row.get(f'bt{bt}_err_grad_max', float('nan')):.2e}")
+                r = check_and_time(f"ours, chunk {bt}", ours(prec, bt), inputs, do, ro, rg, args.quick, in_bytes)
+                row.update({f"bt{bt}_{k_}": x for k_, x in r.items()})
             if "seed" in peers and prec != "tf32x3":
                 est = bh * n * d * e * 8 * 7
                 if est > 60e9:

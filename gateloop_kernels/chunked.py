@@ -767,46 +767,45 @@ def _carried(fwd, rev, are, aim, BT, mode, prec):
     V = y.shape[-1]
     BH, NT = B * H, _cdiv(n, BT)
     jobs = (fwd is not None) + (rev is not None)
-    f_x, f_y, f_s0, f_sT = fwd if fwd is not None else (x, y, None, None)
-    r_x, r_y, r_s0, r_sT = rev if rev is not None else (x, y, None, None)
+    f_x, f_y, f_s0, f_sT = fwd or (x, y, None, None)
+    r_x, r_y, r_s0, r_sT = rev or (x, y, None, None)
     flags = dict(FWD=fwd is not None, BWD=rev is not None, HAS_S0_F=f_s0 is not None, STORE_ST_F=f_sT is not None,
                  HAS_S0_R=r_s0 is not None, STORE_ST_R=r_sT is not None)
+
+    def per_job(shape, dtype):  # a buffer per present direction
+        return [torch.empty(shape, device=x.device, dtype=dtype) if j is not None else None for j in (fwd, rev)]
+
+    def ptrs(*ts):  # an absent direction's or state's pointer is never accessed (its flag is off): any buffer
+        stand_in = next(t for t in ts if t is not None)
+        return [stand_in if t is None else t for t in ts]
+
     cfg = _cfg("chunk_states_exact" if mode == 0 and prec != "tf32" else "chunk_states", mode)
     if cfg is not None:
         BK, BV = _blocks(K, V, cfg["cap"])
         # bf16 inputs: the states are stored in bf16 (every dot reading them rounds them to bf16 anyway; they
         # are carried in float32 registers), half the memory and traffic of float32 states
-        dt = torch.bfloat16 if mode == 1 else torch.float32
-        h_f, h_r = (torch.empty(BH, NT, 2, K, V, device=x.device, dtype=dt) if j is not None else None
-                    for j in (fwd, rev))
-        any_h = h_f if h_f is not None else h_r  # stands in for absent pointers (never accessed)
+        h_f, h_r = per_job((BH, NT, 2, K, V), torch.bfloat16 if mode == 1 else torch.float32)
+        hf, s0f, sTf, hr, s0r, sTr = ptrs(h_f, f_s0, f_sT, h_r, r_s0, r_sT)
         _chunk_states[(jobs * BH, _cdiv(K, BK), _cdiv(V, BV))](
-            f_x, f_y, any_h if h_f is None else h_f, f_s0 if f_s0 is not None else any_h,
-            f_sT if f_sT is not None else any_h, r_x, r_y, any_h if h_r is None else h_r,
-            r_s0 if r_s0 is not None else any_h, r_sT if r_sT is not None else any_h, are, aim, n, H, NT, BH,
+            f_x, f_y, hf, s0f, sTf, r_x, r_y, hr, s0r, sTr, are, aim, n, H, NT, BH,
             K=K, V=V, BT=BT, BK=BK, BV=BV, **flags, MODE=mode, PREC=prec, STAGES=cfg["num_stages"],
             num_warps=cfg["num_warps"])
         return h_f, h_r
     cfg = _cfg("chunk_local", mode)
     BK, BV = _blocks(K, V, cfg["cap"])
-    u_f, u_r = (torch.empty(BH, NT, 2, K, V, device=x.device, dtype=torch.float32) if j is not None else None
-                for j in (fwd, rev))
-    a_f, a_r = (torch.empty(BH, NT, 2, device=x.device, dtype=torch.float32) if j is not None else None
-                for j in (fwd, rev))
-    any_u = u_f if u_f is not None else u_r  # stands in for absent pointers (never accessed)
-    u_f0, a_f0 = (u_f, a_f) if fwd is not None else (any_u, any_u)
-    u_r0, a_r0 = (u_r, a_r) if rev is not None else (any_u, any_u)
+    u_f, u_r = per_job((BH, NT, 2, K, V), torch.float32)
+    a_f, a_r = per_job((BH, NT, 2), torch.float32)
+    uf, af, s0f, sTf, ur, ar, s0r, sTr = ptrs(u_f, a_f, f_s0, f_sT, u_r, a_r, r_s0, r_sT)
     # chunks x heads (x directions) on grid axis 0 (axes 1 and 2 stop at 65535: n = 2^20 at B*H = 8 is
     # 131072 chunks)
     _chunk_local[(jobs * NT * BH, _cdiv(K, BK), _cdiv(V, BV))](
-        f_x, f_y, u_f0, a_f0, r_x, r_y, u_r0, a_r0, are, aim, n, H, NT, NT * BH, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        f_x, f_y, uf, af, r_x, r_y, ur, ar, are, aim, n, H, NT, NT * BH, K=K, V=V, BT=BT, BK=BK, BV=BV,
         FWD=flags["FWD"], BWD=flags["BWD"], MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
     cfg = _cfg("state_scan", mode)
     BLOCK = min(cfg["block"], 1 << (K * V - 1).bit_length())
     _state_scan[(_cdiv(K * V, BLOCK), BH, jobs)](
-        u_f0, a_f0, f_s0 if f_s0 is not None else any_u, f_sT if f_sT is not None else any_u,
-        u_r0, a_r0, r_s0 if r_s0 is not None else any_u, r_sT if r_sT is not None else any_u, NT, KV=K * V,
-        BLOCK=BLOCK, **flags, num_warps=cfg["num_warps"], num_stages=1)
+        uf, af, s0f, sTf, ur, ar, s0r, sTr, NT, KV=K * V, BLOCK=BLOCK, **flags, num_warps=cfg["num_warps"],
+        num_stages=1)
     return u_f, u_r
 
 
