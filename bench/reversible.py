@@ -407,8 +407,8 @@ def overlap_probe(d: int, heads: int, seq: int, batch: int, device, amp: bool, r
     A reversible backward could run the next block's recomputed forward (with its graph) on a second stream
     while the current block's backward runs. This times, on one (attention, MLP) block pair of the
     benchmark's config: the recomputed forward alone (F), a backward alone (B), the two in sequence on one
-    stream, and the two at once on two streams; returns milliseconds (``do_bench``-style medians of CUDA
-    events) and the step ratio to plain autograd that perfect use of the overlap would give,
+    stream, and the two at once on two streams; returns milliseconds (medians of ``reps`` calls after three,
+    each from an idle device) and the step ratio to plain autograd that perfect use of the overlap would give,
     ``(F + overlapped) / (F + B)`` against ``(F + sequence) / (F + B)`` without it.
     """
     if device.type != "cuda":
@@ -422,9 +422,8 @@ def overlap_probe(d: int, heads: int, seq: int, batch: int, device, amp: bool, r
     side = torch.cuda.Stream()
 
     def block(f, g, x):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            x = x + f(x)
-            return x + g(x)
+        with _autocast(device, amp):
+            return Residual._block(f, g, x)
 
     def forward():
         block(fb, gb, xb)  # graph built and dropped, as a recomputation would keep it until its backward
@@ -450,11 +449,9 @@ def overlap_probe(d: int, heads: int, seq: int, batch: int, device, amp: bool, r
             fn()
         times = []
         for _ in range(reps):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append((time.perf_counter() - t0) * 1e3)
+            with _Timer(device) as t:  # its end event waits for the device: each call starts from an idle one
+                fn()
+            times.append(t.ms)
         return statistics.median(times)
 
     r = {k: time_ms(fn) for k, fn in (("forward_ms", forward), ("backward_ms", backward),
