@@ -51,7 +51,6 @@ def test_log_polar():
 # ----------------------------------------------------------------------------- the fused kernels
 
 
-
 def _check_kernels(z: torch.Tensor, both_grads: bool = True) -> None:
     """``gate.gate_forward`` / ``gate_backward`` against the float64 reference: values (all of magnitude
     <= 1) to 5e-7, four float32 ulps at 1 (the GPU's sigmoid rounds its exponential: 2.1e-7 seen over 8M
