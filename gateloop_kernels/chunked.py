@@ -60,11 +60,11 @@ _DEFAULT_BT = 64
 # Launch configuration per kernel and input dtype: ``cap`` bounds the key/value tile width (see ``_block``);
 # for the state scan, ``block`` elements per program. Picked on the H100 at (64, 2048, 64) with
 # ``python -m bench.scan_chunked --tune`` (which edits this table in memory and checks every configuration
-# against the default's results); bench/RESULTS.md has the timings. bf16 differs from float32 only where the
-# search chose wider backward tiles. fp16 keeps the configuration validated before the search for every
-# kernel with tensor-core dots: the tuned 4-warp one faulted there (an illegal address at (d, e) = (96, 160)
-# with Triton 3.6 on the H100; bf16, which differs only in running its state dots in bf16 instead of tf32,
-# passed at every test shape).
+# against the default's results; the H200 in the ninth session); bench/RESULTS.md has the timings. bf16 differs
+# from float32 only in _bwd_dv's tiles (wider, no register cap). fp16 keeps the configuration validated before
+# the search for every kernel with tensor-core dots: the tuned 4-warp one faulted there (an illegal address at
+# (d, e) = (96, 160) with Triton 3.6 on the H100; bf16, which differs only in running its state dots in bf16
+# instead of tf32, passed at every test shape).
 _SEARCHED = {
     "chunk_local": {"cap": 64, "num_warps": 4},
     "state_scan": {"block": 1024, "num_warps": 2},
@@ -73,15 +73,16 @@ _SEARCHED = {
     # runs chunk_states with it (see _carried)
     "chunk_states_exact": None,
     "fwd_o": {"cap": 64, "num_warps": 4},
-    "bwd_dqk": {"cap": 32, "num_warps": 4},
-    "bwd_dv": {"cap": 32, "num_warps": 4},
+    "bwd_dqk": {"cap": 64, "num_warps": 4},
+    # the one kernel a register cap helped (ninth session, H200: 136.5 -> 125.5 us; it spills 128 bytes)
+    "bwd_dv": {"cap": 32, "num_warps": 4, "maxnreg": 128},
     "bwd_gate": {"cap": 64, "num_warps": 4},
 }
 _CFG = {
     torch.float32: dict(_SEARCHED),
-    torch.bfloat16: {**_SEARCHED, "bwd_dqk": {"cap": 64, "num_warps": 4}, "bwd_dv": {"cap": 64, "num_warps": 4}},
+    torch.bfloat16: {**_SEARCHED, "bwd_dv": {"cap": 64, "num_warps": 4}},
     torch.float16: {**_SEARCHED, "fwd_o": {"cap": 64, "num_warps": 8}, "bwd_dqk": {"cap": 32, "num_warps": 8},
-                    "bwd_gate": {"cap": 32, "num_warps": 8}},
+                    "bwd_dv": {"cap": 32, "num_warps": 4}, "bwd_gate": {"cap": 32, "num_warps": 8}},
 }
 _DTYPE = {m: t for t, m in _MODE.items()}
 # For head dims that are not multiples of 32 (16-wide or masked tiles) all three backward kernels run 32-wide
@@ -296,6 +297,25 @@ def _st_s(ptr, x, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV
 
 
 @triton.jit
+def _ld_state(ptr, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              TRANS: tl.constexpr):
+    """(BK, BV) tile of a (K, V) state plane stored row-major, or (``TRANS``) stored as its (V, K) transpose."""
+    if TRANS:
+        return _ld_sT(ptr, c0, r0, V, K, BV, BK)
+    return _ld_s(ptr, r0, c0, K, V, BK, BV)
+
+
+@triton.jit
+def _st_state(ptr, x, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+              TRANS: tl.constexpr):
+    """Store the (BK, BV) tile ``x`` of a (K, V) state plane in :func:`_ld_state`'s layout."""
+    if TRANS:
+        _st_s(ptr, tl.trans(x), c0, r0, V, K, BV, BK)
+    else:
+        _st_s(ptr, x, r0, c0, K, V, BK, BV)
+
+
+@triton.jit
 def _scores(a, b, t0, n, C: tl.constexpr, H, BT: tl.constexpr, BC: tl.constexpr, MODE: tl.constexpr,
             PREC: tl.constexpr):
     """``A B^T`` of one chunk, (BT, BT) float32, for time-major (n, C) inputs of row stride H * C."""
@@ -337,9 +357,10 @@ def _chunk_contrib(x, y, are, aim, t0, r0, c0, n, H, K: tl.constexpr, V: tl.cons
 @triton.jit
 def _chunk_local_job(x, y, are, aim, u, atot, i_tb, n, H, NT,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+                     REV: tl.constexpr, TRANS: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
     """Chunk ``i_tb % NT`` of batch*head ``i_tb // NT``: the chunk's own state contribution ``U_c``
-    (:func:`_chunk_contrib`) into ``u`` and its total gate ``A_c`` (Re, Im) into ``atot``."""
+    (:func:`_chunk_contrib`) into ``u`` (in :func:`_st_state`'s layout) and its total gate ``A_c`` (Re, Im)
+    into ``atot``."""
     i_k, i_v = tl.program_id(1), tl.program_id(2)
     i_bh, i_t = i_tb // NT, i_tb % NT
     bt = _head(i_bh, n, H)
@@ -347,8 +368,8 @@ def _chunk_local_job(x, y, are, aim, u, atot, i_tb, n, H, NT,
     u_re, u_im, ae_re, ae_im = _chunk_contrib(x + bt * K, y + bt * V, are + bt, aim + bt, i_t * BT, r0, c0, n, H,
                                               K, V, BT, BK, BV, REV, MODE, PREC)
     pu = u + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
-    _st_s(pu, u_re, r0, c0, K, V, BK, BV)
-    _st_s(pu + K * V, u_im, r0, c0, K, V, BK, BV)
+    _st_state(pu, u_re, r0, c0, K, V, BK, BV, TRANS)
+    _st_state(pu + K * V, u_im, r0, c0, K, V, BK, BV, TRANS)
     if (i_k == 0) & (i_v == 0):
         pa = atot + (i_bh.to(tl.int64) * NT + i_t) * 2
         tl.store(pa, ae_re)
@@ -358,20 +379,24 @@ def _chunk_local_job(x, y, are, aim, u, atot, i_tb, n, H, NT,
 @triton.jit
 def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, are, aim, n, H, NT, NTBH,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                 FWD: tl.constexpr, BWD: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+                 FWD: tl.constexpr, BWD: tl.constexpr, TRANS_F: tl.constexpr, MODE: tl.constexpr,
+                 PREC: tl.constexpr):
     """Per chunk, in parallel, :func:`_chunk_local_job` of the forward direction (``FWD``: k, v into
-    ``u_f``, ``at_f``) and/or the reverse one (``BWD``: q, dO into ``u_r``, ``at_r``); with both, one launch
-    runs the two (grid axis 0 is ``2 * NTBH``: the forward's chunks first)."""
+    ``u_f``, ``at_f``; transposed planes if ``TRANS_F``) and/or the reverse one (``BWD``: q, dO into ``u_r``,
+    ``at_r``); with both, one launch runs the two (grid axis 0 is ``2 * NTBH``: the forward's chunks first)."""
     i = tl.program_id(0)
     if FWD and BWD:
         if i < NTBH:
-            _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, MODE, PREC)
+            _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F, MODE,
+                             PREC)
         else:
-            _chunk_local_job(qx, doy, are, aim, u_r, at_r, i - NTBH, n, H, NT, K, V, BT, BK, BV, True, MODE, PREC)
+            _chunk_local_job(qx, doy, are, aim, u_r, at_r, i - NTBH, n, H, NT, K, V, BT, BK, BV, True, False, MODE,
+                             PREC)
     elif FWD:
-        _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, MODE, PREC)
+        _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F, MODE,
+                             PREC)
     else:
-        _chunk_local_job(qx, doy, are, aim, u_r, at_r, i, n, H, NT, K, V, BT, BK, BV, True, MODE, PREC)
+        _chunk_local_job(qx, doy, are, aim, u_r, at_r, i, n, H, NT, K, V, BT, BK, BV, True, False, MODE, PREC)
 
 
 @triton.jit
@@ -454,14 +479,15 @@ def _state_scan(u_f, at_f, s0_f, sT_f, u_r, at_r, s0_r, sT_r, NT, KV: tl.constex
 @triton.jit
 def _chunk_states_job(x, y, are, aim, h, s0, sT, i_bh, n, H, NT,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                      REV: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, MODE: tl.constexpr,
-                      PREC: tl.constexpr, STAGES: tl.constexpr):
+                      REV: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, TRANS: tl.constexpr,
+                      MODE: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     """The carried states of one (key block, value block) tile of batch*head ``i_bh``, chunk after chunk.
 
     forward (x = k, y = v): slot c <- S (the state entering chunk c), S <- A_c S + U_c with
     U_c = sum_s D[C-1, s] k_s v_s^T; reverse (x = q, y = dO, c from the end): slot c <- L (the adjoint of
     the state leaving chunk c), L <- conj(A_c) L + U_c with U_c = sum_t conj(A_t) q_t do_t^T.
-    The state stays in registers; a chunk's loads do not depend on it (software-pipelined, STAGES).
+    The state stays in registers; a chunk's loads do not depend on it (software-pipelined, STAGES). States in
+    memory (initial, per chunk, final) are in :func:`_st_state`'s layout.
     """
     i_k, i_v = tl.program_id(1), tl.program_id(2)
     bt = _head(i_bh, n, H)
@@ -474,8 +500,8 @@ def _chunk_states_job(x, y, are, aim, h, s0, sT, i_bh, n, H, NT,
     s_im = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_S0:
         p0 = s0 + i_bh.to(tl.int64) * 2 * K * V
-        s_re += _ld_s(p0, r0, c0, K, V, BK, BV)
-        s_im += _ld_s(p0 + K * V, r0, c0, K, V, BK, BV)
+        s_re += _ld_state(p0, r0, c0, K, V, BK, BV, TRANS)
+        s_im += _ld_state(p0 + K * V, r0, c0, K, V, BK, BV, TRANS)
     ph = h + i_bh.to(tl.int64) * NT * 2 * K * V
     for j in tl.range(0, NT, num_stages=STAGES):
         i_t = tl.full([], 0, tl.int32) + j  # a tensor, also where j is a Python int (interpreter)
@@ -486,43 +512,46 @@ def _chunk_states_job(x, y, are, aim, h, s0, sT, i_bh, n, H, NT,
         if REV:
             ae_im = -ae_im
         pc = ph + i_t.to(tl.int64) * 2 * K * V
-        _st_s(pc, s_re, r0, c0, K, V, BK, BV)
-        _st_s(pc + K * V, s_im, r0, c0, K, V, BK, BV)
+        _st_state(pc, s_re, r0, c0, K, V, BK, BV, TRANS)
+        _st_state(pc + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
         s_re, s_im = ae_re * s_re - ae_im * s_im + u_re, ae_re * s_im + ae_im * s_re + u_im
     if STORE_ST:
         pt = sT + i_bh.to(tl.int64) * 2 * K * V
-        _st_s(pt, s_re, r0, c0, K, V, BK, BV)
-        _st_s(pt + K * V, s_im, r0, c0, K, V, BK, BV)
+        _st_state(pt, s_re, r0, c0, K, V, BK, BV, TRANS)
+        _st_state(pt + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
 
 
 @triton.jit
 def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, are, aim, n, H, NT, BH,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FWD: tl.constexpr, BWD: tl.constexpr, HAS_S0_F: tl.constexpr, STORE_ST_F: tl.constexpr,
-                  HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
-                  STAGES: tl.constexpr):
-    """:func:`_chunk_states_job` of the forward direction (``FWD``: k, v into ``h_f``) and/or the reverse one
+                  HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr, TRANS_F: tl.constexpr, MODE: tl.constexpr,
+                  PREC: tl.constexpr, STAGES: tl.constexpr):
+    """:func:`_chunk_states_job` of the forward direction (``FWD``: k, v into ``h_f``, transposed planes if
+    ``TRANS_F``) and/or the reverse one
     (``BWD``: q, dO into ``h_r``); with both, one launch runs the two (grid axis 0 is ``2 * BH``)."""
     i = tl.program_id(0)
     if FWD and BWD:
         if i < BH:
             _chunk_states_job(kx, vy, are, aim, h_f, s0_f, sT_f, i, n, H, NT, K, V, BT, BK, BV, False,
-                              HAS_S0_F, STORE_ST_F, MODE, PREC, STAGES)
+                              HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES)
         else:
             _chunk_states_job(qx, doy, are, aim, h_r, s0_r, sT_r, i - BH, n, H, NT, K, V, BT, BK, BV, True,
-                              HAS_S0_R, STORE_ST_R, MODE, PREC, STAGES)
+                              HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES)
     elif FWD:
         _chunk_states_job(kx, vy, are, aim, h_f, s0_f, sT_f, i, n, H, NT, K, V, BT, BK, BV, False,
-                          HAS_S0_F, STORE_ST_F, MODE, PREC, STAGES)
+                          HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES)
     else:
         _chunk_states_job(qx, doy, are, aim, h_r, s0_r, sT_r, i, n, H, NT, K, V, BT, BK, BV, True,
-                          HAS_S0_R, STORE_ST_R, MODE, PREC, STAGES)
+                          HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES)
 
 
 @triton.jit
 def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           MODE: tl.constexpr, PREC: tl.constexpr):
+           HT: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+    """Outputs of one (chunk, value block): the carried state's part plus the chunk's own; ``h`` in
+    :func:`_ld_state`'s layout (``HT``: transposed)."""
     i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bt = _head(i_bh, n, H)
     q += bt * K
@@ -543,8 +572,8 @@ def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
         r0 = i_k * BK
         b_q = _ld_t(q, t0, r0, n, K, H * K, BT, BK)
         b_kt = _ld_tT(k, t0, r0, n, K, H * K, BT, BK)
-        b_hr = _ld_s(ph, r0, c0, K, V, BK, BV)
-        b_hi = _ld_s(ph + K * V, r0, c0, K, V, BK, BV)
+        b_hr = _ld_state(ph, r0, c0, K, V, BK, BV, HT)
+        b_hi = _ld_state(ph + K * V, r0, c0, K, V, BK, BV, HT)
         b_o += _sdot(b_q * a_re[:, None], b_hr, MODE, PREC)
         b_o -= _sdot(b_q * a_im[:, None], b_hi, MODE, PREC)
         b_a += _dot(b_q, b_kt, MODE, PREC)
@@ -743,15 +772,25 @@ def _block(D: int, cap: int) -> int:
     return 32
 
 
+def _launch(cfg: dict) -> dict:
+    """Launch options of a one-stage kernel's table entry: its warps, and its register cap where it names one
+    (``maxnreg``: fewer registers per thread, more programs per SM, at the price of spills)."""
+    opts = {"num_warps": cfg["num_warps"], "num_stages": 1}
+    if "maxnreg" in cfg:
+        opts["maxnreg"] = cfg["maxnreg"]
+    return opts
+
+
 def _blocks(K: int, V: int, cap: int = 64) -> tuple[int, int]:
     return _block(K, cap), _block(V, cap)
 
 
-def _carried(fwd, rev, are, aim, BT, mode, prec):
+def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False):
     """Chunk states and/or adjoint states, each (B*H, NT, 2, K, V): ``fwd = (k, v, s0, sT)`` gives the states
     entering each chunk, ``rev = (q, dO, s0, sT)`` the adjoints of the states leaving each chunk (``s0``: the
     initial state / final-state gradient or None; ``sT``: where to store the final state / initial-state
-    gradient, or None); either may be None. Returns ``(h, dh)``, None for an absent direction. With both
+    gradient, or None); either may be None. Returns ``(h, dh)``, None for an absent direction. ``trans_f``: the
+    forward direction's states (and its ``s0``, ``sT``) are stored as (V, K) planes, the transposes. With both
     (the backward), each kernel runs the two directions in one launch (fewer launches, and the two
     low-occupancy passes share the GPU).
 
@@ -788,8 +827,8 @@ def _carried(fwd, rev, are, aim, BT, mode, prec):
         hf, s0f, sTf, hr, s0r, sTr = ptrs(h_f, f_s0, f_sT, h_r, r_s0, r_sT)
         _chunk_states[(jobs * BH, _cdiv(K, BK), _cdiv(V, BV))](
             f_x, f_y, hf, s0f, sTf, r_x, r_y, hr, s0r, sTr, are, aim, n, H, NT, BH,
-            K=K, V=V, BT=BT, BK=BK, BV=BV, **flags, MODE=mode, PREC=prec, STAGES=cfg["num_stages"],
-            num_warps=cfg["num_warps"])
+            K=K, V=V, BT=BT, BK=BK, BV=BV, **flags, TRANS_F=trans_f, MODE=mode, PREC=prec,
+            STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
         return h_f, h_r
     cfg = _cfg("chunk_local", mode)
     BK, BV = _blocks(K, V, cfg["cap"])
@@ -800,12 +839,11 @@ def _carried(fwd, rev, are, aim, BT, mode, prec):
     # 131072 chunks)
     _chunk_local[(jobs * NT * BH, _cdiv(K, BK), _cdiv(V, BV))](
         f_x, f_y, uf, af, r_x, r_y, ur, ar, are, aim, n, H, NT, NT * BH, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        FWD=flags["FWD"], BWD=flags["BWD"], MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
+        FWD=flags["FWD"], BWD=flags["BWD"], TRANS_F=trans_f, MODE=mode, PREC=prec, **_launch(cfg))
     cfg = _cfg("state_scan", mode)
     BLOCK = min(cfg["block"], 1 << (K * V - 1).bit_length())
     _state_scan[(_cdiv(K * V, BLOCK), BH, jobs)](
-        uf, af, s0f, sTf, ur, ar, s0r, sTr, NT, KV=K * V, BLOCK=BLOCK, **flags, num_warps=cfg["num_warps"],
-        num_stages=1)
+        uf, af, s0f, sTf, ur, ar, s0r, sTr, NT, KV=K * V, BLOCK=BLOCK, **flags, **_launch(cfg))
     return u_f, u_r
 
 
@@ -815,15 +853,24 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     NT = _cdiv(n, BT)
     cfg = _cfg("fwd_o", mode)
     BK, BV = _blocks(K, V, cfg["cap"])
-    ht = torch.empty(B * H, 2, K, V, device=k.device, dtype=torch.float32) if store_ht else None
-    h, _ = _carried((k, v, h0, ht), None, are, aim, BT, mode, prec)
+    # float32: the states are stored transposed, (V, K) planes, so that _fwd_o's state dots (contracting over K)
+    # stage their operand into shared memory as the K-major tile Hopper's tf32 tensor cores read, with no
+    # transpose on the way (row-major planes cost 8-way bank-conflicted stores there: ncu, ninth session)
+    trans = mode == 0
+    ht = torch.empty(B * H, 2, *((V, K) if trans else (K, V)), device=k.device, dtype=torch.float32) \
+        if store_ht else None
+    if trans and h0 is not None:
+        h0 = h0.transpose(-1, -2).contiguous()
+    h, _ = _carried((k, v, h0, ht), None, are, aim, BT, mode, prec, trans_f=trans)
     o = torch.empty_like(v)
     # num_stages=1: with the K loop software-pipelined (num_stages=2) Triton 3.6 miscompiled this kernel
     # on the H100 whenever the loop ran more than once: 7% output error in tf32 at (d, e) = (96, 160),
     # 5.7% in bf16 at (128, 64), while states and every gradient were right (the Hopper dot hazard of
     # flash-linear-attention issue 640); the interpreter gives the right answer for both.
     _fwd_o[(NT, _cdiv(V, BV), B * H)](q, k, v, are, aim, h, o, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                      MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
+                                      HT=trans, MODE=mode, PREC=prec, **_launch(cfg))
+    if trans and ht is not None:
+        ht = ht.transpose(-1, -2).contiguous()
     return o, ht
 
 
@@ -839,19 +886,18 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     cfg = _cfg("bwd_dqk", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                          MODE=mode, PREC=prec, num_warps=cfg["num_warps"], num_stages=1)
+                          MODE=mode, PREC=prec, **_launch(cfg))
     del h  # released once the last kernel reading it is queued (stream-ordered)
     cfg = _cfg("bwd_dv", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, n, H, NT,
-                         K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, num_warps=cfg["num_warps"],
-                         num_stages=1)
+                         K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, **_launch(cfg))
     del dh
     cfg = _cfg("bwd_gate", mode, K, V)
     BK, BV = _blocks(K, V, cfg["cap"])
     _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
                            K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec,
-                           EXACT_R=mode == 0 and prec != "tf32", num_warps=cfg["num_warps"], num_stages=1)
+                           EXACT_R=mode == 0 and prec != "tf32", **_launch(cfg))
     return dq, dk, dv, dare, daim, dh0
 
 
