@@ -202,9 +202,11 @@ def fla_full(q, k, v, ar, ai):
 
 # 4-warp tiles also with a register cap (maxnreg): 168 fits three programs per SM, 128 four (255 fits two)
 _CAPPED = [{"cap": c, "num_warps": 4, "maxnreg": r} for c in (32, 64) for r in (168, 128)]
-_TILES = [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)] + _CAPPED
+# and with key and value tiles of different widths (cap_v: the value tile's)
+_MIXED = [{"cap": c, "cap_v": 96 - c, "num_warps": 4} for c in (32, 64)]
+_TILES = [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)] + _CAPPED + _MIXED
 TUNE = {  # candidate launch configurations per kernel (gateloop_kernels.chunked._CFG)
-    "chunk_local": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (2, 4, 8)] + _CAPPED,
+    "chunk_local": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (2, 4, 8)] + _CAPPED + _MIXED,
     "state_scan": [{"block": b, "num_warps": w} for b, w in ((256, 2), (512, 4), (1024, 2), (1024, 4), (2048, 4),
                                                             (2048, 8))],
     "chunk_states": [{"cap": c, "num_warps": w, "num_stages": st} for c in (32, 64) for w in (2, 4) for st in (2, 3, 4)],

@@ -57,12 +57,13 @@ __all__ = ["chunk_gate_loop", "PRECISIONS"]
 PRECISIONS = ("ieee", "tf32x3", "tf32")
 _MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DEFAULT_BT = 64
-# Launch configuration per kernel and input dtype: ``cap`` bounds the key/value tile width (see ``_block``);
-# for the state scan, ``block`` elements per program. Picked on the H100 at (64, 2048, 64) with
-# ``python -m bench.scan_chunked --tune`` (which edits this table in memory and checks every configuration
-# against the default's results; the H200 in the ninth session); bench/RESULTS.md has the timings. bf16 differs
-# from float32 only in _bwd_dv's tiles (wider, no register cap). fp16 keeps the configuration validated before
-# the search for every kernel with tensor-core dots: the tuned 4-warp one faulted there (an illegal address at
+# Launch configuration per kernel and input dtype: ``cap`` bounds the key/value tile width (see ``_block``;
+# ``cap_v``, where given, the value tile's), ``maxnreg`` caps the registers; for the state scan, ``block``
+# elements per program. Picked on the H100 at (64, 2048, 64) with ``python -m bench.scan_chunked --tune``
+# (which edits this table in memory and checks every configuration against the default's results; on the H200
+# in the ninth session); bench/RESULTS.md has the timings. bf16 differs from float32 only in the dq/dk and dv
+# kernels' tiles (64-wide, no register cap). fp16 keeps the configuration validated before the search for every
+# kernel with tensor-core dots: the tuned 4-warp one faulted there (an illegal address at
 # (d, e) = (96, 160) with Triton 3.6 on the H100; bf16, which differs only in running its state dots in bf16
 # instead of tf32, passed at every test shape).
 _SEARCHED = {
@@ -73,14 +74,16 @@ _SEARCHED = {
     # runs chunk_states with it (see _carried)
     "chunk_states_exact": None,
     "fwd_o": {"cap": 64, "num_warps": 4},
-    "bwd_dqk": {"cap": 64, "num_warps": 4},
+    # 32-wide key and 64-wide value tiles (ninth session, H200: 325 -> 298 us at (64, 2048, 64), 543 -> 463 us
+    # at (16, 4096, 128) against 64-wide both)
+    "bwd_dqk": {"cap": 32, "cap_v": 64, "num_warps": 4},
     # the one kernel a register cap helped (ninth session, H200: 136.5 -> 125.5 us; it spills 128 bytes)
     "bwd_dv": {"cap": 32, "num_warps": 4, "maxnreg": 128},
     "bwd_gate": {"cap": 64, "num_warps": 4},
 }
 _CFG = {
     torch.float32: dict(_SEARCHED),
-    torch.bfloat16: {**_SEARCHED, "bwd_dv": {"cap": 64, "num_warps": 4}},
+    torch.bfloat16: {**_SEARCHED, "bwd_dqk": {"cap": 64, "num_warps": 4}, "bwd_dv": {"cap": 64, "num_warps": 4}},
     torch.float16: {**_SEARCHED, "fwd_o": {"cap": 64, "num_warps": 8}, "bwd_dqk": {"cap": 32, "num_warps": 8},
                     "bwd_dv": {"cap": 32, "num_warps": 4}, "bwd_gate": {"cap": 32, "num_warps": 8}},
 }
@@ -781,8 +784,9 @@ def _launch(cfg: dict) -> dict:
     return opts
 
 
-def _blocks(K: int, V: int, cap: int = 64) -> tuple[int, int]:
-    return _block(K, cap), _block(V, cap)
+def _blocks(K: int, V: int, cfg: dict) -> tuple[int, int]:
+    """Key and value tile widths of a table entry: ``cap`` bounds both, ``cap_v`` (where given) the value one."""
+    return _block(K, cfg["cap"]), _block(V, cfg.get("cap_v", cfg["cap"]))
 
 
 def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False):
@@ -820,7 +824,7 @@ def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False):
 
     cfg = _cfg("chunk_states_exact" if mode == 0 and prec != "tf32" else "chunk_states", mode)
     if cfg is not None:
-        BK, BV = _blocks(K, V, cfg["cap"])
+        BK, BV = _blocks(K, V, cfg)
         # bf16 inputs: the states are stored in bf16 (every dot reading them rounds them to bf16 anyway; they
         # are carried in float32 registers), half the memory and traffic of float32 states
         h_f, h_r = per_job((BH, NT, 2, K, V), torch.bfloat16 if mode == 1 else torch.float32)
@@ -831,7 +835,7 @@ def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False):
             STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
         return h_f, h_r
     cfg = _cfg("chunk_local", mode)
-    BK, BV = _blocks(K, V, cfg["cap"])
+    BK, BV = _blocks(K, V, cfg)
     u_f, u_r = per_job((BH, NT, 2, K, V), torch.float32)
     a_f, a_r = per_job((BH, NT, 2), torch.float32)
     uf, af, s0f, sTf, ur, ar, s0r, sTr = ptrs(u_f, a_f, f_s0, f_sT, u_r, a_r, r_s0, r_sT)
@@ -852,7 +856,7 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     V = v.shape[-1]
     NT = _cdiv(n, BT)
     cfg = _cfg("fwd_o", mode)
-    BK, BV = _blocks(K, V, cfg["cap"])
+    BK, BV = _blocks(K, V, cfg)
     # float32: the states are stored transposed, (V, K) planes, so that _fwd_o's state dots (contracting over K)
     # stage their operand into shared memory as the K-major tile Hopper's tf32 tensor cores read, with no
     # transpose on the way (row-major planes cost 8-way bank-conflicted stores there: ncu, ninth session)
@@ -884,17 +888,17 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     dare, daim = torch.empty_like(are), torch.empty_like(aim)
     aux = torch.empty(B * H * NT, 6, BT, device=q.device, dtype=torch.float32)
     cfg = _cfg("bwd_dqk", mode, K, V)
-    BK, BV = _blocks(K, V, cfg["cap"])
+    BK, BV = _blocks(K, V, cfg)
     _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
                           MODE=mode, PREC=prec, **_launch(cfg))
     del h  # released once the last kernel reading it is queued (stream-ordered)
     cfg = _cfg("bwd_dv", mode, K, V)
-    BK, BV = _blocks(K, V, cfg["cap"])
+    BK, BV = _blocks(K, V, cfg)
     _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, n, H, NT,
                          K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, **_launch(cfg))
     del dh
     cfg = _cfg("bwd_gate", mode, K, V)
-    BK, BV = _blocks(K, V, cfg["cap"])
+    BK, BV = _blocks(K, V, cfg)
     _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
                            K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec,
                            EXACT_R=mode == 0 and prec != "tf32", **_launch(cfg))

@@ -112,6 +112,16 @@ def test_cpu_float32(n, H, d, e, chunk, zeros, init, final):
     check(1, n, H, d, e, torch.float32, "cpu", 2e-5, zeros=zeros, init=init, final=final, chunk_size=chunk)
 
 
+@pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
+def test_cpu_float32_wide_heads():
+    """Head dims past one tile: several key and value blocks per kernel, key and value tiles of different
+    widths (the float32 dq/dk kernel's 32 x 64), states stored transposed in the forward."""
+    from gateloop_kernels import chunked
+
+    assert chunked._blocks(64, 128, chunked._cfg("bwd_dqk", 0, 64, 128)) == (32, 64)
+    check(1, 70, 1, 64, 128, torch.float32, "cpu", 2e-5, zeros=True, init=True, final=True)
+
+
 #: a one-kernel state pass for the exact float32 mode (``chunked._CFG``'s ``chunk_states_exact``; the default,
 #: None, runs the two passes): the best one-kernel configuration of the H200 search (bench/RESULTS.md)
 EXACT_ONE_KERNEL = {"cap": 32, "num_warps": 2, "num_stages": 2}
