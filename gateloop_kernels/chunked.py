@@ -9,7 +9,8 @@
   an angle); ``D[t, s] = prod_{s<w<=t} a_w = [z_t == z_s] exp(g_t - g_s) u_t conj(u_s)`` for ``t >= s``.
   Nothing divides by a gate, so zero gates are exact in the forward and in every gradient;
 * the state entering each chunk is carried as a complex matrix (Re and Im planes, float32; stored in bf16 for
-  bf16 inputs, whose dots round it to bf16 anyway).
+  bf16 inputs, whose dots round it to bf16 anyway). The float32 forward stores its planes transposed, (e, d):
+  its output dots contract over d and read their state operand K-major from shared memory (see ``_forward``).
 
 Kernels (all accumulate in float32; the dots run in the input dtype for bf16/fp16; for float32 either as
 three tf32 dots of hi/lo operand halves, exact to float32 (``_rdot``; the default), or as one tf32 dot):
