@@ -57,7 +57,12 @@ def compile_call(fn: JITFunction, args: tuple, kwargs: dict, arch: int) -> Any:
 def report(kernel: Any) -> dict:
     """Registers, local (spill) bytes and static instruction counts of a compiled kernel."""
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
-    out = {"shared st/ld": (ptx.count("st.shared"), ptx.count("ld.shared")), "shfl": ptx.count("shfl.sync"),
+    out = {"shared st/ld": (ptx.count("st.shared"), ptx.count("ld.shared")),
+           # 32-bit scalar stores into shared memory, against vector ones: a tile staged for a tensor-core dot
+           # with a transpose is stored element by element (bank conflicts; bench/RESULTS.md, ninth session)
+           "shared st scalar/vector": (len(re.findall(r"st\.shared\.[bfu]32", ptx)),
+                                       len(re.findall(r"st\.shared\.v[24]", ptx))),
+           "shfl": ptx.count("shfl.sync"),
            "bar": ptx.count("bar.sync"), "ld.global": ptx.count("ld.global"),
            "mma (wgmma / mma.sync)": (ptx.count("wgmma.mma_async"), ptx.count("mma.sync")),
            "layouts": sorted(set(re.findall(r"#ttg\.blocked<\{([^}]*)\}>", ttgir)))}

@@ -52,6 +52,19 @@ def test_backward_runs_both_state_directions_in_one_launch(precision, state_kern
             assert kw["FWD"] and kw["BWD"] == (i > names.index("_fwd_o"))
 
 
+@pytest.mark.parametrize("precision, dtype, transposed", [("ieee", torch.float32, True),
+                                                         ("tf32", torch.float32, True),
+                                                         ("ieee", torch.bfloat16, False)])
+def test_float32_forward_states_are_transposed(precision, dtype, transposed):
+    """The float32 forward writes its states as (e, d) planes and _fwd_o reads them so (its state dots then stage
+    a K-major tile without bank conflicts); the backward, whose dots contract the states over e, keeps (d, e)."""
+    calls = ok.record_chunked(1, 100, 2, 32, 64, dtype, precision)
+    flags = [(fn.__name__, kw.get("TRANS_F", kw.get("HT"))) for fn, _, kw in calls
+             if fn.__name__ in ("_chunk_local", "_chunk_states", "_fwd_o")]
+    state = "_chunk_local" if precision == "ieee" and dtype == torch.float32 else "_chunk_states"
+    assert flags == [(state, transposed), ("_fwd_o", transposed), (state, False)]
+
+
 @pytest.mark.parametrize("shape", ["2,100,64", "1,100,32"])  # 32 channels: one warp, none along time
 def test_wide_tiles_keep_steps_in_threads(shape):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
