@@ -9,6 +9,9 @@
 
 ``python -m bench._ncu sass fwd_o.csv [--top 12]``: where the warps stalled (by reason, by opcode, the top
 instructions) and which shared-memory instructions replayed (bank conflicts: excessive wavefronts).
+
+``bash bench/gpu.sh ncu`` runs both for each kernel in ``$NCU_KERNELS`` (not run on a GPU yet as a stage: its
+commands are the ones run by hand in the ninth session).
 """
 from __future__ import annotations
 

@@ -3,9 +3,11 @@
 # wheels (from .whl/, when carried) and this package importable, then run the requested stages.
 # Logs, JSON and plots go to bench/out/; on the device machine ($OUT set) they come back as
 # $OUT/results.tgz.
-#   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them)
+#   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them but ncu)
 #   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
 #           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op
+#           ncu       Nsight Compute on one float32 exact forward+backward of the chunked scan: per kernel in
+#                     $NCU_KERNELS, stall reasons and shared-memory replays (bench/_ncu.py) into bench/out/ncu_*.txt
 #           scan reversible model train   the benchmarks (python -m bench <name> $<NAME>_ARGS,
 #                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
 #                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
@@ -30,6 +32,15 @@ for stage in "${stages[@]}"; do
                 compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$script" 2>&1 \
                   | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done ;;
+    ncu) for kernel in ${NCU_KERNELS:-_fwd_o _bwd_dqk _bwd_dv _bwd_gate _chunk_local}; do
+           rep="$out/ncu_$kernel"
+           ncu --clock-control none -k "regex:$kernel" -s 1 -c 1 --section SpeedOfLight --section Occupancy \
+               --section WarpStateStats --section SourceCounters --import-source no -f -o "$rep" \
+               python3 -m bench._ncu run > /dev/null 2>&1 || { echo "ncu failed on $kernel"; rc=1; continue; }
+           ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv" 2>&1
+           { ncu --import "$rep.ncu-rep" --page details | grep -E "Duration|Throughput|Occupancy|excessive"
+             python3 -m bench._ncu sass "$rep.csv"; } 2>&1 | tee "$rep.txt"
+         done ;;
     scan|reversible|model|train) args_var="${stage^^}_ARGS"
       python3 -m bench "$stage" ${!args_var:-} 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
     *) echo "unknown stage $stage"; rc=2 ;;
