@@ -439,17 +439,12 @@ class _Run:
                 if o.shape != halves[t].shape:
                     raise ValueError(f"coupling function {c.name} returned shape {tuple(o.shape)} in recomputation "
                                      f"for a half of shape {tuple(halves[t].shape)}")
-                if o.dtype == halves[t].dtype:
-                    if o.requires_grad:
-                        roots.append((o, ghalves[t]))
-                        check.append(o)
-                    continue
                 if torch.promote_types(o.dtype, halves[t].dtype) == halves[t].dtype:
-                    # an exact widening (bf16/fp16 -> fp32), which the forward's in-place add did: no wide
-                    # copy is made. The vjp starts from the narrow output with the wide gradient, which the
-                    # autograd engine casts to the output's dtype as it enters the graph (what the cast's backward
-                    # did, bit for bit, and freed as soon as used); the reconstruction subtracts the narrow
-                    # output (the same result as the wide one).
+                    # the half's dtype, or an exact widening (bf16/fp16 -> fp32), which the forward's in-place
+                    # add did: no wide copy is made. The vjp starts from the output with the half's gradient,
+                    # which the autograd engine casts to the output's dtype as it enters the graph (what the
+                    # cast's backward did, bit for bit, and freed as soon as used); the reconstruction
+                    # subtracts the output itself (the same result as a wide copy).
                     if o.requires_grad:
                         roots.append((o, ghalves[t]))
                         check.append(o)
