@@ -1,7 +1,8 @@
 """Nsight Compute helpers for the chunked scan: a forward+backward to profile, and a summary of a source page.
 
-``python -m bench._ncu run [--shape B,n,H,d,e] [--precision ieee]``: two forward+backward passes of
-``chunk_gate_loop`` on float32 inputs (the first warms up), the program ncu profiles, e.g.::
+``python -m bench._ncu run [--shape BH,n,d,e] [--precision ieee]``: two forward+backward passes of
+``chunk_gate_loop`` on ``bench.scan_chunked``'s float32 inputs (the first warms up), the program ncu profiles,
+e.g.::
 
     ncu --clock-control none -k regex:_fwd_o -s 1 -c 1 --section WarpStateStats --section SourceCounters \\
         --import-source no -o fwd_o python3 -m bench._ncu run
@@ -20,21 +21,16 @@ import collections
 import csv
 
 
-def run(shape: tuple[int, ...], precision: str) -> None:
+def run(shape: tuple[int, int, int, int], precision: str) -> None:
     import torch
 
-    from gateloop_kernels.chunked import chunk_gate_loop
+    from bench.scan_chunked import make, ours
 
-    B, n, H, d, e = shape
-    g = torch.Generator(device="cuda").manual_seed(0)
-    q, k = (torch.randn(B, n, H, d, device="cuda", generator=g) for _ in range(2))
-    v = torch.randn(B, n, H, e, device="cuda", generator=g)
-    r = 0.9 + 0.1 * torch.rand(B, n, H, device="cuda", generator=g)
-    th = torch.rand(B, n, H, device="cuda", generator=g)
-    xs = [t.requires_grad_() for t in (q, k, v, r * torch.cos(th), r * torch.sin(th))]
+    q, k, v, a_re, a_im, do = make(*shape, torch.float32)
+    xs = [t.requires_grad_() for t in (q, k, v, a_re, a_im)]
+    scan = ours(precision)
     for _ in range(2):
-        o, _ = chunk_gate_loop(*xs, precision=precision)
-        torch.autograd.grad(o, xs, torch.randn_like(o))
+        torch.autograd.grad(scan(*xs), xs, do)
     torch.cuda.synchronize()
 
 
@@ -86,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench._ncu", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="two forward+backward passes of the chunked scan (float32)")
-    r.add_argument("--shape", default="16,2048,4,64,64", help="B,n,H,d,e")
+    r.add_argument("--shape", default="64,2048,64,64", help="BH,n,d,e (as bench.scan_chunked splits B*H)")
     r.add_argument("--precision", default="ieee")
     s = sub.add_parser("sass", help="summarize ncu's source page (--page source --csv --print-source sass)")
     s.add_argument("csv")
