@@ -397,8 +397,7 @@ def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, are, aim, n, H, NT, NTBH
             _chunk_local_job(qx, doy, are, aim, u_r, at_r, i - NTBH, n, H, NT, K, V, BT, BK, BV, True, False, MODE,
                              PREC)
     elif FWD:
-        _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F, MODE,
-                             PREC)
+        _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F, MODE, PREC)
     else:
         _chunk_local_job(qx, doy, are, aim, u_r, at_r, i, n, H, NT, K, V, BT, BK, BV, True, False, MODE, PREC)
 
@@ -532,8 +531,8 @@ def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, are, aim, n
                   HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr, TRANS_F: tl.constexpr, MODE: tl.constexpr,
                   PREC: tl.constexpr, STAGES: tl.constexpr):
     """:func:`_chunk_states_job` of the forward direction (``FWD``: k, v into ``h_f``, transposed planes if
-    ``TRANS_F``) and/or the reverse one
-    (``BWD``: q, dO into ``h_r``); with both, one launch runs the two (grid axis 0 is ``2 * BH``)."""
+    ``TRANS_F``) and/or the reverse one (``BWD``: q, dO into ``h_r``); with both, one launch runs the two (grid
+    axis 0 is ``2 * BH``)."""
     i = tl.program_id(0)
     if FWD and BWD:
         if i < BH:

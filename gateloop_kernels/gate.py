@@ -78,8 +78,7 @@ def gate_backward(z: Tensor, g_re: Optional[Tensor], g_im: Optional[Tensor]) -> 
     dz = torch.empty_like(z)
     if N:
         _gate_bwd_kernel[(-(-N // _BLOCK),)](z, z if g_re is None else g_re, z if g_im is None else g_im,
-                                                    dz, N, BLOCK=_BLOCK, HAS_RE=g_re is not None,
-                                                    HAS_IM=g_im is not None)
+                                             dz, N, BLOCK=_BLOCK, HAS_RE=g_re is not None, HAS_IM=g_im is not None)
     return dz
 
 
