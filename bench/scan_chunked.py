@@ -213,10 +213,7 @@ TUNE = {  # candidate launch configurations per kernel (gateloop_kernels.chunked
     # None: the two passes chunk_local + state_scan (the exact mode's default)
     "chunk_states_exact": [None] + [{"cap": c, "num_warps": w, "num_stages": st}
                                     for c in (32, 64) for w in (1, 2, 4) for st in (2, 3, 4)],
-    "fwd_o": _TILES,
-    # split: dq and dk in two launches (no spills at 32-wide tiles, offline; the scores are computed twice)
-    "bwd_dqk": _TILES + [{"cap": c, "num_warps": 4, "split": True, **x} for c in (32, 64)
-                         for x in ({}, {"maxnreg": 168})], "bwd_dv": _TILES, "bwd_gate": _TILES,
+    "fwd_o": _TILES, "bwd_dqk": _TILES, "bwd_dv": _TILES, "bwd_gate": _TILES,
 }
 #: the kernels whose device time --tune sums for a table entry (default: the entry's own kernel)
 TUNE_KERNELS = {"chunk_states_exact": ("_chunk_states", "_chunk_local", "_state_scan")}

@@ -589,9 +589,8 @@ def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
 @triton.jit
 def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             PART: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
-    """dq, dk of one chunk, and the gate-gradient pieces psi, phi (per step) and sigma (per chunk) in aux
-    (PART 0: all; 1: dq and psi; 2: dk, phi and sigma)."""
+             MODE: tl.constexpr, PREC: tl.constexpr):
+    """dq, dk of one chunk, and the gate-gradient pieces psi, phi (per step) and sigma (per chunk) in aux."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
     q += bt * K
@@ -620,52 +619,48 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
     # pair of (BT, BK) accumulators is live at a time (both at once spilled under 3xTF32 on sm_90)
     for i_k in range(tl.cdiv(K, BK)):
         r0 = i_k * BK
-        if PART != 2:
-            g_re = tl.zeros([BT, BK], dtype=tl.float32)
-            g_im = tl.zeros([BT, BK], dtype=tl.float32)
-            for i_v in range(tl.cdiv(V, BV)):
-                c0 = i_v * BV
-                b_do = _ld_t(do, t0, c0, n, V, H * V, BT, BV)
-                g_re += _sdot(b_do, _ld_sT(ph, r0, c0, K, V, BK, BV), MODE, PREC)
-                g_im += _sdot(b_do, _ld_sT(ph + K * V, r0, c0, K, V, BK, BV), MODE, PREC)
-            b_k = _ld_t(k, t0, r0, n, K, H * K, BT, BK)
-            b_dq = a_re[:, None] * g_re - a_im[:, None] * g_im + _dot(b_ddv, b_k, MODE, PREC)
-            _st_t(dq, b_dq, t0, r0, n, K, H * K, BT, BK)
-            qf = _ld_t(q, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
-            psi_re += tl.sum(qf * g_re, 1)
-            psi_im -= tl.sum(qf * g_im, 1)
-        if PART != 1:
-            w_re = tl.zeros([BT, BK], dtype=tl.float32)
-            w_im = tl.zeros([BT, BK], dtype=tl.float32)
-            for i_v in range(tl.cdiv(V, BV)):
-                c0 = i_v * BV
-                b_v = _ld_t(v, t0, c0, n, V, H * V, BT, BV)
-                # transposed (BV, BK) views of h and dh
-                b_hr = _ld_sT(ph, r0, c0, K, V, BK, BV)
-                b_hi = _ld_sT(ph + K * V, r0, c0, K, V, BK, BV)
-                b_dr = _ld_sT(pd, r0, c0, K, V, BK, BV)
-                b_di = _ld_sT(pd + K * V, r0, c0, K, V, BK, BV)
-                w_re += _sdot(b_v, b_dr, MODE, PREC)
-                w_im += _sdot(b_v, b_di, MODE, PREC)
-                f_hr, f_hi, f_dr, f_di = (b_hr.to(tl.float32), b_hi.to(tl.float32), b_dr.to(tl.float32),
-                                          b_di.to(tl.float32))
-                sig_re += tl.sum(tl.sum(f_dr * f_hr + f_di * f_hi, 1), 0)
-                sig_im += tl.sum(tl.sum(f_di * f_hr - f_dr * f_hi, 1), 0)
-            b_q = _ld_t(q, t0, r0, n, K, H * K, BT, BK)
-            b_dk = de_re[:, None] * w_re + de_im[:, None] * w_im + _dot(tl.trans(b_ddv), b_q, MODE, PREC)
-            _st_t(dk, b_dk, t0, r0, n, K, H * K, BT, BK)
-            kf = _ld_t(k, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
-            phi_re += tl.sum(kf * w_re, 1)
-            phi_im += tl.sum(kf * w_im, 1)
+        g_re = tl.zeros([BT, BK], dtype=tl.float32)
+        g_im = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            c0 = i_v * BV
+            b_do = _ld_t(do, t0, c0, n, V, H * V, BT, BV)
+            g_re += _sdot(b_do, _ld_sT(ph, r0, c0, K, V, BK, BV), MODE, PREC)
+            g_im += _sdot(b_do, _ld_sT(ph + K * V, r0, c0, K, V, BK, BV), MODE, PREC)
+        b_k = _ld_t(k, t0, r0, n, K, H * K, BT, BK)
+        b_dq = a_re[:, None] * g_re - a_im[:, None] * g_im + _dot(b_ddv, b_k, MODE, PREC)
+        _st_t(dq, b_dq, t0, r0, n, K, H * K, BT, BK)
+        qf = _ld_t(q, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
+        psi_re += tl.sum(qf * g_re, 1)
+        psi_im -= tl.sum(qf * g_im, 1)
+        w_re = tl.zeros([BT, BK], dtype=tl.float32)
+        w_im = tl.zeros([BT, BK], dtype=tl.float32)
+        for i_v in range(tl.cdiv(V, BV)):
+            c0 = i_v * BV
+            b_v = _ld_t(v, t0, c0, n, V, H * V, BT, BV)
+            # transposed (BV, BK) views of h and dh
+            b_hr = _ld_sT(ph, r0, c0, K, V, BK, BV)
+            b_hi = _ld_sT(ph + K * V, r0, c0, K, V, BK, BV)
+            b_dr = _ld_sT(pd, r0, c0, K, V, BK, BV)
+            b_di = _ld_sT(pd + K * V, r0, c0, K, V, BK, BV)
+            w_re += _sdot(b_v, b_dr, MODE, PREC)
+            w_im += _sdot(b_v, b_di, MODE, PREC)
+            f_hr, f_hi, f_dr, f_di = (b_hr.to(tl.float32), b_hi.to(tl.float32), b_dr.to(tl.float32),
+                                      b_di.to(tl.float32))
+            sig_re += tl.sum(tl.sum(f_dr * f_hr + f_di * f_hi, 1), 0)
+            sig_im += tl.sum(tl.sum(f_di * f_hr - f_dr * f_hi, 1), 0)
+        b_q = _ld_t(q, t0, r0, n, K, H * K, BT, BK)
+        b_dk = de_re[:, None] * w_re + de_im[:, None] * w_im + _dot(tl.trans(b_ddv), b_q, MODE, PREC)
+        _st_t(dk, b_dk, t0, r0, n, K, H * K, BT, BK)
+        kf = _ld_t(k, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
+        phi_re += tl.sum(kf * w_re, 1)
+        phi_im += tl.sum(kf * w_im, 1)
     pa = aux + (i_bh.to(tl.int64) * NT + i_t) * 6 * BT
-    if PART != 2:
-        tl.store(pa + idx, psi_re)
-        tl.store(pa + BT + idx, psi_im)
-    if PART != 1:
-        tl.store(pa + 2 * BT + idx, phi_re)
-        tl.store(pa + 3 * BT + idx, phi_im)
-        tl.store(pa + 4 * BT + idx, tl.zeros([BT], dtype=tl.float32) + sig_re)
-        tl.store(pa + 5 * BT + idx, tl.zeros([BT], dtype=tl.float32) + sig_im)
+    tl.store(pa + idx, psi_re)
+    tl.store(pa + BT + idx, psi_im)
+    tl.store(pa + 2 * BT + idx, phi_re)
+    tl.store(pa + 3 * BT + idx, phi_im)
+    tl.store(pa + 4 * BT + idx, tl.zeros([BT], dtype=tl.float32) + sig_re)
+    tl.store(pa + 5 * BT + idx, tl.zeros([BT], dtype=tl.float32) + sig_im)
 
 
 @triton.jit
@@ -894,9 +889,8 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
     aux = torch.empty(B * H * NT, 6, BT, device=q.device, dtype=torch.float32)
     cfg = _cfg("bwd_dqk", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
-    for part in ((1, 2) if cfg.get("split") else (0,)):
-        _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                              PART=part, MODE=mode, PREC=prec, **_launch(cfg))
+    _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                          MODE=mode, PREC=prec, **_launch(cfg))
     del h  # released once the last kernel reading it is queued (stream-ordered)
     cfg = _cfg("bwd_dv", mode, K, V)
     BK, BV = _blocks(K, V, cfg)

@@ -135,18 +135,6 @@ def test_cpu_float32_exact_one_kernel_state_pass(monkeypatch):
     check(1, 40, 2, 16, 32, torch.float32, "cpu", 2e-5, zeros=True, init=True, final=True, chunk_size=16)
 
 
-#: dq and dk in two launches (``chunked._CFG``'s ``bwd_dqk`` with ``split``; the default runs one)
-SPLIT_DQK = {"cap": 32, "num_warps": 4, "split": True}
-
-
-@pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
-def test_cpu_float32_split_dqk(monkeypatch):
-    from gateloop_kernels import chunked
-
-    monkeypatch.setitem(chunked._CFG[torch.float32], "bwd_dqk", SPLIT_DQK)
-    check(1, 70, 1, 64, 32, torch.float32, "cpu", 2e-5, zeros=True, init=True, final=True)
-
-
 @pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cpu_half(dtype):
@@ -222,15 +210,6 @@ def test_gpu_float32_exact_one_kernel_state_pass(shape, monkeypatch):
     from gateloop_kernels import chunked
 
     monkeypatch.setitem(chunked._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
-    check(*shape, torch.float32, "cuda", 1e-5, zeros=True, init=True, final=True, poison=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", GPU_SHAPES)
-def test_gpu_float32_split_dqk(shape, monkeypatch):
-    from gateloop_kernels import chunked
-
-    monkeypatch.setitem(chunked._CFG[torch.float32], "bwd_dqk", SPLIT_DQK)
     check(*shape, torch.float32, "cuda", 1e-5, zeros=True, init=True, final=True, poison=True)
 
 
