@@ -11,6 +11,10 @@ e.g.::
 ``python -m bench._ncu sass fwd_o.csv [--top 12]``: where the warps stalled (by reason, by opcode, the top
 instructions) and which shared-memory instructions replayed (bank conflicts: excessive wavefronts).
 
+``python -m bench._ncu roofline [--precision ieee] [--dtype float32]``: runs ncu itself over ``run`` and prints,
+per chunked-scan kernel of the second (warm) forward+backward: device time, DRAM bytes and their share of the
+copy ceiling, tensor-pipe utilization, achieved occupancy and shared-memory bank conflicts.
+
 ``bash bench/gpu.sh ncu`` runs both for each kernel in ``$NCU_KERNELS`` (not run on a GPU yet as a stage: its
 commands are the ones run by hand in the ninth session).
 """
@@ -19,14 +23,27 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import subprocess
+import sys
+
+#: measured device-to-device copy rate of the lent H200 (bench/RESULTS.md), bytes per second
+COPY_BPS = 4.25e12
+#: ncu metrics of the roofline table; the tensor-pipe name differs between ncu versions, the first one this
+#: ncu knows is used
+_METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum",
+            "sm__warps_active.avg.pct_of_peak_sustained_active",
+            "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum", "launch__registers_per_thread")
+_TENSOR = ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
+           "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed",
+           "sm__inst_executed_pipe_tensor.avg.pct_of_peak_sustained_elapsed")
 
 
-def run(shape: tuple[int, int, int, int], precision: str) -> None:
+def run(shape: tuple[int, int, int, int], precision: str, dtype: str = "float32") -> None:
     import torch
 
     from bench.scan_chunked import make, ours
 
-    q, k, v, a_re, a_im, do = make(*shape, torch.float32)
+    q, k, v, a_re, a_im, do = make(*shape, getattr(torch, dtype))
     xs = [t.requires_grad_() for t in (q, k, v, a_re, a_im)]
     scan = ours(precision)
     for _ in range(2):
@@ -78,18 +95,80 @@ def summarize(path: str, top: int = 12) -> list[str]:
     return out
 
 
+def table(path: str) -> list[str]:
+    """Lines of text from ncu's raw page (``--csv --page raw --print-units base``) of two forward+backward passes:
+    per kernel name, the latter half of its launches (the warm pass), summed; the tensor-pipe and occupancy
+    columns are time-weighted means."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f)]
+    head = next(i for i, r in enumerate(rows) if r and r[0] == "ID")
+    col = {h: i for i, h in enumerate(rows[head])}
+    tensor = next((m for m in _TENSOR if m in col), None)
+    by_name: dict[str, list[list[str]]] = collections.defaultdict(list)
+    for r in rows[head + 2:]:  # the row after the header holds the units
+        if len(r) == len(rows[head]):
+            by_name[r[col["Kernel Name"]]].append(r)
+    out = [f"{'kernel':14s} {'launches':>8s} {'us':>8s} {'DRAM MB':>8s} {'of copy':>8s} {'L2 MB':>8s} "
+           f"{'tensor %':>8s} {'warps %':>8s} {'regs':>5s} {'conflicts':>10s}"]
+    total_us = total_mb = 0.0
+    for name, rs in sorted(by_name.items(), key=lambda kv: -sum(_num(r, col, _METRICS[0]) for r in kv[1])):
+        rs = rs[len(rs) // 2:]
+        ns = sum(_num(r, col, "gpu__time_duration.sum") for r in rs) or 1.0
+        dram = sum(_num(r, col, "dram__bytes_read.sum") + _num(r, col, "dram__bytes_write.sum") for r in rs)
+        l2 = sum(_num(r, col, "lts__t_bytes.sum") for r in rs)
+
+        def mean(key):
+            return sum(_num(r, col, key) * _num(r, col, "gpu__time_duration.sum") for r in rs) / ns
+
+        total_us += ns / 1e3
+        total_mb += dram / 1e6
+        out.append(f"{name[:14]:14s} {len(rs):8d} {ns / 1e3:8.1f} {dram / 1e6:8.1f} "
+                   f"{100 * dram / (ns * 1e-9) / COPY_BPS:7.1f}% {l2 / 1e6:8.1f} "
+                   f"{mean(tensor) if tensor else float('nan'):8.1f} "
+                   f"{mean('sm__warps_active.avg.pct_of_peak_sustained_active'):8.1f} "
+                   f"{max(_num(r, col, 'launch__registers_per_thread') for r in rs):5.0f} "
+                   f"{sum(_num(r, col, 'l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum') for r in rs):10.0f}")
+    out.append(f"{'all':14s} {'':8s} {total_us:8.1f} {total_mb:8.1f} "
+               f"{100 * total_mb * 1e6 / (total_us * 1e-6) / COPY_BPS:7.1f}%   (tensor metric: {tensor})")
+    return out
+
+
+def roofline(shape: str, precision: str, dtype: str, csv_path: str) -> list[str]:
+    """Run ncu over two forward+backward passes of ``run`` and return :func:`table`'s lines."""
+    for tensor in _TENSOR:
+        cmd = ["ncu", "--clock-control", "none", "-k", "regex:^_(chunk|state|fwd|bwd)", "--metrics",
+               ",".join(_METRICS + (tensor,)), "--csv", "--page", "raw", "--print-units", "base",
+               sys.executable, "-m", "bench._ncu", "run", "--shape", shape, "--precision", precision,
+               "--dtype", dtype]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode == 0 and '"ID"' in res.stdout:
+            with open(csv_path, "w") as f:
+                f.write(res.stdout)
+            return table(csv_path)
+        print(f"ncu with {tensor}: rc {res.returncode}: {(res.stderr or res.stdout)[-300:]}", file=sys.stderr)
+    raise RuntimeError("ncu failed with every tensor-pipe metric name")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench._ncu", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="two forward+backward passes of the chunked scan (float32)")
     r.add_argument("--shape", default="64,2048,64,64", help="BH,n,d,e (as bench.scan_chunked splits B*H)")
     r.add_argument("--precision", default="ieee")
+    r.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    f = sub.add_parser("roofline", help="ncu over `run`: per kernel time, DRAM bytes, tensor-pipe use")
+    f.add_argument("--shape", default="64,2048,64,64", help="BH,n,d,e")
+    f.add_argument("--precision", default="ieee")
+    f.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    f.add_argument("--csv", default="bench/out/ncu_roofline.csv", help="where ncu's raw page is kept")
     s = sub.add_parser("sass", help="summarize ncu's source page (--page source --csv --print-source sass)")
     s.add_argument("csv")
     s.add_argument("--top", type=int, default=12)
     args = p.parse_args(argv)
     if args.cmd == "run":
-        run(tuple(int(x) for x in args.shape.split(",")), args.precision)
+        run(tuple(int(x) for x in args.shape.split(",")), args.precision, args.dtype)
+    elif args.cmd == "roofline":
+        print("\n".join(roofline(args.shape, args.precision, args.dtype, args.csv)))
     else:
         print("\n".join(summarize(args.csv, args.top)))
 

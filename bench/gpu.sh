@@ -3,11 +3,14 @@
 # wheels (from .whl/, when carried) and this package importable, then run the requested stages.
 # Logs, JSON and plots go to bench/out/; on the device machine ($OUT set) they come back as
 # $OUT/results.tgz.
-#   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them but ncu)
+#   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them but ncu and roofline)
 #   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
 #           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op
 #           ncu       Nsight Compute on one float32 exact forward+backward of the chunked scan: per kernel in
 #                     $NCU_KERNELS, stall reasons and shared-memory replays (bench/_ncu.py) into bench/out/ncu_*.txt
+#           roofline  ncu over one warm forward+backward of the chunked scan per precision in $ROOFLINE (default
+#                     "ieee:float32 tf32:float32 ieee:bfloat16"): per kernel time, DRAM bytes, tensor-pipe use
+#                     (bench/_ncu.py roofline) into bench/out/ncu_roofline_*.txt
 #           scan reversible model train   the benchmarks (python -m bench <name> $<NAME>_ARGS,
 #                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
 #                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
@@ -41,6 +44,12 @@ for stage in "${stages[@]}"; do
            { ncu --import "$rep.ncu-rep" --page details | grep -E "Duration|Throughput|Occupancy|excessive"
              python3 -m bench._ncu sass "$rep.csv"; } 2>&1 | tee "$rep.txt"
          done ;;
+    roofline) for spec in ${ROOFLINE:-ieee:float32 tf32:float32 ieee:bfloat16}; do
+                echo "--- ${spec} (shape ${ROOFLINE_SHAPE:-64,2048,64,64})"
+                python3 -m bench._ncu roofline --precision "${spec%%:*}" --dtype "${spec##*:}" \
+                  --shape "${ROOFLINE_SHAPE:-64,2048,64,64}" --csv "$out/ncu_roofline_${spec/:/_}.csv" 2>&1 \
+                  | tee "$out/ncu_roofline_${spec/:/_}.txt"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+              done ;;
     scan|reversible|model|train) args_var="${stage^^}_ARGS"
       python3 -m bench "$stage" ${!args_var:-} 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
     *) echo "unknown stage $stage"; rc=2 ;;

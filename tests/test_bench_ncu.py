@@ -17,3 +17,26 @@ def test_sass_summary(tmp_path):
     assert "LOP3 60.0%, STS 40.0%" in out[2]  # a predicated instruction counts under its opcode
     assert "STS 70 / 100" in out[3]
     assert len(out) == 5 and "long_sb" in out[4] and "LOP3.LUT" in out[4]
+
+
+def test_roofline_table_takes_the_warm_pass(tmp_path):
+    """Per kernel name the latter half of its launches is summed; bytes over time against the copy ceiling."""
+    tensor = _ncu._TENSOR[1]
+    head = ["ID", "Kernel Name", *_ncu._METRICS, tensor]
+    units = ["", "", "ns", "byte", "byte", "byte", "%", "", "register/thread", "%"]
+
+    def row(i, name, ns, rd, wr, t):
+        return [str(i), name, str(ns), str(rd), str(wr), "0", "10", "5", "128", str(t)]
+
+    rows = [row(0, "_fwd_o", 1e6, 9e9, 9e9, 99),  # cold pass: left out
+            row(1, "_state_scan", 1000, 1, 1, 0),
+            row(2, "_fwd_o", 2000, 4.25e6, 4.25e6, 30),  # warm: 8.5 MB in 2 us = 100% of the copy ceiling
+            row(3, "_state_scan", 1000, 2.125e6, 0, 0)]
+    path = tmp_path / "raw.csv"
+    path.write_text("==PROF== noise\n" + "\n".join(",".join(f'"{c}"' for c in r) for r in [head, units] + rows))
+    out = _ncu.table(str(path))
+    fwd = next(x for x in out if x.startswith("_fwd_o")).split()
+    assert fwd[1:4] == ["1", "2.0", "8.5"] and fwd[4] == "100.0%" and fwd[6] == "30.0"
+    scan = next(x for x in out if x.startswith("_state_scan")).split()
+    assert scan[1:5] == ["1", "1.0", "2.1", "50.0%"]
+    assert out[-1].split()[1:3] == ["3.0", "10.6"] and tensor in out[-1]
