@@ -28,14 +28,22 @@ import sys
 
 #: measured device-to-device copy rate of the lent H200 (bench/RESULTS.md), bytes per second
 COPY_BPS = 4.25e12
-#: ncu metrics of the roofline table; the tensor-pipe name differs between ncu versions, the first one this
-#: ncu knows is used
+#: ncu metrics of the roofline table (ncu drops a name it does not know without an error)
 _METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum",
             "sm__warps_active.avg.pct_of_peak_sustained_active",
             "l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum", "launch__registers_per_thread")
-_TENSOR = ("sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_elapsed",
-           "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_elapsed",
-           "sm__inst_executed_pipe_tensor.avg.pct_of_peak_sustained_elapsed")
+
+
+def _tensor_metric() -> str:
+    """This ncu's tensor-pipe utilization metric (the names differ between versions and chips): the first
+    ``sm__pipe_tensor*cycles_active`` counter ``ncu --query-metrics`` lists, a GMMA (Hopper wgmma) one first."""
+    res = subprocess.run(["ncu", "--query-metrics"], capture_output=True, text=True)
+    names = [ln.split()[0] for ln in res.stdout.splitlines()
+             if ln.startswith("sm__pipe_tensor") and "cycles_active" in ln.split()[0]]
+    if not names:
+        raise RuntimeError("ncu --query-metrics lists no sm__pipe_tensor*cycles_active counter")
+    print("tensor-pipe counters:", ", ".join(names), file=sys.stderr)
+    return sorted(names, key=lambda m: "gmma" not in m)[0] + ".avg.pct_of_peak_sustained_elapsed"
 
 
 def run(shape: tuple[int, int, int, int], precision: str, dtype: str = "float32") -> None:
@@ -103,7 +111,9 @@ def table(path: str) -> list[str]:
         rows = [r for r in csv.reader(f)]
     head = next(i for i, r in enumerate(rows) if r and r[0] == "ID")
     col = {h: i for i, h in enumerate(rows[head])}
-    tensor = next((m for m in _TENSOR if m in col), None)
+    tensor = next((h for h in rows[head] if h.startswith("sm__pipe_tensor")), None)
+    if tensor is None:
+        raise ValueError(f"{path}: no sm__pipe_tensor* column (ncu drops a metric name it does not know)")
     by_name: dict[str, list[list[str]]] = collections.defaultdict(list)
     for r in rows[head + 2:]:  # the row after the header holds the units
         if len(r) == len(rows[head]):
@@ -124,7 +134,7 @@ def table(path: str) -> list[str]:
         total_mb += dram / 1e6
         out.append(f"{name[:14]:14s} {len(rs):8d} {ns / 1e3:8.1f} {dram / 1e6:8.1f} "
                    f"{100 * dram / (ns * 1e-9) / COPY_BPS:7.1f}% {l2 / 1e6:8.1f} "
-                   f"{mean(tensor) if tensor else float('nan'):8.1f} "
+                   f"{mean(tensor):8.1f} "
                    f"{mean('sm__warps_active.avg.pct_of_peak_sustained_active'):8.1f} "
                    f"{max(_num(r, col, 'launch__registers_per_thread') for r in rs):5.0f} "
                    f"{sum(_num(r, col, 'l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum') for r in rs):10.0f}")
@@ -135,18 +145,15 @@ def table(path: str) -> list[str]:
 
 def roofline(shape: str, precision: str, dtype: str, csv_path: str) -> list[str]:
     """Run ncu over two forward+backward passes of ``run`` and return :func:`table`'s lines."""
-    for tensor in _TENSOR:
-        cmd = ["ncu", "--clock-control", "none", "-k", "regex:^_(chunk|state|fwd|bwd)", "--metrics",
-               ",".join(_METRICS + (tensor,)), "--csv", "--page", "raw", "--print-units", "base",
-               sys.executable, "-m", "bench._ncu", "run", "--shape", shape, "--precision", precision,
-               "--dtype", dtype]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode == 0 and '"ID"' in res.stdout:
-            with open(csv_path, "w") as f:
-                f.write(res.stdout)
-            return table(csv_path)
-        print(f"ncu with {tensor}: rc {res.returncode}: {(res.stderr or res.stdout)[-300:]}", file=sys.stderr)
-    raise RuntimeError("ncu failed with every tensor-pipe metric name")
+    cmd = ["ncu", "--clock-control", "none", "-k", "regex:^_(chunk|state|fwd|bwd)", "--metrics",
+           ",".join(_METRICS + (_tensor_metric(),)), "--csv", "--page", "raw", "--print-units", "base",
+           sys.executable, "-m", "bench._ncu", "run", "--shape", shape, "--precision", precision, "--dtype", dtype]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 or '"ID"' not in res.stdout:
+        raise RuntimeError(f"ncu failed (rc {res.returncode}): {(res.stderr or res.stdout)[-500:]}")
+    with open(csv_path, "w") as f:
+        f.write(res.stdout)
+    return table(csv_path)
 
 
 def main(argv: list[str] | None = None) -> None:
