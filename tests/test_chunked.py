@@ -105,6 +105,7 @@ def check(B, n, H, d, e, dtype, device, tol, zeros=False, init=False, final=Fals
 @pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
 @pytest.mark.parametrize("n,H,d,e,chunk,zeros,init,final", [
     (40, 2, 16, 32, 16, True, True, True),    # zero gates, initial + final state, d != e
+    (170, 1, 16, 16, 16, True, True, True),   # 11 chunks: the state scan's 8-chunk loop runs twice, masked
     (70, 1, 32, 16, 64, False, False, False),  # n not a multiple of a 64-chunk, d = 32
     (33, 1, 24, 40, 16, True, True, False),    # dims that are not powers of two
 ])
