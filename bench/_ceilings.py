@@ -30,18 +30,22 @@ def _matmul_rate(dtype: torch.dtype, precision: str, n: int = 8192) -> float:
     return 2 * n ** 3 / (ms * 1e-3)
 
 
-@functools.lru_cache(maxsize=None)
-def ceilings() -> dict:
-    """Copy bandwidth and matrix rates of the current CUDA device (or the H100 figures without CUDA)."""
-    if not torch.cuda.is_available():
-        return {**H100, "measured": False, "device": "none (H100 figures from DESIGN.md)"}
+def copy_bandwidth() -> float:
+    """Bytes per second (read + written) of a 1 GiB device-to-device copy of random float32, on CUDA."""
     from triton.testing import do_bench
 
     x = torch.randn(1 << 28, device="cuda")  # 1 GiB of float32, random (zeros can run faster)
     y = torch.empty_like(x)
     ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100, return_mode="median")
-    out = {"copy_bw": 2 * x.nbytes / (ms * 1e-3)}
-    del x, y
+    return 2 * x.nbytes / (ms * 1e-3)
+
+
+@functools.lru_cache(maxsize=None)
+def ceilings() -> dict:
+    """Copy bandwidth and matrix rates of the current CUDA device (or the H100 figures without CUDA)."""
+    if not torch.cuda.is_available():
+        return {**H100, "measured": False, "device": "none (H100 figures from DESIGN.md)"}
+    out = {"copy_bw": copy_bandwidth()}
     out["fp32"] = _matmul_rate(torch.float32, "highest")
     out["tf32"] = _matmul_rate(torch.float32, "high")
     out["bf16"] = _matmul_rate(torch.bfloat16, "highest")

@@ -12,8 +12,8 @@ e.g.::
 instructions) and which shared-memory instructions replayed (bank conflicts: excessive wavefronts).
 
 ``python -m bench._ncu roofline [--precision ieee] [--dtype float32]``: runs ncu itself over ``run`` and prints,
-per chunked-scan kernel of the second (warm) forward+backward: device time, DRAM bytes and their share of the
-copy ceiling, tensor-pipe utilization, achieved occupancy and shared-memory bank conflicts.
+per chunked-scan kernel of the second (warm) forward+backward: device time, DRAM bytes and their rate as a share
+of the copy bandwidth (``bench._ceilings.copy_bandwidth``, measured first), tensor-pipe utilization, achieved occupancy and shared-memory bank conflicts.
 
 ``bash bench/gpu.sh ncu`` runs both for each kernel in ``$NCU_KERNELS`` (not run on a GPU yet as a stage: its
 commands are the ones run by hand in the ninth session).
@@ -26,8 +26,6 @@ import csv
 import subprocess
 import sys
 
-#: measured device-to-device copy rate of the lent H200 (bench/RESULTS.md), bytes per second
-COPY_BPS = 4.25e12
 #: ncu metrics of the roofline table (ncu drops a name it does not know without an error)
 _METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.sum", "lts__t_bytes.sum",
             "sm__warps_active.avg.pct_of_peak_sustained_active",
@@ -103,10 +101,10 @@ def summarize(path: str, top: int = 12) -> list[str]:
     return out
 
 
-def table(path: str) -> list[str]:
+def table(path: str, copy_bps: float) -> list[str]:
     """Lines of text from ncu's raw page (``--csv --page raw --print-units base``) of two forward+backward passes:
-    per kernel name, the latter half of its launches (the warm pass), summed; the tensor-pipe and occupancy
-    columns are time-weighted means."""
+    per kernel name, the latter half of its launches (the warm pass), summed, slowest first; DRAM bytes over
+    time as a share of ``copy_bps``; the tensor-pipe and occupancy columns are time-weighted means."""
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f)]
     head = next(i for i, r in enumerate(rows) if r and r[0] == "ID")
@@ -118,33 +116,40 @@ def table(path: str) -> list[str]:
     for r in rows[head + 2:]:  # the row after the header holds the units
         if len(r) == len(rows[head]):
             by_name[r[col["Kernel Name"]]].append(r)
+
+    def total(rs, key):
+        return sum(_num(r, col, key) for r in rs)
+
+    def mean(rs, key):  # weighted by device time
+        ns = total(rs, "gpu__time_duration.sum") or 1.0
+        return sum(_num(r, col, key) * _num(r, col, "gpu__time_duration.sum") for r in rs) / ns
+
+    warm = sorted(((name, rs[len(rs) // 2:]) for name, rs in by_name.items()),
+                  key=lambda kv: -total(kv[1], "gpu__time_duration.sum"))
     out = [f"{'kernel':14s} {'launches':>8s} {'us':>8s} {'DRAM MB':>8s} {'of copy':>8s} {'L2 MB':>8s} "
            f"{'tensor %':>8s} {'warps %':>8s} {'regs':>5s} {'conflicts':>10s}"]
-    total_us = total_mb = 0.0
-    for name, rs in sorted(by_name.items(), key=lambda kv: -sum(_num(r, col, _METRICS[0]) for r in kv[1])):
-        rs = rs[len(rs) // 2:]
-        ns = sum(_num(r, col, "gpu__time_duration.sum") for r in rs) or 1.0
-        dram = sum(_num(r, col, "dram__bytes_read.sum") + _num(r, col, "dram__bytes_write.sum") for r in rs)
-        l2 = sum(_num(r, col, "lts__t_bytes.sum") for r in rs)
-
-        def mean(key):
-            return sum(_num(r, col, key) * _num(r, col, "gpu__time_duration.sum") for r in rs) / ns
-
-        total_us += ns / 1e3
-        total_mb += dram / 1e6
+    total_ns = total_bytes = 0.0
+    for name, rs in warm:
+        ns = total(rs, "gpu__time_duration.sum") or 1.0
+        dram = total(rs, "dram__bytes_read.sum") + total(rs, "dram__bytes_write.sum")
+        total_ns += ns
+        total_bytes += dram
         out.append(f"{name[:14]:14s} {len(rs):8d} {ns / 1e3:8.1f} {dram / 1e6:8.1f} "
-                   f"{100 * dram / (ns * 1e-9) / COPY_BPS:7.1f}% {l2 / 1e6:8.1f} "
-                   f"{mean(tensor):8.1f} "
-                   f"{mean('sm__warps_active.avg.pct_of_peak_sustained_active'):8.1f} "
+                   f"{100 * dram / (ns * 1e-9) / copy_bps:7.1f}% {total(rs, 'lts__t_bytes.sum') / 1e6:8.1f} "
+                   f"{mean(rs, tensor):8.1f} {mean(rs, 'sm__warps_active.avg.pct_of_peak_sustained_active'):8.1f} "
                    f"{max(_num(r, col, 'launch__registers_per_thread') for r in rs):5.0f} "
-                   f"{sum(_num(r, col, 'l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum') for r in rs):10.0f}")
-    out.append(f"{'all':14s} {'':8s} {total_us:8.1f} {total_mb:8.1f} "
-               f"{100 * total_mb * 1e6 / (total_us * 1e-6) / COPY_BPS:7.1f}%   (tensor metric: {tensor})")
+                   f"{total(rs, 'l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum'):10.0f}")
+    out.append(f"{'all':14s} {'':8s} {total_ns / 1e3:8.1f} {total_bytes / 1e6:8.1f} "
+               f"{100 * total_bytes / (total_ns * 1e-9) / copy_bps:7.1f}%   (tensor metric: {tensor}; copy "
+               f"{copy_bps / 1e12:.2f} TB/s)")
     return out
 
 
 def roofline(shape: str, precision: str, dtype: str, csv_path: str) -> list[str]:
     """Run ncu over two forward+backward passes of ``run`` and return :func:`table`'s lines."""
+    from bench._ceilings import copy_bandwidth
+
+    copy_bps = copy_bandwidth()
     cmd = ["ncu", "--clock-control", "none", "-k", "regex:^_(chunk|state|fwd|bwd)", "--metrics",
            ",".join(_METRICS + (_tensor_metric(),)), "--csv", "--page", "raw", "--print-units", "base",
            sys.executable, "-m", "bench._ncu", "run", "--shape", shape, "--precision", precision, "--dtype", dtype]
@@ -153,7 +158,7 @@ def roofline(shape: str, precision: str, dtype: str, csv_path: str) -> list[str]
         raise RuntimeError(f"ncu failed (rc {res.returncode}): {(res.stderr or res.stdout)[-500:]}")
     with open(csv_path, "w") as f:
         f.write(res.stdout)
-    return table(csv_path)
+    return table(csv_path, copy_bps)
 
 
 def main(argv: list[str] | None = None) -> None:

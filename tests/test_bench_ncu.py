@@ -34,9 +34,9 @@ def test_roofline_table_takes_the_warm_pass(tmp_path):
             row(3, "_state_scan", 1000, 2.125e6, 0, 0)]
     path = tmp_path / "raw.csv"
     path.write_text("==PROF== noise\n" + "\n".join(",".join(f'"{c}"' for c in r) for r in [head, units] + rows))
-    out = _ncu.table(str(path))
+    out = _ncu.table(str(path), copy_bps=4.25e12)
     fwd = next(x for x in out if x.startswith("_fwd_o")).split()
     assert fwd[1:4] == ["1", "2.0", "8.5"] and fwd[4] == "100.0%" and fwd[6] == "30.0"
     scan = next(x for x in out if x.startswith("_state_scan")).split()
     assert scan[1:5] == ["1", "1.0", "2.1", "50.0%"]
-    assert out[-1].split()[1:3] == ["3.0", "10.6"] and tensor in out[-1]
+    assert out[-1].split()[1:3] == ["3.0", "10.6"] and tensor in out[-1] and "4.25 TB/s" in out[-1]
