@@ -5,7 +5,8 @@
 # $OUT/results.tgz.
 #   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them but ncu and roofline)
 #   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
-#           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op
+#           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op, and of the chunked
+#                     kernels' head-dim sweep (tests/test_chunked_sweep.py; MEMCHECK_SWEEP_ARGS="-n 8 -k ..." passes on)
 #           ncu       Nsight Compute on one float32 exact forward+backward of the chunked scan: per kernel in
 #                     $NCU_KERNELS, stall reasons and shared-memory replays (bench/_ncu.py) into bench/out/ncu_*.txt
 #           roofline  ncu over one warm forward+backward of the chunked scan per precision in $ROOFLINE (default
@@ -30,11 +31,17 @@ rc=0
 for stage in "${stages[@]}"; do
   echo "=== $stage ($(date -u +%H:%M:%S)) ==="
   case $stage in
-    tests) python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} 2>&1 | tee "$out/gpu_tests.log" || rc=1 ;;
+    tests) rm -f "$out/gpu_test_memory.txt"
+           GATELOOP_GPU_MEM_LOG="$PWD/$out/gpu_test_memory.txt" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} 2>&1 | tee "$out/gpu_tests.log" || rc=1
+           sort -rn "$out/gpu_test_memory.txt" | head -n 12 ;;
     memcheck) for script in bench/_memcheck.py csrc/sanitizer_smoke.py; do
                 compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$script" 2>&1 \
                   | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
-              done ;;
+              done
+              # every tile class of the chunked kernels (head dims 16..256, d != e, partial chunks, every dtype)
+              compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+                python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_chunked_sweep.py ${MEMCHECK_SWEEP_ARGS:-} 2>&1 \
+                | grep -v "^tests/" | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1 ;;
     ncu) for kernel in ${NCU_KERNELS:-_fwd_o _bwd_dqk _bwd_dv _bwd_gate _chunk_local}; do
            rep="$out/ncu_$kernel"
            ncu --clock-control none -k "regex:$kernel" -s 1 -c 1 --section SpeedOfLight --section Occupancy \

@@ -86,21 +86,27 @@ _SEARCHED = {
 }
 _CFG = {
     torch.float32: dict(_SEARCHED),
-    torch.bfloat16: {**_SEARCHED, "bwd_dqk": {"cap": 64, "num_warps": 4}, "bwd_dv": {"cap": 64, "num_warps": 4}},
+    # 16-bit outputs on 8 warps: on 4 (the float32 entry) Triton 3.6 gave a 120% wrong output (and an illegal
+    # address at real sizes) on the H100 at (d, e) = (256, 96), 64-wide key and 32-wide value tiles
+    torch.bfloat16: {**_SEARCHED, "fwd_o": {"cap": 64, "num_warps": 8}, "bwd_dqk": {"cap": 64, "num_warps": 4},
+                     "bwd_dv": {"cap": 64, "num_warps": 4}},
     torch.float16: {**_SEARCHED, "fwd_o": {"cap": 64, "num_warps": 8}, "bwd_dqk": {"cap": 32, "num_warps": 8},
                     "bwd_dv": {"cap": 32, "num_warps": 4}, "bwd_gate": {"cap": 32, "num_warps": 8}},
 }
 _DTYPE = {m: t for t, m in _MODE.items()}
-# For head dims that are not multiples of 32 (16-wide or masked tiles) all three backward kernels run 32-wide
-# tiles on 8 warps, the configuration every GPU test passed with at such shapes: with the searched 4 warps,
-# Triton 3.6 on the H100 gave a 300% wrong dq in bf16 at (d, e) = (16, 48) (the Hopper dot hazard again;
-# every other gradient and the fp32 modes were right).
-_IRREGULAR_BWD = {"cap": 32, "num_warps": 8}
+# Head dims that are not multiples of 32 (16-wide or masked tiles): the output and backward kernels run 32-wide
+# tiles on 2 warps, below a warpgroup, so Triton lowers their dots to mma.sync instead of wgmma. Triton 3.6's
+# wgmma lowering of these tiles is wrong on the H100 (docs/kernels.md): with 8 warps an illegal shared-memory
+# read in _bwd_dqk's three-dot product at d = 16 and wrong float32 gate gradients at (d, e) = (48, 16); with 4
+# warps a 100-300% wrong 16-bit dq at d = 16 and a wrong bf16 output at (48, 16); with 8 warps an illegal address
+# in a bf16 backward at (48, 80) at real sizes.
+# tests/test_chunked_sweep.py checks every tile class on the GPU (and under compute-sanitizer in gpu.sh).
+_IRREGULAR = {"cap": 32, "num_warps": 2}
 
 
 def _cfg(kernel: str, mode: int, K: int = 32, V: int = 32) -> dict:
-    if kernel.startswith("bwd_") and (K % 32 or V % 32):
-        return _IRREGULAR_BWD
+    if (kernel == "fwd_o" or kernel.startswith("bwd_")) and (K % 32 or V % 32):
+        return _IRREGULAR
     return _CFG[_DTYPE[mode]][kernel]
 
 
@@ -866,7 +872,7 @@ def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
     B, n, H, K = q.shape
     V = v.shape[-1]
     NT = _cdiv(n, BT)
-    cfg = _cfg("fwd_o", mode)
+    cfg = _cfg("fwd_o", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
     # float32: the states are stored transposed, (V, K) planes, so that _fwd_o's state dots (contracting over K)
     # stage their operand into shared memory as the K-major tile Hopper's tf32 tensor cores read, with no

@@ -23,3 +23,21 @@ def _seed():
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
     yield seed
+
+
+@pytest.fixture(autouse=True)
+def _gpu_memory(request):
+    """GPU tests return their cached blocks after each test, so that pytest-xdist workers on one card hold only
+    what their current tests need (each worker's allocator otherwise keeps its largest test's peak); with
+    ``GATELOOP_GPU_MEM_LOG=path`` (bench/gpu.sh) each test's peak is appended there."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats()
+    yield
+    path = os.environ.get("GATELOOP_GPU_MEM_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{torch.cuda.max_memory_reserved() / 2**30:6.2f} GiB reserved  "
+                    f"{torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB allocated  {request.node.nodeid}\n")
+    torch.cuda.empty_cache()
