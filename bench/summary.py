@@ -2,6 +2,7 @@
 wrote to ``bench/out/`` (only the ones that ran). ``python -m bench summary`` prints it again."""
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -9,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-OUT = os.path.join(os.path.dirname(__file__), "out")
+from bench import OUT
 
 
 def device_line() -> str:
@@ -88,7 +89,7 @@ def _model(lines: list[str]) -> None:
         if "tokens_per_s" not in ours:
             continue
         vs = (f"{ours['tokens_per_s'] / seed['tokens_per_s']:.1f}x the seed" if "tokens_per_s" in seed
-              else "seed: " + str(seed.get("error", "-"))[:40])
+              else "seed not installed" if seed.get("skipped") else "seed: " + str(seed.get("error", "-"))[:40])
         comp = g.get("ours compiled", {})
         if "tokens_per_s" in comp:
             vs += f"; compiled {comp['tokens_per_s'] / 1e3:.1f}k tok/s"
@@ -106,7 +107,12 @@ def _train(lines: list[str]) -> None:
 SECTIONS: list[Callable[[list[str]], None]] = [_scan, _reversible, _model, _train]
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="python -m bench summary", description=__doc__.split("\n\n")[0])
+
+
 def main(argv: list[str]) -> None:
+    build_parser().parse_args(argv)
     lines: list[str] = []
     for section in SECTIONS:
         try:
