@@ -366,7 +366,8 @@ def main(argv: list[str]) -> None:
     print(_table(rows), flush=True)
     os.makedirs(args.out, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": ceilings()}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": ceilings(),
+            "peers": {"seed": _seed_operator()[0], "accelerated-scan": "installed" if _accel_scan() else "not installed"}}
     with open(os.path.join(args.out, "scan.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     _log(f"json: {os.path.join(args.out, 'scan.json')}")

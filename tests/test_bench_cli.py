@@ -151,3 +151,15 @@ def test_seed_not_installed_is_reported_as_not_installed(tmp_path, monkeypatch, 
     monkeypatch.setattr(summary, "OUT", str(tmp_path))
     summary.main([])
     assert "seed not installed" in capsys.readouterr().out
+
+
+def test_summary_says_which_scan_peers_are_not_installed(tmp_path, monkeypatch, capsys):
+    rows = [dict(impl=impl, BH=16, n=256, dtype="float32", fwdbwd_ms=ms, graph_fwdbwd_ms=float("nan"))
+            for impl, ms in (("ours (b,n,h)", 1.0), ("seed (reference)", 2.0))]
+    peers = {"seed": "seed (reference)", "accelerated-scan": "not installed"}
+    (tmp_path / "scan.json").write_text(json.dumps({"meta": {"peers": peers}, "rows": rows}))
+    monkeypatch.setattr(summary, "OUT", str(tmp_path))
+    summary.main([])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("scan d=1"))
+    assert "ours 1.000 ms" in line and "reference 2.000 ms (upstream not installed)" in line
+    assert "accelerated-scan not installed" in line
