@@ -1,37 +1,71 @@
-"""Entry point: ``python -m bench [scan|reversible|model|train|summary] [options]``.
+"""Entry point: ``python -m bench [--quick] [SUBCOMMAND [options]]``.
 
-Each subcommand lives in ``bench/<name>.py`` and exposes ``main(argv: list[str]) -> None``.
-Without a subcommand every benchmark runs with its default (machine-sized) settings, and a short
-summary of all of them is printed last (``bench/summary.py``).
+Each subcommand lives in ``bench/<name>.py`` and exposes ``build_parser() -> argparse.ArgumentParser`` and
+``main(argv: list[str]) -> None``. Without a subcommand every benchmark runs with its default
+(machine-sized) settings, and the short summary of all of them is printed last. Every command line is
+checked in full before anything runs: an unknown subcommand or option exits with status 2 at once.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = ("scan", "reversible", "model", "train", "summary")
+#: name -> one-line help; the order in which ``python -m bench`` runs them ("summary" last)
+SUBCOMMANDS = {
+    "scan": "head-dim-1 scan vs the seed and accelerated-scan, then the chunked scan (head dims 16-256)",
+    "reversible": "reversible stack: memory and time vs depth, reconstruction and gradient errors",
+    "model": "GateLoop Transformer training steps, ours vs the seed: tokens/s and peak memory",
+    "train": "MQAR recall training, ours vs the seed: loss curves and accuracy",
+    "summary": "print the short table of the results in bench/out/ again",
+}
+#: what ``--quick`` passes to each subcommand when no subcommand is named
+QUICK = {"scan": ["--quick"], "model": ["--quick"]}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmarks of gateloop_kernels and reversible. Without a subcommand all of them run, sized to "
+                    "the machine (tiny sizes through the PyTorch reference on a CPU), and a summary is printed last.",
+        epilog="Results go to bench/out/ (JSON; PNG plots where matplotlib imports). "
+               "`python -m bench SUBCOMMAND --help` lists a subcommand's options.")
+    p.add_argument("--quick", action="store_true",
+                   help="without a subcommand: " + "; ".join(f"{k} {' '.join(v)}" for k, v in QUICK.items())
+                   + " (the others as they are)")
+    sub = p.add_subparsers(dest="command", metavar="SUBCOMMAND", title="subcommands")
+    for name, text in SUBCOMMANDS.items():
+        # the subcommand's own parser (bench/<name>.py) reads its options and its --help
+        sub.add_parser(name, help=text, add_help=False)
+    return p
+
+
+def plan(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """``[(subcommand, its argv)]`` for ``python -m bench *argv``, every argv checked by the subcommand's
+    parser first: an unknown subcommand or option exits here (``SystemExit(2)``), before anything runs."""
+    p = build_parser()
+    args, rest = p.parse_known_args(argv)
+    if args.command is None:
+        if rest:
+            p.error(f"unrecognized arguments: {' '.join(rest)} (a subcommand's options go after its name)")
+        todo = [(name, QUICK.get(name, []) if args.quick else []) for name in SUBCOMMANDS]
+    elif args.quick:
+        p.error(f"--quick is for the run of all benchmarks; a subcommand's options go after its name "
+                f"(python -m bench {args.command} --help lists them)")
+    else:
+        todo = [(args.command, rest)]
+    for name, sub_argv in todo:
+        importlib.import_module(f"bench.{name}").build_parser().parse_args(sub_argv)
+    return todo
 
 
 def main(argv: list[str]) -> None:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
+    todo = plan(argv)
     from bench.summary import device_line
     print(f"[bench] {device_line()}", flush=True)
-    if argv and argv[0] in SUBCOMMANDS:
-        names, rest = [argv[0]], argv[1:]
-    else:
-        names, rest = list(SUBCOMMANDS), argv  # "summary" last
-    for name in names:
-        try:
-            mod = importlib.import_module(f"bench.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"bench.{name}":
-                print(f"[bench] {name}: not available yet, skipped")
-                continue
-            raise
+    for name, sub_argv in todo:
         print(f"[bench] === {name} ===", flush=True)
-        mod.main(rest)
+        importlib.import_module(f"bench.{name}").main(sub_argv)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ ours (reversible too). The seed's model comes from an installed ``gateloop_trans
 cannot run under bf16 autocast (``view_as_complex`` rejects bfloat16), which is reported, not
 hidden. On a GPU, rows of ours under ``torch.compile(model)`` are added (``--no-compile`` skips them).
 On the CPU a tiny configuration runs through the reference path, and says so.
-Writes ``bench/out/model.json``.
+Writes ``model.json`` to ``--out`` (default ``bench/out``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 import warnings
@@ -21,6 +22,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from bench import OUT
 
 
 def _make(which: str, heads: Optional[int], dim: int, depth: int, reversible: bool) -> nn.Module:
@@ -124,7 +126,7 @@ def time_gate(device: str) -> None:
         print(f"[model] gate (8, 2048, 512) {name:13s} forward {tf * 1e3:7.1f} us  backward {tb * 1e3:7.1f} us")
 
 
-def main(argv: list[str]) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench model", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="skip the 131072-token runs")
     p.add_argument("--device", default=None)
@@ -141,7 +143,16 @@ def main(argv: list[str]) -> None:
                    help="only the rows beyond the eager table: 1 x 131072 and the compiled ones")
     p.add_argument("--gate", action="store_true", help="first time the fused gate activation against its "
                    "PyTorch formula (GPU)")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default=OUT, help="where model.json goes (default: bench/out)")
+    return p
+
+
+def _seed_installed() -> bool:
+    return importlib.util.find_spec("gateloop_transformer") is not None
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.gate:
         time_gate(device)
@@ -166,13 +177,14 @@ def main(argv: list[str]) -> None:
         if c.get("compiled"):
             c = {**c, "compile_mode": args.compile_mode}
         try:
-            r = measure(device=device, **c)
-            mem = f"{r['peak_gib']:6.2f} GiB" if r["peak_gib"] is not None else "   (no memory stats on the CPU)"
-            comp = f"  (compile {r['compile_s']:.0f} s)" if "compile_s" in r else ""
-            print(f"{r['tokens_per_s'] / 1e3:8.1f}k tok/s  {mem}{comp}", flush=True)
-        except ImportError:
-            r = {"error": "upstream gateloop_transformer not installed"}
-            print("skipped (upstream not installed)")
+            if c["which"] == "seed" and not _seed_installed():
+                r = {"skipped": "upstream gateloop_transformer not installed"}
+                print(f"skipped ({r['skipped']})")
+            else:
+                r = measure(device=device, **c)
+                mem = f"{r['peak_gib']:6.2f} GiB" if r["peak_gib"] is not None else "   (no memory stats on the CPU)"
+                comp = f"  (compile {r['compile_s']:.0f} s)" if "compile_s" in r else ""
+                print(f"{r['tokens_per_s'] / 1e3:8.1f}k tok/s  {mem}{comp}", flush=True)
         except torch.cuda.OutOfMemoryError:
             r = {"error": "out of memory"}
             print("out of memory")
@@ -184,7 +196,7 @@ def main(argv: list[str]) -> None:
                 torch.cuda.empty_cache()
         rows.append({**c, "compiled": bool(c.get("compiled")), **r})
     _table(rows)
-    out = Path("bench/out")
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "compile_mode": args.compile_mode if args.compile else None}
@@ -192,11 +204,16 @@ def main(argv: list[str]) -> None:
     (out / name).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
 
 
+def _status(row: dict) -> str:
+    """What the table shows where a row has no speed: a peer not installed is not a failure."""
+    return "not installed" if row.get("skipped") else "fails" if row.get("error") else "-"
+
+
 def _table(rows: list[dict]) -> None:
     """One line per configuration: seed, ours eager and, when measured, ours compiled (with its
     speed against ours eager and the compile time)."""
     with_comp = any(r.get("compiled") for r in rows)
-    print("\nheads  batch x seq   amp   rev   seed tok/s  seed GiB   ours tok/s  ours GiB   speedup  mem ratio"
+    print("\nheads  batch x seq   amp   rev      seed tok/s  seed GiB   ours tok/s  ours GiB   speedup  mem ratio"
           + ("   compiled tok/s  GiB  vs eager  compile s" if with_comp else ""))
     keyf = lambda r: (r["heads"], r["batch"], r["seq"], r["amp"], r.get("reversible", False))  # noqa: E731
     groups: dict = {}
@@ -209,12 +226,12 @@ def _table(rows: list[dict]) -> None:
         fmt = lambda x, f: (f % x) if isinstance(x, float) else f"{'-':>{len(f % 0.0)}}"  # noqa: E731
         sp = f"{ot / st:7.1f}x" if st and ot else "      -"
         mr = f"{om / sm:8.2f}" if sm and om else "       -"
-        seed_txt = fmt(st, "%10.0f") if st else f"{'fails' if seed.get('error') else '-':>10s}"
+        seed_txt = fmt(st, "%13.0f") if st else f"{_status(seed):>13s}"
         line = (f"{str(heads or 'dim'):>5s}  {b:>2d} x {s:<7d} {'bf16' if amp else 'fp32'}  {'yes' if rev else ' no'}  "
                 f"{seed_txt} {fmt(sm, '%9.2f')}  {fmt(ot, '%11.0f')} {fmt(om, '%9.2f')}  {sp} {mr}")
         if comp is not None:
             ct = comp.get("tokens_per_s")
-            ct_txt = fmt(ct, "%16.0f") if ct else f"{'fails':>16s}"
+            ct_txt = fmt(ct, "%16.0f") if ct else f"{_status(comp):>16s}"
             vs = f"{ct / ot:8.2f}x" if ct and ot else "        -"
             line += f" {ct_txt} {fmt(comp.get('peak_gib'), '%5.2f')}  {vs}  {fmt(comp.get('compile_s'), '%9.1f')}"
         print(line)

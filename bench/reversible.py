@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench import OUT
+
 GiB = 1024 ** 3
 VARIANTS = ("rev_ext", "rev_noext", "seed", "plain", "ckpt")
 
@@ -486,24 +488,30 @@ def print_table(results: list[dict[str, Any]]) -> None:
               f"{_fmt(r['step_ms'], '.1f'):>9} {_fmt(r['step_ms'] / r['depth']):>9} {_fmt(ratio):>8}")
 
 
-def plot(results: list[dict[str, Any]], path: Path, title: str) -> bool:
+def plot(results: list[dict[str, Any]], path: Path, title: str) -> str:
+    """Activation memory (where measured: CUDA) and step time against depth, one line per variant, to
+    ``path``; returns the line to print: what was written, or why nothing was (no file then)."""
+    done = [r for r in results if "error" not in r]
+    panels = [(key, label) for key, label in (("act_gib", "activation memory (GiB)"),
+                                              ("step_ms", "step time, fwd+bwd (ms)"))
+              if any(r.get(key) is not None for r in done)]
+    if not panels:
+        if path.exists():  # a plot left by an earlier run would contradict the JSON
+            path.unlink()
+        return "no plot: no step was measured"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for v in VARIANTS:
-        rows = [r for r in results if r["variant"] == v and "error" not in r]
-        if not rows:
-            continue
-        dep = [r["depth"] for r in rows]
-        if rows[0].get("act_gib") is not None:
-            axes[0].plot(dep, [r["act_gib"] for r in rows], marker="o", label=v)
-        axes[1].plot(dep, [r["step_ms"] for r in rows], marker="o", label=v)
-    for ax, ylab in zip(axes, ("activation memory (GiB)", "step time, fwd+bwd (ms)")):
+        return "matplotlib not importable: no plot"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, ylab) in zip(axes[0], panels):
+        for v in VARIANTS:
+            pts = [(r["depth"], r[key]) for r in done if r["variant"] == v and r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=v)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("depth (blocks)")
         ax.set_ylabel(ylab)
@@ -513,12 +521,14 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+    if len(panels) == 1 and panels[0][0] == "step_ms":
+        return f"wrote {path} (step time only: activation memory is measured on CUDA only)"
+    return f"wrote {path}"
 
 
 # ----------------------------------------------------------------------------- main
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench reversible", description=__doc__.split("\n\n")[0])
     ap.add_argument("--depths", type=int, nargs="+", default=None)
     ap.add_argument("--d-model", type=int, default=None)
@@ -545,8 +555,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--overlap-probe", action="store_true",
                     help="only time one block's recomputed forward against a backward on one and on two CUDA "
                          "streams: what a second stream could buy (CUDA)")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"))
-    args = ap.parse_args(argv or [])
+    ap.add_argument("--out", default=OUT, help="where the JSON and the PNG go (default: bench/out)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv or [])
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -644,10 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     if report["results"]:
         ppath = out_dir / f"reversible_{tag}.png"
         title = f"{meta['device']}, d={d} h={heads} n={seq} b={batch}, {meta['config']['amp']}"
-        if plot(report["results"], ppath, title):
-            print(f"[bench reversible] wrote {ppath}")
-        else:
-            print("[bench reversible] matplotlib not importable: no plot")
+        print(f"[bench reversible] {plot(report['results'], ppath, title)}")
 
 
 if __name__ == "__main__":

@@ -12,16 +12,16 @@ fixed total size -- in float32 and bfloat16, times the forward and forward+backw
 * ``accel-scan``: ``accelerated_scan.complex.scan`` (``(B, C, T)`` layout) when importable.
 
 Each result is checked against a float64 oracle before it is timed. Prints a table, writes
-``scan.json`` and (with matplotlib) ``scan.png`` to ``--out`` (default ``bench/out``). Bytes floor:
+``scan.json`` and (with matplotlib, where two or more n were timed at one total size: not with ``--quick``)
+``scan.png`` to ``--out`` (default ``bench/out``). Bytes floor:
 each input read once and each output written once, over the copy bandwidth measured on the device at the
 start (``bench/_ceilings.py``).
 On a machine without CUDA it runs tiny sizes through the reference only, and says so.
-Afterwards runs ``bench.scan_chunked.main`` when that module exists (unless ``--no-chunked``).
+Afterwards runs ``bench.scan_chunked`` (unless ``--no-chunked``), whose options it accepts too.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -30,6 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
+from bench import OUT, scan_chunked
 from bench._ceilings import ceilings, describe
 from gateloop_kernels import elementwise as ew
 from gateloop_kernels import operator as op
@@ -229,7 +230,20 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: list[dict], path: str) -> None:
+def _plot(rows: list[dict], path: str, title: str = "") -> None:
+    """Forward and forward+backward time against n at the fixed total size ``B*H*n`` measured at the most
+    values of n (the GPU's sweep at 8M, the CPU's two tiny shapes at 4096); no file, and a line saying why,
+    where no total size was measured at two values of n (``--quick``)."""
+    done = [r for r in rows if "fwd_ms" in r]
+    ns: dict[int, set] = {}
+    for r in done:
+        ns.setdefault(r["BH"] * r["n"], set()).add(r["n"])
+    total = max(ns, key=lambda t: (len(ns[t]), t), default=None)
+    if total is None or len(ns[total]) < 2:
+        _log("no plot: no total size B*H*n was timed at two values of n or more (the n sweep runs without --quick)")
+        if os.path.exists(path):  # a plot left by an earlier run would contradict scan.json
+            os.remove(path)
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -237,7 +251,7 @@ def _plot(rows: list[dict], path: str) -> None:
     except ImportError:
         _log("matplotlib not installed: no plot")
         return
-    sweep = [r for r in rows if r["BH"] * r["n"] == TOTAL and "fwd_ms" in r]
+    sweep = [r for r in done if r["BH"] * r["n"] == total]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key in zip(axes, ("fwd_ms", "fwdbwd_ms")):
         for impl in sorted({r["impl"] for r in sweep}):
@@ -247,12 +261,14 @@ def _plot(rows: list[dict], path: str) -> None:
                     ax.plot(*zip(*pts), style, marker="o", label=f"{impl} {dt}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel("n (B*H = 8M / n, d = 1)")
+        ax.set_xlabel(f"n (B*H = {total} / n, d = 1)")
         ax.set_ylabel(key.replace("_ms", "") + " time (ms)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     _log(f"plot: {path}")
 
 
@@ -309,14 +325,25 @@ def _profile() -> None:
                 _log(f"  {name} {str(dtype)[6:]}: {us:8.1f} us/iter  x{calls}  {kernel[:90]}")
             _log(f"  {name} {str(dtype)[6:]}: device total {sum(r[1] for r in rows):.1f} us per fwd+bwd")
 
-def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench scan", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="only the two headline shapes")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
-    p.add_argument("--sweep", action="store_true", help="also sweep tile sizes of our kernel")
+def build_parser() -> argparse.ArgumentParser:
+    """This benchmark's options and those of ``bench.scan_chunked``, which it runs last: ``--quick``,
+    ``--sweep`` and ``--profile`` apply to both."""
+    p = argparse.ArgumentParser(prog="python -m bench scan", description=__doc__.splitlines()[0],
+                                conflict_handler="resolve")  # ours replace the chunked benchmark's namesakes
+    scan_chunked.add_arguments(p.add_argument_group("the chunked scan, run last (python -m bench.scan_chunked)"))
+    p.add_argument("--quick", action="store_true",
+                   help="only the two headline shapes (the chunked scan: fewer repetitions)")
+    p.add_argument("--out", default=OUT, help="where scan.json, scan.png and scan_chunked.json go (default: bench/out)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also sweep tile sizes of our kernel (the chunked scan: also the n sweep to 2^20)")
     p.add_argument("--no-chunked", action="store_true", help="skip bench.scan_chunked")
-    p.add_argument("--profile", action="store_true", help="host overheads and per-kernel device times first")
-    args, rest = p.parse_known_args(argv)
+    p.add_argument("--profile", action="store_true", help="host overheads and per-kernel device times first "
+                   "(the chunked scan: per-kernel times of one fwd+bwd)")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if cuda:
@@ -339,16 +366,13 @@ def main(argv: list[str]) -> None:
     print(_table(rows), flush=True)
     os.makedirs(args.out, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": ceilings()}
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": ceilings(),
+            "peers": {"seed": _seed_operator()[0], "accelerated-scan": "installed" if _accel_scan() else "not installed"}}
     with open(os.path.join(args.out, "scan.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     _log(f"json: {os.path.join(args.out, 'scan.json')}")
-    _plot(rows, os.path.join(args.out, "scan.png"))
+    _plot(rows, os.path.join(args.out, "scan.png"), f"{meta['device']}, torch {meta['torch']}" +
+          ("" if cuda else ": the PyTorch reference on tiny sizes, not kernel timings"))
     if not args.no_chunked:
-        try:
-            chunked = importlib.import_module("bench.scan_chunked")
-        except ModuleNotFoundError as e:
-            if e.name != "bench.scan_chunked":
-                raise
-            return
-        chunked.main(rest)
+        args.json = args.json or os.path.join(args.out, "scan_chunked.json")
+        scan_chunked.main(args=args)

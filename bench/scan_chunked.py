@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from bench import OUT
 from bench._ceilings import ceilings, describe
 
 MAIN = [(64, 2048, 64), (32, 8192, 64), (16, 4096, 128)]
@@ -263,15 +264,22 @@ def tune(shapes, modes, kernels=tuple(TUNE)):
             torch.cuda.empty_cache()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="bench scan_chunked", description=__doc__.split("\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.scan_chunked", description=__doc__.split("\n")[0])
+    add_arguments(ap)
+    return ap
+
+
+def add_arguments(ap) -> None:
+    """This benchmark's options, on a parser or an argument group (``python -m bench scan`` offers them too)."""
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--peers", default="seed,fla", help="comma list of seed,fla (or 'none')")
     ap.add_argument("--sweep", action="store_true", help="also the n sweep to 2^20 (B*H = 8, d = 64)")
-    ap.add_argument("--modes", default="ieee,tf32,bf16")
+    ap.add_argument("--modes", default="ieee,tf32,bf16", help="comma list of ieee, tf32x3, tf32, bf16")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd (torch.profiler)")
     ap.add_argument("--shapes", default="main", help="'main' or BH:n:d,... ")
-    ap.add_argument("--json", default=os.path.join("bench", "out", "scan_chunked.json"))
+    ap.add_argument("--json", default=None, help="where the rows go (default: scan_chunked.json in bench/out, or in "
+                    "python -m bench scan's --out)")
     ap.add_argument("--fla-shapes", default="64:2048:64", help="BH:n:d,... where fla runs (it autotunes per shape)")
     ap.add_argument("--sweep-modes", default="ieee", help="modes for the n sweep")
     ap.add_argument("--tune", action="store_true", help="only search the kernels' launch configurations "
@@ -279,7 +287,11 @@ def main(argv=None):
     ap.add_argument("--tune-kernels", default=",".join(TUNE), help="kernels --tune searches")
     ap.add_argument("--chunk-sizes", default="", help="comma list of other chunk sizes (e.g. 32,128) to time "
                     "ours with too, each checked against the oracle")
-    args, _ = ap.parse_known_args(argv)
+
+
+def main(argv=None, args=None):
+    """Runs the benchmark on ``argv``, or on ``args`` already parsed (by ``python -m bench scan``)."""
+    args = build_parser().parse_args(argv) if args is None else args
     if not torch.cuda.is_available():
         log("[scan_chunked] needs a CUDA GPU; skipped")
         return
@@ -297,7 +309,7 @@ def main(argv=None):
         f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     log(f"[scan_chunked] {describe(ceilings())}")
     fla_shapes = [tuple(int(x) for x in t.split(":")) for t in args.fla_shapes.split(",") if t]
-    out = args.json
+    out = args.json or os.path.join(OUT, "scan_chunked.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     rows = []
     for (bh, n, d) in shapes:

@@ -2,6 +2,7 @@
 wrote to ``bench/out/`` (only the ones that ran). ``python -m bench summary`` prints it again."""
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -9,7 +10,7 @@ from typing import Any, Callable
 
 import torch
 
-OUT = os.path.join(os.path.dirname(__file__), "out")
+from bench import OUT
 
 
 def device_line() -> str:
@@ -38,16 +39,26 @@ def _ms(x: Any) -> str:
 def _scan(lines: list[str]) -> None:
     data = _load("scan.json")
     if data:
+        peers = data.get("meta", {}).get("peers", {})
         by_case: dict = {}
         for r in data["rows"]:
             by_case.setdefault((r["BH"], r["n"], r["dtype"]), {})[r["impl"]] = r
         for (bh, n, dt), impls in by_case.items():
-            ours, seed, acc = impls.get("ours (b,n,h)", {}), impls.get("seed (upstream)", {}), impls.get("accel-scan", {})
+            # "seed (reference)": the PyTorch reference stands in where upstream is not installed
+            seed_name = next((k for k in impls if k.startswith("seed")), peers.get("seed", "seed (upstream)"))
+            ours, seed = impls.get("ours (b,n,h)", {}), impls.get(seed_name, {})
             graph = ours.get("graph_fwdbwd_ms")
             device_time = isinstance(graph, float) and graph == graph  # NaN where no CUDA graph was timed
             key = "graph_fwdbwd_ms" if device_time else "fwdbwd_ms"
+            if "accel-scan" in impls:
+                acc = _ms(impls["accel-scan"].get(key))
+            else:
+                acc = {"not installed": "not installed", "installed": "not run (CUDA only)"}.get(
+                    peers.get("accelerated-scan"), "-")
+            seed_txt = (f"the seed's PyTorch reference {_ms(seed.get(key))} (upstream not installed)"
+                        if seed_name == "seed (reference)" else f"seed {_ms(seed.get(key))}")
             lines.append(f"scan d=1 ({bh}, {n}) {dt}: fwd+bwd {'device' if device_time else 'end-to-end'} time: "
-                         f"ours {_ms(ours.get(key))}, seed {_ms(seed.get(key))}, accelerated-scan {_ms(acc.get(key))}")
+                         f"ours {_ms(ours.get(key))}, {seed_txt}, accelerated-scan {acc}")
     chunked = _load("scan_chunked.json")
     if chunked:
         for r in chunked["rows"]:
@@ -88,7 +99,7 @@ def _model(lines: list[str]) -> None:
         if "tokens_per_s" not in ours:
             continue
         vs = (f"{ours['tokens_per_s'] / seed['tokens_per_s']:.1f}x the seed" if "tokens_per_s" in seed
-              else "seed: " + str(seed.get("error", "-"))[:40])
+              else "seed not installed" if seed.get("skipped") else "seed: " + str(seed.get("error", "-"))[:40])
         comp = g.get("ours compiled", {})
         if "tokens_per_s" in comp:
             vs += f"; compiled {comp['tokens_per_s'] / 1e3:.1f}k tok/s"
@@ -106,7 +117,12 @@ def _train(lines: list[str]) -> None:
 SECTIONS: list[Callable[[list[str]], None]] = [_scan, _reversible, _model, _train]
 
 
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog="python -m bench summary", description=__doc__.split("\n\n")[0])
+
+
 def main(argv: list[str]) -> None:
+    build_parser().parse_args(argv)
     lines: list[str] = []
     for section in SECTIONS:
         try:

@@ -1,13 +1,13 @@
 """End-to-end training on multi-query associative recall (MQAR, as in the Zoology benchmarks).
 
-``python -m bench train [--steps N] [--config tiny|real] [--device cpu|cuda]``
+``python -m bench train [--steps N] [--config tiny|real] [--device cpu|cuda] [--out DIR]``
 
 The task is generated in-process: each sequence lists ``pairs`` key-value pairs, then asks
 ``queries`` of the keys again; the model must emit the value that followed each key. Three runs
 with the same initial weights and the same batches: the seed's model (upstream
 ``gateloop_transformer``, fp32; skipped if not installed), this package's ``Transformer`` in fp32,
 and the same under bf16 autocast. Prints the loss curves side by side, the recall accuracy, and
-writes ``bench/out/train.json``.
+writes ``train.json`` to ``--out`` (default ``bench/out``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from bench import OUT
 
 IGNORE = -100
 
@@ -123,7 +125,7 @@ CONFIGS = {
 
 
 def run(config: str = "tiny", steps: Optional[int] = None, device: Optional[str] = None, seed: int = 0,
-        out_dir: Path = Path("bench/out")) -> dict:
+        out_dir: Path = Path(OUT)) -> dict:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     mcfg, task, opt = CONFIGS[config]
     steps = steps or opt["steps"]
@@ -158,15 +160,20 @@ def _report(results: dict) -> None:
     print("seconds: " + ", ".join(f"{lab} {runs[lab]['seconds']:.1f}" for lab in labels))
 
 
-def main(argv: list[str]) -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(CONFIGS), default=None,
                    help="model/task size (default: real on a GPU, tiny on the CPU)")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
     p.add_argument("--device", default=None)
-    args = p.parse_args(argv)
+    p.add_argument("--out", type=Path, default=Path(OUT), help="where train.json goes (default: bench/out)")
+    return p
+
+
+def main(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
     config = args.config or ("real" if torch.cuda.is_available() else "tiny")
-    run(config, args.steps, args.device)
+    run(config, args.steps, args.device, out_dir=args.out)
 
 
 if __name__ == "__main__":
