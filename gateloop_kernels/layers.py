@@ -99,6 +99,9 @@ class CausalFullAttention(Module):
     """The seed's causal attention baseline (softmax, or linear with a data-dependent decay).
 
     Input ``(b, n, dim)``, output ``(b, n, dim)``. ``rotary_emb=True`` needs ``rotary-embedding-torch``.
+    Unlike the gate-loop layers it is not causal for non-finite values: both paths are dense masked
+    products (PyTorch's attention, or ``masked scores @ v``) whose masked zeros multiply later tokens, so a
+    NaN or Inf at token t reaches the outputs (and gradients) of earlier tokens.
     """
 
     def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, rotary_emb: bool = False,
