@@ -6,8 +6,9 @@ as much as all of its launchers. Eager calls therefore run the ops' own implemen
 through a plain ``torch.autograd.Function``; torch.compile and export tracing, and fake tensors, keep the
 registered ops (their fake implementations, opcheck, fullgraph capture).
 
-The Function has the ``setup_context`` form, so ``torch.func`` transforms (grad, vjp, jacrev) run it, and a
-``vmap`` rule that folds the mapped dim into the batch dim (the ops treat batch elements independently).
+Under ``torch.func`` transforms (grad, vjp, jacrev, vmap) the same implementation runs as a Function of the
+``setup_context`` form with a ``vmap`` rule that folds the mapped dim into the batch dim (the ops treat batch
+elements independently); plain calls keep the cheaper ``forward(ctx, ...)`` form (:func:`with_transforms`).
 """
 from __future__ import annotations
 
@@ -68,11 +69,19 @@ def eager_function(name: str, forward: Callable, setup_context: Callable,
     """An autograd.Function from a custom op's implementation and its ``register_autograd`` pair.
 
     ``backward`` sees ``ctx.eager = True`` and should then call the backward op's implementation directly.
-    Under ``torch.func.vmap`` the op runs once on the folded batch (``_fold_vmap``: every tensor argument and
-    result of 2 dims or more leads with the batch dim). Under ``torch.func`` transforms the backward runs as
-    a Function of its own (its kernels must see plain tensors, not the transforms' wrappers); it cannot be
-    differentiated again (double backward raises).
+    Under ``torch.func`` transforms, ``apply`` runs a second Function of the ``setup_context`` form (the form
+    torch.func needs; PyTorch binds its arguments by signature on every call, ~40 us, so plain calls keep
+    the ``forward(ctx, ...)`` form) with a vmap rule that folds the mapped dim into the batch
+    (``_fold_vmap``: every tensor argument and result of 2 dims or more leads with the batch dim), and whose
+    backward runs as a Function of its own, since its kernels must see plain tensors, not the transforms'
+    wrappers; that backward cannot be differentiated again (double backward raises).
     """
+    def fwd(ctx, *inputs):
+        ctx.eager = True
+        out = forward(*inputs)
+        setup_context(ctx, inputs, out)
+        return out
+
     def setup(ctx, inputs, output):
         ctx.eager = True
         setup_context(ctx, inputs, output)
@@ -88,13 +97,29 @@ def eager_function(name: str, forward: Callable, setup_context: Callable,
         "backward": staticmethod(bwd_backward)})
     bwd_fn.vmap = staticmethod(_fold_vmap(bwd_fn))
 
-    def bwd(ctx, *grads):
+    def transformed_bwd(ctx, *grads):
         if not torch._C._are_functorch_transforms_active():
             return backward(ctx, *grads)
         saved = ctx.saved_tensors  # torch.func wrappers: through bwd_fn, which unwraps them
         return bwd_fn.apply(ctx, len(saved), *saved, *grads)
 
-    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "setup_context": staticmethod(setup),
-                                                 "backward": staticmethod(bwd)})
-    fn.vmap = staticmethod(_fold_vmap(fn))
-    return fn
+    transformed = type(name + "Transformed", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup),
+        "backward": staticmethod(transformed_bwd)})
+    transformed.vmap = staticmethod(_fold_vmap(transformed))
+
+    plain = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})
+    return with_transforms(plain, transformed)
+
+
+def with_transforms(plain: type[torch.autograd.Function],
+                    transformed: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """``plain`` (the ``forward(ctx, ...)`` form) with an ``apply`` that runs ``transformed`` (the same function
+    in the ``setup_context`` form, with a vmap rule) under ``torch.func`` transforms."""
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            return transformed.apply(*args)
+        return torch.autograd.Function.apply.__func__(cls, *args)
+
+    plain.apply = classmethod(apply)
+    return plain
