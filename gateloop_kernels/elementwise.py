@@ -484,7 +484,8 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
             ``BLOCK_T``); default: ``block``'s ``BLOCK_T`` when given, else the backward's :func:`tile_config`.
 
     Returns:
-        ``(o, hT_re, hT_im, carries)``: ``o`` like ``q`` (dtype of ``q``); the final state float32
+        ``(o, hT_re, hT_im, carries)``: ``o`` of ``q``'s shape and dtype, dense (``q``'s strides where ``q``
+        is dense, else dense in its dim order: ``_out_like``); the final state float32
         ``(B, C)`` (``hT_im`` empty for a real gate); ``carries`` float32 (:func:`carries_numel`), the
         state after every ``carry_t`` steps, saved for the backward.
 
@@ -541,7 +542,7 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     ``BLOCK_T`` equal to the forward's ``carry_t``.
 
     Returns:
-        ``(dq, dk, dv, da_re, da_im, dh0_re, dh0_im)``: ``dq, dk, dv`` like ``q`` (``dv`` is
+        ``(dq, dk, dv, da_re, da_im, dh0_re, dh0_im)``: ``dq, dk, dv`` dense as ``o`` is (``dv`` is
         ``None`` when ``v`` is), gate gradients in the gate's dtype (``da_im`` ``None`` for a real
         gate), ``dh0_*`` float32 ``(B, C)`` or ``None`` without an initial state.
     """

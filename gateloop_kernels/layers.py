@@ -233,7 +233,7 @@ class SimpleGateLoopLayer(Module):
         b = x.shape[0]
         q, kv, a = self.to_qkva[0](self.norm(x)).chunk(3, dim=-1)
         if cache is not None:
-            cache = tuple(c.reshape(b, -1) for c in cache)
+            cache = tuple(c.reshape(b, q.shape[-1]) for c in cache)  # sized: b may be 0
         out, (a_last, kv_last) = simple_gate_loop_operator(q, kv, a.sigmoid(), cache=cache)
         out = self.maybe_post_ln(out)
         if self.reverse:

@@ -122,7 +122,7 @@ def test_kernel_any_strides(how):
     float64 oracle's. Before: the outputs took q's strides (overlapping writes when q is expanded)."""
     B, n, C = 2, 37, 5
     args = _strided_args(make(B, n, C, torch.float32, True, False, True), how)
-    block = (8, 4, 1)
+    block = (8, 8, 1)
     o, hT_re, hT_im, carries = ew.scan_forward(*args, block=block)
     do = torch.randn(1, n, C, device=DEV).expand(B, n, C)
     g_re, g_im = torch.randn(B, C, device=DEV), torch.randn(B, C, device=DEV)
@@ -440,3 +440,16 @@ def test_layers_nan_is_causal(make_layer):
     assert torch.isfinite(out[1, :5]).all() and torch.isfinite(out[0]).all()
     out.backward(torch.randn_like(out))
     assert torch.isfinite(x.grad[0]).all()
+
+
+def test_layers_empty_batch():
+    """A batch of 0 sequences through every layer, and the simple layer's cache round trip."""
+    for layer in (GateLoopedAttention(16), GateLoopedAttention(16, heads=2), SimpleGateLoopLayer(16),
+                  CausalFullAttention(16, dim_head=8, heads=2)):
+        x = torch.randn(0, 5, 16, requires_grad=True)
+        out = layer(x)
+        assert out.shape == (0, 5, 16)
+        out.sum().backward()
+    layer = SimpleGateLoopLayer(16)
+    out, cache = layer(torch.randn(0, 5, 16), return_cache=True)
+    assert layer(torch.randn(0, 3, 16), cache=cache).shape == (0, 3, 16)
