@@ -74,7 +74,8 @@ def eager_function(name: str, forward: Callable, setup_context: Callable,
     the ``forward(ctx, ...)`` form) with a vmap rule that folds the mapped dim into the batch
     (``_fold_vmap``: every tensor argument and result of 2 dims or more leads with the batch dim), and whose
     backward runs as a Function of its own, since its kernels must see plain tensors, not the transforms'
-    wrappers; that backward cannot be differentiated again (double backward raises).
+    wrappers; that backward cannot be differentiated again (double backward raises), and forward mode
+    (jvp) raises NotImplementedError.
     """
     def fwd(ctx, *inputs):
         ctx.eager = True
@@ -90,7 +91,12 @@ def eager_function(name: str, forward: Callable, setup_context: Callable,
         return tuple(backward(_SavedCtx(ctx, tensors[:nsaved]), *tensors[nsaved:]))
 
     def bwd_backward(ctx, *grads):
-        raise RuntimeError(f"{name}: double backward (a gradient of the gradient) is not supported")
+        raise RuntimeError(f"{name}: double backward (a gradient of the gradient, torch.func.hessian) is not "
+                           "supported")
+
+    def no_jvp(ctx, *tangents):
+        raise NotImplementedError(f"{name}: forward-mode AD (torch.func.jvp, jacfwd, hessian) is not supported; "
+                                  "reverse mode (grad, vjp, jacrev) and vmap are")
 
     bwd_fn = type(name + "Backward", (torch.autograd.Function,), {
         "forward": staticmethod(bwd_forward), "setup_context": staticmethod(lambda ctx, inputs, output: None),
@@ -105,7 +111,7 @@ def eager_function(name: str, forward: Callable, setup_context: Callable,
 
     transformed = type(name + "Transformed", (torch.autograd.Function,), {
         "forward": staticmethod(forward), "setup_context": staticmethod(setup),
-        "backward": staticmethod(transformed_bwd)})
+        "backward": staticmethod(transformed_bwd), "jvp": staticmethod(no_jvp)})
     transformed.vmap = staticmethod(_fold_vmap(transformed))
 
     plain = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(backward)})

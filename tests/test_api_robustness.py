@@ -215,6 +215,20 @@ def test_func_grad_vmap_public(d):
     assert rel(per_sample, torch.stack([grad(ref)(x, k, y, s0) for x, y in zip(Q, A)])) < 1e-10
 
 
+def test_func_jacrev_and_clear_limits():
+    """At head dim 1: jacrev (vmap over the backward) matches the reference's; forward mode and a gradient of
+    the gradient name the limitation instead of PyTorch's internal errors."""
+    B, n = 2, 6
+    q, k, v = (torch.randn(B, n, 1, dtype=F64, device=DEV) for _ in range(3))
+    a = gate(B, n)
+    jac = torch.func.jacrev(lambda q: G.gate_loop_operator(q, k, v, a))(q)
+    assert rel(jac, torch.func.jacrev(lambda q: R.sequential_reference(q, k, v, a))(q)) < 1e-12
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda q: G.gate_loop_operator(q, k, v, a), (q,), (q,))
+    with pytest.raises(RuntimeError, match="double backward"):
+        grad(lambda q: grad(lambda q: (G.gate_loop_operator(q, k, v, a) ** 2).sum())(q).sum())(q)
+
+
 def test_func_grad_vmap_heads_z_gate():
     """gate_loop_heads with the z gate (SigmoidPolar) under grad and vmap, against plain autograd."""
     B, n, H = 2, 11, 3
