@@ -7,6 +7,8 @@ The head-dim-1 paths run the CPU implementation here, and the Triton kernel unde
 """
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.func import grad, vmap
 
 import gateloop_kernels as G
@@ -467,3 +469,47 @@ def test_layers_empty_batch():
     layer = SimpleGateLoopLayer(16)
     out, cache = layer(torch.randn(0, 5, 16), return_cache=True)
     assert layer(torch.randn(0, 3, 16), cache=cache).shape == (0, 3, 16)
+
+
+GATE_KINDS = {"zero": 0.0, "one": 1.0, "tiny": 1e-30, "above_one": 1.05, "nan": float("nan")}
+
+
+@settings(max_examples=30, deadline=None)
+@given(B=st.integers(1, 3), n=st.sampled_from([0, 1, 2, 63, 64, 65, 130]),
+       hows=st.tuples(*[st.sampled_from(["plain", "expanded", "transposed", "sliced"])] * 4),
+       specials=st.lists(st.sampled_from(sorted(GATE_KINDS)), max_size=4), dtype=st.sampled_from(["f32", "f64"]),
+       state=st.sampled_from([None, "complex", "real"]))
+def test_operator_d1_property(B, n, hows, specials, dtype, state):
+    """The public operator at head dim 1 (the elementwise op's CPU implementation here) over sequence
+    lengths around the chunk (64), strides, gates of 0, 1, 1e-30, above 1 and NaN, float32/float64 and real
+    or complex initial states: outputs, final state and every gradient finite wherever the float64
+    sequential loop's are, and close to it there."""
+    dt = F64 if dtype == "f64" else torch.float32
+    tol = 1e-10 if dtype == "f64" else 1e-4
+    q, k, v = (layout(torch.randn(B, n, 1, dtype=dt), how) for how in hows[:3])
+    mag = 0.5 + 0.5 * torch.rand(B, n, 1, 1, dtype=dt)
+    for i, kind in enumerate(specials):
+        if n:
+            mag.view(-1)[(7 * i + 3) % mag.numel()] = GATE_KINDS[kind]
+    a = layout(torch.polar(mag, torch.randn(B, n, 1, 1, dtype=dt)), hows[3])
+    s0 = None
+    if state is not None:
+        s0 = torch.randn(B, 1, 1, dtype=dt) if state == "real" else torch.randn(B, 1, 1, dtype=torch.complex128)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, a)] + ([s0.requires_grad_()] if s0 is not None else [])
+    o, st_ = G.gate_loop_operator(*leaves[:4], initial_state=leaves[4] if s0 is not None else None,
+                                  return_final_state=True)
+    ref_leaves = [t.detach().to(torch.complex128 if t.is_complex() else F64).requires_grad_() for t in leaves]
+    ro, rst = R.sequential_reference(*ref_leaves[:4], ref_leaves[4] if s0 is not None else None, True)
+    w = torch.randn(B, n, 1, dtype=F64)
+    loss = (o.double() * w).sum() + st_.real.double().sum() - st_.imag.double().sum()
+    # the float64 loop returns bare zeros at n = 0: the zero terms connect it to its inputs
+    rloss = (ro * w).sum() + rst.real.sum() - rst.imag.sum() + sum(t.real.sum() * 0 for t in ref_leaves)
+    got = torch.autograd.grad(loss, leaves)
+    want = torch.autograd.grad(rloss, ref_leaves)
+    pairs = [(o, ro), (torch.view_as_real(st_), torch.view_as_real(rst))] + list(zip(got, want))
+    for x, y in pairs:
+        x, y = (torch.view_as_real(t) if t.is_complex() else t for t in (x, y))
+        fin = torch.isfinite(y)
+        assert torch.isfinite(x[fin]).all()
+        err = (x[fin].double() - y[fin]).abs().max() if fin.any() else 0.0
+        assert err <= tol * max(1.0, y[fin].abs().max().item() if fin.any() else 1.0)
