@@ -136,6 +136,19 @@ def _tile(seg, rem, c0, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
 
 
 @triton.jit
+def _out_tile(b, t, c, off, boff, o_b, o_n, o_c, OUT_STRIDED: tl.constexpr, BIG: tl.constexpr):
+    """``(in-batch offsets, batch offset)`` of the tile in the outputs: the inputs' own unless the outputs
+    have other strides (``OUT_STRIDED``: inputs expanded or sliced, outputs always dense)."""
+    ooff = off
+    oboff = boff
+    if OUT_STRIDED:
+        tt = t[:, None].to(tl.int64) if BIG else t[:, None]
+        ooff = tt * o_n + c[None, :] * o_c
+        oboff = b.to(tl.int64) * o_b
+    return ooff, oboff
+
+
+@triton.jit
 def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i, BLOCK_C: tl.constexpr):
     """State entering segment ``seg`` (complex ``(BLOCK_C,)`` pair).
 
@@ -183,10 +196,10 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
                 o_ptr, hTr_ptr, hTi_ptr, car_ptr, ws_ptr, agg_off, ticket_off, c0,
                 n, B, C, NCB, NSEG, NCAR,
-                s_b, s_n, s_c, g_b, g_n, g_c,
+                s_b, s_n, s_c, g_b, g_n, g_c, o_b, o_n, o_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CARRY_T: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr,
-                DETERMINISTIC: tl.constexpr):
+                DETERMINISTIC: tl.constexpr, OUT_STRIDED: tl.constexpr):
     # ws: the look-back words laid out by _workspace
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
@@ -194,10 +207,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     seg = vid // (B * NCB)
     b, rows, t, c, mc, m, off, goff, boff, gboff = _tile(seg, vid % (B * NCB), c0, n, C, NCB, s_b, s_n, s_c,
                                                          g_b, g_n, g_c, BLOCK_T, BLOCK_C, BIG)
+    ooff, oboff = _out_tile(b, t, c, off, boff, o_b, o_n, o_c, OUT_STRIDED, BIG)
     q_ptr += boff
     k_ptr += boff
     v_ptr += boff
-    o_ptr += boff
+    o_ptr += oboff
     ar_ptr += gboff
     ai_ptr += gboff
 
@@ -243,17 +257,17 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
 
     h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
     q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(o_ptr + off, (q * h_r).to(o_ptr.dtype.element_ty), mask=m)
+    tl.store(o_ptr + ooff, (q * h_r).to(o_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["c0"])
 def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, car_ptr,
                 dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr, agg_off, ticket_off, c0,
                 n, B, C, NCB, NSEG,
-                s_b, s_n, s_c, g_b, g_n, g_c,
+                s_b, s_n, s_c, g_b, g_n, g_c, o_b, o_n, o_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr,
-                BIG: tl.constexpr, DETERMINISTIC: tl.constexpr):
+                BIG: tl.constexpr, DETERMINISTIC: tl.constexpr, OUT_STRIDED: tl.constexpr):
     # ws: the look-back words laid out by _workspace
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
@@ -261,15 +275,16 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     seg = NSEG - 1 - vid // (B * NCB)
     b, rows, t, c, mc, m, off, goff, boff, gboff = _tile(seg, vid % (B * NCB), c0, n, C, NCB, s_b, s_n, s_c,
                                                          g_b, g_n, g_c, BLOCK_T, BLOCK_C, BIG)
+    ooff, oboff = _out_tile(b, t, c, off, boff, o_b, o_n, o_c, OUT_STRIDED, BIG)
     do_ptr += boff
     q_ptr += boff
     k_ptr += boff
     v_ptr += boff
-    dq_ptr += boff
-    dk_ptr += boff
-    dv_ptr += boff
-    dar_ptr += boff
-    dai_ptr += boff
+    dq_ptr += oboff
+    dk_ptr += oboff
+    dv_ptr += oboff
+    dar_ptr += oboff
+    dai_ptr += oboff
     ar_ptr += gboff
     ai_ptr += gboff
 
@@ -334,16 +349,16 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     _, _, h_r, h_i = tl.associative_scan((a_r, a_i, x_r, x_i), 0, _combine)
     y_r = _shift(h_r, rows, 1, f_r, BLOCK_T)
     y_i = _shift(h_i, rows, 1, f_i, BLOCK_T)
-    tl.store(dq_ptr + off, (h_r * do).to(dq_ptr.dtype.element_ty), mask=m)
+    tl.store(dq_ptr + ooff, (h_r * do).to(dq_ptr.dtype.element_ty), mask=m)
     if KV_GIVEN:
-        tl.store(dk_ptr + off, lam_r.to(dk_ptr.dtype.element_ty), mask=m)
+        tl.store(dk_ptr + ooff, lam_r.to(dk_ptr.dtype.element_ty), mask=m)
     else:
-        tl.store(dk_ptr + off, (lam_r * v).to(dk_ptr.dtype.element_ty), mask=m)
-        tl.store(dv_ptr + off, (lam_r * k).to(dv_ptr.dtype.element_ty), mask=m)
-    # da_t = lam_t conj(y_t); gate gradients are stored with the q strides
-    tl.store(dar_ptr + off, (lam_r * y_r + lam_i * y_i).to(dar_ptr.dtype.element_ty), mask=m)
+        tl.store(dk_ptr + ooff, (lam_r * v).to(dk_ptr.dtype.element_ty), mask=m)
+        tl.store(dv_ptr + ooff, (lam_r * k).to(dv_ptr.dtype.element_ty), mask=m)
+    # da_t = lam_t conj(y_t); gate gradients are stored in the outputs' layout
+    tl.store(dar_ptr + ooff, (lam_r * y_r + lam_i * y_i).to(dar_ptr.dtype.element_ty), mask=m)
     if COMPLEX:
-        tl.store(dai_ptr + off, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
+        tl.store(dai_ptr + ooff, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
     if HAS_H0:
         if seg == 0:
             # dh0 = conj(a_0) lam_0
@@ -412,10 +427,36 @@ def carries_numel(B: int, n: int, C: int, carry_t: Optional[int] = None) -> int:
 
 
 def _strided_like(x: Tensor, ref: Tensor) -> Tensor:
-    """``x`` with the strides of ``ref`` (a copy only where they differ)."""
+    """``x`` with the strides of ``ref`` (a copy only where they differ; ``ref`` must not overlap)."""
     if x.stride() == ref.stride():
         return x
     return torch.empty_strided(ref.shape, ref.stride(), dtype=x.dtype, device=x.device).copy_(x)
+
+
+def _overlaps(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory (expanded, stride 0): dims sorted by stride must each
+    step past everything the smaller ones reach. Conservative: an exotic ``as_strided`` view may count."""
+    reach = 0
+    for st, sz in sorted((abs(st), sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if st <= reach:
+            return True
+        reach += st * (sz - 1)
+    return False
+
+
+def _one_layout(*ts: Optional[Tensor]) -> list[Optional[Tensor]]:
+    """``ts`` (one shape) with one stride set, the kernel reads them with: the first's, copies only where
+    strides differ. Where a copy is needed and the first overlaps (it is expanded), it is made dense first."""
+    ref = ts[0]
+    if any(t is not None and t.stride() != ref.stride() for t in ts[1:]) and _overlaps(ref):
+        ref = torch.empty_like(ref).copy_(ref)
+    return [ref] + [None if t is None else _strided_like(t, ref) for t in ts[1:]]
+
+
+def _out_like(q: Tensor, dtype: torch.dtype) -> Tensor:
+    """A kernel output of ``q``'s shape: ``q``'s strides where ``q`` is dense, else dense in ``q``'s dim
+    order; never overlapping, so every element has its own write (an expanded ``q``'s strides would not)."""
+    return torch.empty_like(q, dtype=dtype)
 
 
 def _check(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor]) -> None:
@@ -443,7 +484,8 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
             ``BLOCK_T``); default: ``block``'s ``BLOCK_T`` when given, else the backward's :func:`tile_config`.
 
     Returns:
-        ``(o, hT_re, hT_im, carries)``: ``o`` like ``q`` (dtype of ``q``); the final state float32
+        ``(o, hT_re, hT_im, carries)``: ``o`` of ``q``'s shape and dtype, dense (``q``'s strides where ``q``
+        is dense, else dense in its dim order: ``_out_like``); the final state float32
         ``(B, C)`` (``hT_im`` empty for a real gate); ``carries`` float32 (:func:`carries_numel`), the
         state after every ``carry_t`` steps, saved for the backward.
 
@@ -452,15 +494,13 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     """
     _check(q, k, v, a_re, a_im)
     B, n, C = q.shape
-    k = _strided_like(k, q)
-    v = None if v is None else _strided_like(v, q)
-    if a_im is not None:
-        a_im = _strided_like(a_im, a_re)
+    q, k, v = _one_layout(q, k, v)
+    a_re, a_im = _one_layout(a_re, a_im)
     complex_gate = a_im is not None
     dev = q.device
     hT_re = torch.empty((B, C), dtype=torch.float32, device=dev)
     hT_im = torch.empty((B, C) if complex_gate else (0,), dtype=torch.float32, device=dev)
-    o = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=dev)
+    o = _out_like(q, q.dtype)
     block_t, block_c, warps = block or tile_config(n, C)
     carry_t = carry_t or (block_t if block else tile_config(n, C, backward=True)[0])
     if carry_t > block_t or block_t % carry_t:
@@ -485,10 +525,10 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     _fwd_kernel[(nseg * B * ncb,)](
         q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
         o, hT_re, hT_im if complex_gate else hT_re, carries, ws, agg_off, ticket_off, 0,
-        n, B, C, ncb, nseg, _segments(n, carry_t), *q.stride(), *a_re.stride(),
+        n, B, C, ncb, nseg, _segments(n, carry_t), *q.stride(), *a_re.stride(), *o.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, CARRY_T=carry_t, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=h0_re is not None, BIG=_big(q, a_re), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
-        num_warps=warps)
+        HAS_H0=h0_re is not None, BIG=_big(q, a_re, o), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
+        OUT_STRIDED=o.stride() != q.stride(), num_warps=warps)
     return o, hT_re, hT_im, carries
 
 
@@ -502,7 +542,7 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     ``BLOCK_T`` equal to the forward's ``carry_t``.
 
     Returns:
-        ``(dq, dk, dv, da_re, da_im, dh0_re, dh0_im)``: ``dq, dk, dv`` like ``q`` (``dv`` is
+        ``(dq, dk, dv, da_re, da_im, dh0_re, dh0_im)``: ``dq, dk, dv`` dense as ``o`` is (``dv`` is
         ``None`` when ``v`` is), gate gradients in the gate's dtype (``da_im`` ``None`` for a real
         gate), ``dh0_*`` float32 ``(B, C)`` or ``None`` without an initial state.
     """
@@ -510,19 +550,12 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     B, n, C = q.shape
     dev = q.device
     complex_gate = a_im is not None
-    k = _strided_like(k, q)
-    v = None if v is None else _strided_like(v, q)
-    do = _strided_like(do, q)
-    if complex_gate:
-        a_im = _strided_like(a_im, a_re)
-
-    def like_q(dtype: torch.dtype) -> Tensor:
-        return torch.empty_strided(q.shape, q.stride(), dtype=dtype, device=dev)
-
-    dq, dk = like_q(q.dtype), like_q(k.dtype)
-    dv = like_q(v.dtype) if v is not None else None
-    da_re = like_q(a_re.dtype)
-    da_im = like_q(a_im.dtype) if complex_gate else None
+    q, k, v, do = _one_layout(q, k, v, do)
+    a_re, a_im = _one_layout(a_re, a_im)
+    dq, dk = _out_like(q, q.dtype), _out_like(q, k.dtype)
+    dv = _out_like(q, v.dtype) if v is not None else None
+    da_re = _out_like(q, a_re.dtype)
+    da_im = _out_like(q, a_im.dtype) if complex_gate else None
     has_h0 = h0_re is not None
     dh0_re = torch.empty((B, C), dtype=torch.float32, device=dev) if has_h0 else None
     dh0_im = torch.empty((B, C), dtype=torch.float32, device=dev) if (has_h0 and complex_gate) else None
@@ -547,10 +580,10 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         dq, dk, dv if dv is not None else dk, da_re, da_im if complex_gate else da_re,
         dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
         ws, agg_off, ticket_off, 0,
-        n, B, C, ncb, nseg, *q.stride(), *a_re.stride(),
+        n, B, C, ncb, nseg, *q.stride(), *a_re.stride(), *dq.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
-        num_warps=warps)
+        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re, dq), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
+        OUT_STRIDED=dq.stride() != q.stride(), num_warps=warps)
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
 
 
@@ -586,21 +619,23 @@ def _torch_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tenso
     else:
         h0 = torch.complex(h0_re.to(rdt), h0_im.to(rdt)) if cplx else h0_re.to(rdt)
     h, _ = diagonal_scan_chunked(a, x.to(a.dtype), h0)
-    y = torch.cat([h0[:, None], h[:, :-1]], dim=1)  # h_{t-1}
+    y = torch.cat([h0[:, None], h], dim=1)[:, :n]  # h_{t-1}
     gT = torch.zeros_like(h0)
     if dhT_re is not None:
         gT = gT + dhT_re.to(rdt)
     if cplx and dhT_im is not None:
         gT = gT + 1j * dhT_im.to(rdt)
-    b = torch.cat([a[:, 1:].conj(), torch.ones_like(a[:, :1])], dim=1)  # conj(a_{t+1}), 1 past the end
-    lam, _ = diagonal_scan_chunked(b.flip(1), (qf * dof).to(a.dtype).flip(1), gT)
-    lam = lam.flip(1)
+    # the adjoint over steps -1 .. n-1 (b_t = conj(a_{t+1}), 1 past the end; no output at -1): lam_{-1} is
+    # dh0 = conj(a_0) lam_0, and gT itself when n = 0
+    b = torch.cat([a, torch.ones_like(h0[:, None])], dim=1).conj()
+    g = torch.cat([torch.zeros_like(h0[:, None]), (qf * dof).to(a.dtype)], dim=1)
+    lam, _ = diagonal_scan_chunked(b.flip(1), g.flip(1), gT)
+    dh0, lam = lam[:, -1], lam[:, :-1].flip(1)
     lam_re = lam.real if cplx else lam
     h_re = h.real if cplx else h
     da = lam * y.conj() if cplx else lam * y
-    dh0 = None
-    if h0_re is not None:
-        dh0 = a[:, 0].conj() * lam[:, 0] if cplx else a[:, 0] * lam[:, 0]
+    if h0_re is None:
+        dh0 = None
     dk = lam_re.clone() if v is None else lam_re * v.to(rdt)
     dv = None if v is None else lam_re * kf
     parts = [h_re * dof, dk, dv, da.real if cplx else da, da.imag if cplx else None,
@@ -608,8 +643,12 @@ def _torch_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tenso
     return [None if p is None else p.contiguous() for p in parts]
 
 
+#: devices whose tensors run the Triton kernels in the ops (tests add "cpu" under ``TRITON_INTERPRET=1``)
+KERNEL_DEVICES = ("cuda",)
+
+
 def _carries_numel(q: Tensor) -> int:
-    if q.device.type != "cuda":
+    if q.device.type not in KERNEL_DEVICES:
         return 0
     B, n, C = q.shape
     return carries_numel(B, n, C)
@@ -623,11 +662,13 @@ def _scan_impl(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Op
     empty). ``hT_*`` are float32 ``(B, C)`` (float64 for float64 inputs off CUDA); ``hT_im`` is
     empty for a real gate (``a_im = None``).
     """
-    if q.device.type == "cuda":
+    if q.device.type in KERNEL_DEVICES:
         return scan_forward(q, k, v, a_re, a_im, h0_re, h0_im)
     o, hr, hi = _torch_forward(q, k, v, a_re, a_im, h0_re, h0_im)
-    out = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device).copy_(o)
-    return out, hr.contiguous(), hi.contiguous(), torch.zeros(0, dtype=torch.float32, device=q.device)
+    out = _out_like(q, q.dtype).copy_(o)
+    # copies: an op's output may not be its input, which the state is when n = 0
+    return (out, hr.clone(memory_format=torch.contiguous_format), hi.clone(memory_format=torch.contiguous_format),
+            torch.zeros(0, dtype=torch.float32, device=q.device))
 
 
 elementwise_scan_op = torch.library.custom_op("gateloop::elementwise_scan", mutates_args=())(_scan_impl)
@@ -636,9 +677,9 @@ elementwise_scan_op = torch.library.custom_op("gateloop::elementwise_scan", muta
 @elementwise_scan_op.register_fake
 def _(q, k, v, a_re, a_im, h0_re, h0_im):
     B, _, C = q.shape
-    sdt = torch.float64 if (q.device.type != "cuda" and torch.promote_types(q.dtype, a_re.dtype) == torch.float64) \
+    sdt = torch.float64 if (q.device.type not in KERNEL_DEVICES and torch.promote_types(q.dtype, a_re.dtype) == torch.float64) \
         else torch.float32
-    o = torch.empty_strided(q.shape, q.stride(), dtype=q.dtype, device=q.device)
+    o = _out_like(q, q.dtype)
     hr = q.new_empty((B, C), dtype=sdt)
     hi = q.new_empty((B, C) if a_im is not None else (0,), dtype=sdt)
     return o, hr, hi, q.new_empty((_carries_numel(q),), dtype=torch.float32)
@@ -649,7 +690,7 @@ def _scan_backward_impl(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[T
                         h0_re: Optional[Tensor], h0_im: Optional[Tensor], carries: Tensor) -> list[Tensor]:
     """Op form of :func:`scan_backward`: ``[dq, dk, dv, da_re, da_im, dh0_re, dh0_im]``, empty where
     the input is absent. Gradients in their input's dtype."""
-    if q.device.type == "cuda":
+    if q.device.type in KERNEL_DEVICES:
         grads = scan_backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries)
     else:
         grads = _torch_backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im)
@@ -669,8 +710,8 @@ def _(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries):
     def like(t: Optional[Tensor]) -> Tensor:
         if t is None:
             return torch.empty(0, dtype=q.dtype, device=dev)
-        if dev.type == "cuda" and t.dim() == 3:
-            return torch.empty_strided(q.shape, q.stride(), dtype=t.dtype, device=dev)
+        if dev.type in KERNEL_DEVICES and t.dim() == 3:
+            return _out_like(q, t.dtype)
         return torch.empty(t.shape, dtype=t.dtype, device=dev)
     return [like(t) for t in (q, k, v, a_re, a_im, h0_re, h0_im)]
 

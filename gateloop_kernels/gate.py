@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._eager import with_transforms
+
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 1024  # grids are computed on the host as -(-N // _BLOCK): recent Triton's triton.cdiv costs ~9 us a call
 
@@ -115,18 +117,23 @@ def reference_backward(z: Tensor, g_re: Optional[Tensor], g_im: Optional[Tensor]
 
 
 def _use_kernel(z: Tensor) -> bool:
-    return z.is_cuda and z.dtype in _KERNEL_DTYPES and not torch.compiler.is_compiling()
+    # torch.func hands the backward its wrappers, which a kernel cannot read: the reference runs there
+    return (z.is_cuda and z.dtype in _KERNEL_DTYPES and not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active())
 
 
-class SigmoidPolar(torch.autograd.Function):
-    """``(a_re, a_im)`` of ``z (..., 2)``; saves only ``z`` (the intermediates would be ~10 floats per step
-    and head: more than the scan itself keeps) and recomputes them in backward."""
+class _SigmoidPolarTransformed(torch.autograd.Function):
+    """:class:`SigmoidPolar` in the ``setup_context`` form, with a vmap rule (elementwise: a mapped dim is one
+    more leading dim), for ``torch.func`` transforms."""
 
     @staticmethod
-    def forward(ctx, z: Tensor):  # type: ignore[override]
+    def forward(z: Tensor):  # type: ignore[override]
         z = z.contiguous()
-        ctx.save_for_backward(z)
         return gate_forward(z) if _use_kernel(z) else reference_forward(z)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0].contiguous())
 
     @staticmethod
     def backward(ctx, g_re: Optional[Tensor], g_im: Optional[Tensor]):  # type: ignore[override]
@@ -135,3 +142,25 @@ class SigmoidPolar(torch.autograd.Function):
             return gate_backward(z, None if g_re is None else g_re.contiguous(),
                                  None if g_im is None else g_im.contiguous())
         return reference_backward(z, g_re, g_im)
+
+    @staticmethod
+    def vmap(info, in_dims, z: Tensor):
+        return SigmoidPolar.apply(z.movedim(in_dims[0], 0)), (0, 0)
+
+
+class SigmoidPolar(torch.autograd.Function):
+    """``(a_re, a_im)`` of ``z (..., 2)``; saves only ``z`` (the intermediates would be ~10 floats per step
+    and head: more than the scan itself keeps) and recomputes them in backward. Runs under ``torch.func``
+    (grad, vjp, vmap) as :class:`_SigmoidPolarTransformed`."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor):  # type: ignore[override]
+        z = z.contiguous()
+        out = _SigmoidPolarTransformed.forward(z)
+        _SigmoidPolarTransformed.setup_context(ctx, (z,), out)
+        return out
+
+    backward = _SigmoidPolarTransformed.backward
+
+
+with_transforms(SigmoidPolar, _SigmoidPolarTransformed)

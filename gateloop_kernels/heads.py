@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_real_float
+from ._checks import check_gate_dtype, check_real_float, check_same_device
 from .gate import SigmoidPolar
 from .operator import scan_head_gate
 
@@ -59,7 +59,7 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
         q, k: ``(B, n, H, d)``; v: ``(B, n, H, e)``; real floating (converted to their promoted dtype).
         log_magnitude, phase: ``(B, n, H)``, the gate ``exp(log_magnitude + i phase)``; or
         z: ``(B, n, H, 2)``, the gate ``polar(sigmoid(|z|), angle(z))`` (the seed's activation).
-        initial_state: complex ``(B, H, d, e)`` or ``None``.
+        initial_state: complex (or real: no imaginary part) ``(B, H, d, e)`` or ``None``.
         output_final_state: also return the final complex ``(B, H, d, e)`` state.
 
     Returns:
@@ -80,12 +80,11 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
     e = v.shape[-1]
     if tuple(a_re.shape) != (B, n, H):
         raise ValueError(f"the gate must be (B, n, H) = ({B}, {n}, {H}) (z: (B, n, H, 2)), got {tuple(a_re.shape)}")
-    devs = {t.device for t in (q, k, v, a_re)}
-    if len(devs) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
     if initial_state is not None:
-        if not initial_state.is_complex() or tuple(initial_state.shape) != (B, H, d, e):
-            raise ValueError(f"initial_state must be complex (B, H, d, e) = ({B}, {H}, {d}, {e}), got "
-                             f"{initial_state.dtype} {tuple(initial_state.shape)}")
+        check_gate_dtype("initial_state", initial_state)
+        if tuple(initial_state.shape) != (B, H, d, e):
+            raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), got "
+                             f"{tuple(initial_state.shape)}")
+    check_same_device(q=q, k=k, v=v, gate=a_re, initial_state=initial_state)
     dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     return scan_head_gate(q.to(dt), k.to(dt), v.to(dt), a_re, a_im, initial_state, output_final_state)

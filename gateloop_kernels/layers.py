@@ -99,6 +99,9 @@ class CausalFullAttention(Module):
     """The seed's causal attention baseline (softmax, or linear with a data-dependent decay).
 
     Input ``(b, n, dim)``, output ``(b, n, dim)``. ``rotary_emb=True`` needs ``rotary-embedding-torch``.
+    Unlike the gate-loop layers it is not causal for non-finite values: both paths are dense masked
+    products (PyTorch's attention, or ``masked scores @ v``) whose masked zeros multiply later tokens, so a
+    NaN or Inf at token t reaches the outputs (and gradients) of earlier tokens.
     """
 
     def __init__(self, dim: int, *, dim_head: int = 64, heads: int = 8, rotary_emb: bool = False,
@@ -125,8 +128,7 @@ class CausalFullAttention(Module):
         self.to_out = nn.Sequential(nn.Identity(), nn.Linear(dim_inner, dim))
 
     def _heads(self, t: Tensor) -> Tensor:  # (b, n, h*d) -> (b, h, n, d)
-        b, n, _ = t.shape
-        return t.view(b, n, self.heads, -1).transpose(1, 2)
+        return t.unflatten(-1, (self.heads, t.shape[-1] // self.heads)).transpose(1, 2)  # sized: n may be 0
 
     def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False) -> Tensor:
         q, k, v = map(self._heads, self.to_qkv(x).chunk(3, dim=-1))
@@ -231,7 +233,7 @@ class SimpleGateLoopLayer(Module):
         b = x.shape[0]
         q, kv, a = self.to_qkva[0](self.norm(x)).chunk(3, dim=-1)
         if cache is not None:
-            cache = tuple(c.reshape(b, -1) for c in cache)
+            cache = tuple(c.reshape(b, q.shape[-1]) for c in cache)  # sized: b may be 0
         out, (a_last, kv_last) = simple_gate_loop_operator(q, kv, a.sigmoid(), cache=cache)
         out = self.maybe_post_ln(out)
         if self.reverse:
@@ -249,7 +251,7 @@ class Transformer(Module):
     ``y2 = x2 + ff(y1)`` (input duplicated, output halves averaged; a different function from
     the residual stack, with flat activation memory in depth). Needs pre-norm blocks.
     ``forward(x, return_loss=False, ...)``: ``x`` token ids ``(b, n)``; logits ``(b, n, num_tokens)``
-    or, with ``return_loss``, the next-token cross-entropy.
+    or, with ``return_loss``, the next-token cross-entropy (``n >= 2``, else a ValueError).
     """
 
     def __init__(self, dim: int, *, num_tokens: int, depth: int, dim_head: int = 64, heads: int = 8,
@@ -300,6 +302,9 @@ class Transformer(Module):
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
                                    else ablate_state_transition)
         if return_loss:
+            if x.shape[1] < 2:  # the loss of no target is a mean over nothing: NaN
+                raise ValueError(f"return_loss=True needs at least 2 tokens (each predicts the next), got x of "
+                                 f"shape {tuple(x.shape)}")
             x, labels = x[:, :-1], x[:, 1:]
         h = self.token_emb(x)
         kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)

@@ -34,6 +34,28 @@ def chunk_kernel() -> Callable:
     return chunk_gate_loop
 
 
+def _complex_state(s: Optional[Tensor]) -> Optional[Tensor]:
+    """An initial state as complex (a real one is the state with no imaginary part; differentiable)."""
+    if s is None or s.is_complex():
+        return s
+    return s.to(torch.complex128 if s.dtype == torch.float64 else torch.complex64)
+
+
+def _empty_scan(out_shape: tuple, state_shape: tuple, dtype: torch.dtype, initial_state: Optional[Tensor],
+                *inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(out, final_state)`` of an empty sequence (``n = 0``): ``out`` has no values but is a function of
+    every input that needs grad (their sums are 0), so a backward gives each its (empty) gradient as at
+    ``n > 0``; the final state is the initial one (zeros without), complex in ``dtype``'s accumulation."""
+    out = torch.zeros(out_shape, dtype=dtype, device=inputs[0].device)
+    for t in (*inputs, initial_state):
+        if t is not None and t.requires_grad:
+            out = out + t.real.sum().to(dtype)
+    cdt = reference.acc_dtypes(dtype)[1]
+    state = (torch.zeros(state_shape, dtype=cdt, device=out.device) if initial_state is None
+             else initial_state.to(cdt))
+    return out, state
+
+
 def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
                    initial_state: Optional[Tensor], output_final_state: bool):
     """Head-layout scan with the gate as real parts; the dispatch behind every public entry point.
@@ -41,7 +63,7 @@ def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
     Args:
         q, k: ``(B, n, H, d)``; v: ``(B, n, H, e)``; real floating, one dtype.
         a_re, a_im: ``(B, n, H)`` gate real and imaginary parts (float32 recommended).
-        initial_state: complex ``(B, H, d, e)`` or ``None``.
+        initial_state: complex or real ``(B, H, d, e)`` or ``None``.
         output_final_state: also return the complex ``(B, H, d, e)`` final state.
 
     Returns:
@@ -49,6 +71,10 @@ def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
     """
     B, n, H, d = q.shape
     e = v.shape[-1]
+    initial_state = _complex_state(initial_state)
+    if n == 0 and not (d == 1 and e == 1):  # the d = e = 1 op takes n = 0; the other paths return bare zeros
+        o, final = _empty_scan((B, 0, H, e), (B, H, d, e), q.dtype, initial_state, q, k, v, a_re, a_im)
+        return o, (final if output_final_state else None)
     if d == 1 and e == 1 and (q.dtype in kernel_dtypes or not q.is_cuda):
         h0r = h0i = None
         if initial_state is not None:
@@ -99,7 +125,7 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
         v: ``(B, n, e)`` real floating tensor.
         a: gate, complex (or real: a real gate), 4 dims broadcastable to ``(B, n, d, e)``:
             ``(B, n, 1, 1)`` one gate per sequence, ``(B, n, d, 1)`` one per key dim, ...
-        initial_state: optional complex ``(B, d, e)`` state before the first step.
+        initial_state: optional complex (or real) ``(B, d, e)`` state before the first step.
         return_final_state: also return the complex ``(B, d, e)`` state after the last step.
 
     Returns:
@@ -114,7 +140,11 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
     """
     layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     check_initial_state(initial_state, B, d, e, q.device)
+    initial_state = _complex_state(initial_state)
     odt = reference.out_dtype(q, k, v)
+    if n == 0 and not (d == 1 and e == 1 and layout == GATE_HEAD):
+        out, state = _empty_scan((B, 0, e), (B, d, e), odt, initial_state, q, k, v, a)
+        return (out, state) if return_final_state else out
     fast_1 = d == 1 and e == 1 and (odt in kernel_dtypes or not q.is_cuda)
     fast_chunk = q.is_cuda and odt in kernel_dtypes and CHUNK_DIMS[0] <= min(d, e) and max(d, e) <= CHUNK_DIMS[1]
     if layout != GATE_HEAD or not (fast_1 or fast_chunk) or (odt == torch.float64 and not fast_1):
