@@ -32,7 +32,7 @@ for stage in "${stages[@]}"; do
   echo "=== $stage ($(date -u +%H:%M:%S)) ==="
   case $stage in
     tests) rm -f "$out/gpu_test_memory.txt"
-           GATELOOP_GPU_MEM_LOG="$PWD/$out/gpu_test_memory.txt" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} 2>&1 | tee "$out/gpu_tests.log" || rc=1
+           GATELOOP_GPU_MEM_LOG="$PWD/$out/gpu_test_memory.txt" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} $([[ " ${TESTS_ARGS:-} " == *" -n "* ]] && echo --dist loadgroup) 2>&1 | tee "$out/gpu_tests.log" || rc=1
            sort -rn "$out/gpu_test_memory.txt" | head -n 12 ;;
     memcheck) for script in bench/_memcheck.py csrc/sanitizer_smoke.py; do
                 compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$script" 2>&1 \

@@ -6,6 +6,9 @@ import torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on the CPU)")
+    # pytest-xdist's (registered here too for runs without it): tests of one group share a worker, so under
+    # `-n 8 --dist loadgroup` (bench/gpu.sh) the suite's largest GPU tests run one at a time
+    config.addinivalue_line("markers", "xdist_group(name): run the group's tests on one pytest-xdist worker")
 
 
 def pytest_collection_modifyitems(config, items):

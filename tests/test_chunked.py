@@ -222,6 +222,7 @@ def test_gpu_half(shape, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("big_gpu_memory")  # 19 GiB: one at a time under pytest-xdist
 def test_gpu_long_sequence_error_growth():
     """Error at n = 2^20 is within 10x the error at n = 2^10 (forward and gradients, float32)."""
     errs = {}

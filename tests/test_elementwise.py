@@ -287,6 +287,7 @@ def _torch_oracle(args, do, g_re, g_im):
 
 
 @pytest.mark.gpu
+@pytest.mark.xdist_group("big_gpu_memory")  # up to 19 GiB each: one at a time under pytest-xdist
 @pytest.mark.parametrize("B,n,C,layout", [(4, 2048, 1024, "bnc"), (1, 2048, 4096, "time"), (2, 1 << 20, 32, "bnc"),
                                           (1, 1 << 20, 64, "time")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
