@@ -320,9 +320,10 @@ class _Run:
                 if j not in mine:
                     mine.append(j)
             self.kw_idx.append(mine)
-        self.rng: list[Any] = []
+        self.rng: list[Any] = [None] * len(self.couplings)  # per step: the RNG state to replay (None: none)
         self.autocast: dict[str, dict[str, Any]] = {}
         self.bufs: list[Tensor] | None = None
+        self._plan_segments()
 
     # --- buffers and halves
     # A stream's activation (and gradient) buffer is laid out (2, *half_shape): its two halves are
@@ -382,10 +383,11 @@ class _Run:
         return t if t.dtype == dtype else t.to(dtype)
 
     def backward_kwargs(self, ci: int, leaves: Sequence[Tensor]) -> Mapping[str, Any]:
+        """Step ``ci``'s kwargs with its tensors that need grad replaced by ``leaves`` (``kw_idx[ci]`` order)."""
         if not self.kw_idx[ci]:
             return self.couplings[ci].kwargs
-        return _map_tensors(dict(self.couplings[ci].kwargs),
-                            lambda t: leaves[self.kw_index[id(t)]] if id(t) in self.kw_index else t)
+        leaf = {id(self.kw_tensors[j]): t for j, t in zip(self.kw_idx[ci], leaves)}
+        return _map_tensors(dict(self.couplings[ci].kwargs), lambda t: leaf.get(id(t), t))
 
     # --- one step forward (no grad) / irreversibly (with grad)
     def step_forward(self, ci: int, halves: list[Tensor], inplace: bool) -> None:
@@ -403,34 +405,58 @@ class _Run:
                 halves[t] = halves[t] + o
 
     # --- backward: recompute, vjp, then reconstruct in place
-    def backward_schedule(self) -> list[list[int]]:
-        """Coupling indices in the order their inverses run, grouped: the steps of one group touch
-        disjoint halves (e.g. a video and an audio step), so their in-place updates go out in one
-        multi-tensor call. A step's inverse runs after those of all later steps it shares a half with."""
-        level: list[int] = [0] * len(self.couplings)
+    def _plan_segments(self) -> None:
+        """Split the steps into *segments*, the units of the backward's autograd nodes.
+
+        Inverses run by *level* (a step's inverse runs after those of all later steps it shares a half
+        with; steps of one level touch disjoint halves, e.g. a video and an audio step, and their in-place
+        updates go out in one multi-tensor call). A segment is a run of consecutive steps whose levels are
+        all above those of every later step, so that no level straddles two segments; each segment is one
+        autograd node, which returns its parameters' gradients as soon as it is inverted (the engine
+        accumulates them before it runs the next node), so a backward holds one segment's parameter
+        gradients at a time, not the whole stack's."""
+        n = len(self.couplings)
+        level: list[int] = [0] * n
         last: dict[int, int] = {}
-        for i in reversed(range(len(self.couplings))):
+        for i in reversed(range(n)):
             c = self.couplings[i]
             halves = (*c.targets, *c.sources)
             level[i] = max((last[h] + 1 for h in halves if h in last), default=0)
             for h in halves:
                 last[h] = max(last.get(h, -1), level[i])
-        groups: dict[int, list[int]] = {}
-        for i in reversed(range(len(self.couplings))):
-            groups.setdefault(level[i], []).append(i)
-        return [groups[lv] for lv in sorted(groups)]
+        later_max = [-1] * (n + 1)
+        for i in reversed(range(n)):
+            later_max[i] = max(level[i], later_max[i + 1])
+        self.seg_steps: list[range] = []            # per segment: its step indices
+        self.segments: list[list[list[int]]] = []  # per segment: groups of step indices, in inverse order
+        self.seg_params: list[list[int]] = []       # per segment: indices into self.params
+        self.seg_kws: list[list[int]] = []          # per segment: indices into self.kw_tensors
+        start, low = 0, n
+        for i in range(n):
+            low = min(low, level[i])
+            if low <= later_max[i + 1]:
+                continue
+            groups: dict[int, list[int]] = {}
+            for ci in reversed(range(start, i + 1)):
+                groups.setdefault(level[ci], []).append(ci)
+            self.segments.append([groups[lv] for lv in sorted(groups)])
+            steps = range(start, i + 1)
+            self.seg_steps.append(steps)
+            self.seg_params.append(list(dict.fromkeys(j for ci in steps for j in self.param_idx[ci])))
+            self.seg_kws.append(list(dict.fromkeys(j for ci in steps for j in self.kw_idx[ci])))
+            start, low = i + 1, n
 
-    def step_recompute(self, ci: int, halves: list[Tensor], ghalves: list[Tensor], pgrads: list[Tensor | None],
-                       kgrads: list[Tensor | None], leaves: Sequence[Tensor], gbufs: Sequence[Tensor]
+    def step_recompute(self, ci: int, halves: list[Tensor], ghalves: list[Tensor], pgrads: dict[int, Tensor],
+                       kgrads: dict[int, Tensor], gbufs: Sequence[Tensor]
                        ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Sequence[Tensor | None]]:
-        """Recompute step ``ci`` with grad and take its vjp; accumulates parameter / kwarg
-        gradients and returns what :func:`_reconstruct` needs."""
+        """Recompute step ``ci`` with grad and take its vjp; accumulates parameter / kwarg gradients
+        (by index into ``self.params`` / ``self.kw_tensors``) and returns what :func:`_reconstruct` needs."""
         c = self.couplings[ci]
         srcs = [halves[s].detach().requires_grad_() for s in c.sources]
         params = [self.params[j] for j in self.param_idx[ci]]
-        kws = [leaves[j] for j in self.kw_idx[ci]]
-        kwargs = self.backward_kwargs(ci, leaves)
-        rng = self.rng[ci] if self.rng else None
+        kws = [self.kw_tensors[j].detach().requires_grad_() for j in self.kw_idx[ci]]
+        kwargs = self.backward_kwargs(ci, kws)
+        rng = self.rng[ci]
         roots: list[Any] = []  # (output or its autograd edge, its gradient) per output needing grad
         check: list[Tensor] = []
         with torch.enable_grad(), _autocast_replay(self.autocast), _rng_replay(rng):
@@ -470,80 +496,116 @@ class _Run:
             for j, g in zip(idx, gs):
                 if g is None:
                     continue
-                if acc[j] is None:
+                if j not in acc:
+                    # a gradient aliasing the gradient buffer (an fn that passes a source through) would
+                    # change with the buffer's later in-place updates
                     acc[j] = g.clone() if _same_storage(g, gbufs) else g
                 else:
                     acc[j] = acc[j] + g
         return ([halves[t] for t in c.targets], [o.detach() for o in outs], [ghalves[s] for s in c.sources],
                 grads[:ns])
 
-    def backward_all(self, halves: list[Tensor], ghalves: list[Tensor], pgrads: list[Tensor | None],
-                     kgrads: list[Tensor | None], leaves: Sequence[Tensor], gbufs: Sequence[Tensor]) -> None:
-        for group in self.backward_schedule():
-            _reconstruct([self.step_recompute(ci, halves, ghalves, pgrads, kgrads, leaves, gbufs) for ci in group])
+    def backward_segment(self, s: int, halves: list[Tensor], ghalves: list[Tensor], gbufs: Sequence[Tensor]
+                         ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Invert segment ``s`` in place (``halves`` reconstructed, ``ghalves`` updated); returns the
+        gradients of its parameters and keyword-argument tensors, by index into ``self.params`` /
+        ``self.kw_tensors`` (absent: no gradient)."""
+        pgrads: dict[int, Tensor] = {}
+        kgrads: dict[int, Tensor] = {}
+        for group in self.segments[s]:
+            _reconstruct([self.step_recompute(ci, halves, ghalves, pgrads, kgrads, gbufs) for ci in group])
+        return pgrads, kgrads
 
 
-class _ReversibleFunction(torch.autograd.Function):
-    """Whole-stack autograd Function: inputs are ``(run, *stream_inputs, *params, *kwarg_tensors)``;
-    outputs are the streams' activation buffers themselves, laid out ``(2, *half)``.
+def _check_twice(ctx: Any) -> _Run:
+    run = ctx.run
+    if run is None or run.bufs is None:
+        raise RuntimeError(_TWICE)
+    ctx.run = None
+    return run
 
-    The buffers never reach the user: :class:`_Merge` turns them into the outputs, and its backward
-    builds the gradient buffers, which this backward then updates in place. So the gradient of the
-    merged outputs is released by autograd before this backward runs, instead of being held
-    (by the engine) beside the gradient buffers through the whole reconstruction.
+
+class _Start(torch.autograd.Function):
+    """Stream inputs -> the streams' activation buffers, laid out ``(2, *half)``; backward: the
+    gradient buffers -> the inputs' gradients.
+
+    The stack is a chain of autograd nodes ``_Start -> _Steps (one per segment) -> _Merge``, all over
+    the same buffers (each ``_Steps`` updates them in place). The buffers never reach the user:
+    :class:`_Merge` turns them into the outputs and its backward builds the gradient buffers, which
+    each ``_Steps`` backward then updates in place and passes on. So the gradient of the merged
+    outputs is released by autograd before the stack's backward runs.
     """
 
     @staticmethod
-    def forward(ctx: Any, run: _Run, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, run: _Run, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        inputs = tensors[:len(run.streams)]
         bufs = [run.make_buffer(i, x) for i, x in enumerate(inputs)]
-        halves = run.halves(bufs)
         run.autocast = _autocast_state(bufs[0].device.type)
-        for ci, c in enumerate(run.couplings):
-            if run.preserve_rng_state:
-                run.rng.append(_rng_state([halves[s] for s in c.sources]))
-            run.step_forward(ci, halves, inplace=True)
-        # aliases without autograd history: the outputs get this node as grad_fn, and the run (held
-        # by this node's ctx) must not hold them back (a reference cycle through the graph)
+        # aliases without autograd history for the in-place steps: the run (held by the nodes' ctx)
+        # must not hold the outputs back (a reference cycle through the graph)
         run.bufs = [b.detach() for b in bufs]
         ctx.run = run
         return tuple(bufs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, *gouts: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        run: _Run = ctx.run
-        if run is None or run.bufs is None:
-            raise RuntimeError(_TWICE)
-        bufs, run.bufs = run.bufs, None
-        ctx.run = None
-        # the incoming gradients are the buffers _Merge.backward just made (only _Merge reads the
-        # activation buffers), so they are the gradient buffers, updated in place from here on
-        gbufs = [torch.zeros_like(b) if g is None else g for g, b in zip(gouts, bufs)]
-        del gouts
-        halves, ghalves = run.halves(bufs), run.halves(gbufs)
-        pgrads: list[Tensor | None] = [None] * len(run.params)
-        kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
-        leaves = [t.detach().requires_grad_() for t in run.kw_tensors]
-        run.backward_all(halves, ghalves, pgrads, kgrads, leaves, gbufs)
-        del halves, bufs
+    def backward(ctx: Any, *gbufs: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        run = _check_twice(ctx)
+        run.bufs = None
         needs = ctx.needs_input_grad
         dxs = []
-        for i, s in enumerate(run.streams):
-            if not needs[1 + i]:
+        for i, (s, g) in enumerate(zip(run.streams, gbufs)):
+            if not needs[1 + i] or g is None:
                 dxs.append(None)
             elif run.input_mode == "duplicate":
-                dxs.append((ghalves[2 * i] + ghalves[2 * i + 1]).to(s.dtype))
+                dxs.append((g[0] + g[1]).to(s.dtype))
             else:
-                dxs.append(run.from_buffer(i, gbufs[i]).to(s.dtype))
-        pgrads = [g if g is None else g.to(p.dtype) for g, p in zip(pgrads, run.params)]
-        return (None, *dxs, *pgrads, *kgrads)
+                dxs.append(run.from_buffer(i, g).to(s.dtype))
+        return (None, *dxs)
+
+
+class _Steps(torch.autograd.Function):
+    """One segment of the stack's steps, in place on the buffers: inputs ``(run, s, *bufs, *params,
+    *kwarg_tensors)`` of segment ``s``; outputs the same buffers (marked dirty). Parameters (and
+    keyword-argument tensors that require grad) are inputs, so their gradients are returned from
+    the backward, through autograd: ``.grad`` accumulation, DDP's hooks and ``torch.autograd.grad``
+    all behave as with plain autograd, one segment at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, s: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        bufs = tensors[:len(run.streams)]
+        halves = run.halves(run.bufs)
+        for ci in run.seg_steps[s]:
+            if run.preserve_rng_state:
+                run.rng[ci] = _rng_state([halves[h] for h in run.couplings[ci].sources])
+            run.step_forward(ci, halves, inplace=True)
+        ctx.mark_dirty(*bufs)
+        ctx.run, ctx.segment = run, s
+        return tuple(bufs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *gouts: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        run = _check_twice(ctx)
+        s = ctx.segment
+        bufs = run.bufs
+        # a stream whose gradient is None here (an unused output) gets a zero gradient buffer
+        gbufs = [torch.zeros_like(b) if g is None else g for g, b in zip(gouts, bufs)]
+        del gouts
+        pgrads, kgrads = run.backward_segment(s, run.halves(bufs), run.halves(gbufs), gbufs)
+        needs = ctx.needs_input_grad[2:2 + len(bufs)]
+        if not any(needs):  # the earliest node of the stack that runs: the buffers are done with
+            run.bufs = None
+        dbufs = [g if need else None for g, need in zip(gbufs, needs)]
+        pg = [None if j not in pgrads else pgrads[j].to(run.params[j].dtype) for j in run.seg_params[s]]
+        kg = [kgrads.get(j) for j in run.seg_kws[s]]
+        return (None, None, *dbufs, *pg, *kg)
 
 
 class _Merge(torch.autograd.Function):
     """The streams' activation buffers -> the outputs (``merge``); backward: the outputs'
-    gradients -> fresh gradient buffers (the only tensors :class:`_ReversibleFunction` gets)."""
+    gradients -> fresh gradient buffers (the only tensors the stack's backward gets)."""
 
     @staticmethod
     def forward(ctx: Any, run: _Run, *bufs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
@@ -633,7 +695,11 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
     needs_graph = torch.is_grad_enabled() and (
         any(x.requires_grad for x in inputs) or bool(run.params) or bool(run.kw_tensors))
     if reversible and needs_graph:
-        return list(_Merge.apply(run, *_ReversibleFunction.apply(run, *inputs, *run.params, *run.kw_tensors)))
+        bufs = _Start.apply(run, *inputs)
+        for s in range(len(run.segments)):
+            bufs = _Steps.apply(run, s, *bufs, *(run.params[j] for j in run.seg_params[s]),
+                                *(run.kw_tensors[j] for j in run.seg_kws[s]))
+        return list(_Merge.apply(run, *bufs))
     # irreversible (plain autograd) or no graph at all: the same steps, functionally
     halves = []
     for x, s in zip(inputs, streams):
@@ -664,15 +730,16 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
     bufs = [run.to_buffer(i, y.detach()) for i, y in enumerate(outputs)]
     gbufs = [run.to_buffer(i, g.detach()) for i, g in enumerate(grads)]
     halves, ghalves = run.halves(bufs), run.halves(gbufs)
-    pgrads: list[Tensor | None] = [None] * len(run.params)
-    kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
-    leaves = [t.detach().requires_grad_() for t in run.kw_tensors]
-    run.backward_all(halves, ghalves, pgrads, kgrads, leaves, gbufs)
-    with torch.no_grad():
-        for p, g in zip(run.params, pgrads):
-            if g is not None:
+    kgrads: dict[int, Tensor] = {}
+    for s in reversed(range(len(run.segments))):
+        pgrads, kg = run.backward_segment(s, halves, ghalves, gbufs)
+        with torch.no_grad():  # each segment's parameter gradients go to .grad as soon as they exist
+            for j, g in pgrads.items():
+                p = run.params[j]
                 p.grad = g.to(p.dtype).clone() if p.grad is None else p.grad.add_(g.to(p.dtype))
-    pending = [(t, g) for t, g in zip(run.kw_tensors, kgrads) if g is not None]
+        for j, g in kg.items():
+            kgrads[j] = g if j not in kgrads else kgrads[j] + g
+    pending = [(run.kw_tensors[j], g) for j, g in kgrads.items()]
     if pending:  # tensors passed as keyword arguments: let their own graph take the gradient
         torch.autograd.backward([t for t, _ in pending], [g for _, g in pending])
     return [run.from_buffer(i, b) for i, b in enumerate(bufs)], [run.from_buffer(i, g) for i, g in enumerate(gbufs)]

@@ -8,7 +8,8 @@ from torch.utils._pytree import tree_leaves
 
 class LiveBytes(TorchDispatchMode):
     """Tallies the bytes of every storage an op creates while the mode is active, until it is freed;
-    ``peak`` is the largest total seen. Subclasses narrow what counts with :meth:`counts`."""
+    ``peak`` is the largest total seen. Subclasses narrow what counts with :meth:`counts`. An output on
+    the storage of one of the op's tensor arguments (an in-place op, a view) creates nothing."""
 
     def __init__(self):
         super().__init__()
@@ -25,11 +26,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        ins = {a.untyped_storage().data_ptr() for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)}
         for t in tree_leaves(out):
             if self.counts(func, t):
                 s = t.untyped_storage()
                 key, n = s.data_ptr(), s.nbytes()
-                if n and key not in self.live:
+                if n and key not in self.live and key not in ins:
                     self.live[key] = n
                     self.current += n
                     self.peak = max(self.peak, self.current)
