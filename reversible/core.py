@@ -31,7 +31,6 @@ parameters get gradients when the stream input does not require grad, and what m
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -194,9 +193,6 @@ def _iter_tensors(obj: Any) -> Iterator[Tensor]:
             yield from _iter_tensors(o)
 
 
-_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
 def _foreign_leaves(outs: Sequence[Tensor], known: set[int]) -> list[Tensor]:
     """Leaf tensors needing grad that ``outs`` depend on but are not in ``known`` (by id):
     their gradients would be lost (they are not inputs of the Function)."""
@@ -218,10 +214,11 @@ def _foreign_leaves(outs: Sequence[Tensor], known: set[int]) -> list[Tensor]:
 
 
 def _check_closure(c: Coupling, outs: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
-    owner = c.fn if isinstance(c.fn, nn.Module) else getattr(c.fn, "__self__", None)
-    if isinstance(owner, nn.Module):
-        if owner in _CHECKED:
-            return
+    """Raise if the recomputed ``outs`` depend on a tensor needing grad that is not in ``inputs``.
+
+    Checked on every recomputation, not once per module: what ``fn`` closes over can change between
+    calls. The walk covers the recomputed step's own graph (it stops at ``inputs``, which are leaves),
+    a few microseconds per autograd node."""
     foreign = _foreign_leaves(outs, {id(t) for t in inputs})
     if foreign:
         shapes = ", ".join(str(tuple(t.shape)) for t in foreign[:4])
@@ -230,8 +227,6 @@ def _check_closure(c: Coupling, outs: Sequence[Tensor], inputs: Sequence[Tensor]
             "neither parameters of the function's module nor tensors passed as keyword arguments, so their "
             "gradients would be lost. Register them as nn.Parameter of the module, pass them as keyword "
             "arguments, or list them in Coupling(params=...).")
-    if isinstance(owner, nn.Module):
-        _CHECKED[owner] = True
 
 
 def _same_storage(a: Tensor, bufs: Sequence[Tensor]) -> bool:
