@@ -229,12 +229,13 @@ def _check_closure(c: Coupling, outs: Sequence[Tensor], inputs: Sequence[Tensor]
             "arguments, or list them in Coupling(params=...).")
 
 
-def _same_storage(a: Tensor, bufs: Sequence[Tensor]) -> bool:
+def _same_storage(a: Tensor, bufs: Sequence[Tensor | None]) -> bool:
     ptr = a.untyped_storage().data_ptr()
-    return any(ptr == b.untyped_storage().data_ptr() for b in bufs)
+    return any(b is not None and ptr == b.untyped_storage().data_ptr() for b in bufs)
 
 
-def _reconstruct(steps: Sequence[tuple[list[Tensor], list[Tensor], list[Tensor], Sequence[Tensor | None]]]) -> None:
+def _reconstruct(steps: Sequence[tuple[list[Tensor], list[Tensor], list[Tensor | None], Sequence[Tensor | None]]]
+                 ) -> None:
     """For every step ``(targets, outs, dsources, grads)``: ``targets -= outs`` and
     ``dsources += grads``, all steps (independent ones) in one call of the fused helpers.
 
@@ -325,8 +326,9 @@ class _Run:
     # contiguous tensors whatever the split dim, so f and g get contiguous inputs and the fused
     # in-place steps run on contiguous memory (a split along the last dim would otherwise give
     # every half a row stride of twice its width).
-    def halves(self, bufs: Sequence[Tensor]) -> list[Tensor]:
-        return [h for buf in bufs for h in (buf[0], buf[1])]
+    def halves(self, bufs: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Both halves of every buffer (``None`` twice for a stream without a gradient buffer)."""
+        return [h for buf in bufs for h in ((None, None) if buf is None else (buf[0], buf[1]))]
 
     def to_buffer(self, i: int, x: Tensor) -> Tensor:
         """``x`` holding both halves along the split dim -> a new (2, *half_shape) buffer."""
@@ -441,11 +443,12 @@ class _Run:
             self.seg_kws.append(list(dict.fromkeys(j for ci in steps for j in self.kw_idx[ci])))
             start, low = i + 1, n
 
-    def step_recompute(self, ci: int, halves: list[Tensor], ghalves: list[Tensor], pgrads: dict[int, Tensor],
-                       kgrads: dict[int, Tensor], gbufs: Sequence[Tensor]
-                       ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Sequence[Tensor | None]]:
-        """Recompute step ``ci`` with grad and take its vjp; accumulates parameter / kwarg gradients
-        (by index into ``self.params`` / ``self.kw_tensors``) and returns what :func:`_reconstruct` needs."""
+    def step_recompute(self, ci: int, halves: list[Tensor], ghalves: list[Tensor | None], pgrads: dict[int, Tensor],
+                       kgrads: dict[int, Tensor], gbufs: Sequence[Tensor | None]
+                       ) -> tuple[list[Tensor], Sequence[Tensor | None]]:
+        """Recompute step ``ci`` with grad and take its vjp from the targets that have a gradient (``ghalves``
+        not None); accumulates parameter / kwarg gradients (by index into ``self.params`` /
+        ``self.kw_tensors``). Returns the recomputed outputs (detached) and the sources' gradients."""
         c = self.couplings[ci]
         srcs = [halves[s].detach().requires_grad_() for s in c.sources]
         params = [self.params[j] for j in self.param_idx[ci]]
@@ -467,15 +470,17 @@ class _Run:
                     # cast's backward did, bit for bit, and freed as soon as used); the reconstruction
                     # subtracts the output itself (the same result as a wide copy).
                     if o.requires_grad:
-                        roots.append((o, ghalves[t]))
                         check.append(o)
+                        if ghalves[t] is not None:
+                            roots.append((o, ghalves[t]))
                     outs[i] = o.detach()
                     continue
                 wide = o.to(halves[t].dtype)  # a narrowing (e.g. float64 output, float32 stream): as in the forward
                 if wide.requires_grad:
-                    # the vjp starts from the cast's autograd edge, so the wide copy itself is not held
-                    roots.append((torch.autograd.graph.get_gradient_edge(wide), ghalves[t]))
                     check.append(wide)
+                    if ghalves[t] is not None:
+                        # the vjp starts from the cast's autograd edge, so the wide copy itself is not held
+                        roots.append((torch.autograd.graph.get_gradient_edge(wide), ghalves[t]))
                 outs[i] = wide.detach()
         inputs = [*srcs, *params, *kws]
         _check_closure(c, check, inputs)
@@ -497,18 +502,28 @@ class _Run:
                     acc[j] = g.clone() if _same_storage(g, gbufs) else g
                 else:
                     acc[j] = acc[j] + g
-        return ([halves[t] for t in c.targets], [o.detach() for o in outs], [ghalves[s] for s in c.sources],
-                grads[:ns])
+        return outs, grads[:ns]
 
-    def backward_segment(self, s: int, halves: list[Tensor], ghalves: list[Tensor], gbufs: Sequence[Tensor]
+    def backward_segment(self, s: int, bufs: Sequence[Tensor], gbufs: list[Tensor | None]
                          ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-        """Invert segment ``s`` in place (``halves`` reconstructed, ``ghalves`` updated); returns the
-        gradients of its parameters and keyword-argument tensors, by index into ``self.params`` /
-        ``self.kw_tensors`` (absent: no gradient)."""
+        """Invert segment ``s`` in place: ``bufs`` reconstructed, ``gbufs`` updated. A stream's gradient
+        buffer is ``None`` while no gradient has reached it (an output the loss does not use): its steps
+        take no vjp, as plain autograd takes none, and the buffer is made (zeros) when a gradient first
+        reaches it. Returns the gradients of the segment's parameters and keyword-argument tensors, by
+        index into ``self.params`` / ``self.kw_tensors`` (absent: no gradient)."""
+        halves, ghalves = self.halves(bufs), self.halves(gbufs)
         pgrads: dict[int, Tensor] = {}
         kgrads: dict[int, Tensor] = {}
         for group in self.segments[s]:
-            _reconstruct([self.step_recompute(ci, halves, ghalves, pgrads, kgrads, gbufs) for ci in group])
+            done = [(ci, *self.step_recompute(ci, halves, ghalves, pgrads, kgrads, gbufs)) for ci in group]
+            for ci, _, grads in done:
+                for h, g in zip(self.couplings[ci].sources, grads):
+                    if g is not None and ghalves[h] is None:
+                        i = h // 2
+                        gbufs[i] = torch.zeros_like(bufs[i])
+                        ghalves[2 * i], ghalves[2 * i + 1] = gbufs[i][0], gbufs[i][1]
+            _reconstruct([([halves[t] for t in self.couplings[ci].targets], outs,
+                           [ghalves[h] for h in self.couplings[ci].sources], grads) for ci, outs, grads in done])
         return pgrads, kgrads
 
 
@@ -585,10 +600,9 @@ class _Steps(torch.autograd.Function):
         run = _check_twice(ctx)
         s = ctx.segment
         bufs = run.bufs
-        # a stream whose gradient is None here (an unused output) gets a zero gradient buffer
-        gbufs = [torch.zeros_like(b) if g is None else g for g, b in zip(gouts, bufs)]
+        gbufs = list(gouts)  # the gradient buffers; None: no gradient has reached the stream yet
         del gouts
-        pgrads, kgrads = run.backward_segment(s, run.halves(bufs), run.halves(gbufs), gbufs)
+        pgrads, kgrads = run.backward_segment(s, bufs, gbufs)
         needs = ctx.needs_input_grad[2:2 + len(bufs)]
         if not any(needs):  # the earliest node of the stack that runs: the buffers are done with
             run.bufs = None
@@ -724,10 +738,9 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
     run.autocast = {}
     bufs = [run.to_buffer(i, y.detach()) for i, y in enumerate(outputs)]
     gbufs = [run.to_buffer(i, g.detach()) for i, g in enumerate(grads)]
-    halves, ghalves = run.halves(bufs), run.halves(gbufs)
     kgrads: dict[int, Tensor] = {}
     for s in reversed(range(len(run.segments))):
-        pgrads, kg = run.backward_segment(s, halves, ghalves, gbufs)
+        pgrads, kg = run.backward_segment(s, bufs, gbufs)
         with torch.no_grad():  # each segment's parameter gradients go to .grad as soon as they exist
             for j, g in pgrads.items():
                 p = run.params[j]

@@ -44,3 +44,37 @@ def test_closure_check_holds_on_every_call():
     ref = reversible.SequentialSequence(list(zip([f], [net.blocks[0].g])))
     want = grads_of(ref(x).square().sum(), [x, f.extra, *f.lin.parameters()])
     assert_close_all(got, want, TOL)
+
+
+class WhereSqrt(nn.Module):
+    """``tanh(lin(x)) + where(c > 0, sqrt(c), 0)``: finite, but its vjp is NaN wherever ``c < 0`` even for a
+    zero output gradient (the unselected branch's derivative times zero), like many masked functions."""
+
+    def __init__(self, d=D):
+        super().__init__()
+        self.lin = nn.Linear(d, d, dtype=torch.float64)
+
+    def forward(self, x, c, **ignored):
+        return torch.tanh(self.lin(x)) + torch.where(c > 0, c.sqrt(), torch.zeros_like(c))
+
+
+def test_unused_output_takes_no_vjp_like_plain_autograd():
+    """With the audio output unused, plain autograd takes no vjp of the audio steps: the audio parameters get
+    no gradient (None: an optimizer skips them) and a NaN vjp of an audio step that reads the video stream
+    does not reach it. The reversible backward started every stream's gradient buffer at zero and took those
+    vjps: zeros instead of None, and NaN in the video input's and f's gradients."""
+    from _seed_reversible_oracle import CrossFn
+
+    torch.manual_seed(0)
+    types = ["intra_modality_self_attn", "inter_modality_cross_attn"]
+    blocks = [(Fn(D, p=0.0), Fn(D, p=0.0), Fn(D, p=0.0), Fn(D, p=0.0)),
+              (CrossFn(D, p=0.0), Fn(D, p=0.0), WhereSqrt(), Fn(D, p=0.0))]  # f, g, j, k
+    net = reversible.DualModalityReversibleSequence(blocks, types)
+    video = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+    audio = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+    tensors = [video, audio, *net.parameters()]
+    got = torch.autograd.grad(net(video, audio)[0].square().sum(), tensors, allow_unused=True)
+    want = torch.autograd.grad(net(video, audio, reverse=False)[0].square().sum(), tensors, allow_unused=True)
+    assert [g is None for g in got] == [w is None for w in want]
+    assert any(w is None for w in want) and all(w is None or torch.isfinite(w).all() for w in want)
+    assert_close_all([g for g in got if g is not None], [w for w in want if w is not None], TOL)
