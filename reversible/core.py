@@ -398,8 +398,8 @@ class _Run:
                                  "the stream half they are given")
             if inplace:
                 _inplace.coupling_add_(halves[t], o)
-            else:
-                halves[t] = halves[t] + o
+            else:  # the stream keeps its dtype, as the in-place add does (a wider output is rounded to it)
+                halves[t] = (halves[t] + o).to(halves[t].dtype)
 
     # --- backward: recompute, vjp, then reconstruct in place
     def _plan_segments(self) -> None:

@@ -78,3 +78,33 @@ def test_unused_output_takes_no_vjp_like_plain_autograd():
     assert [g is None for g in got] == [w is None for w in want]
     assert any(w is None for w in want) and all(w is None or torch.isfinite(w).all() for w in want)
     assert_close_all([g for g in got if g is not None], [w for w in want if w is not None], TOL)
+
+
+class Wide(nn.Module):
+    """A step whose output is wider (float64) than the float32 stream it is added to."""
+
+    def __init__(self, d=D):
+        super().__init__()
+        self.lin = nn.Linear(d, d, dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x.double()))
+
+
+@pytest.mark.parametrize("x_dtype, step, stream_dtype", [(torch.float32, Wide, None),  # a float32 stream
+                                                      (torch.float64, Fn, torch.float32)])  # float32 buffers
+def test_stream_keeps_its_dtype_with_and_without_grad(x_dtype, step, stream_dtype):
+    """A float64 output added to a float32 stream is rounded to float32 by the reversible forward's in-place
+    add; the functional path (no grad, eval, SequentialSequence) promoted the stream to float64 from there on,
+    so one model gave outputs differing by float32 rounding with and without grad. Now bitwise equal."""
+    pairs = [(step(D), step(D)) for _ in range(3)]
+    for m in (m for pair in pairs for m in pair):
+        m.eval()  # no dropout
+    x = torch.randn(2, 5, D, dtype=x_dtype)
+    net = reversible.ReversibleSequence(pairs, stream_dtype=stream_dtype)
+    with_grad = net(x.clone().requires_grad_())
+    with torch.no_grad():
+        without = net(x)
+    plain = reversible.SequentialSequence(pairs, stream_dtype=stream_dtype)(x.clone().requires_grad_())
+    assert with_grad.dtype == without.dtype == plain.dtype == x_dtype
+    assert torch.equal(with_grad, without) and torch.equal(with_grad, plain)
