@@ -22,11 +22,15 @@ stream; no ``torch.cat`` and no new full-size tensor per block. Steps that touch
 in-place updates go out in one multi-tensor call (:func:`reversible._inplace.reconstruct_multi_`),
 as do the per-key updates of dict-valued streams.
 
-Parameters of the step functions (and tensors passed as keyword arguments that require
-grad) are explicit inputs of the autograd Function, and their gradients are *returned* from
-its backward instead of being accumulated behind autograd's back. That is what makes
-parameters get gradients when the stream input does not require grad, and what makes
-``DistributedDataParallel`` (including ``find_unused_parameters=True``) work.
+The stack is a chain of autograd nodes over the same buffers: one per *segment* of steps (a
+step, or steps inverted together), each updating the buffers in place. Parameters of the step
+functions (and tensors passed as keyword arguments that require grad) are explicit inputs of
+their segment's node, and their gradients are *returned* from its backward instead of being
+accumulated behind autograd's back. That is what makes parameters get gradients when the stream
+input does not require grad, what makes ``DistributedDataParallel`` (including
+``find_unused_parameters=True``) and ``torch.autograd.grad`` behave as with plain autograd, and,
+since the engine accumulates a node's parameter gradients into ``.grad`` before it runs the next
+node, what keeps the backward's memory flat in depth when ``.grad`` already holds values.
 """
 from __future__ import annotations
 

@@ -108,3 +108,86 @@ def test_stream_keeps_its_dtype_with_and_without_grad(x_dtype, step, stream_dtyp
     plain = reversible.SequentialSequence(pairs, stream_dtype=stream_dtype)(x.clone().requires_grad_())
     assert with_grad.dtype == without.dtype == plain.dtype == x_dtype
     assert torch.equal(with_grad, without) and torch.equal(with_grad, plain)
+
+
+# ----------------------------------------------------------------------------- property test
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+
+class _Elementwise(nn.Module):
+    """Shape-agnostic step ``tanh(a * x + b) * c`` with scalar parameters: a NaN stays in its element."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(3, dtype=dtype))
+
+    def forward(self, x):
+        return torch.tanh(self.p[0] * x + self.p[1]) * self.p[2]
+
+
+def _layout(x, kind, dim):
+    """``x`` (values kept) laid out as ``kind``; returns (the tensor to pass, the leaf that needs grad)."""
+    if kind == "expanded":  # stride 0 on dim 0: a leaf of size 1 there, expanded
+        leaf = x[:1].clone()
+        return leaf.expand_as(x), leaf
+    if kind == "transposed":
+        leaf = x.transpose(0, -1).contiguous()
+        return leaf.transpose(0, -1), leaf
+    if kind == "sliced":  # every other element of the last dim of a wider leaf
+        leaf = torch.repeat_interleave(x, 2, dim=-1)
+        return leaf[..., ::2], leaf
+    return x, x
+
+
+_DTYPE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+if given is not None:
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(shape=st.lists(st.integers(0, 3), min_size=1, max_size=3), dim_pick=st.integers(0, 5),
+           layout=st.sampled_from(["contiguous", "expanded", "transposed", "sliced"]),
+           dtype=st.sampled_from(list(_DTYPE_TOL)), merge=st.sampled_from(["mean", "sum", "cat"]),
+           split=st.booleans(), depth=st.integers(1, 3), x_grad=st.booleans(), existing=st.booleans(),
+           nan=st.booleans(), seed=st.integers(0, 2**31 - 1))
+    def test_property_layouts_dtypes_against_plain_autograd(shape, dim_pick, layout, dtype, merge, split, depth,
+                                                            x_grad, existing, nan, seed):
+        """ReversibleSequence against SequentialSequence (plain autograd) on the same steps: outputs, the
+        input's gradient and the parameters' accumulated ``.grad``, for shapes with empty dims, inputs
+        expanded / transposed / sliced, float64 and float32, inputs needing grad or not, ``.grad`` None or
+        filled, one NaN in the input (the same elements non-finite, the finite ones close). Tolerance:
+        relative max error 1e-10 (float64), 1e-4 (float32)."""
+        torch.manual_seed(seed)
+        ndim = len(shape)
+        dim = dim_pick % (2 * ndim) - ndim
+        if split:
+            shape = list(shape)
+            shape[dim] *= 2
+        base = torch.randn(shape, dtype=dtype)
+        if nan and base.numel():
+            base.view(-1)[seed % base.numel()] = float("nan")
+        x, leaf = _layout(base, layout, dim)
+        leaf.requires_grad_(x_grad)
+        pairs = [(_Elementwise(dtype), _Elementwise(dtype)) for _ in range(depth)]
+        params = [p for pair in pairs for m in pair for p in m.parameters()]
+        init = [torch.randn_like(p) if existing else None for p in params]
+        results = []
+        for klass in (reversible.ReversibleSequence, reversible.SequentialSequence):
+            net = klass(pairs, dim=dim, merge=merge, input_mode="split" if split else "duplicate")
+            for p, g in zip(params, init):
+                p.grad = None if g is None else g.clone()
+            leaf.grad = None
+            y = net(x)
+            (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)).sum().backward()
+            results.append([y.detach(), leaf.grad, *(p.grad for p in params)])
+        for got, want in zip(*results):
+            assert (got is None) == (want is None)
+            if want is None:
+                continue
+            assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+            fin = torch.isfinite(want)
+            if fin.any():
+                assert_close_all([got[fin]], [want[fin]], _DTYPE_TOL[dtype])
