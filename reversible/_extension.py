@@ -48,8 +48,8 @@ _enabled: bool | None = None  # None: follow REVERSIBLE_EXTENSION (read at impor
 # (empty when forced off or unavailable); None until resolved (first use, or after a switch).
 _fast: frozenset | None = None
 _OVERLOADS: dict[str, Any] = {}
-# a load from a warm cache takes about a second: only a longer one (a build) is announced
-_NOTICE_AFTER_S = 2.0
+# a load from a warm cache takes a second or two: only a longer one (a build) is announced
+_NOTICE_AFTER_S = 5.0
 
 
 def _env_enabled() -> bool:

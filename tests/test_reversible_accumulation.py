@@ -118,3 +118,21 @@ def test_autograd_grad_leaves_dot_grad_alone():
         assert_close_all(list(got), list(want), TOL)
         assert x.grad is None
         assert all(torch.equal(p.grad, s) for p, s in zip(params, sentinel))
+
+
+def test_backward_with_inputs_accumulates_only_those():
+    """``loss.backward(inputs=[...])`` accumulates into the listed tensors' ``.grad`` only (plain autograd's
+    semantics), adding to what they hold."""
+    d, depth = 6, 3
+    rev = _stack(reversible.ReversibleSequence, depth, d)
+    ref = _stack(reversible.SequentialSequence, depth, d)
+    x = torch.randn(2, 5, d, dtype=torch.float64, requires_grad=True)
+    init = [torch.randn_like(p) for p in rev.parameters()]
+    for net in (rev, ref):
+        for p, g in zip(net.parameters(), init):
+            p.grad = g.clone()
+        picked = list(net.parameters())[1:4]
+        net(x).square().sum().backward(inputs=picked)
+    assert x.grad is None
+    assert_close_all([p.grad for p in rev.parameters()], [p.grad for p in ref.parameters()], TOL)
+    assert all(torch.equal(p.grad, g) for i, (p, g) in enumerate(zip(rev.parameters(), init)) if not 1 <= i < 4)
