@@ -199,7 +199,7 @@ def _iter_tensors(obj: Any) -> Iterator[Tensor]:
 
 def _foreign_leaves(outs: Sequence[Tensor], known: set[int]) -> list[Tensor]:
     """Leaf tensors needing grad that ``outs`` depend on but are not in ``known`` (by id):
-    their gradients would be lost (they are not inputs of the Function)."""
+    their gradients would be lost (they are not inputs of the autograd nodes)."""
     seen: set[int] = set()
     stack = [o.grad_fn for o in outs if o.grad_fn is not None]
     found = []
