@@ -26,12 +26,12 @@ def _stack(klass, depth, d, dtype=torch.float64, seed=0):
     return klass([(Block(d, dtype), Block(d, dtype)) for _ in range(depth)])
 
 
-def _backward_peak(depth, d, x, existing):
-    """Peak of the bytes allocated during ``loss.backward()`` (live-storage tally), for ``depth`` blocks with distinct parameters; ``existing``: ``.grad`` starts filled."""
+def _backward_peak(depth, d, x):
+    """Peak of the bytes allocated during ``loss.backward()`` (live-storage tally), for ``depth`` blocks
+    with distinct parameters whose ``.grad`` starts filled."""
     net = _stack(reversible.ReversibleSequence, depth, d, x.dtype)
-    if existing:
-        for p in net.parameters():
-            p.grad = torch.randn_like(p)
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
     loss = net(x).square().sum()
     with LiveBytes() as tally:  # counts what the backward allocates, nothing from before
         loss.backward()
@@ -51,7 +51,7 @@ def test_backward_memory_flat_in_depth_with_existing_grads():
     x = torch.randn(2, 8, d, dtype=torch.float64, requires_grad=True)
     peaks = {}
     for depth in DEPTHS:
-        peaks[depth], block = _backward_peak(depth, d, x, existing=True)
+        peaks[depth], block = _backward_peak(depth, d, x)
         x.grad = None
     print("backward peak over base with existing .grad (bytes), by depth:", peaks, "one block's parameters:", block)
     for depth in DEPTHS[1:]:
@@ -74,7 +74,8 @@ def test_backward_memory_flat_in_depth_with_existing_grads_gpu():
         r = backward_peak_existing_grads("rev_ext", pairs, x, amp=True)
         peaks[depth], block = r["bwd_peak_mib"], r["param_mib"] / depth
         del pairs
-    print(f"backward peak over base with existing .grad (MiB) by depth: {peaks}; one block's parameters {block:.1f} MiB")
+    print(f"backward peak over base with existing .grad (MiB) by depth: {peaks}; "
+          f"one block's parameters {block:.1f} MiB")
     assert max(peaks.values()) <= min(peaks.values()) + block
 
 

@@ -152,13 +152,13 @@ if given is not None:
            layout=st.sampled_from(["contiguous", "expanded", "transposed", "sliced"]),
            dtype=st.sampled_from(list(_DTYPE_TOL)), merge=st.sampled_from(["mean", "sum", "cat"]),
            split=st.booleans(), depth=st.integers(1, 3), x_grad=st.booleans(), existing=st.booleans(),
-           nan=st.booleans(), seed=st.integers(0, 2**31 - 1))
+           bad=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]), seed=st.integers(0, 2**31 - 1))
     def test_property_layouts_dtypes_against_plain_autograd(shape, dim_pick, layout, dtype, merge, split, depth,
-                                                            x_grad, existing, nan, seed):
+                                                            x_grad, existing, bad, seed):
         """ReversibleSequence against SequentialSequence (plain autograd) on the same steps: outputs, the
         input's gradient and the parameters' accumulated ``.grad``, for shapes with empty dims, inputs
         expanded / transposed / sliced, float64 and float32, inputs needing grad or not, ``.grad`` None or
-        filled, one NaN in the input (the same elements non-finite, the finite ones close). Tolerance:
+        filled, one NaN or infinity in the input (the same elements non-finite, the finite ones close). Tolerance:
         relative max error 1e-10 (float64), 1e-4 (float32)."""
         torch.manual_seed(seed)
         ndim = len(shape)
@@ -167,8 +167,8 @@ if given is not None:
             shape = list(shape)
             shape[dim] *= 2
         base = torch.randn(shape, dtype=dtype)
-        if nan and base.numel():
-            base.view(-1)[seed % base.numel()] = float("nan")
+        if bad is not None and base.numel():
+            base.view(-1)[seed % base.numel()] = bad
         x, leaf = _layout(base, layout, dim)
         leaf.requires_grad_(x_grad)
         pairs = [(_Elementwise(dtype), _Elementwise(dtype)) for _ in range(depth)]
