@@ -191,3 +191,22 @@ if given is not None:
             fin = torch.isfinite(want)
             if fin.any():
                 assert_close_all([got[fin]], [want[fin]], _DTYPE_TOL[dtype])
+
+
+def test_routes_are_checked_on_every_call():
+    """``args_route`` was checked against the depth once, in ``__init__``: a block appended afterwards got
+    none of the routed keyword arguments, silently (the routes were zipped with the blocks)."""
+    from reversible.compat import nuwa
+
+    scale = torch.randn(D, dtype=torch.float64)
+    x = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+    net = reversible.ReversibleSequence([(Fn(D), Fn(D))] * 2, args_route={"scale": [(True, True)] * 2})
+    net(x, scale=scale)
+    net.blocks.append(reversible.ReversibleBlock(Fn(D), Fn(D)))
+    with pytest.raises(ValueError, match=r"args_route\['scale'\] has 2 entries but there are 3 layers"):
+        net(x, scale=scale)
+    seq = nuwa.SequentialSequence(nn.ModuleList([nn.ModuleList([Fn(D), Fn(D)])]), args_route={"scale": [(True, True)]})
+    seq(x, scale=scale)
+    seq.layers.append(nn.ModuleList([Fn(D), Fn(D)]))
+    with pytest.raises(ValueError, match="has 1 entries but there are 2 layers"):
+        seq(x, scale=scale)
