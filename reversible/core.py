@@ -666,6 +666,11 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
 
     Returns:
         one output tensor per stream (new tensors, never modified by the backward pass).
+
+    The backward rebuilds each step's input from its output, so it needs finite activations: a NaN
+    or infinity that a step carries into the other half (``y2 = x2 + g(y1)`` with ``y1`` non-finite)
+    cannot be subtracted out again, and the gradients of earlier steps become NaN there, where plain
+    autograd's may be finite (the loss is non-finite either way). It stays in the elements it reached.
     """
     inputs = list(inputs)
     if not inputs:
