@@ -251,3 +251,13 @@ def test_non_finite_token_stays_in_its_token(bad):
     others[0, 2] = False
     assert torch.isfinite(got[others]).all()
     assert_close_all([got_y.detach()[others], got[others]], [want_y.detach()[others], want[others]], TOL)
+
+
+def test_reconstruction_error_of_an_empty_batch_is_zero():
+    """``reconstruction_error`` took ``max()`` of an empty tensor: a RuntimeError for a batch of 0."""
+    net = reversible.ReversibleSequence([(Fn(D), Fn(D))])
+    assert reversible.reconstruction_error(net, torch.randn(0, 5, D, dtype=torch.float64)) == 0.0
+    types = ["intra_modality_self_attn"]
+    dual = reversible.DualModalityReversibleSequence([(Fn(D), Fn(D), Fn(D), Fn(D))], types)
+    video, audio = torch.randn(2, 5, D, dtype=torch.float64), torch.randn(2, 0, D, dtype=torch.float64)
+    assert 0.0 <= reversible.reconstruction_error(dual, (video, audio)) < 1e-13
