@@ -261,3 +261,15 @@ def test_reconstruction_error_of_an_empty_batch_is_zero():
     dual = reversible.DualModalityReversibleSequence([(Fn(D), Fn(D), Fn(D), Fn(D))], types)
     video, audio = torch.randn(2, 5, D, dtype=torch.float64), torch.randn(2, 0, D, dtype=torch.float64)
     assert 0.0 <= reversible.reconstruction_error(dual, (video, audio)) < 1e-13
+
+
+@pytest.mark.parametrize("index", [0, 3, 5, 7, -2])
+def test_nuwa_split_at_index_slices_as_the_seed(index):
+    """The seed's ``split_at_index`` slices (``t[:, :index]``, ``t[:, index:]``): an index past the end gives
+    an empty second part, a negative one counts from the end. The compat module used ``narrow``, which
+    raised for both."""
+    from reversible.compat import nuwa
+
+    t = torch.randn(2, 5, 3)
+    a, b = nuwa.split_at_index(1, index, t)
+    assert torch.equal(a, t[:, :index]) and torch.equal(b, t[:, index:])
