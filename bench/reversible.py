@@ -15,7 +15,9 @@ same parameters:
 
 Reported per (variant, depth): peak memory, activation memory (peak minus parameters,
 gradients and the input with its gradient), step time (forward + backward, median of
-``--steps``), time per block and the ratio to ``plain``. Per depth: reconstruction error of the
+``--steps``), time per block and the ratio to ``plain``. Per (variant, depth), a second table: the
+backward's peak with every ``.grad`` already filled (gradient accumulation; issue 19, item 00),
+which must not grow with depth. Per depth: reconstruction error of the
 input after a full inverse pass (ours vs the seed; fp32 and bf16 autocast). At the smallest depth:
 gradient error of ours and the seed against plain autograd of the same two-stream function.
 Microbenchmark: the fused in-place steps vs the PyTorch in-place ops vs the seed's out-of-place
