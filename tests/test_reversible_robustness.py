@@ -122,7 +122,8 @@ except ImportError:  # pragma: no cover
 class _Elementwise(nn.Module):
     """Shape-agnostic step ``tanh(a * x + b) * c`` with scalar parameters (a NaN stays in its element),
     returned in one of several layouts: ``kind`` "dense", "transposed" (a non-contiguous output),
-    "identity" (the input itself), "expanded" (``c`` expanded to the half: stride 0, no input)."""
+    "identity" (the input itself), "expanded" (``c`` expanded to the half: stride 0, no input), or of
+    the last dim's sum, "reduced" (the input's gradient is then expanded: stride 0)."""
 
     def __init__(self, dtype, kind="dense"):
         super().__init__()
@@ -136,6 +137,8 @@ class _Elementwise(nn.Module):
             return self.p[2].expand_as(x)
         if self.kind == "transposed":
             x = x.transpose(0, -1).contiguous().transpose(0, -1)
+        if self.kind == "reduced":
+            x = x.sum(-1, keepdim=True).expand_as(x)
         return torch.tanh(self.p[0] * x + self.p[1]) * self.p[2]
 
 
@@ -159,7 +162,8 @@ if given is not None:
     @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(shape=st.lists(st.integers(0, 3), min_size=1, max_size=3), dim_pick=st.integers(0, 5),
            layout=st.sampled_from(["contiguous", "expanded", "transposed", "sliced"]),
-           kinds=st.lists(st.sampled_from(["dense", "transposed", "identity", "expanded"]), min_size=6, max_size=6),
+           kinds=st.lists(st.sampled_from(["dense", "transposed", "identity", "expanded", "reduced"]),
+                          min_size=6, max_size=6),
            dtype=st.sampled_from(list(_DTYPE_TOL)), merge=st.sampled_from(["mean", "sum", "cat"]),
            split=st.booleans(), depth=st.integers(1, 3), x_grad=st.booleans(), existing=st.booleans(),
            bad=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]), seed=st.integers(0, 2**31 - 1))
@@ -167,9 +171,9 @@ if given is not None:
                                                             depth, x_grad, existing, bad, seed):
         """ReversibleSequence against SequentialSequence (plain autograd) on the same steps: outputs, the
         input's gradient and the parameters' accumulated ``.grad``, for shapes with empty dims, inputs
-        expanded / transposed / sliced, step outputs dense / transposed / the input itself / expanded,
-        float64 and float32, inputs needing grad or not, ``.grad`` None or filled, with or without one NaN
-        or infinity in the input. Finite inputs: the same elements finite, and close. A non-finite input:
+        expanded / transposed / sliced, step outputs dense / transposed / the input itself / expanded / of
+        a sum (a stride-0 input gradient), float64 and float32, inputs needing grad or not, ``.grad`` None
+        or filled, with or without one NaN or infinity in the input. Finite inputs: the same elements finite, and close. A non-finite input:
         non-finite wherever plain autograd is, the elements finite in both close (a non-finite activation
         that a step carries into the other half cannot be reconstructed, NaN - NaN, so the stack's
         gradients can be NaN where plain autograd's are not; see test_non_finite_token_stays_in_its_token).
