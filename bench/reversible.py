@@ -15,7 +15,9 @@ same parameters:
 
 Reported per (variant, depth): peak memory, activation memory (peak minus parameters,
 gradients and the input with its gradient), step time (forward + backward, median of
-``--steps``), time per block and the ratio to ``plain``. Per depth: reconstruction error of the
+``--steps``), time per block and the ratio to ``plain``. Per (variant, depth), a second table: the
+backward's peak with every ``.grad`` already filled (gradient accumulation; issue 19, item 00),
+which must not grow with depth. Per depth: reconstruction error of the
 input after a full inverse pass (ours vs the seed; fp32 and bf16 autocast). At the smallest depth:
 gradient error of ours and the seed against plain autograd of the same two-stream function.
 Microbenchmark: the fused in-place steps vs the PyTorch in-place ops vs the seed's out-of-place
@@ -45,6 +47,7 @@ from torch import nn
 from bench import OUT
 
 GiB = 1024 ** 3
+MiB = 1024 ** 2
 VARIANTS = ("rev_ext", "rev_noext", "seed", "plain", "ckpt")
 
 
@@ -211,6 +214,58 @@ def measure(variant: str, model: nn.Module, x: torch.Tensor, params: list[torch.
             x.grad = None
             _free()
     return out
+
+
+def backward_peak_existing_grads(variant: str, pairs, x: torch.Tensor, amp: bool) -> dict[str, Any]:
+    """Peak bytes of one backward over what was live before it, every parameter's ``.grad`` already
+    filled (gradient accumulation, ``zero_grad(set_to_none=False)``): a backward that holds all its
+    parameter gradients until it ends grows with depth here. CUDA: the allocator's peak; CPU: a tally
+    of the storages the backward creates (:class:`bench._live_bytes.LiveBytes`)."""
+    from bench._live_bytes import LiveBytes
+
+    params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
+    model = make_model(variant, pairs)
+    cuda = x.device.type == "cuda"
+    try:
+        with _ext_ctx(variant):
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            with _autocast(x.device, amp):
+                loss = model(x).float().square().mean()
+            if cuda:
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                loss.backward()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - base
+            else:
+                with LiveBytes() as tally:
+                    loss.backward()
+                peak = tally.peak
+        out: dict[str, Any] = {"bwd_peak_mib": peak / MiB}
+    except torch.cuda.OutOfMemoryError as e:
+        out = {"error": f"OOM: {str(e).splitlines()[0]}"}
+    finally:
+        for p in params:
+            p.grad = None
+        x.grad = None
+        loss = model = None
+        _free()
+    out["param_mib"] = sum(p.nbytes for p in params) / MiB
+    return out
+
+
+def print_accumulation_table(rows: list[dict[str, Any]]) -> None:
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    cell = {(r["variant"], r["depth"]): r for r in rows}
+    print("\nbackward peak over the memory live before it, with .grad already filled (MiB; params: all blocks'):")
+    print(f"{'depth':>6} {'params':>9} " + " ".join(f"{v:>10}" for v in variants))
+    for dp in sorted({r["depth"] for r in rows}):
+        vals = [cell.get((v, dp), {}) for v in variants]
+        par = next((c["param_mib"] for c in vals if "param_mib" in c), float("nan"))
+        print(f"{dp:>6} {par:>9.2f} " + " ".join(
+            f"{'OOM' if 'error' in c else _fmt(c.get('bwd_peak_mib')):>10}" for c in vals))
 
 
 def grad_errors(pairs, x: torch.Tensor, amp: bool) -> dict[str, float]:
@@ -544,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--micro-only", action="store_true")
     ap.add_argument("--micro-iters", type=int, default=None)
     ap.add_argument("--no-errors", action="store_true", help="skip reconstruction / gradient errors")
+    ap.add_argument("--no-accumulation", action="store_true",
+                    help="skip the backward-peak-vs-depth table with .grad already filled")
     ap.add_argument("--tiny", action="store_true", help="the tiny CPU config, also on a GPU")
     ap.add_argument("--profile", type=int, default=None, metavar="DEPTH",
                     help="only profile one step per variant at this depth (kernel time vs step time, top ops)")
@@ -610,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
         (out_dir / "reversible_profile.json").write_text(json.dumps({"meta": meta, "profile": prof}, indent=1,
                                                                     default=str))
         return
-    report: dict[str, Any] = {"meta": meta, "results": [], "errors": {}, "micro": []}
+    report: dict[str, Any] = {"meta": meta, "results": [], "errors": {}, "micro": [], "accumulation": []}
 
     if not args.micro_only:
         for depth in depths:
@@ -630,6 +687,11 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  depth {depth:>3} {v:>10}: {msg}", flush=True)
                 del model
                 _free()
+            if not args.no_accumulation:
+                for v in args.variants:
+                    r = backward_peak_existing_grads(v, pairs, x, amp)
+                    r.update(variant=v, depth=depth)
+                    report["accumulation"].append(r)
             if not args.no_errors:
                 e = recon_errors(pairs, x.detach())
                 if depth == min(depths):
@@ -641,6 +703,8 @@ def main(argv: list[str] | None = None) -> None:
             _free()
         print()
         print_table(report["results"])
+        if report["accumulation"]:
+            print_accumulation_table(report["accumulation"])
 
     if not args.no_micro:
         report["micro"] = microbench(batch, seq, d, device, iters)

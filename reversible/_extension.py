@@ -7,7 +7,9 @@ Order of attempts, on first use (not at import):
    C++ only otherwise);
 2. a JIT build of ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja), cached under
    ``$REVERSIBLE_EXT_CACHE`` (default: torch's extension cache, ``~/.cache/torch_extensions``);
-   CUDA sources are included when torch has CUDA, a GPU is visible and nvcc is found;
+   CUDA sources are included when torch has CUDA, a GPU is visible and nvcc is found. A build (not
+   a load from the cache, which takes about a second) says so on stderr when it starts and when it
+   ends, as ``torch.hub`` does for a download;
 3. otherwise the pure-PyTorch bodies in ``reversible._inplace`` run, after ONE warning.
 
 ``REVERSIBLE_EXTENSION=0`` (or ``off``/``false``/``pytorch``; read at import) forces the PyTorch
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 import warnings
@@ -45,6 +48,8 @@ _enabled: bool | None = None  # None: follow REVERSIBLE_EXTENSION (read at impor
 # (empty when forced off or unavailable); None until resolved (first use, or after a switch).
 _fast: frozenset | None = None
 _OVERLOADS: dict[str, Any] = {}
+# a load from a warm cache takes a second or two: only a longer one (a build) is announced
+_NOTICE_AFTER_S = 5.0
 
 
 def _env_enabled() -> bool:
@@ -117,6 +122,11 @@ def _jit_build() -> str:
     return "cuda+cpu" if with_cuda else "cpu"
 
 
+def _notice(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def load() -> bool:
     """Loads the extension if it is not loaded yet; True if its ops are registered."""
     with _lock:
@@ -138,14 +148,34 @@ def load() -> bool:
                 errors.append(f"installed reversible._C failed to load ({type(e).__name__}: {e})")
         if not _state["loaded"] and os.environ.get("REVERSIBLE_EXTENSION_JIT", "1") not in ("0", "off", "false"):
             t0 = time.perf_counter()
+            announced = threading.Event()
+
+            def announce() -> None:
+                announced.set()
+                _notice(f"reversible: building the C++ extension from {_CSRC} (first use; cached for later "
+                        "runs; up to a minute) ...")
+
+            notice = threading.Timer(_NOTICE_AFTER_S, announce)
+            notice.daemon = True
+            notice.start()
             try:
                 kind = _jit_build()
                 if _registered():
                     _state.update(loaded=True, source="jit",
                                   reason=f"JIT-built from {_CSRC} ({kind}) with torch.utils.cpp_extension.load")
                     _state["build_seconds"] = round(time.perf_counter() - t0, 1)
+                else:
+                    errors.append("JIT build registered no revkern ops")
             except Exception as e:
                 errors.append(f"JIT build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''})")
+            finally:
+                notice.cancel()
+                notice.join()  # a notice being written finishes before the closing line
+            if announced.is_set():
+                took = time.perf_counter() - t0
+                _notice(f"reversible: C++ extension built in {took:.1f} s" if _state["loaded"] else
+                        f"reversible: C++ extension build failed after {took:.1f} s ({errors[-1]}); "
+                        "using the PyTorch path")
         if _state["loaded"]:
             _state["devices"] = _kernel_devices()
         else:

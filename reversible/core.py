@@ -22,16 +22,19 @@ stream; no ``torch.cat`` and no new full-size tensor per block. Steps that touch
 in-place updates go out in one multi-tensor call (:func:`reversible._inplace.reconstruct_multi_`),
 as do the per-key updates of dict-valued streams.
 
-Parameters of the step functions (and tensors passed as keyword arguments that require
-grad) are explicit inputs of the autograd Function, and their gradients are *returned* from
-its backward instead of being accumulated behind autograd's back. That is what makes
-parameters get gradients when the stream input does not require grad, and what makes
-``DistributedDataParallel`` (including ``find_unused_parameters=True``) work.
+The stack is a chain of autograd nodes over the same buffers: one per *segment* of steps (a
+step, or steps inverted together), each updating the buffers in place. Parameters of the step
+functions (and tensors passed as keyword arguments that require grad) are explicit inputs of
+their segment's node, and their gradients are *returned* from its backward instead of being
+accumulated behind autograd's back. That is what makes parameters get gradients when the stream
+input does not require grad, what makes ``DistributedDataParallel`` (including
+``find_unused_parameters=True``) and ``torch.autograd.grad`` behave as with plain autograd, and,
+since the engine accumulates a node's parameter gradients into ``.grad`` before it runs the next
+node, what keeps the backward's memory flat in depth when ``.grad`` already holds values.
 """
 from __future__ import annotations
 
 import contextlib
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -194,12 +197,9 @@ def _iter_tensors(obj: Any) -> Iterator[Tensor]:
             yield from _iter_tensors(o)
 
 
-_CHECKED: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
-
-
 def _foreign_leaves(outs: Sequence[Tensor], known: set[int]) -> list[Tensor]:
     """Leaf tensors needing grad that ``outs`` depend on but are not in ``known`` (by id):
-    their gradients would be lost (they are not inputs of the Function)."""
+    their gradients would be lost (they are not inputs of the autograd nodes)."""
     seen: set[int] = set()
     stack = [o.grad_fn for o in outs if o.grad_fn is not None]
     found = []
@@ -218,10 +218,11 @@ def _foreign_leaves(outs: Sequence[Tensor], known: set[int]) -> list[Tensor]:
 
 
 def _check_closure(c: Coupling, outs: Sequence[Tensor], inputs: Sequence[Tensor]) -> None:
-    owner = c.fn if isinstance(c.fn, nn.Module) else getattr(c.fn, "__self__", None)
-    if isinstance(owner, nn.Module):
-        if owner in _CHECKED:
-            return
+    """Raise if the recomputed ``outs`` depend on a tensor needing grad that is not in ``inputs``.
+
+    Checked on every recomputation, not once per module: what ``fn`` closes over can change between
+    calls. The walk covers the recomputed step's own graph (it stops at ``inputs``, which are leaves),
+    a few microseconds per autograd node."""
     foreign = _foreign_leaves(outs, {id(t) for t in inputs})
     if foreign:
         shapes = ", ".join(str(tuple(t.shape)) for t in foreign[:4])
@@ -230,16 +231,15 @@ def _check_closure(c: Coupling, outs: Sequence[Tensor], inputs: Sequence[Tensor]
             "neither parameters of the function's module nor tensors passed as keyword arguments, so their "
             "gradients would be lost. Register them as nn.Parameter of the module, pass them as keyword "
             "arguments, or list them in Coupling(params=...).")
-    if isinstance(owner, nn.Module):
-        _CHECKED[owner] = True
 
 
-def _same_storage(a: Tensor, bufs: Sequence[Tensor]) -> bool:
+def _same_storage(a: Tensor, bufs: Sequence[Tensor | None]) -> bool:
     ptr = a.untyped_storage().data_ptr()
-    return any(ptr == b.untyped_storage().data_ptr() for b in bufs)
+    return any(b is not None and ptr == b.untyped_storage().data_ptr() for b in bufs)
 
 
-def _reconstruct(steps: Sequence[tuple[list[Tensor], list[Tensor], list[Tensor], Sequence[Tensor | None]]]) -> None:
+def _reconstruct(steps: Sequence[tuple[list[Tensor], list[Tensor], list[Tensor | None], Sequence[Tensor | None]]]
+                 ) -> None:
     """For every step ``(targets, outs, dsources, grads)``: ``targets -= outs`` and
     ``dsources += grads``, all steps (independent ones) in one call of the fused helpers.
 
@@ -320,17 +320,19 @@ class _Run:
                 if j not in mine:
                     mine.append(j)
             self.kw_idx.append(mine)
-        self.rng: list[Any] = []
+        self.rng: list[Any] = [None] * len(self.couplings)  # per step: the RNG state to replay (None: none)
         self.autocast: dict[str, dict[str, Any]] = {}
         self.bufs: list[Tensor] | None = None
+        self._plan_segments()
 
     # --- buffers and halves
     # A stream's activation (and gradient) buffer is laid out (2, *half_shape): its two halves are
     # contiguous tensors whatever the split dim, so f and g get contiguous inputs and the fused
     # in-place steps run on contiguous memory (a split along the last dim would otherwise give
     # every half a row stride of twice its width).
-    def halves(self, bufs: Sequence[Tensor]) -> list[Tensor]:
-        return [h for buf in bufs for h in (buf[0], buf[1])]
+    def halves(self, bufs: Sequence[Tensor | None]) -> list[Tensor | None]:
+        """Both halves of every buffer (``None`` twice for a stream without a gradient buffer)."""
+        return [h for buf in bufs for h in ((None, None) if buf is None else (buf[0], buf[1]))]
 
     def to_buffer(self, i: int, x: Tensor) -> Tensor:
         """``x`` holding both halves along the split dim -> a new (2, *half_shape) buffer."""
@@ -382,10 +384,11 @@ class _Run:
         return t if t.dtype == dtype else t.to(dtype)
 
     def backward_kwargs(self, ci: int, leaves: Sequence[Tensor]) -> Mapping[str, Any]:
+        """Step ``ci``'s kwargs with its tensors that need grad replaced by ``leaves`` (``kw_idx[ci]`` order)."""
         if not self.kw_idx[ci]:
             return self.couplings[ci].kwargs
-        return _map_tensors(dict(self.couplings[ci].kwargs),
-                            lambda t: leaves[self.kw_index[id(t)]] if id(t) in self.kw_index else t)
+        leaf = {id(self.kw_tensors[j]): t for j, t in zip(self.kw_idx[ci], leaves)}
+        return _map_tensors(dict(self.couplings[ci].kwargs), lambda t: leaf.get(id(t), t))
 
     # --- one step forward (no grad) / irreversibly (with grad)
     def step_forward(self, ci: int, halves: list[Tensor], inplace: bool) -> None:
@@ -399,38 +402,63 @@ class _Run:
                                  "the stream half they are given")
             if inplace:
                 _inplace.coupling_add_(halves[t], o)
-            else:
-                halves[t] = halves[t] + o
+            else:  # the stream keeps its dtype, as the in-place add does (a wider output is rounded to it)
+                halves[t] = (halves[t] + o).to(halves[t].dtype)
 
     # --- backward: recompute, vjp, then reconstruct in place
-    def backward_schedule(self) -> list[list[int]]:
-        """Coupling indices in the order their inverses run, grouped: the steps of one group touch
-        disjoint halves (e.g. a video and an audio step), so their in-place updates go out in one
-        multi-tensor call. A step's inverse runs after those of all later steps it shares a half with."""
-        level: list[int] = [0] * len(self.couplings)
+    def _plan_segments(self) -> None:
+        """Split the steps into *segments*, the units of the backward's autograd nodes.
+
+        Inverses run by *level* (a step's inverse runs after those of all later steps it shares a half
+        with; steps of one level touch disjoint halves, e.g. a video and an audio step, and their in-place
+        updates go out in one multi-tensor call). A segment is a run of consecutive steps whose levels are
+        all above those of every later step, so that no level straddles two segments; each segment is one
+        autograd node, which returns its parameters' gradients as soon as it is inverted (the engine
+        accumulates them before it runs the next node), so a backward holds one segment's parameter
+        gradients at a time, not the whole stack's."""
+        n = len(self.couplings)
+        level: list[int] = [0] * n
         last: dict[int, int] = {}
-        for i in reversed(range(len(self.couplings))):
+        for i in reversed(range(n)):
             c = self.couplings[i]
             halves = (*c.targets, *c.sources)
             level[i] = max((last[h] + 1 for h in halves if h in last), default=0)
             for h in halves:
                 last[h] = max(last.get(h, -1), level[i])
-        groups: dict[int, list[int]] = {}
-        for i in reversed(range(len(self.couplings))):
-            groups.setdefault(level[i], []).append(i)
-        return [groups[lv] for lv in sorted(groups)]
+        later_max = [-1] * (n + 1)
+        for i in reversed(range(n)):
+            later_max[i] = max(level[i], later_max[i + 1])
+        self.seg_steps: list[range] = []            # per segment: its step indices
+        self.segments: list[list[list[int]]] = []  # per segment: groups of step indices, in inverse order
+        self.seg_params: list[list[int]] = []       # per segment: indices into self.params
+        self.seg_kws: list[list[int]] = []          # per segment: indices into self.kw_tensors
+        start, low = 0, n
+        for i in range(n):
+            low = min(low, level[i])
+            if low <= later_max[i + 1]:
+                continue
+            groups: dict[int, list[int]] = {}
+            for ci in reversed(range(start, i + 1)):
+                groups.setdefault(level[ci], []).append(ci)
+            self.segments.append([groups[lv] for lv in sorted(groups)])
+            steps = range(start, i + 1)
+            self.seg_steps.append(steps)
+            self.seg_params.append(list(dict.fromkeys(j for ci in steps for j in self.param_idx[ci])))
+            self.seg_kws.append(list(dict.fromkeys(j for ci in steps for j in self.kw_idx[ci])))
+            start, low = i + 1, n
 
-    def step_recompute(self, ci: int, halves: list[Tensor], ghalves: list[Tensor], pgrads: list[Tensor | None],
-                       kgrads: list[Tensor | None], leaves: Sequence[Tensor], gbufs: Sequence[Tensor]
-                       ) -> tuple[list[Tensor], list[Tensor], list[Tensor], Sequence[Tensor | None]]:
-        """Recompute step ``ci`` with grad and take its vjp; accumulates parameter / kwarg
-        gradients and returns what :func:`_reconstruct` needs."""
+    def step_recompute(self, ci: int, halves: list[Tensor], ghalves: list[Tensor | None], pgrads: dict[int, Tensor],
+                       kgrads: dict[int, Tensor], gbufs: Sequence[Tensor | None]
+                       ) -> tuple[list[Tensor], Sequence[Tensor | None]]:
+        """Recompute step ``ci`` with grad and take its vjp from the targets that have a gradient (``ghalves``
+        not None); accumulates parameter / kwarg gradients (by index into ``self.params`` /
+        ``self.kw_tensors``). Returns the recomputed outputs (detached) and the sources' gradients."""
         c = self.couplings[ci]
         srcs = [halves[s].detach().requires_grad_() for s in c.sources]
         params = [self.params[j] for j in self.param_idx[ci]]
-        kws = [leaves[j] for j in self.kw_idx[ci]]
-        kwargs = self.backward_kwargs(ci, leaves)
-        rng = self.rng[ci] if self.rng else None
+        kws = [self.kw_tensors[j].detach().requires_grad_() for j in self.kw_idx[ci]]
+        kwargs = self.backward_kwargs(ci, kws)
+        rng = self.rng[ci]
         roots: list[Any] = []  # (output or its autograd edge, its gradient) per output needing grad
         check: list[Tensor] = []
         with torch.enable_grad(), _autocast_replay(self.autocast), _rng_replay(rng):
@@ -446,15 +474,17 @@ class _Run:
                     # cast's backward did, bit for bit, and freed as soon as used); the reconstruction
                     # subtracts the output itself (the same result as a wide copy).
                     if o.requires_grad:
-                        roots.append((o, ghalves[t]))
                         check.append(o)
+                        if ghalves[t] is not None:
+                            roots.append((o, ghalves[t]))
                     outs[i] = o.detach()
                     continue
                 wide = o.to(halves[t].dtype)  # a narrowing (e.g. float64 output, float32 stream): as in the forward
                 if wide.requires_grad:
-                    # the vjp starts from the cast's autograd edge, so the wide copy itself is not held
-                    roots.append((torch.autograd.graph.get_gradient_edge(wide), ghalves[t]))
                     check.append(wide)
+                    if ghalves[t] is not None:
+                        # the vjp starts from the cast's autograd edge, so the wide copy itself is not held
+                        roots.append((torch.autograd.graph.get_gradient_edge(wide), ghalves[t]))
                 outs[i] = wide.detach()
         inputs = [*srcs, *params, *kws]
         _check_closure(c, check, inputs)
@@ -470,80 +500,125 @@ class _Run:
             for j, g in zip(idx, gs):
                 if g is None:
                     continue
-                if acc[j] is None:
+                if j not in acc:
+                    # a gradient aliasing the gradient buffer (an fn that passes a source through) would
+                    # change with the buffer's later in-place updates
                     acc[j] = g.clone() if _same_storage(g, gbufs) else g
                 else:
                     acc[j] = acc[j] + g
-        return ([halves[t] for t in c.targets], [o.detach() for o in outs], [ghalves[s] for s in c.sources],
-                grads[:ns])
+        return outs, grads[:ns]
 
-    def backward_all(self, halves: list[Tensor], ghalves: list[Tensor], pgrads: list[Tensor | None],
-                     kgrads: list[Tensor | None], leaves: Sequence[Tensor], gbufs: Sequence[Tensor]) -> None:
-        for group in self.backward_schedule():
-            _reconstruct([self.step_recompute(ci, halves, ghalves, pgrads, kgrads, leaves, gbufs) for ci in group])
+    def backward_segment(self, s: int, bufs: Sequence[Tensor], gbufs: list[Tensor | None]
+                         ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Invert segment ``s`` in place: ``bufs`` reconstructed, ``gbufs`` updated. A stream's gradient
+        buffer is ``None`` while no gradient has reached it (an output the loss does not use): its steps
+        take no vjp, as plain autograd takes none, and the buffer is made (zeros) when a gradient first
+        reaches it. Returns the gradients of the segment's parameters and keyword-argument tensors, by
+        index into ``self.params`` / ``self.kw_tensors`` (absent: no gradient)."""
+        halves, ghalves = self.halves(bufs), self.halves(gbufs)
+        pgrads: dict[int, Tensor] = {}
+        kgrads: dict[int, Tensor] = {}
+        for group in self.segments[s]:
+            done = [(ci, *self.step_recompute(ci, halves, ghalves, pgrads, kgrads, gbufs)) for ci in group]
+            for ci, _, grads in done:
+                for h, g in zip(self.couplings[ci].sources, grads):
+                    if g is not None and ghalves[h] is None:
+                        i = h // 2
+                        gbufs[i] = torch.zeros_like(bufs[i])
+                        ghalves[2 * i], ghalves[2 * i + 1] = gbufs[i][0], gbufs[i][1]
+            _reconstruct([([halves[t] for t in self.couplings[ci].targets], outs,
+                           [ghalves[h] for h in self.couplings[ci].sources], grads) for ci, outs, grads in done])
+        return pgrads, kgrads
 
 
-class _ReversibleFunction(torch.autograd.Function):
-    """Whole-stack autograd Function: inputs are ``(run, *stream_inputs, *params, *kwarg_tensors)``;
-    outputs are the streams' activation buffers themselves, laid out ``(2, *half)``.
+def _check_twice(ctx: Any) -> _Run:
+    run = ctx.run
+    if run is None or run.bufs is None:
+        raise RuntimeError(_TWICE)
+    ctx.run = None
+    return run
 
-    The buffers never reach the user: :class:`_Merge` turns them into the outputs, and its backward
-    builds the gradient buffers, which this backward then updates in place. So the gradient of the
-    merged outputs is released by autograd before this backward runs, instead of being held
-    (by the engine) beside the gradient buffers through the whole reconstruction.
+
+class _Start(torch.autograd.Function):
+    """Stream inputs -> the streams' activation buffers, laid out ``(2, *half)``; backward: the
+    gradient buffers -> the inputs' gradients.
+
+    The stack is a chain of autograd nodes ``_Start -> _Steps (one per segment) -> _Merge``, all over
+    the same buffers (each ``_Steps`` updates them in place). The buffers never reach the user:
+    :class:`_Merge` turns them into the outputs and its backward builds the gradient buffers, which
+    each ``_Steps`` backward then updates in place and passes on. So the gradient of the merged
+    outputs is released by autograd before the stack's backward runs.
     """
 
     @staticmethod
-    def forward(ctx: Any, run: _Run, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+    def forward(ctx: Any, run: _Run, *inputs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        inputs = tensors[:len(run.streams)]
         bufs = [run.make_buffer(i, x) for i, x in enumerate(inputs)]
-        halves = run.halves(bufs)
         run.autocast = _autocast_state(bufs[0].device.type)
-        for ci, c in enumerate(run.couplings):
-            if run.preserve_rng_state:
-                run.rng.append(_rng_state([halves[s] for s in c.sources]))
-            run.step_forward(ci, halves, inplace=True)
-        # aliases without autograd history: the outputs get this node as grad_fn, and the run (held
-        # by this node's ctx) must not hold them back (a reference cycle through the graph)
+        # aliases without autograd history for the in-place steps: the run (held by the nodes' ctx)
+        # must not hold the outputs back (a reference cycle through the graph)
         run.bufs = [b.detach() for b in bufs]
         ctx.run = run
         return tuple(bufs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, *gouts: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        run: _Run = ctx.run
-        if run is None or run.bufs is None:
-            raise RuntimeError(_TWICE)
-        bufs, run.bufs = run.bufs, None
-        ctx.run = None
-        # the incoming gradients are the buffers _Merge.backward just made (only _Merge reads the
-        # activation buffers), so they are the gradient buffers, updated in place from here on
-        gbufs = [torch.zeros_like(b) if g is None else g for g, b in zip(gouts, bufs)]
-        del gouts
-        halves, ghalves = run.halves(bufs), run.halves(gbufs)
-        pgrads: list[Tensor | None] = [None] * len(run.params)
-        kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
-        leaves = [t.detach().requires_grad_() for t in run.kw_tensors]
-        run.backward_all(halves, ghalves, pgrads, kgrads, leaves, gbufs)
-        del halves, bufs
+    def backward(ctx: Any, *gbufs: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        run = _check_twice(ctx)
+        run.bufs = None
         needs = ctx.needs_input_grad
         dxs = []
-        for i, s in enumerate(run.streams):
-            if not needs[1 + i]:
+        for i, (s, g) in enumerate(zip(run.streams, gbufs)):
+            if not needs[1 + i] or g is None:
                 dxs.append(None)
             elif run.input_mode == "duplicate":
-                dxs.append((ghalves[2 * i] + ghalves[2 * i + 1]).to(s.dtype))
+                dxs.append((g[0] + g[1]).to(s.dtype))
             else:
-                dxs.append(run.from_buffer(i, gbufs[i]).to(s.dtype))
-        pgrads = [g if g is None else g.to(p.dtype) for g, p in zip(pgrads, run.params)]
-        return (None, *dxs, *pgrads, *kgrads)
+                dxs.append(run.from_buffer(i, g).to(s.dtype))
+        return (None, *dxs)
+
+
+class _Steps(torch.autograd.Function):
+    """One segment of the stack's steps, in place on the buffers: inputs ``(run, s, *bufs, *params,
+    *kwarg_tensors)`` of segment ``s``; outputs the same buffers (marked dirty). Parameters (and
+    keyword-argument tensors that require grad) are inputs, so their gradients are returned from
+    the backward, through autograd: ``.grad`` accumulation, DDP's hooks and ``torch.autograd.grad``
+    all behave as with plain autograd, one segment at a time."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, s: int, *tensors: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        bufs = tensors[:len(run.streams)]
+        halves = run.halves(run.bufs)
+        for ci in run.seg_steps[s]:
+            if run.preserve_rng_state:
+                run.rng[ci] = _rng_state([halves[h] for h in run.couplings[ci].sources])
+            run.step_forward(ci, halves, inplace=True)
+        ctx.mark_dirty(*bufs)
+        ctx.run, ctx.segment = run, s
+        return tuple(bufs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *gouts: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        run = _check_twice(ctx)
+        s = ctx.segment
+        bufs = run.bufs
+        gbufs = list(gouts)  # the gradient buffers; None: no gradient has reached the stream yet
+        del gouts
+        pgrads, kgrads = run.backward_segment(s, bufs, gbufs)
+        needs = ctx.needs_input_grad[2:2 + len(bufs)]
+        if not any(needs):  # the earliest node of the stack that runs: the buffers are done with
+            run.bufs = None
+        dbufs = [g if need else None for g, need in zip(gbufs, needs)]
+        pg = [None if j not in pgrads else pgrads[j].to(run.params[j].dtype) for j in run.seg_params[s]]
+        kg = [kgrads.get(j) for j in run.seg_kws[s]]
+        return (None, None, *dbufs, *pg, *kg)
 
 
 class _Merge(torch.autograd.Function):
     """The streams' activation buffers -> the outputs (``merge``); backward: the outputs'
-    gradients -> fresh gradient buffers (the only tensors :class:`_ReversibleFunction` gets)."""
+    gradients -> fresh gradient buffers (the only tensors the stack's backward gets)."""
 
     @staticmethod
     def forward(ctx: Any, run: _Run, *bufs: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
@@ -591,6 +666,11 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
 
     Returns:
         one output tensor per stream (new tensors, never modified by the backward pass).
+
+    The backward rebuilds each step's input from its output, so it needs finite activations: a NaN
+    or infinity that a step carries into the other half (``y2 = x2 + g(y1)`` with ``y1`` non-finite)
+    cannot be subtracted out again, and the gradients of earlier steps become NaN there, where plain
+    autograd's may be finite (the loss is non-finite either way). It stays in the elements it reached.
     """
     inputs = list(inputs)
     if not inputs:
@@ -633,7 +713,11 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
     needs_graph = torch.is_grad_enabled() and (
         any(x.requires_grad for x in inputs) or bool(run.params) or bool(run.kw_tensors))
     if reversible and needs_graph:
-        return list(_Merge.apply(run, *_ReversibleFunction.apply(run, *inputs, *run.params, *run.kw_tensors)))
+        bufs = _Start.apply(run, *inputs)
+        for s in range(len(run.segments)):
+            bufs = _Steps.apply(run, s, *bufs, *(run.params[j] for j in run.seg_params[s]),
+                                *(run.kw_tensors[j] for j in run.seg_kws[s]))
+        return list(_Merge.apply(run, *bufs))
     # irreversible (plain autograd) or no graph at all: the same steps, functionally
     halves = []
     for x, s in zip(inputs, streams):
@@ -663,16 +747,16 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
     run.autocast = {}
     bufs = [run.to_buffer(i, y.detach()) for i, y in enumerate(outputs)]
     gbufs = [run.to_buffer(i, g.detach()) for i, g in enumerate(grads)]
-    halves, ghalves = run.halves(bufs), run.halves(gbufs)
-    pgrads: list[Tensor | None] = [None] * len(run.params)
-    kgrads: list[Tensor | None] = [None] * len(run.kw_tensors)
-    leaves = [t.detach().requires_grad_() for t in run.kw_tensors]
-    run.backward_all(halves, ghalves, pgrads, kgrads, leaves, gbufs)
-    with torch.no_grad():
-        for p, g in zip(run.params, pgrads):
-            if g is not None:
+    kgrads: dict[int, Tensor] = {}
+    for s in reversed(range(len(run.segments))):
+        pgrads, kg = run.backward_segment(s, bufs, gbufs)
+        with torch.no_grad():  # each segment's parameter gradients go to .grad as soon as they exist
+            for j, g in pgrads.items():
+                p = run.params[j]
                 p.grad = g.to(p.dtype).clone() if p.grad is None else p.grad.add_(g.to(p.dtype))
-    pending = [(t, g) for t, g in zip(run.kw_tensors, kgrads) if g is not None]
+        for j, g in kg.items():
+            kgrads[j] = g if j not in kgrads else kgrads[j] + g
+    pending = [(run.kw_tensors[j], g) for j, g in kgrads.items()]
     if pending:  # tensors passed as keyword arguments: let their own graph take the gradient
         torch.autograd.backward([t for t, _ in pending], [g for _, g in pending])
     return [run.from_buffer(i, b) for i, b in enumerate(bufs)], [run.from_buffer(i, g) for i, g in enumerate(gbufs)]

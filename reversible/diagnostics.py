@@ -23,7 +23,8 @@ def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor
     ``couplings(kwargs, keys)``, ``dim`` and ``input_mode``; a compat sequence too) or a
     :class:`reversible.DualModalityReversibleSequence` (then ``x = (video, audio)``);
     ``stream_dtype`` overrides the model's buffer dtype (e.g. ``torch.float32`` for a bf16
-    model). Dropout is replayed; ``kwargs`` are the model's call keyword arguments.
+    model). Dropout is replayed; ``kwargs`` are the model's call keyword arguments. Empty inputs
+    give 0.0; a NaN in the input gives NaN.
     """
     from .dual import DualModalityReversibleSequence
 
@@ -52,6 +53,7 @@ def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor
             outs = c.call([run.to_compute(s, halves[s]) for s in c.sources], c.kwargs)
         for t, o in zip(c.targets, outs):
             _inplace.coupling_add_(halves[t], torch.neg(o))
-    err = max((b.double() - r).abs().max().item() for b, r in zip(bufs, ref))
-    scale = max(r.abs().max().item() for r in ref) or 1.0
+    # empty streams (a batch of 0) have nothing to reconstruct
+    err = max(((b.double() - r).abs().max().item() for b, r in zip(bufs, ref) if r.numel()), default=0.0)
+    scale = max((r.abs().max().item() for r in ref if r.numel()), default=0.0) or 1.0
     return err / scale

@@ -158,6 +158,7 @@ class ReversibleSequence(nn.Module):
 
         ``default_route`` overrides the module's for this call (``"module"``: keep it)."""
         default = self.default_route if isinstance(default_route, str) else default_route
+        check_router(self.args_route, len(self.blocks))  # per call: blocks or routes may have changed since __init__
         routed = route_args(self.args_route, kwargs, len(self.blocks), default=default)
         layers = list(zip(self.blocks, routed))
         if self.training and self.layer_dropout > 0:

@@ -1,8 +1,9 @@
 """DistributedDataParallel over a reversible stack: 2 processes, gloo on the CPU (and NCCL on a
-machine with two GPUs), with and without layer dropout.
+machine with two GPUs), with and without layer dropout, and with gradient accumulation (the second
+step adds to existing ``.grad``).
 
-The core returns parameter gradients from the Function's backward (parameters are inputs of the
-Function), so DDP sees every parameter in the graph and its hooks fire once per parameter. The
+The core returns parameter gradients from its autograd nodes' backward (parameters are inputs of the
+nodes), so DDP sees every parameter in the graph and its hooks fire once per parameter. The
 seeds accumulate them with a nested ``torch.autograd.backward`` instead, which DDP with
 ``find_unused_parameters=True`` rejects ("mark a variable ready only once").
 """
@@ -46,9 +47,15 @@ def _grads(model):
     return {n: (p.grad.clone() if p.grad is not None else None) for n, p in model.named_parameters()}
 
 
-# (kind, find_unused_parameters, layer dropout): layer dropout draws from the CPU generator, seeded
-# alike on every rank, so every rank drops the same blocks, and so does the single-process reference
-CASES = (("ours", True, 0.0), ("ours", False, 0.0), ("ours", True, 0.5), ("seed", True, 0.0))
+# (kind, find_unused_parameters, layer dropout, accumulate): layer dropout draws from the CPU generator,
+# seeded alike on every rank, so every rank drops the same blocks, and so does the single-process
+# reference; accumulate: the second step adds to the first step's .grad (gradient accumulation)
+CASES = (("ours", True, 0.0, False), ("ours", False, 0.0, False), ("ours", True, 0.5, False),
+         ("ours", True, 0.0, True), ("seed", True, 0.0, False))
+
+
+def _key(kind, find_unused, p_drop, accumulate):
+    return f"{kind}-{find_unused}-{p_drop}" + ("-accumulate" if accumulate else "")
 
 
 def _worker(rank, world, store, out_dir, backend="gloo"):
@@ -59,16 +66,17 @@ def _worker(rank, world, store, out_dir, backend="gloo"):
                             timeout=datetime.timedelta(seconds=60))
     try:
         results = {}
-        for kind, find_unused, p_drop in CASES:
+        for kind, find_unused, p_drop, accumulate in CASES:
             torch.manual_seed(0)
             model = nn.parallel.DistributedDataParallel(
                 Model(kind, p_drop).to(dev), find_unused_parameters=find_unused,
                 device_ids=[rank] if backend == "nccl" else None)
-            key = f"{kind}-{find_unused}-{p_drop}"
+            key = _key(kind, find_unused, p_drop, accumulate)
             try:
                 steps = []
-                for x in _data():  # two steps: DDP reports reduction problems on the next iteration
-                    model.zero_grad(set_to_none=True)
+                for step, x in enumerate(_data()):  # two steps: DDP reports reduction problems on the next iteration
+                    if not (accumulate and step):
+                        model.zero_grad(set_to_none=True)
                     shard = x.chunk(world)[rank].to(dev)
                     model(shard).backward()
                     steps.append({n: None if g is None else g.cpu() for n, g in _grads(model.module).items()})
@@ -86,14 +94,15 @@ def _worker(rank, world, store, out_dir, backend="gloo"):
 
 
 def _check(results):
-    for kind, find_unused, p_drop in CASES[:-1]:
+    for kind, find_unused, p_drop, accumulate in CASES[:-1]:
         torch.manual_seed(0)
         ref = Model(kind, p_drop)
-        key = f"{kind}-{find_unused}-{p_drop}"
+        key = _key(kind, find_unused, p_drop, accumulate)
         got_all = results[key]
         assert not isinstance(got_all, str), f"DDP ({key}) failed: {got_all}"
         for step, x in enumerate(_data()):
-            ref.zero_grad(set_to_none=True)
+            if not (accumulate and step):
+                ref.zero_grad(set_to_none=True)
             ref(x).backward()
             want, got = _grads(ref), got_all[step]
             assert got.keys() == want.keys()

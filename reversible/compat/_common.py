@@ -101,6 +101,7 @@ class ResidualSequentialSequence(nn.Module):
         self.layer_dropout = layer_dropout
 
     def forward(self, x: Tensor, **kwargs: Any) -> Tensor:
+        check_router(self.args_route, len(self.layers))  # per call: layers or routes may have changed since __init__
         layers = list(zip(self.layers, route_args(self.args_route, kwargs, len(self.layers))))
         if self.training and self.layer_dropout > 0:
             layers = layer_drop(layers, self.layer_dropout)

@@ -38,7 +38,10 @@ def null_context() -> Iterator[None]:
 
 
 def split_at_index(dim: int, index: int, t: Tensor) -> tuple[Tensor, Tensor]:
-    return t.narrow(dim, 0, index), t.narrow(dim, index, t.shape[dim] - index)
+    """``t[..., :index]`` and ``t[..., index:]`` on ``dim`` (counted from the front, as the seed's slices are):
+    Python slicing, so an index past the end or negative behaves as the seed's."""
+    pre = (slice(None),) * dim
+    return t[(*pre, slice(None, index))], t[(*pre, slice(index, None))]
 
 
 class _Wrapped:
