@@ -181,10 +181,20 @@ def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
     return out.reshape(B, nc * C, D)[:, :n], h
 
 
+def _cumprod(a: Tensor) -> Tensor:
+    """Inclusive product along the last dim by doubling (Hillis-Steele): in autograd each gate's gradient
+    is a product of the others, where ``torch.cumprod``'s backward divides by the gate (NaN for a NaN
+    gate whose true gradient is finite; precision lost where ``grad * gate`` underflows)."""
+    shift = 1
+    while shift < a.shape[-1]:
+        a = torch.cat((a[..., :shift], a[..., shift:] * a[..., :-shift]), dim=-1)
+        shift *= 2
+    return a
+
+
 def _reverse_exclusive_cumprod(a: Tensor) -> Tensor:
-    """``r[s] = prod_{s < u} a_u`` along the last dim: forward products only, exact at zero gates."""
-    shifted = torch.cat((a[..., 1:], torch.ones_like(a[..., :1])), dim=-1)
-    return shifted.flip(-1).cumprod(-1).flip(-1)
+    """``r[s] = prod_{s < u} a_u`` along the last dim (forward products only: exact at zero gates)."""
+    return _cumprod(torch.cat((a[..., 1:], torch.ones_like(a[..., :1])), dim=-1).flip(-1)).flip(-1)
 
 
 def _causal_attend(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Tensor:
@@ -204,7 +214,7 @@ def _causal_attend(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Tensor:
         ke, ve = k.unflatten(-2, (g, 2, m))[..., 0, :, :], v.unflatten(-2, (g, 2, m))[..., 0, :, :]
         ae, al = a.unflatten(-1, (g, 2, m)).unbind(-2)
         # decay from earlier column s to later row t: (prod_{s < u in earlier half}) (prod_{u <= t in later half})
-        lt, rs = al.cumprod(-1), _reverse_exclusive_cumprod(ae)
+        lt, rs = _cumprod(al), _reverse_exclusive_cumprod(ae)
         decay = (lt[..., :, None] * rs[..., None, :]).real
         add = (decay * (ql @ ke.transpose(-1, -2))) @ ve
         first, second = out.unflatten(-2, (g, 2, m)).split(1, dim=-3)
@@ -226,7 +236,7 @@ def _chunked_head_gate(q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Tensor
 
     qc, kc, vc, ac = chunks(q, 0.0), chunks(k, 0.0), chunks(v, 0.0), chunks(a, 1.0)
     out = _causal_attend(qc, kc, vc, ac)
-    cum = ac.cumprod(dim=2)  # prod_{u <= t} a_u within the chunk
+    cum = _cumprod(ac)  # prod_{u <= t} a_u within the chunk
     to_end = _reverse_exclusive_cumprod(ac)  # prod_{s < u} a_u within the chunk
     upd_re = (kc * to_end.real[..., None]).transpose(-1, -2) @ vc
     upd_im = (kc * to_end.imag[..., None]).transpose(-1, -2) @ vc

@@ -1,0 +1,60 @@
+"""Comparison against a float64 oracle that also holds where values are NaN or Inf.
+
+``value_and_grads`` runs a function and autograd with fixed finite cotangents; ``assert_matches``
+checks one result against the oracle's: wherever the oracle's entry is finite, ours is finite and
+within ``tol`` times the largest finite oracle magnitude of that tensor; wherever the oracle's entry is
+NaN or Inf, ours is not finite either (a non-finite value is never hidden).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def real_view(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def cotangents(outs: Sequence[Tensor], generator: Optional[torch.Generator] = None) -> list[Tensor]:
+    """One finite float64 cotangent per output (complex outputs: over their real view)."""
+    return [torch.randn(real_view(o).shape, dtype=torch.float64, generator=generator) for o in outs]
+
+
+def value_and_grads(fn: Callable, inputs: Sequence[Optional[Tensor]], cots: Optional[Sequence[Tensor]] = None):
+    """``(outs, grads, cots)``: ``fn(*inputs)`` as a tuple, the gradients of ``sum(out * cot)`` with respect
+    to the inputs (``None`` stays ``None``; an unused input gets zeros), and the cotangents used."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*leaves)
+    outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+    if cots is None:
+        cots = cotangents(outs)
+    loss = sum((real_view(o).double() * c).sum() for o, c in zip(outs, cots) if o.requires_grad)
+    present = [t for t in leaves if t is not None]
+    got = iter(torch.autograd.grad(loss, present, allow_unused=True) if torch.is_tensor(loss) else
+               [None] * len(present))
+    grads = []
+    for t in leaves:
+        if t is None:
+            grads.append(None)
+        else:
+            g = next(got)
+            grads.append(torch.zeros_like(t) if g is None else g)
+    return [o.detach() for o in outs], grads, cots
+
+
+def assert_matches(ours: Tensor, ref: Tensor, tol: float, name: str) -> None:
+    x, y = real_view(ours).detach().double(), real_view(ref).detach().double()
+    assert x.shape == y.shape, f"{name}: shape {tuple(x.shape)} != oracle {tuple(y.shape)}"
+    fin = torch.isfinite(y)
+    leaked = fin & ~torch.isfinite(x)
+    assert not leaked.any(), (f"{name}: non-finite where the oracle is finite, at "
+                              f"{leaked.nonzero()[:8].tolist()} ({int(leaked.sum())} entries)")
+    hidden = ~fin & torch.isfinite(x)
+    assert not hidden.any(), (f"{name}: finite where the oracle is not, at {hidden.nonzero()[:8].tolist()} "
+                              f"({int(hidden.sum())} entries)")
+    if fin.any():
+        scale = y[fin].abs().max().item()
+        err = (x[fin] - y[fin]).abs().max().item()
+        assert err <= tol * scale or err == 0.0, f"{name}: max error {err:.3g} > {tol:g} x max|oracle| {scale:.3g}"
