@@ -1,4 +1,5 @@
-"""A NaN or Inf at step t reaches outputs at t and later only, on the CPU path, forward and backward.
+"""A NaN or Inf at step t reaches outputs at t and later only, on the CPU path, forward and backward;
+tiny gates (|a| down to 1e-30 in float32) stay exact.
 
 Oracle: ``sequential_reference`` in float64 and its autograd, whose finiteness pattern is the true
 math's (a NaN gate or NaN ``q`` at step t makes the adjoints of earlier steps NaN; a NaN ``k`` or ``v``
@@ -39,20 +40,22 @@ def poison(inputs, which, t, value):
     return inputs
 
 
-def seq(q, k, v, a, h0):
-    return R.sequential_reference(q, k, v, a, initial_state=h0, return_final_state=True)
+def seq(q, k, v, a, h0, final=True):
+    return R.sequential_reference(q, k, v, a, initial_state=h0, return_final_state=final)
 
 
 def check(fn, inputs, which, t, tol):
     """``fn`` against ``seq`` in float64 with the same cotangents, then the causality statements."""
     outs, grads, cots = value_and_grads(fn, inputs)
-    ref_outs, ref_grads, _ = value_and_grads(seq, [None if x is None else x.to(torch.complex128 if x.is_complex() else f64)
+    ref_outs, ref_grads, _ = value_and_grads(lambda *x: seq(*x, final=len(outs) == 2), [None if x is None else x.to(torch.complex128 if x.is_complex() else f64)
                                                    for x in inputs], cots)
     for i, (x, y) in enumerate(zip(outs, ref_outs)):
         assert_matches(x, y, tol, f"output {i}")
     for name, g, rg in zip(("q", "k", "v", "a", "h0"), grads, ref_grads):
         if g is not None:
             assert_matches(g, rg, tol, f"grad {name}")
+    if which is None:
+        return
     out = outs[0]
     assert torch.isfinite(out[0, :t]).all(), "an output before the bad step is not finite"
     assert not torch.isfinite(out[0, t:]).all(), "the bad value vanished"
@@ -161,3 +164,23 @@ def test_simple_gate_loop_operator_is_causal(which, bad, dtype):
     assert torch.isfinite(outs[0][0, :t]).all() and torch.isfinite(outs[0][1]).all()
     if which == "kv":
         assert all(torch.isfinite(g[0, :t]).all() for g in grads[:3])
+
+
+# tiny gates: products of gates underflow to subnormals and zero in float32; the gradients must not be
+# formed by dividing by a gate (torch.cumprod's backward does: (g a) / a loses g a to underflow)
+
+@pytest.mark.parametrize("init", [False, True], ids=["no_h0", "h0"])
+@pytest.mark.parametrize("d,e", [(4, 3), (1, 1)])
+@pytest.mark.parametrize("mag,scale", [(1e-22, 1.0), (1e-30, 1.0), (1e-30, 1e-4), (1e-25, 1e-3)])
+def test_tiny_gates_float32(mag, scale, d, e, init):
+    """``q, k, v`` (and the initial state) scaled by ``scale``. Without an initial and a final state
+    every gate gradient is of one magnitude, so an underflowed one is not hidden by a larger one at the
+    first or the last step (the tolerance scales with the tensor's largest entry)."""
+    B, n = 2, 40
+    q, k, v, _, h0 = make(B, n, d, e, torch.float32)
+    q, k, v, h0 = q * scale, k * scale, v * scale, (h0 * scale if init else None)
+    a = torch.polar(mag * (1 + torch.rand(B, n, 1, 1, dtype=f64)), torch.randn(B, n, 1, 1, dtype=f64))
+    inputs = [q, k, v, a.to(torch.complex64), h0]
+    for fn in (lambda *x: R.chunked_reference(*x[:4], initial_state=x[4], return_final_state=init, chunk_size=16),
+               lambda *x: gk.gate_loop_operator(*x[:4], initial_state=x[4], return_final_state=init)):
+        check(fn, inputs, None, n, TOL[torch.float32])
