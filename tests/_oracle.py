@@ -2,8 +2,9 @@
 
 ``value_and_grads`` runs a function and autograd with fixed finite cotangents; ``assert_matches``
 checks one result against the oracle's: wherever the oracle's entry is finite, ours is finite and
-within ``tol`` times the largest finite oracle magnitude of that tensor; wherever the oracle's entry is
-NaN or Inf, ours is not finite either (a non-finite value is never hidden).
+within ``tol`` times the largest finite oracle magnitude of that tensor (plus the smallest normal number
+of our dtype: values below it are not representable exactly); wherever the oracle's entry is NaN or Inf,
+ours is not finite either (a non-finite value is never hidden).
 """
 from __future__ import annotations
 
@@ -22,12 +23,16 @@ def cotangents(outs: Sequence[Tensor], generator: Optional[torch.Generator] = No
     return [torch.randn(real_view(o).shape, dtype=torch.float64, generator=generator) for o in outs]
 
 
-def value_and_grads(fn: Callable, inputs: Sequence[Optional[Tensor]], cots: Optional[Sequence[Tensor]] = None):
+def value_and_grads(fn: Callable, inputs: Sequence[Optional[Tensor]], cots: Optional[Sequence[Tensor]] = None,
+                    check_grad_fn: bool = False):
     """``(outs, grads, cots)``: ``fn(*inputs)`` as a tuple, the gradients of ``sum(out * cot)`` with respect
-    to the inputs (``None`` stays ``None``; an unused input gets zeros), and the cotangents used."""
+    to the inputs (``None`` stays ``None``; an unused input gets zeros), and the cotangents used.
+    ``check_grad_fn``: the first output must be differentiable (even when empty: a user calls backward)."""
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
     outs = fn(*leaves)
     outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
+    if check_grad_fn:
+        assert outs[0].requires_grad, f"the output {tuple(outs[0].shape)} has no grad_fn"
     if cots is None:
         cots = cotangents(outs)
     loss = sum((real_view(o).double() * c).sum() for o, c in zip(outs, cots) if o.requires_grad)
@@ -57,4 +62,5 @@ def assert_matches(ours: Tensor, ref: Tensor, tol: float, name: str) -> None:
     if fin.any():
         scale = y[fin].abs().max().item()
         err = (x[fin] - y[fin]).abs().max().item()
-        assert err <= tol * scale or err == 0.0, f"{name}: max error {err:.3g} > {tol:g} x max|oracle| {scale:.3g}"
+        floor = torch.finfo(real_view(ours).dtype).tiny
+        assert err <= tol * scale + floor, f"{name}: max error {err:.3g} > {tol:g} x max|oracle| {scale:.3g}"
