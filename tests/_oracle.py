@@ -19,8 +19,11 @@ def real_view(t: Tensor) -> Tensor:
 
 
 def cotangents(outs: Sequence[Tensor], generator: Optional[torch.Generator] = None) -> list[Tensor]:
-    """One finite float64 cotangent per output (complex outputs: over their real view)."""
-    return [torch.randn(real_view(o).shape, dtype=torch.float64, generator=generator) for o in outs]
+    """One finite float64 cotangent per output (complex outputs: over their real view), its values
+    representable in the output's dtype: the gradient of a bfloat16 output reaches the function as
+    bfloat16, and its rounding, summed over a gate's d x e terms, is no error of the function's."""
+    return [torch.randn(real_view(o).shape, dtype=torch.float64, generator=generator).to(real_view(o).dtype)
+            .to(torch.float64) for o in outs]
 
 
 def value_and_grads(fn: Callable, inputs: Sequence[Optional[Tensor]], cots: Optional[Sequence[Tensor]] = None,
