@@ -256,9 +256,11 @@ def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state:
                       return_final_state: bool = False, chunk_size: int = DEFAULT_CHUNK):
     """Chunked gate-loop scan (DESIGN.md) for a gate per head ``a: (B|1, n, 1, 1)``.
 
-    ``d = e = 1`` runs as a chunked first-order scan; ``d, e > 1`` as intra-chunk decay-masked
-    attention plus a complex state carried between chunks. Other gate layouts (per key dim, per
-    value dim) fall back to :func:`sequential_reference`. Arguments and returns as there.
+    ``d = e = 1`` runs as a chunked first-order scan; ``d, e > 1`` as intra-chunk decayed attention
+    over the step pairs ``s <= t`` only (:func:`_causal_attend`) plus a complex state carried between
+    chunks. Either way a NaN or Inf at step ``t`` reaches outputs at ``t`` and later only, and gradients
+    as the true math does (a bad ``k`` or ``v`` none of earlier steps). Other gate layouts (per key dim,
+    per value dim) fall back to :func:`sequential_reference`. Arguments and returns as there.
     """
     layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     if layout != GATE_HEAD:
