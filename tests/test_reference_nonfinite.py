@@ -47,8 +47,8 @@ def seq(q, k, v, a, h0, final=True):
 def check(fn, inputs, which, t, tol):
     """``fn`` against ``seq`` in float64 with the same cotangents, then the causality statements."""
     outs, grads, cots = value_and_grads(fn, inputs)
-    ref_outs, ref_grads, _ = value_and_grads(lambda *x: seq(*x, final=len(outs) == 2), [None if x is None else x.to(torch.complex128 if x.is_complex() else f64)
-                                                   for x in inputs], cots)
+    as64 = [None if x is None else x.to(torch.complex128 if x.is_complex() else f64) for x in inputs]
+    ref_outs, ref_grads, _ = value_and_grads(lambda *x: seq(*x, final=len(outs) == 2), as64, cots)
     for i, (x, y) in enumerate(zip(outs, ref_outs)):
         assert_matches(x, y, tol, f"output {i}")
     for name, g, rg in zip(("q", "k", "v", "a", "h0"), grads, ref_grads):
