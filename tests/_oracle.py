@@ -38,7 +38,7 @@ def value_and_grads(fn: Callable, inputs: Sequence[Optional[Tensor]], cots: Opti
         assert outs[0].requires_grad, f"the output {tuple(outs[0].shape)} has no grad_fn"
     if cots is None:
         cots = cotangents(outs)
-    loss = sum((real_view(o).double() * c).sum() for o, c in zip(outs, cots) if o.requires_grad)
+    loss = sum((real_view(o).double() * c.to(o.device)).sum() for o, c in zip(outs, cots) if o.requires_grad)
     present = [t for t in leaves if t is not None]
     got = iter(torch.autograd.grad(loss, present, allow_unused=True) if torch.is_tensor(loss) else
                [None] * len(present))
@@ -53,7 +53,7 @@ def value_and_grads(fn: Callable, inputs: Sequence[Optional[Tensor]], cots: Opti
 
 
 def assert_matches(ours: Tensor, ref: Tensor, tol: float, name: str) -> None:
-    x, y = real_view(ours).detach().double(), real_view(ref).detach().double()
+    x, y = real_view(ours).detach().double().cpu(), real_view(ref).detach().double().cpu()
     assert x.shape == y.shape, f"{name}: shape {tuple(x.shape)} != oracle {tuple(y.shape)}"
     fin = torch.isfinite(y)
     leaked = fin & ~torch.isfinite(x)

@@ -13,7 +13,8 @@ oracle's entry is finite ours is finite and within a dtype's tolerance times the
 oracle magnitude, and non-finite where the oracle's is. Tensor values come from a drawn seed.
 
 Time: ``GATELOOP_PROPERTY_SCALE`` multiplies every test's number of examples (1 in CI, e.g. 20 for a
-long local run); the kernel tests need ``TRITON_INTERPRET=1`` on the CPU.
+long local run); the kernel tests run on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (the oracle
+stays on the CPU).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings, strategies as st
 
 import gateloop_kernels as gk
 from gateloop_kernels import reference as R
-from _kernels import needs_kernels
+from _kernels import DEV, needs_kernels
 from _oracle import assert_matches, value_and_grads
 
 Tensor = torch.Tensor
@@ -296,6 +297,7 @@ def test_chunk_gate_loop_kernel(case):
     h0 = None if c.init is None else torch.complex(mk.randn(c.B, c.H, c.d, c.e), mk.randn(c.B, c.H, c.d, c.e))
     ours = [qb.to(c.dtype), kb.to(c.dtype), vb.to(c.dtype), a.real.to(f32), a.imag.to(f32),
             None if h0 is None else h0.to(torch.complex64)]
+    oracle_in, ours = [as64(t) for t in ours], [None if t is None else t.to(DEV) for t in ours]
 
     def run(q, k, v, ar, ai, h0):
         o, s = chunk_gate_loop(qv(q), kv(k), vv(v), ar, ai, initial_state=h0, output_final_state=c.final,
@@ -313,7 +315,7 @@ def test_chunk_gate_loop_kernel(case):
         o = o.reshape(B, H, n, o.shape[-1]).transpose(1, 2)
         return (o, s.reshape(B, H, *s.shape[1:])) if c.final else (o,)
 
-    compare(run, oracle, ours, [as64(t) for t in ours], ["q", "k", "v", "a_re", "a_im", "h0"], TOL[c.dtype])
+    compare(run, oracle, ours, oracle_in, ["q", "k", "v", "a_re", "a_im", "h0"], TOL[c.dtype])
 
 
 class _ElementwiseKernel(torch.autograd.Function):
@@ -352,6 +354,7 @@ def test_elementwise_scan_kernel(case, kv_given, segments):
             a.imag.to(f32) if cplx else None, None if h0 is None else h0.real.to(f32),
             None if (h0 is None or not cplx) else h0.imag.to(f32)]
     block = (16, 4, 1) if segments else None
+    oracle_in, ours = [as64(t) for t in ours], [None if t is None else t.to(DEV) for t in ours]
 
     def run(q, k, v, ar, ai, hr, hi):
         return _ElementwiseKernel.apply(qv(q), kv(k), None if v is None else vv(v), ar, ai, hr, hi, block)
@@ -370,5 +373,5 @@ def test_elementwise_scan_kernel(case, kv_given, segments):
         s = s.reshape(B, C)
         return o.reshape(B, C, n).transpose(1, 2), s.real, s.imag if ai is not None else s.new_zeros(0).real
 
-    compare(run, oracle, ours, [as64(t) for t in ours], ["q", "k", "v", "a_re", "a_im", "h0_re", "h0_im"],
+    compare(run, oracle, ours, oracle_in, ["q", "k", "v", "a_re", "a_im", "h0_re", "h0_im"],
             TOL[c.dtype], out_needs_grad=False)
