@@ -181,34 +181,74 @@ def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
     return out.reshape(B, nc * C, D)[:, :n], h
 
 
+def _cumprod(a: Tensor) -> Tensor:
+    """Inclusive product along the last dim by doubling (Hillis-Steele): in autograd each gate's gradient
+    is a product of the others, where ``torch.cumprod``'s backward divides by the gate (NaN for a NaN
+    gate whose true gradient is finite; precision lost where ``grad * gate`` underflows)."""
+    shift = 1
+    while shift < a.shape[-1]:
+        a = torch.cat((a[..., :shift], a[..., shift:] * a[..., :-shift]), dim=-1)
+        shift *= 2
+    return a
+
+
+def _reverse_exclusive_cumprod(a: Tensor) -> Tensor:
+    """``r[s] = prod_{s < u} a_u`` along the last dim (forward products only: exact at zero gates)."""
+    return _cumprod(torch.cat((a[..., 1:], torch.ones_like(a[..., :1])), dim=-1).flip(-1)).flip(-1)
+
+
+def _causal_attend(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> Tensor:
+    """``out_t = sum_{s <= t} Re(prod_{s < u <= t} a_u) (q_t . k_s) v_s`` along dim -2 (a power-of-two length).
+
+    ``q, k: (..., P, d)``, ``v: (..., P, e)``, ``a: (..., P)`` complex. Halving: each level pairs the
+    later half of every ``2m``-block with its earlier half, so every product and every contraction
+    (forward and in autograd's backward) involves a step and earlier ones only: a NaN or Inf at step
+    ``s`` reaches rows ``t >= s`` only, where a masked ``P x P`` matmul multiplies it by zero into every row.
+    """
+    P = q.shape[-2]
+    out = (q * k).sum(-1, keepdim=True) * v
+    m = P // 2
+    while m:
+        g = P // (2 * m)
+        ql = q.unflatten(-2, (g, 2, m))[..., 1, :, :]
+        ke, ve = k.unflatten(-2, (g, 2, m))[..., 0, :, :], v.unflatten(-2, (g, 2, m))[..., 0, :, :]
+        ae, al = a.unflatten(-1, (g, 2, m)).unbind(-2)
+        # decay from earlier column s to later row t: (prod_{s < u in earlier half}) (prod_{u <= t in later half})
+        lt, rs = _cumprod(al), _reverse_exclusive_cumprod(ae)
+        decay = (lt[..., :, None] * rs[..., None, :]).real
+        add = (decay * (ql @ ke.transpose(-1, -2))) @ ve
+        first, second = out.unflatten(-2, (g, 2, m)).split(1, dim=-3)
+        out = torch.cat((first, second + add[..., None, :, :]), dim=-3).flatten(-4, -2)
+        m //= 2
+    return out
+
+
 def _chunked_head_gate(q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Tensor, C: int) -> tuple[Tensor, Tensor]:
     """Scalar complex gate per step ``a: (B, n)``; ``q, k: (B, n, d)``, ``v: (B, n, e)``, ``state: (B, d, e)``."""
     B, n, d = q.shape
     e = v.shape[2]
     nc = -(-n // C)
-    qc = _pad_time(q, nc * C, 0.0).reshape(B, nc, C, d)
-    kc = _pad_time(k, nc * C, 0.0).reshape(B, nc, C, d)
-    vc = _pad_time(v, nc * C, 0.0).reshape(B, nc, C, e)
-    ac = _pad_time(a, nc * C, 1.0).reshape(B, nc, C)
-    later = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)  # t > s
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # t >= s
-    # decay[t, s] = prod_{s < u <= t} a_u, built only from forward products (exact at zero gates)
-    decay = torch.where(later, ac[..., :, None], torch.ones((), dtype=ac.dtype, device=ac.device)).cumprod(dim=2)
-    decay = torch.where(causal, decay, torch.zeros((), dtype=ac.dtype, device=ac.device))
-    cum = ac.cumprod(dim=2)  # prod_{u <= t} a_u within the chunk
-    out = (decay.real * (qc @ kc.transpose(-1, -2))) @ vc
-    to_end = decay[:, :, C - 1]  # prod_{s < u <= C-1} a_u
+    P = 1 << (C - 1).bit_length()  # each chunk padded to a power of two (gate 1, zero inputs: no-op steps)
+
+    def chunks(t: Tensor, value: float) -> Tensor:
+        t = _pad_time(t, nc * C, value).reshape(B, nc, C, *t.shape[2:])
+        return _pad_time(t.flatten(0, 1), P, value).unflatten(0, (B, nc))
+
+    qc, kc, vc, ac = chunks(q, 0.0), chunks(k, 0.0), chunks(v, 0.0), chunks(a, 1.0)
+    out = _causal_attend(qc, kc, vc, ac)
+    cum = _cumprod(ac)  # prod_{u <= t} a_u within the chunk
+    to_end = _reverse_exclusive_cumprod(ac)  # prod_{s < u} a_u within the chunk
     upd_re = (kc * to_end.real[..., None]).transpose(-1, -2) @ vc
     upd_im = (kc * to_end.imag[..., None]).transpose(-1, -2) @ vc
     update = torch.complex(upd_re, upd_im)  # (B, nc, d, e)
-    total = cum[:, :, -1]
     starts = []
-    for c in range(nc):
+    # unbind, not update[:, c]: one backward stack instead of a zero-filled (B, nc, d, e) per chunk
+    for total, upd in zip(cum[:, :, -1, None, None].unbind(1), update.unbind(1)):
         starts.append(state)
-        state = total[:, c, None, None] * state + update[:, c]
+        state = total * state + upd
     s = torch.stack(starts, dim=1)  # state entering each chunk
     out = out + cum.real[..., None] * (qc @ s.real) - cum.imag[..., None] * (qc @ s.imag)
-    return out.reshape(B, nc * C, e)[:, :n], state
+    return out[:, :, :C].reshape(B, nc * C, e)[:, :n], state
 
 
 @_no_autocast
@@ -216,9 +256,11 @@ def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state:
                       return_final_state: bool = False, chunk_size: int = DEFAULT_CHUNK):
     """Chunked gate-loop scan (DESIGN.md) for a gate per head ``a: (B|1, n, 1, 1)``.
 
-    ``d = e = 1`` runs as a chunked first-order scan; ``d, e > 1`` as intra-chunk decay-masked
-    attention plus a complex state carried between chunks. Other gate layouts (per key dim, per
-    value dim) fall back to :func:`sequential_reference`. Arguments and returns as there.
+    ``d = e = 1`` runs as a chunked first-order scan; ``d, e > 1`` as intra-chunk decayed attention
+    over the step pairs ``s <= t`` only (:func:`_causal_attend`) plus a complex state carried between
+    chunks. Either way a NaN or Inf at step ``t`` reaches outputs at ``t`` and later only, and gradients
+    as the true math does (a bad ``k`` or ``v`` none of earlier steps). Other gate layouts (per key dim,
+    per value dim) fall back to :func:`sequential_reference`. Arguments and returns as there.
     """
     layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     if layout != GATE_HEAD:
