@@ -23,16 +23,26 @@ _BLOCK = 1024  # grids are computed on the host as -(-N // _BLOCK): recent Trito
 
 @triton.jit
 def _parts(z, offs, m):
-    """(pos, r, sigmoid(r), cos, sin) of the gates at ``offs`` (float32); r = 1 where z = 0."""
+    """(nonzero, r, sigmoid(r), cos, sin) of the gates at ``offs`` (float32); r = 1 where z = 0.
+
+    |z| is scaled by max(|x|, |y|) before squaring (as hypot does): x^2 + y^2 underflows below ~1e-19 and
+    overflows above ~1e19 in float32. A NaN passes through (it is not taken for z = 0)."""
     x = tl.load(z + 2 * offs, mask=m, other=0.0).to(tl.float32)
     y = tl.load(z + 2 * offs + 1, mask=m, other=0.0).to(tl.float32)
-    r2 = x * x + y * y
-    pos = r2 > 0
-    r = tl.sqrt_rn(tl.where(pos, r2, 1.0))
-    s = tl.sigmoid(tl.where(pos, r, 0.0))
-    c = tl.where(pos, tl.div_rn(x, r), 1.0)
-    sn = tl.where(pos, tl.div_rn(y, r), 0.0)
-    return pos, r, s, c, sn
+    ax = tl.abs(x)
+    ay = tl.abs(y)
+    big = tl.maximum(ax, ay, propagate_nan=tl.PropagateNan.ALL)
+    nz = big != 0.0
+    den = tl.where(nz, big, 1.0)  # a quotient, not a reciprocal: 1 / big overflows for subnormal big
+    # the larger component scales to +-1 exactly (also at infinity, where x / big is NaN)
+    xs = tl.where(ax == big, tl.where(x < 0, -1.0, 1.0), tl.div_rn(x, den))
+    ys = tl.where(ay == big, tl.where(y < 0, -1.0, 1.0), tl.div_rn(y, den))
+    unit = tl.sqrt_rn(xs * xs + ys * ys)  # in [1, sqrt(2)]
+    r = tl.where(nz, big * unit, 1.0)
+    s = tl.sigmoid(tl.where(nz, r, 0.0))
+    c = tl.where(nz, tl.div_rn(xs, unit), 1.0)
+    sn = tl.where(nz, tl.div_rn(ys, unit), 0.0)
+    return nz, r, s, c, sn
 
 
 @triton.jit
@@ -48,7 +58,7 @@ def _gate_fwd_kernel(z, a_re, a_im, N, BLOCK: tl.constexpr):
 def _gate_bwd_kernel(z, g_re, g_im, dz, N, BLOCK: tl.constexpr, HAS_RE: tl.constexpr, HAS_IM: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < N
-    pos, r, s, c, sn = _parts(z, offs, m)
+    nz, r, s, c, sn = _parts(z, offs, m)
     gr = tl.load(g_re + offs, mask=m, other=0.0).to(tl.float32) if HAS_RE else tl.zeros_like(r)
     gi = tl.load(g_im + offs, mask=m, other=0.0).to(tl.float32) if HAS_IM else tl.zeros_like(r)
     ds = s * (1 - s)  # d sigmoid / d r
@@ -56,8 +66,8 @@ def _gate_bwd_kernel(z, g_re, g_im, dz, N, BLOCK: tl.constexpr, HAS_RE: tl.const
     mixed = (ds - t) * c * sn
     gx = gr * (ds * c * c + t * sn * sn) + gi * mixed
     gy = gr * mixed + gi * (ds * sn * sn + t * c * c)
-    gx = tl.where(pos, gx, 0.0)  # the gate is a constant 0.5 at z = 0
-    gy = tl.where(pos, gy, 0.0)
+    gx = tl.where(nz, gx, 0.0)  # the gate is a constant 0.5 at z = 0
+    gy = tl.where(nz, gy, 0.0)
     tl.store(dz + 2 * offs, gx.to(dz.dtype.element_ty), mask=m)
     tl.store(dz + 2 * offs + 1, gy.to(dz.dtype.element_ty), mask=m)
 
@@ -85,15 +95,22 @@ def gate_backward(z: Tensor, g_re: Optional[Tensor], g_im: Optional[Tensor]) -> 
 
 
 def _reference_parts(z: Tensor):
+    """:func:`_parts` in PyTorch: |z| without squaring, NaN passed through."""
     zf = z.double() if z.dtype == torch.float64 else z.float()
     x, y = zf[..., 0], zf[..., 1]
-    r2 = x * x + y * y
-    pos = r2 > 0
-    r = torch.sqrt(torch.where(pos, r2, torch.ones_like(r2)))
-    mag = torch.sigmoid(torch.where(pos, r, torch.zeros_like(r)))
-    cos = torch.where(pos, x / r, torch.ones_like(r))
-    sin = torch.where(pos, y / r, torch.zeros_like(r))
-    return pos, r, mag, cos, sin
+    ax, ay = x.abs(), y.abs()
+    big = torch.maximum(ax, ay)
+    nz = big != 0
+    one = torch.ones_like(big)
+    den = torch.where(nz, big, one)  # a quotient, not a reciprocal: 1 / big overflows for subnormal big
+    xs = torch.where(ax == big, torch.where(x < 0, -one, one), x / den)
+    ys = torch.where(ay == big, torch.where(y < 0, -one, one), y / den)
+    unit = torch.sqrt(xs * xs + ys * ys)
+    r = torch.where(nz, big * unit, one)
+    mag = torch.sigmoid(torch.where(nz, r, torch.zeros_like(r)))
+    cos = torch.where(nz, xs / unit, one)
+    sin = torch.where(nz, ys / unit, torch.zeros_like(r))
+    return nz, r, mag, cos, sin
 
 
 def reference_forward(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,7 +121,7 @@ def reference_forward(z: Tensor) -> tuple[Tensor, Tensor]:
 
 def reference_backward(z: Tensor, g_re: Optional[Tensor], g_im: Optional[Tensor]) -> Tensor:
     """PyTorch backward: ``dz`` in ``z``'s dtype (the derivative of the polar form, zero at ``z = 0``)."""
-    pos, r, s, c, sn = _reference_parts(z)
+    nz, r, s, c, sn = _reference_parts(z)
     g_re = torch.zeros_like(r) if g_re is None else g_re.to(r.dtype)
     g_im = torch.zeros_like(r) if g_im is None else g_im.to(r.dtype)
     ds = s * (1 - s)
@@ -112,8 +129,8 @@ def reference_backward(z: Tensor, g_re: Optional[Tensor], g_im: Optional[Tensor]
     mixed = (ds - t) * c * sn
     gx = g_re * (ds * c * c + t * sn * sn) + g_im * mixed
     gy = g_re * mixed + g_im * (ds * sn * sn + t * c * c)
-    keep = pos.to(r.dtype)
-    return torch.stack([gx * keep, gy * keep], dim=-1).to(z.dtype)
+    zero = torch.zeros_like(gx)
+    return torch.stack([torch.where(nz, gx, zero), torch.where(nz, gy, zero)], dim=-1).to(z.dtype)
 
 
 def _use_kernel(z: Tensor) -> bool:

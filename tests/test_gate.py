@@ -94,3 +94,39 @@ def test_gpu_kernels_at_model_size_and_through_autograd():
     g = torch.autograd.grad((a_re * w[0] + a_im * w[1]).sum(), zk)[0]
     g_ref = torch.autograd.grad((r_re * w[0] + r_im * w[1]).sum(), zr)[0]
     assert ((g.double() - g_ref).norm() / g_ref.norm()).item() < 1e-6
+
+
+def _seed_gate_f64(z: torch.Tensor) -> torch.Tensor:
+    """The seed's gate in float64 (exact where float32's squares under- or overflow)."""
+    return _seed_gate(z.double().cpu())
+
+
+@pytest.mark.parametrize("path", ["reference", pytest.param("kernel", marks=needs_kernels)])
+def test_extreme_preactivations(path):
+    """|z| from 1e-30 to 1e30, infinities and NaN: float32 squares would underflow (the phase lost: 0.5 at 1e-23)
+    or overflow (0 at 1e20); a NaN must come out NaN, not be taken for z = 0."""
+    inf, nan = float("inf"), float("nan")
+    vals = [(1e-23, 1e-23), (-3e-30, 2e-30), (1e20, 1e20), (3e19, 0.0), (-1e30, 5e29), (inf, 0.3), (0.3, -inf),
+            (inf, inf), (1e-40, 0.0), (0.0, 0.0), (nan, 0.3), (0.2, nan)]
+    z = torch.tensor(vals, dtype=torch.float32).reshape(len(vals), 1, 2)
+    ref = _seed_gate_f64(z)
+    if path == "kernel":
+        a_re, a_im = gate.gate_forward(z.to(DEV))
+    else:
+        a_re, a_im = gate.reference_forward(z)
+    got = torch.complex(a_re.double().cpu(), a_im.double().cpu())
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), fin), (got, ref)
+    assert (got[fin] - ref[fin]).abs().max() < 1e-6, (got, ref)
+    # gradients: finite where the seed's are (away from the infinities), NaN for a NaN input
+    zg = z[[0, 1, 2, 3, 4, 10]].clone()
+    g_re, g_im = torch.randn(2, *zg.shape[:-1], dtype=torch.float64)
+    if path == "kernel":
+        dz = gate.gate_backward(zg.to(DEV), g_re.float().to(DEV), g_im.float().to(DEV)).double().cpu()
+    else:
+        dz = gate.reference_backward(zg, g_re, g_im).double()
+    zr = zg.double().requires_grad_()
+    a = _seed_gate(zr)
+    (dz_ref,) = torch.autograd.grad((a.real * g_re + a.imag * g_im).sum(), zr)
+    assert torch.isfinite(dz[:5]).all() and torch.isnan(dz[5]).any()
+    assert ((dz[:5] - dz_ref[:5]).abs() <= 1e-5 * dz_ref[:5].abs() + 1e-30).all(), (dz, dz_ref)
