@@ -170,20 +170,21 @@ def _tdot(m, y, REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BT: t
 
     ``m`` is a (BT, BT) score tile, zero (selected) above the diagonal, or below it with ``REV`` (a transposed
     one): row t of the product sums steps s <= t of ``y`` (REV: s >= t). Inside the dot a NaN/Inf row of ``y``
-    meets those zeros (0 * NaN = NaN) and would reach every row, so unless the product is finite (the common
-    case, checked with one sum: no other work) the rows before each column's first non-finite step of ``y``
-    (REV: after its last) are recomputed with ``y``'s rows from that step on zeroed (REV: up to it); the other
-    rows keep the product, non-finite as the math is there.
+    meets those zeros (0 * NaN = NaN) and would reach every row. So when ``y`` holds one (checked with one sum
+    before the dot: the only extra work of the common, finite case) the rows before each column's first
+    non-finite step (REV: after its last) take the product with ``y``'s rows from that step on zeroed (REV: up
+    to it), and the other rows are NaN: the exact result there is non-finite too (it holds that step's term).
     """
-    out = _sdot(m, y, MODE, PREC)
-    if not _finite(tl.sum(tl.sum(out, 1), 0)):
+    if _finite(tl.sum(tl.sum(y.to(tl.float32), 1), 0)):
+        out = _sdot(m, y, MODE, PREC)
+    else:
         rows = tl.arange(0, BT)[:, None]
         bad = ~_finite(y.to(tl.float32))
         if REV:
             keep = rows > tl.max(tl.where(bad, rows, -1), 0)[None, :]
         else:
             keep = rows < tl.min(tl.where(bad, rows, BT), 0)[None, :]
-        out = tl.where(keep, _sdot(m, tl.where(keep, y, 0.0), MODE, PREC), out)
+        out = tl.where(keep, _sdot(m, tl.where(keep, y, 0.0), MODE, PREC), float("nan"))
     return out
 
 
@@ -211,12 +212,12 @@ def _gate_prefix(are_ptr, aim_ptr, t_idx, valid, stride, BT: tl.constexpr):
     m2 = tl.where(live, m2, 1.0)
     inv = 1.0 / tl.sqrt(m2)
     lg = tl.where(live, 0.5 * tl.log(m2), 0.0).to(tl.float32)
-    pr = tl.where(live, ar * inv, 1.0).to(tl.float32)
-    pi = tl.where(live, ai * inv, 0.0).to(tl.float32)
+    pr = tl.where(live, ar * inv, 1.0)
+    pi = tl.where(live, ai * inv, 0.0)
     g = tl.cumsum(lg, 0)
     z = tl.cumsum(tl.where(bad, BT + 1, zero.to(tl.int32)), 0)
     ur, ui = tl.associative_scan((pr, pi), 0, _cmul)
-    return g, z, ur, ui
+    return g, z, ur.to(tl.float32), ui.to(tl.float32)
 
 
 @triton.jit
@@ -788,17 +789,18 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
     later = idx[:, None] > idx[None, :]
     e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, later)
     e_im = -e_im
-    r_re = _rdot(b_p, tl.trans(e_re), EXACT_R)
-    r_im = _rdot(b_p, tl.trans(e_im), EXACT_R)
-    if not _finite(tl.sum(tl.sum(r_re + r_im, 1), 0)):
-        # :func:`_tdot`'s recomputation with the steps along P's columns (E strictly lower): row t of R keeps,
-        # for u <= P's first non-finite step s in row t, the product with P's steps from s on zeroed
+    if _finite(tl.sum(tl.sum(b_p, 1), 0)):
+        r_re = _rdot(b_p, tl.trans(e_re), EXACT_R)
+        r_im = _rdot(b_p, tl.trans(e_im), EXACT_R)
+    else:
+        # :func:`_tdot`'s causal product with the steps along P's columns (E strictly lower): row t of R takes,
+        # for u <= P's first non-finite step s in row t, the product with P's steps from s on zeroed, else NaN
         cols = idx[None, :]
         first = tl.min(tl.where(_finite(b_p), BT, cols), 1)[:, None]
         b_pc = tl.where(cols < first, b_p, 0.0)
         keep = cols <= first
-        r_re = tl.where(keep, _rdot(b_pc, tl.trans(e_re), EXACT_R), r_re)
-        r_im = tl.where(keep, _rdot(b_pc, tl.trans(e_im), EXACT_R), r_im)
+        r_re = tl.where(keep, _rdot(b_pc, tl.trans(e_re), EXACT_R), float("nan"))
+        r_im = tl.where(keep, _rdot(b_pc, tl.trans(e_im), EXACT_R), float("nan"))
     # (selects, not E's zeros, keep a non-finite phi_s / row of M from the steps before s / after t)
     ephi_re = tl.sum(tl.where(later, e_re * phi_re[None, :] - e_im * phi_im[None, :], 0.0), 1)
     ephi_im = tl.sum(tl.where(later, e_re * phi_im[None, :] + e_im * phi_re[None, :], 0.0), 1)
