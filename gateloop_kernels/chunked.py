@@ -27,6 +27,13 @@ launch there);
 ``_bwd_dqk``, ``_bwd_dv``, ``_bwd_gate``  parallel over (chunk, batch*head): dq and dk (and the
                gate-gradient pieces psi, phi, sigma), dv, and the complex gate gradient.
 
+Non-finite values stay causal (a NaN/Inf at step t reaches no output before t) at no cost to finite inputs beyond
+one sum per time contraction: masks of score tiles are selects, never multiplications by zero; the dots that
+contract over a chunk's steps (``_tdot``, and R in ``_bwd_gate``) check their time-indexed operand and only when it
+holds a non-finite value zero the steps it must not reach and NaN-fill the rows the exact result is non-finite in;
+a non-finite gate counts as a reset (``z``) inside the (BT, BT) decay tiles, finite, while every per-step span that
+holds it (``_span``) is NaN. |a|^2 is formed in float64 (tiny gates, log|a| near 1), the phasor product too.
+
 Per-key-dim gates ``a: (B, n, d, 1)`` have no kernel here: ``gateloop_kernels.operator`` should send them to
 the reference (``reference.chunked_reference``, which runs the sequential loop for that layout) with a
 one-time warning.
@@ -1070,6 +1077,15 @@ def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
     Returns:
         ``(o, final_state)``: ``o (B, n, H, e)`` in the input dtype; ``final_state`` complex64
         ``(B, H, d, e)`` or ``None``. Differentiable in q, k, v, a_re, a_im and initial_state.
+
+    Non-finite inputs stay causal: a NaN or Inf in q, k, v or the gate at step t reaches no output before t, nor
+    another sequence or head; wherever the exact (sequential) output or gradient is finite, so is ours (up to
+    the overflow limitation below).
+
+    Limitation: each chunk forms the scores ``q_t . k_s`` before weighting them by ``v``, so an output that fits
+    the dtype can still overflow when ``|q| |k|`` alone exceeds its range (e.g. float32 ``q, k ~ 1e19`` with
+    ``v ~ 1e-38``: exact outputs ~40, ours inf; the sequential reference forms ``k v^T`` first). fp16 inputs
+    form the scores in float32 (fp16 range only bounds q, k, v and the outputs).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
