@@ -4,8 +4,8 @@ The oracle is the float64 sequential loop (and autograd through it) on the same 
 final state or gradient entry is finite, ours must be finite and within the usual tolerance; a non-finite
 output or final-state entry of the loop must stay non-finite in ours (a bad token is not hidden). Which
 gradients are finite follows from the math and is read off the loop, not assumed: e.g. a NaN in k at step p
-leaves dk and dv after p finite (they depend on k_p only through v_p / the adjoint), a NaN gate or q at step p
-poisons the adjoint of every earlier step, and dq of earlier steps stays finite.
+leaves dk and dv of later steps finite (dk_t = Re(L_t) v_t, dv_t = Re(L_t)^T k_t: the adjoint L_t never sees
+k_p), a NaN gate or q at step p poisons the adjoint of every earlier step, and dq of earlier steps stays finite.
 
 One call covers a dtype: batch element b poisons step ``steps[b]`` (the first, a middle and the last step of a
 chunk, and a step of the last, partial chunk), head h poisons q, k, v or the gate, with NaN and Inf in a
@@ -89,10 +89,11 @@ def check_causal(n, d, e, C, dtype, device, flip, tol, precision="ieee"):
 
 
 @pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
-@pytest.mark.parametrize("dtype,tol,flip", [(torch.float32, 2e-5, 0), (torch.bfloat16, 2e-2, 1), (torch.float16, 2e-2, 0)],
-                         ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype,tol,flip", [(torch.float32, 2e-5, 0), (torch.bfloat16, 2e-2, 1)],
+                         ids=["float32", "bfloat16"])
 def test_cpu_nonfinite_is_causal(dtype, tol, flip):
-    """n = 24 in chunks of 16: two chunks, the second partial; d != e."""
+    """n = 24 in chunks of 16: two chunks, the second partial; d != e. (fp16 differs from bf16 only in running
+    the score products in tf32: the GPU test covers it, the interpreter's ~10 s are spared.)"""
     check_causal(24, 16, 32, 16, dtype, "cpu", flip, tol)
 
 

@@ -16,8 +16,9 @@ if not HAS_CUDA and not INTERPRET:
 from gateloop_kernels import reference  # noqa: E402
 from gateloop_kernels.chunked import chunk_gate_loop  # noqa: E402
 
-DEV = "cuda" if HAS_CUDA and not INTERPRET else "cpu"
 cpu_only = pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
+# numpy warns where the interpreter's kernels overflow a masked-out exp (selected away)
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
 
 def grads_against_loop(inputs, tol, init=True, chunk_size=16, precision="ieee", do_scale=1.0):
@@ -97,9 +98,8 @@ def test_cpu_fp16_scores_past_fp16_range():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,precision,tol", [(torch.float32, "ieee", 1e-5), (torch.float32, "tf32", 5e-3)],
-                         ids=["ieee", "tf32"])
-def test_gpu_tiny_gates(dtype, precision, tol):
+@pytest.mark.parametrize("precision,tol", [("ieee", 1e-5), ("tf32", 5e-3)], ids=["ieee", "tf32"])
+def test_gpu_tiny_gates(precision, tol):
     grads_against_loop(tiny_gates("cuda"), tol, chunk_size=16, precision=precision)
     grads_against_loop(tiny_gates("cuda"), tol, chunk_size=64, precision=precision)
 
