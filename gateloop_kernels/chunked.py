@@ -27,6 +27,13 @@ launch there);
 ``_bwd_dqk``, ``_bwd_dv``, ``_bwd_gate``  parallel over (chunk, batch*head): dq and dk (and the
                gate-gradient pieces psi, phi, sigma), dv, and the complex gate gradient.
 
+Non-finite values stay causal (a NaN/Inf at step t reaches no output before t) at no cost to finite inputs beyond
+one sum per time contraction: masks of score tiles are selects, never multiplications by zero; the dots that
+contract over a chunk's steps (``_tdot``, and R in ``_bwd_gate``) check their time-indexed operand and only when it
+holds a non-finite value zero the steps it must not reach and NaN-fill the rows the exact result is non-finite in;
+a non-finite gate counts as a reset (``z``) inside the (BT, BT) decay tiles, finite, while every per-step span that
+holds it (``_span``) is NaN. |a|^2 is formed in float64 (tiny gates, log|a| near 1), the phasor product too.
+
 Per-key-dim gates ``a: (B, n, d, 1)`` have no kernel here: ``gateloop_kernels.operator`` should send them to
 the reference (``reference.chunked_reference``, which runs the sequential loop for that layout) with a
 one-time warning.
@@ -162,7 +169,8 @@ def _dot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def _sdot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
-    """Dot with a state operand: fp16 has too little range for states, so it runs in tf32 there."""
+    """Dot with a float32 operand of unbounded range (a state, or a score tile such as ``D o (Q K^T)``, whose
+    entries exceed 65504 where the outputs still fit fp16): fp16 has too little range, so it runs in tf32 there."""
     if MODE == 2:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
     else:
@@ -170,24 +178,72 @@ def _sdot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _gate_prefix(are_ptr, aim_ptr, t_idx, valid, stride):
+def _tdot(m, y, REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr):
+    """``m @ y`` contracting over the chunk's steps (:func:`_sdot`), causal for non-finite rows of ``y``.
+
+    ``m`` is a (BT, BT) score tile, zero (selected) above the diagonal, or below it with ``REV`` (a transposed
+    one): row t of the product sums steps s <= t of ``y`` (REV: s >= t). Inside the dot a NaN/Inf row of ``y``
+    meets those zeros (0 * NaN = NaN) and would reach every row. So when ``y`` holds one (checked with one sum:
+    the only extra work of the common, finite case) its rows from each column's first non-finite step on (REV: up
+    to its last) are zeroed before the one product, and the result's rows from that step on (REV: up to it) are
+    NaN afterwards: the exact result there is non-finite too (it holds that step's term).
+    """
+    rows = tl.arange(0, BT)[:, None]
+    clean = _finite(tl.sum(tl.sum(y.to(tl.float32), 1), 0))
+    p = tl.full([1, y.shape[1]], -1 if REV else BT, tl.int32)  # the step per column (none)
+    if not clean:
+        bad = ~_finite(y.to(tl.float32))
+        if REV:
+            p = tl.max(tl.where(bad, rows, -1), 0)[None, :]
+            y = tl.where(rows > p, y, 0.0)
+        else:
+            p = tl.min(tl.where(bad, rows, BT), 0)[None, :]
+            y = tl.where(rows < p, y, 0.0)
+    out = _sdot(m, y, MODE, PREC)
+    if not clean:
+        out = tl.where((rows > p) if REV else (rows < p), out, float("nan"))
+    return out
+
+
+@triton.jit
+def _finite(x):
+    return tl.abs(x) < float("inf")
+
+
+@triton.jit
+def _gate_prefix(are_ptr, aim_ptr, t_idx, valid, stride, BT: tl.constexpr):
     """Chunk-local prefixes of the gates at ``t_idx`` (gate 1 where not ``valid``).
 
-    Returns ``g`` (sum of log|a| over non-zero gates), ``z`` (number of zero gates) and the unit
-    phasor ``(ur, ui)`` (product of a/|a| over non-zero gates), all inclusive.
+    Returns ``g`` (sum of log|a| over finite non-zero gates), ``z`` (a reset count: 1 per zero gate, BT + 1 per
+    non-finite gate; see :func:`_span`) and the unit phasor ``(ur, ui)`` (product of a/|a| over finite non-zero
+    gates), all inclusive. |a|^2 is formed in float64 from the exact squares of the float32 parts: it neither
+    underflows for tiny gates (|a| < 1e-19) nor biases log|a| near |a| = 1 (float32's rounded magnitude did, by
+    up to 1e-3 relative: an error that grew linearly with n), and the phasors are unit to float32 rounding.
     """
-    ar = tl.load(are_ptr + t_idx.to(tl.int64) * stride, mask=valid, other=1.0).to(tl.float32)
-    ai = tl.load(aim_ptr + t_idx.to(tl.int64) * stride, mask=valid, other=0.0).to(tl.float32)
+    ar = tl.load(are_ptr + t_idx.to(tl.int64) * stride, mask=valid, other=1.0).to(tl.float64)
+    ai = tl.load(aim_ptr + t_idx.to(tl.int64) * stride, mask=valid, other=0.0).to(tl.float64)
     m2 = ar * ar + ai * ai
     zero = m2 == 0.0
-    mag = tl.sqrt(tl.where(zero, 1.0, m2))
-    lg = tl.where(zero, 0.0, tl.log(mag))
-    pr = tl.where(zero, 1.0, ar / mag)
-    pi = tl.where(zero, 0.0, ai / mag)
+    bad = ~_finite(m2)
+    live = ~(zero | bad)
+    m2 = tl.where(live, m2, 1.0)
+    inv = 1.0 / tl.sqrt(m2)
+    lg = tl.where(live, 0.5 * tl.log(m2), 0.0).to(tl.float32)
+    pr = tl.where(live, ar * inv, 1.0)
+    pi = tl.where(live, ai * inv, 0.0)
     g = tl.cumsum(lg, 0)
-    z = tl.cumsum(zero.to(tl.int32), 0)
+    z = tl.cumsum(tl.where(bad, BT + 1, zero.to(tl.int32)), 0)
     ur, ui = tl.associative_scan((pr, pi), 0, _cmul)
-    return g, z, ur, ui
+    return g, z, ur.to(tl.float32), ui.to(tl.float32)
+
+
+@triton.jit
+def _span(dg, dz, BT: tl.constexpr):
+    """|prod a_w| over a span of gates with log-magnitude sum ``dg`` and reset count ``dz`` (differences of
+    :func:`_gate_prefix`'s ``g``, ``z``): exp(dg) with no reset, 0 across a zero gate, NaN across a non-finite
+    gate (dz > BT). Non-finite gates thus poison exactly the spans that hold them; every per-step quantity of a
+    chunk reads its gates through here, so the (BT, BT) decay tiles may treat them as resets (zero), finite."""
+    return tl.where(dz == 0, tl.exp(dg), tl.where(dz > BT, float("nan"), 0.0))
 
 
 @triton.jit
@@ -203,22 +259,22 @@ def _ends(g, z, ur, ui, idx, BT: tl.constexpr):
 
 @triton.jit
 def _pair_decay(gt, zt, urt, uit, gs, zs, urs, uis, ok):
-    """``D[t, s] = [ok and z_t == z_s] exp(g_t - g_s) u_t conj(u_s)`` as (Re, Im) tiles."""
+    """``D[t, s] = [ok and z_t == z_s] exp(g_t - g_s) u_t conj(u_s)`` as (Re, Im) tiles (finite, exact zeros
+    outside ``ok``: a product with a non-finite tile is masked with a select, never by these zeros)."""
     ok = ok & (zt[:, None] == zs[None, :])
-    mag = tl.where(ok, tl.exp(tl.where(ok, gt[:, None] - gs[None, :], 0.0)), 0.0)
+    mag = tl.where(ok, tl.exp(gt[:, None] - gs[None, :]), 0.0)
     re = mag * (urt[:, None] * urs[None, :] + uit[:, None] * uis[None, :])
     im = mag * (uit[:, None] * urs[None, :] - urt[:, None] * uis[None, :])
     return re, im
 
 
 @triton.jit
-def _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end):
+def _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end, BT: tl.constexpr):
     """``D[C-1, s]`` (Re, Im) per s and the chunk total ``A_end`` (Re, Im)."""
-    ok = z == z_end
-    mag = tl.where(ok, tl.exp(tl.where(ok, g_end - g, 0.0)), 0.0)
+    mag = _span(g_end - g, z_end - z, BT)
     wre = mag * (ur_end * ur + ui_end * ui)
     wim = mag * (ui_end * ur - ur_end * ui)
-    amag = tl.where(z_end == 0, tl.exp(g_end), 0.0)
+    amag = _span(g_end, z_end, BT)
     return wre, wim, amag * ur_end, amag * ui_end
 
 
@@ -234,9 +290,9 @@ def _chunk_gates(are, aim, t0, n, H, BT: tl.constexpr):
     decay to the chunk's end ``D[C-1, s]`` (Re, Im) per step."""
     idx = tl.arange(0, BT)
     t_idx = t0 + idx
-    g, z, ur, ui = _gate_prefix(are, aim, t_idx, t_idx < n, H)
+    g, z, ur, ui = _gate_prefix(are, aim, t_idx, t_idx < n, H, BT)
     g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
-    de_re, de_im, _, _ = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+    de_re, de_im, _, _ = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end, BT)
     return g, z, ur, ui, de_re, de_im
 
 
@@ -352,15 +408,15 @@ def _chunk_contrib(x, y, are, aim, t0, r0, c0, n, H, K: tl.constexpr, V: tl.cons
     """
     idx = tl.arange(0, BT)
     t_idx = t0 + idx
-    g, z, ur, ui = _gate_prefix(are, aim, t_idx, t_idx < n, H)
+    g, z, ur, ui = _gate_prefix(are, aim, t_idx, t_idx < n, H, BT)
     g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
     if REV:
-        amag = tl.where(z == 0, tl.exp(g), 0.0)
+        amag = _span(g, z, BT)
         w_re, w_im = amag * ur, -amag * ui
-        emag = tl.where(z_end == 0, tl.exp(g_end), 0.0)
+        emag = _span(g_end, z_end, BT)
         ae_re, ae_im = emag * ur_end, emag * ui_end
     else:
-        w_re, w_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+        w_re, w_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end, BT)
     b_xt = _ld_tT(x, t0, r0, n, K, H * K, BT, BK)
     b_y = _ld_t(y, t0, c0, n, V, H * V, BT, BV)
     return _dot(b_xt * w_re[None, :], b_y, MODE, PREC), _dot(b_xt * w_im[None, :], b_y, MODE, PREC), ae_re, ae_im
@@ -582,8 +638,8 @@ def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
     t0 = i_t * BT
     c0 = i_v * BV
     t_idx = t0 + idx
-    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H)
-    amag = tl.where(z == 0, tl.exp(g), 0.0)
+    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H, BT)
+    amag = _span(g, z, BT)
     a_re, a_im = amag * ur, amag * ui
     ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
@@ -597,9 +653,10 @@ def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
         b_o += _sdot(b_q * a_re[:, None], b_hr, MODE, PREC)
         b_o -= _sdot(b_q * a_im[:, None], b_hi, MODE, PREC)
         b_a += _dot(b_q, b_kt, MODE, PREC)
-    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
+    causal = idx[:, None] >= idx[None, :]
+    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, causal)
     b_v = _ld_t(v, t0, c0, n, V, H * V, BT, BV)
-    b_o += _dot(d_re * b_a, b_v, MODE, PREC)
+    b_o += _tdot(tl.where(causal, d_re * b_a, 0.0), b_v, False, MODE, PREC, BT)
     _st_t(o, b_o, t0, c0, n, V, H * V, BT, BV)
 
 
@@ -619,13 +676,14 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
     idx = tl.arange(0, BT)
     t0 = i_t * BT
     g, z, ur, ui, de_re, de_im = _chunk_gates(are + bt, aim + bt, t0, n, H, BT)
-    amag = tl.where(z == 0, tl.exp(g), 0.0)
+    amag = _span(g, z, BT)
     a_re, a_im = amag * ur, amag * ui
     ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     b_adv = _scores(do, v, t0, n, V, H, BT, BV, MODE, PREC)
-    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
-    b_ddv = d_re * b_adv
+    causal = idx[:, None] >= idx[None, :]
+    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, causal)
+    b_ddv = tl.where(causal, d_re * b_adv, 0.0)
     psi_re = tl.zeros([BT], dtype=tl.float32)
     psi_im = tl.zeros([BT], dtype=tl.float32)
     phi_re = tl.zeros([BT], dtype=tl.float32)
@@ -644,7 +702,7 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
             g_re += _sdot(b_do, _ld_sT(ph, r0, c0, K, V, BK, BV), MODE, PREC)
             g_im += _sdot(b_do, _ld_sT(ph + K * V, r0, c0, K, V, BK, BV), MODE, PREC)
         b_k = _ld_t(k, t0, r0, n, K, H * K, BT, BK)
-        b_dq = a_re[:, None] * g_re - a_im[:, None] * g_im + _dot(b_ddv, b_k, MODE, PREC)
+        b_dq = a_re[:, None] * g_re - a_im[:, None] * g_im + _tdot(b_ddv, b_k, False, MODE, PREC, BT)
         _st_t(dq, b_dq, t0, r0, n, K, H * K, BT, BK)
         qf = _ld_t(q, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
         psi_re += tl.sum(qf * g_re, 1)
@@ -666,7 +724,7 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
             sig_re += tl.sum(tl.sum(f_dr * f_hr + f_di * f_hi, 1), 0)
             sig_im += tl.sum(tl.sum(f_di * f_hr - f_dr * f_hi, 1), 0)
         b_q = _ld_t(q, t0, r0, n, K, H * K, BT, BK)
-        b_dk = de_re[:, None] * w_re + de_im[:, None] * w_im + _dot(tl.trans(b_ddv), b_q, MODE, PREC)
+        b_dk = de_re[:, None] * w_re + de_im[:, None] * w_im + _tdot(tl.trans(b_ddv), b_q, True, MODE, PREC, BT)
         _st_t(dk, b_dk, t0, r0, n, K, H * K, BT, BK)
         kf = _ld_t(k, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
         phi_re += tl.sum(kf * w_re, 1)
@@ -696,8 +754,9 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
     g, z, ur, ui, de_re, de_im = _chunk_gates(are + bt, aim + bt, t0, n, H, BT)
     pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     b_aqk = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC)
-    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
-    b_dqkt = tl.trans(d_re * b_aqk)
+    causal = idx[:, None] >= idx[None, :]
+    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, causal)
+    b_dqkt = tl.trans(tl.where(causal, d_re * b_aqk, 0.0))
     for i_v in range(tl.cdiv(V, BV)):
         c0 = i_v * BV
         b_do = _ld_t(do, t0, c0, n, V, H * V, BT, BV)
@@ -708,7 +767,7 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
             b_k = _ld_t(k, t0, r0, n, K, H * K, BT, BK)
             u_re += _sdot(b_k, _ld_s(pd, r0, c0, K, V, BK, BV), MODE, PREC)
             u_im += _sdot(b_k, _ld_s(pd + K * V, r0, c0, K, V, BK, BV), MODE, PREC)
-        b_dv = _dot(b_dqkt, b_do, MODE, PREC) + de_re[:, None] * u_re + de_im[:, None] * u_im
+        b_dv = _tdot(b_dqkt, b_do, True, MODE, PREC, BT) + de_re[:, None] * u_re + de_im[:, None] * u_im
         _st_t(dv, b_dv, t0, c0, n, V, H * V, BT, BV)
 
 
@@ -729,12 +788,12 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
     valid = t_idx < n
     # P = (Q K^T) o (dO V^T)
     b_p = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC) * _scores(do, v, t0, n, V, H, BT, BV, MODE, PREC)
-    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, valid, H)
+    g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, valid, H, BT)
     # exclusive prefixes (the state before step u): the same scan over the gates shifted by one
     xs = t_idx - 1
-    gx, zx, uxr, uxi = _gate_prefix(are + bt, aim + bt, xs, (idx > 0) & (xs < n), H)
+    gx, zx, uxr, uxi = _gate_prefix(are + bt, aim + bt, xs, (idx > 0) & (xs < n), H, BT)
     pa = aux + (i_bh.to(tl.int64) * NT + i_t) * 6 * BT
-    xmag = tl.where(zx == 0, tl.exp(gx), 0.0)
+    xmag = _span(gx, zx, BT)
     ax_re, ax_im = xmag * uxr, xmag * uxi
     psi_re = tl.load(pa + idx)
     psi_im = tl.load(pa + BT + idx)
@@ -744,22 +803,37 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
     # own rounding)
     phi_re = tl.load(pa + 2 * BT + idx)
     phi_im = tl.load(pa + 3 * BT + idx)
-    e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, idx[:, None] > idx[None, :])
+    later = idx[:, None] > idx[None, :]
+    e_re, e_im = _pair_decay(gx, zx, uxr, uxi, g, z, ur, ui, later)
     e_im = -e_im
+    # :func:`_tdot`'s causal product with the steps along P's columns (E strictly lower): where P holds a
+    # non-finite value, row t of R takes, for u <= P's first non-finite step s in row t, the product with P's
+    # steps from s on zeroed, and is NaN for u > s
+    cols = idx[None, :]
+    clean = _finite(tl.sum(tl.sum(b_p, 1), 0))
+    first = tl.full([BT, 1], BT, tl.int32)
+    if not clean:
+        first = tl.min(tl.where(_finite(b_p), BT, cols), 1)[:, None]
+        b_p = tl.where(cols < first, b_p, 0.0)
     r_re = _rdot(b_p, tl.trans(e_re), EXACT_R)
     r_im = _rdot(b_p, tl.trans(e_im), EXACT_R)
-    ephi_re = tl.sum(e_re * phi_re[None, :] - e_im * phi_im[None, :], 1)
-    ephi_im = tl.sum(e_re * phi_im[None, :] + e_im * phi_re[None, :], 1)
+    if not clean:
+        r_re = tl.where(cols <= first, r_re, float("nan"))
+        r_im = tl.where(cols <= first, r_im, float("nan"))
+    # (selects, not E's zeros, keep a non-finite phi_s / row of M from the steps before s / after t)
+    ephi_re = tl.sum(tl.where(later, e_re * phi_re[None, :] - e_im * phi_im[None, :], 0.0), 1)
+    ephi_im = tl.sum(tl.where(later, e_re * phi_im[None, :] + e_im * phi_re[None, :], 0.0), 1)
     # M = R + psi conj(A_{u-1}); t1[u] = sum_{t>=u} conj(D[t, u]) M[t, u], one plane of M at a time
-    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, idx[:, None] >= idx[None, :])
-    m_re = r_re + psi_re[:, None] * ax_re[None, :] + psi_im[:, None] * ax_im[None, :]
+    causal = idx[:, None] >= idx[None, :]
+    d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, causal)
+    m_re = tl.where(causal, r_re + psi_re[:, None] * ax_re[None, :] + psi_im[:, None] * ax_im[None, :], 0.0)
     t1_re = tl.sum(d_re * m_re, 0)
     t1_im = -tl.sum(d_im * m_re, 0)
-    m_im = r_im + psi_im[:, None] * ax_re[None, :] - psi_re[:, None] * ax_im[None, :]
+    m_im = tl.where(causal, r_im + psi_im[:, None] * ax_re[None, :] - psi_re[:, None] * ax_im[None, :], 0.0)
     t1_re += tl.sum(d_im * m_im, 0)
     t1_im += tl.sum(d_re * m_im, 0)
     g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
-    de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end)
+    de_re, de_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end, BT)
     s_re = tl.load(pa + 4 * BT)
     s_im = tl.load(pa + 5 * BT)
     t2_re = ax_re * s_re + ax_im * s_im + ephi_re
@@ -1009,6 +1083,15 @@ def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
     Returns:
         ``(o, final_state)``: ``o (B, n, H, e)`` in the input dtype; ``final_state`` complex64
         ``(B, H, d, e)`` or ``None``. Differentiable in q, k, v, a_re, a_im and initial_state.
+
+    Non-finite inputs stay causal: a NaN or Inf in q, k, v or the gate at step t reaches no output before t, nor
+    another sequence or head; wherever the exact (sequential) output or gradient is finite, so is ours (up to
+    the overflow limitation below).
+
+    Limitation: each chunk forms the scores ``q_t . k_s`` before weighting them by ``v``, so an output that fits
+    the dtype can still overflow when ``|q| |k|`` alone exceeds its range (e.g. float32 ``q, k ~ 1e19`` with
+    ``v ~ 1e-38``: exact outputs ~40, ours inf; the sequential reference forms ``k v^T`` first). fp16 inputs
+    form the scores in float32 (fp16 range only bounds q, k, v and the outputs).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")

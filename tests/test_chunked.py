@@ -31,8 +31,9 @@ def make_inputs(B, n, H, d, e, dtype, device, zeros=False, mag=(0.6, 1.0)):
     return q, k, v, ar, ai
 
 
-def reference_f64(q, k, v, ar, ai, h0, do, dht):
-    """Float64 sequential reference (layouts converted: B*H becomes the batch); output and grads."""
+def reference_f64(q, k, v, ar, ai, h0, do, dht, sequential=False):
+    """Float64 sequential reference (layouts converted: B*H becomes the batch); output and grads.
+    ``sequential``: the sequential loop on every device (the oracle of where non-finite values may reach)."""
     B, n, H, d = q.shape
     e = v.shape[-1]
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v, ar, ai)]
@@ -44,7 +45,7 @@ def reference_f64(q, k, v, ar, ai, h0, do, dht):
     a = torch.complex(leaves[3], leaves[4]).permute(0, 2, 1).reshape(B * H, n)[:, :, None, None]
     # the float64 sequential loop on the CPU; on the GPU the float64 chunked reference (checked against
     # the sequential one in test_reference.py), which is fast enough for real sizes
-    oracle = reference.chunked_reference if q.is_cuda else reference.sequential_reference
+    oracle = reference.chunked_reference if q.is_cuda and not sequential else reference.sequential_reference
     o, st = oracle(bh(leaves[0]), bh(leaves[1]), bh(leaves[2]), a, None if h0l is None else h0l.reshape(B * H, d, e),
                    return_final_state=True)
     o = o.reshape(B, H, n, e).permute(0, 2, 1, 3)
