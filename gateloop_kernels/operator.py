@@ -18,6 +18,7 @@ from torch import Tensor
 from . import reference
 from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_simple_inputs
 from .chunked import chunk_gate_loop
+from .reference import empty_scan
 from .elementwise import elementwise_scan
 
 __all__ = ["gate_loop_operator", "simple_gate_loop_operator", "kernel_dtypes", "chunk_kernel",
@@ -41,21 +42,6 @@ def _complex_state(s: Optional[Tensor]) -> Optional[Tensor]:
     return s.to(torch.complex128 if s.dtype == torch.float64 else torch.complex64)
 
 
-def _empty_scan(out_shape: tuple, state_shape: tuple, dtype: torch.dtype, initial_state: Optional[Tensor],
-                *inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """``(out, final_state)`` of an empty sequence (``n = 0``): ``out`` has no values but is a function of
-    every input that needs grad (their sums are 0), so a backward gives each its (empty) gradient as at
-    ``n > 0``; the final state is the initial one (zeros without), complex in ``dtype``'s accumulation."""
-    out = torch.zeros(out_shape, dtype=dtype, device=inputs[0].device)
-    for t in (*inputs, initial_state):
-        if t is not None and t.requires_grad:
-            out = out + t.real.sum().to(dtype)
-    cdt = reference.acc_dtypes(dtype)[1]
-    state = (torch.zeros(state_shape, dtype=cdt, device=out.device) if initial_state is None
-             else initial_state.to(cdt))
-    return out, state
-
-
 def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
                    initial_state: Optional[Tensor], output_final_state: bool):
     """Head-layout scan with the gate as real parts; the dispatch behind every public entry point.
@@ -73,7 +59,7 @@ def scan_head_gate(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
     e = v.shape[-1]
     initial_state = _complex_state(initial_state)
     if n == 0 and not (d == 1 and e == 1):  # the d = e = 1 op takes n = 0; the other paths return bare zeros
-        o, final = _empty_scan((B, 0, H, e), (B, H, d, e), q.dtype, initial_state, q, k, v, a_re, a_im)
+        o, final = empty_scan((B, 0, H, e), (B, H, d, e), q.dtype, initial_state, q, k, v, a_re, a_im)
         return o, (final if output_final_state else None)
     if d == 1 and e == 1 and (q.dtype in kernel_dtypes or not q.is_cuda):
         h0r = h0i = None
@@ -143,7 +129,7 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
     initial_state = _complex_state(initial_state)
     odt = reference.out_dtype(q, k, v)
     if n == 0 and not (d == 1 and e == 1 and layout == GATE_HEAD):
-        out, state = _empty_scan((B, 0, e), (B, d, e), odt, initial_state, q, k, v, a)
+        out, state = empty_scan((B, 0, e), (B, d, e), odt, initial_state, q, k, v, a)
         return (out, state) if return_final_state else out
     fast_1 = d == 1 and e == 1 and (odt in kernel_dtypes or not q.is_cuda)
     fast_chunk = q.is_cuda and odt in kernel_dtypes and CHUNK_DIMS[0] <= min(d, e) and max(d, e) <= CHUNK_DIMS[1]

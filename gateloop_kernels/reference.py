@@ -54,6 +54,21 @@ def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     return (torch.float64, torch.complex128) if dtype == torch.float64 else (torch.float32, torch.complex64)
 
 
+def empty_scan(out_shape: tuple, state_shape: tuple, dtype: torch.dtype, initial_state: Optional[Tensor],
+                *inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(out, final_state)`` of an empty sequence (``n = 0``): ``out`` has no values but is a function of
+    every input that needs grad (their sums are 0), so a backward gives each its (empty) gradient as at
+    ``n > 0``; the final state is the initial one (zeros without), complex in ``dtype``'s accumulation."""
+    out = torch.zeros(out_shape, dtype=dtype, device=inputs[0].device)
+    for t in (*inputs, initial_state):
+        if t is not None and t.requires_grad:
+            out = out + t.real.sum().to(dtype)
+    cdt = acc_dtypes(dtype)[1]
+    state = (torch.zeros(state_shape, dtype=cdt, device=out.device) if initial_state is None
+             else initial_state.to(cdt))
+    return out, state
+
+
 def _no_autocast(fn: Callable) -> Callable:
     """Run ``fn`` in its own accumulation dtypes whatever autocast region it is called from
     (plain ``with`` blocks, so torch.compile traces through them)."""
@@ -135,7 +150,10 @@ def sequential_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_sta
     for t in range(n):
         state = ac[:, t] * state + (kf[:, t, :, None] * vf[:, t, None, :]).to(cdt)
         outs.append(torch.einsum("bd,bde->be", qf[:, t], state.real))
-    out = torch.stack(outs, dim=1).to(odt) if n else q.new_zeros((B, 0, e), dtype=odt)
+    if n == 0:
+        out, state = empty_scan((B, 0, e), (B, d, e), odt, initial_state, q, k, v, a)
+    else:
+        out = torch.stack(outs, dim=1).to(odt)
     return (out, state) if return_final_state else out
 
 
@@ -274,7 +292,7 @@ def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state:
     gate = a.to(cdt)[:, :, 0, 0].expand(B, n)
     state = q.new_zeros((B, d, e), dtype=cdt) if initial_state is None else initial_state.to(cdt)
     if n == 0:
-        out = q.new_zeros((B, 0, e), dtype=odt)
+        out, state = empty_scan((B, 0, e), (B, d, e), odt, initial_state, q, k, v, a)
     elif d == 1 and e == 1:
         h, last = diagonal_scan_chunked(gate[..., None], (kf * vf).to(cdt), state[:, :, 0], chunk_size)
         out, state = (qf * h.real).to(odt), last[:, :, None]

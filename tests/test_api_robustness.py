@@ -343,6 +343,32 @@ def test_empty_sequence_is_differentiable(name, d):
         assert torch.equal(s0.grad, torch.full_like(s0, 1 + 2j))
 
 
+@pytest.mark.parametrize("fn", ["sequential_reference", "chunked_reference",
+                                pytest.param("chunk_gate_loop", marks=needs_kernels)])
+def test_empty_sequence_direct_kernel_and_references(fn):
+    """n = 0 through the chunked kernel's entry and the references themselves (not only the public entries):
+    the output has a grad_fn and the initial state's gradient is the final state's."""
+    from gateloop_kernels import reference
+    from gateloop_kernels.chunked import chunk_gate_loop
+    B, H, d, e = 2, 2, 16, 32
+    q, k = (torch.randn(B, 0, H, d, requires_grad=True) for _ in range(2))
+    v = torch.randn(B, 0, H, e, requires_grad=True)
+    ar, ai = (torch.randn(B, 0, H, requires_grad=True) for _ in range(2))
+    h0 = torch.randn(B, H, d, e, dtype=torch.complex64, requires_grad=True)
+    if fn == "chunk_gate_loop":
+        out, state = chunk_gate_loop(q, k, v, ar, ai, initial_state=h0, output_final_state=True)
+    else:
+        heads_first = lambda t: t.transpose(1, 2).reshape(B * H, 0, t.shape[-1])  # noqa: E731
+        a = torch.complex(ar, ai).transpose(1, 2).reshape(B * H, 0)[:, :, None, None]
+        out, state = getattr(reference, fn)(heads_first(q), heads_first(k), heads_first(v), a,
+                                            h0.reshape(B * H, d, e), return_final_state=True)
+        state = state.reshape(B, H, d, e)
+    assert out.shape[1] == 0 and out.grad_fn is not None
+    (out.sum() + state.real.sum() + 2 * state.imag.sum()).backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in (q, k, v, ar, ai))
+    assert torch.equal(h0.grad, torch.full_like(h0, 1 + 2j))
+
+
 @pytest.mark.parametrize("path", ["cpu", pytest.param("kernel", marks=needs_kernels)])
 @pytest.mark.parametrize("complex_gate", [True, False])
 def test_elementwise_empty_segment_with_state(path, complex_gate, request):
