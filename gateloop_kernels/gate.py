@@ -68,6 +68,8 @@ def _gate_bwd_kernel(z, g_re, g_im, dz, N, BLOCK: tl.constexpr, HAS_RE: tl.const
     gy = gr * mixed + gi * (ds * sn * sn + t * c * c)
     gx = tl.where(nz, gx, 0.0)  # the gate is a constant 0.5 at z = 0
     gy = tl.where(nz, gy, 0.0)
+    gx = tl.where(r == float("inf"), float("nan"), gx)  # an infinite z has no derivative (the seed's: NaN)
+    gy = tl.where(r == float("inf"), float("nan"), gy)
     tl.store(dz + 2 * offs, gx.to(dz.dtype.element_ty), mask=m)
     tl.store(dz + 2 * offs + 1, gy.to(dz.dtype.element_ty), mask=m)
 
@@ -129,8 +131,10 @@ def reference_backward(z: Tensor, g_re: Optional[Tensor], g_im: Optional[Tensor]
     mixed = (ds - t) * c * sn
     gx = g_re * (ds * c * c + t * sn * sn) + g_im * mixed
     gy = g_re * mixed + g_im * (ds * sn * sn + t * c * c)
-    zero = torch.zeros_like(gx)
-    return torch.stack([torch.where(nz, gx, zero), torch.where(nz, gy, zero)], dim=-1).to(z.dtype)
+    zero, nan = torch.zeros_like(gx), torch.full_like(gx, float("nan"))
+    gx, gy = torch.where(nz, gx, zero), torch.where(nz, gy, zero)
+    gx, gy = torch.where(r.isinf(), nan, gx), torch.where(r.isinf(), nan, gy)  # an infinite z has no derivative
+    return torch.stack([gx, gy], dim=-1).to(z.dtype)
 
 
 def _use_kernel(z: Tensor) -> bool:
