@@ -9,7 +9,7 @@ same parameters:
 
 * ``rev_ext``   this project's ``reversible.ReversibleSequence`` (merge="sum"), extension on;
 * ``rev_noext`` the same with the extension forced off (PyTorch in-place ops);
-* ``seed``      a faithful port of the seeds' reversible code (``bench/_seed_reversible.py``);
+* ``seed``      a faithful port of the seeds' reversible code (``tests/_seed_reversible.py``, loaded by ``bench/peers.py``);
 * ``plain``     the residual stack ``x += f(x); x += g(x)`` with plain autograd;
 * ``ckpt``      the same with ``torch.utils.checkpoint`` per block (non-reentrant).
 
@@ -107,7 +107,7 @@ def make_pairs(depth: int, d: int, heads: int, device) -> list[tuple[nn.Module, 
 
 def make_model(variant: str, pairs):
     import reversible
-    from bench._seed_reversible import SeedReversibleSequence
+    from bench.peers import SeedReversibleSequence
 
     if variant in ("rev_ext", "rev_noext"):
         return reversible.ReversibleSequence(pairs, dim=-1, merge="sum")
@@ -217,7 +217,7 @@ def grad_errors(pairs, x: torch.Tensor, amp: bool) -> dict[str, float]:
     """Relative gradient error (max over tensors of ||g - g_ref|| / ||g_ref||) of ours and the
     seed against plain autograd of the same two-stream function (ours with reversible=False)."""
     import reversible
-    from bench._seed_reversible import SeedReversibleSequence
+    from bench.peers import SeedReversibleSequence
 
     params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
 
@@ -260,7 +260,7 @@ def grad_errors(pairs, x: torch.Tensor, amp: bool) -> dict[str, float]:
 
 def recon_errors(pairs, x: torch.Tensor) -> dict[str, float]:
     import reversible
-    from bench._seed_reversible import SeedReversibleSequence, seed_reconstruction_error
+    from bench.peers import SeedReversibleSequence, seed_reconstruction_error
 
     ours = reversible.ReversibleSequence(pairs, dim=-1, merge="sum")
     seed = SeedReversibleSequence(pairs)
@@ -393,7 +393,7 @@ def profile_variants(variants, depth: int, d: int, heads: int, seq: int, batch: 
 def peak_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool,
                   cpp: bool = False) -> None:
     """Per variant: the blocks live at the allocator's peak during one step (CUDA only)."""
-    from bench._memory_peak import peak_breakdown, print_breakdown
+    from bench.tools.memory_peak import peak_breakdown, print_breakdown
 
     if device.type != "cuda":
         print("[peak] needs a CUDA device (the allocator's trace); skipped")

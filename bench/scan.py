@@ -310,11 +310,11 @@ def _sweep_tiles() -> None:
 
 
 def _profile() -> None:
-    """Host overhead of each layer of our call (``bench._host_probe``) and per-kernel device times at
+    """Host overhead of each layer of our call (``bench.tools.host_probe``) and per-kernel device times at
     (4096, 2048) float32 (``torch.profiler``)."""
-    from bench import _host_probe
-    _host_probe.main()
-    from bench._profile import kernel_times
+    from bench.tools import host_probe
+    host_probe.main()
+    from bench.tools.kernel_times import kernel_times
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, a_re, a_im = _make(4096, 2048, dtype, "cuda", 4)
         for name, (setup, fwd) in _impls(q, k, v, a_re, a_im).items():

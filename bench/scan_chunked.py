@@ -144,7 +144,7 @@ def check_and_time(label, run, inputs, do, ro, rg, quick, in_bytes):
 
 def profile(run, inputs, do):
     """Per-kernel device times of one forward+backward; returns their sum in ms (device time, no host)."""
-    from bench._profile import kernel_times
+    from bench.tools.kernel_times import kernel_times
     rows = kernel_times(run, inputs, do, reps=5, warmup=2)
     for name, us, _ in rows[:10]:
         log(f"[scan_chunked]     {us:9.1f} us  {name[:70]}")
@@ -224,7 +224,7 @@ def tune(shapes, modes, kernels=tuple(TUNE)):
     """Coordinate search over ``chunked._CFG``: each kernel's candidates in turn (the others at their best
     so far), timed per kernel with torch.profiler over one forward+backward; every candidate's output and
     gradients are checked against the default configuration's (a miscompiled tile shape shows up here)."""
-    from bench._profile import kernel_times
+    from bench.tools.kernel_times import kernel_times
     from gateloop_kernels import chunked
 
     for (bh, n, d) in shapes:

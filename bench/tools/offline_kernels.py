@@ -1,6 +1,6 @@
 """Compile this package's Triton kernels for a GPU on a machine without one, and report what the compiler made.
 
-``python -m bench._offline_kernels [--op elementwise|chunked] [--shape ...] [--dtype float32] [--arch 90] [--json]``
+``python -m bench.tools.offline_kernels [--op elementwise|chunked] [--shape ...] [--dtype float32] [--arch 90] [--json]``
 
 Runs one forward and one backward of the head-dim-1 scan (:mod:`gateloop_kernels.elementwise`, shape ``B,n,C``)
 or of the chunked scan (:mod:`gateloop_kernels.chunked`, shape ``B,n,H,d,e``) on CPU tensors with each kernel
@@ -116,7 +116,7 @@ def record_chunked(B: int, n: int, H: int, d: int, e: int, dtype: torch.dtype, p
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench._offline_kernels", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.tools.offline_kernels", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     p.add_argument("--op", default="elementwise", choices=("elementwise", "chunked"))
     p.add_argument("--shape", help="B,n,C (elementwise; default 4,2048,1024) or B,n,H,d,e (chunked; default "
