@@ -512,6 +512,7 @@ def result_rows(report: dict[str, Any], env: dict) -> list[dict]:
     cfg = report["meta"]["config"]
     dtype = "bf16 autocast" if cfg["amp"] != "fp32" else "float32"
     out = []
+    plain = {r["depth"]: r["step_ms"] for r in report["results"] if r["variant"] == "plain" and "step_ms" in r}
     for r in report["results"]:
         if "error" in r:
             continue
@@ -522,6 +523,9 @@ def result_rows(report: dict[str, Any], env: dict) -> list[dict]:
             if results.finite(r.get(metric)):
                 out.append(results.row("reversible", "reversible stack, training step", r["variant"], shape, dtype,
                                        metric, unit, r[metric], env, spread=sp))
+        if r["depth"] in plain and "step_ms" in r:
+            out.append(results.row("reversible", "reversible stack, training step", r["variant"], shape, dtype,
+                                   "step_vs_plain", "x", r["step_ms"] / plain[r["depth"]], env))
     for m in report["micro"]:
         shape = {"batch": cfg["batch"], "seq": cfg["seq"], "d_model": cfg["d_model"]}
         for impl, key in (("extension", "ext_ms"), ("torch in-place", "torch_inplace_ms"), ("seed", "seed_ms")):

@@ -119,7 +119,7 @@ CONFIGS = {
     # learns in about 600 steps on the CPU (chance: 1/8)
     "tiny": (ModelConfig(dim=64, depth=2, gate_loop_heads=2), TaskConfig(num_keys=8, num_values=8, pairs=2, queries=2),
              dict(steps=600, batch=32, lr=3e-3)),
-    # 64 keys / 16 pairs at lr 2e-3 did not learn in 1500 steps on the H100 (bench/RESULTS.md); this one
+    # 64 keys / 16 pairs at lr 2e-3 did not learn in 1500 steps on the H100 (docs/history.md); this one
     # reached 0.39 accuracy (chance 1/16) in 1500 steps of batch 64 on the CPU
     "real": (ModelConfig(dim=128, depth=2, gate_loop_heads=2),
              TaskConfig(num_keys=16, num_values=16, pairs=4, queries=4), dict(steps=3000, batch=128, lr=3e-3)),
