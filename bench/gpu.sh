@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The project's one GPU script. On a bare GPU machine, from the repository root: make the peers'
 # wheels (from .whl/, when carried) and this package importable, then run the requested stages.
-# Logs, JSON and plots go to bench/out/; on the device machine ($OUT set) they come back as
-# $OUT/results.tgz.
+# Logs, JSON and plots go to bench/out/, the benchmarks' result rows are appended to bench/results/*.jsonl; on
+# the device machine ($OUT set) both come back as $OUT/results.tgz (out/ and results/).
 #   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them but ncu and roofline)
 #   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
 #           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op, and of the chunked
@@ -63,5 +63,5 @@ for stage in "${stages[@]}"; do
   esac
 done
 python3 -m bench summary 2>&1 | tee "$out/summary.log"   # the short table, last
-[[ -n ${OUT:-} ]] && tar czf "$OUT/results.tgz" -C bench out
+[[ -n ${OUT:-} ]] && tar czf "$OUT/results.tgz" -C bench out results
 exit $rc

@@ -160,14 +160,13 @@ def result_rows(rows: list[dict], env: dict) -> list[dict]:
                  "head_dim": 1 if r["heads"] is None else r.get("dim", 512) // r["heads"]}
         dtype = "bf16 autocast" if r["amp"] else "float32"
         tokens = r["batch"] * r["seq"]
-        lo, hi = r["step_spread_ms"]
-        for metric, unit, value, spread in (("tokens_per_s", "tok/s", r["tokens_per_s"],
-                                             [tokens / (hi * 1e-3), tokens / (lo * 1e-3)]),
-                                            ("step_ms", "ms", r["step_ms"], r["step_spread_ms"]),
-                                            ("peak_gib", "GiB", r.get("peak_gib"), None)):
+        spread = r.get("step_spread_ms")
+        rate = [tokens / (spread[1] * 1e-3), tokens / (spread[0] * 1e-3)] if spread else None
+        for metric, unit, value, sp in (("tokens_per_s", "tok/s", r["tokens_per_s"], rate),
+                                        ("step_ms", "ms", r["step_ms"], spread), ("peak_gib", "GiB", r.get("peak_gib"), None)):
             if results.finite(value):
                 out.append(results.row("model", "GateLoop Transformer training step (AdamW)", impl, shape, dtype,
-                                       metric, unit, value, env, spread=spread))
+                                       metric, unit, value, env, spread=sp))
     return out
 
 
