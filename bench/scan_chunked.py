@@ -286,7 +286,7 @@ def add_arguments(ap) -> None:
     harness.add_record_argument(ap)
 
 
-#: JSON key prefix -> (impl, metrics) of the result rows: ours, the seed, fla's kernel alone and with the rotation
+#: JSON key prefix -> implementation in the result rows: ours, the seed, fla's kernel alone and with the rotation
 _IMPLS = {"ours": "ours", "seed": "seed", "fla_kernel": "fla chunk_simple_gla (kernel)",
           "fla_rot": "fla chunk_simple_gla (with rotation)"}
 
