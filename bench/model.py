@@ -155,7 +155,8 @@ def result_rows(rows: list[dict], env: dict) -> list[dict]:
     for r in rows:
         if not results.finite(r.get("tokens_per_s")):
             continue
-        impl = r["which"] + (" (torch.compile)" if r.get("compiled") else "") + (" reversible" if r.get("reversible") else "")
+        impl = (r["which"] + (" (torch.compile)" if r.get("compiled") else "")
+                + (" reversible" if r.get("reversible") else ""))
         shape = {"batch": r["batch"], "seq": r["seq"], "dim": r.get("dim", 512), "depth": r.get("depth", 6),
                  "head_dim": 1 if r["heads"] is None else r.get("dim", 512) // r["heads"]}
         dtype = "bf16 autocast" if r["amp"] else "float32"
@@ -163,7 +164,8 @@ def result_rows(rows: list[dict], env: dict) -> list[dict]:
         spread = r.get("step_spread_ms")
         rate = [tokens / (spread[1] * 1e-3), tokens / (spread[0] * 1e-3)] if spread else None
         for metric, unit, value, sp in (("tokens_per_s", "tok/s", r["tokens_per_s"], rate),
-                                        ("step_ms", "ms", r["step_ms"], spread), ("peak_gib", "GiB", r.get("peak_gib"), None)):
+                                        ("step_ms", "ms", r["step_ms"], spread),
+                                        ("peak_gib", "GiB", r.get("peak_gib"), None)):
             if results.finite(value):
                 out.append(results.row("model", "GateLoop Transformer training step (AdamW)", impl, shape, dtype,
                                        metric, unit, value, env, spread=sp))

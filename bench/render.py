@@ -56,7 +56,8 @@ HEADLINE = [
     ("the same, head dim 1, fp32 (eager / `torch.compile`)", *_model_cells(1, False)),
     ("the same, head dim 1, bf16 (eager / `torch.compile`)", *_model_cells(1, True)),
     ("1 x 131072 tokens, head dim 64, bf16, `reversible=True`", ["–"],
-     [_m(64, True, "ours reversible", b=1, s=131072), ", ", _m(64, True, "ours reversible", "peak_gib", b=1, s=131072)]),
+     [_m(64, True, "ours reversible", b=1, s=131072), ", ",
+      _m(64, True, "ours reversible", "peak_gib", b=1, s=131072)]),
     ("reversible stack, d_model 1024, depth 8: activation memory / step time vs plain autograd",
      [dict(_REV8, impl="seed", metric="act_gib"), " / ", dict(_REV8, impl="seed", metric="step_vs_plain")],
      [dict(_REV8, impl="rev_ext", metric="act_gib"), " / ", dict(_REV8, impl="rev_ext", metric="step_vs_plain")]),
@@ -143,13 +144,15 @@ def _tables(rows: list[dict]) -> list[str]:
     out = []
     for (bench, gpu), rs in sorted(groups.items()):
         out += [f"### {bench} on {gpu}", "",
-                "| op | implementation | shape | dtype | precision | metric | median | spread (p20 – p80) | date | source |",
+                "| op | implementation | shape | dtype | precision | metric | median | spread (p20 – p80) | date "
+                "| source |",
                 "| --- | --- | --- | --- | --- | --- | ---: | --- | --- | --- |"]
         rs.sort(key=lambda r: (r["op"], sorted(r["shape"].items()), r["dtype"], r["precision"] or "", r["metric"],
                                r["impl"]))
         for r in rs:
             src = r["source"] + (f"; {r['note']}" if r["note"] else "")
-            out.append(f"| {r['op']} | {r['impl']} | {fmt_shape(r['shape'])} | {r['dtype']} | {r['precision'] or '–'} | "
+            out.append(f"| {r['op']} | {r['impl']} | {fmt_shape(r['shape'])} | {r['dtype']} | "
+                       f"{r['precision'] or '–'} | "
                        f"{r['metric']} | {fmt_value(r['median'], r['unit'])} | {_spread(r)} | {r['date']} | {src} |")
         out.append("")
     return out

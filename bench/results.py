@@ -2,8 +2,8 @@
 
 A row (:data:`FIELDS` lists the fields; every one is required, :data:`NULLABLE` may be ``null``)::
 
-    {"benchmark": "scan_chunked", "op": "chunked scan", "impl": "ours", "shape": {"BH": 64, "n": 2048, "d": 64, "e": 64},
-     "dtype": "float32", "precision": "ieee", "metric": "fwdbwd_ms", "unit": "ms", "median": 1.061,
+    {"benchmark": "scan_chunked", "op": "chunked scan", "impl": "ours",
+     "shape": {"BH": 64, "n": 2048, "d": 64, "e": 64}, "dtype": "float32", "precision": "ieee", "metric": "fwdbwd_ms", "unit": "ms", "median": 1.061,
      "spread": [1.05, 1.07], "gpu": "NVIDIA H200", "driver": "580.159.04", "torch": "2.11.0+cu130",
      "triton": "3.6.0", "commit": "b2c150c", "date": "2026-12-01 04:12 UTC", "source": "measured", "note": null}
 

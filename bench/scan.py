@@ -375,7 +375,8 @@ def main(argv: list[str]) -> None:
     os.makedirs(args.out, exist_ok=True)
     env = harness.environment()
     meta = {"device": env["gpu"], "torch": env["torch"], "date": env["date"], "ceilings": ceilings(),
-            "peers": {"seed": _seed_operator()[0], "accelerated-scan": "installed" if _accel_scan() else "not installed"}}
+            "peers": {"seed": _seed_operator()[0],
+                      "accelerated-scan": "installed" if _accel_scan() else "not installed"}}
     with open(os.path.join(args.out, "scan.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     _log(f"json: {os.path.join(args.out, 'scan.json')}")

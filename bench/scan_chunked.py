@@ -305,7 +305,8 @@ def result_rows(r: dict, env: dict) -> list[dict]:
                                    precision=prec, spread=spread, note=note))
     for prefix, impl in _IMPLS.items():
         for metric in ("fwd_ms", "fwdbwd_ms", "device_fwdbwd_ms"):
-            add(impl, metric, "ms", r.get(f"{prefix}_{metric}"), r.get(f"{prefix}_{metric.replace('_ms', '_spread_ms')}"))
+            spread = r.get(f"{prefix}_{metric.replace('_ms', '_spread_ms')}")
+            add(impl, metric, "ms", r.get(f"{prefix}_{metric}"), spread)
         add(impl, "extra_mem_frac", "fraction of the inputs' bytes", r.get(f"{prefix}_extra_mem_frac"))
     add("bytes floor", "fwdbwd_ms", "ms", r["floor_bytes_ms"], note="inputs, outputs and gradients moved once "
         "over the measured copy bandwidth")

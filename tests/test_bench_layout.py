@@ -55,3 +55,17 @@ def test_only_the_benchmark_tool_tests_import_bench():
     offenders = [f.name for f in (ROOT / "tests").glob("*.py")
                  if not f.name.startswith("test_bench_") and pattern.search(f.read_text())]
     assert offenders == []
+
+
+def test_the_seed_port_lives_in_tests_and_the_benchmark_sums_its_halves():
+    import torch
+
+    from bench import peers
+    assert not (ROOT / "bench" / "_seed_reversible.py").exists()
+    assert peers._PATH == str(ROOT / "tests" / "_seed_reversible.py")
+    pairs = [(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))]
+    bench_seed, test_seed = peers.SeedReversibleSequence(pairs), peers._seed.SeedReversibleSequence(pairs)
+    x = torch.randn(3, 2)
+    with torch.no_grad():
+        assert (bench_seed.merge, test_seed.merge) == ("sum", "mean")
+        torch.testing.assert_close(bench_seed(x), 2 * test_seed(x))
