@@ -81,7 +81,7 @@ setup(
     description="Fused Triton kernels for the GateLoop scan and a reversible-network library for PyTorch",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["gateloop_kernels", "gateloop_kernels.*", "reversible", "reversible.*", "bench"]),
+    packages=find_packages(include=["gateloop_kernels", "gateloop_kernels.*", "reversible", "reversible.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "einops>=0.7", "numpy"],
     extras_require={

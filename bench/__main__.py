@@ -2,7 +2,9 @@
 
 Each subcommand lives in ``bench/<name>.py`` and exposes ``build_parser() -> argparse.ArgumentParser`` and
 ``main(argv: list[str]) -> None``. Without a subcommand every benchmark runs with its default
-(machine-sized) settings, and the short summary of all of them is printed last. Every command line is
+(machine-sized) settings, and the short summary of all of them is printed last (``render``, which redraws
+``docs/results.md`` from ``bench/results/``, runs only when named). The profiling and diagnostic tools are in
+``bench/tools/`` (``python -m bench.tools.<name> --help``). Every command line is
 checked in full before anything runs: an unknown subcommand or option exits with status 2 at once.
 """
 from __future__ import annotations
@@ -18,7 +20,10 @@ SUBCOMMANDS = {
     "model": "GateLoop Transformer training steps, ours vs the seed: tokens/s and peak memory",
     "train": "MQAR recall training, ours vs the seed: loss curves and accuracy",
     "summary": "print the short table of the results in bench/out/ again",
+    "render": "draw docs/results.md and its plots from the result rows in bench/results/",
 }
+#: the subcommands ``python -m bench`` runs without a subcommand, in this order
+RUN_ALL = ("scan", "reversible", "model", "train", "summary")
 #: what ``--quick`` passes to each subcommand when no subcommand is named
 QUICK = {"scan": ["--quick"], "model": ["--quick"]}
 
@@ -28,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench",
         description="Benchmarks of gateloop_kernels and reversible. Without a subcommand all of them run, sized to "
                     "the machine (tiny sizes through the PyTorch reference on a CPU), and a summary is printed last.",
-        epilog="Results go to bench/out/ (JSON; PNG plots where matplotlib imports). "
-               "`python -m bench SUBCOMMAND --help` lists a subcommand's options.")
+        epilog="Results go to bench/out/ (JSON; PNG plots where matplotlib imports); on a GPU the figures are also "
+               "appended as rows to bench/results/<benchmark>.jsonl (--no-record skips that), which `python -m bench "
+               "render` draws as docs/results.md. `python -m bench SUBCOMMAND --help` lists a subcommand's options; "
+               "the profiling tools: python -m bench.tools.<name> --help (bench/tools/).")
     p.add_argument("--quick", action="store_true",
                    help="without a subcommand: " + "; ".join(f"{k} {' '.join(v)}" for k, v in QUICK.items())
                    + " (the others as they are)")
@@ -48,7 +55,7 @@ def plan(argv: list[str]) -> list[tuple[str, list[str]]]:
     if args.command is None:
         if rest:
             p.error(f"unrecognized arguments: {' '.join(rest)} (a subcommand's options go after its name)")
-        todo = [(name, QUICK.get(name, []) if args.quick else []) for name in SUBCOMMANDS]
+        todo = [(name, QUICK.get(name, []) if args.quick else []) for name in RUN_ALL]
     elif args.quick:
         p.error(f"--quick is for the run of all benchmarks; a subcommand's options go after its name "
                 f"(python -m bench {args.command} --help lists them)")

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The project's one GPU script. On a bare GPU machine, from the repository root: make the peers'
 # wheels (from .whl/, when carried) and this package importable, then run the requested stages.
-# Logs, JSON and plots go to bench/out/; on the device machine ($OUT set) they come back as
-# $OUT/results.tgz.
+# Logs, JSON and plots go to bench/out/, the benchmarks' result rows are appended to bench/results/*.jsonl; on
+# the device machine ($OUT set) both come back as $OUT/results.tgz (out/ and results/).
 #   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them but ncu and roofline)
 #   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
 #           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op, and of the chunked
 #                     kernels' head-dim sweep (tests/test_chunked_sweep.py; MEMCHECK_SWEEP_ARGS="-n 8 -k ..." passes on)
 #           ncu       Nsight Compute on one float32 exact forward+backward of the chunked scan: per kernel in
-#                     $NCU_KERNELS, stall reasons and shared-memory replays (bench/_ncu.py) into bench/out/ncu_*.txt
+#                     $NCU_KERNELS, stall reasons and shared-memory replays (bench/tools/ncu.py) into bench/out/ncu_*.txt
 #           roofline  ncu over one warm forward+backward of the chunked scan per precision in $ROOFLINE (default
 #                     "ieee:float32 tf32:float32 ieee:bfloat16"): per kernel time, DRAM bytes, tensor-pipe use
-#                     (bench/_ncu.py roofline) into bench/out/ncu_roofline_*.txt
+#                     (bench/tools/ncu.py roofline) into bench/out/ncu_roofline_*.txt
 #           scan reversible model train   the benchmarks (python -m bench <name> $<NAME>_ARGS,
 #                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
 #                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
@@ -34,8 +34,8 @@ for stage in "${stages[@]}"; do
     tests) rm -f "$out/gpu_test_memory.txt"
            GATELOOP_GPU_MEM_LOG="$PWD/$out/gpu_test_memory.txt" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} $([[ " ${TESTS_ARGS:-} " == *" -n "* ]] && echo --dist loadgroup) 2>&1 | tee "$out/gpu_tests.log" || rc=1
            sort -rn "$out/gpu_test_memory.txt" | head -n 12 ;;
-    memcheck) for script in bench/_memcheck.py csrc/sanitizer_smoke.py; do
-                compute-sanitizer --tool memcheck --error-exitcode 3 python3 "$script" 2>&1 \
+    memcheck) for script in "-m bench.tools.memcheck" csrc/sanitizer_smoke.py; do
+                compute-sanitizer --tool memcheck --error-exitcode 3 python3 $script 2>&1 \
                   | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done
               # every tile class of the chunked kernels (head dims 16..256, d != e, partial chunks, every dtype)
@@ -46,14 +46,14 @@ for stage in "${stages[@]}"; do
            rep="$out/ncu_$kernel"
            ncu --clock-control none -k "regex:$kernel" -s 1 -c 1 --section SpeedOfLight --section Occupancy \
                --section WarpStateStats --section SourceCounters --import-source no -f -o "$rep" \
-               python3 -m bench._ncu run > /dev/null 2>&1 || { echo "ncu failed on $kernel"; rc=1; continue; }
+               python3 -m bench.tools.ncu run > /dev/null 2>&1 || { echo "ncu failed on $kernel"; rc=1; continue; }
            ncu --import "$rep.ncu-rep" --page source --csv --print-source sass > "$rep.csv" 2>&1
            { ncu --import "$rep.ncu-rep" --page details | grep -E "Duration|Throughput|Occupancy|excessive"
-             python3 -m bench._ncu sass "$rep.csv"; } 2>&1 | tee "$rep.txt"
+             python3 -m bench.tools.ncu sass "$rep.csv"; } 2>&1 | tee "$rep.txt"
          done ;;
     roofline) for spec in ${ROOFLINE:-ieee:float32 tf32:float32 ieee:bfloat16}; do
                 echo "--- ${spec} (shape ${ROOFLINE_SHAPE:-64,2048,64,64})"
-                python3 -m bench._ncu roofline --precision "${spec%%:*}" --dtype "${spec##*:}" \
+                python3 -m bench.tools.ncu roofline --precision "${spec%%:*}" --dtype "${spec##*:}" \
                   --shape "${ROOFLINE_SHAPE:-64,2048,64,64}" --csv "$out/ncu_roofline_${spec/:/_}.csv" 2>&1 \
                   | tee "$out/ncu_roofline_${spec/:/_}.txt"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done ;;
@@ -63,5 +63,5 @@ for stage in "${stages[@]}"; do
   esac
 done
 python3 -m bench summary 2>&1 | tee "$out/summary.log"   # the short table, last
-[[ -n ${OUT:-} ]] && tar czf "$OUT/results.tgz" -C bench out
+[[ -n ${OUT:-} ]] && tar czf "$OUT/results.tgz" -C bench out results
 exit $rc

@@ -7,7 +7,8 @@ ours (reversible too). The seed's model comes from an installed ``gateloop_trans
 cannot run under bf16 autocast (``view_as_complex`` rejects bfloat16), which is reported, not
 hidden. On a GPU, rows of ours under ``torch.compile(model)`` are added (``--no-compile`` skips them).
 On the CPU a tiny configuration runs through the reference path, and says so.
-Writes ``model.json`` to ``--out`` (default ``bench/out``).
+Writes ``model.json`` to ``--out`` (default ``bench/out``); on a GPU also appends the figures as result rows to
+``bench/results/model.jsonl`` (``--no-record`` skips that).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from bench import OUT
+from bench import OUT, harness, results
 
 
 def _make(which: str, heads: Optional[int], dim: int, depth: int, reversible: bool) -> nn.Module:
@@ -75,9 +76,10 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
             times.append(time.perf_counter() - t0)
     if not torch.isfinite(loss):
         raise RuntimeError(f"non-finite loss {loss.item()}")
-    t = sorted(times)[len(times) // 2]
+    t = harness.summarize([x * 1e3 for x in times])
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None  # no allocator stats on CPU
-    out = {"tokens_per_s": batch * seq / t, "step_ms": t * 1e3, "peak_gib": peak, "loss": loss.item()}
+    out = {"tokens_per_s": batch * seq / (t.median * 1e-3), "step_ms": t.median, "step_spread_ms": t.spread,
+           "peak_gib": peak, "loss": loss.item()}
     if compiled:
         out["compile_s"] = first
         torch._dynamo.reset()
@@ -114,15 +116,13 @@ def time_gate(device: str) -> None:
     if device != "cuda":
         print("[model] gate timing needs a GPU; skipped")
         return
-    import triton.testing as tt
-
     from gateloop_kernels import gate
     z = 2 * torch.randn(8, 2048, 512, 2, device=device)
     g_re, g_im = torch.randn(2, 8, 2048, 512, device=device)
     for name, fwd, bwd in (("fused kernels", gate.gate_forward, gate.gate_backward),
                            ("PyTorch ops", gate.reference_forward, gate.reference_backward)):
-        tf = tt.do_bench(lambda: fwd(z), return_mode="median")
-        tb = tt.do_bench(lambda: bwd(z, g_re, g_im), return_mode="median")
+        tf = harness.do_bench(lambda: fwd(z)).median
+        tb = harness.do_bench(lambda: bwd(z, g_re, g_im)).median
         print(f"[model] gate (8, 2048, 512) {name:13s} forward {tf * 1e3:7.1f} us  backward {tb * 1e3:7.1f} us")
 
 
@@ -144,7 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gate", action="store_true", help="first time the fused gate activation against its "
                    "PyTorch formula (GPU)")
     p.add_argument("--out", default=OUT, help="where model.json goes (default: bench/out)")
+    harness.add_record_argument(p)
     return p
+
+
+def result_rows(rows: list[dict], env: dict) -> list[dict]:
+    """The figures of ``rows`` as result rows (:mod:`bench.results`): tokens/s (spread: from the steps' 20th and
+    80th percentile times), step time and peak memory per configuration that ran."""
+    out = []
+    for r in rows:
+        if not results.finite(r.get("tokens_per_s")):
+            continue
+        impl = (r["which"] + (" (torch.compile)" if r.get("compiled") else "")
+                + (" reversible" if r.get("reversible") else ""))
+        shape = {"batch": r["batch"], "seq": r["seq"], "dim": r.get("dim", 512), "depth": r.get("depth", 6),
+                 "head_dim": 1 if r["heads"] is None else r.get("dim", 512) // r["heads"]}
+        dtype = "bf16 autocast" if r["amp"] else "float32"
+        tokens = r["batch"] * r["seq"]
+        spread = r.get("step_spread_ms")
+        rate = [tokens / (spread[1] * 1e-3), tokens / (spread[0] * 1e-3)] if spread else None
+        for metric, unit, value, sp in (("tokens_per_s", "tok/s", r["tokens_per_s"], rate),
+                                        ("step_ms", "ms", r["step_ms"], spread),
+                                        ("peak_gib", "GiB", r.get("peak_gib"), None)):
+            if results.finite(value):
+                out.append(results.row("model", "GateLoop Transformer training step (AdamW)", impl, shape, dtype,
+                                       metric, unit, value, env, spread=sp))
+    return out
 
 
 def _seed_installed() -> bool:
@@ -198,10 +223,13 @@ def main(argv: list[str]) -> None:
     _table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d"), "compile_mode": args.compile_mode if args.compile else None}
+    env = harness.environment()
+    info = {"device": env["gpu"], "torch": env["torch"], "date": env["date"][:10],
+            "compile_mode": args.compile_mode if args.compile else None}
     name = f"model_compiled_{args.compile_mode}.json" if args.compiled_only else "model.json"
     (out / name).write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    harness.record("model", result_rows(rows, env), device == "cuda" if args.record is None else args.record,
+                   log=print)
 
 
 def _status(row: dict) -> str:

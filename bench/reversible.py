@@ -9,7 +9,7 @@ same parameters:
 
 * ``rev_ext``   this project's ``reversible.ReversibleSequence`` (merge="sum"), extension on;
 * ``rev_noext`` the same with the extension forced off (PyTorch in-place ops);
-* ``seed``      a faithful port of the seeds' reversible code (``bench/_seed_reversible.py``);
+* ``seed``      a faithful port of the seeds' reversible code (``tests/_seed_reversible.py``, via ``bench/peers.py``);
 * ``plain``     the residual stack ``x += f(x); x += g(x)`` with plain autograd;
 * ``ckpt``      the same with ``torch.utils.checkpoint`` per block (non-reentrant).
 
@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import OUT
+from bench import OUT, harness, results
+from bench.harness import Timer as _Timer
 
 GiB = 1024 ** 3
 MiB = 1024 ** 2
@@ -110,7 +111,7 @@ def make_pairs(depth: int, d: int, heads: int, device) -> list[tuple[nn.Module, 
 
 def make_model(variant: str, pairs):
     import reversible
-    from bench._seed_reversible import SeedReversibleSequence
+    from bench.peers import SeedReversibleSequence
 
     if variant in ("rev_ext", "rev_noext"):
         return reversible.ReversibleSequence(pairs, dim=-1, merge="sum")
@@ -124,27 +125,6 @@ def make_model(variant: str, pairs):
 
 
 # ----------------------------------------------------------------------------- measuring
-
-class _Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            self.a, self.b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.a.record()
-        else:
-            self.t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.b.record()
-            self.b.synchronize()
-            self.ms = self.a.elapsed_time(self.b)
-        else:
-            self.ms = (time.perf_counter() - self.t) * 1e3
-
 
 def _ext_ctx(variant: str):
     from reversible import _extension
@@ -272,7 +252,7 @@ def grad_errors(pairs, x: torch.Tensor, amp: bool) -> dict[str, float]:
     """Relative gradient error (max over tensors of ||g - g_ref|| / ||g_ref||) of ours and the
     seed against plain autograd of the same two-stream function (ours with reversible=False)."""
     import reversible
-    from bench._seed_reversible import SeedReversibleSequence
+    from bench.peers import SeedReversibleSequence
 
     params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
 
@@ -315,7 +295,7 @@ def grad_errors(pairs, x: torch.Tensor, amp: bool) -> dict[str, float]:
 
 def recon_errors(pairs, x: torch.Tensor) -> dict[str, float]:
     import reversible
-    from bench._seed_reversible import SeedReversibleSequence, seed_reconstruction_error
+    from bench.peers import SeedReversibleSequence, seed_reconstruction_error
 
     ours = reversible.ReversibleSequence(pairs, dim=-1, merge="sum")
     seed = SeedReversibleSequence(pairs)
@@ -448,7 +428,7 @@ def profile_variants(variants, depth: int, d: int, heads: int, seq: int, batch: 
 def peak_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool,
                   cpp: bool = False) -> None:
     """Per variant: the blocks live at the allocator's peak during one step (CUDA only)."""
-    from bench._memory_peak import peak_breakdown, print_breakdown
+    from bench.tools.memory_peak import peak_breakdown, print_breakdown
 
     if device.type != "cuda":
         print("[peak] needs a CUDA device (the allocator's trace); skipped")
@@ -581,6 +561,35 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> str:
     return f"wrote {path}"
 
 
+def result_rows(report: dict[str, Any], env: dict) -> list[dict]:
+    """The figures of ``report`` as result rows (:mod:`bench.results`): per (variant, depth) step time (spread:
+    20th/80th percentile of the timed steps), activation and peak memory; the fused-step microbenchmark's times."""
+    cfg = report["meta"]["config"]
+    dtype = "bf16 autocast" if cfg["amp"] != "fp32" else "float32"
+    out = []
+    plain = {r["depth"]: r["step_ms"] for r in report["results"] if r["variant"] == "plain" and "step_ms" in r}
+    for r in report["results"]:
+        if "error" in r:
+            continue
+        shape = {"depth": r["depth"], "d_model": cfg["d_model"], "heads": cfg["heads"], "seq": cfg["seq"],
+                 "batch": cfg["batch"]}
+        spread = harness.summarize(r["step_ms_all"]).spread if r.get("step_ms_all") else None
+        for metric, unit, sp in (("step_ms", "ms", spread), ("act_gib", "GiB", None), ("peak_gib", "GiB", None)):
+            if results.finite(r.get(metric)):
+                out.append(results.row("reversible", "reversible stack, training step", r["variant"], shape, dtype,
+                                       metric, unit, r[metric], env, spread=sp))
+        if r["depth"] in plain and "step_ms" in r:
+            out.append(results.row("reversible", "reversible stack, training step", r["variant"], shape, dtype,
+                                   "step_vs_plain", "x", r["step_ms"] / plain[r["depth"]], env))
+    for m in report["micro"]:
+        shape = {"batch": cfg["batch"], "seq": cfg["seq"], "d_model": cfg["d_model"]}
+        for impl, key in (("extension", "ext_ms"), ("torch in-place", "torch_inplace_ms"), ("seed", "seed_ms")):
+            if results.finite(m.get(key)):
+                out.append(results.row("reversible", "one block's reconstruction steps", impl, shape, m["dtype"],
+                                       "ms", "ms", m[key], env))
+    return out
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -613,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only time one block's recomputed forward against a backward on one and on two CUDA "
                          "streams: what a second stream could buy (CUDA)")
     ap.add_argument("--out", default=OUT, help="where the JSON and the PNG go (default: bench/out)")
+    harness.add_record_argument(ap)
     return ap
 
 
@@ -719,6 +729,8 @@ def main(argv: list[str] | None = None) -> None:
     jpath = out_dir / f"reversible_{tag}.json"
     jpath.write_text(json.dumps(report, indent=1, default=str))
     print(f"\n[bench reversible] wrote {jpath}")
+    harness.record("reversible", result_rows(report, harness.environment()),
+                   cuda and not tiny if args.record is None else args.record)
     if report["results"]:
         ppath = out_dir / f"reversible_{tag}.png"
         title = f"{meta['device']}, d={d} h={heads} n={seq} b={batch}, {meta['config']['amp']}"

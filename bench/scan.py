@@ -15,7 +15,8 @@ Each result is checked against a float64 oracle before it is timed. Prints a tab
 ``scan.json`` and (with matplotlib, where two or more n were timed at one total size: not with ``--quick``)
 ``scan.png`` to ``--out`` (default ``bench/out``). Bytes floor:
 each input read once and each output written once, over the copy bandwidth measured on the device at the
-start (``bench/_ceilings.py``).
+start (``bench/_ceilings.py``). On a GPU the figures are also appended as result rows to
+``bench/results/scan.jsonl`` (``--no-record`` skips that; ``python -m bench render`` draws them).
 On a machine without CUDA it runs tiny sizes through the reference only, and says so.
 Afterwards runs ``bench.scan_chunked`` (unless ``--no-chunked``), whose options it accepts too.
 """
@@ -24,14 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from typing import Callable, Optional
 
 import torch
 
-from bench import OUT, scan_chunked
-from bench._ceilings import ceilings, describe
+from bench import OUT, harness, results, scan_chunked
+from bench.harness import ceilings, describe, rel_err
 from gateloop_kernels import elementwise as ew
 from gateloop_kernels import operator as op
 from gateloop_kernels import reference as R
@@ -65,12 +64,6 @@ def _accel_scan() -> Optional[Callable]:
         return scan
     except Exception:  # noqa: BLE001
         return None
-
-
-def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(x).all():
-        return float("inf")
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def _make(BH: int, n: int, dtype: torch.dtype, device: str, B: int):
@@ -118,30 +111,20 @@ def _impls(q, k, v, a_re, a_im):
     return impls
 
 
-def _time_graph(fn: Callable, grad_to_none=None) -> float:
-    """Median milliseconds of CUDA-graph replays of ``fn``: device time without host overhead (NaN if
-    ``fn`` cannot be captured)."""
-    import triton.testing
-    try:
-        return triton.testing.do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, return_mode="median")
-    except Exception as e:  # noqa: BLE001 - capture is not supported by every peer
-        _log(f"graph capture failed: {type(e).__name__}: {str(e)[:120]}")
-        torch.cuda.synchronize()
-        return float("nan")
+def _time_graph(fn: Callable) -> harness.Timing:
+    """CUDA-graph replays of ``fn``: device time without host overhead (NaN if ``fn`` cannot be captured)."""
+    return harness.do_bench_graph(fn, rep=100, log=_log)
 
 
-def _time(fn: Callable, cuda: bool, grad_to_none=None) -> float:
-    """Median milliseconds (``do_bench``: events around each call, host overhead included)."""
-    if cuda:
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-    fn()
-    ts = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+def _time(fn: Callable, cuda: bool, grad_to_none=None) -> harness.Timing:
+    """``do_bench`` (events around each call, host overhead included); on the CPU, 5 wall-clock calls."""
+    return harness.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none) if cuda else harness.wall_times(fn)
+
+
+def _put(row: dict, key: str, t: harness.Timing) -> None:
+    """``row[key]``: the median; ``row[key + "_spread"]``: the 20th and 80th percentiles."""
+    row[key] = t.median
+    row[key.replace("_ms", "_spread_ms")] = t.spread
 
 
 def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool = True) -> list[dict]:
@@ -159,10 +142,10 @@ def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool
         try:
             inputs = setup()
             out = fwd(*inputs)
-            row["rel_err_fwd"] = _rel(out, ref_o)
+            row["rel_err_fwd"] = rel_err(out, ref_o)
             if name.startswith("ours") and ref_g is not None:
                 grads = torch.autograd.grad(out, inputs[:3], do)
-                row["rel_err_grads"] = max(_rel(g.reshape(q.shape) if g.shape == q.shape else
+                row["rel_err_grads"] = max(rel_err(g.reshape(q.shape) if g.shape == q.shape else
                                                 g.reshape(B, -1, n).transpose(1, 2), r)
                                            for g, r in zip(grads, ref_g[:3]))
             tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -172,17 +155,17 @@ def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool
                 _log(f"{name}: WRONG (fwd {row['rel_err_fwd']:.2e}, grads {row.get('rel_err_grads', 0):.2e})")
                 continue
             with torch.no_grad():
-                row["fwd_ms"] = _time(lambda: fwd(*inputs), cuda)
+                _put(row, "fwd_ms", _time(lambda: fwd(*inputs), cuda))
             gout = torch.randn(out.shape).to(out)
 
             def step():
                 torch.autograd.backward(fwd(*inputs), gout)
-            row["fwdbwd_ms"] = _time(step, cuda, grad_to_none=inputs)
+            _put(row, "fwdbwd_ms", _time(step, cuda, grad_to_none=inputs))
             if cuda:  # fresh leaves: ones that went through backward() keep AccumulateGrad nodes
                 ginputs = setup()
                 with torch.no_grad():
-                    row["graph_fwd_ms"] = _time_graph(lambda: fwd(*ginputs))
-                row["graph_fwdbwd_ms"] = _time_graph(lambda: torch.autograd.grad(fwd(*ginputs), ginputs, gout))
+                    _put(row, "graph_fwd_ms", _time_graph(lambda: fwd(*ginputs)))
+                _put(row, "graph_fwdbwd_ms", _time_graph(lambda: torch.autograd.grad(fwd(*ginputs), ginputs, gout)))
                 for t in inputs:
                     t.grad = None
                 torch.cuda.synchronize()
@@ -272,6 +255,30 @@ def _plot(rows: list[dict], path: str, title: str = "") -> None:
     _log(f"plot: {path}")
 
 
+def result_rows(rows: list[dict], env: dict) -> list[dict]:
+    """The figures of ``rows`` as result rows (:mod:`bench.results`): per implementation and case the timed
+    medians with their spread and the peak memory; per case the bytes floor (``impl = "bytes floor"``)."""
+    out, floors_done = [], set()
+    for r in rows:
+        if "fwd_ms" not in r:
+            continue
+        shape = {"BH": r["BH"], "n": r["n"], "d": 1}
+        for metric in ("fwd_ms", "fwdbwd_ms", "graph_fwd_ms", "graph_fwdbwd_ms"):
+            if results.finite(r.get(metric)):
+                out.append(results.row("scan", "scan, head dim 1", r["impl"], shape, r["dtype"], metric, "ms",
+                                       r[metric], env, spread=r.get(metric.replace("_ms", "_spread_ms"))))
+        if results.finite(r.get("peak_extra_MB")):
+            out.append(results.row("scan", "scan, head dim 1", r["impl"], shape, r["dtype"], "peak_extra_MB", "MiB",
+                                   r["peak_extra_MB"], env))
+        if (r["BH"], r["n"], r["dtype"]) not in floors_done:
+            floors_done.add((r["BH"], r["n"], r["dtype"]))
+            for metric in ("fwd_ms", "fwdbwd_ms"):
+                out.append(results.row("scan", "scan, head dim 1", "bytes floor", shape, r["dtype"], metric, "ms",
+                                       r[metric.replace("_ms", "_floor_ms")], env,
+                                       note="bytes in and out once over the measured copy bandwidth"))
+    return out
+
+
 def _sweep_tiles() -> None:
     """Tile sweep of our kernels (``elementwise.WIDE_FWD``, ``WIDE_BWD``, ``NARROW``): graph-replay times
     at (4096, 2048) (1024 channels per batch), (64, 1024) and (32, 2^18) (16 and 8), float32, for
@@ -297,9 +304,9 @@ def _sweep_tiles() -> None:
             for nm, val in zip(names, cfg):
                 setattr(ew, nm, val)
             try:
-                err = max(_rel(x, y) for x, y in zip(fwd_bwd(), ref))
-                f = _time_graph(lambda: ew.scan_forward(*ins))
-                fb = _time_graph(fwd_bwd)
+                err = max(rel_err(x, y) for x, y in zip(fwd_bwd(), ref))
+                f = _time_graph(lambda: ew.scan_forward(*ins)).median
+                fb = _time_graph(fwd_bwd).median
             except Exception as e:  # noqa: BLE001 - a configuration the compiler rejects
                 _log(f"({BH}, {n}) {cfg}: {type(e).__name__}: {str(e)[:100]}")
                 continue
@@ -310,11 +317,11 @@ def _sweep_tiles() -> None:
 
 
 def _profile() -> None:
-    """Host overhead of each layer of our call (``bench._host_probe``) and per-kernel device times at
+    """Host overhead of each layer of our call (``bench.tools.host_probe``) and per-kernel device times at
     (4096, 2048) float32 (``torch.profiler``)."""
-    from bench import _host_probe
-    _host_probe.main()
-    from bench._profile import kernel_times
+    from bench.tools import host_probe
+    host_probe.main()
+    from bench.tools.kernel_times import kernel_times
     for dtype in (torch.float32, torch.bfloat16):
         q, k, v, a_re, a_im = _make(4096, 2048, dtype, "cuda", 4)
         for name, (setup, fwd) in _impls(q, k, v, a_re, a_im).items():
@@ -339,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chunked", action="store_true", help="skip bench.scan_chunked")
     p.add_argument("--profile", action="store_true", help="host overheads and per-kernel device times first "
                    "(the chunked scan: per-kernel times of one fwd+bwd)")
+    harness.add_record_argument(p)
     return p
 
 
@@ -365,12 +373,14 @@ def main(argv: list[str]) -> None:
             rows += run_case(BH, n, dtype, device, check_grads=BH * n <= TOTAL)
     print(_table(rows), flush=True)
     os.makedirs(args.out, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "ceilings": ceilings(),
-            "peers": {"seed": _seed_operator()[0], "accelerated-scan": "installed" if _accel_scan() else "not installed"}}
+    env = harness.environment()
+    meta = {"device": env["gpu"], "torch": env["torch"], "date": env["date"], "ceilings": ceilings(),
+            "peers": {"seed": _seed_operator()[0],
+                      "accelerated-scan": "installed" if _accel_scan() else "not installed"}}
     with open(os.path.join(args.out, "scan.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     _log(f"json: {os.path.join(args.out, 'scan.json')}")
+    harness.record("scan", result_rows(rows, env), args.record, log=_log)
     _plot(rows, os.path.join(args.out, "scan.png"), f"{meta['device']}, torch {meta['torch']}" +
           ("" if cuda else ": the PyTorch reference on tiny sizes, not kernel timings"))
     if not args.no_chunked:

@@ -18,12 +18,11 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 
-from bench import OUT
-from bench._ceilings import ceilings, describe
+from bench import OUT, harness, results
+from bench.harness import ceilings, describe, rel_err
 
 MAIN = [(64, 2048, 64), (32, 8192, 64), (16, 4096, 128)]
 SWEEP = [(8, 1 << p, 64) for p in (11, 13, 15, 17, 20)]
@@ -73,10 +72,6 @@ def make(bh, n, d, e, dtype, seed=0):
     return q, k, v, r * torch.cos(ph), r * torch.sin(ph), do
 
 
-def rel(x, y):
-    return ((x.double() - y.double()).norm() / y.double().norm()).item()
-
-
 def oracle(q, k, v, ar, ai, do, with_grads=True):
     """float64 chunked reference (checked against the sequential one in tests) on the GPU."""
     from gateloop_kernels import reference
@@ -94,13 +89,12 @@ def oracle(q, k, v, ar, ai, do, with_grads=True):
     return o.detach(), grads
 
 
-def bench_fn(fn, quick):
-    from triton.testing import do_bench
-    return do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
+def bench_fn(fn, quick) -> harness.Timing:
+    return harness.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100)
 
 
 def time_pair(run, inputs, do, quick):
-    """(fwd ms, fwd+bwd ms, extra peak bytes) for ``run(*inputs) -> o``."""
+    """(fwd :class:`~bench.harness.Timing`, fwd+bwd Timing, extra peak bytes) for ``run(*inputs) -> o``."""
     def fwd():
         with torch.no_grad():
             run(*inputs)
@@ -125,16 +119,18 @@ def time_pair(run, inputs, do, quick):
 
 def check_and_time(label, run, inputs, do, ro, rg, quick, in_bytes):
     """``run`` against the oracle's output ``ro`` and gradients ``rg`` (each skipped when None), then
-    :func:`time_pair`; logs one line and returns ``err_o``, ``err_grad_max``, ``fwd_ms``, ``fwdbwd_ms``,
-    ``extra_mem_frac`` (extra peak bytes over the inputs' bytes)."""
+    :func:`time_pair`; logs one line and returns ``err_o``, ``err_grad_max``, ``fwd_ms``, ``fwdbwd_ms`` (medians;
+    ``fwd_spread_ms``, ``fwdbwd_spread_ms``: 20th/80th percentiles), ``extra_mem_frac`` (extra peak bytes over the
+    inputs' bytes)."""
     r = {}
     if ro is not None:
         o = run(*inputs)
-        r["err_o"] = rel(o, ro)
+        r["err_o"] = rel_err(o, ro)
         if rg is not None:
-            r["err_grad_max"] = max(rel(g_, r_) for g_, r_ in zip(torch.autograd.grad(o, inputs, do), rg))
+            r["err_grad_max"] = max(rel_err(g_, r_) for g_, r_ in zip(torch.autograd.grad(o, inputs, do), rg))
         del o
-    r["fwd_ms"], r["fwdbwd_ms"], extra = time_pair(run, inputs, do, quick)
+    t_f, t_fb, extra = time_pair(run, inputs, do, quick)
+    r.update(fwd_ms=t_f.median, fwd_spread_ms=t_f.spread, fwdbwd_ms=t_fb.median, fwdbwd_spread_ms=t_fb.spread)
     r["extra_mem_frac"] = extra / in_bytes
     log(f"[scan_chunked]   {label}: fwd {r['fwd_ms']:.3f} ms, fwd+bwd {r['fwdbwd_ms']:.3f} ms, extra mem "
         f"{r['extra_mem_frac'] * 100:.0f}% of inputs, err o {r.get('err_o', float('nan')):.2e} "
@@ -144,7 +140,7 @@ def check_and_time(label, run, inputs, do, ro, rg, quick, in_bytes):
 
 def profile(run, inputs, do):
     """Per-kernel device times of one forward+backward; returns their sum in ms (device time, no host)."""
-    from bench._profile import kernel_times
+    from bench.tools.kernel_times import kernel_times
     rows = kernel_times(run, inputs, do, reps=5, warmup=2)
     for name, us, _ in rows[:10]:
         log(f"[scan_chunked]     {us:9.1f} us  {name[:70]}")
@@ -224,7 +220,7 @@ def tune(shapes, modes, kernels=tuple(TUNE)):
     """Coordinate search over ``chunked._CFG``: each kernel's candidates in turn (the others at their best
     so far), timed per kernel with torch.profiler over one forward+backward; every candidate's output and
     gradients are checked against the default configuration's (a miscompiled tile shape shows up here)."""
-    from bench._profile import kernel_times
+    from bench.tools.kernel_times import kernel_times
     from gateloop_kernels import chunked
 
     for (bh, n, d) in shapes:
@@ -245,7 +241,7 @@ def tune(shapes, modes, kernels=tuple(TUNE)):
                     try:
                         o = run(*inputs)
                         got = [o.detach()] + list(torch.autograd.grad(o, inputs, do))
-                        err = max(rel(g_, b_) for g_, b_ in zip(got, base))
+                        err = max(rel_err(g_, b_) for g_, b_ in zip(got, base))
                         us = sum(t for name, t, _ in kernel_times(run, inputs, do, reps=10, warmup=2)
                                  if name.startswith(TUNE_KERNELS.get(kern, ("_" + kern,))))
                     except Exception as ex:  # noqa: BLE001
@@ -287,6 +283,36 @@ def add_arguments(ap) -> None:
     ap.add_argument("--tune-kernels", default=",".join(TUNE), help="kernels --tune searches")
     ap.add_argument("--chunk-sizes", default="", help="comma list of other chunk sizes (e.g. 32,128) to time "
                     "ours with too, each checked against the oracle")
+    harness.add_record_argument(ap)
+
+
+#: JSON key prefix -> implementation in the result rows: ours, the seed, fla's kernel alone and with the rotation
+_IMPLS = {"ours": "ours", "seed": "seed", "fla_kernel": "fla chunk_simple_gla (kernel)",
+          "fla_rot": "fla chunk_simple_gla (with rotation)"}
+
+
+def result_rows(r: dict, env: dict) -> list[dict]:
+    """The figures of one benchmark row ``r`` as result rows (:mod:`bench.results`): each implementation's timed
+    medians (with spread), device time and extra memory, and the two floors (``impl = "bytes floor"``,
+    ``"flops floor"``)."""
+    shape = {"BH": r["bh"], "n": r["n"], "d": r["d"], "e": r["e"]}
+    dtype, prec = ("bfloat16", None) if r["mode"] == "bf16" else ("float32", r["mode"])
+    out = []
+
+    def add(impl, metric, unit, value, spread=None, note=None):
+        if results.finite(value):
+            out.append(results.row("scan_chunked", "chunked scan", impl, shape, dtype, metric, unit, value, env,
+                                   precision=prec, spread=spread, note=note))
+    for prefix, impl in _IMPLS.items():
+        for metric in ("fwd_ms", "fwdbwd_ms", "device_fwdbwd_ms"):
+            spread = r.get(f"{prefix}_{metric.replace('_ms', '_spread_ms')}")
+            add(impl, metric, "ms", r.get(f"{prefix}_{metric}"), spread)
+        add(impl, "extra_mem_frac", "fraction of the inputs' bytes", r.get(f"{prefix}_extra_mem_frac"))
+    add("bytes floor", "fwdbwd_ms", "ms", r["floor_bytes_ms"], note="inputs, outputs and gradients moved once "
+        "over the measured copy bandwidth")
+    add("flops floor", "fwdbwd_ms", "ms", r["floor_flops_ms"], note=f"{r['gflop']:.1f} GFLOP over the measured "
+        "matrix rate of the mode")
+    return out
 
 
 def main(argv=None, args=None):
@@ -304,9 +330,9 @@ def main(argv=None, args=None):
         return
     if args.sweep:
         shapes = shapes + SWEEP
-    dev = torch.cuda.get_device_name()
-    log(f"[scan_chunked] device {dev}, torch {torch.__version__}, "
-        f"triton {__import__('triton').__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    env = harness.environment()
+    dev = env["gpu"]
+    log(f"[scan_chunked] device {dev}, torch {env['torch']}, triton {env['triton']}, {env['date']}")
     log(f"[scan_chunked] {describe(ceilings())}")
     fla_shapes = [tuple(int(x) for x in t.split(":")) for t in args.fla_shapes.split(",") if t]
     out = args.json or os.path.join(OUT, "scan_chunked.json")
@@ -333,7 +359,7 @@ def main(argv=None, args=None):
             ro, rg = oracle(q, k, v, ar, ai, do, tokens <= (1 << 18)) if tokens <= (1 << 21) else (None, None)
             r = check_and_time("ours", run, inputs, do, ro, rg, args.quick, in_bytes)
             row.update({k_: r[k_] for k_ in ("err_o", "err_grad_max") if k_ in r})
-            row.update(ours_fwd_ms=r["fwd_ms"], ours_fwdbwd_ms=r["fwdbwd_ms"], ours_extra_mem_frac=r["extra_mem_frac"])
+            row.update({f"ours_{k_}": x for k_, x in r.items() if k_ not in ("err_o", "err_grad_max")})
             if args.profile:
                 row["ours_device_fwdbwd_ms"] = profile(run, inputs, do)
             for bt in (int(c) for c in args.chunk_sizes.split(",") if c):
@@ -346,10 +372,9 @@ def main(argv=None, args=None):
                 else:
                     try:
                         if ro is not None:
-                            row["seed_err_o"] = rel(seed_op(*inputs).detach(), ro)
-                        from triton.testing import do_bench
-                        t = do_bench(lambda: torch.autograd.grad(seed_op(*inputs), inputs, do), warmup=1, rep=1,
-                                     return_mode="median")
+                            row["seed_err_o"] = rel_err(seed_op(*inputs).detach(), ro)
+                        t = harness.do_bench(lambda: torch.autograd.grad(seed_op(*inputs), inputs, do), warmup=1,
+                                             rep=1).median
                         row["seed_fwdbwd_ms"] = t
                         log(f"[scan_chunked]   seed: fwd+bwd {t:.1f} ms")
                     except torch.OutOfMemoryError:
@@ -361,12 +386,14 @@ def main(argv=None, args=None):
                     q2, k2, g = fla_rotate(q.detach(), k.detach(), ar.detach(), ai.detach())
                     kin = [t.requires_grad_() for t in (q2, k2, v.detach().clone(), g)]
                     if ro is not None:
-                        row["fla_err_o"] = rel(fla_full(*inputs).detach(), ro)
+                        row["fla_err_o"] = rel_err(fla_full(*inputs).detach(), ro)
                     f_f, f_fb, f_extra = time_pair(fla_kernel, kin, do, args.quick)
                     r_f, r_fb, r_extra = time_pair(fla_full, inputs, do, args.quick)
-                    row.update(fla_kernel_fwd_ms=f_f, fla_kernel_fwdbwd_ms=f_fb, fla_rot_fwd_ms=r_f,
-                               fla_rot_fwdbwd_ms=r_fb, fla_kernel_extra_mem_frac=f_extra / in_bytes,
-                               fla_rot_extra_mem_frac=r_extra / in_bytes)
+                    for key, t in (("fla_kernel_fwd", f_f), ("fla_kernel_fwdbwd", f_fb), ("fla_rot_fwd", r_f),
+                                   ("fla_rot_fwdbwd", r_fb)):
+                        row.update({f"{key}_ms": t.median, f"{key}_spread_ms": t.spread})
+                    row.update(fla_kernel_extra_mem_frac=f_extra / in_bytes, fla_rot_extra_mem_frac=r_extra / in_bytes)
+                    f_f, f_fb, r_f, r_fb = f_f.median, f_fb.median, r_f.median, r_fb.median
                     # extra memory as a fraction of our inputs' bytes, like ours (fla's kernel inputs are larger:
                     # q and k rotated to 2d)
                     log(f"[scan_chunked]   fla kernel: fwd {f_f:.3f} fwd+bwd {f_fb:.3f} ms, extra mem "
@@ -376,8 +403,8 @@ def main(argv=None, args=None):
                     log(f"[scan_chunked]   fla failed: {type(ex).__name__}: {str(ex)[:200]}")
             rows.append(row)
             with open(out, "w") as fh:  # after every row: a run stopped at its time limit keeps what it measured
-                json.dump(dict(device=dev, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows), fh,
-                          indent=1)
+                json.dump(dict(device=dev, date=env["date"], rows=rows), fh, indent=1)
+            harness.record("scan_chunked", result_rows(row, env), args.record, log=log)
             del inputs, q, k, v, ar, ai, do, ro, rg
             torch.cuda.empty_cache()
     # table

@@ -7,7 +7,8 @@ The task is generated in-process: each sequence lists ``pairs`` key-value pairs,
 with the same initial weights and the same batches: the seed's model (upstream
 ``gateloop_transformer``, fp32; skipped if not installed), this package's ``Transformer`` in fp32,
 and the same under bf16 autocast. Prints the loss curves side by side, the recall accuracy, and
-writes ``train.json`` to ``--out`` (default ``bench/out``).
+writes ``train.json`` to ``--out`` (default ``bench/out``); on a GPU also appends the accuracies as result rows to
+``bench/results/train.jsonl`` (``--no-record`` skips that).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench import OUT
+from bench import OUT, harness
+from bench.results import row as result_row
 
 IGNORE = -100
 
@@ -117,7 +119,7 @@ CONFIGS = {
     # learns in about 600 steps on the CPU (chance: 1/8)
     "tiny": (ModelConfig(dim=64, depth=2, gate_loop_heads=2), TaskConfig(num_keys=8, num_values=8, pairs=2, queries=2),
              dict(steps=600, batch=32, lr=3e-3)),
-    # 64 keys / 16 pairs at lr 2e-3 did not learn in 1500 steps on the H100 (bench/RESULTS.md); this one
+    # 64 keys / 16 pairs at lr 2e-3 did not learn in 1500 steps on the H100 (docs/history.md); this one
     # reached 0.39 accuracy (chance 1/16) in 1500 steps of batch 64 on the CPU
     "real": (ModelConfig(dim=128, depth=2, gate_loop_heads=2),
              TaskConfig(num_keys=16, num_values=16, pairs=4, queries=4), dict(steps=3000, batch=128, lr=3e-3)),
@@ -125,7 +127,8 @@ CONFIGS = {
 
 
 def run(config: str = "tiny", steps: Optional[int] = None, device: Optional[str] = None, seed: int = 0,
-        out_dir: Path = Path(OUT)) -> dict:
+        out_dir: Path = Path(OUT), record: Optional[bool] = False) -> dict:
+    """Trains the three runs and writes ``train.json``; ``record`` (``None``: on CUDA) appends the result rows."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     mcfg, task, opt = CONFIGS[config]
     steps = steps or opt["steps"]
@@ -144,7 +147,24 @@ def run(config: str = "tiny", steps: Optional[int] = None, device: Optional[str]
     _report(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "train.json").write_text(json.dumps(results, indent=1))
+    harness.record("train", result_rows(results, harness.environment()),
+                   device == "cuda" if record is None else record)
     return results
+
+
+def result_rows(res: dict, env: dict) -> list[dict]:
+    """Each run's recall accuracy (mean of the last 10 steps) and wall time as result rows (:mod:`bench.results`)."""
+    shape = {"steps": res["steps"], "dim": res["model"]["dim"], "depth": res["model"]["depth"],
+             "keys": res["task"]["num_keys"], "pairs": res["task"]["pairs"]}
+    out = []
+    for label, r in res["runs"].items():
+        impl, dtype = label.split()
+        dtype = {"fp32": "float32", "bf16": "bf16 autocast"}[dtype]
+        out.append(result_row("train", f"MQAR recall training ({res['config']})", impl, shape, dtype, "final_acc",
+                               "accuracy", r["final_acc"], env))
+        out.append(result_row("train", f"MQAR recall training ({res['config']})", impl, shape, dtype, "seconds", "s",
+                               r["seconds"], env))
+    return out
 
 
 def _report(results: dict) -> None:
@@ -167,13 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the config's)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", type=Path, default=Path(OUT), help="where train.json goes (default: bench/out)")
+    harness.add_record_argument(p)
     return p
 
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     config = args.config or ("real" if torch.cuda.is_available() else "tiny")
-    run(config, args.steps, args.device, out_dir=args.out)
+    run(config, args.steps, args.device, out_dir=args.out, record=args.record)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The ncu source-page summary (bench/_ncu.py) adds up stall samples and shared-memory replays per opcode."""
-from bench import _ncu
+"""The ncu source-page summary (bench/tools/ncu.py) adds up stall samples and shared-memory replays per opcode."""
+from bench.tools import ncu as _ncu
 
 _HEAD = ["Address", "Source", "Warp Stall Sampling (All Samples)", "L1 Wavefronts Shared Excessive",
          "L1 Wavefronts Shared", "stall_long_sb", "stall_mio", "stall_mio (Not Issued)"]

@@ -1,4 +1,4 @@
-"""``bench._offline_kernels``: the head-dim-1 kernels compiled for sm_90 without a GPU.
+"""``bench.tools.offline_kernels``: the head-dim-1 kernels compiled for sm_90 without a GPU.
 
 Guards the layout those kernels depend on: with 32 channels or more, a thread holds one channel's steps of a
 tile, so the tile scans, flips and shifts use no shared memory and no shuffles (only the look-back's channel
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from bench import _offline_kernels as ok
+from bench.tools import offline_kernels as ok
 from gateloop_kernels import elementwise as ew
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def test_float32_forward_states_are_transposed(precision, dtype, transposed):
 def test_wide_tiles_keep_steps_in_threads(shape):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "bench._offline_kernels", "--shape", shape, "--json"],
+    r = subprocess.run([sys.executable, "-m", "bench.tools.offline_kernels", "--shape", shape, "--json"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if r.returncode != 0 and ("ptxas" in r.stderr or "cuda" in r.stderr.lower()):
         pytest.skip(f"no sm_90 toolchain in this Triton build: {r.stderr[-300:]}")

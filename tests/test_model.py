@@ -166,19 +166,3 @@ def test_cuda_inductor_model_matches_eager(heads):
     assert 0 < err_eager < 5e-2 and err_comp <= 2 * err_eager, (err_comp, err_eager)
     assert abs(b_loss - loss) <= 2 * abs(e_loss - loss) + 1e-3 * abs(loss), (b_loss, e_loss, loss)
     torch._dynamo.reset()
-
-
-def test_bench_table_puts_compiled_rows_beside_eager(capsys):
-    """``bench/model.py``'s table: a compiled row of ours lands on its configuration's line (after seed
-    and ours eager), with its speed against ours eager and its compile time."""
-    from bench import model as bench_model
-
-    base = dict(heads=8, batch=8, seq=2048, amp=True)
-    rows = [dict(base, which="seed", compiled=False, error="RuntimeError: view_as_complex"),
-            dict(base, which="ours", compiled=False, tokens_per_s=1e5, peak_gib=2.0),
-            dict(base, which="ours", compiled=True, tokens_per_s=3e5, peak_gib=1.5, compile_s=42.0)]
-    bench_model._table(rows)
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert "compiled tok/s" in lines[0] and len(lines) == 2
-    assert "fails" in lines[1] and "100000" in lines[1] and "300000" in lines[1]
-    assert "3.00x" in lines[1] and "42.0" in lines[1]

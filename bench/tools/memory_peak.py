@@ -17,7 +17,7 @@ MiB = 1024 ** 2
 
 def _where(frames: list[dict], depth: int) -> str:
     py = [f for f in frames if f["filename"].endswith(".py") and not f["filename"].endswith(
-        ("torch/cuda/memory.py", "_memory_peak.py"))]
+        ("torch/cuda/memory.py", "tools/memory_peak.py"))]
     # C++ frames (recorded with cpp=True): the ATen ops and autograd nodes that allocated
     ops = [f["name"][:60] for f in frames if not f["filename"].endswith(".py")
            and ("at::native::" in f["name"] or "autograd::generated::" in f["name"])]

@@ -1,6 +1,6 @@
 """Compile this package's Triton kernels for a GPU on a machine without one, and report what the compiler made.
 
-``python -m bench._offline_kernels [--op elementwise|chunked] [--shape ...] [--dtype float32] [--arch 90] [--json]``
+``python -m bench.tools.offline_kernels [--op elementwise|chunked] [--shape ...] [--dtype float32] [--arch 90] [--json]``
 
 Runs one forward and one backward of the head-dim-1 scan (:mod:`gateloop_kernels.elementwise`, shape ``B,n,C``)
 or of the chunked scan (:mod:`gateloop_kernels.chunked`, shape ``B,n,H,d,e``) on CPU tensors with each kernel
@@ -8,7 +8,7 @@ replaced by a recorder, binds every recorded launch the way Triton's launcher do
 integers equal to 1, ``do_not_specialize``), compiles it for ``sm_<arch>`` and prints, per launch: registers and
 spilled bytes (``cuobjdump`` on the cubin), the static counts of shared-memory stores/loads, warp shuffles,
 barriers and global loads in the PTX, and the blocked layouts in the TTGIR. That answers layout and register
-questions without device time (``bench/RESULTS.md``, sixth session: the in-register tile scans were found so).
+questions without device time (``docs/history.md``, sixth session: the in-register tile scans were found so).
 
 Use the Triton of the GPU image (3.6.0 for the lent H100/H200): ``pip download --no-deps triton==3.6.0`` and
 install it in a side environment; other versions choose other layouts. ``_pack_args`` is a private method of
@@ -59,7 +59,7 @@ def report(kernel: Any) -> dict:
     ptx, ttgir = kernel.asm["ptx"], kernel.asm["ttgir"]
     out = {"shared st/ld": (ptx.count("st.shared"), ptx.count("ld.shared")),
            # 32-bit scalar stores into shared memory, against vector ones: a tile staged for a tensor-core dot
-           # with a transpose is stored element by element (bank conflicts; bench/RESULTS.md, ninth session)
+           # with a transpose is stored element by element (bank conflicts; docs/history.md, ninth session)
            "shared st scalar/vector": (len(re.findall(r"st\.shared\.[bfu]32", ptx)),
                                        len(re.findall(r"st\.shared\.v[24]", ptx))),
            "shfl": ptx.count("shfl.sync"),
@@ -116,7 +116,7 @@ def record_chunked(B: int, n: int, H: int, d: int, e: int, dtype: torch.dtype, p
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench._offline_kernels", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.tools.offline_kernels", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     p.add_argument("--op", default="elementwise", choices=("elementwise", "chunked"))
     p.add_argument("--shape", help="B,n,C (elementwise; default 4,2048,1024) or B,n,H,d,e (chunked; default "

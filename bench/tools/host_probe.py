@@ -1,6 +1,6 @@
 """Host (CPU) cost of each layer of our head-dim-1 scan call, on a tiny problem with the device idle.
 
-``python -m bench._host_probe`` (also run by ``python -m bench scan --profile``): microseconds per
+``python -m bench.tools.host_probe`` (also run by ``python -m bench scan --profile``): microseconds per
 call of the allocator, a zero fill, a bare Triton launch, our launchers, the custom op, and forward +
 backward through autograd (with and without the autograd engine's device thread), then where the
 time goes by ``torch.profiler`` (CPU events on every thread).

@@ -1,17 +1,17 @@
 """Nsight Compute helpers for the chunked scan: a forward+backward to profile, and a summary of a source page.
 
-``python -m bench._ncu run [--shape BH,n,d,e] [--precision ieee]``: two forward+backward passes of
+``python -m bench.tools.ncu run [--shape BH,n,d,e] [--precision ieee]``: two forward+backward passes of
 ``chunk_gate_loop`` on ``bench.scan_chunked``'s float32 inputs (the first warms up), the program ncu profiles,
 e.g.::
 
     ncu --clock-control none -k regex:_fwd_o -s 1 -c 1 --section WarpStateStats --section SourceCounters \\
-        --import-source no -o fwd_o python3 -m bench._ncu run
+        --import-source no -o fwd_o python3 -m bench.tools.ncu run
     ncu --import fwd_o.ncu-rep --page source --csv --print-source sass > fwd_o.csv
 
-``python -m bench._ncu sass fwd_o.csv [--top 12]``: where the warps stalled (by reason, by opcode, the top
+``python -m bench.tools.ncu sass fwd_o.csv [--top 12]``: where the warps stalled (by reason, by opcode, the top
 instructions) and which shared-memory instructions replayed (bank conflicts: excessive wavefronts).
 
-``python -m bench._ncu roofline [--precision ieee] [--dtype float32]``: runs ncu itself over ``run`` and prints,
+``python -m bench.tools.ncu roofline [--precision ieee] [--dtype float32]``: runs ncu itself over ``run`` and prints,
 per chunked-scan kernel of the second (warm) forward+backward: device time, DRAM bytes and their rate as a share
 of the copy bandwidth (``bench._ceilings.copy_bandwidth``, measured first), tensor-pipe utilization, achieved occupancy and shared-memory bank conflicts.
 
@@ -152,7 +152,7 @@ def roofline(shape: str, precision: str, dtype: str, csv_path: str) -> list[str]
     copy_bps = copy_bandwidth()
     cmd = ["ncu", "--clock-control", "none", "-k", "regex:^_(chunk|state|fwd|bwd)", "--metrics",
            ",".join(_METRICS + (_tensor_metric(),)), "--csv", "--page", "raw", "--print-units", "base",
-           sys.executable, "-m", "bench._ncu", "run", "--shape", shape, "--precision", precision, "--dtype", dtype]
+           sys.executable, "-m", "bench.tools.ncu", "run", "--shape", shape, "--precision", precision, "--dtype", dtype]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0 or '"ID"' not in res.stdout:
         raise RuntimeError(f"ncu failed (rc {res.returncode}): {(res.stderr or res.stdout)[-500:]}")
@@ -162,7 +162,7 @@ def roofline(shape: str, precision: str, dtype: str, csv_path: str) -> list[str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench._ncu", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m bench.tools.ncu", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="two forward+backward passes of the chunked scan (float32)")
     r.add_argument("--shape", default="64,2048,64,64", help="BH,n,d,e (as bench.scan_chunked splits B*H)")
