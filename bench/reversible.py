@@ -200,8 +200,8 @@ def backward_peak_existing_grads(variant: str, pairs, x: torch.Tensor, amp: bool
     """Peak bytes of one backward over what was live before it, every parameter's ``.grad`` already
     filled (gradient accumulation, ``zero_grad(set_to_none=False)``): a backward that holds all its
     parameter gradients until it ends grows with depth here. CUDA: the allocator's peak; CPU: a tally
-    of the storages the backward creates (:class:`bench._live_bytes.LiveBytes`)."""
-    from bench._live_bytes import LiveBytes
+    of the storages the backward creates (:class:`bench.peers.LiveBytes`)."""
+    from bench.peers import LiveBytes
 
     params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
     model = make_model(variant, pairs)

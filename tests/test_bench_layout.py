@@ -62,7 +62,8 @@ def test_the_seed_port_lives_in_tests_and_the_benchmark_sums_its_halves():
 
     from bench import peers
     assert not (ROOT / "bench" / "_seed_reversible.py").exists()
-    assert peers._PATH == str(ROOT / "tests" / "_seed_reversible.py")
+    assert peers._TESTS == str(ROOT / "tests") and (ROOT / "tests" / "_seed_reversible.py").exists()
+    assert peers.LiveBytes.__module__ == "bench_live_bytes"  # the memory tests' tally, loaded from tests/
     pairs = [(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))]
     bench_seed, test_seed = peers.SeedReversibleSequence(pairs), peers._seed.SeedReversibleSequence(pairs)
     x = torch.randn(3, 2)
