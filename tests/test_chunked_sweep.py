@@ -15,7 +15,7 @@ MODES = [(torch.float32, "ieee", 1e-5), (torch.float32, "tf32", 5e-3), (torch.bf
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,precision,tol", MODES, ids=["f32", "tf32", "bf16", "f16"])
+@pytest.mark.parametrize("dtype,precision,tol", MODES, ids=["ieee", "tf32", "bf16", "fp16"])
 @pytest.mark.parametrize("d,e", HEAD_DIMS, ids=[f"{d}x{e}" for d, e in HEAD_DIMS])
 def test_gpu_head_dim_sweep(d, e, dtype, precision, tol):
     # n = 65 (a one-step last chunk) and n = 130 over two batch x head programs (three chunks, partial last)
