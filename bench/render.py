@@ -120,15 +120,28 @@ def _cell(rows: list[dict], parts: list) -> str:
     return "".join(out)
 
 
+def _line_gpu(rows: list[dict], parts: list) -> Optional[str]:
+    """The GPU a headline line is read from: the one with rows for most of its figures, then the latest (one
+    line never mixes GPUs: H100 and H200 timings are not comparable)."""
+    found: dict[str, list] = {}
+    for p in parts:
+        if isinstance(p, dict):
+            for r in rows:
+                if all(r.get(k) == v for k, v in p.items()):
+                    found.setdefault(r["gpu"], []).append(r["date"])
+    if not found:
+        return None
+    return max(found, key=lambda g: (len(found[g]), max(found[g])))
+
+
 def _headline(rows: list[dict]) -> list[str]:
-    lines = ["| what | seed (lucidrains) | this package |", "| --- | ---: | ---: |"]
-    gpus = set()
+    lines = ["| what | seed (lucidrains) | this package | GPU, date |", "| --- | ---: | ---: | --- |"]
     for what, seed, ours in HEADLINE:
-        lines.append(f"| {what} | {_cell(rows, seed)} | {_cell(rows, ours)} |")
-        for part in seed + ours:
-            if isinstance(part, dict) and (r := select(rows, part)):
-                gpus.add(f"{r['gpu']}, torch {r['torch']}, Triton {r['triton']}, {r['date'][:10]}")
-    return [f"Measured on: {'; '.join(sorted(gpus)) or 'no rows yet'}.", ""] + lines
+        gpu = _line_gpu(rows, seed + ours)
+        on = [r for r in rows if r["gpu"] == gpu]
+        dates = sorted({r["date"][:10] for p in seed + ours if isinstance(p, dict) and (r := select(on, p))})
+        lines.append(f"| {what} | {_cell(on, seed)} | {_cell(on, ours)} | {gpu or '–'}, {', '.join(dates) or '–'} |")
+    return lines
 
 
 def _spread(r: dict) -> str:

@@ -84,6 +84,17 @@ def test_the_page_shows_the_latest_row_of_each_figure_and_the_headline():
         render.page([_row(bogus=1)])
 
 
+def test_a_headline_line_never_mixes_gpus():
+    """A newer row on another GPU for one figure of a line does not replace that figure alone: the line is read
+    from the GPU with rows for most of its figures, and names it."""
+    ours, peer = _row(), _row(impl="accel-scan", median=0.65)
+    newer_elsewhere = _row(gpu="OTHER GPU", median=0.1, date="2027-01-01 00:00 UTC")
+    headline = next(ln for ln in render.page([ours, peer, newer_elsewhere]).splitlines()
+                    if ln.startswith("| scan, head dim 1"))
+    assert "0.250 ms (accelerated-scan: 0.650 ms)" in headline and "0.100 ms" not in headline
+    assert headline.rstrip(" |").endswith("NVIDIA TEST, 2026-01-02")
+
+
 def test_render_main_writes_the_page_and_the_plots(tmp_path):
     pytest.importorskip("matplotlib")
     results.append("scan", [_row(), _row(shape={"BH": 8192, "n": 1024, "d": 1}, median=0.2)], str(tmp_path / "r"))
