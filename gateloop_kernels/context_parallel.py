@@ -57,6 +57,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._checks import check_real_float
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
@@ -114,6 +115,37 @@ class _GatherStates(torch.autograd.Function):
         gx = grad.new_empty(grad.shape[1:])
         _reduce_scatter_single(gx, grad.reshape(-1), ctx.group)
         return gx, None, None
+
+
+class _Correct(torch.autograd.Function):
+    """``o = o_loc + Re(c_t S_in)^T q_t`` in the fold's dtype, returned in ``o_loc``'s dtype.
+
+    Saves ``q`` (the local scan keeps it anyway), ``c`` and ``S_in`` only: the ``(B, n, H, 2e)``
+    product ``[Re S_in, Im S_in]^T q`` is recomputed in backward rather than kept as an activation.
+    """
+
+    @staticmethod
+    def forward(ctx, o_loc: Tensor, q: Tensor, s_in: Tensor, c_re: Tensor, c_im: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(q, s_in, c_re, c_im)
+        e = s_in.shape[-1]
+        t = torch.einsum("bnhd,bhdf->bnhf", q.to(c_re.dtype), torch.cat([s_in.real, s_in.imag], dim=-1))
+        return (o_loc.to(c_re.dtype) + c_re[..., None] * t[..., :e] - c_im[..., None] * t[..., e:]).to(o_loc.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        q, s_in, c_re, c_im = ctx.saved_tensors
+        e = s_in.shape[-1]
+        qf, gf = q.to(c_re.dtype), g.to(c_re.dtype)
+        s2 = torch.cat([s_in.real, s_in.imag], dim=-1)
+        t = torch.einsum("bnhd,bhdf->bnhf", qf, s2)
+        dc_re = (gf * t[..., :e]).sum(-1)
+        dc_im = -(gf * t[..., e:]).sum(-1)
+        dt = torch.cat([c_re[..., None] * gf, -c_im[..., None] * gf], dim=-1)
+        dq = torch.einsum("bnhf,bhdf->bnhd", dt, s2).to(q.dtype)
+        ds2 = torch.einsum("bnhd,bnhf->bhdf", qf, dt)
+        # a real loss's gradient for a complex tensor is dL/dRe + i dL/dIm
+        return g, dq, torch.complex(ds2[..., :e], ds2[..., e:]), dc_re, dc_im
 
 
 def _group_rank(cp_group) -> tuple[int, int]:
@@ -264,7 +296,5 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
         # selecting from the stack of all prefixes keeps every rank's outputs tied to the exchange, so
         # every rank's backward joins its reduce-scatter (rank 0's incoming state needs no other rank)
         states = torch.stack(prefix)
-        s_in = states[rank]
-        t = torch.einsum("bnhd,bhdf->bnhf", q.to(rdt), torch.cat([s_in.real, s_in.imag], dim=-1))
-        o = o_loc.to(rdt) + c_re[..., None] * t[..., :e] - c_im[..., None] * t[..., e:]
-    return o.to(odt), (states[world] if output_final_state else None)
+        o = _Correct.apply(o_loc, q, states[rank], c_re, c_im)
+    return o, (states[world] if output_final_state else None)
