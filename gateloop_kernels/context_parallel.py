@@ -52,17 +52,18 @@ supported yet.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_real_float
+from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_real_float
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
+from .operator import gate_loop_operator
 
-__all__ = ["gate_loop_heads_cp", "context_parallel_bytes", "DESCRIPTOR_LEN"]
+__all__ = ["gate_loop_heads_cp", "gate_loop_operator_cp", "context_parallel_bytes", "DESCRIPTOR_LEN"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 _FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype", "k dtype", "v dtype",
@@ -148,9 +149,9 @@ class _Correct(torch.autograd.Function):
         return g, dq, torch.complex(ds2[..., :e], ds2[..., e:]), dc_re, dc_im
 
 
-def _group_rank(cp_group) -> tuple[int, int]:
+def _group_rank(name: str, cp_group) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("gate_loop_heads_cp needs an initialized torch.distributed process group "
+        raise RuntimeError(f"{name} needs an initialized torch.distributed process group "
                            "(torch.distributed.init_process_group)")
     outside = dist.GroupMember.NON_GROUP_MEMBER  # what new_group() hands the ranks it leaves out
     if cp_group is not outside and not isinstance(cp_group, dist.ProcessGroup):
@@ -159,7 +160,7 @@ def _group_rank(cp_group) -> tuple[int, int]:
     rank = -1 if cp_group is outside else dist.get_rank(cp_group)
     if rank < 0:
         raise ValueError(f"cp_group does not hold this process (global rank {dist.get_rank()}); call "
-                         "gate_loop_heads_cp only on the ranks of the group")
+                         f"{name} only on the ranks of the group")
     return rank, dist.get_world_size(cp_group)
 
 
@@ -191,24 +192,78 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gate: dict, initial_state: Op
                          f"{initial_state.dtype} {tuple(initial_state.shape)}")
 
 
-def _local_scan(q: Tensor, k: Tensor, v: Tensor, gate: dict, rdt: torch.dtype, cdt: torch.dtype):
-    """This slice from a zero state: ``(o_loc (B, n, H, e), S_r (B, H, d, e), A_r (B, H), c_re, c_im (B, n, H))``."""
-    B, n, H, _ = q.shape
+def _acc(odt: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    return (torch.float64, torch.complex128) if odt == torch.float64 else (torch.float32, torch.complex64)
+
+
+def _empty_slice(q: Tensor, k: Tensor, v: Tensor, a: Tensor, rdt: torch.dtype, cdt: torch.dtype):
+    """An empty slice in closed form (an empty sum and product), still tied to every input; head layout,
+    ``a`` the complex gate ``(B, 0, H)``."""
+    s_loc = torch.einsum("bnhd,bnhe->bhde", k.to(rdt), v.to(rdt)).to(cdt)
+    o_loc = torch.einsum("bnhd,bhde->bnhe", q.to(rdt), s_loc.real)
+    return o_loc, s_loc, a.prod(dim=1), a.real, a.imag
+
+
+def _phase_starts(B: int, shape: tuple, cdt: torch.dtype, device) -> Tensor:
+    """Initial states ``1`` then ``-i`` (batch halves) of the gate-only scan: its outputs are
+    ``Re(c_t)`` and ``Re(-i c_t) = Im(c_t)``."""
+    return torch.cat([torch.ones((B, *shape), dtype=cdt, device=device),
+                      torch.full((B, *shape), -1j, dtype=cdt, device=device)])
+
+
+class _Local(NamedTuple):
+    """One rank's part in head layout: its slice scanned from a zero state, and its descriptor."""
+    q: Tensor  # (B, n, H, d)
+    o: Tensor  # (B, n, H, e), the outputs from a zero state
+    state: Tensor  # (B, H, d, e) complex, the final state from a zero state
+    total: Tensor  # (B, H) complex, the product of the slice's gates
+    c_re: Tensor  # (B, n, H), the cumulative gate product from the slice start
+    c_im: Tensor
+    initial_state: Optional[Tensor]  # (B, H, d, e) or None
+    desc: list
+
+
+def _heads_local(q, k, v, gate: dict, initial_state) -> _Local:
+    _check_shapes(q, k, v, gate, initial_state)
+    B, n, H, d = q.shape
+    odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    rdt, cdt = _acc(odt)
     if n == 0:
-        # closed forms over the empty slice (an empty sum and product), still tied to every input
-        a = torch.complex(*_gate_parts(gate)).to(cdt)
-        s_loc = torch.einsum("bnhd,bnhe->bhde", k.to(rdt), v.to(rdt)).to(cdt)
-        o_loc = torch.einsum("bnhd,bhde->bnhe", q.to(rdt), s_loc.real)
-        return o_loc, s_loc, a.prod(dim=1), a.real, a.imag
-    o_loc, s_loc = gate_loop_heads(q, k, v, **gate, output_final_state=True)
-    # c_t: the gate-only scan from initial states 1 and -i (batch halves), outputs Re(c_t) and Im(c_t)
-    ones = q.new_ones((2 * B, n, H, 1), dtype=rdt)
-    zeros = q.new_zeros((2 * B, n, H, 1), dtype=rdt)
-    s0 = torch.cat([torch.ones((B, H, 1, 1), dtype=cdt, device=q.device),
-                    torch.full((B, H, 1, 1), -1j, dtype=cdt, device=q.device)])
-    c, c_fin = gate_loop_heads(ones, zeros, zeros, **{name: torch.cat([t, t]) for name, t in gate.items()},
-                               initial_state=s0, output_final_state=True)
-    return o_loc, s_loc.to(cdt), c_fin[:B, :, 0, 0].to(cdt), c[:B, ..., 0].to(rdt), c[B:, ..., 0].to(rdt)
+        o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q, k, v, torch.complex(*_gate_parts(gate)).to(cdt), rdt, cdt)
+    else:
+        o_loc, s_loc = gate_loop_heads(q, k, v, **gate, output_final_state=True)
+        ones = q.new_ones((2 * B, n, H, 1), dtype=rdt)
+        zeros = q.new_zeros((2 * B, n, H, 1), dtype=rdt)
+        c, c_fin = gate_loop_heads(ones, zeros, zeros, **{name: torch.cat([t, t]) for name, t in gate.items()},
+                                   initial_state=_phase_starts(B, (H, 1, 1), cdt, q.device), output_final_state=True)
+        a_tot, c_re, c_im = c_fin[:B, :, 0, 0], c[:B, ..., 0], c[B:, ..., 0]
+    gate_t = gate.get("z", gate.get("log_magnitude"))
+    desc = [B, H, d, v.shape[-1], _dtype_code(q), _dtype_code(k), _dtype_code(v), _dtype_code(gate_t),
+            _dtype_code(initial_state)]
+    return _Local(q, o_loc, s_loc.to(cdt), a_tot.to(cdt), c_re.to(rdt), c_im.to(rdt), initial_state, desc)
+
+
+def _operator_local(q, k, v, a, initial_state) -> _Local:
+    layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
+    if layout != GATE_HEAD:
+        raise ValueError(f"context parallelism takes one gate per step, a: (B, n, 1, 1) = ({B}, {n}, 1, 1); "
+                         f"got a of shape {tuple(a.shape)}")
+    check_initial_state(initial_state, B, d, e, q.device)
+    rdt, cdt = _acc(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    a = a.expand(B, n, 1, 1)
+    if n == 0:
+        o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q[:, :, None], k[:, :, None], v[:, :, None],
+                                                       a[..., 0].to(cdt), rdt, cdt)
+    else:
+        o, s = gate_loop_operator(q, k, v, a, return_final_state=True)
+        ones = q.new_ones((2 * B, n, 1), dtype=rdt)
+        zeros = q.new_zeros((2 * B, n, 1), dtype=rdt)
+        c, c_fin = gate_loop_operator(ones, zeros, zeros, torch.cat([a, a]),
+                                      initial_state=_phase_starts(B, (1, 1), cdt, q.device), return_final_state=True)
+        o_loc, s_loc, a_tot, c_re, c_im = o[:, :, None], s[:, None], c_fin[:B, :, 0], c[:B], c[B:]
+    desc = [B, 1, d, e, _dtype_code(q), _dtype_code(k), _dtype_code(v), _dtype_code(a), _dtype_code(initial_state)]
+    s0 = None if initial_state is None else initial_state[:, None]
+    return _Local(q[:, :, None], o_loc, s_loc.to(cdt), a_tot.to(cdt), c_re.to(rdt), c_im.to(rdt), s0, desc)
 
 
 def _gate_parts(gate: dict) -> tuple[Tensor, Tensor]:
@@ -222,6 +277,53 @@ def _exchange_descriptors(desc: list, device: torch.device, group, world: int) -
     out = mine.new_empty(world * DESCRIPTOR_LEN)
     _all_gather_single(out, mine, group)
     return out.view(world, DESCRIPTOR_LEN).cpu()
+
+
+def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.device):
+    """The exchange, the fold and the correction behind both entry points: ``(o (B, n, H, e), final state)``."""
+    rank, world = _group_rank(name, cp_group)
+    error: Optional[Exception] = None
+    desc = [1] + [0] * (DESCRIPTOR_LEN - 1)
+    try:
+        loc = local()
+        packed = torch.cat([torch.view_as_real(loc.total).reshape(-1), torch.view_as_real(loc.state).reshape(-1)])
+        desc = [0, *loc.desc, int(packed.requires_grad)]
+    except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
+        error = exc
+    table = _exchange_descriptors(desc, device, cp_group, world)
+    if error is not None:
+        raise error
+    failed = [j for j in range(world) if table[j, 0]]
+    if failed:
+        raise RuntimeError(f"{name}: the input of rank(s) {failed} of cp_group failed its checks "
+                           "(see the error raised there)")
+    for i in range(1, DESCRIPTOR_LEN):
+        if (table[:, i] != table[0, i]).any():
+            raise ValueError(f"{name}: the ranks of cp_group disagree on {_FIELDS[i]}: {table[:, i].tolist()} "
+                             "(by rank); every rank must pass the same batch, heads, head dims and dtypes, give "
+                             "initial_state alike, and need gradients alike")
+
+    B, _, H, d = loc.q.shape
+    e = loc.o.shape[-1]
+    gathered = _GatherStates.apply(packed, cp_group, world)
+    with torch.autocast(device_type=device.type, enabled=False):
+        parts = gathered.view(world, -1, 2)
+        a_all = torch.complex(parts[:, :B * H, 0], parts[:, :B * H, 1]).reshape(world, B, H, 1, 1)
+        s_all = torch.complex(parts[:, B * H:, 0], parts[:, B * H:, 1]).reshape(world, B, H, d, e)
+        s = s_all.new_zeros((B, H, d, e)) if loc.initial_state is None else loc.initial_state.to(s_all.dtype)
+        prefix = [s]
+        for j in range(world):
+            s = a_all[j] * s + s_all[j]
+            prefix.append(s)
+        # selecting from the stack of all prefixes keeps every rank's outputs tied to the exchange, so
+        # every rank's backward joins its reduce-scatter (rank 0's incoming state needs no other rank)
+        states = torch.stack(prefix)
+        o = _Correct.apply(loc.o, loc.q, states[rank], loc.c_re, loc.c_im)
+    return o, states[world]
+
+
+def _device(t) -> torch.device:
+    return t.device if isinstance(t, Tensor) else torch.device("cpu")
 
 
 def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[Tensor] = None,
@@ -251,50 +353,29 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             (on the rank that passed them); on every rank, when the ranks disagree on ``B, H, d, e``,
             a dtype, giving an initial state, or whether gradients are needed.
     """
-    rank, world = _group_rank(cp_group)
     gate = {name: t for name, t in (("z", z), ("log_magnitude", log_magnitude), ("phase", phase)) if t is not None}
-    error: Optional[Exception] = None
-    desc = [0] * DESCRIPTOR_LEN
-    try:
-        _check_shapes(q, k, v, gate, initial_state)
-        B, n, H, d = q.shape
-        e = v.shape[-1]
-        odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-        rdt, cdt = (torch.float64, torch.complex128) if odt == torch.float64 else (torch.float32, torch.complex64)
-        o_loc, s_loc, a_tot, c_re, c_im = _local_scan(q, k, v, gate, rdt, cdt)
-        packed = torch.cat([torch.view_as_real(a_tot).reshape(-1), torch.view_as_real(s_loc).reshape(-1)])
-        gate_t = z if z is not None else log_magnitude
-        desc = [0, B, H, d, e, _dtype_code(q), _dtype_code(k), _dtype_code(v), _dtype_code(gate_t),
-                _dtype_code(initial_state), int(packed.requires_grad)]
-    except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
-        error = exc
-        desc[0] = 1
-    device = q.device if isinstance(q, Tensor) else torch.device("cpu")
-    table = _exchange_descriptors(desc, device, cp_group, world)
-    if error is not None:
-        raise error
-    failed = [j for j in range(world) if table[j, 0]]
-    if failed:
-        raise RuntimeError(f"gate_loop_heads_cp: the input of rank(s) {failed} of cp_group failed its checks "
-                           "(see the error raised there)")
-    for i in range(1, DESCRIPTOR_LEN):
-        if (table[:, i] != table[0, i]).any():
-            raise ValueError(f"gate_loop_heads_cp: the ranks of cp_group disagree on {_FIELDS[i]}: "
-                             f"{table[:, i].tolist()} (by rank); every rank must pass the same batch, heads, "
-                             "head dims and dtypes, give initial_state alike, and need gradients alike")
+    o, final = _split_scan("gate_loop_heads_cp", cp_group, lambda: _heads_local(q, k, v, gate, initial_state),
+                           _device(q))
+    return o, (final if output_final_state else None)
 
-    gathered = _GatherStates.apply(packed, cp_group, world)
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        parts = gathered.view(world, -1, 2)
-        a_all = torch.complex(parts[:, :B * H, 0], parts[:, :B * H, 1]).reshape(world, B, H, 1, 1)
-        s_all = torch.complex(parts[:, B * H:, 0], parts[:, B * H:, 1]).reshape(world, B, H, d, e)
-        s = s_all.new_zeros((B, H, d, e)) if initial_state is None else initial_state.to(cdt)
-        prefix = [s]
-        for j in range(world):
-            s = a_all[j] * s + s_all[j]
-            prefix.append(s)
-        # selecting from the stack of all prefixes keeps every rank's outputs tied to the exchange, so
-        # every rank's backward joins its reduce-scatter (rank 0's incoming state needs no other rank)
-        states = torch.stack(prefix)
-        o = _Correct.apply(o_loc, q, states[rank], c_re, c_im)
-    return o, (states[world] if output_final_state else None)
+
+def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_state: Optional[Tensor] = None,
+                          return_final_state: bool = False, cp_group):
+    """:func:`gateloop_kernels.gate_loop_operator` on a sequence split along time across ``cp_group``.
+
+    Args:
+        q, k: ``(B, n_r, d)``; v: ``(B, n_r, e)``: this rank's slice of the time axis (may be empty).
+        a: the gate, one per step, complex or real, ``(B, n_r, 1, 1)`` (or ``(1, n_r, 1, 1)``).
+        initial_state: complex ``(B, d, e)`` or ``None``, as in :func:`gate_loop_heads_cp`.
+        return_final_state: also return the global final state ``(B, d, e)``, the same on every rank.
+        cp_group: a ``torch.distributed.ProcessGroup`` holding this rank.
+
+    Returns:
+        ``out (B, n_r, e)``, or ``(out, final_state)``.
+
+    Raises:
+        As :func:`gate_loop_heads_cp`; ValueError also for a gate per key dim or per entry.
+    """
+    o, final = _split_scan("gate_loop_operator_cp", cp_group, lambda: _operator_local(q, k, v, a, initial_state),
+                           _device(q))
+    return (o[:, :, 0], final[:, 0]) if return_final_state else o[:, :, 0]

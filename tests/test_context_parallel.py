@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gateloop_kernels import gate_loop_heads
-from gateloop_kernels.context_parallel import DESCRIPTOR_LEN, context_parallel_bytes, gate_loop_heads_cp
+from gateloop_kernels import gate_loop_heads, gate_loop_operator
+from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, gate_loop_heads_cp,
+                                               gate_loop_operator_cp)
 
 JOIN_TIMEOUT_S = 120
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -62,23 +63,44 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 # ----------------------------------------------------------------------------- one case
 
 def _inputs(seed, lengths, B, H, d, e, dtype, form, device):
+    """The whole sequence: ``form`` "z" / "log_polar" (head layout, gate_loop_heads) or "operator"
+    ((B, T, d) layout, a complex gate (B, T, 1, 1) with one exact zero, gate_loop_operator)."""
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)
 
     def rnd(*shape, dt=dtype):
         return torch.randn(*shape, generator=g, dtype=dt).to(device)
 
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    if form == "operator":
+        x = {"q": rnd(B, T, d), "k": rnd(B, T, d), "v": rnd(B, T, e)}
+        mag = 0.5 + 0.5 * torch.rand(B, T, 1, 1, generator=g, dtype=dtype)
+        mag[:, T // 3] = 0.0  # a zero gate: the cumulative products past it are exactly 0
+        x["a"] = torch.polar(mag, rnd(B, T, 1, 1).cpu()).to(device)
+        init, w_o = rnd(B, d, e, dt=cdt), rnd(B, T, e)
+        return x, init, w_o, [rnd(B, d, e, dt=cdt) for _ in lengths]
     x = {"q": rnd(B, T, H, d), "k": rnd(B, T, H, d), "v": rnd(B, T, H, e)}
     if form == "z":
         x["z"] = 1.5 * rnd(B, T, H, 2)
     else:
         x["log_magnitude"] = -0.5 * rnd(B, T, H).abs()
         x["phase"] = rnd(B, T, H)
-    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
     init = rnd(B, H, d, e, dt=cdt)
     w_o = rnd(B, T, H, e)
     w_f = [rnd(B, H, d, e, dt=cdt) for _ in lengths]  # rank r's weighting of the final state
     return x, init, w_o, w_f
+
+
+def _scan(x, init, with_final, group=None):
+    """The single-process scan (``group=None``) or the split one, for either API: ``(o, final or None)``."""
+    if "a" in x:
+        if group is None:
+            return gate_loop_operator(**x, initial_state=init, return_final_state=True)
+        out = gate_loop_operator_cp(**x, initial_state=init, return_final_state=with_final, cp_group=group)
+        return out if with_final else (out, None)
+    if group is None:
+        return gate_loop_heads(**x, initial_state=init, output_final_state=True)
+    return gate_loop_heads_cp(**x, initial_state=init, output_final_state=with_final, cp_group=group)
 
 
 def _rel_err(got, want) -> float:
@@ -96,7 +118,7 @@ def _check_case(group, rank, world, seed, lengths, d, e, dtype, form, with_init,
 
     ref = {name: t.clone().requires_grad_() for name, t in x.items()}
     ref_init = init.clone().requires_grad_() if with_init else None
-    o, f = gate_loop_heads(**ref, initial_state=ref_init, output_final_state=True)
+    o, f = _scan(ref, ref_init, True)
     loss = (o * w_o).sum()
     if with_final:
         loss = loss + sum((f * w.conj()).real.sum() for w in w_f)
@@ -104,7 +126,7 @@ def _check_case(group, rank, world, seed, lengths, d, e, dtype, form, with_init,
 
     mine = {name: t[:, start:start + n].clone().requires_grad_() for name, t in x.items()}
     my_init = init.clone().requires_grad_() if with_init else None
-    o_cp, f_cp = gate_loop_heads_cp(**mine, initial_state=my_init, output_final_state=with_final, cp_group=group)
+    o_cp, f_cp = _scan(mine, my_init, with_final, group)
     loss_cp = (o_cp * w_o[:, start:start + n]).sum()
     if with_final:
         loss_cp = loss_cp + (f_cp * w_f[rank].conj()).real.sum()
@@ -142,6 +164,8 @@ def _cases(world):
                 form = "z" if (i + d) % 2 else "log_polar"
                 for with_init, with_final in ((True, True), ((i + d) % 2 == 0, (i + d) % 2 == 1)):
                     yield ls, d, e, dtype, form, with_init, with_final
+        for d, e in ((1, 1), (16, 8)):
+            yield ls, d, e, torch.float64 if i % 2 else torch.float32, "operator", i % 2 == 0, True
 
 
 def _raise(failures) -> None:
@@ -152,7 +176,8 @@ def _raise(failures) -> None:
 # ----------------------------------------------------------------------------- workers
 
 def _matches_worker(rank, world, seed):
-    """4 ranks: the cases on the whole group, and the 2-rank cases on the halves [0, 1] and [2, 3] at once."""
+    """4 ranks: the cases on the whole group, and the 2-rank cases on the halves [0, 1] and [2, 3] at once;
+    gate_loop_heads_cp and gate_loop_operator_cp."""
     halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     half = halves[rank // 2]
     failures = []
@@ -252,7 +277,8 @@ def _nccl_worker(rank, world, device_kind, seed):
 
 def test_cp_matches_single_process(_seed):
     """2 and 4 ranks: outputs, final states and every gradient equal the single-process scan
-    (float64 1e-12, float32 1e-5 relative), head dims 1 and 16, unequal and empty slices."""
+    (float64 1e-12, float32 1e-5 relative), head dims 1 and 16, unequal and empty slices, initial and
+    final states, both gate forms of gate_loop_heads_cp and gate_loop_operator_cp (with a zero gate)."""
     _spawn(_matches_worker, 4, _seed)
 
 
