@@ -2,7 +2,9 @@
 
 Rank ``r`` of ``cp_group`` (``W`` ranks) holds the contiguous slice ``r`` of the time axis (slices may
 differ in length and may be empty) and gets its slice of the outputs of the scan
-``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t`` with one complex gate per step and head.
+``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t`` with one complex gate per step and head:
+:func:`gate_loop_heads_cp` (the contract of :func:`gateloop_kernels.gate_loop_heads`) and
+:func:`gate_loop_operator_cp` (that of :func:`gateloop_kernels.gate_loop_operator`, ``a: (B, n, 1, 1)``).
 
 The math. Within slice ``r`` write ``c_t = prod_{s <= t} a_s`` (the cumulative gate from the slice
 start), ``A_r`` the slice's total gate product (``c`` at its last step; 1 for an empty slice),
@@ -15,8 +17,9 @@ start), ``A_r`` the slice's total gate product (``c`` at its last step; 1 for an
 
 The steps, on every rank:
 
-1. the local scan from a zero state, ``gate_loop_heads(..., output_final_state=True)`` (the Triton
-   kernels on CUDA, the PyTorch path elsewhere), gives ``o^loc`` and ``S_r``;
+1. the local scan from a zero state, the public ``gate_loop_heads`` / ``gate_loop_operator`` with the
+   final state (the Triton kernels on CUDA, the PyTorch path elsewhere), gives ``o^loc`` and ``S_r``
+   (an empty slice takes the closed forms ``o^loc = []``, ``S_r = 0``, ``A_r = 1``);
 2. ``c_t`` and ``A_r`` come from the same scan run at ``d = e = 1`` on the slice's gate with
    ``k = v = 0`` and initial states ``1`` and ``-i`` (``Re(-i c) = Im c``): products of gates
    forward in time only, never a division by a gate, so gates of 0 are exact and a product of many
@@ -28,7 +31,8 @@ The steps, on every rank:
    once (:class:`_GatherStates`: ``all_gather_single`` forward, ``reduce_scatter_single`` (sum)
    backward);
 5. every rank folds all ``W`` slices in float32 (float64 for float64 inputs), corrects its outputs
-   with ``S^in_r`` (one einsum) and returns ``S^in_W`` as the final state.
+   with ``S^in_r`` (:class:`_Correct`: one einsum, recomputed in backward rather than saved) and
+   returns ``S^in_W`` as the final state.
 
 Gradients flow by autograd through all of it. The collective's backward sums, over the ranks, the
 gradient each rank's loss puts on slice ``r``'s ``(A_r, S_r)`` and hands it to rank ``r``: so with
@@ -46,9 +50,10 @@ per-step time is ``t_scan(T / W) + t_collective(W, P) + O(W B H d e)``.
 Limits: every rank must pass the same ``B, H, d, e`` and dtypes, give an initial state or not alike
 (each rank's own copy is read, so pass the same value on every rank, as a replicated tensor), and
 run backward whenever one rank does (as with DDP): the outputs of every rank depend on the gathered
-buffer, so every rank's backward joins the reduce-scatter. Half-precision outputs are rounded twice
-(the local scan's output, then the corrected one). Packed sequences (``cu_seqlens``) are not
-supported yet.
+buffer, so every rank's backward joins the reduce-scatter. The descriptor check costs one small
+all-gather and one host synchronization per call. Half-precision outputs are rounded twice (the local
+scan's output, then the corrected one). Not yet: packed sequences (``cu_seqlens``), gates per key dim,
+torch.compile (the collectives run eagerly).
 """
 from __future__ import annotations
 
@@ -77,7 +82,7 @@ def context_parallel_bytes(batch: int, heads: int, d: int, e: int, world_size: i
     """Bytes each rank's collectives move per call of :func:`gate_loop_heads_cp` (independent of the slice length).
 
     Args:
-        batch, heads, d, e: ``B, H`` and the head dims; world_size: ``W``, ranks in the group;
+        batch, heads, d, e: ``B, H`` and the head dims (``H = 1`` for :func:`gate_loop_operator_cp`); world_size: ``W``, ranks in the group;
         dtype: the inputs' promoted dtype (float64 folds in float64, anything else in float32).
 
     Returns:
