@@ -68,7 +68,7 @@ from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, che
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
 from .operator import gate_loop_operator
 
-__all__ = ["gate_loop_heads_cp", "gate_loop_operator_cp", "context_parallel_bytes", "DESCRIPTOR_LEN"]
+__all__ = ["gate_loop_heads_cp", "gate_loop_operator_cp", "context_parallel_mean", "context_parallel_bytes", "DESCRIPTOR_LEN"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 _FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype", "k dtype", "v dtype",
@@ -384,3 +384,39 @@ def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial
     o, final = _split_scan("gate_loop_operator_cp", cp_group, lambda: _operator_local(q, k, v, a, initial_state),
                            _device(q))
     return (o[:, :, 0], final[:, 0]) if return_final_state else o[:, :, 0]
+
+
+class _GlobalMean(torch.autograd.Function):
+    """Forward: the group's sum over its count; backward: this rank's share only (no collective)."""
+
+    @staticmethod
+    def forward(ctx, local_sum: Tensor, local_count: int, group) -> Tensor:  # type: ignore[override]
+        both = torch.stack([local_sum.detach().to(torch.float64),
+                            torch.tensor(float(local_count), dtype=torch.float64, device=local_sum.device)])
+        dist.all_reduce(both, group=group)
+        ctx.count = both[1].item()
+        return (both[0] / ctx.count).to(local_sum.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g / ctx.count, None, None
+
+
+def context_parallel_mean(local_sum: Tensor, local_count: int, cp_group) -> Tensor:
+    """The mean over a sequence split across ``cp_group``, e.g. the next-token loss of a model.
+
+    Args:
+        local_sum: scalar tensor, this rank's sum (e.g. ``cross_entropy(..., reduction="sum")`` of its tokens).
+        local_count: how many terms it sums (may be 0).
+        cp_group: the process group.
+
+    Returns:
+        The group's total over its total count, the same value on every rank (one all-reduce of two
+        float64 numbers). Its backward hands each rank the gradient of its own terms only, so that
+        backward on every rank gives parameter gradients that, summed over the group, are those of the
+        single-process mean.
+    """
+    _group_rank("context_parallel_mean", cp_group)
+    if not isinstance(local_sum, Tensor) or local_sum.ndim != 0:
+        raise ValueError(f"local_sum must be a scalar tensor, got {getattr(local_sum, 'shape', type(local_sum))}")
+    return _GlobalMean.apply(local_sum, local_count, cp_group)

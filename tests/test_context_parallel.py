@@ -19,8 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gateloop_kernels import gate_loop_heads, gate_loop_operator
-from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, gate_loop_heads_cp,
-                                               gate_loop_operator_cp)
+from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, context_parallel_mean,
+                                               gate_loop_heads_cp, gate_loop_operator_cp)
 
 JOIN_TIMEOUT_S = 120
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -201,7 +201,8 @@ def _expect(exc_type, fragment, fn):
 
 
 def _errors_worker(rank, world, seed):
-    """Bad input raises on every rank (and leaves the group usable); bytes exchanged do not grow with n."""
+    """Bad input raises on every rank (and leaves the group usable); context_parallel_mean; bytes exchanged
+    do not grow with n."""
     group = dist.group.WORLD
     failures = []
 
@@ -228,6 +229,14 @@ def _errors_worker(rank, world, seed):
     failures += _expect(TypeError, "ProcessGroup", lambda: call(grp=None))
     # still in step after all of that
     failures += _check_case(group, rank, world, seed + 1, [4] * world, 16, 16, torch.float64, "z", True, True)
+
+    # context_parallel_mean: the group's mean on every rank, each rank's backward its own share
+    terms = torch.randn(2 * world + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    mine = terms.tensor_split(world)[rank].clone().requires_grad_()  # unequal shares
+    mean = context_parallel_mean(mine.sum(), mine.numel(), group)
+    mean.backward()
+    if (mean - terms.mean()).abs() > 1e-14 or (mine.grad - 1 / terms.numel()).abs().max() > 1e-16:
+        failures.append(f"context_parallel_mean: {mean.item()} vs {terms.mean().item()}, grad {mine.grad}")
 
     # bytes: record every collective's buffer, for two slice lengths
     sent = []
