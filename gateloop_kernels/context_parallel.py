@@ -201,11 +201,12 @@ def _acc(odt: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     return (torch.float64, torch.complex128) if odt == torch.float64 else (torch.float32, torch.complex64)
 
 
-def _empty_slice(q: Tensor, k: Tensor, v: Tensor, a: Tensor, rdt: torch.dtype, cdt: torch.dtype):
+def _empty_slice(q: Tensor, k: Tensor, v: Tensor, a: Tensor, odt: torch.dtype):
     """An empty slice in closed form (an empty sum and product), still tied to every input; head layout,
-    ``a`` the complex gate ``(B, 0, H)``."""
+    ``a`` the complex gate ``(B, 0, H)``, outputs in ``odt``."""
+    rdt, cdt = _acc(odt)
     s_loc = torch.einsum("bnhd,bnhe->bhde", k.to(rdt), v.to(rdt)).to(cdt)
-    o_loc = torch.einsum("bnhd,bhde->bnhe", q.to(rdt), s_loc.real)
+    o_loc = torch.einsum("bnhd,bhde->bnhe", q.to(rdt), s_loc.real).to(odt)
     return o_loc, s_loc, a.prod(dim=1), a.real, a.imag
 
 
@@ -234,7 +235,7 @@ def _heads_local(q, k, v, gate: dict, initial_state) -> _Local:
     odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     rdt, cdt = _acc(odt)
     if n == 0:
-        o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q, k, v, torch.complex(*_gate_parts(gate)).to(cdt), rdt, cdt)
+        o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q, k, v, torch.complex(*_gate_parts(gate)).to(cdt), odt)
     else:
         o_loc, s_loc = gate_loop_heads(q, k, v, **gate, output_final_state=True)
         ones = q.new_ones((2 * B, n, H, 1), dtype=rdt)
@@ -254,11 +255,12 @@ def _operator_local(q, k, v, a, initial_state) -> _Local:
         raise ValueError(f"context parallelism takes one gate per step, a: (B, n, 1, 1) = ({B}, {n}, 1, 1); "
                          f"got a of shape {tuple(a.shape)}")
     check_initial_state(initial_state, B, d, e, q.device)
-    rdt, cdt = _acc(torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype))
+    odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    rdt, cdt = _acc(odt)
     a = a.expand(B, n, 1, 1)
     if n == 0:
         o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q[:, :, None], k[:, :, None], v[:, :, None],
-                                                       a[..., 0].to(cdt), rdt, cdt)
+                                                       a[..., 0].to(cdt), odt)
     else:
         o, s = gate_loop_operator(q, k, v, a, return_final_state=True)
         ones = q.new_ones((2 * B, n, 1), dtype=rdt)

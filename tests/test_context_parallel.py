@@ -221,6 +221,11 @@ def _errors_worker(rank, world, seed):
         failures += _expect(ValueError, "q, k must be", lambda: call(k_shape=(2, 5, 3, 1)))
     else:
         failures += _expect(RuntimeError, "rank(s) [1]", lambda: call())
+    for dtype in (torch.bfloat16, torch.float16):  # an empty slice's outputs too come in the inputs' dtype
+        for d in (1, 16):
+            o = call(n=0 if rank == 0 else 4, d=d, e=d, dtype=dtype)
+            if o.dtype != dtype:
+                failures.append(f"rank {rank}: {dtype} inputs (d = {d}) gave {o.dtype} outputs")
     only0 = dist.new_group([0])
     if rank == 0:
         failures += _check_case(only0, 0, 1, seed, [6], 1, 1, torch.float64, "z", True, True)
