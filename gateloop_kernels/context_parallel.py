@@ -1,0 +1,424 @@
+"""Context parallelism: one sequence split along time across the ranks of a ``torch.distributed`` group.
+
+Rank ``r`` of ``cp_group`` (``W`` ranks) holds the contiguous slice ``r`` of the time axis (slices may
+differ in length and may be empty) and gets its slice of the outputs of the scan
+``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t`` with one complex gate per step and head:
+:func:`gate_loop_heads_cp` (the contract of :func:`gateloop_kernels.gate_loop_heads`) and
+:func:`gate_loop_operator_cp` (that of :func:`gateloop_kernels.gate_loop_operator`, ``a: (B, n, 1, 1)``).
+
+The math. Within slice ``r`` write ``c_t = prod_{s <= t} a_s`` (the cumulative gate from the slice
+start), ``A_r`` the slice's total gate product (``c`` at its last step; 1 for an empty slice),
+``S_r`` the slice's final state scanned from a zero state and ``o^loc_t`` its outputs. With
+``S^in_r`` the true state entering slice ``r``, linearity of the recurrence gives
+
+    S_t = c_t S^in_r + S^loc_t,    o_t = o^loc_t + Re(c_t S^in_r)^T q_t
+        = o^loc_t + Re(c_t) (Re(S^in_r)^T q_t) - Im(c_t) (Im(S^in_r)^T q_t),
+    S^in_0 = initial_state (or 0),   S^in_{j+1} = A_j S^in_j + S_j,   global final state = S^in_W.
+
+The steps, on every rank:
+
+1. the local scan from a zero state, the public ``gate_loop_heads`` / ``gate_loop_operator`` with the
+   final state (the Triton kernels on CUDA, the PyTorch path elsewhere), gives ``o^loc`` and ``S_r``
+   (an empty slice takes the closed forms ``o^loc = []``, ``S_r = 0``, ``A_r = 1``);
+2. ``c_t`` and ``A_r`` come from the same scan run at ``d = e = 1`` on the slice's gate with
+   ``k = v = 0`` and initial states ``1`` and ``-i`` (``Re(-i c) = Im c``): products of gates
+   forward in time only, never a division by a gate, so gates of 0 are exact and a product of many
+   ``|a| < 1`` underflows to its correct value 0; its backward is the scan's own reverse scan;
+3. a small int64 descriptor (batch, heads, head dims, dtypes, whether an initial state is given,
+   whether the exchange needs gradients, whether the local step failed) is all-gathered and compared,
+   so that a mismatch raises the same error on every rank instead of a hang;
+4. ``(A_r, S_r)``, packed into one real buffer of ``P = B H (2 + 2 d e)`` elements, is all-gathered
+   once (:class:`_GatherStates`: ``all_gather_single`` forward, ``reduce_scatter_single`` (sum)
+   backward);
+5. every rank folds all ``W`` slices in float32 (float64 for float64 inputs), corrects its outputs
+   with ``S^in_r`` (:class:`_Correct`: one einsum, recomputed in backward rather than saved) and
+   returns ``S^in_W`` as the final state.
+
+Gradients flow by autograd through all of it. The collective's backward sums, over the ranks, the
+gradient each rank's loss puts on slice ``r``'s ``(A_r, S_r)`` and hands it to rank ``r``: so with
+each rank's loss being its local loss, the gradients of the sharded inputs (``q, k, v``, the gate) are
+those of the summed loss, and the gradients of replicated tensors (parameters, ``initial_state``)
+summed over the group (as DDP or FSDP over the context dimension do) equal the single-process ones.
+
+Bytes exchanged per call and rank (:func:`context_parallel_bytes`), with ``s`` the itemsize of the
+float32 (float64) fold: forward ``W * 8 * DESCRIPTOR_LEN`` (descriptor) plus ``W * B * H * (2 + 2 d e)
+* s`` (the gathered states), backward a reduce-scatter of the same ``W * B * H * (2 + 2 d e) * s``:
+independent of the slice length. Each rank's time is that of its own slice's scan plus two
+collectives of that size and a fold of ``W`` states, so with slices of ``T / W`` tokens the predicted
+per-step time is ``t_scan(T / W) + t_collective(W, P) + O(W B H d e)``.
+
+Limits: every rank must pass the same ``B, H, d, e`` and dtypes, give an initial state or not alike
+(each rank's own copy is read, so pass the same value on every rank, as a replicated tensor), and
+run backward whenever one rank does (as with DDP): the outputs of every rank depend on the gathered
+buffer, so every rank's backward joins the reduce-scatter. The descriptor check costs one small
+all-gather and one host synchronization per call. Half-precision outputs are rounded twice (the local
+scan's output, then the corrected one). Not yet: packed sequences (``cu_seqlens``), gates per key dim,
+torch.compile (the collectives run eagerly).
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_real_float
+from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
+from .operator import gate_loop_operator
+
+__all__ = ["gate_loop_heads_cp", "gate_loop_operator_cp", "context_parallel_mean", "context_parallel_bytes", "DESCRIPTOR_LEN"]
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+_FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype", "k dtype", "v dtype",
+           "gate dtype", "initial_state dtype", "needs grad")
+#: int64 entries of the descriptor every rank all-gathers before the states
+DESCRIPTOR_LEN = len(_FIELDS)
+
+
+def context_parallel_bytes(batch: int, heads: int, d: int, e: int, world_size: int,
+                           dtype: torch.dtype = torch.float32) -> dict:
+    """Bytes each rank's collectives move per call of :func:`gate_loop_heads_cp` (independent of the slice length).
+
+    Args:
+        batch, heads, d, e: ``B, H`` and the head dims (``H = 1`` for :func:`gate_loop_operator_cp`); world_size: ``W``, ranks in the group;
+        dtype: the inputs' promoted dtype (float64 folds in float64, anything else in float32).
+
+    Returns:
+        ``{"descriptor": W * 8 * DESCRIPTOR_LEN, "forward": W * B * H * (2 + 2 d e) * s,
+        "backward": W * B * H * (2 + 2 d e) * s}``: the all-gathered descriptor, the all-gathered
+        states (``s`` = 4 or 8), and the reduce-scatter's input in backward (one slot comes back).
+    """
+    s = 8 if dtype == torch.float64 else 4
+    states = world_size * batch * heads * (2 + 2 * d * e) * s
+    return {"descriptor": world_size * 8 * DESCRIPTOR_LEN, "forward": states, "backward": states}
+
+
+def _all_gather_single(out: Tensor, x: Tensor, group) -> None:
+    # torch >= 2.13 names it all_gather_single (all_gather_into_tensor is deprecated there)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter_single(out: Tensor, x: Tensor, group) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
+
+
+class _GatherStates(torch.autograd.Function):
+    """``(P,)`` per rank -> ``(W, P)`` on every rank; backward sums each slot's gradient over the ranks
+    and returns slot ``r`` to rank ``r`` (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, packed: Tensor, group, world: int) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        # the flat (concatenated) form: gloo takes no stacked output
+        out = packed.new_empty(world * packed.numel())
+        _all_gather_single(out, packed.contiguous(), group)
+        return out.view(world, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        gx = grad.new_empty(grad.shape[1:])
+        _reduce_scatter_single(gx, grad.reshape(-1), ctx.group)
+        return gx, None, None
+
+
+class _Correct(torch.autograd.Function):
+    """``o = o_loc + Re(c_t S_in)^T q_t`` in the fold's dtype, returned in ``o_loc``'s dtype.
+
+    Saves ``q`` (the local scan keeps it anyway), ``c`` and ``S_in`` only: the ``(B, n, H, 2e)``
+    product ``[Re S_in, Im S_in]^T q`` is recomputed in backward rather than kept as an activation.
+    """
+
+    @staticmethod
+    def forward(ctx, o_loc: Tensor, q: Tensor, s_in: Tensor, c_re: Tensor, c_im: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(q, s_in, c_re, c_im)
+        e = s_in.shape[-1]
+        t = torch.einsum("bnhd,bhdf->bnhf", q.to(c_re.dtype), torch.cat([s_in.real, s_in.imag], dim=-1))
+        return (o_loc.to(c_re.dtype) + c_re[..., None] * t[..., :e] - c_im[..., None] * t[..., e:]).to(o_loc.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        q, s_in, c_re, c_im = ctx.saved_tensors
+        e = s_in.shape[-1]
+        qf, gf = q.to(c_re.dtype), g.to(c_re.dtype)
+        s2 = torch.cat([s_in.real, s_in.imag], dim=-1)
+        t = torch.einsum("bnhd,bhdf->bnhf", qf, s2)
+        dc_re = (gf * t[..., :e]).sum(-1)
+        dc_im = -(gf * t[..., e:]).sum(-1)
+        dt = torch.cat([c_re[..., None] * gf, -c_im[..., None] * gf], dim=-1)
+        dq = torch.einsum("bnhf,bhdf->bnhd", dt, s2).to(q.dtype)
+        ds2 = torch.einsum("bnhd,bnhf->bhdf", qf, dt)
+        # a real loss's gradient for a complex tensor is dL/dRe + i dL/dIm
+        return g, dq, torch.complex(ds2[..., :e], ds2[..., e:]), dc_re, dc_im
+
+
+def _group_rank(name: str, cp_group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"{name} needs an initialized torch.distributed process group "
+                           "(torch.distributed.init_process_group)")
+    outside = dist.GroupMember.NON_GROUP_MEMBER  # what new_group() hands the ranks it leaves out
+    if cp_group is not outside and not isinstance(cp_group, dist.ProcessGroup):
+        raise TypeError(f"cp_group must be a torch.distributed.ProcessGroup (torch.distributed.group.WORLD for "
+                        f"every rank), got {type(cp_group).__name__}")
+    rank = -1 if cp_group is outside else dist.get_rank(cp_group)
+    if rank < 0:
+        raise ValueError(f"cp_group does not hold this process (global rank {dist.get_rank()}); call "
+                         f"{name} only on the ranks of the group")
+    return rank, dist.get_world_size(cp_group)
+
+
+def _dtype_code(t: Optional[Tensor]) -> int:
+    if t is None:
+        return 0
+    return _DTYPES.index(t.dtype) + 1 if t.dtype in _DTYPES else -1
+
+
+def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gate: dict, initial_state: Optional[Tensor]) -> None:
+    """``gate_loop_heads``'s contract, checked here too because an empty slice does not call it."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_real_float(name, t)
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be (B, n, H, d) and v (B, n, H, e) with one (B, n, H); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    z, lm, ph = gate.get("z"), gate.get("log_magnitude"), gate.get("phase")
+    if (z is None) == (lm is None and ph is None) or (z is None and (lm is None or ph is None)):
+        raise ValueError("give the gate either as z, or as both log_magnitude and phase")
+    B, n, H, d = q.shape
+    for name, t, shape in (("z", z, (B, n, H, 2)), ("log_magnitude", lm, (B, n, H)), ("phase", ph, (B, n, H))):
+        if t is not None:
+            check_real_float(name, t)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must be {shape}, got {tuple(t.shape)}")
+    if initial_state is not None and (not initial_state.is_complex()
+                                      or tuple(initial_state.shape) != (B, H, d, v.shape[-1])):
+        raise ValueError(f"initial_state must be complex (B, H, d, e) = ({B}, {H}, {d}, {v.shape[-1]}), got "
+                         f"{initial_state.dtype} {tuple(initial_state.shape)}")
+
+
+def _acc(odt: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    return (torch.float64, torch.complex128) if odt == torch.float64 else (torch.float32, torch.complex64)
+
+
+def _empty_slice(q: Tensor, k: Tensor, v: Tensor, a: Tensor, odt: torch.dtype):
+    """An empty slice in closed form (an empty sum and product), still tied to every input; head layout,
+    ``a`` the complex gate ``(B, 0, H)``, outputs in ``odt``."""
+    rdt, cdt = _acc(odt)
+    s_loc = torch.einsum("bnhd,bnhe->bhde", k.to(rdt), v.to(rdt)).to(cdt)
+    o_loc = torch.einsum("bnhd,bhde->bnhe", q.to(rdt), s_loc.real).to(odt)
+    return o_loc, s_loc, a.prod(dim=1), a.real, a.imag
+
+
+def _phase_starts(B: int, shape: tuple, cdt: torch.dtype, device) -> Tensor:
+    """Initial states ``1`` then ``-i`` (batch halves) of the gate-only scan: its outputs are
+    ``Re(c_t)`` and ``Re(-i c_t) = Im(c_t)``."""
+    return torch.cat([torch.ones((B, *shape), dtype=cdt, device=device),
+                      torch.full((B, *shape), -1j, dtype=cdt, device=device)])
+
+
+class _Local(NamedTuple):
+    """One rank's part in head layout: its slice scanned from a zero state, and its descriptor."""
+    q: Tensor  # (B, n, H, d)
+    o: Tensor  # (B, n, H, e), the outputs from a zero state
+    state: Tensor  # (B, H, d, e) complex, the final state from a zero state
+    total: Tensor  # (B, H) complex, the product of the slice's gates
+    c_re: Tensor  # (B, n, H), the cumulative gate product from the slice start
+    c_im: Tensor
+    initial_state: Optional[Tensor]  # (B, H, d, e) or None
+    desc: list
+
+
+def _heads_local(q, k, v, gate: dict, initial_state) -> _Local:
+    _check_shapes(q, k, v, gate, initial_state)
+    B, n, H, d = q.shape
+    odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    rdt, cdt = _acc(odt)
+    if n == 0:
+        o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q, k, v, torch.complex(*_gate_parts(gate)).to(cdt), odt)
+    else:
+        o_loc, s_loc = gate_loop_heads(q, k, v, **gate, output_final_state=True)
+        ones = q.new_ones((2 * B, n, H, 1), dtype=rdt)
+        zeros = q.new_zeros((2 * B, n, H, 1), dtype=rdt)
+        c, c_fin = gate_loop_heads(ones, zeros, zeros, **{name: torch.cat([t, t]) for name, t in gate.items()},
+                                   initial_state=_phase_starts(B, (H, 1, 1), cdt, q.device), output_final_state=True)
+        a_tot, c_re, c_im = c_fin[:B, :, 0, 0], c[:B, ..., 0], c[B:, ..., 0]
+    gate_t = gate.get("z", gate.get("log_magnitude"))
+    desc = [B, H, d, v.shape[-1], _dtype_code(q), _dtype_code(k), _dtype_code(v), _dtype_code(gate_t),
+            _dtype_code(initial_state)]
+    return _Local(q, o_loc, s_loc.to(cdt), a_tot.to(cdt), c_re.to(rdt), c_im.to(rdt), initial_state, desc)
+
+
+def _operator_local(q, k, v, a, initial_state) -> _Local:
+    layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
+    if layout != GATE_HEAD:
+        raise ValueError(f"context parallelism takes one gate per step, a: (B, n, 1, 1) = ({B}, {n}, 1, 1); "
+                         f"got a of shape {tuple(a.shape)}")
+    check_initial_state(initial_state, B, d, e, q.device)
+    odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    rdt, cdt = _acc(odt)
+    a = a.expand(B, n, 1, 1)
+    if n == 0:
+        o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q[:, :, None], k[:, :, None], v[:, :, None],
+                                                       a[..., 0].to(cdt), odt)
+    else:
+        o, s = gate_loop_operator(q, k, v, a, return_final_state=True)
+        ones = q.new_ones((2 * B, n, 1), dtype=rdt)
+        zeros = q.new_zeros((2 * B, n, 1), dtype=rdt)
+        c, c_fin = gate_loop_operator(ones, zeros, zeros, torch.cat([a, a]),
+                                      initial_state=_phase_starts(B, (1, 1), cdt, q.device), return_final_state=True)
+        o_loc, s_loc, a_tot, c_re, c_im = o[:, :, None], s[:, None], c_fin[:B, :, 0], c[:B], c[B:]
+    desc = [B, 1, d, e, _dtype_code(q), _dtype_code(k), _dtype_code(v), _dtype_code(a), _dtype_code(initial_state)]
+    s0 = None if initial_state is None else initial_state[:, None]
+    return _Local(q[:, :, None], o_loc, s_loc.to(cdt), a_tot.to(cdt), c_re.to(rdt), c_im.to(rdt), s0, desc)
+
+
+def _gate_parts(gate: dict) -> tuple[Tensor, Tensor]:
+    if gate.get("z") is not None:
+        return gate_from_preactivation(gate["z"])
+    return gate_from_log_polar(gate["log_magnitude"], gate["phase"])
+
+
+def _exchange_descriptors(desc: list, device: torch.device, group, world: int) -> Tensor:
+    mine = torch.tensor(desc, dtype=torch.int64, device=device)
+    out = mine.new_empty(world * DESCRIPTOR_LEN)
+    _all_gather_single(out, mine, group)
+    return out.view(world, DESCRIPTOR_LEN).cpu()
+
+
+def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.device):
+    """The exchange, the fold and the correction behind both entry points: ``(o (B, n, H, e), final state)``."""
+    rank, world = _group_rank(name, cp_group)
+    error: Optional[Exception] = None
+    desc = [1] + [0] * (DESCRIPTOR_LEN - 1)
+    try:
+        loc = local()
+        packed = torch.cat([torch.view_as_real(loc.total).reshape(-1), torch.view_as_real(loc.state).reshape(-1)])
+        desc = [0, *loc.desc, int(packed.requires_grad)]
+    except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
+        error = exc
+    table = _exchange_descriptors(desc, device, cp_group, world)
+    if error is not None:
+        raise error
+    failed = [j for j in range(world) if table[j, 0]]
+    if failed:
+        raise RuntimeError(f"{name}: the input of rank(s) {failed} of cp_group failed its checks "
+                           "(see the error raised there)")
+    for i in range(1, DESCRIPTOR_LEN):
+        if (table[:, i] != table[0, i]).any():
+            raise ValueError(f"{name}: the ranks of cp_group disagree on {_FIELDS[i]}: {table[:, i].tolist()} "
+                             "(by rank); every rank must pass the same batch, heads, head dims and dtypes, give "
+                             "initial_state alike, and need gradients alike")
+
+    B, _, H, d = loc.q.shape
+    e = loc.o.shape[-1]
+    gathered = _GatherStates.apply(packed, cp_group, world)
+    with torch.autocast(device_type=device.type, enabled=False):
+        parts = gathered.view(world, -1, 2)
+        a_all = torch.complex(parts[:, :B * H, 0], parts[:, :B * H, 1]).reshape(world, B, H, 1, 1)
+        s_all = torch.complex(parts[:, B * H:, 0], parts[:, B * H:, 1]).reshape(world, B, H, d, e)
+        s = s_all.new_zeros((B, H, d, e)) if loc.initial_state is None else loc.initial_state.to(s_all.dtype)
+        prefix = [s]
+        for j in range(world):
+            s = a_all[j] * s + s_all[j]
+            prefix.append(s)
+        # selecting from the stack of all prefixes keeps every rank's outputs tied to the exchange, so
+        # every rank's backward joins its reduce-scatter (rank 0's incoming state needs no other rank)
+        states = torch.stack(prefix)
+        o = _Correct.apply(loc.o, loc.q, states[rank], loc.c_re, loc.c_im)
+    return o, states[world]
+
+
+def _device(t) -> torch.device:
+    return t.device if isinstance(t, Tensor) else torch.device("cpu")
+
+
+def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[Tensor] = None,
+                       phase: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                       initial_state: Optional[Tensor] = None, output_final_state: bool = False, cp_group):
+    """:func:`gateloop_kernels.gate_loop_heads` on a sequence split along time across ``cp_group``.
+
+    Args:
+        q, k: ``(B, n_r, H, d)``; v: ``(B, n_r, H, e)``; this rank's slice ``r`` of the time axis
+            (``n_r`` may differ between ranks and may be 0). Real floating.
+        log_magnitude, phase: ``(B, n_r, H)``; or z: ``(B, n_r, H, 2)``: the gate, as in ``gate_loop_heads``.
+        initial_state: complex ``(B, H, d, e)``, the state before the first rank's first step, or
+            ``None``; every rank passes it (the same value) or none does. Its gradient on each rank
+            is that rank's share: summed over the group it is the single-process gradient.
+        output_final_state: also return the global final state (after the last rank's last step),
+            the same on every rank.
+        cp_group: a ``torch.distributed.ProcessGroup`` holding this rank (``group.WORLD`` for all).
+
+    Returns:
+        ``(o (B, n_r, H, e), final_state or None)``, as ``gate_loop_heads`` on the whole sequence
+        gives them for this slice.
+
+    Raises:
+        RuntimeError: torch.distributed not initialized; on every rank, when another rank's input
+            failed its local checks. TypeError: ``cp_group`` not a process group; wrong dtypes
+            (on the rank that passed them). ValueError: this process not in ``cp_group``; shapes
+            (on the rank that passed them); on every rank, when the ranks disagree on ``B, H, d, e``,
+            a dtype, giving an initial state, or whether gradients are needed.
+    """
+    gate = {name: t for name, t in (("z", z), ("log_magnitude", log_magnitude), ("phase", phase)) if t is not None}
+    o, final = _split_scan("gate_loop_heads_cp", cp_group, lambda: _heads_local(q, k, v, gate, initial_state),
+                           _device(q))
+    return o, (final if output_final_state else None)
+
+
+def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_state: Optional[Tensor] = None,
+                          return_final_state: bool = False, cp_group):
+    """:func:`gateloop_kernels.gate_loop_operator` on a sequence split along time across ``cp_group``.
+
+    Args:
+        q, k: ``(B, n_r, d)``; v: ``(B, n_r, e)``: this rank's slice of the time axis (may be empty).
+        a: the gate, one per step, complex or real, ``(B, n_r, 1, 1)`` (or ``(1, n_r, 1, 1)``).
+        initial_state: complex ``(B, d, e)`` or ``None``, as in :func:`gate_loop_heads_cp`.
+        return_final_state: also return the global final state ``(B, d, e)``, the same on every rank.
+        cp_group: a ``torch.distributed.ProcessGroup`` holding this rank.
+
+    Returns:
+        ``out (B, n_r, e)``, or ``(out, final_state)``.
+
+    Raises:
+        As :func:`gate_loop_heads_cp`; ValueError also for a gate per key dim or per entry.
+    """
+    o, final = _split_scan("gate_loop_operator_cp", cp_group, lambda: _operator_local(q, k, v, a, initial_state),
+                           _device(q))
+    return (o[:, :, 0], final[:, 0]) if return_final_state else o[:, :, 0]
+
+
+class _GlobalMean(torch.autograd.Function):
+    """Forward: the group's sum over its count; backward: this rank's share only (no collective)."""
+
+    @staticmethod
+    def forward(ctx, local_sum: Tensor, local_count: int, group) -> Tensor:  # type: ignore[override]
+        both = torch.stack([local_sum.detach().to(torch.float64),
+                            torch.tensor(float(local_count), dtype=torch.float64, device=local_sum.device)])
+        dist.all_reduce(both, group=group)
+        ctx.count = both[1].item()
+        return (both[0] / ctx.count).to(local_sum.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g / ctx.count, None, None
+
+
+def context_parallel_mean(local_sum: Tensor, local_count: int, cp_group) -> Tensor:
+    """The mean over a sequence split across ``cp_group``, e.g. the next-token loss of a model.
+
+    Args:
+        local_sum: scalar tensor, this rank's sum (e.g. ``cross_entropy(..., reduction="sum")`` of its tokens).
+        local_count: how many terms it sums (may be 0).
+        cp_group: the process group.
+
+    Returns:
+        The group's total over its total count, the same value on every rank (one all-reduce of two
+        float64 numbers). Its backward hands each rank the gradient of its own terms only, so that
+        backward on every rank gives parameter gradients that, summed over the group, are those of the
+        single-process mean.
+    """
+    _group_rank("context_parallel_mean", cp_group)
+    if not isinstance(local_sum, Tensor) or local_sum.ndim != 0:
+        raise ValueError(f"local_sum must be a scalar tensor, got {getattr(local_sum, 'shape', type(local_sum))}")
+    return _GlobalMean.apply(local_sum, local_count, cp_group)
