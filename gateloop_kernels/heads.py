@@ -52,7 +52,8 @@ def gate_from_log_polar(log_magnitude: Tensor, phase: Tensor) -> tuple[Tensor, T
 
 def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[Tensor] = None,
                     phase: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                    initial_state: Optional[Tensor] = None, output_final_state: bool = False):
+                    initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                    cp_group=None):
     """Gate-loop scan per head, ``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t``, in head layout.
 
     Args:
@@ -61,6 +62,8 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
         z: ``(B, n, H, 2)``, the gate ``polar(sigmoid(|z|), angle(z))`` (the seed's activation).
         initial_state: complex (or real: no imaginary part) ``(B, H, d, e)`` or ``None``.
         output_final_state: also return the final complex ``(B, H, d, e)`` state.
+        cp_group: a ``torch.distributed`` process group over which the time axis is split (this rank
+            passes its slice): :func:`gateloop_kernels.context_parallel.gate_loop_heads_cp`.
 
     Returns:
         ``(o, final_state)``: ``o (B, n, H, e)`` in the inputs' promoted dtype; ``final_state`` or ``None``.
@@ -68,6 +71,11 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
     Raises:
         TypeError: wrong dtypes. ValueError: shapes, devices, or not exactly one gate form.
     """
+    if cp_group is not None:
+        from .context_parallel import gate_loop_heads_cp  # it imports this module
+
+        return gate_loop_heads_cp(q, k, v, log_magnitude=log_magnitude, phase=phase, z=z, initial_state=initial_state,
+                                  output_final_state=output_final_state, cp_group=cp_group)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_real_float(name, t)
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:

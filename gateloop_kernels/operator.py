@@ -103,7 +103,7 @@ def _warn_reference(layout: str, d: int, e: int, dtype: torch.dtype) -> None:
 
 
 def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_state: Optional[Tensor] = None,
-                       return_final_state: bool = False):
+                       return_final_state: bool = False, cp_group=None):
     """Gate-loop scan: ``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t``.
 
     Args:
@@ -113,6 +113,8 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
             ``(B, n, 1, 1)`` one gate per sequence, ``(B, n, d, 1)`` one per key dim, ...
         initial_state: optional complex (or real) ``(B, d, e)`` state before the first step.
         return_final_state: also return the complex ``(B, d, e)`` state after the last step.
+        cp_group: a ``torch.distributed`` process group over which the time axis is split (this rank
+            passes its slice): :func:`gateloop_kernels.context_parallel.gate_loop_operator_cp`.
 
     Returns:
         ``out: (B, n, e)`` in the promoted dtype of ``q, k, v``, or ``(out, final_state)``.
@@ -124,6 +126,11 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
     Raises:
         TypeError: non-tensor or integer inputs. ValueError: shapes, devices.
     """
+    if cp_group is not None:
+        from .context_parallel import gate_loop_operator_cp  # it imports this module
+
+        return gate_loop_operator_cp(q, k, v, a, initial_state=initial_state, return_final_state=return_final_state,
+                                     cp_group=cp_group)
     layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     check_initial_state(initial_state, B, d, e, q.device)
     initial_state = _complex_state(initial_state)
