@@ -3,7 +3,7 @@
 ``ceilings()`` returns ``{"copy_bw": bytes/s, "fp32": FLOP/s, "tf32": ..., "bf16": ..., "measured": bool,
 "device": name}``: a device-to-device copy of 1 GiB (bytes read + written over the median time) and an
 8192^3 matrix product per precision (strict float32, tf32, bf16), each on random data (``do_bench``
-medians after warm-up). Without CUDA it returns the H100 figures of ``shared/DESIGN.md`` and says so
+medians after warm-up). Without CUDA it returns the H100 figures of ``docs/design.md`` and says so
 (``measured = False``), so the CPU runs of the benchmarks still print floors.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-#: measured on the H100 80GB (DESIGN.md): used where there is no GPU to measure
+#: measured on the H100 80GB (docs/kernels.md, section 8): used where there is no GPU to measure
 H100 = {"copy_bw": 3.0e12, "fp32": 52e12, "tf32": 375e12, "bf16": 790e12}
 
 
@@ -44,7 +44,7 @@ def copy_bandwidth() -> float:
 def ceilings() -> dict:
     """Copy bandwidth and matrix rates of the current CUDA device (or the H100 figures without CUDA)."""
     if not torch.cuda.is_available():
-        return {**H100, "measured": False, "device": "none (H100 figures from DESIGN.md)"}
+        return {**H100, "measured": False, "device": "none (H100 figures from docs/kernels.md)"}
     out = {"copy_bw": copy_bandwidth()}
     out["fp32"] = _matmul_rate(torch.float32, "highest")
     out["tf32"] = _matmul_rate(torch.float32, "high")

@@ -171,7 +171,7 @@ def fla_available():
     try:
         import fla.ops.common.chunk_o as co
         from fla.ops.simple_gla import chunk_simple_gla  # noqa: F401
-        co.TRITON_ABOVE_3_7_1 = True  # pass the Hopper guard (DESIGN.md: gradients checked at K = 128/256)
+        co.TRITON_ABOVE_3_7_1 = True  # pass the Hopper guard (docs/kernels.md: gradients checked at K = 128/256)
         return True
     except Exception as ex:  # noqa: BLE001
         log(f"[scan_chunked] fla not importable ({type(ex).__name__}: {ex}); fla columns skipped")

@@ -1,7 +1,7 @@
 """Chunked gate-loop scan on tensor cores (Triton): a complex gate per head, head dims 16..256.
 
 ``S_t = a_t S_{t-1} + k_t v_t^T`` (complex ``d x e`` state, complex scalar gate per head and step),
-``o_t = Re(S_t)^T q_t``, computed chunk by chunk (``BT = 64`` steps) as in ``shared/DESIGN.md``:
+``o_t = Re(S_t)^T q_t``, computed chunk by chunk (``BT = 64`` steps) as in ``docs/design.md``:
 
 * gates are only ever combined forward in time inside a chunk: chunk-local log-magnitude
   ``g_t = sum_{w<=t} log|a_w|``, a count ``z_t`` of zero gates (hard resets) and the unit phasor
@@ -70,7 +70,7 @@ _DEFAULT_BT = 64
 # ``cap_v``, where given, the value tile's), ``maxnreg`` caps the registers; for the state scan, ``block``
 # elements per program. Picked on the H100 at (64, 2048, 64) with ``python -m bench.scan_chunked --tune``
 # (which edits this table in memory and checks every configuration against the default's results; on the H200
-# in the ninth session); bench/RESULTS.md has the timings. bf16 differs from float32 only in the dq/dk and dv
+# in the ninth session); docs/history.md has the timings. bf16 differs from float32 only in the dq/dk and dv
 # kernels' tiles (64-wide, no register cap). fp16 keeps the configuration validated before the search for every
 # kernel with tensor-core dots: the tuned 4-warp one faulted there (an illegal address at
 # (d, e) = (96, 160) with Triton 3.6 on the H100; bf16, which differs only in running its state dots in bf16
@@ -902,7 +902,7 @@ def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False):
     and then scans them (``_chunk_local`` + ``_state_scan``).
     (H100, forward+backward device time of the three state passes at (64, 2048, 64) / (32, 8192, 64) /
     (16, 4096, 128), two passes -> one kernel: bf16 293 -> 144, 770 -> 492, 605 -> 271 us; tf32 342 -> 176,
-    850 -> 641, 686 -> 322 us; exact 387 -> 463, 925 -> 1352, 764 -> 906 us (its best tiles); bench/RESULTS.md.)"""
+    850 -> 641, 686 -> 322 us; exact 387 -> 463, 925 -> 1352, 764 -> 906 us (its best tiles); docs/history.md.)"""
     x, y = (fwd or rev)[:2]
     B, n, H, K = x.shape
     V = y.shape[-1]

@@ -1,7 +1,7 @@
 """Pure-PyTorch references of the gate-loop scan: the test oracles and the CPU path.
 
 Three implementations of ``o_t = Re(S_t)^T q_t`` with ``S_t = a_t S_{t-1} + k_t v_t^T``
-(see ``shared/DESIGN.md``), each a small function, all differentiable through autograd:
+(see ``docs/design.md``), each a small function, all differentiable through autograd:
 
 * :func:`associative_scan_reference` -- the seed's semantics (a parallel associative scan that
   materializes every state, ``O(B n d e)`` memory);
@@ -272,7 +272,7 @@ def _chunked_head_gate(q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Tensor
 @_no_autocast
 def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state: Optional[Tensor] = None,
                       return_final_state: bool = False, chunk_size: int = DEFAULT_CHUNK):
-    """Chunked gate-loop scan (DESIGN.md) for a gate per head ``a: (B|1, n, 1, 1)``.
+    """Chunked gate-loop scan (docs/design.md) for a gate per head ``a: (B|1, n, 1, 1)``.
 
     ``d = e = 1`` runs as a chunked first-order scan; ``d, e > 1`` as intra-chunk decayed attention
     over the step pairs ``s <= t`` only (:func:`_causal_attend`) plus a complex state carried between

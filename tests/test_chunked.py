@@ -125,7 +125,7 @@ def test_cpu_float32_wide_heads():
 
 
 #: a one-kernel state pass for the exact float32 mode (``chunked._CFG``'s ``chunk_states_exact``; the default,
-#: None, runs the two passes): the best one-kernel configuration of the H200 search (bench/RESULTS.md)
+#: None, runs the two passes): the best one-kernel configuration of the H200 search (docs/history.md)
 EXACT_ONE_KERNEL = {"cap": 32, "num_warps": 2, "num_stages": 2}
 
 
