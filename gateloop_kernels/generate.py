@@ -103,10 +103,13 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     out[:, :p] = prompt
     if max_new_tokens == 0:
         return out
-    cache = model.init_cache(b, p + max_new_tokens, device=prompt.device)
+    from .layers import Transformer
+
+    # our methods called explicitly: an upstream model patched by patch_gateloop_transformer() keeps its forward
+    cache = Transformer.init_cache(model, b, p + max_new_tokens, device=prompt.device)
 
     def step(tok: Tensor) -> Tensor:
-        return model(tok, cache=cache)[:, -1]
+        return Transformer.forward(model, tok, cache=cache)[:, -1]
 
     def pick(logits: Tensor) -> Tensor:
         return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)

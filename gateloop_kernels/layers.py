@@ -443,9 +443,13 @@ class Transformer(Module):
         layers = []
         for attn, _ in self.layers:
             mixer = attn.fn
-            layers.append(mixer.new_cache(batch_size, max_length, device=device, dtype=dtype)
-                          if isinstance(mixer, CausalFullAttention)
-                          else mixer.new_cache(batch_size, device=device, dtype=dtype))
+            if isinstance(mixer, CausalFullAttention):
+                layers.append(mixer.new_cache(batch_size, max_length, device=device, dtype=dtype))
+            elif hasattr(mixer, "new_cache"):
+                layers.append(mixer.new_cache(batch_size, device=device, dtype=dtype))
+            else:  # an upstream layer that patch_gateloop_transformer() does not replace
+                raise TypeError(f"{type(mixer).__name__} keeps no inference cache: build the model with "
+                                "gateloop_kernels.Transformer")
         return TransformerCache(self, layers, batch_size, dtype)
 
     def forward(self, x: Tensor, return_loss: bool = False, ablate_complex: Optional[bool] = None,
@@ -476,11 +480,12 @@ class Transformer(Module):
             cache.check(self, x)
         h = self.token_emb(x)
         kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)
-        if self.reversible and cache is None:
+        reversible = getattr(self, "reversible", False)  # patched upstream models have no such attribute
+        if reversible and cache is None:
             stack = self.__dict__["_reversible_stack"]
             stack.train(self.training)
             h = stack(h, **kwargs)
-        elif self.reversible:
+        elif reversible:
             # the stack's couplings run in plain autograd: y1 = x1 + attn(x2), y2 = x2 + ff(y1), halves averaged
             h1 = h2 = h
             for (attn, ff), c in zip(self.layers, cache.layers):

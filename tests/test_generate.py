@@ -268,3 +268,34 @@ def test_generate_cuda_graph(name):
     a = model.generate(prompt, 24, top_k=20, generator=gen.manual_seed(1), cuda_graph=False)
     b = model.generate(prompt, 24, top_k=20, generator=gen.manual_seed(1), cuda_graph=True)
     assert torch.equal(a, b)
+
+
+def test_patched_upstream_model_generates():
+    """An upstream gate-looped model, patched in place, generates the argmax continuation of its own forward."""
+    up = pytest.importorskip("gateloop_transformer.gateloop_transformer")
+    import gateloop_transformer.simplified_gate_loop as up_simple
+    from gateloop_kernels import patch_gateloop_transformer
+
+    saved = {(cls, name): cls.__dict__.get(name) for cls, names in
+             ((up.GateLoopedAttention, ("forward", "new_cache")), (up.Transformer, ("init_cache", "generate")),
+              (up_simple.SimpleGateLoopLayer, ("forward",))) for name in names}
+    saved_ops = up.gate_loop_operator, up_simple.gate_loop_operator
+    model = up.Transformer(dim=16, num_tokens=VOCAB, depth=2, gate_loop_heads=2).double()
+    prompt = torch.randint(0, VOCAB, (2, 4))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the seed's checkpoint warns about use_reentrant
+        want = _greedy_oracle(model, prompt, 6)
+    try:
+        patch_gateloop_transformer()
+        got = model.generate(prompt, 6, temperature=0)
+        full_attn = up.Transformer(dim=16, num_tokens=VOCAB, depth=1, use_gate_looped_attn=False)
+        with pytest.raises(TypeError, match="keeps no inference cache"):
+            full_attn.generate(prompt, 2)
+    finally:
+        up.gate_loop_operator, up_simple.gate_loop_operator = saved_ops
+        for (cls, name), fn in saved.items():
+            if fn is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, fn)
+    assert torch.equal(got, want)
