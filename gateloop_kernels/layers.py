@@ -8,6 +8,11 @@ What differs is inside: heads stay in the ``(b, n, h, d)`` layout, the gate acti
 no ``torch.utils.checkpoint`` wraps the scan (the kernels keep no per-step state), so the layers
 also run under bf16 autocast. ``Transformer(..., reversible=True)`` runs the same blocks through
 the :mod:`reversible` core (activation memory flat in depth).
+
+Inference: every attention layer takes ``cache=`` / ``return_cache=`` (gate-looped attention: the complex
+state per head, advanced by the fused decode step of :mod:`gateloop_kernels.decode`; full attention: a
+:class:`KVCache`; the simplified layer: the seed's ``(a, kv)`` pair), and so does ``Transformer.forward``
+(a :class:`TransformerCache`); ``Transformer.generate`` samples continuations.
 """
 from __future__ import annotations
 
@@ -385,9 +390,13 @@ class Transformer(Module):
 
     ``reversible=True`` runs the blocks as reversible couplings ``y1 = x1 + attn(x2)``,
     ``y2 = x2 + ff(y1)`` (input duplicated, output halves averaged; a different function from
-    the residual stack, with flat activation memory in depth). Needs pre-norm blocks.
-    ``forward(x, return_loss=False, ...)``: ``x`` token ids ``(b, n)``; logits ``(b, n, num_tokens)``
-    or, with ``return_loss``, the next-token cross-entropy (``n >= 2``, else a ValueError).
+    the residual stack, with flat activation memory in depth). Needs pre-norm blocks. With a cache, the
+    same couplings run in plain autograd (generation needs no activation memory).
+    ``forward(x, return_loss=False, ..., cache=None, return_cache=False)``: ``x`` token ids ``(b, n)``; logits
+    ``(b, n, num_tokens)`` or, with ``return_loss``, the next-token cross-entropy (``n >= 2``, else a
+    ValueError); with a cache (:meth:`init_cache`, :class:`TransformerCache`) the tokens continue cached
+    sequences: one prefill call for a prompt, then one decode step per token. :meth:`generate` samples
+    continuations on top (:mod:`gateloop_kernels.generate`).
     """
 
     def __init__(self, dim: int, *, num_tokens: int, depth: int, dim_head: int = 64, heads: int = 8,

@@ -299,3 +299,21 @@ def test_patched_upstream_model_generates():
             else:
                 setattr(cls, name, fn)
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["hd1", "hd64", "full-rotary"])
+def test_decode_memory_flat_cuda(name):
+    """Allocated GPU memory is the same after 10 and after 40 decode steps (the cache sized in advance)."""
+    model = _model(GPU_CONFIGS[name], torch.float32, "cuda")
+    x = torch.randint(0, VOCAB, (4, 140), device="cuda")
+    cache = model.init_cache(4, 140)
+    with torch.no_grad():
+        model(x[:, :100], cache=cache)
+        for t in range(100, 140):
+            model(x[:, t:t + 1], cache=cache)
+            if t == 109:
+                torch.cuda.synchronize()
+                allocated = torch.cuda.memory_allocated()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated
