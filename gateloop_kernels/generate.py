@@ -3,6 +3,7 @@ then one decode step per new token on the model's cache (O(1) time and memory pe
 attention), on CUDA replayed from a captured CUDA graph."""
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable, Optional
 
@@ -10,6 +11,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["generate", "sample"]
+
+_EOS_CHECK = 16
 
 
 def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -87,7 +90,7 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
 
     The prompt is one prefill call, then each token is a decode step on the model's cache (see
     :meth:`Transformer.forward`); tokens come from :func:`sample` (greedy at ``temperature=0``). A row that
-    emits ``eos_token`` is finished: it keeps getting ``eos_token``. On CUDA with ``cuda_graph`` the decode
+    emits ``eos_token`` is finished: it keeps getting ``eos_token`` (once all are, decoding stops). On CUDA with ``cuda_graph`` the decode
     step is captured once as a CUDA graph and replayed; where capture fails it runs eagerly, with one warning.
     ``generator`` drives the sampling. Runs under ``torch.no_grad()``, in the model's current mode.
 
@@ -105,11 +108,12 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
         return out
     from .layers import Transformer
 
-    # our methods called explicitly: an upstream model patched by patch_gateloop_transformer() keeps its forward
     cache = Transformer.init_cache(model, b, p + max_new_tokens, device=prompt.device)
+    # an upstream model patched by patch_gateloop_transformer() keeps its own forward (no cache): ours, called on it
+    forward = model if isinstance(model, Transformer) else functools.partial(Transformer.forward, model)
 
     def step(tok: Tensor) -> Tensor:
-        return Transformer.forward(model, tok, cache=cache)[:, -1]
+        return forward(tok, cache=cache)[:, -1]
 
     def pick(logits: Tensor) -> Tensor:
         return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
@@ -123,6 +127,10 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
             finished |= tok == eos_token
         out[:, p + i] = tok
         if i == max_new_tokens - 1:
+            break
+        # every row finished: the rest is padding (a host sync, so only every _EOS_CHECK steps)
+        if eos_token is not None and i % _EOS_CHECK == _EOS_CHECK - 1 and bool(finished.all()):
+            out[:, p + i + 1:] = eos_token
             break
         logits = run(tok[:, None])
         if i == 0 and cuda_graph and prompt.is_cuda:

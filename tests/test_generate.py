@@ -144,6 +144,12 @@ def test_generate_eos_pads_finished_rows():
             row[3 + int(hits[0]):] = eos
     assert torch.equal(got, want)
     assert (got[0, 5:] == eos).all()
+    # one row: finished by step 2, decoding stops early and pads
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    got1 = model.generate(prompt[:1], 40, temperature=0, eos_token=eos)
+    assert torch.equal(got1[:, 3:6], want[:1, 3:6]) and (got1[0, 5:] == eos).all()
+    assert len(calls) <= 17
 
 
 def test_sampling():
