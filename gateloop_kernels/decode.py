@@ -31,6 +31,7 @@ __all__ = ["gate_loop_decode_step", "decode_step_reference", "interpreted", "MAX
 MAX_HEAD_DIM = 256
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _TILE = 4096  # state entries per program: 32 per thread at 4 warps, real and imaginary in registers
+_MIN_PROGRAMS = 128  # about one per SM
 _INTERPRETED = False
 
 
@@ -86,6 +87,9 @@ def _blocks(R: int, d: int, e: int) -> tuple[int, int, int]:
     bd = triton.next_power_of_2(d)
     be = min(triton.next_power_of_2(e), max(1, _TILE // bd))
     br = min(triton.next_power_of_2(R), max(1, _TILE // (bd * be)), 1024)
+    # few rows (batch 1): narrower value blocks, so that more SMs share the state's traffic
+    while be > 8 and -(-R // br) * -(-e // be) < _MIN_PROGRAMS:
+        be //= 2
     return br, bd, be
 
 

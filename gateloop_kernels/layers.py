@@ -537,8 +537,8 @@ class TransformerCache:
         if x.ndim != 2 or x.shape[0] != self.batch_size:
             raise ValueError(f"cache holds {self.batch_size} sequences, got tokens of shape {tuple(x.shape)}")
         dtype = model.token_emb.weight.dtype
-        if (dtype == torch.float64) != (self.dtype == torch.float64) or (
-                not self.dtype.is_floating_point or torch.promote_types(dtype, self.dtype) != self.dtype):
+        # the cache must hold the parameters' precision; float64 states are complex128, all others complex64
+        if torch.promote_types(dtype, self.dtype) != self.dtype or (dtype == torch.float64) != (self.dtype == torch.float64):
             raise TypeError(f"cache was made for {self.dtype}, the model is {dtype}")
 
 

@@ -3,6 +3,7 @@ at every position), ``Transformer.generate`` (greedy = the argmax continuation o
 cache tensors that keep their size and storage, and bad input."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -60,14 +61,19 @@ def _prefill_then_decode(model, x, p, cache=None):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_prefill_decode_matches_full_forward(name, dtype):
+    """float64 to 1e-10; float32 to 1e-5, or to 8x the float32 full forward's own error where the model is
+    worse conditioned than that (the data-dependent rel pos divides keys by products down to 1e-10: its
+    float32 forward alone is up to ~1.3e-5 from float64), both against the float32 and the float64 forward."""
     model = _model(CONFIGS[name], dtype)
     x = torch.randint(0, VOCAB, (2, LENGTH))
-    tol = 1e-10 if dtype == torch.float64 else 1e-5
     with torch.no_grad():
         full = model(x)
+        truth = copy.deepcopy(model).double()(x)
+        tol = 1e-10 if dtype == torch.float64 else max(1e-5, 8 * _max_rel(full, truth))
         for p in (1, 63, 65):
             got, _ = _prefill_then_decode(model, x, p)
             assert _max_rel(got, full) <= tol, (name, p)
+            assert _max_rel(got, truth) <= max(tol, 1e-10), (name, p)
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("TRITON_INTERPRET"), reason="needs TRITON_INTERPRET=1")
