@@ -37,7 +37,8 @@ def _make(which: str, head_dim: int, dim: int, depth: int) -> nn.Module:
     if which == "attn":
         return Transformer(dim=dim, num_tokens=VOCAB, depth=depth, use_gate_looped_attn=False,
                            heads=dim // head_dim, dim_head=head_dim)
-    return Transformer(dim=dim, num_tokens=VOCAB, depth=depth, gate_loop_heads=None if head_dim == 1 else dim // head_dim)
+    return Transformer(dim=dim, num_tokens=VOCAB, depth=depth,
+                       gate_loop_heads=None if head_dim == 1 else dim // head_dim)
 
 
 class _Timer:

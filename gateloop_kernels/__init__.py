@@ -14,7 +14,8 @@ from . import reference
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
 from .operator import gate_loop_operator, simple_gate_loop_operator
 from .decode import gate_loop_decode_step
-from .layers import CausalFullAttention, GateLoopedAttention, KVCache, SimpleGateLoopLayer, Transformer, TransformerCache
+from .layers import (CausalFullAttention, GateLoopedAttention, KVCache, SimpleGateLoopLayer, Transformer,
+                     TransformerCache)
 from .patch import patch_gateloop_transformer
 
 __all__ = ["gate_loop_operator", "simple_gate_loop_operator", "gate_loop_heads", "gate_from_preactivation",

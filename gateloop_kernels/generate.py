@@ -90,8 +90,9 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
 
     The prompt is one prefill call, then each token is a decode step on the model's cache (see
     :meth:`Transformer.forward`); tokens come from :func:`sample` (greedy at ``temperature=0``). A row that
-    emits ``eos_token`` is finished: it keeps getting ``eos_token`` (once all are, decoding stops). On CUDA with ``cuda_graph`` the decode
-    step is captured once as a CUDA graph and replayed; where capture fails it runs eagerly, with one warning.
+    emits ``eos_token`` is finished: it keeps getting ``eos_token`` (once all are, decoding stops). On CUDA with
+    ``cuda_graph`` the decode step is captured once as a CUDA graph and replayed; where capture fails it runs
+    eagerly, with one warning.
     ``generator`` drives the sampling. Runs under ``torch.no_grad()``, in the model's current mode.
 
     Raises:

@@ -167,7 +167,8 @@ class CausalFullAttention(Module):
         b, n, _ = x.shape
         q, k, v = map(self._heads, self.to_qkv(x).chunk(3, dim=-1))
         if cache is None and return_cache:
-            cache = self.new_cache(b, n, device=x.device, dtype=torch.promote_types(v.dtype, self.to_qkv[0].weight.dtype))
+            dtype = torch.promote_types(v.dtype, self.to_qkv[0].weight.dtype)
+            cache = self.new_cache(b, n, device=x.device, dtype=dtype)
         if cache is not None:
             cache.check(q, v)
         # a fresh cache holds nothing: positions 0..n-1 and plain causal attention, as without one
@@ -229,7 +230,8 @@ class KVCache:
         b, h, _, d = v.shape
         if (self.k.shape[0], self.k.shape[1], self.k.shape[3]) != (b, h, d):
             raise ValueError(f"cache holds (b, heads, dim_head) = ({self.k.shape[0]}, {self.k.shape[1]}, "
-                             f"{self.k.shape[3]}), the call ({b}, {h}, {d}) (a cache from another layer or batch size?)")
+                             f"{self.k.shape[3]}), the call ({b}, {h}, {d}) (a cache from another layer or batch "
+                             "size?)")
         if torch.promote_types(v.dtype, self.k.dtype) != self.k.dtype:
             raise TypeError(f"cache is {self.k.dtype}, narrower than the {v.dtype} activations (a cache from "
                             f"another dtype?)")
@@ -538,7 +540,8 @@ class TransformerCache:
             raise ValueError(f"cache holds {self.batch_size} sequences, got tokens of shape {tuple(x.shape)}")
         dtype = model.token_emb.weight.dtype
         # the cache must hold the parameters' precision; float64 states are complex128, all others complex64
-        if torch.promote_types(dtype, self.dtype) != self.dtype or (dtype == torch.float64) != (self.dtype == torch.float64):
+        if (torch.promote_types(dtype, self.dtype) != self.dtype
+                or (dtype == torch.float64) != (self.dtype == torch.float64)):
             raise TypeError(f"cache was made for {self.dtype}, the model is {dtype}")
 
 

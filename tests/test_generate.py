@@ -266,15 +266,17 @@ def test_prefill_decode_cuda(name):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["f32", "bf16-autocast"])
 @pytest.mark.parametrize("name", list(GPU_CONFIGS))
-def test_generate_cuda_graph(name):
+def test_generate_cuda_graph(name, amp):
     """The captured decode graph gives the eager loop's tokens, and capture succeeds (no fallback warning)."""
     model = _model(GPU_CONFIGS[name], torch.float32, "cuda")
     prompt = torch.randint(0, VOCAB, (8, 17), device="cuda")
-    eager = model.generate(prompt, 24, temperature=0, cuda_graph=False)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        graphed = model.generate(prompt, 24, temperature=0, cuda_graph=True)
+    with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+        eager = model.generate(prompt, 24, temperature=0, cuda_graph=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graphed = model.generate(prompt, 24, temperature=0, cuda_graph=True)
     assert not [w for w in caught if "capture failed" in str(w.message)], [str(w.message) for w in caught]
     assert torch.equal(graphed, eager)
     gen = torch.Generator("cuda")
