@@ -63,8 +63,8 @@ def _captured_step(step: Callable[[Tensor], Tensor], token: Tensor, cache) -> Op
     without running it, so the first replay is that step."""
     static_in = token.clone()
     lengths = [c.length for c in cache.layers if hasattr(c, "length")]
-    graph = torch.cuda.CUDAGraph()
     try:
+        graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_out = step(static_in)
     except Exception as err:  # noqa: BLE001 - any failure of capture falls back to eager

@@ -345,3 +345,27 @@ def test_bench_generate_runs(tmp_path):
     assert {r["which"] for r in rows} >= {"ours", "attn"}
     for r in rows:
         assert r["decode_ms"] > 0 and r["tokens_per_s"] > 0, r
+
+
+def test_failed_capture_falls_back(monkeypatch):
+    """Where capture fails midway (here: the step raises after the layers ran, as an op that cannot be
+    captured would) the step stays eager: one warning, and the key/value caches' host-side length is what it
+    was before the attempt (capture runs the Python side of a step, not its kernels)."""
+    import contextlib
+
+    from gateloop_kernels import generate as G
+
+    model = _model(FULL_ATTN["full-rotary"])
+    x = torch.randint(0, VOCAB, (2, 6))
+    cache = model.init_cache(2, 8)
+    with torch.no_grad():
+        model(x[:, :5], cache=cache)
+
+    def step(t):
+        model(t, cache=cache)
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    with torch.no_grad(), pytest.warns(UserWarning, match="capture failed .*not permitted.*decoding eagerly"):
+        assert G._captured_step(step, x[:, 5:6], cache) is None
+    assert [c.length for c in cache.layers] == [5, 5]
