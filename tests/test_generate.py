@@ -65,15 +65,17 @@ def test_prefill_decode_matches_full_forward(name, dtype):
     worse conditioned than that (the data-dependent rel pos divides keys by products down to 1e-10: its
     float32 forward alone is up to ~1.3e-5 from float64), both against the float32 and the float64 forward."""
     model = _model(CONFIGS[name], dtype)
-    x = torch.randint(0, VOCAB, (2, LENGTH))
-    with torch.no_grad():
-        full = model(x)
-        truth = copy.deepcopy(model).double()(x)
-        tol = 1e-10 if dtype == torch.float64 else max(1e-5, 8 * _max_rel(full, truth))
-        for p in (1, 63, 65):
-            got, _ = _prefill_then_decode(model, x, p)
-            assert _max_rel(got, full) <= tol, (name, p)
-            assert _max_rel(got, truth) <= max(tol, 1e-10), (name, p)
+    model64 = copy.deepcopy(model).double()
+    # p = 1 and the chunk +- 1 on one sequence; a long prompt (3 chunks and a part) on a longer one
+    for length, prompts in ((LENGTH, (1, 63, 65)), (4 * 64 + 5, (4 * 64 + 2,))):
+        x = torch.randint(0, VOCAB, (2, length))
+        with torch.no_grad():
+            full, truth = model(x), model64(x)
+            tol = 1e-10 if dtype == torch.float64 else max(1e-5, 8 * _max_rel(full, truth))
+            for p in prompts:
+                got, _ = _prefill_then_decode(model, x, p)
+                assert _max_rel(got, full) <= tol, (name, p)
+                assert _max_rel(got, truth) <= max(tol, 1e-10), (name, p)
 
 
 @pytest.mark.skipif(not __import__("os").environ.get("TRITON_INTERPRET"), reason="needs TRITON_INTERPRET=1")
