@@ -8,9 +8,15 @@ What differs is inside: heads stay in the ``(b, n, h, d)`` layout, the gate acti
 no ``torch.utils.checkpoint`` wraps the scan (the kernels keep no per-step state), so the layers
 also run under bf16 autocast. ``Transformer(..., reversible=True)`` runs the same blocks through
 the :mod:`reversible` core (activation memory flat in depth).
+
+Inference: every attention layer takes ``cache=`` / ``return_cache=`` (gate-looped attention: the complex
+state per head, advanced by the fused decode step of :mod:`gateloop_kernels.decode`; full attention: a
+:class:`KVCache`; the simplified layer: the seed's ``(a, kv)`` pair), and so does ``Transformer.forward``
+(a :class:`TransformerCache`); ``Transformer.generate`` samples continuations.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -18,11 +24,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
+from .decode import gate_loop_decode_step
 from .heads import gate_loop_heads
 from .operator import simple_gate_loop_operator
 
 __all__ = ["RMSNorm", "PreNorm", "PostNorm", "FeedForward", "CausalFullAttention", "GateLoopedAttention",
-           "SimpleGateLoopLayer", "Transformer"]
+           "SimpleGateLoopLayer", "Transformer", "KVCache", "TransformerCache"]
 
 
 class RMSNorm(Module):
@@ -130,11 +137,44 @@ class CausalFullAttention(Module):
     def _heads(self, t: Tensor) -> Tensor:  # (b, n, h*d) -> (b, h, n, d)
         return t.unflatten(-1, (self.heads, t.shape[-1] // self.heads)).transpose(1, 2)  # sized: n may be 0
 
-    def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False) -> Tensor:
+    def new_cache(self, batch: int, capacity: int, *, device=None, dtype: Optional[torch.dtype] = None) -> "KVCache":
+        """An empty :class:`KVCache` for ``batch`` sequences of up to ``capacity`` tokens (it grows past that
+        in eager calls); ``dtype`` / ``device`` default to the layer's parameters'."""
+        w = self.to_qkv[0].weight
+        dim_head = w.shape[0] // (3 * self.heads)
+        shape = (batch, self.heads, capacity, dim_head)
+        k = torch.zeros(shape, device=w.device if device is None else device, dtype=dtype or w.dtype)
+        return KVCache(k, torch.zeros_like(k))
+
+    def _rotate(self, t: Tensor, pos: Optional[Tensor]) -> Tensor:
+        """Rotary embedding at positions ``pos (n,)`` (device int64), or ``0..n-1`` for ``None``."""
+        if pos is None:
+            return self.rotary_emb.rotate_queries_or_keys(t)
+        from rotary_embedding_torch import apply_rotary_emb
+
+        # positions in t's dtype, as the library's own get_seq_pos makes them
+        freqs = self.rotary_emb(pos.to(t.dtype) / self.rotary_emb.interpolate_factor)
+        return apply_rotary_emb(freqs, t, seq_dim=-2)
+
+    def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False,
+                cache: Optional["KVCache"] = None, return_cache: bool = False):
+        """``x (b, n, dim)`` -> ``(b, n, dim)``, or ``(out, cache)`` with ``return_cache``.
+
+        The cache keeps every key (scaled by its token's data-dependent factor, which depends on that token
+        alone: the seed's product runs over feature pairs, not time) and value; a given one is extended in
+        place (buffers reallocated only when full), any number of tokens per call.
+        """
+        b, n, _ = x.shape
         q, k, v = map(self._heads, self.to_qkv(x).chunk(3, dim=-1))
+        if cache is None and return_cache:
+            dtype = torch.promote_types(v.dtype, self.to_qkv[0].weight.dtype)
+            cache = self.new_cache(b, n, device=x.device, dtype=dtype)
+        if cache is not None:
+            cache.check(q, v)
+        # a fresh cache holds nothing: positions 0..n-1 and plain causal attention, as without one
+        pos = None if cache is None or cache.length == 0 else cache.pos + torch.arange(n, device=x.device)
         if self.rotary_emb is not None:
-            q = self.rotary_emb.rotate_queries_or_keys(q)
-            k = self.rotary_emb.rotate_queries_or_keys(k)
+            q, k = self._rotate(q, pos), self._rotate(k, pos)
         q = q * self.scale
         if self.data_dependent_rel_pos and not ablate_state_transition:
             z = _frac_gradient(self.to_a(x), self.frac_gradient_data_dependent_rel_pos)
@@ -147,17 +187,68 @@ class CausalFullAttention(Module):
             cum_real = a.cumprod(dim=-1).real.clamp(min=1e-10)[..., None]
             q = (q.unflatten(-1, (-1, 2)) * cum_real).flatten(-2)
             k = (k.unflatten(-1, (-1, 2)) / cum_real).flatten(-2)
-        n = x.shape[1]
+        mask = None
+        if cache is not None:
+            cache.append(k, v, n)
+            if pos is not None:
+                k, v = cache.k.to(q.dtype), cache.v.to(q.dtype)
+                mask = torch.arange(k.shape[2], device=x.device) <= pos[:, None]  # (n, capacity)
         if self.softmax_normalize:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+            out = (F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0) if mask is None
+                   else F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0))
         else:
             sim = q @ k.transpose(-1, -2)
-            keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            keep = torch.ones(n, n, dtype=torch.bool, device=x.device).tril() if mask is None else mask
             out = sim.masked_fill(~keep, 0.0) @ v
         out = out.transpose(1, 2).flatten(2)
         if self.to_gates is not None:
             out = out * self.to_gates(x)
-        return self.to_out(out)
+        out = self.to_out(out)
+        return (out, cache) if return_cache else out
+
+
+class KVCache:
+    """The key/value cache of a :class:`CausalFullAttention`.
+
+    ``k``, ``v``: ``(b, heads, capacity, dim_head)`` buffers (the layer's parameter dtype: exact copies of
+    lower-precision activations), the first ``length`` slots filled; ``pos``: the same count as a device
+    int64 scalar, which the layer reads (so a captured CUDA graph of a decode step advances it by itself);
+    ``length``: its host copy, which decides when the buffers grow (eager calls only).
+    """
+
+    def __init__(self, k: Tensor, v: Tensor) -> None:
+        self.k, self.v = k, v
+        self.pos = torch.zeros((), dtype=torch.int64, device=k.device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def check(self, q: Tensor, v: Tensor) -> None:
+        """Raise unless this cache fits a layer call with queries ``q`` and values ``v`` ``(b, h, n, d)``."""
+        b, h, _, d = v.shape
+        if (self.k.shape[0], self.k.shape[1], self.k.shape[3]) != (b, h, d):
+            raise ValueError(f"cache holds (b, heads, dim_head) = ({self.k.shape[0]}, {self.k.shape[1]}, "
+                             f"{self.k.shape[3]}), the call ({b}, {h}, {d}) (a cache from another layer or batch "
+                             "size?)")
+        if torch.promote_types(v.dtype, self.k.dtype) != self.k.dtype:
+            raise TypeError(f"cache is {self.k.dtype}, narrower than the {v.dtype} activations (a cache from "
+                            f"another dtype?)")
+        if self.k.device != v.device:
+            raise ValueError(f"cache is on {self.k.device}, the layer's inputs on {v.device}")
+
+    def append(self, k: Tensor, v: Tensor, n: int) -> None:
+        """Write ``n`` new keys and values ``(b, h, n, d)`` after the ones held, in place."""
+        if self.length + n > self.capacity:
+            grown = max(2 * self.capacity, self.length + n)
+            pad = (0, 0, 0, grown - self.capacity)
+            self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
+        idx = self.pos + torch.arange(n, device=k.device)
+        self.k.index_copy_(2, idx, k.detach().to(self.k.dtype))
+        self.v.index_copy_(2, idx, v.detach().to(self.v.dtype))
+        self.pos.add_(n)
+        self.length += n
 
 
 class GateLoopedAttention(Module):
@@ -185,7 +276,24 @@ class GateLoopedAttention(Module):
         self.to_out = (nn.Linear(dim_inner, dim, bias=False) if dim_inner != dim or add_swish_gating
                        else nn.Identity())
 
-    def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False) -> Tensor:
+    def new_cache(self, batch: int, *, device=None, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """The state before any token: zeros ``(batch, H, d, e)``, complex128 for a float64 ``dtype``
+        (default: the parameters'), else complex64."""
+        w = self.to_qkv.weight
+        heads = self.to_a[0].out_features // 2
+        d = w.shape[0] // (3 * heads)
+        return torch.zeros((batch, heads, d, d), device=w.device if device is None else device,
+                           dtype=_state_dtype(dtype or w.dtype))
+
+    def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False,
+                cache: Optional[Tensor] = None, return_cache: bool = False):
+        """``x (b, n, dim)`` -> ``(b, n, dim)``, or ``(out, cache)`` with ``return_cache``.
+
+        The cache is the complex state per head, ``(b, H, d, e)``, complex64 (complex128 for float64
+        inputs), detached: pass it back to continue the sequence. A given cache is updated in place
+        (same storage), by the fused decode step for one token (``n = 1``, inference only: under
+        ``torch.no_grad()``) or by the scan from it for ``n > 1``.
+        """
         # written against attributes the upstream class has too, so patch_gateloop_transformer()
         # can install it on upstream instances
         b, n, _ = x.shape
@@ -193,17 +301,52 @@ class GateLoopedAttention(Module):
         heads = lin_a.out_features // 2
         q, k, v = (t.unflatten(-1, (heads, -1)) for t in self.to_qkv(x).chunk(3, dim=-1))
         z = _frac_gradient(lin_a(x), self.frac_gradient_state_transition).unflatten(-1, (heads, 2))
-        if ablate_state_transition:
-            no_decay = torch.zeros(b, n, heads, device=x.device, dtype=torch.float32)  # gate exp(0 + 0i) = 1
-            out, _ = gate_loop_heads(q, k, v, log_magnitude=no_decay, phase=no_decay)
+        if ablate_complex and not ablate_state_transition:
+            z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
+        if cache is not None:
+            _check_state_cache(cache, q, v)
+        if cache is not None and n == 1:
+            o = gate_loop_decode_step(q[:, 0], k[:, 0], v[:, 0], cache,
+                                      z=None if ablate_state_transition else z[:, 0])
+            out = o[:, None]
         else:
-            if ablate_complex:
-                z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
-            out, _ = gate_loop_heads(q, k, v, z=z)
+            want_state = cache is not None or return_cache
+            if ablate_state_transition:
+                no_decay = torch.zeros(b, n, heads, device=x.device, dtype=torch.float32)  # gate exp(0 + 0i) = 1
+                out, state = gate_loop_heads(q, k, v, log_magnitude=no_decay, phase=no_decay, initial_state=cache,
+                                             output_final_state=want_state)
+            else:
+                out, state = gate_loop_heads(q, k, v, z=z, initial_state=cache, output_final_state=want_state)
+            if cache is None and want_state:
+                cache = state.detach().to(_state_dtype(out.dtype)).contiguous()
+            elif cache is not None:
+                cache.copy_(state.detach())
         out = self.maybe_sub_ln(out.flatten(2))
         if self.to_gates is not None:
             out = self.to_gates(x) * out
-        return self.to_out(out)
+        out = self.to_out(out)
+        return (out, cache) if return_cache else out
+
+
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
+def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor) -> None:
+    """A gate-loop cache must be the state this layer would make for these inputs."""
+    b, _, heads, d = q.shape
+    e = v.shape[-1]
+    if not isinstance(cache, Tensor):
+        raise TypeError(f"cache must be the complex state tensor a previous call returned, got {type(cache).__name__}")
+    want = _state_dtype(torch.promote_types(q.dtype, v.dtype))
+    if cache.dtype != want:
+        raise TypeError(f"cache must be {want} for {q.dtype} activations (a cache from another dtype?), got "
+                        f"{cache.dtype}")
+    if tuple(cache.shape) != (b, heads, d, e):
+        raise ValueError(f"cache must be the state (b, H, d, e) = ({b}, {heads}, {d}, {e}) (a cache from another "
+                         f"layer or batch size?), got {tuple(cache.shape)}")
+    if cache.device != q.device:
+        raise ValueError(f"cache is on {cache.device}, the layer's inputs on {q.device}")
 
 
 class SimpleGateLoopLayer(Module):
@@ -249,9 +392,13 @@ class Transformer(Module):
 
     ``reversible=True`` runs the blocks as reversible couplings ``y1 = x1 + attn(x2)``,
     ``y2 = x2 + ff(y1)`` (input duplicated, output halves averaged; a different function from
-    the residual stack, with flat activation memory in depth). Needs pre-norm blocks.
-    ``forward(x, return_loss=False, ...)``: ``x`` token ids ``(b, n)``; logits ``(b, n, num_tokens)``
-    or, with ``return_loss``, the next-token cross-entropy (``n >= 2``, else a ValueError).
+    the residual stack, with flat activation memory in depth). Needs pre-norm blocks. With a cache, the
+    same couplings run in plain autograd (generation needs no activation memory).
+    ``forward(x, return_loss=False, ..., cache=None, return_cache=False)``: ``x`` token ids ``(b, n)``; logits
+    ``(b, n, num_tokens)`` or, with ``return_loss``, the next-token cross-entropy (``n >= 2``, else a
+    ValueError); with a cache (:meth:`init_cache`, :class:`TransformerCache`) the tokens continue cached
+    sequences: one prefill call for a prompt, then one decode step per token. :meth:`generate` samples
+    continuations on top (:mod:`gateloop_kernels.generate`).
     """
 
     def __init__(self, dim: int, *, num_tokens: int, depth: int, dim_head: int = 64, heads: int = 8,
@@ -296,29 +443,106 @@ class Transformer(Module):
             self.__dict__["_reversible_stack"] = ReversibleSequence(blocks, dim=-1, merge="mean",
                                                                     args_route=attn_only)
 
+    def init_cache(self, batch_size: int, max_length: int = 0, *, device=None,
+                   dtype: Optional[torch.dtype] = None) -> "TransformerCache":
+        """An empty cache for ``batch_size`` sequences: zero states for gate-looped attention, key/value
+        buffers of ``max_length`` tokens for full attention (they grow past it in eager calls; a captured
+        decode graph needs them sized in advance). ``device`` / ``dtype`` default to the parameters'."""
+        w = self.token_emb.weight
+        device = w.device if device is None else device
+        dtype = dtype or w.dtype
+        layers = []
+        for attn, _ in self.layers:
+            mixer = attn.fn
+            if isinstance(mixer, CausalFullAttention):
+                layers.append(mixer.new_cache(batch_size, max_length, device=device, dtype=dtype))
+            elif hasattr(mixer, "new_cache"):
+                layers.append(mixer.new_cache(batch_size, device=device, dtype=dtype))
+            else:  # an upstream layer that patch_gateloop_transformer() does not replace
+                raise TypeError(f"{type(mixer).__name__} keeps no inference cache: build the model with "
+                                "gateloop_kernels.Transformer")
+        return TransformerCache(self, layers, batch_size, dtype)
+
     def forward(self, x: Tensor, return_loss: bool = False, ablate_complex: Optional[bool] = None,
-                ablate_state_transition: Optional[bool] = None) -> Tensor:
+                ablate_state_transition: Optional[bool] = None, cache: Optional["TransformerCache"] = None,
+                return_cache: bool = False):
+        """``x (b, n)`` token ids -> logits ``(b, n, num_tokens)``; the loss with ``return_loss``;
+        ``(logits, cache)`` with ``return_cache``.
+
+        With a cache (from :meth:`init_cache` or a previous ``return_cache=True`` call) the tokens continue
+        the cached sequences: a prompt of any length is one call (the scan from the cached states), then one
+        new token per sequence is a decode step (the fused step, inference only: under ``torch.no_grad()``).
+        The cache is updated in place. Raises ValueError for a cache of another model or batch size, or
+        with ``return_loss``; TypeError for a cache made for another dtype.
+        """
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
                                    else ablate_state_transition)
         if return_loss:
+            if cache is not None or return_cache:
+                raise ValueError("return_loss=True does not take or return a cache")
             if x.shape[1] < 2:  # the loss of no target is a mean over nothing: NaN
                 raise ValueError(f"return_loss=True needs at least 2 tokens (each predicts the next), got x of "
                                  f"shape {tuple(x.shape)}")
             x, labels = x[:, :-1], x[:, 1:]
+        if cache is None and return_cache:
+            cache = self.init_cache(x.shape[0], x.shape[1], device=x.device)
+        if cache is not None:
+            cache.check(self, x)
         h = self.token_emb(x)
         kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)
-        if self.reversible:
+        reversible = getattr(self, "reversible", False)  # patched upstream models have no such attribute
+        if reversible and cache is None:
             stack = self.__dict__["_reversible_stack"]
             stack.train(self.training)
             h = stack(h, **kwargs)
+        elif reversible:
+            # the stack's couplings run in plain autograd: y1 = x1 + attn(x2), y2 = x2 + ff(y1), halves averaged
+            h1 = h2 = h
+            for (attn, ff), c in zip(self.layers, cache.layers):
+                h1 = h1 + attn.branch(h2, cache=c, **kwargs)
+                h2 = h2 + ff.branch(h1)
+            h = (h1 + h2).mul_(0.5)
         else:
-            for attn, ff in self.layers:
-                h = ff(attn(h, **kwargs))
+            for (attn, ff), c in zip(self.layers, cache.layers if cache is not None else [None] * len(self.layers)):
+                h = ff(attn(h, cache=c, **kwargs))
         logits = self.to_logits(h)
-        if not return_loss:
-            return logits
-        return F.cross_entropy(logits.transpose(1, 2), labels)
+        if return_loss:
+            return F.cross_entropy(logits.transpose(1, 2), labels)
+        return (logits, cache) if return_cache else logits
+
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, eos_token: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, cuda_graph: bool = True) -> Tensor:
+        """``prompt (b, p)`` token ids followed by ``max_new_tokens`` sampled ones, ``(b, p + max_new_tokens)``:
+        see :func:`gateloop_kernels.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        eos_token=eos_token, generator=generator, cuda_graph=cuda_graph)
+
+
+class TransformerCache:
+    """The inference cache of a :class:`Transformer`: ``layers`` holds one cache per block (a gate-looped
+    layer's complex state tensor, or a :class:`KVCache`), made for one model, batch size and dtype."""
+
+    def __init__(self, model: Module, layers: list, batch_size: int, dtype: torch.dtype) -> None:
+        self._model = weakref.ref(model)
+        self.layers = layers
+        self.batch_size = batch_size
+        self.dtype = dtype
+
+    def check(self, model: Module, x: Tensor) -> None:
+        """Raise unless this cache can continue ``model``'s sequences with tokens ``x (b, n)``."""
+        if self._model() is not model:
+            raise ValueError("cache was made by another model (or for another Transformer instance)")
+        if x.ndim != 2 or x.shape[0] != self.batch_size:
+            raise ValueError(f"cache holds {self.batch_size} sequences, got tokens of shape {tuple(x.shape)}")
+        dtype = model.token_emb.weight.dtype
+        # the cache must hold the parameters' precision; float64 states are complex128, all others complex64
+        if (torch.promote_types(dtype, self.dtype) != self.dtype
+                or (dtype == torch.float64) != (self.dtype == torch.float64)):
+            raise TypeError(f"cache was made for {self.dtype}, the model is {dtype}")
 
 
 class _Branch(Module):

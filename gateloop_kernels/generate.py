@@ -1,0 +1,140 @@
+"""Autoregressive generation with a :class:`gateloop_kernels.Transformer`: one prefill call over the prompt,
+then one decode step per new token on the model's cache (O(1) time and memory per token for gate-looped
+attention), on CUDA replayed from a captured CUDA graph."""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["generate", "sample"]
+
+_EOS_CHECK = 16
+
+
+def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+           generator: Optional[torch.Generator] = None) -> Tensor:
+    """One token id per row of ``logits (b, vocab)``: the argmax at ``temperature == 0``, else a draw from
+    ``softmax(logits / temperature)`` restricted to the ``top_k`` largest and to the smallest set of
+    tokens whose probability reaches ``top_p`` (nucleus). Returns ``(b,)`` int64."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first one is always kept)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def _check_args(prompt: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
+                top_p: Optional[float], eos_token: Optional[int], vocab: int) -> None:
+    if not isinstance(prompt, Tensor) or prompt.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"prompt must be an int64 (or int32) tensor of token ids, got "
+                        f"{prompt.dtype if isinstance(prompt, Tensor) else type(prompt).__name__}")
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be (batch, p) with p >= 1 tokens, got shape {tuple(prompt.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    if eos_token is not None and not 0 <= eos_token < vocab:
+        raise ValueError(f"eos_token must be a token id in [0, {vocab}), got {eos_token!r}")
+
+
+def _captured_step(step: Callable[[Tensor], Tensor], token: Tensor, cache) -> Optional[Callable[[Tensor], Tensor]]:
+    """``step`` as a replay of a CUDA graph (``token (b, 1)`` -> logits), or ``None`` where capture fails.
+
+    The caller has run one eager step (kernels compiled, buffers allocated); capture records the next one
+    without running it, so the first replay is that step."""
+    static_in = token.clone()
+    lengths = [c.length for c in cache.layers if hasattr(c, "length")]
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = step(static_in)
+    except Exception as err:  # noqa: BLE001 - any failure of capture falls back to eager
+        for c, n in zip((c for c in cache.layers if hasattr(c, "length")), lengths):
+            c.length = n
+        warnings.warn(f"generate: CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly",
+                      stacklevel=3)
+        return None
+    # capture ran the Python side of one step (host counters) without its kernels: the first replay does them
+    def replay(tok: Tensor) -> Tensor:
+        static_in.copy_(tok)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+@torch.no_grad()
+def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, eos_token: Optional[int] = None,
+             generator: Optional[torch.Generator] = None, cuda_graph: bool = True) -> Tensor:
+    """``prompt (b, p)`` with ``max_new_tokens`` tokens appended, ``(b, p + max_new_tokens)`` int64.
+
+    The prompt is one prefill call, then each token is a decode step on the model's cache (see
+    :meth:`Transformer.forward`); tokens come from :func:`sample` (greedy at ``temperature=0``). A row that
+    emits ``eos_token`` is finished: it keeps getting ``eos_token`` (once all are, decoding stops). On CUDA with
+    ``cuda_graph`` the decode step is captured once as a CUDA graph and replayed; where capture fails it runs
+    eagerly, with one warning.
+    ``generator`` drives the sampling. Runs under ``torch.no_grad()``, in the model's current mode.
+
+    Raises:
+        TypeError: a non-integer prompt or ``max_new_tokens``. ValueError: ``max_new_tokens < 0``, an empty
+        prompt, ``temperature < 0``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``, ``eos_token`` out of range.
+    """
+    vocab = model.token_emb.num_embeddings
+    _check_args(prompt, max_new_tokens, temperature, top_k, top_p, eos_token, vocab)
+    prompt = prompt.long()
+    b, p = prompt.shape
+    out = torch.empty((b, p + max_new_tokens), dtype=torch.int64, device=prompt.device)
+    out[:, :p] = prompt
+    if max_new_tokens == 0:
+        return out
+    from .layers import Transformer
+
+    cache = Transformer.init_cache(model, b, p + max_new_tokens, device=prompt.device)
+    # an upstream model patched by patch_gateloop_transformer() keeps its own forward (no cache): ours, called on it
+    forward = model if isinstance(model, Transformer) else functools.partial(Transformer.forward, model)
+
+    def step(tok: Tensor) -> Tensor:
+        return forward(tok, cache=cache)[:, -1]
+
+    def pick(logits: Tensor) -> Tensor:
+        return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+    tok = pick(step(prompt))
+    finished = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+    run = step
+    for i in range(max_new_tokens):
+        if eos_token is not None:
+            tok = tok.masked_fill(finished, eos_token)
+            finished |= tok == eos_token
+        out[:, p + i] = tok
+        if i == max_new_tokens - 1:
+            break
+        # every row finished: the rest is padding (a host sync, so only every _EOS_CHECK steps)
+        if eos_token is not None and i % _EOS_CHECK == _EOS_CHECK - 1 and bool(finished.all()):
+            out[:, p + i + 1:] = eos_token
+            break
+        logits = run(tok[:, None])
+        if i == 0 and cuda_graph and prompt.is_cuda:
+            run = _captured_step(step, tok[:, None], cache) or step
+        tok = pick(logits)
+    return out
