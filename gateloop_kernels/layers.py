@@ -157,13 +157,16 @@ class CausalFullAttention(Module):
         return apply_rotary_emb(freqs, t, seq_dim=-2)
 
     def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False,
-                cache: Optional["KVCache"] = None, return_cache: bool = False):
+                cache: Optional["KVCache"] = None, return_cache: bool = False, cp_group=None):
         """``x (b, n, dim)`` -> ``(b, n, dim)``, or ``(out, cache)`` with ``return_cache``.
 
         The cache keeps every key (scaled by its token's data-dependent factor, which depends on that token
         alone: the seed's product runs over feature pairs, not time) and value; a given one is extended in
         place (buffers reallocated only when full), any number of tokens per call.
         """
+        if cp_group is not None:
+            raise ValueError("CausalFullAttention (softmax attention) cannot run on a sequence split across ranks "
+                             "(cp_group); use GateLoopedAttention")
         b, n, _ = x.shape
         q, k, v = map(self._heads, self.to_qkv(x).chunk(3, dim=-1))
         if cache is None and return_cache:
@@ -286,7 +289,7 @@ class GateLoopedAttention(Module):
                            dtype=_state_dtype(dtype or w.dtype))
 
     def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False,
-                cache: Optional[Tensor] = None, return_cache: bool = False):
+                cache: Optional[Tensor] = None, return_cache: bool = False, cp_group=None):
         """``x (b, n, dim)`` -> ``(b, n, dim)``, or ``(out, cache)`` with ``return_cache``.
 
         The cache is the complex state per head, ``(b, H, d, e)``, complex64 (complex128 for float64
@@ -303,6 +306,8 @@ class GateLoopedAttention(Module):
         z = _frac_gradient(lin_a(x), self.frac_gradient_state_transition).unflatten(-1, (heads, 2))
         if ablate_complex and not ablate_state_transition:
             z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
+        if cp_group is not None and (cache is not None or return_cache):
+            raise ValueError("a cache is for decoding on one rank: not with cp_group")
         if cache is not None:
             _check_state_cache(cache, q, v)
         if cache is not None and n == 1:
@@ -314,9 +319,10 @@ class GateLoopedAttention(Module):
             if ablate_state_transition:
                 no_decay = torch.zeros(b, n, heads, device=x.device, dtype=torch.float32)  # gate exp(0 + 0i) = 1
                 out, state = gate_loop_heads(q, k, v, log_magnitude=no_decay, phase=no_decay, initial_state=cache,
-                                             output_final_state=want_state)
+                                             output_final_state=want_state, cp_group=cp_group)
             else:
-                out, state = gate_loop_heads(q, k, v, z=z, initial_state=cache, output_final_state=want_state)
+                out, state = gate_loop_heads(q, k, v, z=z, initial_state=cache, output_final_state=want_state,
+                                             cp_group=cp_group)
             if cache is None and want_state:
                 cache = state.detach().to(_state_dtype(out.dtype)).contiguous()
             elif cache is not None:
@@ -437,7 +443,8 @@ class Transformer(Module):
             from reversible import ReversibleSequence
 
             blocks = [(_Branch(attn), _Branch(ff)) for attn, ff in self.layers]
-            attn_only = {name: [(True, False)] * depth for name in ("ablate_complex", "ablate_state_transition")}
+            attn_only = {name: [(True, False)] * depth
+                         for name in ("ablate_complex", "ablate_state_transition", "cp_group")}
             # kept out of the module tree: it shares the layers' parameters, and the state_dict
             # must keep the seed's names
             self.__dict__["_reversible_stack"] = ReversibleSequence(blocks, dim=-1, merge="mean",
@@ -465,7 +472,7 @@ class Transformer(Module):
 
     def forward(self, x: Tensor, return_loss: bool = False, ablate_complex: Optional[bool] = None,
                 ablate_state_transition: Optional[bool] = None, cache: Optional["TransformerCache"] = None,
-                return_cache: bool = False):
+                return_cache: bool = False, labels: Optional[Tensor] = None, cp_group=None):
         """``x (b, n)`` token ids -> logits ``(b, n, num_tokens)``; the loss with ``return_loss``;
         ``(logits, cache)`` with ``return_cache``.
 
@@ -474,11 +481,18 @@ class Transformer(Module):
         new token per sequence is a decode step (the fused step, inference only: under ``torch.no_grad()``).
         The cache is updated in place. Raises ValueError for a cache of another model or batch size, or
         with ``return_loss``; TypeError for a cache made for another dtype.
+
+        ``cp_group`` (a ``torch.distributed`` process group): ``x`` is this rank's slice of the sequences'
+        time axis (rank r holds slice r) and, with ``return_loss``, ``labels (b, n)`` are the next tokens of its
+        tokens; the loss is then the mean over the whole sequence on every rank, and the parameter gradients
+        summed over the group are the single-process ones (docs/context_parallel.md).
         """
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
                                    else ablate_state_transition)
-        if return_loss:
+        if return_loss and labels is None:
+            if cp_group is not None:
+                raise ValueError("under cp_group pass this slice's labels= (the next token of each of its tokens)")
             if cache is not None or return_cache:
                 raise ValueError("return_loss=True does not take or return a cache")
             if x.shape[1] < 2:  # the loss of no target is a mean over nothing: NaN
@@ -491,6 +505,8 @@ class Transformer(Module):
             cache.check(self, x)
         h = self.token_emb(x)
         kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)
+        if cp_group is not None:
+            kwargs["cp_group"] = cp_group
         reversible = getattr(self, "reversible", False)  # patched upstream models have no such attribute
         if reversible and cache is None:
             stack = self.__dict__["_reversible_stack"]
@@ -507,6 +523,11 @@ class Transformer(Module):
             for (attn, ff), c in zip(self.layers, cache.layers if cache is not None else [None] * len(self.layers)):
                 h = ff(attn(h, cache=c, **kwargs))
         logits = self.to_logits(h)
+        if return_loss and cp_group is not None:
+            from .context_parallel import context_parallel_mean
+
+            return context_parallel_mean(F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"),
+                                         labels.numel(), cp_group)
         if return_loss:
             return F.cross_entropy(logits.transpose(1, 2), labels)
         return (logits, cache) if return_cache else logits

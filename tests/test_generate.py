@@ -338,18 +338,6 @@ def test_decode_memory_flat_cuda(name):
     assert torch.cuda.memory_allocated() == allocated
 
 
-def test_bench_generate_runs(tmp_path):
-    """``python -m bench.generate`` on the CPU: one row per model, with its figures."""
-    import json
-
-    from bench import generate as bench_generate
-
-    bench_generate.main(["--head-dims", "1", "--batches", "2", "--prompts", "8", "--new", "3", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "generate.json").read_text())["rows"]
-    assert {r["which"] for r in rows} >= {"ours", "attn"}
-    for r in rows:
-        assert r["decode_ms"] > 0 and r["tokens_per_s"] > 0, r
-
 
 def test_failed_capture_falls_back(monkeypatch):
     """Where capture fails midway (here: the step raises after the layers ran, as an op that cannot be
