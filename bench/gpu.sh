@@ -6,7 +6,8 @@
 #   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them but ncu and roofline)
 #   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
 #           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op, and of the chunked
-#                     kernels' head-dim sweep (tests/test_chunked_sweep.py; MEMCHECK_SWEEP_ARGS="-n 8 -k ..." passes on)
+#                     kernels' head-dim sweep (tests/gateloop/test_chunked_sweep.py; MEMCHECK_SWEEP_ARGS="-n 8 -k ..."
+#                     passes on)
 #           ncu       Nsight Compute on one float32 exact forward+backward of the chunked scan: per kernel in
 #                     $NCU_KERNELS, stall reasons and shared-memory replays (bench/tools/ncu.py) into bench/out/ncu_*.txt
 #           roofline  ncu over one warm forward+backward of the chunked scan per precision in $ROOFLINE (default
@@ -40,7 +41,7 @@ for stage in "${stages[@]}"; do
               done
               # every tile class of the chunked kernels (head dims 16..256, d != e, partial chunks, every dtype)
               compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
-                python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_chunked_sweep.py ${MEMCHECK_SWEEP_ARGS:-} 2>&1 \
+                python3 -m pytest -q -m gpu -p no:cacheprovider tests/gateloop/test_chunked_sweep.py ${MEMCHECK_SWEEP_ARGS:-} 2>&1 \
                 | grep -v "^tests/" | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1 ;;
     ncu) for kernel in ${NCU_KERNELS:-_fwd_o _bwd_dqk _bwd_dv _bwd_gate _chunk_local}; do
            rep="$out/ncu_$kernel"

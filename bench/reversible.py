@@ -9,7 +9,8 @@ same parameters:
 
 * ``rev_ext``   this project's ``reversible.ReversibleSequence`` (merge="sum"), extension on;
 * ``rev_noext`` the same with the extension forced off (PyTorch in-place ops);
-* ``seed``      a faithful port of the seeds' reversible code (``tests/_seed_reversible.py``, via ``bench/peers.py``);
+* ``seed``      a faithful port of the seeds' reversible code (``tests/helpers/seed_reversible.py``, via
+                ``bench/peers.py``);
 * ``plain``     the residual stack ``x += f(x); x += g(x)`` with plain autograd;
 * ``ckpt``      the same with ``torch.utils.checkpoint`` per block (non-reentrant).
 

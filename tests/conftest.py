@@ -1,7 +1,19 @@
+"""Markers, the GPU skip and the per-test fixtures of the whole suite. Tests live per package (``gateloop/``,
+``reversible/``, ``bench/``; unique file names, no ``__init__.py``); under pytest's default prepend import
+mode this conftest puts ``tests/`` on ``sys.path``, so they import what they share from ``helpers``."""
 import os
+import sys
 
 import pytest
 import torch
+
+from helpers import ROOT
+
+# the checkout's packages first: otherwise tests/bench/ and tests/reversible/ (on sys.path as folders of tests/)
+# shadow ``bench`` and ``reversible`` as namespace packages wherever the checkout's root is not on sys.path
+# (``pytest`` rather than ``python -m pytest``, another working directory, an editable install's finder)
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 
 def pytest_configure(config):

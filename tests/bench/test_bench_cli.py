@@ -1,0 +1,166 @@
+"""The benchmark command line (``python -m bench``): a wrong command fails at once with status 2, before any
+benchmark runs; ``--help`` works everywhere and lists the options; no empty plot is written; a peer that is
+not installed is reported as such. No benchmark runs here: their ``main`` functions are replaced."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import bench
+from bench import __main__ as cli
+from bench import model, reversible, scan, scan_chunked, summary, train
+
+from helpers import ROOT
+
+NAMES = ("scan", "reversible", "model", "train", "summary")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every subcommand's ``main`` replaced by a recorder: ``calls`` lists ``(name, argv)`` as they run."""
+    seen = []
+    for name in NAMES:
+        monkeypatch.setattr(f"bench.{name}.main", lambda argv, name=name: seen.append((name, list(argv))))
+    return seen
+
+
+def test_misspelt_subcommand_exits_2_at_once_in_a_subprocess():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # before the fix this ran the whole scan benchmark first (minutes): the timeout turns that into a failure
+    p = subprocess.run([sys.executable, "-m", "bench", "scna"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=20)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "invalid choice: 'scna'" in p.stderr
+    assert p.stdout == ""  # nothing ran, not even the device line
+
+
+@pytest.mark.parametrize("argv", [["--quik"], ["scan", "--quik"], ["scan", "--peers", "none", "--bogus", "1"],
+                                  ["reversible", "--quick"], ["model", "--steps", "3"], ["train", "--quick"],
+                                  ["summary", "extra"], ["--quick", "scan"]])
+def test_unknown_option_exits_2_before_anything_runs(argv, calls, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    assert calls == []
+    err = capsys.readouterr().err
+    assert "error:" in err and "usage: python -m bench" in err
+
+
+def test_quick_runs_every_benchmark_with_its_quick_options(calls):
+    cli.main(["--quick"])
+    assert calls == [("scan", ["--quick"]), ("reversible", []), ("model", ["--quick"]), ("train", []),
+                     ("summary", [])]
+
+
+def test_subcommand_gets_its_options_and_the_chunked_ones_through_scan(calls):
+    cli.main(["scan", "--quick", "--peers", "none"])
+    assert calls == [("scan", ["--quick", "--peers", "none"])]
+    args = scan.build_parser().parse_args(["--quick", "--peers", "none", "--sweep"])
+    assert (args.quick, args.peers, args.sweep, args.no_chunked) == (True, "none", True, False)
+
+
+@pytest.mark.parametrize("name,option", [(None, "--quick"), ("scan", "--no-chunked"), ("scan", "--peers"),
+                                         ("reversible", "--depths"), ("model", "--compile"), ("train", "--steps"),
+                                         ("summary", "--help")])
+def test_help_lists_the_options(name, option, calls, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([name, "--help"] if name else ["--help"])
+    assert e.value.code == 0
+    assert calls == []
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m bench{' ' + name if name else ''} ")
+    assert option in out
+    if name is None:
+        assert all(n in out for n in NAMES)
+
+
+def test_every_benchmark_writes_to_bench_out_by_default():
+    for mod in (scan, reversible, model, train):
+        assert Path(mod.build_parser().parse_args([]).out) == Path(bench.OUT), mod.__name__
+    assert Path(bench.OUT) == ROOT / "bench" / "out"
+    assert summary.OUT == bench.OUT
+    assert scan_chunked.build_parser().parse_args([]).json is None  # resolved to bench/out/scan_chunked.json
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _scan_rows(shapes):
+    return [dict(impl=impl, BH=bh, n=n, dtype=dt, fwd_ms=0.1 * n / 256, fwdbwd_ms=0.3 * n / 256)
+            for bh, n in shapes for impl in ("ours (b,n,h)", "seed (upstream)") for dt in ("float32", "bfloat16")]
+
+
+def _rev_rows(memory):
+    return [dict(variant=v, depth=dep, step_ms=1.0 + dep, **({"act_gib": 0.1 * dep} if memory else {}))
+            for v in reversible.VARIANTS for dep in (2, 4)]
+
+
+def test_no_plot_without_data(tmp_path, capsys):
+    png = tmp_path / "scan.png"
+    png.write_bytes(b"a plot of an earlier run")
+    scan._plot([dict(impl="ours (b,n,h)", BH=4, n=8, dtype="float32", error="out of memory")], str(png))
+    assert not png.exists()
+    assert "no plot: no total size" in capsys.readouterr().out
+    rpng = tmp_path / "reversible_tiny.png"
+    rpng.write_bytes(b"a plot of an earlier run")
+    assert reversible.plot([dict(variant="plain", depth=2, error="OOM")], rpng, "t").startswith("no plot")
+    assert not rpng.exists()
+
+
+def test_scan_plot_only_where_two_n_were_timed_at_one_size(tmp_path, capsys):
+    png = tmp_path / "scan.png"
+    scan._plot(_scan_rows([(4096, 2048), (64, 1024)]), str(png))  # the GPU's --quick shapes: one n per size
+    assert not png.exists()
+    assert "no plot" in capsys.readouterr().out
+    pytest.importorskip("matplotlib")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "No artists with labels found to put in legend" among others
+        scan._plot(_scan_rows([(16, 256), (4, 1024)]), str(png), "cpu")  # the CPU's shapes: 4096 elements each
+    assert png.stat().st_size > 10_000
+
+
+def test_reversible_plot_without_memory_draws_time_only(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "reversible_tiny.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        msg = reversible.plot(_rev_rows(memory=False), png, "cpu")  # the CPU: no allocator statistics
+    assert msg.startswith(f"wrote {png}") and "step time only" in msg
+    assert png.stat().st_size > 10_000
+    assert reversible.plot(_rev_rows(memory=True), png, "gpu") == f"wrote {png}"
+
+
+# ----------------------------------------------------------------------------- peers
+
+def test_seed_not_installed_is_reported_as_not_installed(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gateloop_transformer", None)  # import fails as if not installed
+
+    def fake_measure(which, heads, batch, seq, amp, device, dim=512, depth=6, **kw):
+        model._make(which, heads, dim, depth, False)  # the seed's import fails here when it is tried
+        return {"tokens_per_s": 1e3, "step_ms": 1.0, "peak_gib": None, "loss": 1.0}
+
+    monkeypatch.setattr(model, "measure", fake_measure)
+    model.main(["--device", "cpu", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    table = out[out.index("heads  batch"):]
+    assert "not installed" in table and "fails" not in table
+    rows = json.loads((tmp_path / "model.json").read_text())["rows"]
+    assert all("skipped" in r and "error" not in r for r in rows if r["which"] == "seed")
+    monkeypatch.setattr(summary, "OUT", str(tmp_path))
+    summary.main([])
+    assert "seed not installed" in capsys.readouterr().out
+
+
+def test_summary_says_which_scan_peers_are_not_installed(tmp_path, monkeypatch, capsys):
+    rows = [dict(impl=impl, BH=16, n=256, dtype="float32", fwdbwd_ms=ms, graph_fwdbwd_ms=float("nan"))
+            for impl, ms in (("ours (b,n,h)", 1.0), ("seed (reference)", 2.0))]
+    peers = {"seed": "seed (reference)", "accelerated-scan": "not installed"}
+    (tmp_path / "scan.json").write_text(json.dumps({"meta": {"peers": peers}, "rows": rows}))
+    monkeypatch.setattr(summary, "OUT", str(tmp_path))
+    summary.main([])
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("scan d=1"))
+    assert "ours 1.000 ms" in line and "reference 2.000 ms (upstream not installed)" in line
+    assert "accelerated-scan not installed" in line

@@ -1,0 +1,261 @@
+"""Context parallelism (gateloop_kernels.context_parallel) against the single-process scan.
+
+Each test spawns its ranks itself (gloo on the CPU, NCCL on GPUs) with timeouts on the process group
+and on the join, so a hang fails the test instead of CI. Every rank builds the whole sequence from one
+seed, runs its slice through ``gate_loop_heads_cp`` and the whole sequence through ``gate_loop_heads``,
+and compares its slice of the outputs, the final state and every gradient; rank ``r``'s loss is its
+local loss (its outputs, plus its own weighting of the final state), the reference loss their sum.
+"""
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gateloop_kernels import gate_loop_heads, gate_loop_operator
+from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, context_parallel_mean,
+                                               gate_loop_heads_cp, gate_loop_operator_cp)
+
+from helpers.distributed import max_rel_err, raise_failures, spawn
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+# ----------------------------------------------------------------------------- one case
+
+def _inputs(seed, lengths, B, H, d, e, dtype, form, device):
+    """The whole sequence: ``form`` "z" / "log_polar" (head layout, gate_loop_heads) or "operator"
+    ((B, T, d) layout, a complex gate (B, T, 1, 1) with one exact zero, gate_loop_operator)."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+
+    def rnd(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, dtype=dt).to(device)
+
+    cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+    if form == "operator":
+        x = {"q": rnd(B, T, d), "k": rnd(B, T, d), "v": rnd(B, T, e)}
+        mag = 0.5 + 0.5 * torch.rand(B, T, 1, 1, generator=g, dtype=dtype)
+        mag[:, T // 3] = 0.0  # a zero gate: the cumulative products past it are exactly 0
+        x["a"] = torch.polar(mag, rnd(B, T, 1, 1).cpu()).to(device)
+        init, w_o = rnd(B, d, e, dt=cdt), rnd(B, T, e)
+        return x, init, w_o, [rnd(B, d, e, dt=cdt) for _ in lengths]
+    x = {"q": rnd(B, T, H, d), "k": rnd(B, T, H, d), "v": rnd(B, T, H, e)}
+    if form == "z":
+        x["z"] = 1.5 * rnd(B, T, H, 2)
+    else:
+        x["log_magnitude"] = -0.5 * rnd(B, T, H).abs()
+        x["phase"] = rnd(B, T, H)
+    init = rnd(B, H, d, e, dt=cdt)
+    w_o = rnd(B, T, H, e)
+    w_f = [rnd(B, H, d, e, dt=cdt) for _ in lengths]  # rank r's weighting of the final state
+    return x, init, w_o, w_f
+
+
+def _scan(x, init, with_final, group=None):
+    """The single-process scan (``group=None``) or the split one, for either API: ``(o, final or None)``."""
+    if "a" in x:
+        if group is None:
+            return gate_loop_operator(**x, initial_state=init, return_final_state=True)
+        out = gate_loop_operator_cp(**x, initial_state=init, return_final_state=with_final, cp_group=group)
+        return out if with_final else (out, None)
+    if group is None:
+        return gate_loop_heads(**x, initial_state=init, output_final_state=True)
+    return gate_loop_heads_cp(**x, initial_state=init, output_final_state=with_final, cp_group=group)
+
+
+def _check_case(group, rank, world, seed, lengths, d, e, dtype, form, with_init, with_final,
+                device="cpu") -> list[str]:
+    """One configuration on ``group`` (rank ``rank`` of ``world``); returns the failed comparisons."""
+    B, H = 2, 3
+    x, init, w_o, w_f = _inputs(seed, lengths, B, H, d, e, dtype, form, device)
+    start, n = sum(lengths[:rank]), lengths[rank]
+
+    ref = {name: t.clone().requires_grad_() for name, t in x.items()}
+    ref_init = init.clone().requires_grad_() if with_init else None
+    o, f = _scan(ref, ref_init, True)
+    loss = (o * w_o).sum()
+    if with_final:
+        loss = loss + sum((f * w.conj()).real.sum() for w in w_f)
+    loss.backward()
+
+    mine = {name: t[:, start:start + n].clone().requires_grad_() for name, t in x.items()}
+    my_init = init.clone().requires_grad_() if with_init else None
+    o_cp, f_cp = _scan(mine, my_init, with_final, group)
+    loss_cp = (o_cp * w_o[:, start:start + n]).sum()
+    if with_final:
+        loss_cp = loss_cp + (f_cp * w_f[rank].conj()).real.sum()
+    loss_cp.backward()
+
+    tol = TOL[dtype]
+    checks = [("o", o_cp, o[:, start:start + n])]
+    if with_final:
+        checks.append(("final_state", f_cp, f))
+    elif f_cp is not None:
+        return ["final_state returned without output_final_state"]
+    for name in x:
+        checks.append((f"d{name}", mine[name].grad, ref[name].grad[:, start:start + n]))
+    if with_init:
+        g = my_init.grad.clone()
+        dist.all_reduce(g, group=group)  # a replicated input: its gradient is shared out over the ranks
+        checks.append(("dinitial_state (summed over ranks)", g, ref_init.grad))
+    case = f"lengths={lengths} d={d} e={e} {dtype} gate={form} init={with_init} final={with_final}"
+    out = []
+    for name, got, want in checks:
+        if got is None:
+            out.append(f"{case}: rank {rank} {name} is None")
+            continue
+        err = max_rel_err(got, want)
+        if not err <= tol:
+            out.append(f"{case}: rank {rank} {name} relative error {err:.2e} > {tol:.0e}")
+    return out
+
+
+def _cases(world):
+    lengths = {2: [[7, 12], [0, 9], [9, 0]], 4: [[5, 0, 9, 3], [3, 3, 3, 3]]}[world]
+    for i, ls in enumerate(lengths):
+        for d, e in ((1, 1), (16, 16)):
+            for dtype in (torch.float64, torch.float32):
+                form = "z" if (i + d) % 2 else "log_polar"
+                for with_init, with_final in ((True, True), ((i + d) % 2 == 0, (i + d) % 2 == 1)):
+                    yield ls, d, e, dtype, form, with_init, with_final
+        for d, e in ((1, 1), (16, 8)):
+            yield ls, d, e, torch.float64 if i % 2 else torch.float32, "operator", i % 2 == 0, True
+
+
+# ----------------------------------------------------------------------------- workers
+
+def _matches_worker(rank, world, seed):
+    """4 ranks: the cases on the whole group, and the 2-rank cases on the halves [0, 1] and [2, 3] at once;
+    gate_loop_heads_cp and gate_loop_operator_cp."""
+    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    half = halves[rank // 2]
+    failures = []
+    for i, case in enumerate(_cases(4)):
+        failures += _check_case(dist.group.WORLD, rank, 4, seed + i, *case)
+    for i, case in enumerate(_cases(2)):
+        failures += _check_case(half, rank % 2, 2, seed + 1000 + i, *case)
+    raise_failures(failures)
+
+
+def _expect(exc_type, fragment, fn):
+    try:
+        fn()
+    except exc_type as exc:
+        if fragment not in str(exc):
+            return [f"raised {exc_type.__name__} without {fragment!r}: {exc}"]
+        return []
+    except Exception:
+        return [f"expected {exc_type.__name__}, got {traceback.format_exc()}"]
+    return [f"expected {exc_type.__name__} ({fragment!r}), nothing raised"]
+
+
+def _errors_worker(rank, world, seed):
+    """Bad input raises on every rank (and leaves the group usable); context_parallel_mean; bytes exchanged
+    do not grow with n."""
+    group = dist.group.WORLD
+    failures = []
+
+    def call(B=2, n=4, H=3, d=1, e=1, dtype=torch.float32, k_shape=None, grad=True, grp=group):
+        q = torch.randn(B, n, H, d, dtype=dtype, requires_grad=grad)
+        k = torch.randn(*(k_shape or (B, n, H, d)), dtype=dtype)
+        v = torch.randn(B, n, H, e, dtype=dtype)
+        o, _ = gate_loop_heads_cp(q, k, v, z=torch.randn(B, n, H, 2, requires_grad=grad), cp_group=grp)
+        return o
+
+    failures += _expect(ValueError, "batch B", lambda: call(B=2 if rank == 0 else 3))
+    failures += _expect(ValueError, "heads H", lambda: call(H=3 + rank))
+    failures += _expect(ValueError, "q dtype", lambda: call(dtype=torch.float64 if rank else torch.float32))
+    failures += _expect(ValueError, "needs grad", lambda: call(grad=rank == 0))
+    if rank == 1:  # a local shape error there: its own ValueError, a RuntimeError naming it elsewhere
+        failures += _expect(ValueError, "q, k must be", lambda: call(k_shape=(2, 5, 3, 1)))
+    else:
+        failures += _expect(RuntimeError, "rank(s) [1]", lambda: call())
+    for dtype in (torch.bfloat16, torch.float16):  # an empty slice's outputs too come in the inputs' dtype
+        for d in (1, 16):
+            o = call(n=0 if rank == 0 else 4, d=d, e=d, dtype=dtype)
+            if o.dtype != dtype:
+                failures.append(f"rank {rank}: {dtype} inputs (d = {d}) gave {o.dtype} outputs")
+    only0 = dist.new_group([0])
+    if rank == 0:
+        failures += _check_case(only0, 0, 1, seed, [6], 1, 1, torch.float64, "z", True, True)
+    else:
+        failures += _expect(ValueError, "does not hold this process", lambda: call(grp=only0))
+    failures += _expect(TypeError, "ProcessGroup", lambda: call(grp=None))
+    # still in step after all of that
+    failures += _check_case(group, rank, world, seed + 1, [4] * world, 16, 16, torch.float64, "z", True, True)
+
+    # context_parallel_mean: the group's mean on every rank, each rank's backward its own share
+    terms = torch.randn(2 * world + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    mine = terms.tensor_split(world)[rank].clone().requires_grad_()  # unequal shares
+    mean = context_parallel_mean(mine.sum(), mine.numel(), group)
+    mean.backward()
+    if (mean - terms.mean()).abs() > 1e-14 or (mine.grad - 1 / terms.numel()).abs().max() > 1e-16:
+        failures.append(f"context_parallel_mean: {mean.item()} vs {terms.mean().item()}, grad {mine.grad}")
+
+    # bytes: record every collective's buffer, for two slice lengths
+    sent = []
+    real = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
+
+    def recorder(name):
+        def wrapped(out, x, *args, **kwargs):
+            buf = out if name == "all_gather_single" else x
+            sent.append((name, buf.numel() * buf.element_size()))
+            return real[name](out, x, *args, **kwargs)
+        return wrapped
+
+    B, H, d, e = 2, 3, 16, 8
+    counts = []
+    for n in (3, 40):
+        sent.clear()
+        for name in real:
+            setattr(dist, name, recorder(name))
+        try:
+            o = call(B=B, n=n, H=H, d=d, e=e)
+            o.sum().backward()
+        finally:
+            for name, fn in real.items():
+                setattr(dist, name, fn)
+        counts.append(list(sent))
+    want = context_parallel_bytes(B, H, d, e, world)
+    expected = [("all_gather_single", want["descriptor"]), ("all_gather_single", want["forward"]),
+                ("reduce_scatter_single", want["backward"])]
+    if counts[0] != expected or counts[1] != expected:
+        failures.append(f"bytes exchanged {counts} (slice lengths 3, 40), expected {expected} each")
+    if want["forward"] != world * B * H * (2 + 2 * d * e) * 4 or want["descriptor"] != world * 8 * DESCRIPTOR_LEN:
+        failures.append(f"context_parallel_bytes {want} disagrees with its formula")
+    raise_failures(failures)
+
+
+def _nccl_worker(rank, world, device_kind, seed):
+    device = f"cuda:{rank}"
+    failures = []
+    for i, (ls, d, e) in enumerate((([40, 0], 1, 1), ([33, 70], 16, 16), ([64, 17], 64, 32), ([5, 128], 128, 128))):
+        for with_init, with_final in ((False, False), (True, True)):
+            failures += _check_case(dist.group.WORLD, rank, world, seed + i, ls, d, e, torch.float32,
+                                    "z" if i % 2 else "log_polar", with_init, with_final, device=device)
+    raise_failures(failures)
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_cp_matches_single_process(_seed):
+    """2 and 4 ranks: outputs, final states and every gradient equal the single-process scan
+    (float64 1e-12, float32 1e-5 relative), head dims 1 and 16, unequal and empty slices, initial and
+    final states, both gate forms of gate_loop_heads_cp and gate_loop_operator_cp (with a zero gate)."""
+    spawn(_matches_worker, 4, _seed)
+
+
+def test_cp_bad_input_raises_everywhere_and_bytes(_seed):
+    """Mismatched B / H / dtypes / needs-grad, a local error on one rank, a group without this rank:
+    a clear error on every rank, no hang; bytes per call equal the formula for two slice lengths."""
+    spawn(_errors_worker, 2, _seed)
+
+
+@pytest.mark.gpu
+def test_cp_nccl_matches_single_process(_seed):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    spawn(_nccl_worker, 2, "cuda", _seed)

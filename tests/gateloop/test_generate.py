@@ -1,0 +1,357 @@
+"""Recurrent inference: layer and Transformer caches (prefill + decode steps give the logits of one full forward
+at every position), ``Transformer.generate`` (greedy = the argmax continuation of full forwards, eos, sampling),
+cache tensors that keep their size and storage, and bad input."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from gateloop_kernels import decode as D
+from gateloop_kernels import layers as L
+
+VOCAB, LENGTH = 50, 67  # the CPU scans' chunk is 64: prompts of 63 and 65 straddle it
+
+GATE_LOOP = {
+    "hd1": dict(),
+    "hd8-noswish-subln": dict(gate_loop_heads=4, attn_add_swish_gating=False, sub_ln=True),
+    "hd16-postnorm": dict(gate_loop_heads=2, post_ln_norm=True),
+    "hd8-ablate-complex": dict(gate_loop_heads=4, ablate_complex=True),
+    "hd8-no-decay": dict(gate_loop_heads=4, ablate_state_transition=True),
+    "hd1-reversible": dict(reversible=True),
+    "hd8-reversible": dict(gate_loop_heads=4, reversible=True),
+}
+FULL = dict(use_gate_looped_attn=False, heads=2, dim_head=16)
+FULL_ATTN = {
+    "full-rotary": dict(FULL, rotary_emb=True),
+    "full-ddrp": dict(FULL, data_dependent_rel_pos=True),
+    "full-ddrp-softmax": dict(FULL, data_dependent_rel_pos=True, attn_softmax_normalize=True),
+    "full-rotary-reversible": dict(FULL, rotary_emb=True, reversible=True),
+}
+CONFIGS = {**GATE_LOOP, **FULL_ATTN}
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes
+
+
+def _model(kw, dtype=torch.float64, device="cpu"):
+    return L.Transformer(dim=32, num_tokens=VOCAB, depth=2, **kw).to(device=device, dtype=dtype)
+
+
+def _max_rel(got, want):
+    """Largest relative error over positions (b, n) of logits ``(b, n, vocab)``."""
+    err = (got.double() - want.double()).norm(dim=-1) / want.double().norm(dim=-1)
+    return err.max().item()
+
+
+def _prefill_then_decode(model, x, p, cache=None):
+    logits, cache = model(x[:, :p], cache=cache, return_cache=True)
+    steps = [model(x[:, t:t + 1], cache=cache) for t in range(p, x.shape[1])]
+    return torch.cat([logits, *steps], dim=1), cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_prefill_decode_matches_full_forward(name, dtype):
+    """float64 to 1e-10; float32 to 1e-5, or to 8x the float32 full forward's own error where the model is
+    worse conditioned than that (the data-dependent rel pos divides keys by products down to 1e-10: its
+    float32 forward alone is up to ~1.3e-5 from float64), both against the float32 and the float64 forward."""
+    model = _model(CONFIGS[name], dtype)
+    model64 = copy.deepcopy(model).double()
+    # p = 1 and the chunk +- 1 on one sequence; a long prompt (3 chunks and a part) on a longer one
+    for length, prompts in ((LENGTH, (1, 63, 65)), (4 * 64 + 5, (4 * 64 + 2,))):
+        x = torch.randint(0, VOCAB, (2, length))
+        with torch.no_grad():
+            full, truth = model(x), model64(x)
+            tol = 1e-10 if dtype == torch.float64 else max(1e-5, 8 * _max_rel(full, truth))
+            for p in prompts:
+                got, _ = _prefill_then_decode(model, x, p)
+                assert _max_rel(got, full) <= tol, (name, p)
+                assert _max_rel(got, truth) <= max(tol, 1e-10), (name, p)
+
+
+@pytest.mark.skipif(not __import__("os").environ.get("TRITON_INTERPRET"), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name", ["hd1", "hd8-noswish-subln", "hd8-no-decay"])
+def test_prefill_decode_through_the_kernel(monkeypatch, name):
+    """The layers' decode steps through the Triton kernel (interpreted), float32."""
+    def fail(*args, **kwargs):
+        raise AssertionError("the PyTorch step ran where the kernel should")
+    monkeypatch.setattr(D, "decode_step_reference", fail)
+    model = _model(CONFIGS[name], torch.float32)
+    x = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad(), D.interpreted():
+        full = model(x)
+        got, _ = _prefill_then_decode(model, x, 5)
+    assert _max_rel(got, full) <= 1e-5
+
+
+LAYERS = {
+    "gate-loop-hd1": lambda: L.GateLoopedAttention(16),
+    "gate-loop-hd8": lambda: L.GateLoopedAttention(16, heads=2, sub_ln=True),
+    "full-rotary": lambda: L.CausalFullAttention(16, dim_head=8, heads=2, rotary_emb=True, add_swish_gating=True),
+    "full-ddrp": lambda: L.CausalFullAttention(16, dim_head=8, heads=2, data_dependent_rel_pos=True),
+    "simple": lambda: L.SimpleGateLoopLayer(16),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_prefill_decode(name, dtype):
+    layer = LAYERS[name]().to(dtype)
+    x = torch.randn(3, 12, 16, dtype=dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    with torch.no_grad():
+        full = layer(x)
+        out, cache = layer(x[:, :4], return_cache=True)
+        outs = [out]
+        for t in range(4, 12):
+            o, cache = layer(x[:, t:t + 1], cache=cache, return_cache=True)
+            outs.append(o)
+        # a continuation of several tokens from a cache too
+        out2, _ = layer(x[:, :4], return_cache=True)
+        _, cache2 = layer(x[:, :4], return_cache=True)
+        rest = layer(x[:, 4:], cache=cache2)
+    got = torch.cat(outs, dim=1)
+    assert (got - full).norm() <= tol * full.norm()
+    assert (torch.cat([out2, rest], 1) - full).norm() <= tol * full.norm()
+
+
+def _greedy_oracle(model, prompt, steps):
+    seq = prompt
+    for _ in range(steps):
+        seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+@pytest.mark.parametrize("name", ["hd1", "hd8-noswish-subln", "hd8-reversible", "full-rotary", "full-ddrp"])
+def test_greedy_generate_matches_full_forwards(name):
+    model = _model(CONFIGS[name])
+    prompt = torch.randint(0, VOCAB, (3, 5))
+    with torch.no_grad():
+        want = _greedy_oracle(model, prompt, 8)
+    got = model.generate(prompt, 8, temperature=0)
+    assert torch.equal(got, want)
+
+
+def test_generate_eos_pads_finished_rows():
+    model = _model(GATE_LOOP["hd8-noswish-subln"])
+    prompt = torch.randint(0, VOCAB, (4, 3))
+    free = model.generate(prompt, 10, temperature=0)
+    eos = int(free[0, 3 + 2])  # row 0 emits it at step 2 (or earlier)
+    got = model.generate(prompt, 10, temperature=0, eos_token=eos)
+    want = free.clone()
+    for row in want:
+        hits = (row[3:] == eos).nonzero()
+        if len(hits):
+            row[3 + int(hits[0]):] = eos
+    assert torch.equal(got, want)
+    assert (got[0, 5:] == eos).all()
+    # one row: finished by step 2, decoding stops early and pads
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    got1 = model.generate(prompt[:1], 40, temperature=0, eos_token=eos)
+    assert torch.equal(got1[:, 3:6], want[:1, 3:6]) and (got1[0, 5:] == eos).all()
+    assert len(calls) <= 17
+
+
+def test_sampling():
+    model = _model(GATE_LOOP["hd1"])
+    prompt = torch.randint(0, VOCAB, (3, 4))
+    greedy = model.generate(prompt, 6, temperature=0)
+    assert torch.equal(model.generate(prompt, 6, top_k=1), greedy)
+    assert torch.equal(model.generate(prompt, 6, top_p=1e-9), greedy)
+    a = model.generate(prompt, 6, temperature=1.5, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 6, temperature=1.5, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and torch.equal(a[:, :4], prompt)
+    assert model.generate(prompt, 0).shape == (3, 4)
+    with torch.no_grad():  # top_k: every sampled token among the k most likely under the full forward
+        logits = model(a[:, :-1])[:, 3:]
+    ranks = (logits > logits.gather(-1, a[:, 4:, None])).sum(-1)
+    assert (ranks < 10).all()
+
+
+@pytest.mark.parametrize("name", ["hd8-noswish-subln", "hd1-reversible", "full-rotary"])
+def test_cache_keeps_size_and_storage(name):
+    """Decode steps write in place: every cache tensor keeps its shape and storage, whatever the token count."""
+    model = _model(CONFIGS[name])
+    x = torch.randint(0, VOCAB, (2, 20))
+    cache = model.init_cache(2, 20)
+
+    def tensors(c):
+        return [t for lc in c.layers for t in ((lc.k, lc.v, lc.pos) if isinstance(lc, L.KVCache) else (lc,))]
+    before = [(t.data_ptr(), t.shape) for t in tensors(cache)]
+    with torch.no_grad():
+        model(x[:, :4], cache=cache)
+        for t in range(4, 20):
+            model(x[:, t:t + 1], cache=cache)
+    assert [(t.data_ptr(), t.shape) for t in tensors(cache)] == before
+
+
+def test_kv_cache_grows_past_its_capacity():
+    model = _model(FULL_ATTN["full-rotary"])
+    x = torch.randint(0, VOCAB, (2, 12))
+    with torch.no_grad():
+        full = model(x)
+        got, cache = _prefill_then_decode(model, x, 3, cache=model.init_cache(2, 4))
+    assert _max_rel(got, full) <= 1e-10
+    assert cache.layers[0].capacity >= 12
+
+
+def test_bad_input():
+    model, other = _model(GATE_LOOP["hd8-noswish-subln"]), _model(GATE_LOOP["hd8-noswish-subln"])
+    x = torch.randint(0, VOCAB, (2, 5))
+    with torch.no_grad():
+        _, cache = model(x, return_cache=True)
+        with pytest.raises(ValueError, match="another model"):
+            other(x[:, :1], cache=cache)
+        with pytest.raises(ValueError, match="holds 2 sequences"):
+            model(x[:1, :1], cache=cache)
+        with pytest.raises(ValueError, match="return_loss"):
+            model(x, cache=cache, return_loss=True)
+        with pytest.raises(TypeError, match="made for torch.float64"):
+            model.float()(x[:, :1], cache=cache)
+        model.double()
+        layer = model.layers[0][0].fn
+        h = torch.randn(2, 1, 32, dtype=torch.float64)
+        with pytest.raises(ValueError, match="another layer or batch size"):
+            layer(h, cache=cache.layers[0][:1])
+        with pytest.raises(TypeError, match="another dtype"):
+            layer(h, cache=cache.layers[0].to(torch.complex64))
+        full = L.CausalFullAttention(32, dim_head=8, heads=2).double()
+        kv = full.new_cache(2, 4)
+        with pytest.raises(ValueError, match="another layer or batch size"):
+            full(h[:1], cache=kv)
+        with pytest.raises(TypeError, match="another dtype"):
+            full(h, cache=full.new_cache(2, 4, dtype=torch.float32))
+    with pytest.raises(RuntimeError, match="inference-only"):  # a decode step under autograd
+        model(x[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        model.generate(x, -1)
+    with pytest.raises(TypeError, match="max_new_tokens must be an int"):
+        model.generate(x, 2.0)
+    with pytest.raises(TypeError, match="prompt must be"):
+        model.generate(x.float(), 2)
+    with pytest.raises(ValueError, match="p >= 1"):
+        model.generate(x[:, :0], 2)
+    for kwargs, what in ((dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+                         (dict(eos_token=VOCAB), "eos_token")):
+        with pytest.raises(ValueError, match=what):
+            model.generate(x, 2, **kwargs)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_CONFIGS = {"hd1": dict(), "hd16": dict(gate_loop_heads=2), "hd64": dict(gate_loop_heads=1, dim_gate_looped_attn=64),
+               "hd16-reversible": dict(gate_loop_heads=2, reversible=True), "full-rotary": FULL_ATTN["full-rotary"]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+def test_prefill_decode_cuda(name):
+    model = _model(GPU_CONFIGS[name], torch.float32, "cuda")
+    x = torch.randint(0, VOCAB, (4, 150), device="cuda")
+    with torch.no_grad():
+        full = model(x)
+        for p in (1, 63, 65, 129):
+            got, _ = _prefill_then_decode(model, x, p)
+            assert _max_rel(got, full) <= 1e-5, p
+        with torch.autocast("cuda", torch.bfloat16):
+            full16 = model(x)
+            got16, _ = _prefill_then_decode(model, x, 65)
+    assert _max_rel(got16, full16) <= 5e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", [False, True], ids=["f32", "bf16-autocast"])
+@pytest.mark.parametrize("name", list(GPU_CONFIGS))
+def test_generate_cuda_graph(name, amp):
+    """The captured decode graph gives the eager loop's tokens, and capture succeeds (no fallback warning)."""
+    model = _model(GPU_CONFIGS[name], torch.float32, "cuda")
+    prompt = torch.randint(0, VOCAB, (8, 17), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+        eager = model.generate(prompt, 24, temperature=0, cuda_graph=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            graphed = model.generate(prompt, 24, temperature=0, cuda_graph=True)
+    assert not [w for w in caught if "capture failed" in str(w.message)], [str(w.message) for w in caught]
+    assert torch.equal(graphed, eager)
+    gen = torch.Generator("cuda")
+    a = model.generate(prompt, 24, top_k=20, generator=gen.manual_seed(1), cuda_graph=False)
+    b = model.generate(prompt, 24, top_k=20, generator=gen.manual_seed(1), cuda_graph=True)
+    assert torch.equal(a, b)
+
+
+def test_patched_upstream_model_generates():
+    """An upstream gate-looped model, patched in place, generates the argmax continuation of its own forward."""
+    up = pytest.importorskip("gateloop_transformer.gateloop_transformer")
+    import gateloop_transformer.simplified_gate_loop as up_simple
+    from gateloop_kernels import patch_gateloop_transformer
+
+    saved = {(cls, name): cls.__dict__.get(name) for cls, names in
+             ((up.GateLoopedAttention, ("forward", "new_cache")), (up.Transformer, ("init_cache", "generate")),
+              (up_simple.SimpleGateLoopLayer, ("forward",))) for name in names}
+    saved_ops = up.gate_loop_operator, up_simple.gate_loop_operator
+    model = up.Transformer(dim=16, num_tokens=VOCAB, depth=2, gate_loop_heads=2).double()
+    prompt = torch.randint(0, VOCAB, (2, 4))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the seed's checkpoint warns about use_reentrant
+        want = _greedy_oracle(model, prompt, 6)
+    try:
+        patch_gateloop_transformer()
+        got = model.generate(prompt, 6, temperature=0)
+        full_attn = up.Transformer(dim=16, num_tokens=VOCAB, depth=1, use_gate_looped_attn=False)
+        with pytest.raises(TypeError, match="keeps no inference cache"):
+            full_attn.generate(prompt, 2)
+    finally:
+        up.gate_loop_operator, up_simple.gate_loop_operator = saved_ops
+        for (cls, name), fn in saved.items():
+            if fn is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, fn)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["hd1", "hd64", "full-rotary"])
+def test_decode_memory_flat_cuda(name):
+    """Allocated GPU memory is the same after 10 and after 40 decode steps (the cache sized in advance)."""
+    model = _model(GPU_CONFIGS[name], torch.float32, "cuda")
+    x = torch.randint(0, VOCAB, (4, 140), device="cuda")
+    cache = model.init_cache(4, 140)
+    with torch.no_grad():
+        model(x[:, :100], cache=cache)
+        for t in range(100, 140):
+            model(x[:, t:t + 1], cache=cache)
+            if t == 109:
+                torch.cuda.synchronize()
+                allocated = torch.cuda.memory_allocated()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated
+
+
+
+def test_failed_capture_falls_back(monkeypatch):
+    """Where capture fails midway (here: the step raises after the layers ran, as an op that cannot be
+    captured would) the step stays eager: one warning, and the key/value caches' host-side length is what it
+    was before the attempt (capture runs the Python side of a step, not its kernels)."""
+    import contextlib
+
+    from gateloop_kernels import generate as G
+
+    model = _model(FULL_ATTN["full-rotary"])
+    x = torch.randint(0, VOCAB, (2, 6))
+    cache = model.init_cache(2, 8)
+    with torch.no_grad():
+        model(x[:, :5], cache=cache)
+
+    def step(t):
+        model(t, cache=cache)
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    with torch.no_grad(), pytest.warns(UserWarning, match="capture failed .*not permitted.*decoding eagerly"):
+        assert G._captured_step(step, x[:, 5:6], cache) is None
+    assert [c.length for c in cache.layers] == [5, 5]

@@ -1,0 +1,61 @@
+"""Multi-process tests on one machine, shared by the context-parallel tests: ``spawn`` runs a worker on every
+rank of a fresh process group (gloo, or NCCL when the worker's first argument is ``"cuda"``) with timeouts
+on the group and on the join, so a hang fails the test instead of CI; workers collect failed comparisons
+(``max_rel_err``) and raise them together (``raise_failures``)."""
+from __future__ import annotations
+
+import socket
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+JOIN_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world: int, *args) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` spawned processes; fail on any error or after JOIN_TIMEOUT_S."""
+    port = _free_port()
+    ctx = mp.start_processes(_entry, args=(world, port, fn, args), nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+            if time.monotonic() > deadline:
+                pytest.fail(f"ranks still running after {JOIN_TIMEOUT_S} s (a hang)")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    torch.set_num_threads(1)  # several ranks share few cores: intra-op threads would only contend
+    backend = "nccl" if args and args[0] == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def max_rel_err(got, want) -> float:
+    if want.numel() == 0:
+        return 0.0 if got.numel() == 0 else float("inf")
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def raise_failures(failures) -> None:
+    if failures:
+        raise AssertionError("\n".join(failures))

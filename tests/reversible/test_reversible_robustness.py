@@ -1,0 +1,280 @@
+"""User inputs a reversible stack must handle like plain autograd (or refuse clearly): closures that change
+between calls, stride-0 / non-contiguous inputs, empty batches, dtype mixes, inputs or parameters that do
+not need grad, non-finite values; a property test against plain autograd over shapes and dtypes."""
+import pytest
+import torch
+from torch import nn
+
+import reversible
+
+from helpers.seed_reversible_oracle import Fn, assert_close_all, grads_of
+
+TOL = 1e-10
+D = 6
+
+
+class Late(nn.Module):
+    """A step function that starts closing over ``extra`` (a tensor, maybe needing grad) once it is set."""
+
+    def __init__(self, d=D):
+        super().__init__()
+        self.lin = nn.Linear(d, d, dtype=torch.float64)
+        self.extra = None
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        return h if self.extra is None else h * self.extra
+
+
+def test_closure_check_holds_on_every_call():
+    """The check that f / g close over no tensor needing grad ran once per module: a module that starts
+    closing over one after its first backward gave that tensor no gradient and raised nothing."""
+    f = Late()
+    net = reversible.ReversibleSequence([(f, Fn(D, p=0.0))])
+    x = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+    net(x).sum().backward()  # nothing closed over yet: fine
+    f.extra = torch.randn(D, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="gradients would be lost"):
+        net(x).sum().backward()
+    assert f.extra.grad is None
+    # a tensor that needs no grad is fine to close over, and a parameter gets its gradient
+    f.extra = torch.randn(D, dtype=torch.float64)
+    net(x).sum().backward()
+    f.extra = nn.Parameter(torch.randn(D, dtype=torch.float64))
+    got = grads_of(net(x).square().sum(), [x, f.extra, *f.lin.parameters()])
+    ref = reversible.SequentialSequence(list(zip([f], [net.blocks[0].g])))
+    want = grads_of(ref(x).square().sum(), [x, f.extra, *f.lin.parameters()])
+    assert_close_all(got, want, TOL)
+
+
+class WhereSqrt(nn.Module):
+    """``tanh(lin(x)) + where(c > 0, sqrt(c), 0)``: finite, but its vjp is NaN wherever ``c < 0`` even for a
+    zero output gradient (the unselected branch's derivative times zero), like many masked functions."""
+
+    def __init__(self, d=D):
+        super().__init__()
+        self.lin = nn.Linear(d, d, dtype=torch.float64)
+
+    def forward(self, x, c, **ignored):
+        return torch.tanh(self.lin(x)) + torch.where(c > 0, c.sqrt(), torch.zeros_like(c))
+
+
+def test_unused_output_takes_no_vjp_like_plain_autograd():
+    """With the audio output unused, plain autograd takes no vjp of the audio steps: the audio parameters get
+    no gradient (None: an optimizer skips them) and a NaN vjp of an audio step that reads the video stream
+    does not reach it. The reversible backward started every stream's gradient buffer at zero and took those
+    vjps: zeros instead of None, and NaN in the video input's and f's gradients."""
+    from helpers.seed_reversible_oracle import CrossFn
+
+    torch.manual_seed(0)
+    types = ["intra_modality_self_attn", "inter_modality_cross_attn"]
+    blocks = [(Fn(D, p=0.0), Fn(D, p=0.0), Fn(D, p=0.0), Fn(D, p=0.0)),
+              (CrossFn(D, p=0.0), Fn(D, p=0.0), WhereSqrt(), Fn(D, p=0.0))]  # f, g, j, k
+    net = reversible.DualModalityReversibleSequence(blocks, types)
+    video = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+    audio = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+    tensors = [video, audio, *net.parameters()]
+    got = torch.autograd.grad(net(video, audio)[0].square().sum(), tensors, allow_unused=True)
+    want = torch.autograd.grad(net(video, audio, reverse=False)[0].square().sum(), tensors, allow_unused=True)
+    assert [g is None for g in got] == [w is None for w in want]
+    assert any(w is None for w in want) and all(w is None or torch.isfinite(w).all() for w in want)
+    assert_close_all([g for g in got if g is not None], [w for w in want if w is not None], TOL)
+
+
+class Wide(nn.Module):
+    """A step whose output is wider (float64) than the float32 stream it is added to."""
+
+    def __init__(self, d=D):
+        super().__init__()
+        self.lin = nn.Linear(d, d, dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x.double()))
+
+
+@pytest.mark.parametrize("x_dtype, step, stream_dtype", [(torch.float32, Wide, None),  # a float32 stream
+                                                      (torch.float64, Fn, torch.float32)])  # float32 buffers
+def test_stream_keeps_its_dtype_with_and_without_grad(x_dtype, step, stream_dtype):
+    """A float64 output added to a float32 stream is rounded to float32 by the reversible forward's in-place
+    add; the functional path (no grad, eval, SequentialSequence) promoted the stream to float64 from there on,
+    so one model gave outputs differing by float32 rounding with and without grad. Now bitwise equal."""
+    pairs = [(step(D), step(D)) for _ in range(3)]
+    for m in (m for pair in pairs for m in pair):
+        m.eval()  # no dropout
+    x = torch.randn(2, 5, D, dtype=x_dtype)
+    net = reversible.ReversibleSequence(pairs, stream_dtype=stream_dtype)
+    with_grad = net(x.clone().requires_grad_())
+    with torch.no_grad():
+        without = net(x)
+    plain = reversible.SequentialSequence(pairs, stream_dtype=stream_dtype)(x.clone().requires_grad_())
+    assert with_grad.dtype == without.dtype == plain.dtype == x_dtype
+    assert torch.equal(with_grad, without) and torch.equal(with_grad, plain)
+
+
+# ----------------------------------------------------------------------------- property test
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = None
+
+
+class _Elementwise(nn.Module):
+    """Shape-agnostic step ``tanh(a * x + b) * c`` with scalar parameters (a NaN stays in its element),
+    returned in one of several layouts: ``kind`` "dense", "transposed" (a non-contiguous output),
+    "identity" (the input itself), "expanded" (``c`` expanded to the half: stride 0, no input), or of
+    the last dim's sum, "reduced" (the input's gradient is then expanded: stride 0)."""
+
+    def __init__(self, dtype, kind="dense"):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(3, dtype=dtype))
+        self.kind = kind
+
+    def forward(self, x):
+        if self.kind == "identity":
+            return x
+        if self.kind == "expanded":
+            return self.p[2].expand_as(x)
+        if self.kind == "transposed":
+            x = x.transpose(0, -1).contiguous().transpose(0, -1)
+        if self.kind == "reduced":
+            x = x.sum(-1, keepdim=True).expand_as(x)
+        return torch.tanh(self.p[0] * x + self.p[1]) * self.p[2]
+
+
+def _layout(x, kind, dim):
+    """``x`` (values kept) laid out as ``kind``; returns (the tensor to pass, the leaf that needs grad)."""
+    if kind == "expanded":  # stride 0 on dim 0: a leaf of size 1 there, expanded
+        leaf = x[:1].clone()
+        return leaf.expand_as(x), leaf
+    if kind == "transposed":
+        leaf = x.transpose(0, -1).contiguous()
+        return leaf.transpose(0, -1), leaf
+    if kind == "sliced":  # every other element of the last dim of a wider leaf
+        leaf = torch.repeat_interleave(x, 2, dim=-1)
+        return leaf[..., ::2], leaf
+    return x, x
+
+
+_DTYPE_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+if given is not None:
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(shape=st.lists(st.integers(0, 3), min_size=1, max_size=3), dim_pick=st.integers(0, 5),
+           layout=st.sampled_from(["contiguous", "expanded", "transposed", "sliced"]),
+           kinds=st.lists(st.sampled_from(["dense", "transposed", "identity", "expanded", "reduced"]),
+                          min_size=6, max_size=6),
+           dtype=st.sampled_from(list(_DTYPE_TOL)), merge=st.sampled_from(["mean", "sum", "cat"]),
+           split=st.booleans(), depth=st.integers(1, 3), x_grad=st.booleans(), existing=st.booleans(),
+           bad=st.sampled_from([None, float("nan"), float("inf"), -float("inf")]), seed=st.integers(0, 2**31 - 1))
+    def test_property_layouts_dtypes_against_plain_autograd(shape, dim_pick, layout, kinds, dtype, merge, split,
+                                                            depth, x_grad, existing, bad, seed):
+        """ReversibleSequence against SequentialSequence (plain autograd) on the same steps: outputs, the
+        input's gradient and the parameters' accumulated ``.grad``, for shapes with empty dims, inputs
+        expanded / transposed / sliced, step outputs dense / transposed / the input itself / expanded / of
+        a sum (a stride-0 input gradient), float64 and float32, inputs needing grad or not, ``.grad`` None
+        or filled, with or without one NaN or infinity in the input. Finite inputs: the same elements finite, and close. A non-finite input:
+        non-finite wherever plain autograd is, the elements finite in both close (a non-finite activation
+        that a step carries into the other half cannot be reconstructed, NaN - NaN, so the stack's
+        gradients can be NaN where plain autograd's are not; see test_non_finite_token_stays_in_its_token).
+        Tolerance: relative max error 1e-10 (float64), 1e-4 (float32)."""
+        torch.manual_seed(seed)
+        ndim = len(shape)
+        dim = dim_pick % (2 * ndim) - ndim
+        if split:
+            shape = list(shape)
+            shape[dim] *= 2
+        base = torch.randn(shape, dtype=dtype)
+        if bad is not None and base.numel():
+            base.view(-1)[seed % base.numel()] = bad
+        x, leaf = _layout(base, layout, dim)
+        leaf.requires_grad_(x_grad)
+        pairs = [(_Elementwise(dtype, kinds[2 * i]), _Elementwise(dtype, kinds[2 * i + 1])) for i in range(depth)]
+        params = [p for pair in pairs for m in pair for p in m.parameters()]
+        init = [torch.randn_like(p) if existing else None for p in params]
+        results = []
+        for klass in (reversible.ReversibleSequence, reversible.SequentialSequence):
+            net = klass(pairs, dim=dim, merge=merge, input_mode="split" if split else "duplicate")
+            for p, g in zip(params, init):
+                p.grad = None if g is None else g.clone()
+            leaf.grad = None
+            y = net(x)
+            # plain autograd's output needs no grad when nothing it depends on does (identity steps, an input
+            # that needs none); the stack's output needs grad whenever a step's module has parameters that do
+            if y.requires_grad:
+                (y * torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)).sum().backward()
+            results.append([y.detach(), leaf.grad, *(p.grad for p in params)])
+        for got, want in zip(*results):
+            assert (got is None) == (want is None)
+            if want is None:
+                continue
+            if bad is None:
+                assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+            else:  # a non-finite activation is not reconstructed (NaN - NaN, inf - inf): more NaN, never fewer
+                assert not (torch.isfinite(got) & ~torch.isfinite(want)).any()
+            fin = torch.isfinite(want) & torch.isfinite(got)
+            if fin.any():
+                assert_close_all([got[fin]], [want[fin]], _DTYPE_TOL[dtype])
+
+
+def test_routes_are_checked_on_every_call():
+    """``args_route`` was checked against the depth once, in ``__init__``: a block appended afterwards got
+    none of the routed keyword arguments, silently (the routes were zipped with the blocks)."""
+    from reversible.compat import nuwa
+
+    scale = torch.randn(D, dtype=torch.float64)
+    x = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
+    net = reversible.ReversibleSequence([(Fn(D), Fn(D))] * 2, args_route={"scale": [(True, True)] * 2})
+    net(x, scale=scale)
+    net.blocks.append(reversible.ReversibleBlock(Fn(D), Fn(D)))
+    with pytest.raises(ValueError, match=r"args_route\['scale'\] has 2 entries but there are 3 layers"):
+        net(x, scale=scale)
+    seq = nuwa.SequentialSequence(nn.ModuleList([nn.ModuleList([Fn(D), Fn(D)])]), args_route={"scale": [(True, True)]})
+    seq(x, scale=scale)
+    seq.layers.append(nn.ModuleList([Fn(D), Fn(D)]))
+    with pytest.raises(ValueError, match="has 1 entries but there are 2 layers"):
+        seq(x, scale=scale)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_token_stays_in_its_token(bad):
+    """A NaN or infinity in one token of one sequence, per-token steps (Linear over features): every other
+    token's input gradient, in that sequence and the other, is finite and equals plain autograd's, and
+    so are the outputs (the reconstruction's NaN - NaN stays in the token the value came from)."""
+    pairs = [(Fn(D, p=0.0), Fn(D, p=0.0)) for _ in range(3)]
+    x = torch.randn(2, 5, D, dtype=torch.float64)
+    x[0, 2, 1] = bad
+    x.requires_grad_()
+    w = torch.randn(2, 5, D, dtype=torch.float64)
+    got_y = reversible.ReversibleSequence(pairs)(x)
+    got, = torch.autograd.grad((got_y * w).sum(), [x])
+    want_y = reversible.SequentialSequence(pairs)(x)
+    want, = torch.autograd.grad((want_y * w).sum(), [x])
+    assert torch.equal(torch.isfinite(got_y), torch.isfinite(want_y))
+    others = torch.ones(2, 5, dtype=torch.bool)
+    others[0, 2] = False
+    assert torch.isfinite(got[others]).all()
+    assert_close_all([got_y.detach()[others], got[others]], [want_y.detach()[others], want[others]], TOL)
+
+
+def test_reconstruction_error_of_an_empty_batch_is_zero():
+    """``reconstruction_error`` took ``max()`` of an empty tensor: a RuntimeError for a batch of 0."""
+    net = reversible.ReversibleSequence([(Fn(D), Fn(D))])
+    assert reversible.reconstruction_error(net, torch.randn(0, 5, D, dtype=torch.float64)) == 0.0
+    types = ["intra_modality_self_attn"]
+    dual = reversible.DualModalityReversibleSequence([(Fn(D), Fn(D), Fn(D), Fn(D))], types)
+    video, audio = torch.randn(2, 5, D, dtype=torch.float64), torch.randn(2, 0, D, dtype=torch.float64)
+    assert 0.0 <= reversible.reconstruction_error(dual, (video, audio)) < 1e-13
+
+
+@pytest.mark.parametrize("index", [0, 3, 5, 7, -2])
+def test_nuwa_split_at_index_slices_as_the_seed(index):
+    """The seed's ``split_at_index`` slices (``t[:, :index]``, ``t[:, index:]``): an index past the end gives
+    an empty second part, a negative one counts from the end. The compat module used ``narrow``, which
+    raised for both."""
+    from reversible.compat import nuwa
+
+    t = torch.randn(2, 5, 3)
+    a, b = nuwa.split_at_index(1, index, t)
+    assert torch.equal(a, t[:, :index]) and torch.equal(b, t[:, index:])
