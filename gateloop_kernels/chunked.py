@@ -39,7 +39,7 @@ the reference (``reference.chunked_reference``, which runs the sequential loop f
 one-time warning.
 
 The gate gradient is the division-free form ``grad_a_u = <Lambda_u, S_{u-1}>`` (``Lambda`` the
-adjoint state), expanded per chunk (``tests/test_chunked_math.py`` holds the float64 prototype
+adjoint state), expanded per chunk (``tests/gateloop/test_chunked_math.py`` holds the float64 prototype
 of exactly these formulas, checked against autograd):
 ``grad_a_u = sum_{t>=u} conj(D[t,u]) (R[t,u] + psi_t conj(A_{u-1}))
 + conj(D[C-1,u]) (sigma conj(A_{u-1}) + sum_{s<u} conj(D[u-1,s]) phi_s)``, with
@@ -108,7 +108,7 @@ _DTYPE = {m: t for t, m in _MODE.items()}
 # read in _bwd_dqk's three-dot product at d = 16 and wrong float32 gate gradients at (d, e) = (48, 16); with 4
 # warps a 100-300% wrong 16-bit dq at d = 16 and a wrong bf16 output at (48, 16); with 8 warps an illegal address
 # in a bf16 backward at (48, 80) at real sizes.
-# tests/test_chunked_sweep.py checks every tile class on the GPU (and under compute-sanitizer in gpu.sh).
+# tests/gateloop/test_chunked_sweep.py checks every tile class on the GPU (and under compute-sanitizer in gpu.sh).
 _IRREGULAR = {"cap": 32, "num_warps": 2}
 
 
