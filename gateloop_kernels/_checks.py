@@ -150,7 +150,8 @@ def check_heads_inputs(q: Tensor, k: Tensor, v: Tensor, z: Optional[Tensor], log
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be (B, n, H, d) and v (B, n, H, e) with one (B, n, H); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if (z is None) == (log_magnitude is None and phase is None) or (z is None and (log_magnitude is None or phase is None)):
+    if (z is None) == (log_magnitude is None and phase is None) or \
+            (z is None and (log_magnitude is None or phase is None)):
         raise ValueError("give the gate either as z, or as both log_magnitude and phase")
     if z is not None:
         check_preactivation(z)

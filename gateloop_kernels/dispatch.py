@@ -2,18 +2,18 @@
 
 Each entry (``gate_loop_operator``, ``gate_loop_heads``, ``simple_gate_loop_operator``; the layers through
 ``gate_loop_heads``) checks its own argument forms once (:mod:`gateloop_kernels._checks`), brings them into head
-layout and calls :func:`scan`, which does not check them again:
+layout (or, at head dims 1, the elementwise op's per-channel layout) and calls :func:`scan`, which does not check
+them again:
 
-* a gate per head, ``d = e = 1``: the elementwise scan op ``gateloop::elementwise_scan``
-  (:mod:`gateloop_kernels.elementwise`) -- the Triton kernel on CUDA for the kernel dtypes, the chunked
-  reference's algorithm in PyTorch on other devices;
+* a gate per head, ``d = e = 1``, a kernel dtype or not CUDA: the elementwise scan op
+  ``gateloop::elementwise_scan`` (:mod:`gateloop_kernels.elementwise`) -- the Triton kernel on CUDA, the
+  chunked reference's algorithm in PyTorch elsewhere;
 * ``n = 0`` otherwise: :func:`gateloop_kernels.dtypes.empty_scan`;
-* a gate per head, ``16 <= d, e <= 256``, kernel dtypes, CUDA: the chunked tensor-core kernel
+* a gate per head, ``16 <= d, e <= 256``, a kernel dtype, CUDA: the chunked tensor-core kernel
   (:mod:`gateloop_kernels.chunked`);
-* everything else (a gate per key dim or entry, other head dims, float64, or not CUDA):
+* everything else (a gate per key dim or entry, other head dims, float64 on CUDA, not CUDA):
   :func:`gateloop_kernels.reference.chunked_reference`, with one warning per kind of input on CUDA.
-
-The fallback calls the public oracle, which checks its inputs again (the slow path only).
+  This slow path calls the public oracle, which checks its inputs again.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from . import reference
 from .chunked import _chunk_gate_loop
 from .dtypes import KERNEL_DTYPES, empty_scan
 from .elementwise import elementwise_scan
+from .reference import DEFAULT_CHUNK
 
 __all__ = ["scan", "CHUNK_DIMS", "DEFAULT_CHUNK", "KERNEL_DEVICES"]
 
@@ -35,8 +36,6 @@ KERNEL_DEVICES = ("cuda",)
 
 #: head and value dims the chunked tensor-core kernel covers
 CHUNK_DIMS = (16, 256)
-#: steps per chunk of the chunked kernel and the reference unless an entry is given ``chunk_size``
-DEFAULT_CHUNK = 64
 
 _WARNED: set = set()
 

@@ -61,8 +61,8 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
         initial_state: complex (or real: no imaginary part) ``(B, H, d, e)`` or ``None``.
         output_final_state: also return the final complex ``(B, H, d, e)`` state.
         precision: float32 dots of the chunked kernel: ``"ieee"`` (default, exact to float32, run as three
-            TF32 products), ``"tf32x3"`` (the same) or ``"tf32"`` (fast, ~1e-3 relative). Other dtypes and
-            paths compute as they always do.
+            TF32 products), ``"tf32x3"`` (the same) or ``"tf32"`` (fast, ~1e-3 relative); 16-bit inputs and
+            the other paths do not use it.
         chunk_size: steps per chunk of the chunked kernel and of the PyTorch reference, a power of two
             ``>= 16`` (default 64); the head-dim-1 scan picks its own tiles.
         cp_group: a ``torch.distributed`` process group over which the time axis is split (this rank

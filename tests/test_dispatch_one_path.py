@@ -124,18 +124,25 @@ def assert_one_path(log, backend, checks):
     assert {c: counts[c] for c in names} == {c: checks.get(c, 0) for c in names}, counts
 
 
-@pytest.mark.skipif(DEV == "cuda", reason="the CPU paths (the kernel paths: test_kernel_paths_*)")
+@pytest.mark.parametrize("where", [pytest.param("cpu", marks=pytest.mark.skipif(DEV == "cuda", reason="CPU only")),
+                                   "kernel_device"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_each_entry_one_backend_one_validation(log, name):
+def test_each_entry_one_backend_one_validation(log, request, where, name):
     """Each public entry reaches exactly one backend once and runs each of its checks once (chunk_gate_loop's own
-    none), with the float64 sequential reference's results."""
+    none), with the float64 sequential reference's results; on a kernel device float64 takes the reference."""
     case, backend, checks = CASES[name]
+    if where == "kernel_device":
+        request.getfixturevalue("kernels_on_cpu")
+        backend = "chunked_reference" if backend == "elementwise_scan" else backend
     run, oracle = case()
-    got, want = run(), oracle()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference's warning on a kernel device
+        got = run()
+    want = oracle()
     assert_one_path(log, backend, checks)
     for x, y in zip(got, want):
         for xs, ys in zip(*(t if isinstance(t, tuple) else (t,) for t in (x, y))):
-            assert xs.shape == ys.shape
+            assert xs.shape == ys.shape and xs.dtype == ys.dtype
             if xs.numel():
                 assert rel(xs, ys) < 1e-12 if not xs.is_complex() else (xs - ys).abs().max() < 1e-12
 
