@@ -4,6 +4,8 @@ Public API:
     gate_loop_operator(q, k, v, a)          -- drop-in for the seed's operator
     simple_gate_loop_operator(q, kv, a, cache=None) -- the simplified (real-gate) operator
     gate_loop_heads(q, k, v, z=... | log_magnitude=..., phase=...) -- head layout (B, n, H, d), real gate parameters
+        (both scans take precision= and chunk_size=; every entry point checks its inputs once and runs
+        through gateloop_kernels.dispatch.scan, the one place that picks the path)
     reference                                -- the pure-PyTorch oracles
     GateLoopedAttention, SimpleGateLoopLayer, Transformer, CausalFullAttention -- drop-in layers
         (with inference caches; Transformer.generate)

@@ -1,10 +1,16 @@
-"""Input validation shared by every entry point: clear errors that name the argument."""
+"""Input validation of every public entry point, one pass per call: clear errors that name the argument.
+
+Each entry checks its own argument forms here once and then calls :func:`gateloop_kernels.dispatch.scan`,
+which takes them as checked.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .dtypes import PRECISIONS
 
 #: gate layouts: one complex gate per sequence step ("head"), one per key dim, anything else
 GATE_HEAD, GATE_KEY, GATE_GENERAL = "head", "key", "general"
@@ -106,3 +112,83 @@ def check_initial_state(initial_state: Optional[Tensor], B: int, d: int, e: int,
         raise ValueError(f"initial_state must have shape (B, d, e) = ({B}, {d}, {e}), got {_shape(initial_state)}")
     if initial_state.device != device:
         raise ValueError(f"initial_state must be on {device}, got {initial_state.device}")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+
+
+def check_preactivation(z: Tensor) -> None:
+    check_real_float("z", z)
+    if z.shape[-1] != 2:
+        raise ValueError(f"z must end in a dimension of 2 (real, imaginary), got {tuple(z.shape)}")
+
+
+def check_log_polar(log_magnitude: Tensor, phase: Tensor) -> None:
+    check_real_float("log_magnitude", log_magnitude)
+    check_real_float("phase", phase)
+    if log_magnitude.shape != phase.shape:
+        raise ValueError(f"log_magnitude and phase must have one shape, got {tuple(log_magnitude.shape)} "
+                         f"and {tuple(phase.shape)}")
+
+
+def check_heads_inputs(q: Tensor, k: Tensor, v: Tensor, z: Optional[Tensor], log_magnitude: Optional[Tensor],
+                       phase: Optional[Tensor], initial_state: Optional[Tensor]) -> None:
+    """Validate ``gate_loop_heads`` inputs: ``q, k: (B, n, H, d)``, ``v: (B, n, H, e)`` real floating; the gate as
+    ``z: (B, n, H, 2)`` or as both ``log_magnitude, phase: (B, n, H)``; ``initial_state: (B, H, d, e)``; one device.
+    Raises ``TypeError`` for non-tensors / wrong dtypes and ``ValueError`` for shapes, devices and gate forms."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_real_float(name, t)
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be (B, n, H, d) and v (B, n, H, e) with one (B, n, H); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if (z is None) == (log_magnitude is None and phase is None) or \
+            (z is None and (log_magnitude is None or phase is None)):
+        raise ValueError("give the gate either as z, or as both log_magnitude and phase")
+    if z is not None:
+        check_preactivation(z)
+        gate, gate_shape = z, tuple(z.shape[:-1])
+    else:
+        check_log_polar(log_magnitude, phase)
+        gate, gate_shape = log_magnitude, tuple(log_magnitude.shape)
+    B, n, H, d = q.shape
+    e = v.shape[-1]
+    if gate_shape != (B, n, H):
+        raise ValueError(f"the gate must be (B, n, H) = ({B}, {n}, {H}) (z: (B, n, H, 2)), got {gate_shape}")
+    if initial_state is not None:
+        check_gate_dtype("initial_state", initial_state)
+        if tuple(initial_state.shape) != (B, H, d, e):
+            raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), got "
+                             f"{tuple(initial_state.shape)}")
+    check_same_device(q=q, k=k, v=v, gate=gate, phase=phase, initial_state=initial_state)
+
+
+def check_chunk_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
+                                 initial_state: Optional[Tensor], precision: str, chunk_size: int) -> None:
+    """Validate a direct call of ``chunked.chunk_gate_loop`` (the public entries check their own forms)."""
+    check_precision(precision)
+    for name, t in (("q", q), ("k", k), ("v", v), ("a_re", a_re), ("a_im", a_im)):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a real floating-point tensor")
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k must be (B, n, H, d) and v (B, n, H, e); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    B, n, H, d = q.shape
+    e = v.shape[-1]
+    if a_re.shape != (B, n, H) or a_im.shape != (B, n, H):
+        raise ValueError(f"a_re, a_im must be (B, n, H) = ({B}, {n}, {H}); got {tuple(a_re.shape)}, "
+                         f"{tuple(a_im.shape)}")
+    if not (16 <= d <= 256 and 16 <= e <= 256):
+        raise ValueError(f"chunk_gate_loop needs 16 <= d, e <= 256, got d={d}, e={e}")
+    check_chunk_size(chunk_size)
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, d, e):
+        raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), "
+                         f"got {tuple(initial_state.shape)}")

@@ -56,14 +56,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._checks import check_chunk_gate_loop_inputs
 from ._eager import eager_function, traced
-from .reference import empty_scan
+from .dtypes import PRECISIONS, empty_scan
 
 __all__ = ["chunk_gate_loop", "PRECISIONS"]
 
-#: accepted ``precision`` values for float32 inputs. "ieee" is the exact default (exact to float32, run as
-#: three TF32 products), "tf32x3" the same by name, "tf32" the fast opt-in (~1e-3 relative).
-PRECISIONS = ("ieee", "tf32x3", "tf32")
 _MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DEFAULT_BT = 64
 # Launch configuration per kernel and input dtype: ``cap`` bounds the key/value tile width (see ``_block``;
@@ -1100,26 +1098,15 @@ def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
     ``v ~ 1e-38``: exact outputs ~40, ours inf; the sequential reference forms ``k v^T`` first). fp16 inputs
     form the scores in float32 (fp16 range only bounds q, k, v and the outputs).
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    for name, t in (("q", q), ("k", k), ("v", v), ("a_re", a_re), ("a_im", a_im)):
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a real floating-point tensor")
-    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k must be (B, n, H, d) and v (B, n, H, e); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_chunk_gate_loop_inputs(q, k, v, a_re, a_im, initial_state, precision, chunk_size)
+    return _chunk_gate_loop(q, k, v, a_re, a_im, initial_state, output_final_state, precision, chunk_size)
+
+
+def _chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, initial_state: Optional[Tensor],
+                     output_final_state: bool, precision: str, chunk_size: int):
+    """:func:`chunk_gate_loop` on checked arguments (the dispatch's call: the public entries checked them)."""
     B, n, H, d = q.shape
     e = v.shape[-1]
-    if a_re.shape != (B, n, H) or a_im.shape != (B, n, H):
-        raise ValueError(f"a_re, a_im must be (B, n, H) = ({B}, {n}, {H}); got {tuple(a_re.shape)}, "
-                         f"{tuple(a_im.shape)}")
-    if not (16 <= d <= 256 and 16 <= e <= 256):
-        raise ValueError(f"chunk_gate_loop needs 16 <= d, e <= 256, got d={d}, e={e}")
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, d, e):
-        raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), "
-                         f"got {tuple(initial_state.shape)}")
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     if dtype not in _MODE:
         dtype = torch.float32

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_simple_inputs
+from .dtypes import acc_dtypes, empty_scan, out_dtype, real_dtype  # noqa: F401 (real_dtype: re-exported)
 
 __all__ = [
     "associative_scan_reference",
@@ -35,38 +36,6 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK = 64
-
-
-# ----------------------------------------------------------------------------- dtypes
-
-def real_dtype(t: Tensor) -> torch.dtype:
-    """The real dtype of ``t`` (its own dtype unless complex)."""
-    return t.real.dtype if t.is_complex() else t.dtype
-
-
-def out_dtype(*ts: Tensor) -> torch.dtype:
-    """Promoted real dtype of the inputs: the dtype outputs are returned in."""
-    return functools.reduce(torch.promote_types, (real_dtype(t) for t in ts))
-
-
-def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    """(real, complex) accumulation dtypes: float64 stays float64, everything else runs in float32."""
-    return (torch.float64, torch.complex128) if dtype == torch.float64 else (torch.float32, torch.complex64)
-
-
-def empty_scan(out_shape: tuple, state_shape: tuple, dtype: torch.dtype, initial_state: Optional[Tensor],
-                *inputs: Tensor) -> tuple[Tensor, Tensor]:
-    """``(out, final_state)`` of an empty sequence (``n = 0``): ``out`` has no values but is a function of
-    every input that needs grad (their sums are 0), so a backward gives each its (empty) gradient as at
-    ``n > 0``; the final state is the initial one (zeros without), complex in ``dtype``'s accumulation."""
-    out = torch.zeros(out_shape, dtype=dtype, device=inputs[0].device)
-    for t in (*inputs, initial_state):
-        if t is not None and t.requires_grad:
-            out = out + t.real.sum().to(dtype)
-    cdt = acc_dtypes(dtype)[1]
-    state = (torch.zeros(state_shape, dtype=cdt, device=out.device) if initial_state is None
-             else initial_state.to(cdt))
-    return out, state
 
 
 def _no_autocast(fn: Callable) -> Callable:

@@ -1,0 +1,50 @@
+"""The scan's dtype policy, shared by the kernels, the dispatch and the references.
+
+Outputs come back in the promoted real dtype of ``q, k, v`` (the gate's precision does not decide it:
+there is no complex bf16); state and accumulation run in float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["KERNEL_DTYPES", "PRECISIONS", "real_dtype", "out_dtype", "acc_dtypes", "empty_scan"]
+
+#: input dtypes the Triton kernels take (state and accumulation are float32 for all of them)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: ``precision`` of float32 dots on the chunked kernel: "ieee" exact to float32 (the default, run as three
+#: TF32 products), "tf32x3" the same by name, "tf32" the fast opt-in (~1e-3 relative)
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def real_dtype(t: Tensor) -> torch.dtype:
+    """The real dtype of ``t`` (its own dtype unless complex)."""
+    return t.real.dtype if t.is_complex() else t.dtype
+
+
+def out_dtype(*ts: Tensor) -> torch.dtype:
+    """Promoted real dtype of the inputs: the dtype outputs are returned in."""
+    return functools.reduce(torch.promote_types, (real_dtype(t) for t in ts))
+
+
+def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(real, complex) accumulation dtypes: float64 stays float64, everything else runs in float32."""
+    return (torch.float64, torch.complex128) if dtype == torch.float64 else (torch.float32, torch.complex64)
+
+
+def empty_scan(out_shape: tuple, state_shape: tuple, dtype: torch.dtype, initial_state: Optional[Tensor],
+               *inputs: Tensor) -> tuple[Tensor, Tensor]:
+    """``(out, final_state)`` of an empty sequence (``n = 0``): ``out`` has no values but is a function of
+    every input that needs grad (their sums are 0), so a backward gives each its (empty) gradient as at
+    ``n > 0``; the final state is the initial one (zeros without), complex in ``dtype``'s accumulation."""
+    out = torch.zeros(out_shape, dtype=dtype, device=inputs[0].device)
+    for t in (*inputs, initial_state):
+        if t is not None and t.requires_grad:
+            out = out + t.real.sum().to(dtype)
+    cdt = acc_dtypes(dtype)[1]
+    state = (torch.zeros(state_shape, dtype=cdt, device=out.device) if initial_state is None
+             else initial_state.to(cdt))
+    return out, state
