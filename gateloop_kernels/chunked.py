@@ -34,7 +34,7 @@ holds a non-finite value zero the steps it must not reach and NaN-fill the rows 
 a non-finite gate counts as a reset (``z``) inside the (BT, BT) decay tiles, finite, while every per-step span that
 holds it (``_span``) is NaN. |a|^2 is formed in float64 (tiny gates, log|a| near 1), the phasor product too.
 
-Per-key-dim gates ``a: (B, n, d, 1)`` have no kernel here: ``gateloop_kernels.operator`` should send them to
+Per-key-dim gates ``a: (B, n, d, 1)`` have no kernel here: ``gateloop_kernels.dispatch`` sends them to
 the reference (``reference.chunked_reference``, which runs the sequential loop for that layout) with a
 one-time warning.
 
@@ -68,8 +68,8 @@ _DEFAULT_BT = 64
 # ``cap_v``, where given, the value tile's), ``maxnreg`` caps the registers; for the state scan, ``block``
 # elements per program. Picked on the H100 at (64, 2048, 64) with ``python -m bench.scan_chunked --tune``
 # (which edits this table in memory and checks every configuration against the default's results; on the H200
-# in the ninth session); docs/history.md has the timings. bf16 differs from float32 only in the dq/dk and dv
-# kernels' tiles (64-wide, no register cap). fp16 keeps the configuration validated before the search for every
+# in the ninth session); docs/history.md has the timings. bf16 differs from float32 in the dq/dk and dv
+# kernels' tiles (64-wide, no register cap) and in _fwd_o's 8 warps (hazard H2b, docs/kernels.md). fp16 keeps the configuration validated before the search for every
 # kernel with tensor-core dots: the tuned 4-warp one faulted there (an illegal address at
 # (d, e) = (96, 160) with Triton 3.6 on the H100; bf16, which differs only in running its state dots in bf16
 # instead of tf32, passed at every test shape).

@@ -592,7 +592,8 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
 def _torch_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
                    h0_re: Optional[Tensor], h0_im: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """The same scan in PyTorch (the chunked reference's algorithm): the ops' non-CUDA implementation."""
-    from .reference import acc_dtypes, diagonal_scan_chunked
+    from .dtypes import acc_dtypes
+    from .reference import diagonal_scan_chunked
     rdt, cdt = acc_dtypes(torch.promote_types(q.dtype, a_re.dtype))
     x = k.to(rdt) if v is None else k.to(rdt) * v.to(rdt)
     if a_im is None:
@@ -607,7 +608,8 @@ def _torch_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tenso
                     v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor], h0_re: Optional[Tensor],
                     h0_im: Optional[Tensor]) -> list[Optional[Tensor]]:
     """The adjoint scan (module docstring) in PyTorch: the ops' non-CUDA backward."""
-    from .reference import acc_dtypes, diagonal_scan_chunked
+    from .dtypes import acc_dtypes
+    from .reference import diagonal_scan_chunked
     rdt, cdt = acc_dtypes(torch.promote_types(q.dtype, a_re.dtype))
     qf, kf, dof = q.to(rdt), k.to(rdt), do.to(rdt)
     x = kf if v is None else kf * v.to(rdt)

@@ -5,7 +5,6 @@ exactly one backend (the elementwise op, the chunked kernel, the empty scan or t
 The backends and the validation helpers are wrapped by spies that count calls and run the real functions, so
 the results are also checked against the float64 sequential reference.
 """
-import os
 import warnings
 from collections import Counter
 
@@ -16,11 +15,9 @@ import gateloop_kernels as G
 from gateloop_kernels import chunked, dispatch, heads, operator
 from gateloop_kernels import reference as R
 from gateloop_kernels.layers import GateLoopedAttention
+from helpers.kernels import DEV, needs_kernels
 
 F64 = torch.float64
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-needs_kernels = pytest.mark.skipif(not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
-                                   reason="needs TRITON_INTERPRET=1 or a CUDA device")
 BACKENDS = ("elementwise_scan", "_chunk_gate_loop", "empty_scan", "chunked_reference")
 CHECKS = {operator: ("check_gate_loop_inputs", "check_initial_state", "check_simple_inputs", "check_precision",
                      "check_chunk_size"),
