@@ -424,7 +424,8 @@ def _chunk_contrib(x, y, are, aim, t0, r0, c0, n, H, K: tl.constexpr, V: tl.cons
         w_re, w_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end, BT)
     b_xt = _ld_tT(x, t0, r0, n, K, H * K, BT, BK)
     b_y = _ld_t(y, t0, c0, n, V, H * V, BT, BV)
-    return _dot(b_xt * w_re[None, :], b_y, MODE, PREC), _dot(b_xt * w_im[None, :], b_y, MODE, PREC), ae_re, ae_im
+    # the decay-weighted operand leaves fp16's range for tiny or long decays: _sdot (tf32 there)
+    return _sdot(b_xt * w_re[None, :], b_y, MODE, PREC), _sdot(b_xt * w_im[None, :], b_y, MODE, PREC), ae_re, ae_im
 
 
 @triton.jit

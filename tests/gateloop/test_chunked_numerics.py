@@ -58,6 +58,23 @@ def test_cpu_tiny_gates():
     grads_against_loop(tiny_gates("cpu"), 2e-5)
 
 
+def fp16_tiny_gates(device):
+    """fp16 inputs with a gate of |a| = 1e-24 at step 0 (n = 1 and 40): the carried-state contributions weight q
+    (reverse) or k (forward) by decays far below fp16's range."""
+    inputs = list(tiny_gates(device))
+    for i in range(3):
+        inputs[i] = inputs[i].to(torch.float16)
+    return inputs
+
+
+@cpu_only
+def test_cpu_fp16_tiny_gates():
+    """The chunk's own state contribution multiplied its decay-weighted operand in fp16: a gate of 1e-24 flushed
+    it to zero, and the initial state's gradient was 58% off (n = 1); bf16 and float32 were right."""
+    grads_against_loop([t[:, :1] for t in fp16_tiny_gates("cpu")], 2e-3)
+    grads_against_loop(fp16_tiny_gates("cpu"), 2e-3)
+
+
 def near_one_error(n, device, window=256):
     """Relative output error of the first and the last ``window`` steps, one head of d = 16, |a| = 0.99999 with
     phases in (-1e-3, 1e-3) (a slow decay: every error in a chunk's total gate compounds over the sequence)."""
@@ -115,3 +132,8 @@ def test_gpu_gate_near_one_error_flat_in_n():
 @pytest.mark.gpu
 def test_gpu_fp16_scores_past_fp16_range():
     grads_against_loop(fp16_large_scores("cuda"), 2e-2, init=False, chunk_size=64, do_scale=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_fp16_tiny_gates():
+    grads_against_loop(fp16_tiny_gates("cuda"), 2e-3)
