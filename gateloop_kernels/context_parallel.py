@@ -65,6 +65,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_real_float
+from .dtypes import acc_dtypes
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
 from .operator import gate_loop_operator
 
@@ -197,14 +198,10 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gate: dict, initial_state: Op
                          f"{initial_state.dtype} {tuple(initial_state.shape)}")
 
 
-def _acc(odt: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    return (torch.float64, torch.complex128) if odt == torch.float64 else (torch.float32, torch.complex64)
-
-
 def _empty_slice(q: Tensor, k: Tensor, v: Tensor, a: Tensor, odt: torch.dtype):
     """An empty slice in closed form (an empty sum and product), still tied to every input; head layout,
     ``a`` the complex gate ``(B, 0, H)``, outputs in ``odt``."""
-    rdt, cdt = _acc(odt)
+    rdt, cdt = acc_dtypes(odt)
     s_loc = torch.einsum("bnhd,bnhe->bhde", k.to(rdt), v.to(rdt)).to(cdt)
     o_loc = torch.einsum("bnhd,bhde->bnhe", q.to(rdt), s_loc.real).to(odt)
     return o_loc, s_loc, a.prod(dim=1), a.real, a.imag
@@ -233,7 +230,7 @@ def _heads_local(q, k, v, gate: dict, initial_state) -> _Local:
     _check_shapes(q, k, v, gate, initial_state)
     B, n, H, d = q.shape
     odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    rdt, cdt = _acc(odt)
+    rdt, cdt = acc_dtypes(odt)
     if n == 0:
         o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q, k, v, torch.complex(*_gate_parts(gate)).to(cdt), odt)
     else:
@@ -256,7 +253,7 @@ def _operator_local(q, k, v, a, initial_state) -> _Local:
                          f"got a of shape {tuple(a.shape)}")
     check_initial_state(initial_state, B, d, e, q.device)
     odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    rdt, cdt = _acc(odt)
+    rdt, cdt = acc_dtypes(odt)
     a = a.expand(B, n, 1, 1)
     if n == 0:
         o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q[:, :, None], k[:, :, None], v[:, :, None],
