@@ -143,6 +143,18 @@ def _free():
         torch.cuda.empty_cache()
 
 
+def _release(params: list[torch.Tensor], x: torch.Tensor) -> None:
+    """Drop every gradient of a measurement and return the memory, so the next one starts from the same base."""
+    for p in params:
+        p.grad = None
+    x.grad = None
+    _free()
+
+
+def _oom_row(e: Exception) -> dict[str, Any]:
+    return {"error": f"OOM: {str(e).splitlines()[0]}"}
+
+
 def _train_step(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, amp: bool):
     """One forward + backward of ``model`` on ``x`` (gradients cleared first): what every variant times."""
     def step() -> None:
@@ -167,10 +179,7 @@ def measure(variant: str, model: nn.Module, x: torch.Tensor, params: list[torch.
             for _ in range(warmup):
                 step()
             times = []
-            for p in params:
-                p.grad = None
-            x.grad = None
-            _free()
+            _release(params, x)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -188,12 +197,9 @@ def measure(variant: str, model: nn.Module, x: torch.Tensor, params: list[torch.
                 out["fixed_gib"] = (base + param_bytes + x.numel() * x.element_size()) / GiB
                 out["x_gib"] = x_bytes / GiB
         except torch.cuda.OutOfMemoryError as e:
-            out = {"error": f"OOM: {str(e).splitlines()[0]}"}
+            out = _oom_row(e)
         finally:
-            for p in params:
-                p.grad = None
-            x.grad = None
-            _free()
+            _release(params, x)
     return out
 
 
@@ -226,13 +232,10 @@ def backward_peak_existing_grads(variant: str, pairs, x: torch.Tensor, amp: bool
                 peak = tally.peak
         out: dict[str, Any] = {"bwd_peak_mib": peak / MiB}
     except torch.cuda.OutOfMemoryError as e:
-        out = {"error": f"OOM: {str(e).splitlines()[0]}"}
+        out = _oom_row(e)
     finally:
-        for p in params:
-            p.grad = None
-        x.grad = None
         loss = model = None
-        _free()
+        _release(params, x)
     out["param_mib"] = sum(p.nbytes for p in params) / MiB
     return out
 
@@ -391,18 +394,12 @@ def _warm_steps(variants, depth: int, d: int, heads: int, seq: int, batch: int, 
         with _ext_ctx(v):
             step()
             step()
-            for p in params:
-                p.grad = None
-            x.grad = None
-            _free()
+            _release(params, x)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             yield v, step
         del model, step
-        for p in params:
-            p.grad = None
-        x.grad = None
-        _free()
+        _release(params, x)
 
 
 def profile_variants(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool,
