@@ -38,11 +38,7 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
             ``(B, n, 1, 1)`` one gate per sequence, ``(B, n, d, 1)`` one per key dim, ...
         initial_state: optional complex (or real) ``(B, d, e)`` state before the first step.
         return_final_state: also return the complex ``(B, d, e)`` state after the last step.
-        precision: float32 dots of the chunked kernel: ``"ieee"`` (default, exact to float32, run as three
-            TF32 products), ``"tf32x3"`` (the same) or ``"tf32"`` (fast, ~1e-3 relative); 16-bit inputs and
-            the other paths do not use it.
-        chunk_size: steps per chunk of the chunked kernel and of the PyTorch reference, a power of two
-            ``>= 16`` (default 64); the head-dim-1 scan picks its own tiles.
+        precision, chunk_size: as in :func:`gateloop_kernels.gate_loop_heads`.
         cp_group: a ``torch.distributed`` process group over which the time axis is split (this rank
             passes its slice): :func:`gateloop_kernels.context_parallel.gate_loop_operator_cp`.
 
