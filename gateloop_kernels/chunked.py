@@ -34,6 +34,10 @@ holds a non-finite value zero the steps it must not reach and NaN-fill the rows 
 a non-finite gate counts as a reset (``z``) inside the (BT, BT) decay tiles, finite, while every per-step span that
 holds it (``_span``) is NaN. |a|^2 is formed in float64 (tiny gates, log|a| near 1), the phasor product too.
 
+Packed variable-length batches (``cu_seqlens``, ``_chunk_gate_loop``): chunks are aligned to sequence starts by a
+chunk table built on the device (``_chunk_table``); every kernel, behind a ``VARLEN`` constexpr, reads its chunk's
+steps from it, and the state passes restart each sequence from its own initial state (docs/kernels.md, section 1).
+
 Per-key-dim gates ``a: (B, n, d, 1)`` have no kernel here: ``gateloop_kernels.dispatch`` sends them to
 the reference (``reference.chunked_reference``, which runs the sequential loop for that layout) with a
 one-time warning.
@@ -569,39 +573,39 @@ def _state_scan_job(u, atot, s0, sT, tab, i_bh, H, NT, KV: tl.constexpr, BLOCK: 
         p0 = s0 + i_bh.to(tl.int64) * 2 * KV
         s_re += tl.load(p0 + offs, mask=m, other=0.0)
         s_im += tl.load(p0 + KV + offs, mask=m, other=0.0)
-    for j in range(0, NT, 8):
-        p0, k0, ar0, ai0, ur0, ui0, q0, o0, c0 = _scan_load(u, atot, tab, i_bh, j, NT, offs, m, KV,
-                                                                        REV, VARLEN)
-        p1, k1, ar1, ai1, ur1, ui1, q1, o1, c1 = _scan_load(u, atot, tab, i_bh, j + 1, NT, offs, m, KV,
-                                                                        REV, VARLEN)
-        p2, k2, ar2, ai2, ur2, ui2, q2, o2, c2 = _scan_load(u, atot, tab, i_bh, j + 2, NT, offs, m, KV,
-                                                                        REV, VARLEN)
-        p3, k3, ar3, ai3, ur3, ui3, q3, o3, c3 = _scan_load(u, atot, tab, i_bh, j + 3, NT, offs, m, KV,
-                                                                        REV, VARLEN)
-        p4, k4, ar4, ai4, ur4, ui4, q4, o4, c4 = _scan_load(u, atot, tab, i_bh, j + 4, NT, offs, m, KV,
-                                                                        REV, VARLEN)
-        p5, k5, ar5, ai5, ur5, ui5, q5, o5, c5 = _scan_load(u, atot, tab, i_bh, j + 5, NT, offs, m, KV,
-                                                                        REV, VARLEN)
-        p6, k6, ar6, ai6, ur6, ui6, q6, o6, c6 = _scan_load(u, atot, tab, i_bh, j + 6, NT, offs, m, KV,
-                                                                        REV, VARLEN)
-        p7, k7, ar7, ai7, ur7, ui7, q7, o7, c7 = _scan_load(u, atot, tab, i_bh, j + 7, NT, offs, m, KV,
-                                                                        REV, VARLEN)
-        s_re, s_im = _scan_step(s_re, s_im, p0, k0, ar0, ai0, ur0, ui0, offs, m, s0, sT, i_bh, H, q0, o0,
-                                c0, KV, HAS_S0, STORE_ST, VARLEN)
-        s_re, s_im = _scan_step(s_re, s_im, p1, k1, ar1, ai1, ur1, ui1, offs, m, s0, sT, i_bh, H, q1, o1,
-                                c1, KV, HAS_S0, STORE_ST, VARLEN)
-        s_re, s_im = _scan_step(s_re, s_im, p2, k2, ar2, ai2, ur2, ui2, offs, m, s0, sT, i_bh, H, q2, o2,
-                                c2, KV, HAS_S0, STORE_ST, VARLEN)
-        s_re, s_im = _scan_step(s_re, s_im, p3, k3, ar3, ai3, ur3, ui3, offs, m, s0, sT, i_bh, H, q3, o3,
-                                c3, KV, HAS_S0, STORE_ST, VARLEN)
-        s_re, s_im = _scan_step(s_re, s_im, p4, k4, ar4, ai4, ur4, ui4, offs, m, s0, sT, i_bh, H, q4, o4,
-                                c4, KV, HAS_S0, STORE_ST, VARLEN)
-        s_re, s_im = _scan_step(s_re, s_im, p5, k5, ar5, ai5, ur5, ui5, offs, m, s0, sT, i_bh, H, q5, o5,
-                                c5, KV, HAS_S0, STORE_ST, VARLEN)
-        s_re, s_im = _scan_step(s_re, s_im, p6, k6, ar6, ai6, ur6, ui6, offs, m, s0, sT, i_bh, H, q6, o6,
-                                c6, KV, HAS_S0, STORE_ST, VARLEN)
-        s_re, s_im = _scan_step(s_re, s_im, p7, k7, ar7, ai7, ur7, ui7, offs, m, s0, sT, i_bh, H, q7, o7,
-                                c7, KV, HAS_S0, STORE_ST, VARLEN)
+    for j in range(0, NT, 8):  # (sq, op, cl: a chunk's sequence and its opens / closes masks, VARLEN)
+        p0, k0, ar0, ai0, ur0, ui0, sq0, op0, cl0 = _scan_load(u, atot, tab, i_bh, j, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p1, k1, ar1, ai1, ur1, ui1, sq1, op1, cl1 = _scan_load(u, atot, tab, i_bh, j + 1, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p2, k2, ar2, ai2, ur2, ui2, sq2, op2, cl2 = _scan_load(u, atot, tab, i_bh, j + 2, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p3, k3, ar3, ai3, ur3, ui3, sq3, op3, cl3 = _scan_load(u, atot, tab, i_bh, j + 3, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p4, k4, ar4, ai4, ur4, ui4, sq4, op4, cl4 = _scan_load(u, atot, tab, i_bh, j + 4, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p5, k5, ar5, ai5, ur5, ui5, sq5, op5, cl5 = _scan_load(u, atot, tab, i_bh, j + 5, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p6, k6, ar6, ai6, ur6, ui6, sq6, op6, cl6 = _scan_load(u, atot, tab, i_bh, j + 6, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p7, k7, ar7, ai7, ur7, ui7, sq7, op7, cl7 = _scan_load(u, atot, tab, i_bh, j + 7, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p0, k0, ar0, ai0, ur0, ui0, offs, m, s0, sT, i_bh, H, sq0,
+                                op0, cl0, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p1, k1, ar1, ai1, ur1, ui1, offs, m, s0, sT, i_bh, H, sq1,
+                                op1, cl1, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p2, k2, ar2, ai2, ur2, ui2, offs, m, s0, sT, i_bh, H, sq2,
+                                op2, cl2, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p3, k3, ar3, ai3, ur3, ui3, offs, m, s0, sT, i_bh, H, sq3,
+                                op3, cl3, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p4, k4, ar4, ai4, ur4, ui4, offs, m, s0, sT, i_bh, H, sq4,
+                                op4, cl4, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p5, k5, ar5, ai5, ur5, ui5, offs, m, s0, sT, i_bh, H, sq5,
+                                op5, cl5, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p6, k6, ar6, ai6, ur6, ui6, offs, m, s0, sT, i_bh, H, sq6,
+                                op6, cl6, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p7, k7, ar7, ai7, ur7, ui7, offs, m, s0, sT, i_bh, H, sq7,
+                                op7, cl7, KV, HAS_S0, STORE_ST, VARLEN)
     if STORE_ST and not VARLEN:
         pt = sT + i_bh.to(tl.int64) * 2 * KV
         tl.store(pt + offs, s_re, mask=m)

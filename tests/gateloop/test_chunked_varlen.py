@@ -212,11 +212,42 @@ GPU_MODES = [  # dtype, precision, tolerance against the reference, against each
 @pytest.mark.gpu
 @pytest.mark.parametrize("d,e", GPU_DIMS)
 @pytest.mark.parametrize("dtype,precision,tol,alone_tol", GPU_MODES)
-@pytest.mark.parametrize("init", [False, True])
-def test_gpu_varlen(d, e, dtype, precision, tol, alone_tol, init):
-    lens = gpu_lens(4096, [0, 1, 63, 64, 65, 0])
-    check_varlen(lens, 4, d, e, dtype, "cuda", tol, precision=precision, init=init, final=True, BT=64,
-                 alone_tol=alone_tol, poison=True)
+def test_gpu_varlen(d, e, dtype, precision, tol, alone_tol):
+    check_varlen(gpu_lens(4096, [0, 1, 63, 64, 65, 0]), 4, d, e, dtype, "cuda", tol, precision=precision,
+                 init=True, final=True, BT=64, alone_tol=alone_tol, poison=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,precision,tol,alone_tol", GPU_MODES[::2])
+def test_gpu_varlen_no_state(dtype, precision, tol, alone_tol):
+    """No initial or final state: zero restarts, and each sequence's first gate gradient exactly zero."""
+    check_varlen(gpu_lens(4096, [0, 1, 63, 64, 65]), 4, 64, 64, dtype, "cuda", tol, precision=precision,
+                 BT=64, alone_tol=alone_tol, poison=True)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_non_finite_stays_in_its_sequence():
+    """A NaN in one sequence's value and an Inf gate in another leave every other sequence's outputs, final
+    states and gradients exactly as without them (the restarts are selects)."""
+    lens = [100, 0, 300, 64, 700]
+    cu = _cu(lens, "cuda")
+    T, H, d, e = sum(lens), 2, 64, 64
+    q, k, v, ar, ai = make_inputs(1, T, H, d, e, torch.float32, "cuda")
+    h0 = torch.randn(len(lens), H, d, e, dtype=torch.complex64, device="cuda")
+    dht = torch.randn_like(h0)
+    do = torch.randn(1, T, H, e, device="cuda")
+    clean = _scan(q, k, v, ar, ai, h0, do, dht, "ieee", 64, cu)
+    v, ar = v.clone(), ar.clone()
+    v[0, 100 + 150, 1, 3] = float("nan")  # sequence 2
+    ar[0, 464 + 10, 0] = float("inf")  # sequence 4
+    bad = _scan(q, k, v, ar, ai, h0, do, dht, "ieee", 64, cu)
+    keep = torch.ones(T, dtype=torch.bool, device="cuda")
+    keep[100:400] = False
+    keep[464:] = False
+    for name, x, y in zip(("o",) + NAMES, [clean[0]] + clean[2][:5], [bad[0]] + bad[2][:5]):
+        assert torch.equal(x[0, keep], y[0, keep]), name
+    for i in (0, 1, 3):
+        assert torch.equal(clean[1][i], bad[1][i]) and torch.equal(clean[2][5][i], bad[2][5][i]), i
 
 
 @pytest.mark.gpu
