@@ -82,6 +82,7 @@ def check_varlen(lens, H, d, e, dtype, device, tol, precision="ieee", init=False
         oi, si, gi = reference_f64(q[:, ts], k[:, ts], v[:, ts], ar[:, ts], ai[:, ts], h, do[:, ts], ht)
         return (oi, *gi[:5], si if final else None, gi[5] if init else None)
 
+    report = {}
     for against, bound, fn in (("alone", alone_tol, alone), ("reference", tol, oracle))[alone_tol is None:]:
         ro, rst, rgrads = per_seq(fn)
         errs = {"o": rel(o, ro), **({"final_state": rel(st, rst)} if final else {})}
@@ -90,6 +91,7 @@ def check_varlen(lens, H, d, e, dtype, device, tol, precision="ieee", init=False
             errs[name] = rel(g, r)
         bad = {k_: v_ for k_, v_ in errs.items() if not v_ <= bound}
         assert not bad, f"{against}: errors over {bound}: {bad} (all: {errs}; lengths {lens})"
+        report[against] = errs
     starts = cu[:-1][torch.tensor(lens, device=device) > 0]
     if not init:  # the first gate of a sequence multiplies only the (zero) state before it
         assert (grads[3][0, starts] == 0).all() and (grads[4][0, starts] == 0).all()
@@ -98,6 +100,7 @@ def check_varlen(lens, H, d, e, dtype, device, tol, precision="ieee", init=False
             assert torch.equal(st[i], h0[i].to(st.dtype) if init else torch.zeros_like(st[i]))
         if init:
             assert torch.equal(grads[5][i], dht[i] if final else torch.zeros_like(grads[5][i]))
+    return report
 
 
 # ----------------------------------------------------------------------------- CPU (interpreter)
@@ -126,8 +129,10 @@ def test_cpu_float32_tf32_unequal_dims():
 
 @cpu_only
 def test_cpu_bfloat16():
-    """The one-kernel state pass, initial state without final state, d != e."""
-    check_varlen(CPU_LENS, 1, 32, 16, torch.bfloat16, "cpu", 1e-2, init=True, alone_tol=None)
+    """The one-kernel state pass, initial state without final state, d != e. Against the reference the bound of
+    test_chunked.py::test_cpu_half (the kernels' bf16 rounding at a few steps reached 8e-3 relative over four
+    seeds; the GPU tests hold 1e-2 at real sizes)."""
+    check_varlen(CPU_LENS, 1, 32, 16, torch.bfloat16, "cpu", 2e-2, init=True, alone_tol=None)
 
 
 @cpu_only
