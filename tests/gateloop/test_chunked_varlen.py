@@ -263,3 +263,21 @@ def test_gpu_varlen_exact_one_kernel_state_pass(monkeypatch):
     monkeypatch.setitem(chunked._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
     check_varlen(gpu_lens(4096, [0, 1, 63, 64, 65]), 4, 64, 64, torch.float32, "cuda", 1e-5, init=True,
                  final=True, BT=64, poison=True)
+
+
+@pytest.mark.gpu
+def test_gpu_varlen_no_host_sync():
+    """The packed forward and backward (chunk table included) never synchronise with the host: CUDA's sync
+    debug mode raises on any synchronising call (``.item()``, ``.tolist()``, ``nonzero``, a copy to the host)."""
+    lens = [0, 1, 63, 64, 65, 700]
+    cu = _cu(lens, "cuda")
+    q, k, v, ar, ai = make_inputs(1, sum(lens), 2, 64, 64, torch.bfloat16, "cuda")
+    h0 = torch.randn(len(lens), 2, 64, 64, dtype=torch.complex64, device="cuda")
+    do, dht = torch.randn_like(v), torch.randn_like(h0)
+    _scan(q, k, v, ar, ai, h0, do, dht, "ieee", 64, cu)  # compiled and cached first (the launcher may sync once)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _scan(q, k, v, ar, ai, h0, do, dht, "ieee", 64, cu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
