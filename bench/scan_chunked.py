@@ -202,7 +202,7 @@ _CAPPED = [{"cap": c, "num_warps": 4, "maxnreg": r} for c in (32, 64) for r in (
 # and with key and value tiles of different widths (cap_v: the value tile's)
 _MIXED = [{"cap": c, "cap_v": 96 - c, "num_warps": 4} for c in (32, 64)]
 _TILES = [{"cap": c, "num_warps": w} for c in (32, 64) for w in (4, 8)] + _CAPPED + _MIXED
-TUNE = {  # candidate launch configurations per kernel (gateloop_kernels.chunked._CFG)
+TUNE = {  # candidate launch configurations per kernel (gateloop_kernels.chunked.config._CFG)
     "chunk_local": [{"cap": c, "num_warps": w} for c in (32, 64) for w in (2, 4, 8)] + _CAPPED + _MIXED,
     "state_scan": [{"block": b, "num_warps": w} for b, w in ((256, 2), (512, 4), (1024, 2), (1024, 4), (2048, 4),
                                                             (2048, 8))],
@@ -217,11 +217,11 @@ TUNE_KERNELS = {"chunk_states_exact": ("_chunk_states", "_chunk_local", "_state_
 
 
 def tune(shapes, modes, kernels=tuple(TUNE)):
-    """Coordinate search over ``chunked._CFG``: each kernel's candidates in turn (the others at their best
+    """Coordinate search over ``chunked.config._CFG``: each kernel's candidates in turn (the others at their best
     so far), timed per kernel with torch.profiler over one forward+backward; every candidate's output and
     gradients are checked against the default configuration's (a miscompiled tile shape shows up here)."""
     from bench.tools.kernel_times import kernel_times
-    from gateloop_kernels import chunked
+    from gateloop_kernels.chunked import config
 
     for (bh, n, d) in shapes:
         for mode in modes:
@@ -232,7 +232,7 @@ def tune(shapes, modes, kernels=tuple(TUNE)):
             o = run(*inputs)
             base = [o.detach()] + list(torch.autograd.grad(o, inputs, do))
             tol = 1e-2 if mode == "bf16" else (5e-3 if mode == "tf32" else 1e-5)
-            table = chunked._CFG[dtype]
+            table = config._CFG[dtype]
             default = dict(table)  # (entries are replaced, never edited in place)
             for kern in kernels:
                 cands, best = TUNE[kern], None
@@ -279,7 +279,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--fla-shapes", default="64:2048:64", help="BH:n:d,... where fla runs (it autotunes per shape)")
     ap.add_argument("--sweep-modes", default="ieee", help="modes for the n sweep")
     ap.add_argument("--tune", action="store_true", help="only search the kernels' launch configurations "
-                    "(gateloop_kernels.chunked._CFG) at --shapes and --modes, and print the best")
+                    "(gateloop_kernels.chunked.config._CFG) at --shapes and --modes, and print the best")
     ap.add_argument("--tune-kernels", default=",".join(TUNE), help="kernels --tune searches")
     ap.add_argument("--chunk-sizes", default="", help="comma list of other chunk sizes (e.g. 32,128) to time "
                     "ours with too, each checked against the oracle")

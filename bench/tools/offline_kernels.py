@@ -30,8 +30,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
-from gateloop_kernels import chunked as ch
 from gateloop_kernels import elementwise as ew
+from gateloop_kernels.chunked import gradients, op, outputs, states
+from gateloop_kernels.chunked.config import _DEFAULT_BT
 
 
 class _Recorder:
@@ -77,17 +78,18 @@ def report(kernel: Any) -> dict:
     return out
 
 
-def _record(module: Any, run: Any) -> list:
-    """``(kernel, args, kwargs)`` of every kernel launch of ``run()``, with ``module``'s Triton functions replaced
-    by recorders meanwhile (and put back before anything is compiled)."""
+def _record(modules: tuple, run: Any) -> list:
+    """``(kernel, args, kwargs)`` of every kernel launch of ``run()``, with the Triton functions of ``modules`` (those
+    whose launchers ``run`` calls) replaced by recorders meanwhile (and put back before anything is compiled)."""
     calls: list = []
-    saved = {name: fn for name, fn in vars(module).items() if isinstance(fn, KernelInterface)}
+    saved = {(module, name): fn for module in modules for name, fn in vars(module).items()
+             if isinstance(fn, KernelInterface)}
     try:
-        for name, fn in saved.items():
+        for (module, name), fn in saved.items():
             setattr(module, name, _Recorder(fn, calls))
         run()
     finally:
-        for name, fn in saved.items():
+        for (module, name), fn in saved.items():
             setattr(module, name, fn)
     return calls
 
@@ -100,7 +102,7 @@ def record_elementwise(B: int, n: int, C: int, dtype: torch.dtype) -> list:
     def run() -> None:
         _, _, _, carries = ew.scan_forward(q, k, v, a_re, a_im)
         ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, carries)
-    return _record(ew, run)
+    return _record((ew,), run)
 
 
 def record_chunked(B: int, n: int, H: int, d: int, e: int, dtype: torch.dtype, precision: str = "ieee") -> list:
@@ -110,9 +112,9 @@ def record_chunked(B: int, n: int, H: int, d: int, e: int, dtype: torch.dtype, p
     a_re, a_im = torch.rand(B, n, H), torch.rand(B, n, H)
 
     def run() -> None:
-        ch._fwd_impl(q, k, v, a_re, a_im, None, False, precision, ch._DEFAULT_BT)
-        ch._bwd_impl(q, k, v, a_re, a_im, None, torch.randn_like(v), None, precision, ch._DEFAULT_BT)
-    return _record(ch, run)
+        op._fwd_impl(q, k, v, a_re, a_im, None, False, precision, _DEFAULT_BT)
+        op._bwd_impl(q, k, v, a_re, a_im, None, torch.randn_like(v), None, precision, _DEFAULT_BT)
+    return _record((states, outputs, gradients), run)
 
 
 def main(argv: list[str] | None = None) -> None:

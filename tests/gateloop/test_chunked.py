@@ -34,22 +34,22 @@ def test_cpu_float32(n, H, d, e, chunk, zeros, init, final):
 def test_cpu_float32_wide_heads():
     """Head dims past one tile: several key and value blocks per kernel, key and value tiles of different
     widths (the float32 dq/dk kernel's 32 x 64), states stored transposed in the forward."""
-    from gateloop_kernels import chunked
+    from gateloop_kernels.chunked import config
 
-    assert chunked._blocks(64, 128, chunked._cfg("bwd_dqk", 0, 64, 128)) == (32, 64)
+    assert config._blocks(64, 128, config._cfg("bwd_dqk", config.MODE_F32, 64, 128)) == (32, 64)
     check(1, 70, 1, 64, 128, torch.float32, "cpu", 2e-5, zeros=True, init=True, final=True)
 
 
-#: a one-kernel state pass for the exact float32 mode (``chunked._CFG``'s ``chunk_states_exact``; the default,
+#: a one-kernel state pass for the exact float32 mode (``chunked.config._CFG``'s ``chunk_states_exact``; the default,
 #: None, runs the two passes): the best one-kernel configuration of the H200 search (docs/history.md)
 EXACT_ONE_KERNEL = {"cap": 32, "num_warps": 2, "num_stages": 2}
 
 
 @pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
 def test_cpu_float32_exact_one_kernel_state_pass(monkeypatch):
-    from gateloop_kernels import chunked
+    from gateloop_kernels.chunked import config
 
-    monkeypatch.setitem(chunked._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
+    monkeypatch.setitem(config._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
     check(1, 40, 2, 16, 32, torch.float32, "cpu", 2e-5, zeros=True, init=True, final=True, chunk_size=16)
 
 
@@ -81,7 +81,8 @@ def test_backward_peak_holds_states_once():
     steps at d = e = 32, so the states dominate the workspace."""
     from helpers.live_bytes import LiveBytes
 
-    from gateloop_kernels import chunked
+    from gateloop_kernels.chunked.config import MODE_F32
+    from gateloop_kernels.chunked.gradients import _backward
 
     aten = torch.ops.aten
     factories = (aten.empty, aten.empty_like, aten.empty_strided, aten.zeros, aten.zeros_like, aten.new_empty,
@@ -95,7 +96,7 @@ def test_backward_peak_holds_states_once():
     q, k, v, ar, ai = make_inputs(B, n, H, K, V, torch.float32, "cpu")
     do = torch.randn(B, n, H, V)
     with Tally() as tally:
-        grads = chunked._backward(q, k, v, ar, ai, None, do, None, BT, 0, "tf32x3")
+        grads = _backward(q, k, v, ar, ai, None, do, None, BT, MODE_F32, "tf32x3")
     chunks = B * H * (n // BT)
     states = 2 * chunks * 2 * K * V * 4  # h and dh, float32 (Re, Im)
     aux = chunks * 6 * BT * 4
@@ -125,9 +126,9 @@ def test_gpu_float32(shape, precision, tol):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", GPU_SHAPES)
 def test_gpu_float32_exact_one_kernel_state_pass(shape, monkeypatch):
-    from gateloop_kernels import chunked
+    from gateloop_kernels.chunked import config
 
-    monkeypatch.setitem(chunked._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
+    monkeypatch.setitem(config._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
     check(*shape, torch.float32, "cuda", 1e-5, zeros=True, init=True, final=True, poison=True)
 
 
@@ -166,11 +167,11 @@ def test_gpu_long_sequence_error_growth():
 
 @pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
 def test_cpu_custom_op_opcheck_and_compile():
-    from gateloop_kernels import chunked
+    from gateloop_kernels.chunked.op import _chunk_op
     q, k, v, ar, ai = make_inputs(1, 20, 1, 16, 16, torch.float32, "cpu")
     h0 = torch.randn(1, 1, 2, 16, 16)
     args = (q, k, v, ar, ai, h0, True, "tf32x3", 16)
-    torch.library.opcheck(chunked._chunk_op.op, [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args],
+    torch.library.opcheck(_chunk_op.op, [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args],
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, ar, ai)]
     fn = torch.compile(lambda *x: chunk_gate_loop(*x, chunk_size=16)[0], backend="aot_eager", fullgraph=True)

@@ -1,6 +1,6 @@
 """Float64 PyTorch prototype of the exact algorithm the chunked Triton kernels run.
 
-Every formula the kernels in ``gateloop_kernels/chunked.py`` rely on is mirrored here step by
+Every formula the kernels in ``gateloop_kernels/chunked/`` rely on is mirrored here step by
 step (chunk-local log-magnitude ``g``, zero-gate counts ``z``, unit phasors ``u``; chunk states
 ``h``; adjoint states ``dh``; the per-chunk gradient including the division-free gate gradient)
 and checked against autograd through ``reference.sequential_reference`` in float64.

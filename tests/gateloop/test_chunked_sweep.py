@@ -6,7 +6,7 @@ import torch
 
 from helpers.chunked_check import check
 
-# (d, e): every tile width of ``chunked._block`` on both sides, 1 to 8 tiles, unequal and equal pairs
+# (d, e): every tile width of ``chunked.config._block`` on both sides, 1 to 8 tiles, unequal and equal pairs
 HEAD_DIMS = [(16, 16), (16, 17), (17, 16), (16, 48), (48, 16), (24, 40), (32, 16), (16, 32), (48, 80), (64, 16),
              (16, 64), (80, 48), (96, 160), (112, 64), (128, 200), (144, 32), (200, 128), (255, 16), (16, 255),
              (256, 256), (256, 96), (128, 96), (64, 256)]

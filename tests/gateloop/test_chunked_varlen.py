@@ -19,6 +19,9 @@ if not HAS_CUDA and not INTERPRET:
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
 from gateloop_kernels import chunked  # noqa: E402
+from gateloop_kernels.chunked import config  # noqa: E402
+from gateloop_kernels.chunked.op import _chunk_op  # noqa: E402
+from gateloop_kernels.chunked.states import _chunk_table  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -144,7 +147,7 @@ def test_chunk_table():
         N = int(torch.randint(1, 8, ()))
         lens = (torch.randint(0, 3 * BT, (N,)) * (torch.rand(N) > 0.3)).tolist()
         T = sum(lens)
-        tab = chunked._chunk_table(_cu(lens, "cpu"), T, BT).view(-1, 4).tolist()
+        tab = _chunk_table(_cu(lens, "cpu"), T, BT).view(-1, 4).tolist()
         want, t = [], 0
         for i, n in enumerate(lens):
             c = max(1, -(-n // BT))
@@ -176,9 +179,9 @@ def test_cpu_custom_op_opcheck_and_compile():
     cu = _cu(lens, "cpu")
     q, k, v, ar, ai = make_inputs(1, T, H, d, e, torch.float32, "cpu")
     h0 = torch.randn(len(lens), H, 2, d, e)
-    args = (q, k, v, ar, ai, h0, True, "tf32x3", BT, cu, chunked._chunk_table(cu, T, BT))
-    torch.library.opcheck(chunked._chunk_op.op, [t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
-                                            else t for t in args],
+    args = (q, k, v, ar, ai, h0, True, "tf32x3", BT, cu, _chunk_table(cu, T, BT))
+    torch.library.opcheck(_chunk_op.op, [t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
+                                    else t for t in args],
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
     def fn(cu, *x):
@@ -260,7 +263,7 @@ def test_gpu_varlen_exact_one_kernel_state_pass(monkeypatch):
     """The exact float32 mode's one-kernel state pass (``chunk_states_exact``, see test_chunked.py)."""
     from test_chunked import EXACT_ONE_KERNEL
 
-    monkeypatch.setitem(chunked._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
+    monkeypatch.setitem(config._CFG[torch.float32], "chunk_states_exact", EXACT_ONE_KERNEL)
     check_varlen(gpu_lens(4096, [0, 1, 63, 64, 65]), 4, 64, 64, torch.float32, "cuda", 1e-5, init=True,
                  final=True, BT=64, poison=True)
 

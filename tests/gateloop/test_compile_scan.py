@@ -91,10 +91,10 @@ def test_eager_path_is_the_custom_op():
     _same_grads(ew.elementwise_scan_op.eager.apply, ew.elementwise_scan_op.op, leaves)
     if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return  # the chunked kernels need CUDA or the interpreter
-    from gateloop_kernels import chunked
+    from gateloop_kernels.chunked.op import _chunk_op
     B, n, H, d = 1, 40, 2, 16
     q, k, v = (torch.randn(B, n, H, d, device=DEV) for _ in range(3))
     ar, ai = 0.9 * torch.rand(B, n, H, device=DEV), 0.3 * torch.rand(B, n, H, device=DEV)
     h0 = torch.randn(B, H, 2, d, d, device=DEV)
     leaves = [t.requires_grad_() for t in (q, k, v, ar, ai, h0)] + [True, "tf32x3", 16]
-    _same_grads(chunked._chunk_op.eager.apply, chunked._chunk_op.op, leaves)
+    _same_grads(_chunk_op.eager.apply, _chunk_op.op, leaves)

@@ -13,6 +13,7 @@ import torch
 
 import gateloop_kernels as G
 from gateloop_kernels import chunked, dispatch, heads, operator
+from gateloop_kernels.chunked import op as chunked_op
 from gateloop_kernels import reference as R
 from gateloop_kernels.layers import GateLoopedAttention
 from helpers.kernels import DEV, needs_kernels
@@ -22,7 +23,7 @@ BACKENDS = ("elementwise_scan", "_chunk_gate_loop", "empty_scan", "chunked_refer
 CHECKS = {operator: ("check_gate_loop_inputs", "check_initial_state", "check_simple_inputs", "check_precision",
                      "check_chunk_size"),
           heads: ("check_heads_inputs", "check_precision", "check_chunk_size"),
-          chunked: ("check_chunk_gate_loop_inputs",)}
+          chunked_op: ("check_chunk_gate_loop_inputs",)}
 
 
 @pytest.fixture
