@@ -38,7 +38,9 @@ Gradients flow by autograd through all of it. The collective's backward sums, ov
 gradient each rank's loss puts on slice ``r``'s ``(A_r, S_r)`` and hands it to rank ``r``: so with
 each rank's loss being its local loss, the gradients of the sharded inputs (``q, k, v``, the gate) are
 those of the summed loss, and the gradients of replicated tensors (parameters, ``initial_state``)
-summed over the group (as DDP or FSDP over the context dimension do) equal the single-process ones.
+summed over the group equal the single-process ones. DDP and FSDP2 *average* gradients over their
+ranks: :func:`context_parallel_mean` (the model's loss) therefore hands each rank ``W`` times its share,
+so that their average over a mesh holding the context dimension is the single-process gradient.
 
 Bytes exchanged per call and rank (:func:`context_parallel_bytes`), with ``s`` the itemsize of the
 float32 (float64) fold: forward ``W * 8 * DESCRIPTOR_LEN`` (descriptor) plus ``W * B * H * (2 + 2 d e)
@@ -386,19 +388,20 @@ def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial
 
 
 class _GlobalMean(torch.autograd.Function):
-    """Forward: the group's sum over its count; backward: this rank's share only (no collective)."""
+    """Forward: the group's sum over its count; backward: this rank's share times ``W`` (no collective)."""
 
     @staticmethod
-    def forward(ctx, local_sum: Tensor, local_count: int, group) -> Tensor:  # type: ignore[override]
+    def forward(ctx, local_sum: Tensor, local_count: int, group, world: int) -> Tensor:  # type: ignore[override]
         both = torch.stack([local_sum.detach().to(torch.float64),
                             torch.tensor(float(local_count), dtype=torch.float64, device=local_sum.device)])
         dist.all_reduce(both, group=group)
-        ctx.count = both[1].item()
-        return (both[0] / ctx.count).to(local_sum.dtype)
+        # the count stays a tensor: no host synchronization
+        ctx.world, ctx.count = world, both[1]
+        return (both[0] / both[1]).to(local_sum.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        return g / ctx.count, None, None
+        return (g * (ctx.world / ctx.count)).to(g.dtype), None, None, None
 
 
 def context_parallel_mean(local_sum: Tensor, local_count: int, cp_group) -> Tensor:
@@ -407,15 +410,15 @@ def context_parallel_mean(local_sum: Tensor, local_count: int, cp_group) -> Tens
     Args:
         local_sum: scalar tensor, this rank's sum (e.g. ``cross_entropy(..., reduction="sum")`` of its tokens).
         local_count: how many terms it sums (may be 0).
-        cp_group: the process group.
+        cp_group: the process group (``W`` ranks).
 
     Returns:
         The group's total over its total count, the same value on every rank (one all-reduce of two
-        float64 numbers). Its backward hands each rank the gradient of its own terms only, so that
-        backward on every rank gives parameter gradients that, summed over the group, are those of the
-        single-process mean.
+        float64 numbers, no host synchronization). Its backward hands each rank ``W`` times the gradient
+        of its own terms: the parameter gradients *averaged* over the group (what DDP and FSDP2 do over
+        a mesh holding the context dimension) are those of the single-process mean; summed, ``W`` times them.
     """
-    _group_rank("context_parallel_mean", cp_group)
+    _, world = _group_rank("context_parallel_mean", cp_group)
     if not isinstance(local_sum, Tensor) or local_sum.ndim != 0:
         raise ValueError(f"local_sum must be a scalar tensor, got {getattr(local_sum, 'shape', type(local_sum))}")
-    return _GlobalMean.apply(local_sum, local_count, cp_group)
+    return _GlobalMean.apply(local_sum, local_count, cp_group, world)

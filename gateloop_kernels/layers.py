@@ -485,7 +485,7 @@ class Transformer(Module):
         ``cp_group`` (a ``torch.distributed`` process group): ``x`` is this rank's slice of the sequences'
         time axis (rank r holds slice r) and, with ``return_loss``, ``labels (b, n)`` are the next tokens of its
         tokens; the loss is then the mean over the whole sequence on every rank, and the parameter gradients
-        summed over the group are the single-process ones (docs/context_parallel.md).
+        averaged over the group (as DDP and FSDP2 do) are the single-process ones (docs/context_parallel.md).
         """
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None

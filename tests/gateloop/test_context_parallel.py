@@ -187,12 +187,12 @@ def _errors_worker(rank, world, seed):
     # still in step after all of that
     failures += _check_case(group, rank, world, seed + 1, [4] * world, 16, 16, torch.float64, "z", True, True)
 
-    # context_parallel_mean: the group's mean on every rank, each rank's backward its own share
+    # context_parallel_mean: the group's mean on every rank, each rank's backward W times its own share
     terms = torch.randn(2 * world + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     mine = terms.tensor_split(world)[rank].clone().requires_grad_()  # unequal shares
     mean = context_parallel_mean(mine.sum(), mine.numel(), group)
     mean.backward()
-    if (mean - terms.mean()).abs() > 1e-14 or (mine.grad - 1 / terms.numel()).abs().max() > 1e-16:
+    if (mean - terms.mean()).abs() > 1e-14 or (mine.grad - world / terms.numel()).abs().max() > 1e-16:
         failures.append(f"context_parallel_mean: {mean.item()} vs {terms.mean().item()}, grad {mine.grad}")
 
     # bytes: record every collective's buffer, for two slice lengths
