@@ -79,7 +79,8 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
         from .context_parallel import gate_loop_heads_cp  # it imports this module
 
         return gate_loop_heads_cp(q, k, v, log_magnitude=log_magnitude, phase=phase, z=z, initial_state=initial_state,
-                                  output_final_state=output_final_state, cp_group=cp_group)
+                                  output_final_state=output_final_state, precision=precision, chunk_size=chunk_size,
+                                  cp_group=cp_group)
     check_heads_inputs(q, k, v, z, log_magnitude, phase, initial_state)
     check_precision(precision)
     check_chunk_size(chunk_size)

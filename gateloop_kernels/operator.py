@@ -57,7 +57,7 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
         from .context_parallel import gate_loop_operator_cp  # it imports this module
 
         return gate_loop_operator_cp(q, k, v, a, initial_state=initial_state, return_final_state=return_final_state,
-                                     cp_group=cp_group)
+                                     precision=precision, chunk_size=chunk_size, cp_group=cp_group)
     layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     check_initial_state(initial_state, B, d, e, q.device)
     check_precision(precision)

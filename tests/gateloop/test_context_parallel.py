@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 
 from gateloop_kernels import gate_loop_heads, gate_loop_operator
+from gateloop_kernels import heads as heads_module
+from gateloop_kernels import operator as operator_module
 from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, context_parallel_mean,
                                                gate_loop_heads_cp, gate_loop_operator_cp)
 
@@ -153,17 +155,18 @@ def _expect(exc_type, fragment, fn):
 
 
 def _errors_worker(rank, world, seed):
-    """Bad input raises on every rank (and leaves the group usable); context_parallel_mean; bytes exchanged
-    do not grow with n."""
+    """Bad input raises on every rank (and leaves the group usable); context_parallel_mean; precision and
+    chunk_size reach the scan; bytes exchanged do not grow with n; check_shapes=False drops the descriptor
+    collective only."""
     group = dist.group.WORLD
     failures = []
 
-    def call(B=2, n=4, H=3, d=1, e=1, dtype=torch.float32, k_shape=None, grad=True, grp=group):
+    def call(B=2, n=4, H=3, d=1, e=1, dtype=torch.float32, k_shape=None, grad=True, grp=group, with_q=False, **kw):
         q = torch.randn(B, n, H, d, dtype=dtype, requires_grad=grad)
         k = torch.randn(*(k_shape or (B, n, H, d)), dtype=dtype)
         v = torch.randn(B, n, H, e, dtype=dtype)
-        o, _ = gate_loop_heads_cp(q, k, v, z=torch.randn(B, n, H, 2, requires_grad=grad), cp_group=grp)
-        return o
+        o, _ = gate_loop_heads_cp(q, k, v, z=torch.randn(B, n, H, 2, requires_grad=grad), cp_group=grp, **kw)
+        return (o, q) if with_q else o
 
     failures += _expect(ValueError, "batch B", lambda: call(B=2 if rank == 0 else 3))
     failures += _expect(ValueError, "heads H", lambda: call(H=3 + rank))
@@ -195,7 +198,38 @@ def _errors_worker(rank, world, seed):
     if (mean - terms.mean()).abs() > 1e-14 or (mine.grad - world / terms.numel()).abs().max() > 1e-16:
         failures.append(f"context_parallel_mean: {mean.item()} vs {terms.mean().item()}, grad {mine.grad}")
 
-    # bytes: record every collective's buffer, for two slice lengths
+    # precision and chunk_size reach this rank's scan, through gate_loop_heads and gate_loop_operator too;
+    # bad values raise where they are passed (an empty slice included), a RuntimeError naming it elsewhere
+    seen = []
+    for module in (heads_module, operator_module):
+        real_scan = module.scan
+
+        def recording(*args, _scan=real_scan):
+            seen.append(args[-3:-1])  # (..., precision, chunk_size, caller's name)
+            return _scan(*args)
+
+        module.scan = recording
+        try:
+            B, n, d = 2, 5, 16
+            if module is heads_module:
+                gate_loop_heads(*(torch.randn(B, n, 3, d) for _ in range(3)), z=torch.randn(B, n, 3, 2),
+                                precision="tf32", chunk_size=32, cp_group=group)
+            else:
+                gate_loop_operator(*(torch.randn(B, n, d) for _ in range(3)), torch.rand(B, n, 1, 1),
+                                   precision="tf32", chunk_size=32, cp_group=group)
+        finally:
+            module.scan = real_scan
+        # the slice's scan (head dim 16) and the gate-only one (head dim 1)
+        if ("tf32", 32) not in seen:
+            failures.append(f"rank {rank}: precision / chunk_size did not reach the scan via {module.__name__}: {seen}")
+        seen.clear()
+    for kw, fragment in ((dict(precision="fast"), "precision"), (dict(chunk_size=24), "chunk_size")):
+        if rank == 0:
+            failures += _expect(ValueError, fragment, lambda: call(n=0, d=16, e=16, **kw))
+        else:
+            failures += _expect(RuntimeError, "rank(s) [0]", lambda: call(d=16, e=16))
+
+    # bytes: record every collective's buffer, for two slice lengths, with and without the descriptor check
     sent = []
     real = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
 
@@ -207,25 +241,34 @@ def _errors_worker(rank, world, seed):
         return wrapped
 
     B, H, d, e = 2, 3, 16, 8
-    counts = []
-    for n in (3, 40):
-        sent.clear()
-        for name in real:
-            setattr(dist, name, recorder(name))
-        try:
-            o = call(B=B, n=n, H=H, d=d, e=e)
-            o.sum().backward()
-        finally:
-            for name, fn in real.items():
-                setattr(dist, name, fn)
-        counts.append(list(sent))
-    want = context_parallel_bytes(B, H, d, e, world)
-    expected = [("all_gather_single", want["descriptor"]), ("all_gather_single", want["forward"]),
-                ("reduce_scatter_single", want["backward"])]
-    if counts[0] != expected or counts[1] != expected:
-        failures.append(f"bytes exchanged {counts} (slice lengths 3, 40), expected {expected} each")
-    if want["forward"] != world * B * H * (2 + 2 * d * e) * 4 or want["descriptor"] != world * 8 * DESCRIPTOR_LEN:
-        failures.append(f"context_parallel_bytes {want} disagrees with its formula")
+    for check in (True, False):
+        counts, results = [], []
+        for n in (3, 40):
+            sent.clear()
+            for name in real:
+                setattr(dist, name, recorder(name))
+            try:
+                torch.manual_seed(seed + n)
+                o, q = call(B=B, n=n, H=H, d=d, e=e, with_q=True, check_shapes=check)
+                o.sum().backward()
+            finally:
+                for name, fn in real.items():
+                    setattr(dist, name, fn)
+            counts.append(list(sent))
+            results.append((o.detach(), q.grad))
+        want = context_parallel_bytes(B, H, d, e, world, check_shapes=check)
+        expected = [("all_gather_single", want["descriptor"])] if check else []
+        expected += [("all_gather_single", want["forward"]), ("reduce_scatter_single", want["backward"])]
+        if counts[0] != expected or counts[1] != expected:
+            failures.append(f"check_shapes={check}: bytes exchanged {counts} (slice lengths 3, 40), expected "
+                            f"{expected} each")
+        if want["forward"] != world * B * H * (2 + 2 * d * e) * 4 or (
+                want["descriptor"] != (world * 8 * DESCRIPTOR_LEN if check else 0)):
+            failures.append(f"context_parallel_bytes {want} disagrees with its formula")
+        if check:
+            checked = results
+        elif not all(torch.equal(a, b) for r, c in zip(results, checked) for a, b in zip(r, c)):
+            failures.append(f"rank {rank}: check_shapes=False changed the outputs or gradients")
     raise_failures(failures)
 
 
@@ -249,8 +292,10 @@ def test_cp_matches_single_process(_seed):
 
 
 def test_cp_bad_input_raises_everywhere_and_bytes(_seed):
-    """Mismatched B / H / dtypes / needs-grad, a local error on one rank, a group without this rank:
-    a clear error on every rank, no hang; bytes per call equal the formula for two slice lengths."""
+    """Mismatched B / H / dtypes / needs-grad, a local error on one rank (shapes, precision, chunk_size), a
+    group without this rank: a clear error on every rank, no hang; context_parallel_mean; precision and
+    chunk_size reach the scan; bytes per call equal the formula for two slice lengths, with and without
+    check_shapes (same outputs and gradients)."""
     spawn(_errors_worker, 2, _seed)
 
 
