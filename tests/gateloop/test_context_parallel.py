@@ -8,8 +8,6 @@ local loss (its outputs, plus its own weighting of the final state), the referen
 """
 from __future__ import annotations
 
-import traceback
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -20,7 +18,7 @@ from gateloop_kernels import operator as operator_module
 from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, context_parallel_mean,
                                                gate_loop_heads_cp, gate_loop_operator_cp)
 
-from helpers.distributed import max_rel_err, raise_failures, spawn
+from helpers.distributed import expect_raises, max_rel_err, raise_failures, spawn
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -142,18 +140,6 @@ def _matches_worker(rank, world, seed):
     raise_failures(failures)
 
 
-def _expect(exc_type, fragment, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        if fragment not in str(exc):
-            return [f"raised {exc_type.__name__} without {fragment!r}: {exc}"]
-        return []
-    except Exception:
-        return [f"expected {exc_type.__name__}, got {traceback.format_exc()}"]
-    return [f"expected {exc_type.__name__} ({fragment!r}), nothing raised"]
-
-
 def _errors_worker(rank, world, seed):
     """Bad input raises on every rank (and leaves the group usable); context_parallel_mean; precision and
     chunk_size reach the scan; bytes exchanged do not grow with n; check_shapes=False drops the descriptor
@@ -168,14 +154,14 @@ def _errors_worker(rank, world, seed):
         o, _ = gate_loop_heads_cp(q, k, v, z=torch.randn(B, n, H, 2, requires_grad=grad), cp_group=grp, **kw)
         return (o, q) if with_q else o
 
-    failures += _expect(ValueError, "batch B", lambda: call(B=2 if rank == 0 else 3))
-    failures += _expect(ValueError, "heads H", lambda: call(H=3 + rank))
-    failures += _expect(ValueError, "q dtype", lambda: call(dtype=torch.float64 if rank else torch.float32))
-    failures += _expect(ValueError, "needs grad", lambda: call(grad=rank == 0))
+    failures += expect_raises(ValueError, "batch B", lambda: call(B=2 if rank == 0 else 3))
+    failures += expect_raises(ValueError, "heads H", lambda: call(H=3 + rank))
+    failures += expect_raises(ValueError, "q dtype", lambda: call(dtype=torch.float64 if rank else torch.float32))
+    failures += expect_raises(ValueError, "needs grad", lambda: call(grad=rank == 0))
     if rank == 1:  # a local shape error there: its own ValueError, a RuntimeError naming it elsewhere
-        failures += _expect(ValueError, "q, k must be", lambda: call(k_shape=(2, 5, 3, 1)))
+        failures += expect_raises(ValueError, "q, k must be", lambda: call(k_shape=(2, 5, 3, 1)))
     else:
-        failures += _expect(RuntimeError, "rank(s) [1]", lambda: call())
+        failures += expect_raises(RuntimeError, "rank(s) [1]", lambda: call())
     for dtype in (torch.bfloat16, torch.float16):  # an empty slice's outputs too come in the inputs' dtype
         for d in (1, 16):
             o = call(n=0 if rank == 0 else 4, d=d, e=d, dtype=dtype)
@@ -185,8 +171,8 @@ def _errors_worker(rank, world, seed):
     if rank == 0:
         failures += _check_case(only0, 0, 1, seed, [6], 1, 1, torch.float64, "z", True, True)
     else:
-        failures += _expect(ValueError, "does not hold this process", lambda: call(grp=only0))
-    failures += _expect(TypeError, "ProcessGroup", lambda: call(grp=None))
+        failures += expect_raises(ValueError, "does not hold this process", lambda: call(grp=only0))
+    failures += expect_raises(TypeError, "ProcessGroup", lambda: call(grp=None))
     # still in step after all of that
     failures += _check_case(group, rank, world, seed + 1, [4] * world, 16, 16, torch.float64, "z", True, True)
 
@@ -225,9 +211,9 @@ def _errors_worker(rank, world, seed):
         seen.clear()
     for kw, fragment in ((dict(precision="fast"), "precision"), (dict(chunk_size=24), "chunk_size")):
         if rank == 0:
-            failures += _expect(ValueError, fragment, lambda: call(n=0, d=16, e=16, **kw))
+            failures += expect_raises(ValueError, fragment, lambda: call(n=0, d=16, e=16, **kw))
         else:
-            failures += _expect(RuntimeError, "rank(s) [0]", lambda: call(d=16, e=16))
+            failures += expect_raises(RuntimeError, "rank(s) [0]", lambda: call(d=16, e=16))
 
     # bytes: record every collective's buffer, for two slice lengths, with and without the descriptor check
     sent = []
