@@ -24,9 +24,10 @@ The steps, on every rank:
    ``k = v = 0`` and initial states ``1`` and ``-i`` (``Re(-i c) = Im c``): products of gates
    forward in time only, never a division by a gate, so gates of 0 are exact and a product of many
    ``|a| < 1`` underflows to its correct value 0; its backward is the scan's own reverse scan;
-3. a small int64 descriptor (batch, heads, head dims, dtypes, whether an initial state is given,
-   whether the exchange needs gradients, whether the local step failed) is all-gathered and compared,
-   so that a mismatch raises the same error on every rank instead of a hang;
+3. with ``check_shapes=True`` (the default), a small int64 descriptor (batch, heads, head dims,
+   dtypes, whether an initial state is given, whether the exchange needs gradients, whether the local
+   step failed) is all-gathered and compared, so that a mismatch raises the same error on every rank
+   instead of a hang;
 4. ``(A_r, S_r)``, packed into one real buffer of ``P = B H (2 + 2 d e)`` elements, is all-gathered
    once (:class:`_GatherStates`: ``all_gather_single`` forward, ``reduce_scatter_single`` (sum)
    backward);
@@ -43,19 +44,20 @@ ranks: :func:`context_parallel_mean` (the model's loss) therefore hands each ran
 so that their average over a mesh holding the context dimension is the single-process gradient.
 
 Bytes exchanged per call and rank (:func:`context_parallel_bytes`), with ``s`` the itemsize of the
-float32 (float64) fold: forward ``W * 8 * DESCRIPTOR_LEN`` (descriptor) plus ``W * B * H * (2 + 2 d e)
-* s`` (the gathered states), backward a reduce-scatter of the same ``W * B * H * (2 + 2 d e) * s``:
-independent of the slice length. Each rank's time is that of its own slice's scan plus two
-collectives of that size and a fold of ``W`` states, so with slices of ``T / W`` tokens the predicted
-per-step time is ``t_scan(T / W) + t_collective(W, P) + O(W B H d e)``.
+float32 (float64) fold: forward ``W * 8 * DESCRIPTOR_LEN`` (the descriptor, when checked) plus
+``W * B * H * (2 + 2 d e) * s`` (the gathered states), backward a reduce-scatter of the same
+``W * B * H * (2 + 2 d e) * s``: independent of the slice length. Each rank's time is that of its own
+slice's scan plus two collectives of that size and a fold of ``W`` states, so with slices of ``T / W``
+tokens the predicted per-step time is ``t_scan(T / W) + t_collective(W, P) + O(W B H d e)``.
 
 Limits: every rank must pass the same ``B, H, d, e`` and dtypes, give an initial state or not alike
-(each rank's own copy is read, so pass the same value on every rank, as a replicated tensor), and
-run backward whenever one rank does (as with DDP): the outputs of every rank depend on the gathered
-buffer, so every rank's backward joins the reduce-scatter. The descriptor check costs one small
-all-gather and one host synchronization per call. Half-precision outputs are rounded twice (the local
-scan's output, then the corrected one). Not yet: packed sequences (``cu_seqlens``), gates per key dim,
-torch.compile (the collectives run eagerly).
+(each rank's own copy is read, so pass the same value on every rank, as a replicated tensor), and run
+backward whenever one rank does (as with DDP): the outputs of every rank depend on the gathered buffer,
+so every rank's backward joins the reduce-scatter. The descriptor check costs one small all-gather and
+one host synchronization per call; ``check_shapes=False`` skips it where the ranks' agreement is already
+established (the ``Transformer`` checks in its first layer only). Half-precision outputs are rounded
+twice (the local scan's output, then the corrected one). Not yet: packed sequences (``cu_seqlens``),
+gates per key dim, torch.compile (the collectives run eagerly).
 """
 from __future__ import annotations
 
