@@ -8,6 +8,8 @@ local loss (its outputs, plus its own weighting of the final state), the referen
 """
 from __future__ import annotations
 
+import traceback
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -290,3 +292,37 @@ def test_cp_nccl_matches_single_process(_seed):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     spawn(_nccl_worker, 2, "cuda", _seed)
+
+
+def _no_sync_worker(rank, world, device_kind, seed):
+    """Warmed up (compilation, autotuning), forward + backward with check_shapes=False synchronizes nothing
+    with the host; with the check it does (so the detector works)."""
+    torch.cuda.manual_seed(seed)
+    B, n, H, d = 2, 96, 4, 64
+    x = [torch.randn(B, n, H, d, device="cuda", requires_grad=True) for _ in range(3)]
+    z = torch.randn(B, n, H, 2, device="cuda", requires_grad=True)
+
+    def step(check):
+        o, _ = gate_loop_heads_cp(*x, z=z, check_shapes=check, cp_group=dist.group.WORLD)
+        o.sum().backward()
+
+    step(True)
+    step(False)
+    torch.cuda.synchronize()
+    failures = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(False)
+        failures += expect_raises(RuntimeError, "synchroniz", lambda: step(True))
+    except RuntimeError:
+        failures.append(f"rank {rank}: check_shapes=False synchronized with the host:\n{traceback.format_exc()}")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    raise_failures(failures)
+
+
+@pytest.mark.gpu
+def test_cp_nccl_unchecked_does_not_synchronize(_seed):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    spawn(_no_sync_worker, 2, "cuda", _seed)
