@@ -1,12 +1,13 @@
 """Context-parallel scan: ``python -m bench cp [--nproc W] [--seq T] [--batch B] [--heads H] [--dim D] [--dtype DT]``.
 
-Timing (default): spawns ``W`` ranks (NCCL on ``W`` GPUs when there are that many, else gloo on the CPU), splits one
-sequence of ``T`` tokens into ``W`` slices and times, per rank, forward + backward of
-:func:`gateloop_kernels.context_parallel.gate_loop_heads_cp` (median of ``--repeat``), next to its parts:
-``gate_loop_heads`` alone on the rank's ``T / W`` slice and the two collectives alone
-(all-gather + reduce-scatter of the ``W * B * H * (2 + 2 D^2)`` floats the call exchanges). Prints
-measured vs the lower bound "slice scan + collectives" (the gate-only scan, the output correction and
-the fold come on top: ``docs/context_parallel.md``, predicted scaling) and the single-process time of the whole sequence
+Timing (default): spawns ``W`` ranks (NCCL on ``W`` GPUs when there are that many, else gloo on the
+CPU), splits one sequence of ``T`` tokens into ``W`` slices and times, per rank, forward + backward of
+:func:`gateloop_kernels.context_parallel.gate_loop_heads_cp` (median of ``--repeat``), with and without
+its shape check (``check_shapes``: one small all-gather and a host synchronization), next to its parts:
+``gate_loop_heads`` alone on the rank's ``T / W`` slice and the two collectives alone (all-gather +
+reduce-scatter of the ``W * B * H * (2 + 2 D^2)`` floats the call exchanges). Prints measured vs the
+lower bound "slice scan + collectives" (the gate-only scan, the output correction and the fold come on
+top: ``docs/context_parallel.md``, predicted scaling) and the single-process time of the whole sequence
 on rank 0's device, with the bytes per call (:func:`context_parallel_bytes`).
 
 Training (``--train [--cp C] [--wrap ddp|fsdp|hsdp] [--steps N] [--depth L]``): a GateLoop ``Transformer``
@@ -102,8 +103,8 @@ def _rank(rank: int, world: int, port: int, args, results) -> None:
 
         (q, k, v), z = inputs(n)
 
-        def cp_step():
-            o, _ = gate_loop_heads_cp(q, k, v, z=z, cp_group=dist.group.WORLD)
+        def cp_step(check_shapes=True):
+            o, _ = gate_loop_heads_cp(q, k, v, z=z, check_shapes=check_shapes, cp_group=dist.group.WORLD)
             o.float().sum().backward()
 
         def slice_step():
@@ -120,6 +121,7 @@ def _rank(rank: int, world: int, port: int, args, results) -> None:
             dist.reduce_scatter_tensor(mine, gathered)
 
         row = {"rank": rank, "n": n, "cp": _median_s(cp_step, args.repeat, device),
+               "unchecked": _median_s(lambda: cp_step(False), args.repeat, device),
                "slice": _median_s(slice_step, args.repeat, device),
                "collectives": _median_s(collectives, args.repeat, device)}
         if rank == 0:
@@ -239,9 +241,10 @@ def main(argv: list[str]) -> None:
           f"H = {args.heads}, d = e = {args.dim}, {args.dtype}; forward + backward, median of {args.repeat}")
     print(f"bytes per call and rank: {r0['bytes']} (independent of T)")
     print(f"single process, whole sequence: {r0['single'] * 1e3:9.2f} ms")
-    print(f"{'rank':>4} {'n':>8} {'measured ms':>12} {'slice ms':>9} {'collect. ms':>11} {'slice+coll. ms':>14}")
+    print(f"{'rank':>4} {'n':>8} {'measured ms':>12} {'unchecked ms':>12} {'slice ms':>9} {'collect. ms':>11} "
+          f"{'slice+coll. ms':>14}")
     for r in rows:
-        print(f"{r['rank']:>4} {r['n']:>8} {r['cp'] * 1e3:12.2f} {r['slice'] * 1e3:9.2f} "
+        print(f"{r['rank']:>4} {r['n']:>8} {r['cp'] * 1e3:12.2f} {r['unchecked'] * 1e3:12.2f} {r['slice'] * 1e3:9.2f} "
               f"{r['collectives'] * 1e3:11.2f} {(r['slice'] + r['collectives']) * 1e3:14.2f}")
 
 

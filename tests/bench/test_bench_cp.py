@@ -1,4 +1,4 @@
-"""``python -m bench cp --train`` (bench/cp.py): the runnable context-parallel training example.
+"""``python -m bench cp`` (bench/cp.py): the runnable context-parallel training example, and the timing.
 
 Runs the example at tiny sizes in a subprocess (2 ranks, one sequence split over both, FSDP2; a timeout
 instead of a hang) and compares the losses it prints with the same model trained in this process on the
@@ -19,12 +19,18 @@ from bench import cp
 from helpers import ROOT
 
 
-def _example(argv, timeout):
+def _bench_cp(argv, timeout) -> str:
+    """``python -m bench.cp *argv``'s output, in a subprocess (a timeout rather than a hang)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     run = subprocess.run([sys.executable, "-m", "bench.cp", *argv], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=timeout)
     assert run.returncode == 0, run.stderr[-3000:]
-    return [float(x) for x in re.findall(r"^step +\d+/\d+ +loss (\S+)", run.stdout, flags=re.M)], run.stdout
+    return run.stdout
+
+
+def _example(argv, timeout):
+    out = _bench_cp(argv, timeout)
+    return [float(x) for x in re.findall(r"^step +\d+/\d+ +loss (\S+)", out, flags=re.M)], out
 
 
 def _one_process(argv, steps, device="cpu"):
@@ -55,6 +61,17 @@ ARGV = ["--train", "--nproc", "2", "--steps", "2", "--seq", "16", "--heads", "2"
 
 def test_cp_train_example_matches_one_process(_seed):
     _check([*ARGV, "--wrap", "fsdp", "--seed", str(_seed % 1000)], timeout=120)
+
+
+def test_cp_timing_runs():
+    """The timing mode at tiny sizes: a row per rank (measured, unchecked, slice, collectives) and the
+    bytes per call of ``context_parallel_bytes``."""
+    out = _bench_cp(["--nproc", "2", "--seq", "24", "--heads", "2", "--dim", "16", "--repeat", "1", "--dtype",
+                     "float32"], timeout=120)
+    rows = re.findall(r"^ +(\d) +(\d+)((?: +\d+\.\d+){5})$", out, flags=re.M)
+    assert [(r, int(n)) for r, n, _ in rows] == [("0", 12), ("1", 12)], out
+    assert all(float(t) > 0 for *_, times in rows for t in times.split()), out
+    assert f"bytes per call and rank: {cp.context_parallel_bytes(1, 2, 16, 16, 2)}" in out, out
 
 
 @pytest.mark.gpu
