@@ -207,7 +207,7 @@ def _errors_worker(rank, world, seed):
                                    precision="tf32", chunk_size=32, cp_group=group)
         finally:
             module.scan = real_scan
-        # the slice's scan (head dim 16) and the gate-only one (head dim 1)
+        # seen: the slice's scan (head dim 16: these values) and the gate-only scan (head dim 1: its defaults)
         if ("tf32", 32) not in seen:
             failures.append(f"rank {rank}: precision / chunk_size did not reach the scan via {module.__name__}: {seen}")
         seen.clear()
