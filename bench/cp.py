@@ -171,8 +171,6 @@ def _train_rank(rank: int, world: int, init_method: str, args) -> None:
                             timeout=timedelta(seconds=120))
     try:
         cp = args.cp or world
-        if world % cp:
-            raise ValueError(f"--cp {cp} must divide the number of ranks {world}")
         dp = world // cp
         mesh = init_device_mesh(device.type, (dp, cp), mesh_dim_names=("dp", "cp"))
         flat = init_device_mesh(device.type, (world,), mesh_dim_names=("dp_cp",))
@@ -223,10 +221,15 @@ def _spawned_train(rank: int, world: int, port: int, args) -> None:
 
 
 def main(argv: list[str]) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.train:
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun: this process is one rank
-            _train_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), "env://", args)
+        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # this process is one rank
+        world = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
+        if args.cp is not None and (args.cp < 1 or world % args.cp):
+            parser.error(f"--cp {args.cp} must divide the number of ranks {world}")
+        if torchrun:
+            _train_rank(int(os.environ["RANK"]), world, "env://", args)
         else:
             mp.start_processes(_spawned_train, args=(args.nproc, _free_port(), args), nprocs=args.nproc,
                                start_method="spawn")
