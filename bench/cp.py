@@ -1,7 +1,7 @@
 """Context-parallel scan: ``python -m bench cp [--nproc W] [--seq T] [--batch B] [--heads H] [--dim D] [--dtype DT]``.
 
 Timing (default): spawns ``W`` ranks (NCCL on ``W`` GPUs when there are that many, else gloo on the
-CPU), splits one sequence of ``T`` tokens into ``W`` slices and times, per rank, forward + backward of
+CPU; ``--device`` forces either), splits one sequence of ``T`` tokens into ``W`` slices and times, per rank, forward + backward of
 :func:`gateloop_kernels.context_parallel.gate_loop_heads_cp` (median of ``--repeat``), with and without
 its shape check (``check_shapes``: one small all-gather and a host synchronization), next to its parts:
 ``gate_loop_heads`` alone on the rank's ``T / W`` slice and the two collectives alone (all-gather +
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=64, help="head dims d = e (1, or 16..256 for the kernels)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto (default): NCCL on one GPU per rank when there are enough, else gloo on the CPU")
     t = p.add_argument_group("training (--train)")
     t.add_argument("--train", action="store_true", help="train a Transformer on a (data, context) mesh instead")
     t.add_argument("--cp", type=int, default=None, help="context ranks C per sequence (default W; W %% C == 0)")
@@ -64,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
     return p
+
+
+def _use_cuda(args, enough_gpus: bool) -> bool:
+    if args.device == "cuda" and not enough_gpus:
+        raise RuntimeError("--device cuda: fewer GPUs than ranks")
+    return enough_gpus if args.device == "auto" else args.device == "cuda"
 
 
 def _median_s(fn, repeat: int, device: torch.device) -> float:
@@ -81,7 +89,7 @@ def _median_s(fn, repeat: int, device: torch.device) -> float:
 
 
 def _rank(rank: int, world: int, port: int, args, results) -> None:
-    cuda = torch.cuda.device_count() >= world
+    cuda = _use_cuda(args, torch.cuda.device_count() >= world)
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -160,7 +168,7 @@ def _train_rank(rank: int, world: int, init_method: str, args) -> None:
 
     launched = init_method == "env://"
     local = int(os.environ.get("LOCAL_RANK", rank))
-    cuda = torch.cuda.is_available() if launched else torch.cuda.device_count() >= world
+    cuda = _use_cuda(args, torch.cuda.is_available() if launched else torch.cuda.device_count() >= world)
     device = torch.device(f"cuda:{local}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -56,18 +56,18 @@ def _check(argv, timeout, device="cpu", tol=(1e-5, 1e-4)):
 
 
 ARGV = ["--train", "--nproc", "2", "--steps", "2", "--seq", "16", "--heads", "2", "--dim", "16", "--depth", "1",
-        "--vocab", "32", "--dtype", "float32"]
+        "--vocab", "32", "--dtype", "float32"]  # --device cpu or cuda follows
 
 
 def test_cp_train_example_matches_one_process(_seed):
-    _check([*ARGV, "--wrap", "fsdp", "--seed", str(_seed % 1000)], timeout=120)
+    _check([*ARGV, "--device", "cpu", "--wrap", "fsdp", "--seed", str(_seed % 1000)], timeout=120)
 
 
 def test_cp_timing_runs():
     """The timing mode at tiny sizes: a row per rank (measured, unchecked, slice, collectives) and the
     bytes per call of ``context_parallel_bytes``."""
     out = _bench_cp(["--nproc", "2", "--seq", "24", "--heads", "2", "--dim", "16", "--repeat", "1", "--dtype",
-                     "float32"], timeout=120)
+                     "float32", "--device", "cpu"], timeout=120)
     rows = re.findall(r"^ +(\d) +(\d+)((?: +\d+\.\d+){5})$", out, flags=re.M)
     assert [(r, int(n)) for r, n, _ in rows] == [("0", 12), ("1", 12)], out
     assert all(float(t) > 0 for *_, times in rows for t in times.split()), out
@@ -78,6 +78,6 @@ def test_cp_timing_runs():
 def test_cp_train_example_nccl(_seed):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    argv = [*ARGV, "--wrap", "fsdp", "--seed", str(_seed % 1000)]
+    argv = [*ARGV, "--device", "cuda", "--wrap", "fsdp", "--seed", str(_seed % 1000)]
     argv[argv.index("--seq") + 1] = "256"
     _check(argv, timeout=300, device="cuda", tol=(1e-4, 1e-3))
