@@ -16,6 +16,9 @@ rules; docs/kernels.md (section 1) each kernel's grid, tiles, launch table and h
 * ``op``         the custom-op registration (``_chunk_op``) and the entries ``chunk_gate_loop`` (public, checks its
   arguments) and ``_chunk_gate_loop`` (the dispatch's call on checked arguments, also for packed batches).
 
+All kernels accumulate in float32; nothing divides by a gate (zero gates are exact resets), and non-finite
+values stay causal at the cost of one sum per time contraction (``dots._time_dot``, ``gates._span``).
+
 Per-key-dim gates ``a: (B, n, d, 1)`` have no kernel here: ``gateloop_kernels.dispatch`` sends them to
 the reference (``reference.chunked_reference``, which runs the sequential loop for that layout) with a
 one-time warning.

@@ -48,9 +48,8 @@ def _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, n, H, K: tl.constexpr, V:
     b_xt = _load_steps_T(x, t0, r0, n, K, H * K, BT, BK)
     b_y = _load_steps(y, t0, c0, n, V, H * V, BT, BV)
     # the decay-weighted operand leaves fp16's range for tiny or long decays: _wide_dot (tf32 there)
-    u_re = _wide_dot(b_xt * w_re[None, :], b_y, MODE, PREC)
-    u_im = _wide_dot(b_xt * w_im[None, :], b_y, MODE, PREC)
-    return u_re, u_im, ae_re, ae_im
+    return (_wide_dot(b_xt * w_re[None, :], b_y, MODE, PREC), _wide_dot(b_xt * w_im[None, :], b_y, MODE, PREC),
+            ae_re, ae_im)
 
 
 @triton.jit
