@@ -14,6 +14,10 @@ them again:
 * everything else (a gate per key dim or entry, other head dims, float64 on CUDA, not CUDA):
   :func:`gateloop_kernels.reference.chunked_reference`, with one warning per kind of input on CUDA.
   This slow path calls the public oracle, which checks its inputs again.
+
+A packed batch (``cu_seqlens``) runs :func:`_varlen_reference` (:func:`gateloop_kernels.varlen.varlen_reference`,
+PyTorch on every device, no host loop over sequences) until the kernels read ``cu_seqlens`` themselves: that is
+the one branch marked ``PACKED`` in :func:`scan`.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from .chunked import _chunk_gate_loop
 from .dtypes import KERNEL_DTYPES, empty_scan
 from .elementwise import elementwise_scan
 from .reference import DEFAULT_CHUNK
+from .varlen import varlen_reference as _varlen_reference
 
 __all__ = ["scan", "CHUNK_DIMS", "DEFAULT_CHUNK", "KERNEL_DEVICES"]
 
@@ -56,7 +61,8 @@ def _warn_reference(caller: str, a_re: Tensor, d: int, e: int, dtype: torch.dtyp
 
 
 def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
-         initial_state: Optional[Tensor], output_final_state: bool, precision: str, chunk_size: int, caller: str):
+         initial_state: Optional[Tensor], output_final_state: bool, precision: str, chunk_size: int, caller: str,
+         cu_seqlens: Optional[Tensor] = None):
     """The scan ``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t`` on checked inputs, on the path they pick.
 
     Args:
@@ -72,6 +78,9 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
         precision: float32 dots of the chunked kernel, one of :data:`gateloop_kernels.dtypes.PRECISIONS`.
         chunk_size: steps per chunk of the chunked kernel and the reference (a power of two >= 16).
         caller: the public entry's name, for the reference warning.
+        cu_seqlens: ``None``, or the checked boundaries ``[0, l_1, ..., n]`` (int32/int64, q's device) of ``N``
+            sequences packed in ``B = 1``; ``initial_state`` and the final state are then ``(N, H, d, e)`` /
+            ``(N, C)``, one per sequence (:mod:`gateloop_kernels.varlen`).
 
     Returns:
         ``(o, final_state or None)``: ``o (B, n, H, e)`` / ``(B, n, C)`` in q's dtype; the final state
@@ -81,6 +90,8 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
     if a_im is not None and initial_state is not None and not initial_state.is_complex():
         # a real state with a complex gate is the complex state with no imaginary part (differentiable)
         initial_state = initial_state.to(torch.complex128 if initial_state.dtype == torch.float64 else torch.complex64)
+    if cu_seqlens is not None:  # PACKED: every path, until elementwise_scan and _chunk_gate_loop take cu_seqlens
+        return _varlen_reference(q, k, v, a_re, a_im, initial_state, output_final_state, chunk_size, cu_seqlens)
     per_channel = q.ndim == 3
     if per_channel or (q.shape[3] == 1 and v.shape[3] == 1 and a_re.ndim == 3):
         if q.dtype in KERNEL_DTYPES or not on_kernels:
