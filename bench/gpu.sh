@@ -13,7 +13,7 @@
 #           roofline  ncu over one warm forward+backward of the chunked scan per precision in $ROOFLINE (default
 #                     "ieee:float32 tf32:float32 ieee:bfloat16"): per kernel time, DRAM bytes, tensor-pipe use
 #                     (bench/tools/ncu.py roofline) into bench/out/ncu_roofline_*.txt
-#           scan reversible model train   the benchmarks (python -m bench <name> $<NAME>_ARGS,
+#           scan reversible model train generate overhead cp   the benchmarks (python -m bench <name> $<NAME>_ARGS,
 #                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
 #                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
 set -uo pipefail
@@ -58,7 +58,7 @@ for stage in "${stages[@]}"; do
                   --shape "${ROOFLINE_SHAPE:-64,2048,64,64}" --csv "$out/ncu_roofline_${spec/:/_}.csv" 2>&1 \
                   | tee "$out/ncu_roofline_${spec/:/_}.txt"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done ;;
-    scan|reversible|model|train) args_var="${stage^^}_ARGS"
+    scan|reversible|model|train|generate|overhead|cp) args_var="${stage^^}_ARGS"
       python3 -m bench "$stage" ${!args_var:-} 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
