@@ -90,7 +90,9 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
     if a_im is not None and initial_state is not None and not initial_state.is_complex():
         # a real state with a complex gate is the complex state with no imaginary part (differentiable)
         initial_state = initial_state.to(torch.complex128 if initial_state.dtype == torch.float64 else torch.complex64)
-    if cu_seqlens is not None:  # PACKED: every path, until elementwise_scan and _chunk_gate_loop take cu_seqlens
+    # PACKED: every path, until elementwise_scan and _chunk_gate_loop take cu_seqlens (then: pass it to them and
+    # keep this branch for the paths they do not cover)
+    if cu_seqlens is not None:
         return _varlen_reference(q, k, v, a_re, a_im, initial_state, output_final_state, chunk_size, cu_seqlens)
     per_channel = q.ndim == 3
     if per_channel or (q.shape[3] == 1 and v.shape[3] == 1 and a_re.ndim == 3):

@@ -5,12 +5,17 @@ v, the gate and the initial states -- through the scan functions, the layers and
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import gateloop_kernels as G
 from gateloop_kernels import layers as L
+
+from helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -323,7 +328,7 @@ def test_gpu_heads_packed_equals_each_alone(dtype, d):
 def test_gpu_compile_fullgraph_inductor_with_cu_seqlens(d):
     torch._dynamo.reset()
     H = 64 if d == 1 else 4
-    lengths = _log_uniform_lengths(4096, 64, 2048, 64)
+    lengths = _log_uniform_lengths(1024, 64, 512, 64)  # the reference's chunk loop unrolls: few chunks
     cu, T = _cu(lengths, device="cuda"), sum(lengths)
     q, k, v = (torch.randn(1, T, H, d, device="cuda", requires_grad=True) for _ in range(3))
     z = torch.randn(1, T, H, 2, device="cuda", requires_grad=True)
@@ -352,3 +357,22 @@ def test_gpu_transformer_packed_loss_is_the_token_weighted_documents():
             weighted = weighted + (b - a - 1) * model(tokens[:, a:b], return_loss=True)
             targets += b - a - 1
     _close(loss, weighted / targets, 1e-5, "loss")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", ["[1, 5, 9]", "[0, 7, 5, 9]", "[0, 5, 8]", "[0, 5, 900000]"])
+def test_gpu_bad_cu_seqlens_values_fail_loudly_not_out_of_bounds(bad):
+    """On CUDA the values are checked by a device-side assertion (no host sync): the process fails with it, never
+    with an illegal memory access or a silent result (run apart: an assertion ends the process's CUDA context)."""
+    code = ("import torch, gateloop_kernels as G\n"
+            "q = torch.randn(1, 9, 2, 64, device='cuda')\n"
+            f"cu = torch.tensor({bad}, device='cuda', dtype=torch.int32)\n"
+            "o, s = G.gate_loop_heads(q, q, q, z=torch.randn(1, 9, 2, 2, device='cuda'), cu_seqlens=cu,"
+            " output_final_state=True)\n"
+            "torch.cuda.synchronize()\n"
+            "print('NO ERROR', o.sum().item())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode != 0 and "NO ERROR" not in p.stdout, p.stdout + p.stderr
+    assert "illegal memory access" not in p.stderr
+    assert "cu_seqlens" in p.stderr or "device-side assert" in p.stderr, p.stderr[-2000:]
