@@ -387,8 +387,9 @@ class SimpleGateLoopLayer(Module):
     ``forward(x, cache=None, return_cache=False, cu_seqlens=None)``: ``x (b, n, dim)`` -> ``(b, n, dim)``; the cache
     is the seed's ``(a, kv)`` pair, each ``(b * dim, 1)``. With ``cu_seqlens`` (``x (1, T, dim)`` holding ``N``
     packed documents, :func:`gateloop_kernels.simple_gate_loop_operator`) each document scans alone and the
-    cache holds one state per document, each ``(N * dim, 1)``; ``reverse=True`` reverses each document. ``use_heinsen`` / ``use_jax_associative_scan``
-    are accepted for compatibility: every choice runs the same exact fused scan.
+    cache holds one state per document, each ``(N * dim, 1)``; ``reverse=True`` reverses each document.
+    ``use_heinsen`` / ``use_jax_associative_scan`` are accepted for compatibility: every choice runs the same exact
+    fused scan.
     """
 
     def __init__(self, dim: int, prenorm: bool = True, use_heinsen: bool = False,
@@ -409,6 +410,7 @@ class SimpleGateLoopLayer(Module):
                 raise ValueError("caching only works with a non-reversed sequence (reverse=False)")
             x = torch.flip(x, dims=(-2,))
             if cu_seqlens is not None:  # the reversed row holds the documents reversed, in reverse order
+                check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
                 cu_seqlens = x.shape[1] - cu_seqlens.flip(0)
         states = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         q, kv, a = self.to_qkva[0](self.norm(x)).chunk(3, dim=-1)

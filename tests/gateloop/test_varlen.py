@@ -264,6 +264,19 @@ def test_layer_packed_equals_each_document(name):
                   lambda i, a, b, x: ((layer(x[:, a:b]),), None), [x], lengths, 1e-12)
 
 
+def test_simple_layer_packed_cache_continues_each_document():
+    layer = L.SimpleGateLoopLayer(dim=4).double()
+    first, second = _lengths(n_random=1, high=10), _lengths(n_random=1, high=10)  # as many documents each
+    x1 = torch.randn(1, sum(first), 4, dtype=torch.float64)
+    x2 = torch.randn(1, sum(second), 4, dtype=torch.float64)
+    _, cache = layer(x1, cu_seqlens=_cu(first), return_cache=True)
+    assert cache[1].shape == (len(first) * 4, 1)
+    out, _ = layer(x2, cache=cache, cu_seqlens=_cu(second), return_cache=True)
+    for (a1, b1), (a2, b2) in zip(_bounds(first), _bounds(second)):
+        whole = layer(torch.cat([x1[:, a1:b1], x2[:, a2:b2]], dim=1))
+        _close(out[:, a2:b2], whole[:, b1 - a1:], 1e-12, "continued document")
+
+
 @pytest.mark.parametrize("kind", ["gate-looped", "full attention", "reversible"])
 def test_transformer_packed_loss_is_the_token_weighted_documents(kind):
     torch.manual_seed(1)
