@@ -389,3 +389,23 @@ def test_gpu_bad_cu_seqlens_values_fail_loudly_not_out_of_bounds(bad):
     assert p.returncode != 0 and "NO ERROR" not in p.stdout, p.stdout + p.stderr
     assert "illegal memory access" not in p.stderr
     assert "cu_seqlens" in p.stderr or "device-side assert" in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_gate_looped_attn", [True, False])
+def test_gpu_packed_model_step_never_synchronises(use_gate_looped_attn):
+    """cu_seqlens is read on the device only: a packed training step runs under CUDA's sync debug mode "error"
+    (which raises at any host synchronisation: .item(), .tolist(), nonzero, a copy to the host)."""
+    model = L.Transformer(dim=128, num_tokens=256, depth=2, gate_loop_heads=2, heads=2, dim_head=64,
+                          use_gate_looped_attn=use_gate_looped_attn).cuda()
+    lengths = _log_uniform_lengths(1024, 16, 512, 64)
+    cu, T = _cu(lengths, device="cuda"), sum(lengths)
+    tokens = torch.randint(0, 256, (1, T), device="cuda")
+    model(tokens, cu_seqlens=cu, return_loss=True).backward()  # warm-up: first-call work may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(tokens, cu_seqlens=cu, return_loss=True).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
