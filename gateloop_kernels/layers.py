@@ -313,8 +313,9 @@ class GateLoopedAttention(Module):
                 cu_seqlens: Optional[Tensor] = None):
         """``x (b, n, dim)`` -> ``(b, n, dim)``, or ``(out, cache)`` with ``return_cache``.
 
-        ``cu_seqlens``: ``x (1, T, dim)`` holds packed documents, each scanned from a zero state
-        (:func:`gateloop_kernels.gate_loop_heads`). Not with a cache or ``cp_group`` (NotImplementedError).
+        ``cu_seqlens``: ``x (1, T, dim)`` holds ``N`` packed documents, each scanned from a zero state
+        (:func:`gateloop_kernels.gate_loop_heads`), or from its state in a cache of ``N`` states ``(N, H, d, e)``
+        (the one a packed call with ``return_cache`` returns), advanced by the scan. Not with ``cp_group``.
 
         The cache is the complex state per head, ``(b, H, d, e)``, complex64 (complex128 for float64
         inputs), detached: pass it back to continue the sequence. A given cache is updated in place
@@ -332,11 +333,9 @@ class GateLoopedAttention(Module):
             z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
         if cp_group is not None and (cache is not None or return_cache):
             raise ValueError("a cache is for decoding on one rank: not with cp_group")
-        if cu_seqlens is not None and (cache is not None or return_cache):
-            raise NotImplementedError("cu_seqlens (packed sequences) with a cache is not supported")
         if cache is not None:
-            _check_state_cache(cache, q, v)
-        if cache is not None and n == 1:
+            _check_state_cache(cache, q, v, b if cu_seqlens is None else cu_seqlens.shape[0] - 1)
+        if cache is not None and n == 1 and cu_seqlens is None:
             o = gate_loop_decode_step(q[:, 0], k[:, 0], v[:, 0], cache,
                                       z=None if ablate_state_transition else z[:, 0])
             out = o[:, None]
@@ -364,9 +363,9 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
-def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor) -> None:
-    """A gate-loop cache must be the state this layer would make for these inputs."""
-    b, _, heads, d = q.shape
+def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor, b: int) -> None:
+    """A gate-loop cache must be the state this layer would make for these inputs (``b`` sequences)."""
+    _, _, heads, d = q.shape
     e = v.shape[-1]
     if not isinstance(cache, Tensor):
         raise TypeError(f"cache must be the complex state tensor a previous call returned, got {type(cache).__name__}")

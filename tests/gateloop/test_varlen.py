@@ -223,8 +223,10 @@ def test_packed_batch_must_be_one_row_and_states_one_per_sequence():
     with pytest.raises(NotImplementedError, match="cp_group"):
         _heads_call(cu, cp_group=object())
     layer = L.GateLoopedAttention(dim=8, heads=2)
+    with pytest.raises(ValueError, match=r"cache must be the state \(b, H, d, e\) = \(2, "):
+        layer(torch.randn(1, 6, 8), cu_seqlens=cu, cache=layer.new_cache(1))
     with pytest.raises(NotImplementedError, match="cache"):
-        layer(torch.randn(1, 6, 8), cu_seqlens=cu, return_cache=True)
+        L.CausalFullAttention(dim=8, dim_head=4, heads=2)(torch.randn(1, 6, 8), cu_seqlens=cu, return_cache=True)
     model = L.Transformer(dim=8, num_tokens=5, depth=1, heads=2, dim_head=4)
     with pytest.raises(ValueError, match="cu_seqlens must end at"):
         model(torch.randint(0, 5, (1, 5)), cu_seqlens=cu, return_loss=True)
@@ -264,13 +266,15 @@ def test_layer_packed_equals_each_document(name):
                   lambda i, a, b, x: ((layer(x[:, a:b]),), None), [x], lengths, 1e-12)
 
 
-def test_simple_layer_packed_cache_continues_each_document():
-    layer = L.SimpleGateLoopLayer(dim=4).double()
+@pytest.mark.parametrize("layer", [lambda: L.SimpleGateLoopLayer(dim=4),
+                                   lambda: L.GateLoopedAttention(dim=4, dim_inner=32, heads=2)],
+                         ids=["simple", "gate-looped head dim 16"])
+def test_layer_packed_cache_continues_each_document(layer):
+    layer = layer().double()
     first, second = _lengths(n_random=1, high=10), _lengths(n_random=1, high=10)  # as many documents each
     x1 = torch.randn(1, sum(first), 4, dtype=torch.float64)
     x2 = torch.randn(1, sum(second), 4, dtype=torch.float64)
     _, cache = layer(x1, cu_seqlens=_cu(first), return_cache=True)
-    assert cache[1].shape == (len(first) * 4, 1)
     out, _ = layer(x2, cache=cache, cu_seqlens=_cu(second), return_cache=True)
     for (a1, b1), (a2, b2) in zip(_bounds(first), _bounds(second)):
         whole = layer(torch.cat([x1[:, a1:b1], x2[:, a2:b2]], dim=1))
