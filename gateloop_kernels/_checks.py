@@ -214,8 +214,9 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -
     Type, dtype, dims, device and ``B = 1`` are metadata checks. The values (start at 0, non-decreasing, last
     entry ``T``) are checked without a host synchronisation: on a CPU tensor in eager mode at once (a
     ``ValueError``); on CUDA, and under ``torch.compile``, by an asynchronous device-side assertion
-    (``torch._assert_async``, which fails the next synchronising call with a message naming ``cu_seqlens``);
-    build ``cu_seqlens`` on the CPU and call this on it first for a ``ValueError`` at once. Whatever the values,
+    (``torch._assert_async``: the process's next synchronising CUDA call fails);
+    :func:`gateloop_kernels.varlen.validate_cu_seqlens` raises a ``ValueError`` at once instead, at the cost of a
+    host synchronisation. Whatever the values,
     every index the scan derives from them is clamped (no out-of-bounds read).
 
     Raises:

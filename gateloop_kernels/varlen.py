@@ -29,10 +29,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import check_cu_seqlens
 from .dtypes import acc_dtypes, empty_scan
 from .reference import DEFAULT_CHUNK, _add_state, _chunk_local, _no_autocast, diagonal_scan_chunked
 
-__all__ = ["varlen_reference", "sequence_ids", "positions", "segment_prod"]
+__all__ = ["validate_cu_seqlens", "varlen_reference", "sequence_ids", "positions", "segment_prod"]
+
+
+def validate_cu_seqlens(cu_seqlens: Tensor, T: int) -> int:
+    """Check ``cu_seqlens`` for ``T`` tokens at once, values included, wherever it lives; return ``N``.
+
+    The scans check a CUDA ``cu_seqlens``' values by an asynchronous device-side assertion (no host
+    synchronisation); this reads them on the host (a synchronisation for a CUDA tensor: call it where that costs
+    nothing, e.g. where the batch is packed) and raises the scans' ``TypeError`` / ``ValueError`` naming them."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    host = cu_seqlens.cpu()
+    return check_cu_seqlens(host, 1, T, host.device)
 
 
 def sequence_ids(cu_seqlens: Tensor, T: int) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 
 import gateloop_kernels as G
 from gateloop_kernels import layers as L
+from gateloop_kernels.varlen import validate_cu_seqlens
 
 from helpers import ROOT
 
@@ -207,10 +208,14 @@ def test_bad_cu_seqlens_raise_naming_it(cu, err, match):
         G.gate_loop_operator(q, q, q, torch.rand(1, 6, 1, 1), cu_seqlens=cu)
     with pytest.raises(err, match=match):
         G.simple_gate_loop_operator(q, q, q.sigmoid(), cu_seqlens=cu)
+    if not (isinstance(cu, torch.Tensor) and cu.device.type == "meta"):  # it reads the values on the host
+        with pytest.raises(err, match=match):
+            validate_cu_seqlens(cu, 6)
 
 
 def test_packed_batch_must_be_one_row_and_states_one_per_sequence():
     cu = torch.tensor([0, 2, 6])
+    assert validate_cu_seqlens(torch.tensor([0, 2, 2, 6], dtype=torch.int32), 6) == 3
     with pytest.raises(ValueError, match="B must be 1"):
         _heads_call(cu, B=2)
     with pytest.raises(ValueError, match=r"initial_state holds one state per sequence: \(N, 2, 4, 4\) with N = .* 2"):
@@ -374,6 +379,13 @@ def test_gpu_transformer_packed_loss_is_the_token_weighted_documents():
             weighted = weighted + (b - a - 1) * model(tokens[:, a:b], return_loss=True)
             targets += b - a - 1
     _close(loss, weighted / targets, 1e-5, "loss")
+
+
+@pytest.mark.gpu
+def test_gpu_validate_cu_seqlens_raises_at_once():
+    assert validate_cu_seqlens(torch.tensor([0, 5, 9], device="cuda"), 9) == 2
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        validate_cu_seqlens(torch.tensor([0, 7, 5, 9], device="cuda"), 9)
 
 
 @pytest.mark.gpu
