@@ -35,8 +35,8 @@ for stage in "${stages[@]}"; do
     tests) rm -f "$out/gpu_test_memory.txt"
            GATELOOP_GPU_MEM_LOG="$PWD/$out/gpu_test_memory.txt" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} $([[ " ${TESTS_ARGS:-} " == *" -n "* ]] && echo --dist loadgroup) 2>&1 | tee "$out/gpu_tests.log" || rc=1
            sort -rn "$out/gpu_test_memory.txt" | head -n 12 ;;
-    memcheck) for script in "-m bench.tools.memcheck" csrc/sanitizer_smoke.py; do
-                compute-sanitizer --tool memcheck --error-exitcode 3 python3 $script 2>&1 \
+    memcheck) for tool in memcheck memcheck_revkern; do
+                compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m bench.tools.$tool 2>&1 \
                   | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done
               # every tile class of the chunked kernels (head dims 16..256, d != e, partial chunks, every dtype)

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._eager import eager_function, traced
+from ._custom_op import DifferentiableOp
 
 __all__ = ["scan_forward", "scan_backward", "tile_config"]
 
@@ -673,11 +673,7 @@ def _scan_impl(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Op
             torch.zeros(0, dtype=torch.float32, device=q.device))
 
 
-elementwise_scan_op = torch.library.custom_op("gateloop::elementwise_scan", mutates_args=())(_scan_impl)
-
-
-@elementwise_scan_op.register_fake
-def _(q, k, v, a_re, a_im, h0_re, h0_im):
+def _scan_fake(q, k, v, a_re, a_im, h0_re, h0_im):
     B, _, C = q.shape
     sdt = torch.float64 if (q.device.type not in KERNEL_DEVICES and torch.promote_types(q.dtype, a_re.dtype) == torch.float64) \
         else torch.float32
@@ -701,12 +697,7 @@ def _scan_backward_impl(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[T
             for g, r in zip(grads, refs)]
 
 
-elementwise_scan_backward = torch.library.custom_op("gateloop::elementwise_scan_backward",
-                                                    mutates_args=())(_scan_backward_impl)
-
-
-@elementwise_scan_backward.register_fake
-def _(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries):
+def _scan_backward_fake(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries):
     dev = q.device
 
     def like(t: Optional[Tensor]) -> Tensor:
@@ -725,25 +716,24 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(q, k, v, a_re, a_im, h0_re, h0_im, output[3])
 
 
-def _backward(ctx, do, dhT_re, dhT_im, _dcarries):
+def _vjp(ctx, backward, do, dhT_re, dhT_im, _dcarries):
     q, k, v, a_re, a_im, h0_re, h0_im, carries = ctx.saved_tensors
     if do is None:  # only the final state is used
         do = torch.zeros_like(q)
     if a_im is None or (dhT_im is not None and dhT_im.numel() == 0):
         dhT_im = None
-    bwd = _scan_backward_impl if getattr(ctx, "eager", False) else elementwise_scan_backward
-    grads = bwd(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries)
+    grads = backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries)
     return tuple(None if absent else g for g, absent in zip(grads, ctx.absent))
 
 
-elementwise_scan_op.register_autograd(_backward, setup_context=_setup_context)
-_Eager = eager_function("ElementwiseScan", _scan_impl, _setup_context, _backward)
+elementwise_scan_op = DifferentiableOp(("gateloop::elementwise_scan", "gateloop::elementwise_scan_backward"),
+                                       "ElementwiseScan", _scan_impl, _scan_fake, _scan_backward_impl,
+                                       _scan_backward_fake, _setup_context, _vjp)
 
 
 def elementwise_scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
                      h0_re: Optional[Tensor], h0_im: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The differentiable scan, ``(o, hT_re, hT_im, carries)`` as :func:`_scan_impl` says: the custom op
-    ``gateloop::elementwise_scan`` (``elementwise_scan_op``) under torch.compile and for fake tensors, the same
-    implementation and backward through an autograd.Function in eager calls (see ``_eager.py``)."""
-    fn = elementwise_scan_op if traced(q) else _Eager.apply
-    return fn(q, k, v, a_re, a_im, h0_re, h0_im)
+    ``gateloop::elementwise_scan`` (``elementwise_scan_op.op``) under torch.compile and for fake tensors, the
+    same implementation and backward through an autograd.Function in eager calls (see ``_custom_op.py``)."""
+    return elementwise_scan_op(q, k, v, a_re, a_im, h0_re, h0_im)
