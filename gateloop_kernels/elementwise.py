@@ -59,6 +59,61 @@ def _combine(ar1, ai1, hr1, hi1, ar2, ai2, hr2, hi2):
 
 
 @triton.jit
+def _combine_reset(ar1, ai1, hr1, hi1, r1, ar2, ai2, hr2, hi2, r2):
+    """:func:`_combine` for maps that may reset (``r = 1``: ``h -> h2``, the state before is dropped). A select,
+    not a zero gate, so not even a NaN or Inf crosses a sequence boundary; a reset map's ``a`` is never used."""
+    ar, ai, hr, hi = _combine(ar1, ai1, hr1, hi1, ar2, ai2, hr2, hi2)
+    keep = r2 != 0
+    return (tl.where(keep, ar2, ar), tl.where(keep, ai2, ai), tl.where(keep, hr2, hr), tl.where(keep, hi2, hi),
+            tl.maximum(r1, r2))
+
+
+@triton.jit
+def _scan_reverse_reset(ar, ai, xr, xi, r):
+    """:func:`_scan_reverse` of resetting maps (complex ``x``): ``(A_r, A_i, H_r, H_i, R)``."""
+    A_r, A_i, H_r, H_i, R = tl.associative_scan((tl.flip(ar, 0), tl.flip(ai, 0), tl.flip(xr, 0), tl.flip(xi, 0),
+                                                 tl.flip(r, 0)), 0, _combine_reset)
+    return tl.flip(A_r, 0), tl.flip(A_i, 0), tl.flip(H_r, 0), tl.flip(H_i, 0), tl.flip(R, 0)
+
+
+@triton.jit
+def _apply(A_r, A_i, H_r, H_i, R, car_r, car_i):
+    """Composed maps ``(A, H)`` (reset where ``R``) applied to the ``(BLOCK_C,)`` state ``car``: ``(h_r, h_i)``."""
+    h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
+    h_i = H_i + A_r * car_i[None, :] + A_i * car_r[None, :]
+    return tl.where(R != 0, H_r, h_r), tl.where(R != 0, H_i, h_i)
+
+
+@triton.jit
+def _sequences(cu_ptr, NSEQ, NBIS, t0, t, n, BLOCK_T: tl.constexpr):
+    """Packed sequences (``cu_seqlens`` at ``cu_ptr``, ``NSEQ + 1`` entries) over the rows ``t`` of the tile
+    that starts at step ``t0``: ``(sq, start, last)``, each row's sequence (the last ``i`` with ``cu[i] <= t``:
+    empty sequences hold no row) and whether the row is its sequence's first and last step (rows past ``n``:
+    neither). A bisection (``NBIS`` reads) finds row 0's sequence, then one read per boundary inside the tile
+    or at its end: no table, no host synchronisation."""
+    lo = t0 * 0
+    hi = lo + NSEQ
+    for _ in range(NBIS):
+        mid = (lo + hi + 1) // 2
+        ok = tl.load(cu_ptr + mid).to(tl.int32) <= t0
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    sq = t * 0 + lo
+    start = t == tl.load(cu_ptr + lo).to(tl.int32)
+    last = t < 0
+    t_end = t0 + BLOCK_T
+    j = lo + 1
+    cj = tl.load(cu_ptr + tl.minimum(j, NSEQ)).to(tl.int32)
+    while (j <= NSEQ) & (cj <= t_end):
+        sq += (cj <= t).to(tl.int32)
+        start = start | (cj == t)
+        last = last | (cj == t + 1)
+        j += 1
+        cj = tl.load(cu_ptr + tl.minimum(j, NSEQ)).to(tl.int32)
+    return sq, start & (t < n), last
+
+
+@triton.jit
 def _scan_reverse(ar, ai, x):
     """Inclusive reverse-time scan of ``h -> a h + x`` (real ``x``) along axis 0: ``(A_r, A_i, H_r, H_i)``.
 
@@ -194,12 +249,12 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
 
 @triton.jit(do_not_specialize=["c0"])
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
-                o_ptr, hTr_ptr, hTi_ptr, car_ptr, ws_ptr, agg_off, ticket_off, c0,
+                o_ptr, hTr_ptr, hTi_ptr, car_ptr, ws_ptr, agg_off, ticket_off, c0, cu_ptr, NSEQ, NBIS,
                 n, B, C, NCB, NSEG, NCAR,
                 s_b, s_n, s_c, g_b, g_n, g_c, o_b, o_n, o_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CARRY_T: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr,
-                DETERMINISTIC: tl.constexpr, OUT_STRIDED: tl.constexpr):
+                DETERMINISTIC: tl.constexpr, OUT_STRIDED: tl.constexpr, VARLEN: tl.constexpr):
     # ws: the look-back words laid out by _workspace
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
@@ -223,39 +278,83 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
         ai = tl.load(ai_ptr + goff, mask=m, other=0.0).to(tl.float32)
     else:
         ai = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
-    A_r, A_i, H_r, H_i = tl.associative_scan((ar, ai, x, tl.zeros_like(x)), 0, _combine)
+    if VARLEN:
+        # a sequence's first step resets the state to a_t h0_i + x_t (its own initial state, zero without)
+        sq, st, fin = _sequences(cu_ptr, NSEQ, NBIS, seg * BLOCK_T, t, n, BLOCK_T)
+        soff = sq[:, None].to(tl.int64) * C + c[None, :]
+        x_i = tl.zeros_like(x)
+        if HAS_H0:
+            sm = st[:, None] & mc[None, :]
+            s0r = tl.load(h0r_ptr + soff, mask=sm, other=0.0).to(tl.float32)
+            s0i = tl.load(h0i_ptr + soff, mask=sm, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(x)
+            x_i = tl.where(sm, ar * s0i + ai * s0r, 0.0)
+            x = tl.where(sm, x + ar * s0r - ai * s0i, x)
+        A_r, A_i, H_r, H_i, R = tl.associative_scan(
+            (ar, ai, x, x_i, tl.broadcast_to(st[:, None].to(tl.float32), [BLOCK_T, BLOCK_C])), 0, _combine_reset)
+    else:
+        A_r, A_i, H_r, H_i = tl.associative_scan((ar, ai, x, tl.zeros_like(x)), 0, _combine)
 
     last = BLOCK_T - 1
     Ar_l, Ai_l, Hr_l, Hi_l = _row(A_r, rows, last), _row(A_i, rows, last), _row(H_r, rows, last), _row(H_i, rows, last)
     sidx = (seg * B + b).to(tl.int64) * C + c
-    if not DETERMINISTIC:  # without aggregates the look-back waits for inclusive states: one rounding path
+    if VARLEN:
+        # a tile holding a sequence start knows its inclusive state without the carry: published at once,
+        # so no later tile waits for (or folds across) this one's look-back
+        reset = (c * 0 + tl.sum(st.to(tl.int32), axis=0)) > 0  # per channel: the interpreter's masks are vectors
+        _publish(inc_ptr, sidx, mc & reset, Hr_l, Hi_l, Hr_l, Hi_l, 1)
+        if not DETERMINISTIC:
+            _publish(agg_ptr, sidx, mc & ((c * 0 + seg) > 0) & ~reset, Ar_l, Ai_l, Hr_l, Hi_l, 2)
+        # only the rows before the tile's first start take the carry: no look-back when step 0 starts one
+        stop = tl.where(tl.sum(tl.where(rows == 0, st.to(tl.int32), 0), axis=0) > 0, seg - 1, -1)
+    elif not DETERMINISTIC:  # without aggregates the look-back waits for inclusive states: one rounding path
         if seg > 0:
             _publish(agg_ptr, sidx, mc, Ar_l, Ai_l, Hr_l, Hi_l, 2)
-    if HAS_H0:
+    if HAS_H0 and not VARLEN:
         h0r = tl.load(h0r_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
         h0i = tl.load(h0i_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(h0r)
     else:
         h0r = tl.zeros([BLOCK_C], tl.float32)
         h0i = tl.zeros([BLOCK_C], tl.float32)
-    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, -1, b, B, C, c, mc, h0r, h0i, BLOCK_C)
+    if VARLEN:
+        car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, stop, b, B, C, c, mc, h0r, h0i, BLOCK_C)
+    else:
+        car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, 1, -1, b, B, C, c, mc, h0r, h0i, BLOCK_C)
     inc_r = Ar_l * car_r - Ai_l * car_i + Hr_l
     inc_i = Ar_l * car_i + Ai_l * car_r + Hi_l
-    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
-    if seg == NSEG - 1:
-        tl.store(hTr_ptr + b * C + c, inc_r, mask=mc)
-        if COMPLEX:
-            tl.store(hTi_ptr + b * C + c, inc_i, mask=mc)
+    if VARLEN:
+        _publish(inc_ptr, sidx, mc & ~reset, inc_r, inc_i, inc_r, inc_i, 1)
+    else:
+        _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
+        if seg == NSEG - 1:
+            tl.store(hTr_ptr + b * C + c, inc_r, mask=mc)
+            if COMPLEX:
+                tl.store(hTi_ptr + b * C + c, inc_i, mask=mc)
     # the state after every CARRY_T steps, for the backward (whose tiles are CARRY_T steps long)
     for j in tl.static_range(BLOCK_T // CARRY_T):
         r = (j + 1) * CARRY_T - 1
         Ar_j, Ai_j = _row(A_r, rows, r), _row(A_i, rows, r)
+        Hr_j, Hi_j = _row(H_r, rows, r), _row(H_i, rows, r)
         sb = seg * (BLOCK_T // CARRY_T) + j
         cidx = (sb * 2 * B + b).to(tl.int64) * C + c
         ok = mc & ((c * 0 + sb) < NCAR)
-        tl.store(car_ptr + cidx, Ar_j * car_r - Ai_j * car_i + _row(H_r, rows, r), mask=ok)
-        tl.store(car_ptr + cidx + B * C, Ar_j * car_i + Ai_j * car_r + _row(H_i, rows, r), mask=ok)
+        cr = Ar_j * car_r - Ai_j * car_i + Hr_j
+        ci = Ar_j * car_i + Ai_j * car_r + Hi_j
+        if VARLEN:
+            reset_j = _row(R, rows, r) != 0
+            cr = tl.where(reset_j, Hr_j, cr)
+            ci = tl.where(reset_j, Hi_j, ci)
+        tl.store(car_ptr + cidx, cr, mask=ok)
+        tl.store(car_ptr + cidx + B * C, ci, mask=ok)
 
-    h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
+    if VARLEN:
+        h_r, h_i = _apply(A_r, A_i, H_r, H_i, R, car_r, car_i)
+        # each sequence's last step is its final state (empty sequences keep the launcher's initial state)
+        fm = fin[:, None] & mc[None, :]
+        tl.store(hTr_ptr + soff, h_r, mask=fm)
+        if COMPLEX:
+            tl.store(hTi_ptr + soff, h_i, mask=fm)
+    else:
+        h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
     q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + ooff, (q * h_r).to(o_ptr.dtype.element_ty), mask=m)
 
@@ -263,11 +362,11 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
 @triton.jit(do_not_specialize=["c0"])
 def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, car_ptr,
                 dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr, agg_off, ticket_off, c0,
-                n, B, C, NCB, NSEG,
+                cu_ptr, NSEQ, NBIS, n, B, C, NCB, NSEG,
                 s_b, s_n, s_c, g_b, g_n, g_c, o_b, o_n, o_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr,
-                BIG: tl.constexpr, DETERMINISTIC: tl.constexpr, OUT_STRIDED: tl.constexpr):
+                BIG: tl.constexpr, DETERMINISTIC: tl.constexpr, OUT_STRIDED: tl.constexpr, VARLEN: tl.constexpr):
     # ws: the look-back words laid out by _workspace
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
@@ -306,31 +405,60 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     do = tl.load(do_ptr + off, mask=m, other=0.0).to(tl.float32)
     q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
     g = q * do
-    B_r, B_i, L_r, L_i = _scan_reverse(br, bi, g)
+    if VARLEN:
+        # a sequence's last step resets the adjoint to q do + its final state's gradient
+        sq, st, fin = _sequences(cu_ptr, NSEQ, NBIS, seg * BLOCK_T, t, n, BLOCK_T)
+        soff = sq[:, None].to(tl.int64) * C + c[None, :]
+        sm = st[:, None] & mc[None, :]
+        g_i = tl.zeros_like(g)
+        if HAS_GT:
+            fm = fin[:, None] & mc[None, :]
+            g += tl.load(gTr_ptr + soff, mask=fm, other=0.0).to(tl.float32)
+            if COMPLEX:
+                g_i = tl.load(gTi_ptr + soff, mask=fm, other=0.0).to(tl.float32)
+        B_r, B_i, L_r, L_i, R = _scan_reverse_reset(
+            br, bi, g, g_i, tl.broadcast_to(fin[:, None].to(tl.float32), [BLOCK_T, BLOCK_C]))
+    else:
+        B_r, B_i, L_r, L_i = _scan_reverse(br, bi, g)
     Br_0, Bi_0, Lr_0, Li_0 = _row(B_r, rows, 0), _row(B_i, rows, 0), _row(L_r, rows, 0), _row(L_i, rows, 0)
     sidx = (seg * B + b).to(tl.int64) * C + c
-    if not DETERMINISTIC:
+    if VARLEN:
+        # as in the forward: a tile holding a sequence's end publishes its inclusive adjoint at once, and
+        # takes no look-back when its last step ends a sequence
+        reset = (c * 0 + tl.sum(fin.to(tl.int32), axis=0)) > 0
+        _publish(inc_ptr, sidx, mc & reset, Lr_0, Li_0, Lr_0, Li_0, 1)
+        if not DETERMINISTIC:
+            _publish(agg_ptr, sidx, mc & ((c * 0 + seg) < NSEG - 1) & ~reset, Br_0, Bi_0, Lr_0, Li_0, 2)
+        stop = tl.where(tl.sum(tl.where(rows == BLOCK_T - 1, fin.to(tl.int32), 0), axis=0) > 0, seg + 1, NSEG)
+    elif not DETERMINISTIC:
         if seg < NSEG - 1:
             _publish(agg_ptr, sidx, mc, Br_0, Bi_0, Lr_0, Li_0, 2)
-    if HAS_GT:
+    if HAS_GT and not VARLEN:
         gTr = tl.load(gTr_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
         gTi = tl.load(gTi_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(gTr)
     else:
         gTr = tl.zeros([BLOCK_C], tl.float32)
         gTi = tl.zeros([BLOCK_C], tl.float32)
-    car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C)
+    if VARLEN:
+        car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, stop, b, B, C, c, mc, gTr, gTi, BLOCK_C)
+    else:
+        car_r, car_i = _lookback(agg_ptr, inc_ptr, seg, -1, NSEG, b, B, C, c, mc, gTr, gTi, BLOCK_C)
     inc_r = Br_0 * car_r - Bi_0 * car_i + Lr_0
     inc_i = Br_0 * car_i + Bi_0 * car_r + Li_0
-    _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
-    lam_r = L_r + B_r * car_r[None, :] - B_i * car_i[None, :]
-    lam_i = L_i + B_r * car_i[None, :] + B_i * car_r[None, :]
+    if VARLEN:
+        _publish(inc_ptr, sidx, mc & ~reset, inc_r, inc_i, inc_r, inc_i, 1)
+        lam_r, lam_i = _apply(B_r, B_i, L_r, L_i, R, car_r, car_i)
+    else:
+        _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
+        lam_r = L_r + B_r * car_r[None, :] - B_i * car_i[None, :]
+        lam_i = L_i + B_r * car_i[None, :] + B_i * car_r[None, :]
 
     # forward state entering the tile: the forward pass's state after segment seg - 1
     if seg > 0:
         pidx = ((seg - 1) * 2 * B + b).to(tl.int64) * C + c
         f_r = tl.load(car_ptr + pidx, mask=mc, other=0.0)
         f_i = tl.load(car_ptr + pidx + B * C, mask=mc, other=0.0)
-    elif HAS_H0:
+    elif HAS_H0 and not VARLEN:
         f_r = tl.load(h0r_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32)
         f_i = tl.load(h0i_ptr + b * C + c, mask=mc, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(f_r)
     else:
@@ -344,11 +472,32 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
         v = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
         x = k * v
     first = (rows == 0)[:, None]
-    x_r = tl.where(first, x + a_r * f_r[None, :] - a_i * f_i[None, :], x)
-    x_i = tl.where(first, a_r * f_i[None, :] + a_i * f_r[None, :], 0.0)
-    _, _, h_r, h_i = tl.associative_scan((a_r, a_i, x_r, x_i), 0, _combine)
-    y_r = _shift(h_r, rows, 1, f_r, BLOCK_T)
-    y_i = _shift(h_i, rows, 1, f_i, BLOCK_T)
+    if VARLEN:
+        # y_t at a sequence's first step is its initial state (zero without), not the state before it
+        y0r = tl.where(first, f_r[None, :], 0.0)
+        y0i = tl.where(first, f_i[None, :], 0.0)
+        if HAS_H0:
+            y0r = tl.where(st[:, None], tl.load(h0r_ptr + soff, mask=sm, other=0.0).to(tl.float32), y0r)
+            if COMPLEX:
+                y0i = tl.where(st[:, None], tl.load(h0i_ptr + soff, mask=sm, other=0.0).to(tl.float32), y0i)
+            else:
+                y0i = tl.where(st[:, None], 0.0, y0i)
+        else:
+            y0r = tl.where(st[:, None], 0.0, y0r)
+            y0i = tl.where(st[:, None], 0.0, y0i)
+        inj = first | st[:, None]
+        x_r = tl.where(inj, x + a_r * y0r - a_i * y0i, x)
+        x_i = tl.where(inj, a_r * y0i + a_i * y0r, 0.0)
+        _, _, h_r, h_i, _ = tl.associative_scan(
+            (a_r, a_i, x_r, x_i, tl.broadcast_to(st[:, None].to(tl.float32), [BLOCK_T, BLOCK_C])), 0, _combine_reset)
+        y_r = tl.where(st[:, None], y0r, _shift(h_r, rows, 1, f_r, BLOCK_T))
+        y_i = tl.where(st[:, None], y0i, _shift(h_i, rows, 1, f_i, BLOCK_T))
+    else:
+        x_r = tl.where(first, x + a_r * f_r[None, :] - a_i * f_i[None, :], x)
+        x_i = tl.where(first, a_r * f_i[None, :] + a_i * f_r[None, :], 0.0)
+        _, _, h_r, h_i = tl.associative_scan((a_r, a_i, x_r, x_i), 0, _combine)
+        y_r = _shift(h_r, rows, 1, f_r, BLOCK_T)
+        y_i = _shift(h_i, rows, 1, f_i, BLOCK_T)
     tl.store(dq_ptr + ooff, (h_r * do).to(dq_ptr.dtype.element_ty), mask=m)
     if KV_GIVEN:
         tl.store(dk_ptr + ooff, lam_r.to(dk_ptr.dtype.element_ty), mask=m)
@@ -359,7 +508,12 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     tl.store(dar_ptr + ooff, (lam_r * y_r + lam_i * y_i).to(dar_ptr.dtype.element_ty), mask=m)
     if COMPLEX:
         tl.store(dai_ptr + ooff, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
-    if HAS_H0:
+    if HAS_H0 and VARLEN:
+        # dh0_i = conj(a_t) lam_t at sequence i's first step (an empty sequence's: the launcher's copy of its gT)
+        tl.store(dh0r_ptr + soff, a_r * lam_r + a_i * lam_i, mask=sm)
+        if COMPLEX:
+            tl.store(dh0i_ptr + soff, a_r * lam_i - a_i * lam_r, mask=sm)
+    elif HAS_H0:
         if seg == 0:
             # dh0 = conj(a_0) lam_0
             a0r, a0i = _row(a_r, rows, 0), _row(a_i, rows, 0)
@@ -459,18 +613,33 @@ def _out_like(q: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.empty_like(q, dtype=dtype)
 
 
-def _check(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor]) -> None:
+def _check(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
+           cu_seqlens: Optional[Tensor] = None) -> None:
     if q.ndim != 3:
         raise ValueError(f"q must be (B, n, C), got {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v), ("a_re", a_re), ("a_im", a_im)):
         if t is not None and t.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    # cu_seqlens' values are the caller's to check (that would synchronise); its shape and the batch are not
+    if cu_seqlens is not None and (cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 1 or q.shape[0] != 1):
+        raise ValueError(f"cu_seqlens must be 1-D (N + 1,) with q of batch 1, got cu_seqlens "
+                         f"{tuple(cu_seqlens.shape)} and q {tuple(q.shape)}")
+
+
+def _varlen_args(cu_seqlens: Optional[Tensor], dummy: Tensor) -> tuple[Tensor, int, int]:
+    """The kernels' ``(cu_ptr, NSEQ, NBIS)``: ``cu_seqlens``, its number of sequences and the bisection's steps
+    (``dummy`` and zeros without)."""
+    if cu_seqlens is None:
+        return dummy, 0, 0
+    nseq = cu_seqlens.shape[0] - 1
+    return cu_seqlens, nseq, nseq.bit_length()
 
 
 def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
                  h0_re: Optional[Tensor] = None, h0_im: Optional[Tensor] = None,
                  block: Optional[tuple[int, int, int]] = None,
-                 carry_t: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 carry_t: Optional[int] = None,
+                 cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Forward elementwise scan on the device of ``q`` (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 
     Args:
@@ -482,24 +651,30 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
         block: ``(BLOCK_T, BLOCK_C, num_warps)`` override (tests); default :func:`tile_config`.
         carry_t: steps between the saved states, the backward's ``BLOCK_T`` (a power of 2 that divides
             ``BLOCK_T``); default: ``block``'s ``BLOCK_T`` when given, else the backward's :func:`tile_config`.
+        cu_seqlens: ``None``, or packed sequences: int32/int64 ``(N + 1,)`` on the inputs' device,
+            ``[0, l_1, l_1 + l_2, ..., n]`` (values not checked here), with ``B = 1``; each sequence's state
+            starts from its initial state ``h0[i]`` (``(N, C)``; zero without) before its first step.
 
     Returns:
         ``(o, hT_re, hT_im, carries)``: ``o`` of ``q``'s shape and dtype, dense (``q``'s strides where ``q``
         is dense, else dense in its dim order: ``_out_like``); the final state float32
-        ``(B, C)`` (``hT_im`` empty for a real gate); ``carries`` float32 (:func:`carries_numel`), the
+        ``(B, C)`` (``(N, C)`` per sequence with ``cu_seqlens``: an empty sequence's is its initial state;
+        ``hT_im`` empty for a real gate); ``carries`` float32 (:func:`carries_numel`), the
         state after every ``carry_t`` steps, saved for the backward.
 
     Raises:
-        ValueError: shape mismatch, or a ``carry_t`` that does not divide ``BLOCK_T``.
+        ValueError: shape mismatch, ``cu_seqlens`` not 1-D or with ``B != 1``, or a ``carry_t`` that does not
+        divide ``BLOCK_T``.
     """
-    _check(q, k, v, a_re, a_im)
+    _check(q, k, v, a_re, a_im, cu_seqlens)
     B, n, C = q.shape
+    nseq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     q, k, v = _one_layout(q, k, v)
     a_re, a_im = _one_layout(a_re, a_im)
     complex_gate = a_im is not None
     dev = q.device
-    hT_re = torch.empty((B, C), dtype=torch.float32, device=dev)
-    hT_im = torch.empty((B, C) if complex_gate else (0,), dtype=torch.float32, device=dev)
+    hT_re = torch.empty((nseq, C), dtype=torch.float32, device=dev)
+    hT_im = torch.empty((nseq, C) if complex_gate else (0,), dtype=torch.float32, device=dev)
     o = _out_like(q, q.dtype)
     block_t, block_c, warps = block or tile_config(n, C)
     carry_t = carry_t or (block_t if block else tile_config(n, C, backward=True)[0])
@@ -507,7 +682,8 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
         raise ValueError(f"carry_t {carry_t} must divide BLOCK_T {block_t}")
     nseg = _segments(n, block_t)
     carries = torch.empty(carries_numel(B, n, C, carry_t), dtype=torch.float32, device=dev)
-    if n == 0 or B * C == 0:
+    # the initial state is the final one where no step runs: everywhere when n = 0, for empty packed sequences
+    if n == 0 or B * C == 0 or cu_seqlens is not None:
         if h0_re is not None:
             hT_re.copy_(h0_re)
             if complex_gate:
@@ -515,6 +691,7 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
         else:
             hT_re.zero_()
             hT_im.zero_()
+    if n == 0 or B * C == 0:
         return o, hT_re, hT_im, carries
     ncb = -(-C // block_c)
     h0r = h0_re.contiguous() if h0_re is not None else hT_re
@@ -525,29 +702,31 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     _fwd_kernel[(nseg * B * ncb,)](
         q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
         o, hT_re, hT_im if complex_gate else hT_re, carries, ws, agg_off, ticket_off, 0,
-        n, B, C, ncb, nseg, _segments(n, carry_t), *q.stride(), *a_re.stride(), *o.stride(),
-        BLOCK_T=block_t, BLOCK_C=block_c, CARRY_T=carry_t, COMPLEX=complex_gate, KV_GIVEN=v is None,
+        *_varlen_args(cu_seqlens, ws), n, B, C, ncb, nseg, _segments(n, carry_t), *q.stride(), *a_re.stride(),
+        *o.stride(), BLOCK_T=block_t, BLOCK_C=block_c, CARRY_T=carry_t, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=h0_re is not None, BIG=_big(q, a_re, o), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
-        OUT_STRIDED=o.stride() != q.stride(), num_warps=warps)
+        OUT_STRIDED=o.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps)
     return o, hT_re, hT_im, carries
 
 
 def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor, k: Tensor,
                   v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor], h0_re: Optional[Tensor],
-                  h0_im: Optional[Tensor], carries: Tensor, block: Optional[tuple[int, int, int]] = None):
+                  h0_im: Optional[Tensor], carries: Tensor, block: Optional[tuple[int, int, int]] = None,
+                  cu_seqlens: Optional[Tensor] = None):
     """Backward of :func:`scan_forward` (same arguments, plus the output and final-state gradients).
 
-    ``do``: ``(B, n, C)``, gradient of ``o``; ``dhT_re/dhT_im``: ``(B, C)`` gradient of the final
-    state (``None``: zero); ``carries``: from :func:`scan_forward`; ``block``: as there, with
-    ``BLOCK_T`` equal to the forward's ``carry_t``.
+    ``do``: ``(B, n, C)``, gradient of ``o``; ``dhT_re/dhT_im``: ``(B, C)`` (``(N, C)`` with ``cu_seqlens``)
+    gradient of the final state (``None``: zero); ``carries``: from :func:`scan_forward`; ``block``: as
+    there, with ``BLOCK_T`` equal to the forward's ``carry_t``.
 
     Returns:
         ``(dq, dk, dv, da_re, da_im, dh0_re, dh0_im)``: ``dq, dk, dv`` dense as ``o`` is (``dv`` is
         ``None`` when ``v`` is), gate gradients in the gate's dtype (``da_im`` ``None`` for a real
-        gate), ``dh0_*`` float32 ``(B, C)`` or ``None`` without an initial state.
+        gate), ``dh0_*`` float32 of the initial state's shape or ``None`` without an initial state.
     """
-    _check(q, k, v, a_re, a_im)
+    _check(q, k, v, a_re, a_im, cu_seqlens)
     B, n, C = q.shape
+    nseq = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     dev = q.device
     complex_gate = a_im is not None
     q, k, v, do = _one_layout(q, k, v, do)
@@ -557,12 +736,14 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     da_re = _out_like(q, a_re.dtype)
     da_im = _out_like(q, a_im.dtype) if complex_gate else None
     has_h0 = h0_re is not None
-    dh0_re = torch.empty((B, C), dtype=torch.float32, device=dev) if has_h0 else None
-    dh0_im = torch.empty((B, C), dtype=torch.float32, device=dev) if (has_h0 and complex_gate) else None
-    if n == 0 or B * C == 0:
+    dh0_re = torch.empty((nseq, C), dtype=torch.float32, device=dev) if has_h0 else None
+    dh0_im = torch.empty((nseq, C), dtype=torch.float32, device=dev) if (has_h0 and complex_gate) else None
+    # where no step runs the initial state's gradient is the final one's (n = 0, empty packed sequences)
+    if n == 0 or B * C == 0 or cu_seqlens is not None:
         for dh0, dhT in ((dh0_re, dhT_re), (dh0_im, dhT_im)):
             if dh0 is not None:
                 dh0.copy_(dhT) if dhT is not None else dh0.zero_()
+    if n == 0 or B * C == 0:
         return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
     block_t, block_c, warps = block or tile_config(n, C, backward=True)
     nseg = _segments(n, block_t)
@@ -579,11 +760,11 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         h0_im.contiguous() if (has_h0 and complex_gate) else dummy, carries,
         dq, dk, dv if dv is not None else dk, da_re, da_im if complex_gate else da_re,
         dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
-        ws, agg_off, ticket_off, 0,
+        ws, agg_off, ticket_off, 0, *_varlen_args(cu_seqlens, ws),
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(), *dq.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re, dq), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
-        OUT_STRIDED=dq.stride() != q.stride(), num_warps=warps)
+        OUT_STRIDED=dq.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps)
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
 
 
