@@ -70,18 +70,25 @@ def _combine_reset(ar1, ai1, hr1, hi1, r1, ar2, ai2, hr2, hi2, r2):
 
 @triton.jit
 def _scan_reverse_reset(ar, ai, xr, xi, r):
-    """:func:`_scan_reverse` of resetting maps (complex ``x``): ``(A_r, A_i, H_r, H_i, R)``."""
-    A_r, A_i, H_r, H_i, R = tl.associative_scan((tl.flip(ar, 0), tl.flip(ai, 0), tl.flip(xr, 0), tl.flip(xi, 0),
+    """:func:`_scan_reverse` of resetting maps (complex ``x``, resets ``r``): ``(A_r, A_i, H_r, H_i)``."""
+    A_r, A_i, H_r, H_i, _ = tl.associative_scan((tl.flip(ar, 0), tl.flip(ai, 0), tl.flip(xr, 0), tl.flip(xi, 0),
                                                  tl.flip(r, 0)), 0, _combine_reset)
-    return tl.flip(A_r, 0), tl.flip(A_i, 0), tl.flip(H_r, 0), tl.flip(H_i, 0), tl.flip(R, 0)
+    return tl.flip(A_r, 0), tl.flip(A_i, 0), tl.flip(H_r, 0), tl.flip(H_i, 0)
 
 
 @triton.jit
-def _apply(A_r, A_i, H_r, H_i, R, car_r, car_i):
-    """Composed maps ``(A, H)`` (reset where ``R``) applied to the ``(BLOCK_C,)`` state ``car``: ``(h_r, h_i)``."""
+def _apply(A_r, A_i, H_r, H_i, reset, car_r, car_i):
+    """Composed maps ``(A, H)`` applied to the ``(BLOCK_C,)`` state ``car``, but for the rows where ``reset``
+    (``(BLOCK_T,)``: their map drops the state): ``(h_r, h_i)``."""
     h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
     h_i = H_i + A_r * car_i[None, :] + A_i * car_r[None, :]
-    return tl.where(R != 0, H_r, h_r), tl.where(R != 0, H_i, h_i)
+    return tl.where(reset[:, None], H_r, h_r), tl.where(reset[:, None], H_i, h_i)
+
+
+@triton.jit
+def _state_off(sq, c, C, BIG: tl.constexpr):
+    """Offsets of rows ``sq`` (``(BLOCK_T,)``) and channels ``c`` in a dense ``(N, C)`` state (int32 unless ``BIG``)."""
+    return (sq[:, None].to(tl.int64) if BIG else sq[:, None]) * C + c[None, :]
 
 
 @triton.jit
@@ -281,16 +288,19 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     if VARLEN:
         # a sequence's first step resets the state to a_t h0_i + x_t (its own initial state, zero without)
         sq, st, fin = _sequences(cu_ptr, NSEQ, NBIS, seg * BLOCK_T, t, n, BLOCK_T)
-        soff = sq[:, None].to(tl.int64) * C + c[None, :]
         x_i = tl.zeros_like(x)
         if HAS_H0:
             sm = st[:, None] & mc[None, :]
-            s0r = tl.load(h0r_ptr + soff, mask=sm, other=0.0).to(tl.float32)
-            s0i = tl.load(h0i_ptr + soff, mask=sm, other=0.0).to(tl.float32) if COMPLEX else tl.zeros_like(x)
+            s0r = tl.load(h0r_ptr + _state_off(sq, c, C, BIG), mask=sm, other=0.0).to(tl.float32)
+            s0i = tl.zeros_like(x)
+            if COMPLEX:
+                s0i = tl.load(h0i_ptr + _state_off(sq, c, C, BIG), mask=sm, other=0.0).to(tl.float32)
             x_i = tl.where(sm, ar * s0i + ai * s0r, 0.0)
             x = tl.where(sm, x + ar * s0r - ai * s0i, x)
-        A_r, A_i, H_r, H_i, R = tl.associative_scan(
+        A_r, A_i, H_r, H_i, _ = tl.associative_scan(
             (ar, ai, x, x_i, tl.broadcast_to(st[:, None].to(tl.float32), [BLOCK_T, BLOCK_C])), 0, _combine_reset)
+        # rows from the tile's first start on drop the carry (BLOCK_T: no start); recomputed, not kept from the scan
+        first_start = tl.min(tl.where(st, rows, BLOCK_T), axis=0)
     else:
         A_r, A_i, H_r, H_i = tl.associative_scan((ar, ai, x, tl.zeros_like(x)), 0, _combine)
 
@@ -300,12 +310,12 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     if VARLEN:
         # a tile holding a sequence start knows its inclusive state without the carry: published at once,
         # so no later tile waits for (or folds across) this one's look-back
-        reset = (c * 0 + tl.sum(st.to(tl.int32), axis=0)) > 0  # per channel: the interpreter's masks are vectors
+        reset = (c * 0 + first_start) < BLOCK_T  # per channel: the interpreter's masks are vectors
         _publish(inc_ptr, sidx, mc & reset, Hr_l, Hi_l, Hr_l, Hi_l, 1)
         if not DETERMINISTIC:
             _publish(agg_ptr, sidx, mc & ((c * 0 + seg) > 0) & ~reset, Ar_l, Ai_l, Hr_l, Hi_l, 2)
         # only the rows before the tile's first start take the carry: no look-back when step 0 starts one
-        stop = tl.where(tl.sum(tl.where(rows == 0, st.to(tl.int32), 0), axis=0) > 0, seg - 1, -1)
+        stop = tl.where(first_start == 0, seg - 1, -1)
     elif not DETERMINISTIC:  # without aggregates the look-back waits for inclusive states: one rounding path
         if seg > 0:
             _publish(agg_ptr, sidx, mc, Ar_l, Ai_l, Hr_l, Hi_l, 2)
@@ -333,26 +343,25 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     for j in tl.static_range(BLOCK_T // CARRY_T):
         r = (j + 1) * CARRY_T - 1
         Ar_j, Ai_j = _row(A_r, rows, r), _row(A_i, rows, r)
-        Hr_j, Hi_j = _row(H_r, rows, r), _row(H_i, rows, r)
         sb = seg * (BLOCK_T // CARRY_T) + j
         cidx = (sb * 2 * B + b).to(tl.int64) * C + c
         ok = mc & ((c * 0 + sb) < NCAR)
-        cr = Ar_j * car_r - Ai_j * car_i + Hr_j
-        ci = Ar_j * car_i + Ai_j * car_r + Hi_j
         if VARLEN:
-            reset_j = _row(R, rows, r) != 0
-            cr = tl.where(reset_j, Hr_j, cr)
-            ci = tl.where(reset_j, Hi_j, ci)
-        tl.store(car_ptr + cidx, cr, mask=ok)
-        tl.store(car_ptr + cidx + B * C, ci, mask=ok)
+            reset_j = (c * 0 + r) >= first_start
+            Hr_j, Hi_j = _row(H_r, rows, r), _row(H_i, rows, r)
+            tl.store(car_ptr + cidx, tl.where(reset_j, Hr_j, Ar_j * car_r - Ai_j * car_i + Hr_j), mask=ok)
+            tl.store(car_ptr + cidx + B * C, tl.where(reset_j, Hi_j, Ar_j * car_i + Ai_j * car_r + Hi_j), mask=ok)
+        else:
+            tl.store(car_ptr + cidx, Ar_j * car_r - Ai_j * car_i + _row(H_r, rows, r), mask=ok)
+            tl.store(car_ptr + cidx + B * C, Ar_j * car_i + Ai_j * car_r + _row(H_i, rows, r), mask=ok)
 
     if VARLEN:
-        h_r, h_i = _apply(A_r, A_i, H_r, H_i, R, car_r, car_i)
+        h_r, h_i = _apply(A_r, A_i, H_r, H_i, rows >= first_start, car_r, car_i)
         # each sequence's last step is its final state (empty sequences keep the launcher's initial state)
         fm = fin[:, None] & mc[None, :]
-        tl.store(hTr_ptr + soff, h_r, mask=fm)
+        tl.store(hTr_ptr + _state_off(sq, c, C, BIG), h_r, mask=fm)
         if COMPLEX:
-            tl.store(hTi_ptr + soff, h_i, mask=fm)
+            tl.store(hTi_ptr + _state_off(sq, c, C, BIG), h_i, mask=fm)
     else:
         h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
     q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
@@ -408,16 +417,17 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     if VARLEN:
         # a sequence's last step resets the adjoint to q do + its final state's gradient
         sq, st, fin = _sequences(cu_ptr, NSEQ, NBIS, seg * BLOCK_T, t, n, BLOCK_T)
-        soff = sq[:, None].to(tl.int64) * C + c[None, :]
         sm = st[:, None] & mc[None, :]
         g_i = tl.zeros_like(g)
         if HAS_GT:
             fm = fin[:, None] & mc[None, :]
-            g += tl.load(gTr_ptr + soff, mask=fm, other=0.0).to(tl.float32)
+            g += tl.load(gTr_ptr + _state_off(sq, c, C, BIG), mask=fm, other=0.0).to(tl.float32)
             if COMPLEX:
-                g_i = tl.load(gTi_ptr + soff, mask=fm, other=0.0).to(tl.float32)
-        B_r, B_i, L_r, L_i, R = _scan_reverse_reset(
+                g_i = tl.load(gTi_ptr + _state_off(sq, c, C, BIG), mask=fm, other=0.0).to(tl.float32)
+        B_r, B_i, L_r, L_i = _scan_reverse_reset(
             br, bi, g, g_i, tl.broadcast_to(fin[:, None].to(tl.float32), [BLOCK_T, BLOCK_C]))
+        # rows up to the tile's last sequence end drop the carry (-1: no end in the tile)
+        last_end = tl.max(tl.where(fin, rows, -1), axis=0)
     else:
         B_r, B_i, L_r, L_i = _scan_reverse(br, bi, g)
     Br_0, Bi_0, Lr_0, Li_0 = _row(B_r, rows, 0), _row(B_i, rows, 0), _row(L_r, rows, 0), _row(L_i, rows, 0)
@@ -425,11 +435,11 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     if VARLEN:
         # as in the forward: a tile holding a sequence's end publishes its inclusive adjoint at once, and
         # takes no look-back when its last step ends a sequence
-        reset = (c * 0 + tl.sum(fin.to(tl.int32), axis=0)) > 0
+        reset = (c * 0 + last_end) >= 0
         _publish(inc_ptr, sidx, mc & reset, Lr_0, Li_0, Lr_0, Li_0, 1)
         if not DETERMINISTIC:
             _publish(agg_ptr, sidx, mc & ((c * 0 + seg) < NSEG - 1) & ~reset, Br_0, Bi_0, Lr_0, Li_0, 2)
-        stop = tl.where(tl.sum(tl.where(rows == BLOCK_T - 1, fin.to(tl.int32), 0), axis=0) > 0, seg + 1, NSEG)
+        stop = tl.where(last_end == BLOCK_T - 1, seg + 1, NSEG)
     elif not DETERMINISTIC:
         if seg < NSEG - 1:
             _publish(agg_ptr, sidx, mc, Br_0, Bi_0, Lr_0, Li_0, 2)
@@ -447,7 +457,7 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     inc_i = Br_0 * car_i + Bi_0 * car_r + Li_0
     if VARLEN:
         _publish(inc_ptr, sidx, mc & ~reset, inc_r, inc_i, inc_r, inc_i, 1)
-        lam_r, lam_i = _apply(B_r, B_i, L_r, L_i, R, car_r, car_i)
+        lam_r, lam_i = _apply(B_r, B_i, L_r, L_i, rows <= last_end, car_r, car_i)
     else:
         _publish(inc_ptr, sidx, mc, inc_r, inc_i, inc_r, inc_i, 1)
         lam_r = L_r + B_r * car_r[None, :] - B_i * car_i[None, :]
@@ -474,17 +484,14 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     first = (rows == 0)[:, None]
     if VARLEN:
         # y_t at a sequence's first step is its initial state (zero without), not the state before it
-        y0r = tl.where(first, f_r[None, :], 0.0)
-        y0i = tl.where(first, f_i[None, :], 0.0)
+        s0r = tl.zeros_like(x)
+        s0i = tl.zeros_like(x)
         if HAS_H0:
-            y0r = tl.where(st[:, None], tl.load(h0r_ptr + soff, mask=sm, other=0.0).to(tl.float32), y0r)
+            s0r = tl.load(h0r_ptr + _state_off(sq, c, C, BIG), mask=sm, other=0.0).to(tl.float32)
             if COMPLEX:
-                y0i = tl.where(st[:, None], tl.load(h0i_ptr + soff, mask=sm, other=0.0).to(tl.float32), y0i)
-            else:
-                y0i = tl.where(st[:, None], 0.0, y0i)
-        else:
-            y0r = tl.where(st[:, None], 0.0, y0r)
-            y0i = tl.where(st[:, None], 0.0, y0i)
+                s0i = tl.load(h0i_ptr + _state_off(sq, c, C, BIG), mask=sm, other=0.0).to(tl.float32)
+        y0r = tl.where(st[:, None], s0r, tl.where(first, f_r[None, :], 0.0))
+        y0i = tl.where(st[:, None], s0i, tl.where(first, f_i[None, :], 0.0))
         inj = first | st[:, None]
         x_r = tl.where(inj, x + a_r * y0r - a_i * y0i, x)
         x_i = tl.where(inj, a_r * y0i + a_i * y0r, 0.0)
@@ -510,9 +517,9 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
         tl.store(dai_ptr + ooff, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
     if HAS_H0 and VARLEN:
         # dh0_i = conj(a_t) lam_t at sequence i's first step (an empty sequence's: the launcher's copy of its gT)
-        tl.store(dh0r_ptr + soff, a_r * lam_r + a_i * lam_i, mask=sm)
+        tl.store(dh0r_ptr + _state_off(sq, c, C, BIG), a_r * lam_r + a_i * lam_i, mask=sm)
         if COMPLEX:
-            tl.store(dh0i_ptr + soff, a_r * lam_i - a_i * lam_r, mask=sm)
+            tl.store(dh0i_ptr + _state_off(sq, c, C, BIG), a_r * lam_i - a_i * lam_r, mask=sm)
     elif HAS_H0:
         if seg == 0:
             # dh0 = conj(a_0) lam_0
@@ -704,7 +711,7 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
         o, hT_re, hT_im if complex_gate else hT_re, carries, ws, agg_off, ticket_off, 0,
         *_varlen_args(cu_seqlens, ws), n, B, C, ncb, nseg, _segments(n, carry_t), *q.stride(), *a_re.stride(),
         *o.stride(), BLOCK_T=block_t, BLOCK_C=block_c, CARRY_T=carry_t, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=h0_re is not None, BIG=_big(q, a_re, o), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
+        HAS_H0=h0_re is not None, BIG=_big(q, a_re, o) or (cu_seqlens is not None and nseq * C >= 2 ** 31), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
         OUT_STRIDED=o.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps)
     return o, hT_re, hT_im, carries
 
@@ -763,7 +770,7 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         ws, agg_off, ticket_off, 0, *_varlen_args(cu_seqlens, ws),
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(), *dq.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re, dq), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
+        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_big(q, a_re, dq) or (cu_seqlens is not None and nseq * C >= 2 ** 31), DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
         OUT_STRIDED=dq.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps)
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
 
