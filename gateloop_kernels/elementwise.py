@@ -417,7 +417,7 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     if VARLEN:
         # a sequence's last step resets the adjoint to q do + its final state's gradient
         sq, st, fin = _sequences(cu_ptr, NSEQ, NBIS, seg * BLOCK_T, t, n, BLOCK_T)
-        sm = st[:, None] & mc[None, :]
+        opens = tl.where(st, sq, -1)  # the sequence a row starts (-1: none): one vector kept for later, not two
         g_i = tl.zeros_like(g)
         if HAS_GT:
             fm = fin[:, None] & mc[None, :]
@@ -484,12 +484,14 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     first = (rows == 0)[:, None]
     if VARLEN:
         # y_t at a sequence's first step is its initial state (zero without), not the state before it
+        st = opens >= 0
+        sm = st[:, None] & mc[None, :]
         s0r = tl.zeros_like(x)
         s0i = tl.zeros_like(x)
         if HAS_H0:
-            s0r = tl.load(h0r_ptr + _state_off(sq, c, C, BIG), mask=sm, other=0.0).to(tl.float32)
+            s0r = tl.load(h0r_ptr + _state_off(opens, c, C, BIG), mask=sm, other=0.0).to(tl.float32)
             if COMPLEX:
-                s0i = tl.load(h0i_ptr + _state_off(sq, c, C, BIG), mask=sm, other=0.0).to(tl.float32)
+                s0i = tl.load(h0i_ptr + _state_off(opens, c, C, BIG), mask=sm, other=0.0).to(tl.float32)
         y0r = tl.where(st[:, None], s0r, tl.where(first, f_r[None, :], 0.0))
         y0i = tl.where(st[:, None], s0i, tl.where(first, f_i[None, :], 0.0))
         inj = first | st[:, None]
@@ -517,9 +519,9 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
         tl.store(dai_ptr + ooff, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
     if HAS_H0 and VARLEN:
         # dh0_i = conj(a_t) lam_t at sequence i's first step (an empty sequence's: the launcher's copy of its gT)
-        tl.store(dh0r_ptr + _state_off(sq, c, C, BIG), a_r * lam_r + a_i * lam_i, mask=sm)
+        tl.store(dh0r_ptr + _state_off(opens, c, C, BIG), a_r * lam_r + a_i * lam_i, mask=sm)
         if COMPLEX:
-            tl.store(dh0i_ptr + _state_off(sq, c, C, BIG), a_r * lam_i - a_i * lam_r, mask=sm)
+            tl.store(dh0i_ptr + _state_off(opens, c, C, BIG), a_r * lam_i - a_i * lam_r, mask=sm)
     elif HAS_H0:
         if seg == 0:
             # dh0 = conj(a_0) lam_0
