@@ -28,6 +28,14 @@ reverse scan's flips and the backward's one-step shifts (``_shift``: the gate on
 one step behind) stay in registers: no shared memory or shuffles but the look-back's checks, and each
 input is loaded once.
 
+Packed sequences (``cu_seqlens``, ``B = 1``, the ``VARLEN`` specialization; the others compile as without it):
+a sequence's first step ``t`` runs ``h_t = a_t h0_i + x_t`` from its own initial state (zero without; its gate is
+then not read), its last step writes the final state ``i``, and the adjoint restarts there from that state's
+gradient. Each tile finds its rows' sequences from ``cu_seqlens`` itself (``_sequences``: a bisection, then one
+read per boundary in the tile); a boundary is a select in the tile scans (``_combine_reset``), not a zero gate, so
+nothing crosses it, not a NaN either; a tile holding a boundary publishes its inclusive state at once, and one
+whose first step starts a sequence (backward: whose last ends one) takes no look-back.
+
 Results are not bitwise reproducible run to run: a tile's entering state is built from whatever its
 predecessors have published when it looks (an inclusive state, or aggregates to fold first), so its
 rounding depends on timing, as in CUB's decoupled look-back scans. Every path is exact up to float32

@@ -313,3 +313,23 @@ def test_gpu_packed_many_short_and_deterministic(deterministic):
     for name, g, r in zip(GRAD_NAMES, runs[0][3:], rgrads):
         if g is not None:
             assert rel(g, r) < 1e-5, name
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_with_cu_seqlens():
+    """torch.compile(fullgraph=True) with inductor and ``cu_seqlens`` a CUDA tensor input: the eager op's
+    results and gradients (the kernels inside both)."""
+    lens = [300, 0, 1, 4000, 17, 2000]
+    args, cu, do, g_re, g_im = packed_inputs(lens, torch.float32, True, False, True, C=256, device="cuda")
+    leaves = [t.clone().requires_grad_() for t in args]
+
+    def f(q, k, v, ar, ai, h0r, h0i, cu):
+        o, hr, hi, _ = ew.elementwise_scan(q, k, v, ar, ai, h0r, h0i, cu_seqlens=cu)
+        return (o * do).sum() + (hr * g_re).sum() + (hi * g_im).sum()
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(*leaves, cu)
+    ref = f(*leaves, cu)
+    assert ((got - ref).abs() / ref.abs()).item() < 1e-5
+    for x, y in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(ref, leaves)):
+        assert rel(x, y) < 1e-5
