@@ -649,7 +649,7 @@ def _varlen_args(cu_seqlens: Optional[Tensor], dummy: Tensor) -> tuple[Tensor, i
     if cu_seqlens is None:
         return dummy, 0, 0
     nseq = cu_seqlens.shape[0] - 1
-    return cu_seqlens, nseq, nseq.bit_length()
+    return cu_seqlens.contiguous(), nseq, nseq.bit_length()
 
 
 def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
