@@ -1,6 +1,7 @@
 """Installs ``gateloop_kernels`` and ``reversible``.
 
-The C++/CUDA extension of ``reversible`` (``reversible._C``, sources in ``csrc/``) is optional:
+The C++/CUDA extension of ``reversible`` (``reversible._C``, library ``revkern``, sources in
+``csrc/reversible/``, installed with the package as ``reversible/csrc/``) is optional:
 the packages work without it (pure PyTorch fallback, or a JIT build on first use), so
 installation succeeds on machines without a compiler, CUDA, or torch at build time.
 
@@ -17,6 +18,7 @@ import shutil
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = "csrc/reversible"  # the revkern extension's sources (setuptools wants a relative path)
 
 
 def _off(var):
@@ -36,13 +38,13 @@ def _revkern_extension():
               "the PyTorch path (or a JIT build on first use) will be used")
         return [], {}
 
-    sources = ["csrc/revkern_ops.cpp"]
-    kwargs = dict(include_dirs=[os.path.join(HERE, "csrc")], define_macros=[("REVKERN_PYTHON_MODULE", None)])
+    sources = [f"{CSRC}/revkern_ops.cpp"]
+    kwargs = dict(include_dirs=[os.path.join(HERE, CSRC)], define_macros=[("REVKERN_PYTHON_MODULE", None)])
     nvcc = shutil.which("nvcc") or (os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None)
     use_cuda = (torch.version.cuda is not None and CUDA_HOME is not None and nvcc is not None
                 and os.path.exists(nvcc) and not _off("REVERSIBLE_BUILD_CUDA"))
     if use_cuda:
-        ext = CUDAExtension("reversible._C", sources + ["csrc/revkern_cuda.cu"],
+        ext = CUDAExtension("reversible._C", sources + [f"{CSRC}/revkern_cuda.cu"],
                             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
                             **kwargs)
     else:
@@ -81,7 +83,11 @@ setup(
     description="Fused Triton kernels for the GateLoop scan and a reversible-network library for PyTorch",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["gateloop_kernels", "gateloop_kernels.*", "reversible", "reversible.*"]),
+    packages=find_packages(include=["gateloop_kernels", "gateloop_kernels.*", "reversible", "reversible.*"])
+    + ["reversible.csrc"],
+    # the extension's sources travel inside the package, where reversible._extension's JIT build finds them
+    package_dir={"reversible.csrc": CSRC},
+    package_data={"reversible.csrc": ["*.h", "*.cuh", "*.cpp", "*.cu"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "triton>=3.0", "einops>=0.7", "numpy"],
     extras_require={

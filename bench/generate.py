@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from bench import OUT
+from bench import OUT, harness, results
 
 VOCAB = 256
 
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the seed's full forward is timed up to this prompt length")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--out", default=OUT, help="where generate.json goes (default: bench/out)")
+    harness.add_record_argument(p)
     return p
 
 
@@ -184,6 +185,45 @@ def main(argv: list[str]) -> None:
     info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d"), "dim": dim, "depth": depth, "dtype": args.dtype}
     (out / "generate.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    for line in target_lines(rows):
+        print(f"[generate] {line}")
+    harness.record("generate", result_rows(rows, harness.environment(), dim, depth, args.dtype), args.record,
+                   log=print)
+
+
+def target_lines(rows: list[dict]) -> list[str]:
+    """Issue 22's targets from the rows: decode latency flat in the prompt, the speed-up over the seed at an
+    8192-token prompt, the batch-1 step time."""
+    ms = {(r["which"], r["head_dim"], r["batch"], r["prompt"]): r["decode_ms"] for r in rows if "decode_ms" in r}
+    out = []
+    for (which, hd, b, p), t in sorted(ms.items()):
+        if which != "ours":
+            continue
+        prompts = sorted(q for (w, h, bb, q) in ms if (w, h, bb) == (which, hd, b))
+        if p == prompts[-1] and len(prompts) > 1:
+            out.append(f"ours hd={hd} b={b}: decode {t:.3f} ms at prompt {p} / {ms[(which, hd, b, prompts[0])]:.3f} "
+                       f"ms at {prompts[0]} = {t / ms[(which, hd, b, prompts[0])]:.2f}x (target <= 1.1)")
+        if ("seed", hd, b, p) in ms and p == 8192:
+            out.append(f"ours hd={hd} b={b} prompt 8192: seed per token / ours = {ms[('seed', hd, b, p)] / t:.0f}x "
+                       "(target >= 100)")
+        if b == 1 and p == prompts[0]:
+            out.append(f"ours hd={hd} b=1: decode step {t:.3f} ms (target <= 0.3 with the captured graph)")
+    return out
+
+
+def result_rows(rows: list[dict], env: dict, dim: int, depth: int, dtype: str) -> list[dict]:
+    out = []
+    for r in rows:
+        shape = {"batch": r["batch"], "prompt": r["prompt"], "new": r["new"], "head_dim": r["head_dim"], "dim": dim,
+                 "depth": depth}
+        impl = {"ours": "ours (state cache" + (", CUDA graph)" if r.get("cuda_graph") else ", eager)"),
+                "attn": "softmax attention (KV cache" + (", CUDA graph)" if r.get("cuda_graph") else ", eager)"),
+                "seed": "seed (no cache: a forward per token)"}[r["which"]]
+        for metric, unit in (("prefill_ms", "ms"), ("decode_ms", "ms"), ("tokens_per_s", "tok/s"), ("peak_gib", "GiB")):
+            if results.finite(r.get(metric)):
+                out.append(results.row("generate", "Transformer generation", impl, shape, dtype, metric, unit,
+                                       r[metric], env))
+    return out
 
 
 if __name__ == "__main__":

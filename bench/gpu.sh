@@ -13,7 +13,7 @@
 #           roofline  ncu over one warm forward+backward of the chunked scan per precision in $ROOFLINE (default
 #                     "ieee:float32 tf32:float32 ieee:bfloat16"): per kernel time, DRAM bytes, tensor-pipe use
 #                     (bench/tools/ncu.py roofline) into bench/out/ncu_roofline_*.txt
-#           scan reversible model train   the benchmarks (python -m bench <name> $<NAME>_ARGS,
+#           scan reversible model train generate overhead cp   the benchmarks (python -m bench <name> $<NAME>_ARGS,
 #                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
 #                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
 set -uo pipefail
@@ -35,8 +35,8 @@ for stage in "${stages[@]}"; do
     tests) rm -f "$out/gpu_test_memory.txt"
            GATELOOP_GPU_MEM_LOG="$PWD/$out/gpu_test_memory.txt" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} $([[ " ${TESTS_ARGS:-} " == *" -n "* ]] && echo --dist loadgroup) 2>&1 | tee "$out/gpu_tests.log" || rc=1
            sort -rn "$out/gpu_test_memory.txt" | head -n 12 ;;
-    memcheck) for script in "-m bench.tools.memcheck" csrc/sanitizer_smoke.py; do
-                compute-sanitizer --tool memcheck --error-exitcode 3 python3 $script 2>&1 \
+    memcheck) for tool in memcheck memcheck_revkern; do
+                compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m bench.tools.$tool 2>&1 \
                   | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done
               # every tile class of the chunked kernels (head dims 16..256, d != e, partial chunks, every dtype)
@@ -58,7 +58,7 @@ for stage in "${stages[@]}"; do
                   --shape "${ROOFLINE_SHAPE:-64,2048,64,64}" --csv "$out/ncu_roofline_${spec/:/_}.csv" 2>&1 \
                   | tee "$out/ncu_roofline_${spec/:/_}.txt"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done ;;
-    scan|reversible|model|train) args_var="${stage^^}_ARGS"
+    scan|reversible|model|train|generate|overhead|cp) args_var="${stage^^}_ARGS"
       python3 -m bench "$stage" ${!args_var:-} 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac

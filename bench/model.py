@@ -32,6 +32,8 @@ def _make(which: str, heads: Optional[int], dim: int, depth: int, reversible: bo
         from gateloop_transformer import Transformer as Seed
         return Seed(**kwargs)
     from gateloop_kernels import Transformer
+    if which == "attn":  # softmax attention through SDPA, 8 heads of 64: the baseline a user compares against
+        return Transformer(dim=dim, num_tokens=256, depth=depth, use_gate_looped_attn=False, reversible=reversible)
     return Transformer(**kwargs, reversible=reversible)
 
 

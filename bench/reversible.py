@@ -110,6 +110,15 @@ def make_pairs(depth: int, d: int, heads: int, device) -> list[tuple[nn.Module, 
         return [(Attention(d, heads), MLP(d)) for _ in range(depth)]
 
 
+def make_stack(depth: int, d: int, heads: int, seq: int, batch: int, device):
+    """``(pairs, params, x)``: ``depth`` (attention, MLP) pairs, their parameters and a ``(batch, seq, d)`` input
+    that needs grad, drawn from seed 0 (every variant and diagnostic of a depth sees the same weights)."""
+    torch.manual_seed(0)
+    pairs = make_pairs(depth, d, heads, device)
+    params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
+    return pairs, params, torch.randn(batch, seq, d, device=device, requires_grad=True)
+
+
 def make_model(variant: str, pairs):
     import reversible
     from bench.peers import SeedReversibleSequence
@@ -384,10 +393,7 @@ def microbench(b: int, n: int, d: int, device, iters: int) -> list[dict[str, Any
 def _warm_steps(variants, depth: int, d: int, heads: int, seq: int, batch: int, device, amp: bool):
     """Per variant, ``(name, step)`` after two warm-up steps, inside the variant's extension context, with
     the gradients cleared and the device idle (for the one-step diagnostics below)."""
-    torch.manual_seed(0)
-    pairs = make_pairs(depth, d, heads, device)
-    params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
-    x = torch.randn(batch, seq, d, device=device, requires_grad=True)
+    pairs, params, x = make_stack(depth, d, heads, seq, batch, device)
     for v in variants:
         model = make_model(v, pairs)
         step = _train_step(model, params, x, amp)
@@ -679,10 +685,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.micro_only:
         for depth in depths:
-            torch.manual_seed(0)
-            pairs = make_pairs(depth, d, heads, device)
-            params = [p for f, g in pairs for p in (*f.parameters(), *g.parameters())]
-            x = torch.randn(batch, seq, d, device=device, requires_grad=True)
+            pairs, params, x = make_stack(depth, d, heads, seq, batch, device)
             for v in args.variants:
                 model = make_model(v, pairs)
                 t0 = time.perf_counter()

@@ -16,12 +16,6 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
-
-
-def traced(x: Tensor) -> bool:
-    """Whether a call on ``x`` must go through the registered custom op (tracing or a fake tensor)."""
-    return torch.compiler.is_compiling() or is_fake(x)
 
 
 def _fold_vmap(fn: type[torch.autograd.Function]) -> Callable:

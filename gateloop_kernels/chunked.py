@@ -57,7 +57,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._checks import check_chunk_gate_loop_inputs
-from ._eager import eager_function, traced
+from ._custom_op import DifferentiableOp
 from .dtypes import PRECISIONS, empty_scan
 
 __all__ = ["chunk_gate_loop", "PRECISIONS"]
@@ -1005,7 +1005,7 @@ def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
 # All-real schemas: states travel as stacked (Re, Im) float32 planes (B, H, 2, d, e); an absent final
 # state / initial-state gradient is an empty tensor. Eager calls run the same implementations through
-# ``_Eager`` (see ``_eager.py``).
+# an autograd.Function (see ``_custom_op.py``).
 
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, are: Tensor, aim: Tensor, h0: Optional[Tensor],
               output_final_state: bool, prec: str, BT: int) -> tuple[Tensor, Tensor]:
@@ -1016,11 +1016,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, are: Tensor, aim: Tensor, h0: Opt
     return o, ht
 
 
-_op_fwd = torch.library.custom_op("gateloop::chunk_gate_loop_fwd", mutates_args=())(_fwd_impl)
-
-
-@_op_fwd.register_fake
-def _(q, k, v, are, aim, h0, output_final_state, prec, BT):
+def _fwd_fake(q, k, v, are, aim, h0, output_final_state, prec, BT):
     B, n, H, K = q.shape
     V = v.shape[-1]
     shape = (B, H, 2, K, V) if output_final_state else (0,)
@@ -1036,11 +1032,7 @@ def _bwd_impl(q: Tensor, k: Tensor, v: Tensor, are: Tensor, aim: Tensor, h0: Opt
     return dq, dk, dv, dare, daim, dh0
 
 
-_op_bwd = torch.library.custom_op("gateloop::chunk_gate_loop_bwd", mutates_args=())(_bwd_impl)
-
-
-@_op_bwd.register_fake
-def _(q, k, v, are, aim, h0, do, dht, prec, BT):
+def _bwd_fake(q, k, v, are, aim, h0, do, dht, prec, BT):
     dh0 = torch.empty_like(h0) if h0 is not None else q.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(are),
             torch.empty_like(aim), dh0)
@@ -1052,20 +1044,19 @@ def _setup_context(ctx, inputs, output):
     ctx.cfg = (output_final_state, prec, BT)
 
 
-def _op_backward(ctx, do, dht):
+def _vjp(ctx, backward, do, dht):
     q, k, v, are, aim, h0 = ctx.saved_tensors
     output_final_state, prec, BT = ctx.cfg
     if not output_final_state:
         dht = None
     elif dht is not None:
         dht = dht.to(torch.float32).contiguous()
-    bwd = _bwd_impl if getattr(ctx, "eager", False) else _op_bwd
-    dq, dk, dv, dare, daim, dh0 = bwd(q, k, v, are, aim, h0, do.to(q.dtype), dht, prec, BT)
+    dq, dk, dv, dare, daim, dh0 = backward(q, k, v, are, aim, h0, do.to(q.dtype), dht, prec, BT)
     return dq, dk, dv, dare, daim, (dh0 if h0 is not None else None), None, None, None
 
 
-_op_fwd.register_autograd(_op_backward, setup_context=_setup_context)
-_Eager = eager_function("ChunkGateLoop", _fwd_impl, _setup_context, _op_backward)
+_chunk_op = DifferentiableOp(("gateloop::chunk_gate_loop_fwd", "gateloop::chunk_gate_loop_bwd"), "ChunkGateLoop",
+                             _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, _setup_context, _vjp)
 
 
 def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
@@ -1123,5 +1114,5 @@ def _chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor
     # exact float32: Triton's IEEE (FFMA) dots are ~6x slower than 3xTF32 on Hopper at the same accuracy
     # (measured on the H100: 22 ms vs 3.6 ms forward+backward at (64, 2048, 64)), so "ieee" runs 3xTF32
     prec = "tf32x3" if precision == "ieee" else precision
-    o, ht = (_op_fwd if traced(q) else _Eager.apply)(q, k, v, are, aim, h0, output_final_state, prec, chunk_size)
+    o, ht = _chunk_op(q, k, v, are, aim, h0, output_final_state, prec, chunk_size)
     return o, (torch.complex(ht[:, :, 0], ht[:, :, 1]) if output_final_state else None)

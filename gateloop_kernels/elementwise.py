@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._eager import eager_function, traced
+from ._custom_op import DifferentiableOp
 
 __all__ = ["scan_forward", "scan_backward", "tile_config"]
 
@@ -954,11 +954,7 @@ def _scan_impl(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Op
             torch.zeros(0, dtype=torch.float32, device=q.device))
 
 
-elementwise_scan_op = torch.library.custom_op("gateloop::elementwise_scan", mutates_args=())(_scan_impl)
-
-
-@elementwise_scan_op.register_fake
-def _(q, k, v, a_re, a_im, h0_re, h0_im, cu_seqlens=None):
+def _scan_fake(q, k, v, a_re, a_im, h0_re, h0_im, cu_seqlens=None):
     B, _, C = q.shape
     if cu_seqlens is not None:
         B = cu_seqlens.shape[0] - 1
@@ -985,12 +981,7 @@ def _scan_backward_impl(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[T
             for g, r in zip(grads, refs)]
 
 
-elementwise_scan_backward = torch.library.custom_op("gateloop::elementwise_scan_backward",
-                                                    mutates_args=())(_scan_backward_impl)
-
-
-@elementwise_scan_backward.register_fake
-def _(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries, cu_seqlens=None):
+def _scan_backward_fake(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries, cu_seqlens=None):
     dev = q.device
 
     def like(t: Optional[Tensor]) -> Tensor:
@@ -1003,36 +994,36 @@ def _(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries, cu_seqlens
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, a_re, a_im, h0_re, h0_im, cu_seqlens = inputs
+    q, k, v, a_re, a_im, h0_re, h0_im, *cu_seqlens = inputs  # cu_seqlens may be left out of eager calls
+    cu_seqlens = cu_seqlens[0] if cu_seqlens else None
     ctx.absent = [t is None for t in inputs[:7]]
     ctx.set_materialize_grads(False)  # no zero-filled gradients for unused outputs (carries, final state)
     ctx.save_for_backward(q, k, v, a_re, a_im, h0_re, h0_im, output[3], cu_seqlens)
 
 
-def _backward(ctx, do, dhT_re, dhT_im, _dcarries):
+def _vjp(ctx, backward, do, dhT_re, dhT_im, _dcarries):
     q, k, v, a_re, a_im, h0_re, h0_im, carries, cu_seqlens = ctx.saved_tensors
     if do is None:  # only the final state is used
         do = torch.zeros_like(q)
     if a_im is None or (dhT_im is not None and dhT_im.numel() == 0):
         dhT_im = None
-    bwd = _scan_backward_impl if getattr(ctx, "eager", False) else elementwise_scan_backward
-    grads = bwd(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries, cu_seqlens)
+    grads = backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, carries, cu_seqlens)
     return (*(None if absent else g for g, absent in zip(grads, ctx.absent)), None)
 
 
-elementwise_scan_op.register_autograd(_backward, setup_context=_setup_context)
-_Eager = eager_function("ElementwiseScan", _scan_impl, _setup_context, _backward)
+elementwise_scan_op = DifferentiableOp(("gateloop::elementwise_scan", "gateloop::elementwise_scan_backward"),
+                                       "ElementwiseScan", _scan_impl, _scan_fake, _scan_backward_impl,
+                                       _scan_backward_fake, _setup_context, _vjp)
 
 
 def elementwise_scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
                      h0_re: Optional[Tensor], h0_im: Optional[Tensor],
                      cu_seqlens: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The differentiable scan, ``(o, hT_re, hT_im, carries)`` as :func:`_scan_impl` says: the custom op
-    ``gateloop::elementwise_scan`` (``elementwise_scan_op``) under torch.compile and for fake tensors, the same
-    implementation and backward through an autograd.Function in eager calls (see ``_eager.py``).
+    ``gateloop::elementwise_scan`` (``elementwise_scan_op.op``) under torch.compile and for fake tensors, the
+    same implementation and backward through an autograd.Function in eager calls (see ``_custom_op.py``).
 
     ``cu_seqlens``: packed sequences as :func:`scan_forward` takes them (``(1, T, C)`` inputs, ``h0_*`` and the
     final state ``(N, C)``; values validated by the caller, never read on the host). Gradients flow to every
     input and initial state; the first gate of a sequence without an initial state gets zero."""
-    fn = elementwise_scan_op if traced(q) else _Eager.apply
-    return fn(q, k, v, a_re, a_im, h0_re, h0_im, cu_seqlens)
+    return elementwise_scan_op(q, k, v, a_re, a_im, h0_re, h0_im, cu_seqlens)

@@ -1,11 +1,12 @@
-"""Loads the ``revkern`` C++/CUDA extension (``csrc/``) that fuses the reversible coupling's
+"""Loads the ``revkern`` C++/CUDA extension (``csrc/reversible/``) that fuses the reversible coupling's
 elementwise steps, and says which path is live.
 
 Order of attempts, on first use (not at import):
 
 1. ``reversible._C``: built by ``setup.py`` (a CUDA extension where nvcc and a CUDA torch exist,
    C++ only otherwise);
-2. a JIT build of ``csrc/`` with ``torch.utils.cpp_extension.load`` (ninja), cached under
+2. a JIT build of its sources (``reversible/csrc/`` where installed, ``csrc/reversible/`` in a source
+   checkout) with ``torch.utils.cpp_extension.load`` (ninja), cached under
    ``$REVERSIBLE_EXT_CACHE`` (default: torch's extension cache, ``~/.cache/torch_extensions``);
    CUDA sources are included when torch has CUDA, a GPU is visible and nvcc is found. A build (not
    a load from the cache, which takes about a second) says so on stderr when it starts and when it
@@ -32,7 +33,9 @@ import torch
 __all__ = ["extension_info", "ops", "live_devices", "set_enabled", "use_extension", "load"]
 
 _OPS = ("coupling_add_", "reconstruct_", "reconstruct_multi_")
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_HERE = Path(__file__).resolve().parent
+# the sources: installed inside the package (setup.py's package_data), else the source checkout's
+_CSRC = _HERE / "csrc" if (_HERE / "csrc").is_dir() else _HERE.parent / "csrc" / "reversible"
 _lock = threading.RLock()
 _state: dict[str, Any] = {
     "tried": False,      # a load was attempted (success or not)
@@ -95,7 +98,7 @@ def _jit_build() -> str:
         sources.append(str(_CSRC / "revkern_cuda.cu"))
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
-        raise FileNotFoundError(f"extension sources not found: {missing} (not a source checkout?)")
+        raise FileNotFoundError(f"extension sources not found: {missing}")
     name = "revkern_cuda" if with_cuda else "revkern_cpu"
     kwargs: dict[str, Any] = {}
     cache = os.environ.get("REVERSIBLE_EXT_CACHE")

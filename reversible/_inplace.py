@@ -1,7 +1,7 @@
 """The fused elementwise steps of the reversible coupling, done in place.
 
 These are the only places the reversible core touches activation and gradient buffers
-elementwise. When the C++/CUDA extension (``csrc/``, loaded by ``reversible._extension``) is
+elementwise. When the C++/CUDA extension (``csrc/reversible/``, loaded by ``reversible._extension``) is
 live for the tensors' device, each call is one fused kernel launch (``torch.ops.revkern.*``,
 one launch per dtype pair for all updates of the call); otherwise the pure-PyTorch bodies
 below run. Both give bitwise-identical results (same arithmetic, one rounding per element).

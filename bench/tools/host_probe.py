@@ -47,7 +47,7 @@ def main() -> None:
         torch.autograd.grad(ew.elementwise_scan(*leaves, None, None)[0], leaves, q)
 
     def fwd_bwd_registered():  # the registered custom op itself (what torch.compile traces)
-        torch.autograd.grad(ew.elementwise_scan_op(*leaves, None, None)[0], leaves, q)
+        torch.autograd.grad(ew.elementwise_scan_op.op(*leaves, None, None)[0], leaves, q)
 
     def trivial_autograd():
         torch.autograd.grad(leaves[0] * 2.0, leaves[0], q)

@@ -1,5 +1,5 @@
 """One forward+backward of each scan kernel, small shapes, for ``compute-sanitizer --tool memcheck``
-(run by ``bench/gpu.sh memcheck``, with ``csrc/sanitizer_smoke.py`` for the reversible extension):
+(run by ``bench/gpu.sh memcheck``, with ``memcheck_revkern`` for the reversible extension):
 the elementwise scan (complex and real gate, initial state), the chunked scan (initial and final state) and the
 fused gate activation."""
 import torch

@@ -59,6 +59,20 @@ def gate(B, n, d=1, e=1, dtype=F64, device=DEV):
                        torch.randn(B, n, d, e, dtype=dtype, device=device)).to(cdt)
 
 
+def _check_operator_d1(q, k, v, a, tol):
+    """``gate_loop_operator`` at d = e = 1 (q, k, v leaves) against the float64 sequential reference: the output and
+    the gradients of its sum in q, k, v (left in ``.grad``) within ``tol`` relative; returns the output."""
+    o = G.gate_loop_operator(q, k, v, a)
+    o.sum().backward()
+    ref_ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ro = R.sequential_reference(*ref_ins, a.to(torch.complex128))
+    ro.sum().backward()
+    assert rel(o, ro) < tol
+    for x, y in zip((q, k, v), ref_ins):
+        assert rel(x.grad, y.grad) < tol
+    return o
+
+
 def check_grads(out, ref, ins, ref_ins):
     w = torch.randn_like(ref)
     g = torch.autograd.grad((out * w).sum(), ins)
@@ -149,15 +163,7 @@ def test_kernel_op_expanded_q_autograd(kernel_on_cpu):
     B, n = 3, 21
     q = torch.randn(1, n, 1).expand(B, n, 1).requires_grad_()
     k, v = torch.randn(B, n, 1, requires_grad=True), torch.randn(B, n, 1, requires_grad=True)
-    a = gate(B, n, dtype=torch.float32)
-    o = G.gate_loop_operator(q, k, v, a)
-    o.sum().backward()
-    ref_ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ro = R.sequential_reference(*ref_ins, a.to(torch.complex128))
-    ro.sum().backward()
-    assert rel(o, ro) < 1e-5
-    for x, y in zip((q, k, v), ref_ins):
-        assert rel(x.grad, y.grad) < 1e-5
+    _check_operator_d1(q, k, v, gate(B, n, dtype=torch.float32), 1e-5)
 
 
 @pytest.mark.gpu
@@ -169,15 +175,8 @@ def test_gpu_any_strides(how, dtype):
     B, n = 4, 3000
     q, k, v = (layout(torch.randn(B, n, 1, device="cuda"), how).to(dtype).requires_grad_() for _ in range(3))
     a = layout(gate(B, n, dtype=torch.float32, device="cuda"), how)
-    o = G.gate_loop_operator(q, k, v, a)
-    o.sum().backward()
-    ref_ins = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ro = R.sequential_reference(*ref_ins, a.to(torch.complex128))
-    ro.sum().backward()
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert dense(o) and rel(o, ro) < tol
-    for x, y in zip((q, k, v), ref_ins):
-        assert dense(x.grad) and rel(x.grad, y.grad) < tol
+    o = _check_operator_d1(q, k, v, a, 1e-5 if dtype == torch.float32 else 1e-2)
+    assert dense(o) and all(dense(x.grad) for x in (q, k, v))
     qs, kv = (layout(torch.randn(B, n, 64, device="cuda"), how).to(dtype) for _ in range(2))
     gs = layout(torch.rand(B, n, 64, device="cuda"), how).to(dtype)
     out, _ = G.simple_gate_loop_operator(qs, kv, gs)
@@ -332,7 +331,12 @@ ENTRIES = [("operator", 1), ("operator", 2), ("operator", 8), ("operator_key_gat
 def test_empty_sequence_is_differentiable(name, d):
     """n = 0: the output has a grad_fn, every input gets an (empty) gradient and the final state's gradient
     reaches the initial state unchanged. Before: no grad_fn at d >= 2, an IndexError at d = 1 with a state."""
-    run, ins, s0 = _entry(name, 2, 0, d)
+    _check_empty_sequence(name, d, F64)
+
+
+def _check_empty_sequence(name, d, dtype):
+    """``test_empty_sequence_is_differentiable``'s checks on one entry point in ``dtype``."""
+    run, ins, s0 = _entry(name, 2, 0, d, dtype=dtype)
     out, state = run()
     assert out.shape[1] == 0 and out.grad_fn is not None
     (out.sum() + state.real.sum() + 2 * state.imag.sum()).backward()
@@ -441,12 +445,7 @@ def test_layers_empty_sequence(make_layer):
 def test_gpu_empty_sequence_is_differentiable(name, d):
     """As ``test_empty_sequence_is_differentiable`` in float32 on CUDA (the kernels' dispatch, d = 16 the
     chunked kernel's)."""
-    run, ins, s0 = _entry(name, 2, 0, d, dtype=torch.float32)
-    out, state = run()
-    assert out.shape[1] == 0 and out.grad_fn is not None
-    (out.sum() + state.real.sum() + 2 * state.imag.sum()).backward()
-    for t in ins:
-        assert t.grad is not None and t.grad.shape == t.shape
+    _check_empty_sequence(name, d, torch.float32)
 
 
 @pytest.mark.gpu

@@ -170,7 +170,7 @@ def test_cpu_custom_op_opcheck_and_compile():
     q, k, v, ar, ai = make_inputs(1, 20, 1, 16, 16, torch.float32, "cpu")
     h0 = torch.randn(1, 1, 2, 16, 16)
     args = (q, k, v, ar, ai, h0, True, "tf32x3", 16)
-    torch.library.opcheck(chunked._op_fwd, [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args],
+    torch.library.opcheck(chunked._chunk_op.op, [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in args],
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, ar, ai)]
     fn = torch.compile(lambda *x: chunk_gate_loop(*x, chunk_size=16)[0], backend="aot_eager", fullgraph=True)

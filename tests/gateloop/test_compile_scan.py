@@ -15,8 +15,8 @@ def test_opcheck_elementwise_scan():
     q, k, v, ar, ai = (torch.randn(B, n, C, device=DEV, requires_grad=True) for _ in range(5))
     ar2, ai2 = (0.5 * ar).detach().requires_grad_(), (0.5 * ai).detach().requires_grad_()
     h0r, h0i = (torch.randn(B, C, device=DEV, requires_grad=True) for _ in range(2))
-    torch.library.opcheck(ew.elementwise_scan_op, (q, k, v, ar2, ai2, h0r, h0i))
-    torch.library.opcheck(ew.elementwise_scan_op, (q, k, None, ar2, None, None, None))
+    torch.library.opcheck(ew.elementwise_scan_op.op, (q, k, v, ar2, ai2, h0r, h0i))
+    torch.library.opcheck(ew.elementwise_scan_op.op, (q, k, None, ar2, None, None, None))
 
 
 def test_compile_fullgraph_no_graph_break():
@@ -65,8 +65,8 @@ def test_compile_inductor_gpu():
     rg = torch.autograd.grad(ref, [q, k, v, z])
     for x, y in zip(g, rg):  # inductor fuses the gate activation differently: compare by norm
         assert ((x - y).norm() / y.norm()).item() < 1e-4
-    torch.library.opcheck(ew.elementwise_scan_op, (q[..., 0].detach(), k[..., 0].detach(), v[..., 0].detach(),
-                                                0.5 * z[..., 0].detach(), 0.5 * z[..., 1].detach(), None, None))
+    torch.library.opcheck(ew.elementwise_scan_op.op, (q[..., 0].detach(), k[..., 0].detach(), v[..., 0].detach(),
+                                                   0.5 * z[..., 0].detach(), 0.5 * z[..., 1].detach(), None, None))
 
 
 def _same_grads(fn_a, fn_b, leaves):
@@ -82,13 +82,13 @@ def _same_grads(fn_a, fn_b, leaves):
 
 
 def test_eager_path_is_the_custom_op():
-    """Eager calls skip the custom-op dispatch (``_eager.py``) but run the same implementation and backward:
+    """Eager calls skip the custom-op dispatch (``_custom_op.py``) but run the same implementation and backward:
     bitwise the same outputs and gradients as the registered ops, initial and final states included."""
     B, n, C = 2, 19, 3
     q, k, v, ar, ai = (torch.randn(B, n, C, device=DEV) for _ in range(5))
     h0r, h0i = (torch.randn(B, C, device=DEV) for _ in range(2))
     leaves = [t.requires_grad_() for t in (q, k, v, 0.5 * ar, 0.5 * ai, h0r, h0i)]
-    _same_grads(ew._Eager.apply, ew.elementwise_scan_op, leaves)
+    _same_grads(ew.elementwise_scan_op.eager.apply, ew.elementwise_scan_op.op, leaves)
     if DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return  # the chunked kernels need CUDA or the interpreter
     from gateloop_kernels import chunked
@@ -97,4 +97,4 @@ def test_eager_path_is_the_custom_op():
     ar, ai = 0.9 * torch.rand(B, n, H, device=DEV), 0.3 * torch.rand(B, n, H, device=DEV)
     h0 = torch.randn(B, H, 2, d, d, device=DEV)
     leaves = [t.requires_grad_() for t in (q, k, v, ar, ai, h0)] + [True, "tf32x3", 16]
-    _same_grads(chunked._Eager.apply, chunked._op_fwd, leaves)
+    _same_grads(chunked._chunk_op.eager.apply, chunked._chunk_op.op, leaves)

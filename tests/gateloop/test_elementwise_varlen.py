@@ -234,8 +234,8 @@ def test_opcheck_and_compile_with_cu_seqlens():
     lens = [5, 0, 9, 2]
     args, cu, do, g_re, g_im = packed_inputs(lens, torch.float32, True, False, True, device="cpu")
     leaves = [t.clone().requires_grad_() for t in args]
-    torch.library.opcheck(ew.elementwise_scan_op, (*leaves, cu))
-    torch.library.opcheck(ew.elementwise_scan_op, (leaves[0], leaves[1], None, leaves[3], None, None, None, cu))
+    torch.library.opcheck(ew.elementwise_scan_op.op, (*leaves, cu))
+    torch.library.opcheck(ew.elementwise_scan_op.op, (leaves[0], leaves[1], None, leaves[3], None, None, None, cu))
 
     def f(q, k, v, ar, ai, h0r, h0i, cu):
         o, hr, hi, _ = ew.elementwise_scan(q, k, v, ar, ai, h0r, h0i, cu_seqlens=cu)

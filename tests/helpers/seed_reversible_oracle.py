@@ -77,13 +77,14 @@ def merge_halves(a, b, merge, dim):
 
 
 def oracle_sequence(pairs, x, dim=-1, merge="mean", f_args=None, g_args=None, layer_dropout=0.0,
-                    training=True):
-    """``x1 = x2 = x``; per layer ``x1 = x1 + f(x2)``, ``x2 = x2 + g(x1)``; then merge."""
+                    training=True, split=False):
+    """``x1 = x2 = x`` (``split``: the two halves of ``x`` along ``dim``); per layer ``x1 = x1 + f(x2)``,
+    ``x2 = x2 + g(x1)``; then merge."""
     n = len(pairs)
     f_args = f_args or [{}] * n
     g_args = g_args or [{}] * n
     keep = oracle_layer_drop(n, layer_dropout) if (training and layer_dropout > 0) else range(n)
-    x1 = x2 = x
+    x1, x2 = x.chunk(2, dim) if split else (x, x)
     for i in keep:
         f, g = pairs[i]
         x1 = x1 + f(x2, **f_args[i])
@@ -154,3 +155,25 @@ def assert_close_all(got, want, tol, what="tensor"):
         assert a.shape == b.shape, f"{what} {i}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
         e = rel_err(a.double(), b.double())
         assert e <= tol, f"{what} {i}: relative error {e:.3e} > {tol:.1e}"
+
+
+def _as_tensors(out):
+    """An output as a list of tensors: a tensor, a sequence, or a dict of them (in its order)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return list(out.values()) if isinstance(out, dict) else list(out)
+
+
+def assert_matches_oracle(run, oracle, tensors, seed, tol):
+    """``run()`` against ``oracle()``, each called with the RNG seeded by ``seed`` (so both draw the same dropout
+    masks and layer drops): the same outputs (a tensor, a sequence or a dict of tensors) and the same gradients
+    in ``tensors`` of ``sum_i <out_i, w_i>`` for random ``w_i``, to ``tol`` relative (:func:`assert_close_all`)."""
+    torch.manual_seed(seed)
+    got = _as_tensors(run())
+    ws = [torch.randn_like(y) for y in got]
+    got_grads = grads_of(sum((y * w).sum() for y, w in zip(got, ws)), tensors)
+    torch.manual_seed(seed)
+    want = _as_tensors(oracle())
+    want_grads = grads_of(sum((y * w).sum() for y, w in zip(want, ws)), tensors)
+    assert_close_all(got, want, tol, "output")
+    assert_close_all(got_grads, want_grads, tol, "grad")

@@ -1,4 +1,4 @@
-"""The revkern extension ops (csrc/) against the plain PyTorch formula, in place, on strided views.
+"""The revkern extension ops (csrc/reversible/) against the plain PyTorch formula, in place, on strided views.
 
 CPU in CI (the extension is JIT-built once per machine, ~10-20 s); the same checks run on the GPU
 (marked ``gpu``). Results must be bitwise equal to ATen's: same arithmetic, one rounding.

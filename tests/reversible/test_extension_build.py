@@ -1,11 +1,13 @@
 """Build checks of the revkern extension that CI can run without a GPU.
 
-* the CUDA source compiles with nvcc (csrc/check_cuda_compile.sh: the kernels header to sm_90
+* the CUDA source compiles with nvcc (csrc/reversible/check_cuda_compile.sh: the kernels header to sm_90
   machine code, and revkern_cuda.cu with torch's headers through nvcc's front end to PTX;
   REVKERN_CHECK_MODE=full for the full `-c`); started in the background when this module is
   imported so that it overlaps the other tests;
 * the C++-only extension JIT-builds from a cold cache (timed; skipped unless
-  REVERSIBLE_TEST_COLD_BUILD=1, since the module-scoped load in test_extension.py already builds it).
+  REVERSIBLE_TEST_COLD_BUILD=1, since the module-scoped load in test_extension.py already builds it);
+* the wheel holds only the two libraries, with the extension's sources inside ``reversible/`` where an installed
+  copy's JIT build looks for them.
 """
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 
 from helpers import ROOT
 
-SCRIPT = ROOT / "csrc" / "check_cuda_compile.sh"
+SCRIPT = ROOT / "csrc" / "reversible" / "check_cuda_compile.sh"
 
 
 def _nvcc():
@@ -57,3 +60,29 @@ def test_cold_jit_build(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.stdout.startswith("True"), out.stdout + out.stderr
     print("cold JIT build:", out.stdout.strip())
+
+
+def test_wheel_holds_the_two_libraries_and_the_extension_sources(tmp_path):
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"  # a copy: setuptools writes its build tree next to setup.py
+    for name in ("gateloop_kernels", "reversible", "csrc", "tests", "bench"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    for name in ("setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    env = dict(os.environ, REVERSIBLE_BUILD_EXTENSION="0")
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                          str(tmp_path / "whl"), str(src)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "whl").glob("*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        z.extractall(site)
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"gateloop_kernels", "reversible"}
+    sources = {p.name for p in (ROOT / "csrc" / "reversible").iterdir() if p.suffix in (".h", ".cuh", ".cpp", ".cu")}
+    assert {n.split("/", 2)[2] for n in names if n.startswith("reversible/csrc/")} == sources
+    code = "import reversible._extension as e; print(e._CSRC)"
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(site)),
+                           capture_output=True, text=True, timeout=120)
+    assert found.stdout.strip() == str(site / "reversible" / "csrc"), found.stdout + found.stderr

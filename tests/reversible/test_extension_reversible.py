@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import reversible
 from reversible import _extension
 
+from helpers.op_log import OpLog
 from helpers.seed_reversible_oracle import CrossFn, DictFn, Fn
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-6}
@@ -20,16 +20,6 @@ D = 6
 def _need_extension():
     if not _extension.load():
         pytest.skip(f"extension unavailable: {_extension.extension_info()['reason']}")
-
-
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 def _run_both(build, run, seed, device="cpu"):
@@ -180,7 +170,7 @@ def test_extension_ops_are_called_when_on(_seed):
     dnet = reversible.ReversibleSequence([(DictFn(dims, 0.0), DictFn(dims, 0.0)) for _ in range(2)])
     for on in (True, False):
         with _extension.use_extension(on):
-            log = _OpLog()
+            log = OpLog()
             with log:
                 x = torch.randn(2, 5, D, dtype=torch.float64, requires_grad=True)
                 net(x).sum().backward()

@@ -8,8 +8,8 @@ from torch import nn
 
 from reversible.compat import axial_attention, h_transformer_1d, nuwa, se3_transformer
 
-from helpers.seed_reversible_oracle import (CrossFn, DictFn, Fn, assert_close_all, grads_of, oracle_dict_sequence,
-                                            oracle_dual, oracle_sequence)
+from helpers.seed_reversible_oracle import (CrossFn, DictFn, Fn, assert_close_all, assert_matches_oracle,
+                                            oracle_dict_sequence, oracle_dual, oracle_sequence)
 
 TOL = 1e-10
 D = 6
@@ -71,18 +71,6 @@ def test_same_public_names_and_signatures(module):
         assert got == params, f"{module.__name__}.{name}{sig}"
 
 
-def _train_pair_grads(net_fn, oracle_fn, tensors, seed, weight=None):
-    torch.manual_seed(seed)
-    y = net_fn()
-    w = torch.randn_like(y) if weight is None else weight
-    got = grads_of((y * w).sum(), tensors)
-    torch.manual_seed(seed)
-    y_ref = oracle_fn()
-    want = grads_of((y_ref * w).sum(), tensors)
-    assert_close_all([y], [y_ref], TOL, "output")
-    assert_close_all(got, want, TOL, "grad")
-
-
 def test_h_transformer_1d(_seed):
     depth = 4
     blocks = [(Fn(D), Fn(D)) for _ in range(depth)]
@@ -93,10 +81,10 @@ def test_h_transformer_1d(_seed):
     scale = torch.randn(D, dtype=torch.float64, requires_grad=True)
     shift = torch.randn(2, 5, D, dtype=torch.float64)
     tensors = [x, scale, *net.parameters()]
-    _train_pair_grads(lambda: net(x, scale=scale, shift=shift, ignored=1),
-                      lambda: oracle_sequence(blocks, x, merge="sum", f_args=[{"scale": scale}] * depth,
-                                              g_args=[{"shift": shift}] * depth, layer_dropout=0.25),
-                      tensors, _seed)
+    assert_matches_oracle(lambda: net(x, scale=scale, shift=shift, ignored=1),
+                          lambda: oracle_sequence(blocks, x, merge="sum", f_args=[{"scale": scale}] * depth,
+                                                  g_args=[{"shift": shift}] * depth, layer_dropout=0.25),
+                          tensors, _seed, TOL)
 
     seq = h_transformer_1d.SequentialSequence(nn.ModuleList([nn.ModuleList(b) for b in blocks]),
                                               args_route=route).eval()
@@ -135,13 +123,13 @@ def test_axial_attention(_seed):
     scale = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
     tensors = [x, scale, *net.parameters()]
     pairs = [tuple(l) for l in layers]
-    _train_pair_grads(lambda: net(x, arg_route=(True, False), scale=scale),
-                      lambda: oracle_sequence(pairs, x, dim=1, f_args=[{"scale": scale}] * 3),
-                      tensors, _seed)
-    _train_pair_grads(lambda: net(x, scale=scale),
-                      lambda: oracle_sequence(pairs, x, dim=1, f_args=[{"scale": scale}] * 3,
-                                              g_args=[{"scale": scale}] * 3),
-                      tensors, _seed)
+    assert_matches_oracle(lambda: net(x, arg_route=(True, False), scale=scale),
+                          lambda: oracle_sequence(pairs, x, dim=1, f_args=[{"scale": scale}] * 3),
+                          tensors, _seed, TOL)
+    assert_matches_oracle(lambda: net(x, scale=scale),
+                          lambda: oracle_sequence(pairs, x, dim=1, f_args=[{"scale": scale}] * 3,
+                                                  g_args=[{"scale": scale}] * 3),
+                          tensors, _seed, TOL)
     irr = axial_attention.IrreversibleBlock(*pairs[0]).eval()
     xx = torch.cat([x, x], dim=1)
     assert_close_all([irr(xx, {}, {})], [oracle_sequence(pairs[:1], x, dim=1, merge="cat", training=False)], TOL)
@@ -153,18 +141,10 @@ def test_se3_transformer(_seed):
     net = se3_transformer.ReversibleSequence(blocks)
     x = {k: torch.randn(2, 5, 2, d, dtype=torch.float64, requires_grad=True) for k, d in dims.items()}
     scale = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
-    tensors = [*x.values(), scale, *net.parameters()]
     pairs = [tuple(b) for b in blocks]
-    w = {k: torch.randn_like(v) for k, v in x.items()}
-
-    torch.manual_seed(_seed)
-    y = net(x, scale=scale)  # kwargs go to the attention (f) only
-    got = grads_of(sum((y[k] * w[k]).sum() for k in y), tensors)
-    torch.manual_seed(_seed)
-    y_ref = oracle_dict_sequence(pairs, x, f_kwargs={"scale": scale})
-    want = grads_of(sum((y_ref[k] * w[k]).sum() for k in y_ref), tensors)
-    assert_close_all(list(y.values()), list(y_ref.values()), TOL)
-    assert_close_all(got, want, TOL)
+    assert_matches_oracle(lambda: net(x, scale=scale),  # kwargs go to the attention (f) only
+                          lambda: oracle_dict_sequence(pairs, x, f_kwargs={"scale": scale}),
+                          [*x.values(), scale, *net.parameters()], _seed, TOL)
 
     # the seed's Function calling convention, with all keys concatenated on the last dim
     net.eval()
@@ -195,17 +175,10 @@ def test_nuwa_dual_modality(_seed):
     context = torch.randn(2, 4, d, dtype=torch.float64, requires_grad=True)
     kw = dict(context=context, context_mask=torch.ones(2, 4, dtype=torch.float64),
               video_mask=(torch.rand(2, 5) > 0.2).double(), audio_mask=(torch.rand(2, 3) > 0.2).double())
-    tensors = [video, audio, context, *net.parameters()]
-    wv, wa = torch.randn_like(video), torch.randn_like(audio)
     for reverse in (True, False):
-        torch.manual_seed(_seed)
-        v, a = net(video, audio, reverse=reverse, **kw)
-        got = grads_of((v * wv).sum() + (a * wa).sum(), tensors)
-        torch.manual_seed(_seed)
-        v_ref, a_ref = oracle_dual(blocks, types, video, audio, **kw)
-        want = grads_of((v_ref * wv).sum() + (a_ref * wa).sum(), tensors)
-        assert_close_all([v, a], [v_ref, a_ref], TOL)
-        assert_close_all(got, want, TOL)
+        assert_matches_oracle(lambda: net(video, audio, reverse=reverse, **kw),
+                              lambda: oracle_dual(blocks, types, video, audio, **kw),
+                              [video, audio, context, *net.parameters()], _seed, TOL)
 
     # the Function calling convention: video and audio concatenated on dim 1
     net.eval()
@@ -233,8 +206,8 @@ def test_nuwa_reversible_sequence(_seed):
     tensors = [x, scale, *net.parameters()]
     fa = [{"scale": scale} if r[0] else {} for r in route["scale"]]
     ga = [{"scale": scale} if r[1] else {} for r in route["scale"]]
-    _train_pair_grads(lambda: net(x, scale=scale),
-                      lambda: oracle_sequence(blocks, x, merge="sum", f_args=fa, g_args=ga), tensors, _seed)
+    assert_matches_oracle(lambda: net(x, scale=scale),
+                          lambda: oracle_sequence(blocks, x, merge="sum", f_args=fa, g_args=ga), tensors, _seed, TOL)
 
 
 def test_install_points_an_unedited_package_at_the_compat_module(tmp_path, monkeypatch):

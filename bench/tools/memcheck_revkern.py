@@ -1,7 +1,7 @@
-"""Runs each revkern CUDA path once on small inputs, for ``compute-sanitizer --tool memcheck``:
-vectorized halves (fp32, bf16, mixed), the scalar strided path (misaligned, transposed), a
-multi-tensor call over more pairs than one launch holds, and an empty tensor. Exits non-zero
-if a result differs from ATen's."""
+"""Runs each CUDA path of the reversible extension (``csrc/reversible/``, ops ``revkern::*``) once on small inputs,
+for ``compute-sanitizer --tool memcheck`` (run by ``bench/gpu.sh memcheck``): vectorized halves (fp32, bf16,
+mixed), the scalar strided path (misaligned, transposed), a multi-tensor call over more pairs than one launch
+holds, and an empty tensor. Exits non-zero if a result differs from ATen's."""
 import sys
 
 import torch

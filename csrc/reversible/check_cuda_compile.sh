@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Compile-only check of the CUDA half of the revkern extension (CI has nvcc but no GPU, and may
 # have only a CPU build of torch):
-#   1. csrc/revkern_kernels.cuh alone (plain CUDA, no torch) for sm_80 and sm_90, with every
+#   1. csrc/reversible/revkern_kernels.cuh alone (plain CUDA, no torch) for sm_80 and sm_90, with every
 #      (dst, src) dtype pair the glue instantiates;
-#   2. csrc/revkern_cuda.cu with torch's headers (the glue + TORCH_LIBRARY_IMPL registration).
+#   2. csrc/reversible/revkern_cuda.cu with torch's headers (the glue + TORCH_LIBRARY_IMPL registration).
 #      A CPU wheel ships c10/cuda headers but not the generated c10/cuda/impl/cuda_cmake_macros.h,
 #      so we define C10_CUDA_NO_CMAKE_CONFIGURE_FILE (that header only sets export macros).
-# Usage: csrc/check_cuda_compile.sh [python]   (NVCC=/path/to/nvcc picks the compiler,
+# Usage: csrc/reversible/check_cuda_compile.sh [python]   (NVCC=/path/to/nvcc picks the compiler,
 #        REVKERN_CHECK_ARCHS="90" the SM architectures; default "80 90")
 # Exit 0: both compiled; 1: a compile failed; 77: skipped (no nvcc / no torch headers).
 set -euo pipefail

@@ -1,0 +1,56 @@
+"""Op registration shared by the scan ops: a forward and a backward ``torch.library.custom_op`` (with their fake
+implementations and the forward's autograd formula), the eager Function of the same implementations
+(:func:`gateloop_kernels._eager.eager_function`), and the switch that picks one per call.
+
+torch.compile, export and fake tensors see the registered ops (opcheck, fullgraph capture); eager calls run the
+implementations through the Function, which skips the custom-op dispatch's host cost (``_eager.py`` says why).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
+
+from ._eager import eager_function
+
+
+def traced(x: Tensor) -> bool:
+    """Whether a call on ``x`` must go through the registered custom op (tracing or a fake tensor)."""
+    return torch.compiler.is_compiling() or is_fake(x)
+
+
+class DifferentiableOp:
+    """A differentiable op registered once for tracing and once for eager calls.
+
+    Args:
+        names: the qualified names (``"namespace::name"``) of the forward op and of its backward op.
+        eager_name: the eager autograd.Function's class name.
+        forward, forward_fake: the forward's implementation (typed: the op schema is inferred from its
+            annotations) and fake implementation.
+        backward, backward_fake: the same for the backward op.
+        setup_context: ``setup_context(ctx, inputs, output)`` as ``register_autograd`` takes it.
+        vjp: ``vjp(ctx, backward, *grad_outputs)`` returning one gradient per forward input; ``backward`` is
+            the backward op while traced and its implementation in eager calls.
+
+    Calling the object runs the forward: the registered op when :func:`traced` holds for the first argument,
+    else the eager Function. ``op`` and ``backward_op`` are the registered ops (``torch.library.opcheck``),
+    ``eager`` the Function.
+    """
+
+    def __init__(self, names: tuple[str, str], eager_name: str, forward: Callable, forward_fake: Callable,
+                 backward: Callable, backward_fake: Callable, setup_context: Callable, vjp: Callable) -> None:
+        self.op = torch.library.custom_op(names[0], mutates_args=())(forward)
+        self.op.register_fake(forward_fake)
+        self.backward_op = torch.library.custom_op(names[1], mutates_args=())(backward)
+        self.backward_op.register_fake(backward_fake)
+
+        def op_backward(ctx, *grads):
+            return vjp(ctx, backward if getattr(ctx, "eager", False) else self.backward_op, *grads)
+
+        self.op.register_autograd(op_backward, setup_context=setup_context)
+        self.eager = eager_function(eager_name, forward, setup_context, op_backward)
+
+    def __call__(self, *args):
+        return (self.op if traced(args[0]) else self.eager.apply)(*args)
