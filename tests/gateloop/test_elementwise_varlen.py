@@ -324,12 +324,15 @@ def test_gpu_compile_inductor_with_cu_seqlens():
     leaves = [t.clone().requires_grad_() for t in args]
 
     def f(q, k, v, ar, ai, h0r, h0i, cu):
-        o, hr, hi, _ = ew.elementwise_scan(q, k, v, ar, ai, h0r, h0i, cu_seqlens=cu)
-        return (o * do).sum() + (hr * g_re).sum() + (hi * g_im).sum()
+        return ew.elementwise_scan(q, k, v, ar, ai, h0r, h0i, cu_seqlens=cu)[:3]
 
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True)(*leaves, cu)
     ref = f(*leaves, cu)
-    assert ((got - ref).abs() / ref.abs()).item() < 1e-5
-    for x, y in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(ref, leaves)):
+    for x, y in zip(got, ref):
+        assert rel(x, y) < 1e-6
+
+    def loss(outs):  # in eager for both: a float32 sum's order is not the point here
+        return (outs[0] * do).sum() + (outs[1] * g_re).sum() + (outs[2] * g_im).sum()
+    for x, y in zip(torch.autograd.grad(loss(got), leaves), torch.autograd.grad(loss(ref), leaves)):
         assert rel(x, y) < 1e-5
