@@ -23,7 +23,8 @@ SUBCOMMANDS = {
     "render": "draw docs/results.md and its plots from the result rows in bench/results/",
     "generate": "prefill and per-token decode of the Transformer with its caches, against the seed and a KV cache",
     "overhead": "the eager call's host overhead beside its device time, and the model step against an SDPA model",
-    "cp": "context-parallel scan over torch.distributed ranks (--nproc W): per-rank time against one process",
+    "cp": "context-parallel scan over torch.distributed ranks (--nproc W): per-rank time against one process; "
+          "--train: a few training steps on a (data, context) mesh",
 }
 #: the subcommands ``python -m bench`` runs without a subcommand, in this order
 RUN_ALL = ("scan", "reversible", "model", "train", "summary")

@@ -34,6 +34,10 @@ holds a non-finite value zero the steps it must not reach and NaN-fill the rows 
 a non-finite gate counts as a reset (``z``) inside the (BT, BT) decay tiles, finite, while every per-step span that
 holds it (``_span``) is NaN. |a|^2 is formed in float64 (tiny gates, log|a| near 1), the phasor product too.
 
+Packed variable-length batches (``cu_seqlens``, ``_chunk_gate_loop``): chunks are aligned to sequence starts by a
+chunk table built on the device (``_chunk_table``); every kernel, behind a ``VARLEN`` constexpr, reads its chunk's
+steps from it, and the state passes restart each sequence from its own initial state (docs/kernels.md, section 1).
+
 Per-key-dim gates ``a: (B, n, d, 1)`` have no kernel here: ``gateloop_kernels.dispatch`` sends them to
 the reference (``reference.chunked_reference``, which runs the sequential loop for that layout) with a
 one-time warning.
@@ -290,6 +294,30 @@ def _head(i_bh, n, H):
 
 
 @triton.jit
+def _chunk_span(tab, i_t, n, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """Steps ``[t0, end)`` of chunk slot ``i_t``: from the chunk table (:func:`_chunk_table`) with ``VARLEN``,
+    else ``[i_t BT, n)`` (the mask bound ``end`` may pass the chunk: every tile is BT steps from t0)."""
+    if VARLEN:
+        p = tab + i_t.to(tl.int64) * 4
+        return tl.load(p), tl.load(p + 1)
+    return i_t * BT, n
+
+
+@triton.jit
+def _seq_ends(tab, i_t, REV: tl.constexpr):
+    """Sequence index of chunk slot ``i_t`` (packed batch) and whether the carry opens / closes the sequence
+    there: forward, its first / last chunk; reverse (``REV``), its last / first chunk."""
+    p = tab + i_t.to(tl.int64) * 4
+    seq = tl.load(p + 2).to(tl.int64)
+    flags = tl.load(p + 3)
+    first = (flags & 1) != 0
+    last = (flags & 2) != 0
+    if REV:
+        return seq, last, first
+    return seq, first, last
+
+
+@triton.jit
 def _chunk_gates(are, aim, t0, n, H, BT: tl.constexpr):
     """The gates of the chunk starting at step ``t0``: :func:`_gate_prefix`'s ``(g, z, ur, ui)`` and the
     decay to the chunk's end ``D[C-1, s]`` (Re, Im) per step."""
@@ -429,9 +457,10 @@ def _chunk_contrib(x, y, are, aim, t0, r0, c0, n, H, K: tl.constexpr, V: tl.cons
 
 
 @triton.jit
-def _chunk_local_job(x, y, are, aim, u, atot, i_tb, n, H, NT,
+def _chunk_local_job(x, y, are, aim, u, atot, tab, i_tb, n, H, NT,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                     REV: tl.constexpr, TRANS: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+                     REV: tl.constexpr, TRANS: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+                     VARLEN: tl.constexpr):
     """Chunk ``i_tb % NT`` of batch*head ``i_tb // NT``: the chunk's own state contribution ``U_c``
     (:func:`_chunk_contrib`) into ``u`` (in :func:`_st_state`'s layout) and its total gate ``A_c`` (Re, Im)
     into ``atot``."""
@@ -439,7 +468,8 @@ def _chunk_local_job(x, y, are, aim, u, atot, i_tb, n, H, NT,
     i_bh, i_t = i_tb // NT, i_tb % NT
     bt = _head(i_bh, n, H)
     r0, c0 = i_k * BK, i_v * BV
-    u_re, u_im, ae_re, ae_im = _chunk_contrib(x + bt * K, y + bt * V, are + bt, aim + bt, i_t * BT, r0, c0, n, H,
+    t0, end = _chunk_span(tab, i_t, n, BT, VARLEN)
+    u_re, u_im, ae_re, ae_im = _chunk_contrib(x + bt * K, y + bt * V, are + bt, aim + bt, t0, r0, c0, end, H,
                                               K, V, BT, BK, BV, REV, MODE, PREC)
     pu = u + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     _st_state(pu, u_re, r0, c0, K, V, BK, BV, TRANS)
@@ -451,34 +481,44 @@ def _chunk_local_job(x, y, are, aim, u, atot, i_tb, n, H, NT,
 
 
 @triton.jit
-def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, are, aim, n, H, NT, NTBH,
+def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, are, aim, tab, n, H, NT, NTBH,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  FWD: tl.constexpr, BWD: tl.constexpr, TRANS_F: tl.constexpr, MODE: tl.constexpr,
-                 PREC: tl.constexpr):
+                 PREC: tl.constexpr, VARLEN: tl.constexpr):
     """Per chunk, in parallel, :func:`_chunk_local_job` of the forward direction (``FWD``: k, v into
     ``u_f``, ``at_f``; transposed planes if ``TRANS_F``) and/or the reverse one (``BWD``: q, dO into ``u_r``,
     ``at_r``); with both, one launch runs the two (grid axis 0 is ``2 * NTBH``: the forward's chunks first)."""
     i = tl.program_id(0)
     if FWD and BWD:
         if i < NTBH:
-            _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F, MODE,
-                             PREC)
+            _chunk_local_job(kx, vy, are, aim, u_f, at_f, tab, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F, MODE,
+                             PREC, VARLEN)
         else:
-            _chunk_local_job(qx, doy, are, aim, u_r, at_r, i - NTBH, n, H, NT, K, V, BT, BK, BV, True, False, MODE,
-                             PREC)
+            _chunk_local_job(qx, doy, are, aim, u_r, at_r, tab, i - NTBH, n, H, NT, K, V, BT, BK, BV, True, False,
+                             MODE, PREC, VARLEN)
     elif FWD:
-        _chunk_local_job(kx, vy, are, aim, u_f, at_f, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F, MODE, PREC)
+        _chunk_local_job(kx, vy, are, aim, u_f, at_f, tab, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F, MODE, PREC,
+                         VARLEN)
     else:
-        _chunk_local_job(qx, doy, are, aim, u_r, at_r, i, n, H, NT, K, V, BT, BK, BV, True, False, MODE, PREC)
+        _chunk_local_job(qx, doy, are, aim, u_r, at_r, tab, i, n, H, NT, K, V, BT, BK, BV, True, False, MODE, PREC,
+                         VARLEN)
 
 
 @triton.jit
-def _scan_load(u, atot, i_bh, i_t, NT, offs, m, KV: tl.constexpr, REV: tl.constexpr):
+def _scan_load(u, atot, tab, i_bh, i_t, NT, offs, m, KV: tl.constexpr, REV: tl.constexpr, VARLEN: tl.constexpr):
+    """Chunk ``i_t`` (counted from the end with ``REV``; none past NT) of the scan: its slot, mask, total gate,
+    contribution, and (``VARLEN``) its sequence and the block masks of whether the carry opens / closes that
+    sequence there (block masks: the interpreter rejects a mask combined with a scalar condition)."""
     i_t = tl.full([], 0, tl.int32) + i_t  # a tensor, also where i_t is a Python int (interpreter)
     ok = i_t < NT
     i_s = tl.where(ok, i_t, 0)
     if REV:
         i_s = NT - 1 - i_s
+    seq, opens, closes = i_s, m, m  # (unused without VARLEN)
+    if VARLEN:
+        seq, o1, c1 = _seq_ends(tab, i_s, REV)
+        opens = m & ((offs * 0 + (o1 & ok).to(tl.int32)) != 0)
+        closes = m & ((offs * 0 + (c1 & ok).to(tl.int32)) != 0)
     pu = u + (i_bh.to(tl.int64) * NT + i_s) * 2 * KV
     pa = atot + (i_bh.to(tl.int64) * NT + i_s) * 2
     a_re = tl.where(ok, tl.load(pa), 1.0)
@@ -488,88 +528,122 @@ def _scan_load(u, atot, i_bh, i_t, NT, offs, m, KV: tl.constexpr, REV: tl.conste
     okv = m & ((offs * 0 + i_t) < NT)
     u_re = tl.load(pu + offs, mask=okv, other=0.0)
     u_im = tl.load(pu + KV + offs, mask=okv, other=0.0)
-    return pu, okv, a_re, a_im, u_re, u_im
+    return pu, okv, a_re, a_im, u_re, u_im, seq, opens, closes
 
 
 @triton.jit
-def _scan_step(s_re, s_im, pu, okv, a_re, a_im, u_re, u_im, offs, m, KV: tl.constexpr):
+def _scan_step(s_re, s_im, pu, okv, a_re, a_im, u_re, u_im, offs, m, s0, sT, i_bh, H, seq, opens, closes,
+               KV: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, VARLEN: tl.constexpr):
+    if VARLEN:
+        # a sequence's first chunk (in the scan's direction) restarts the carry from its own s0 (zero without)
+        if HAS_S0:
+            p0 = s0 + (seq * H + i_bh) * 2 * KV
+            s_re = tl.where(opens, tl.load(p0 + offs, mask=opens, other=0.0), s_re)
+            s_im = tl.where(opens, tl.load(p0 + KV + offs, mask=opens, other=0.0), s_im)
+        else:
+            s_re = tl.where(opens, 0.0, s_re)
+            s_im = tl.where(opens, 0.0, s_im)
     tl.store(pu + offs, s_re, mask=okv)
     tl.store(pu + KV + offs, s_im, mask=okv)
-    return a_re * s_re - a_im * s_im + u_re, a_re * s_im + a_im * s_re + u_im
+    s_re, s_im = a_re * s_re - a_im * s_im + u_re, a_re * s_im + a_im * s_re + u_im
+    if VARLEN and STORE_ST:
+        pt = sT + (seq * H + i_bh) * 2 * KV
+        tl.store(pt + offs, s_re, mask=closes)
+        tl.store(pt + KV + offs, s_im, mask=closes)
+    return s_re, s_im
 
 
 @triton.jit
-def _state_scan_job(u, atot, s0, sT, i_bh, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
-                    HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, REV: tl.constexpr):
+def _state_scan_job(u, atot, s0, sT, tab, i_bh, H, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
+                    HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, REV: tl.constexpr, VARLEN: tl.constexpr):
     """In place over the chunks of batch*head ``i_bh``: slot c holds U_c on entry and the carried state on exit.
 
     forward: slot c <- S (entering chunk c), S <- A_c S + U_c; reverse (c from the end):
     slot c <- L (adjoint of the state leaving chunk c), L <- conj(A_c) L + U_c.
     Eight chunks per iteration, all loaded before any is overwritten: one memory round trip per eight steps on
     the sequential path (with four, ncu measured the scan at 47-62% of the copy rate on the H200, latency-bound:
-    too few bytes in flight).
+    too few bytes in flight). ``VARLEN`` (a packed batch, ``B = 1``): each sequence's carry starts from its own
+    ``s0`` at its first chunk (in the scan's direction) and is stored to ``sT`` after its last.
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < KV
     s_re = tl.zeros([BLOCK], dtype=tl.float32)
     s_im = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_S0:
+    if HAS_S0 and not VARLEN:
         p0 = s0 + i_bh.to(tl.int64) * 2 * KV
         s_re += tl.load(p0 + offs, mask=m, other=0.0)
         s_im += tl.load(p0 + KV + offs, mask=m, other=0.0)
-    for j in range(0, NT, 8):
-        p0, k0, ar0, ai0, ur0, ui0 = _scan_load(u, atot, i_bh, j, NT, offs, m, KV, REV)
-        p1, k1, ar1, ai1, ur1, ui1 = _scan_load(u, atot, i_bh, j + 1, NT, offs, m, KV, REV)
-        p2, k2, ar2, ai2, ur2, ui2 = _scan_load(u, atot, i_bh, j + 2, NT, offs, m, KV, REV)
-        p3, k3, ar3, ai3, ur3, ui3 = _scan_load(u, atot, i_bh, j + 3, NT, offs, m, KV, REV)
-        p4, k4, ar4, ai4, ur4, ui4 = _scan_load(u, atot, i_bh, j + 4, NT, offs, m, KV, REV)
-        p5, k5, ar5, ai5, ur5, ui5 = _scan_load(u, atot, i_bh, j + 5, NT, offs, m, KV, REV)
-        p6, k6, ar6, ai6, ur6, ui6 = _scan_load(u, atot, i_bh, j + 6, NT, offs, m, KV, REV)
-        p7, k7, ar7, ai7, ur7, ui7 = _scan_load(u, atot, i_bh, j + 7, NT, offs, m, KV, REV)
-        s_re, s_im = _scan_step(s_re, s_im, p0, k0, ar0, ai0, ur0, ui0, offs, m, KV)
-        s_re, s_im = _scan_step(s_re, s_im, p1, k1, ar1, ai1, ur1, ui1, offs, m, KV)
-        s_re, s_im = _scan_step(s_re, s_im, p2, k2, ar2, ai2, ur2, ui2, offs, m, KV)
-        s_re, s_im = _scan_step(s_re, s_im, p3, k3, ar3, ai3, ur3, ui3, offs, m, KV)
-        s_re, s_im = _scan_step(s_re, s_im, p4, k4, ar4, ai4, ur4, ui4, offs, m, KV)
-        s_re, s_im = _scan_step(s_re, s_im, p5, k5, ar5, ai5, ur5, ui5, offs, m, KV)
-        s_re, s_im = _scan_step(s_re, s_im, p6, k6, ar6, ai6, ur6, ui6, offs, m, KV)
-        s_re, s_im = _scan_step(s_re, s_im, p7, k7, ar7, ai7, ur7, ui7, offs, m, KV)
-    if STORE_ST:
+    for j in range(0, NT, 8):  # (sq, op, cl: a chunk's sequence and its opens / closes masks, VARLEN)
+        p0, k0, ar0, ai0, ur0, ui0, sq0, op0, cl0 = _scan_load(u, atot, tab, i_bh, j, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p1, k1, ar1, ai1, ur1, ui1, sq1, op1, cl1 = _scan_load(u, atot, tab, i_bh, j + 1, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p2, k2, ar2, ai2, ur2, ui2, sq2, op2, cl2 = _scan_load(u, atot, tab, i_bh, j + 2, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p3, k3, ar3, ai3, ur3, ui3, sq3, op3, cl3 = _scan_load(u, atot, tab, i_bh, j + 3, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p4, k4, ar4, ai4, ur4, ui4, sq4, op4, cl4 = _scan_load(u, atot, tab, i_bh, j + 4, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p5, k5, ar5, ai5, ur5, ui5, sq5, op5, cl5 = _scan_load(u, atot, tab, i_bh, j + 5, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p6, k6, ar6, ai6, ur6, ui6, sq6, op6, cl6 = _scan_load(u, atot, tab, i_bh, j + 6, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        p7, k7, ar7, ai7, ur7, ui7, sq7, op7, cl7 = _scan_load(u, atot, tab, i_bh, j + 7, NT, offs, m, KV,
+                                                               REV, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p0, k0, ar0, ai0, ur0, ui0, offs, m, s0, sT, i_bh, H, sq0,
+                                op0, cl0, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p1, k1, ar1, ai1, ur1, ui1, offs, m, s0, sT, i_bh, H, sq1,
+                                op1, cl1, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p2, k2, ar2, ai2, ur2, ui2, offs, m, s0, sT, i_bh, H, sq2,
+                                op2, cl2, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p3, k3, ar3, ai3, ur3, ui3, offs, m, s0, sT, i_bh, H, sq3,
+                                op3, cl3, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p4, k4, ar4, ai4, ur4, ui4, offs, m, s0, sT, i_bh, H, sq4,
+                                op4, cl4, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p5, k5, ar5, ai5, ur5, ui5, offs, m, s0, sT, i_bh, H, sq5,
+                                op5, cl5, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p6, k6, ar6, ai6, ur6, ui6, offs, m, s0, sT, i_bh, H, sq6,
+                                op6, cl6, KV, HAS_S0, STORE_ST, VARLEN)
+        s_re, s_im = _scan_step(s_re, s_im, p7, k7, ar7, ai7, ur7, ui7, offs, m, s0, sT, i_bh, H, sq7,
+                                op7, cl7, KV, HAS_S0, STORE_ST, VARLEN)
+    if STORE_ST and not VARLEN:
         pt = sT + i_bh.to(tl.int64) * 2 * KV
         tl.store(pt + offs, s_re, mask=m)
         tl.store(pt + KV + offs, s_im, mask=m)
 
 
 @triton.jit
-def _state_scan(u_f, at_f, s0_f, sT_f, u_r, at_r, s0_r, sT_r, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
+def _state_scan(u_f, at_f, s0_f, sT_f, u_r, at_r, s0_r, sT_r, tab, H, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
                 FWD: tl.constexpr, BWD: tl.constexpr, HAS_S0_F: tl.constexpr, STORE_ST_F: tl.constexpr,
-                HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr):
+                HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr, VARLEN: tl.constexpr):
     """:func:`_state_scan_job` of the forward direction (``FWD``) and/or the reverse one (``BWD``); with both,
     grid axis 2 picks the direction (0: forward), so the two memory-bound scans share one launch."""
     i_bh = tl.program_id(1)
     if FWD and BWD:
         if tl.program_id(2) == 0:
-            _state_scan_job(u_f, at_f, s0_f, sT_f, i_bh, NT, KV, BLOCK, HAS_S0_F, STORE_ST_F, False)
+            _state_scan_job(u_f, at_f, s0_f, sT_f, tab, i_bh, H, NT, KV, BLOCK, HAS_S0_F, STORE_ST_F, False, VARLEN)
         else:
-            _state_scan_job(u_r, at_r, s0_r, sT_r, i_bh, NT, KV, BLOCK, HAS_S0_R, STORE_ST_R, True)
+            _state_scan_job(u_r, at_r, s0_r, sT_r, tab, i_bh, H, NT, KV, BLOCK, HAS_S0_R, STORE_ST_R, True, VARLEN)
     elif FWD:
-        _state_scan_job(u_f, at_f, s0_f, sT_f, i_bh, NT, KV, BLOCK, HAS_S0_F, STORE_ST_F, False)
+        _state_scan_job(u_f, at_f, s0_f, sT_f, tab, i_bh, H, NT, KV, BLOCK, HAS_S0_F, STORE_ST_F, False, VARLEN)
     else:
-        _state_scan_job(u_r, at_r, s0_r, sT_r, i_bh, NT, KV, BLOCK, HAS_S0_R, STORE_ST_R, True)
+        _state_scan_job(u_r, at_r, s0_r, sT_r, tab, i_bh, H, NT, KV, BLOCK, HAS_S0_R, STORE_ST_R, True, VARLEN)
 
 
 @triton.jit
-def _chunk_states_job(x, y, are, aim, h, s0, sT, i_bh, n, H, NT,
+def _chunk_states_job(x, y, are, aim, h, s0, sT, tab, i_bh, n, H, NT,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       REV: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, TRANS: tl.constexpr,
-                      MODE: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                      MODE: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, VARLEN: tl.constexpr):
     """The carried states of one (key block, value block) tile of batch*head ``i_bh``, chunk after chunk.
 
     forward (x = k, y = v): slot c <- S (the state entering chunk c), S <- A_c S + U_c with
     U_c = sum_s D[C-1, s] k_s v_s^T; reverse (x = q, y = dO, c from the end): slot c <- L (the adjoint of
     the state leaving chunk c), L <- conj(A_c) L + U_c with U_c = sum_t conj(A_t) q_t do_t^T.
     The state stays in registers; a chunk's loads do not depend on it (software-pipelined, STAGES). States in
-    memory (initial, per chunk, final) are in :func:`_st_state`'s layout.
+    memory (initial, per chunk, final) are in :func:`_st_state`'s layout. ``VARLEN`` (a packed batch, ``B = 1``):
+    each sequence's carry starts from its own ``s0`` at its first chunk (in this direction) and is stored to
+    ``sT`` after its last.
     """
     i_k, i_v = tl.program_id(1), tl.program_id(2)
     bt = _head(i_bh, n, H)
@@ -580,7 +654,7 @@ def _chunk_states_job(x, y, are, aim, h, s0, sT, i_bh, n, H, NT,
     r0, c0 = i_k * BK, i_v * BV
     s_re = tl.zeros([BK, BV], dtype=tl.float32)
     s_im = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_S0:
+    if HAS_S0 and not VARLEN:
         p0 = s0 + i_bh.to(tl.int64) * 2 * K * V
         s_re += _ld_state(p0, r0, c0, K, V, BK, BV, TRANS)
         s_im += _ld_state(p0 + K * V, r0, c0, K, V, BK, BV, TRANS)
@@ -589,49 +663,64 @@ def _chunk_states_job(x, y, are, aim, h, s0, sT, i_bh, n, H, NT,
         i_t = tl.full([], 0, tl.int32) + j  # a tensor, also where j is a Python int (interpreter)
         if REV:
             i_t = NT - 1 - i_t
-        u_re, u_im, ae_re, ae_im = _chunk_contrib(x, y, are, aim, i_t * BT, r0, c0, n, H, K, V, BT, BK, BV, REV,
+        t0, end = _chunk_span(tab, i_t, n, BT, VARLEN)
+        u_re, u_im, ae_re, ae_im = _chunk_contrib(x, y, are, aim, t0, r0, c0, end, H, K, V, BT, BK, BV, REV,
                                                   MODE, PREC)
         if REV:
             ae_im = -ae_im
+        if VARLEN:
+            seq, opens, closes = _seq_ends(tab, i_t, REV)
+            ps = (seq * H + i_bh) * 2 * K * V
+            if opens:
+                if HAS_S0:
+                    s_re = _ld_state(s0 + ps, r0, c0, K, V, BK, BV, TRANS)
+                    s_im = _ld_state(s0 + ps + K * V, r0, c0, K, V, BK, BV, TRANS)
+                else:
+                    s_re = tl.zeros([BK, BV], dtype=tl.float32)
+                    s_im = tl.zeros([BK, BV], dtype=tl.float32)
         pc = ph + i_t.to(tl.int64) * 2 * K * V
         _st_state(pc, s_re, r0, c0, K, V, BK, BV, TRANS)
         _st_state(pc + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
         s_re, s_im = ae_re * s_re - ae_im * s_im + u_re, ae_re * s_im + ae_im * s_re + u_im
-    if STORE_ST:
+        if VARLEN and STORE_ST:
+            if closes:
+                _st_state(sT + ps, s_re, r0, c0, K, V, BK, BV, TRANS)
+                _st_state(sT + ps + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
+    if STORE_ST and not VARLEN:
         pt = sT + i_bh.to(tl.int64) * 2 * K * V
         _st_state(pt, s_re, r0, c0, K, V, BK, BV, TRANS)
         _st_state(pt + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
 
 
 @triton.jit
-def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, are, aim, n, H, NT, BH,
+def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, are, aim, tab, n, H, NT, BH,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FWD: tl.constexpr, BWD: tl.constexpr, HAS_S0_F: tl.constexpr, STORE_ST_F: tl.constexpr,
                   HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr, TRANS_F: tl.constexpr, MODE: tl.constexpr,
-                  PREC: tl.constexpr, STAGES: tl.constexpr):
+                  PREC: tl.constexpr, STAGES: tl.constexpr, VARLEN: tl.constexpr):
     """:func:`_chunk_states_job` of the forward direction (``FWD``: k, v into ``h_f``, transposed planes if
     ``TRANS_F``) and/or the reverse one (``BWD``: q, dO into ``h_r``); with both, one launch runs the two (grid
     axis 0 is ``2 * BH``)."""
     i = tl.program_id(0)
     if FWD and BWD:
         if i < BH:
-            _chunk_states_job(kx, vy, are, aim, h_f, s0_f, sT_f, i, n, H, NT, K, V, BT, BK, BV, False,
-                              HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES)
+            _chunk_states_job(kx, vy, are, aim, h_f, s0_f, sT_f, tab, i, n, H, NT, K, V, BT, BK, BV, False,
+                              HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES, VARLEN)
         else:
-            _chunk_states_job(qx, doy, are, aim, h_r, s0_r, sT_r, i - BH, n, H, NT, K, V, BT, BK, BV, True,
-                              HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES)
+            _chunk_states_job(qx, doy, are, aim, h_r, s0_r, sT_r, tab, i - BH, n, H, NT, K, V, BT, BK, BV, True,
+                              HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN)
     elif FWD:
-        _chunk_states_job(kx, vy, are, aim, h_f, s0_f, sT_f, i, n, H, NT, K, V, BT, BK, BV, False,
-                          HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES)
+        _chunk_states_job(kx, vy, are, aim, h_f, s0_f, sT_f, tab, i, n, H, NT, K, V, BT, BK, BV, False,
+                          HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES, VARLEN)
     else:
-        _chunk_states_job(qx, doy, are, aim, h_r, s0_r, sT_r, i, n, H, NT, K, V, BT, BK, BV, True,
-                          HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES)
+        _chunk_states_job(qx, doy, are, aim, h_r, s0_r, sT_r, tab, i, n, H, NT, K, V, BT, BK, BV, True,
+                          HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN)
 
 
 @triton.jit
-def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
+def _fwd_o(q, k, v, are, aim, h, o, tab, n, H, NT,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           HT: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+           HT: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """Outputs of one (chunk, value block): the carried state's part plus the chunk's own; ``h`` in
     :func:`_ld_state`'s layout (``HT``: transposed)."""
     i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -641,7 +730,7 @@ def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
     v += bt * V
     o += bt * V
     idx = tl.arange(0, BT)
-    t0 = i_t * BT
+    t0, n = _chunk_span(tab, i_t, n, BT, VARLEN)
     c0 = i_v * BV
     t_idx = t0 + idx
     g, z, ur, ui = _gate_prefix(are + bt, aim + bt, t_idx, t_idx < n, H, BT)
@@ -667,9 +756,9 @@ def _fwd_o(q, k, v, are, aim, h, o, n, H, NT,
 
 
 @triton.jit
-def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
+def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, tab, n, H, NT,
              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             MODE: tl.constexpr, PREC: tl.constexpr):
+             MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """dq, dk of one chunk, and the gate-gradient pieces psi, phi (per step) and sigma (per chunk) in aux."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
@@ -680,7 +769,7 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
     v += bt * V
     do += bt * V
     idx = tl.arange(0, BT)
-    t0 = i_t * BT
+    t0, n = _chunk_span(tab, i_t, n, BT, VARLEN)
     g, z, ur, ui, de_re, de_im = _chunk_gates(are + bt, aim + bt, t0, n, H, BT)
     amag = _span(g, z, BT)
     a_re, a_im = amag * ur, amag * ui
@@ -745,9 +834,9 @@ def _bwd_dqk(q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT,
 
 
 @triton.jit
-def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
+def _bwd_dv(q, k, do, are, aim, dh, dv, tab, n, H, NT,
             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            MODE: tl.constexpr, PREC: tl.constexpr):
+            MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
     """dv of one chunk: (D o QK^T)^T dO + Re(conj(D[C-1, s]) dh^T k_s)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
@@ -756,7 +845,7 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
     do += bt * V
     dv += bt * V
     idx = tl.arange(0, BT)
-    t0 = i_t * BT
+    t0, n = _chunk_span(tab, i_t, n, BT, VARLEN)
     g, z, ur, ui, de_re, de_im = _chunk_gates(are + bt, aim + bt, t0, n, H, BT)
     pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     b_aqk = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC)
@@ -778,9 +867,9 @@ def _bwd_dv(q, k, do, are, aim, dh, dv, n, H, NT,
 
 
 @triton.jit
-def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
+def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, tab, n, H, NT,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              MODE: tl.constexpr, PREC: tl.constexpr, EXACT_R: tl.constexpr):
+              MODE: tl.constexpr, PREC: tl.constexpr, EXACT_R: tl.constexpr, VARLEN: tl.constexpr):
     """The complex gate gradient of one chunk (division-free, see the module docstring)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
@@ -789,7 +878,7 @@ def _bwd_gate(q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
     v += bt * V
     do += bt * V
     idx = tl.arange(0, BT)
-    t0 = i_t * BT
+    t0, n = _chunk_span(tab, i_t, n, BT, VARLEN)
     t_idx = t0 + idx
     valid = t_idx < n
     # P = (Q K^T) o (dO V^T)
@@ -886,7 +975,30 @@ def _blocks(K: int, V: int, cfg: dict) -> tuple[int, int]:
     return _block(K, cfg["cap"]), _block(V, cfg.get("cap_v", cfg["cap"]))
 
 
-def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False):
+def _chunk_table(cu_seqlens: Tensor, n: int, BT: int) -> Tensor:
+    """The chunk table of a packed batch of ``n`` steps holding the sequences ``cu_seqlens`` delimits, built on
+    the device (no host synchronisation): chunks start at each sequence's first step, so a sequence of
+    length l takes ``max(1, ceil(l / BT))`` chunk slots (an empty one, one empty chunk: it carries its initial
+    state to its final one). Flat int32, 4 entries per slot: first step, end step (exclusive: the kernels mask
+    steps from there), sequence, flags (1: the sequence's first chunk, 2: its last). The slot count is a bound
+    from shapes only, ``n // BT + N`` (the sum over sequences of ``(l + BT) / BT``); slots past the last
+    chunk are empty (``t0 = end = n``, no flags) and change nothing."""
+    N = cu_seqlens.shape[0] - 1
+    cu = cu_seqlens.to(torch.int64)
+    cnt = ((cu[1:] - cu[:-1] + BT - 1) // BT).clamp_min(1)
+    ends = cnt.cumsum(0)
+    slot = torch.arange(n // BT + N, device=cu.device)
+    seq = torch.searchsorted(ends, slot, right=True)
+    real = seq < N
+    seq = seq.clamp_max(N - 1)
+    j = slot - (ends - cnt)[seq]  # the chunk's index in its sequence
+    t0 = torch.where(real, cu[seq] + j * BT, n)
+    end = torch.where(real, cu[seq + 1], n)
+    flags = ((j == 0) & real).to(torch.int64) + 2 * ((j == cnt[seq] - 1) & real).to(torch.int64)
+    return torch.stack([t0, end, seq, flags], 1).to(torch.int32).reshape(-1)
+
+
+def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False, chunks=None):
     """Chunk states and/or adjoint states, each (B*H, NT, 2, K, V): ``fwd = (k, v, s0, sT)`` gives the states
     entering each chunk, ``rev = (q, dO, s0, sT)`` the adjoints of the states leaving each chunk (``s0``: the
     initial state / final-state gradient or None; ``sT``: where to store the final state / initial-state
@@ -901,11 +1013,15 @@ def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False):
     and then scans them (``_chunk_local`` + ``_state_scan``).
     (H100, forward+backward device time of the three state passes at (64, 2048, 64) / (32, 8192, 64) /
     (16, 4096, 128), two passes -> one kernel: bf16 293 -> 144, 770 -> 492, 605 -> 271 us; tf32 342 -> 176,
-    850 -> 641, 686 -> 322 us; exact 387 -> 463, 925 -> 1352, 764 -> 906 us (its best tiles); docs/history.md.)"""
+    850 -> 641, 686 -> 322 us; exact 387 -> 463, 925 -> 1352, 764 -> 906 us (its best tiles); docs/history.md.)
+
+    ``chunks``: the chunk table of a packed batch (:func:`_chunk_table`; ``B = 1``), whose slots are the chunks;
+    ``s0``, ``sT`` then hold one state per sequence, (N, H, 2, K, V)."""
     x, y = (fwd or rev)[:2]
     B, n, H, K = x.shape
     V = y.shape[-1]
-    BH, NT = B * H, _cdiv(n, BT)
+    BH, NT = B * H, (_cdiv(n, BT) if chunks is None else chunks.shape[0] // 4)
+    tab = are if chunks is None else chunks  # (never read without VARLEN)
     jobs = (fwd is not None) + (rev is not None)
     f_x, f_y, f_s0, f_sT = fwd or (x, y, None, None)
     r_x, r_y, r_s0, r_sT = rev or (x, y, None, None)
@@ -927,9 +1043,9 @@ def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False):
         h_f, h_r = per_job((BH, NT, 2, K, V), torch.bfloat16 if mode == 1 else torch.float32)
         hf, s0f, sTf, hr, s0r, sTr = ptrs(h_f, f_s0, f_sT, h_r, r_s0, r_sT)
         _chunk_states[(jobs * BH, _cdiv(K, BK), _cdiv(V, BV))](
-            f_x, f_y, hf, s0f, sTf, r_x, r_y, hr, s0r, sTr, are, aim, n, H, NT, BH,
+            f_x, f_y, hf, s0f, sTf, r_x, r_y, hr, s0r, sTr, are, aim, tab, n, H, NT, BH,
             K=K, V=V, BT=BT, BK=BK, BV=BV, **flags, TRANS_F=trans_f, MODE=mode, PREC=prec,
-            STAGES=cfg["num_stages"], num_warps=cfg["num_warps"])
+            STAGES=cfg["num_stages"], VARLEN=chunks is not None, num_warps=cfg["num_warps"])
         return h_f, h_r
     cfg = _cfg("chunk_local", mode)
     BK, BV = _blocks(K, V, cfg)
@@ -939,120 +1055,137 @@ def _carried(fwd, rev, are, aim, BT, mode, prec, trans_f=False):
     # chunks x heads (x directions) on grid axis 0 (axes 1 and 2 stop at 65535: n = 2^20 at B*H = 8 is
     # 131072 chunks)
     _chunk_local[(jobs * NT * BH, _cdiv(K, BK), _cdiv(V, BV))](
-        f_x, f_y, uf, af, r_x, r_y, ur, ar, are, aim, n, H, NT, NT * BH, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        FWD=flags["FWD"], BWD=flags["BWD"], TRANS_F=trans_f, MODE=mode, PREC=prec, **_launch(cfg))
+        f_x, f_y, uf, af, r_x, r_y, ur, ar, are, aim, tab, n, H, NT, NT * BH, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        FWD=flags["FWD"], BWD=flags["BWD"], TRANS_F=trans_f, MODE=mode, PREC=prec, VARLEN=chunks is not None,
+        **_launch(cfg))
     cfg = _cfg("state_scan", mode)
     BLOCK = min(cfg["block"], 1 << (K * V - 1).bit_length())
     _state_scan[(_cdiv(K * V, BLOCK), BH, jobs)](
-        uf, af, s0f, sTf, ur, ar, s0r, sTr, NT, KV=K * V, BLOCK=BLOCK, **flags, **_launch(cfg))
+        uf, af, s0f, sTf, ur, ar, s0r, sTr, tab, H, NT, KV=K * V, BLOCK=BLOCK, **flags, VARLEN=chunks is not None,
+        **_launch(cfg))
     return u_f, u_r
 
 
-def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec):
+def _forward(q, k, v, are, aim, h0, store_ht, BT, mode, prec, chunks=None, nseq=None):
+    """Outputs and (``store_ht``) final states, (B*H, 2, K, V); ``chunks``: a packed batch's chunk table
+    (:func:`_chunk_table`), whose ``nseq`` sequences each have their own initial and final state."""
     B, n, H, K = q.shape
     V = v.shape[-1]
-    NT = _cdiv(n, BT)
+    NT = _cdiv(n, BT) if chunks is None else chunks.shape[0] // 4
+    varlen = chunks is not None
     cfg = _cfg("fwd_o", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
     # float32: the states are stored transposed, (V, K) planes, so that _fwd_o's state dots (contracting over K)
     # stage their operand into shared memory as the K-major tile Hopper's tf32 tensor cores read, with no
     # transpose on the way (row-major planes cost 8-way bank-conflicted stores there: ncu, ninth session)
     trans = mode == 0
-    ht = torch.empty(B * H, 2, *((V, K) if trans else (K, V)), device=k.device, dtype=torch.float32) \
-        if store_ht else None
+    ht = torch.empty((nseq if varlen else B) * H, 2, *((V, K) if trans else (K, V)), device=k.device,
+                     dtype=torch.float32) if store_ht else None
     if trans and h0 is not None:
         h0 = h0.transpose(-1, -2).contiguous()
-    h, _ = _carried((k, v, h0, ht), None, are, aim, BT, mode, prec, trans_f=trans)
+    h, _ = _carried((k, v, h0, ht), None, are, aim, BT, mode, prec, trans_f=trans, chunks=chunks)
     o = torch.empty_like(v)
     # num_stages=1: with the K loop software-pipelined (num_stages=2) Triton 3.6 miscompiled this kernel
     # on the H100 whenever the loop ran more than once: 7% output error in tf32 at (d, e) = (96, 160),
     # 5.7% in bf16 at (128, 64), while states and every gradient were right (the Hopper dot hazard of
     # flash-linear-attention issue 640); the interpreter gives the right answer for both.
-    _fwd_o[(NT, _cdiv(V, BV), B * H)](q, k, v, are, aim, h, o, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                      HT=trans, MODE=mode, PREC=prec, **_launch(cfg))
+    _fwd_o[(NT, _cdiv(V, BV), B * H)](q, k, v, are, aim, h, o, are if chunks is None else chunks, n, H, NT,
+                                      K=K, V=V, BT=BT, BK=BK, BV=BV, HT=trans, MODE=mode, PREC=prec, VARLEN=varlen,
+                                      **_launch(cfg))
     if trans and ht is not None:
         ht = ht.transpose(-1, -2).contiguous()
     return o, ht
 
 
-def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec):
+def _backward(q, k, v, are, aim, h0, do, dht, BT, mode, prec, chunks=None):
+    """Gradients of q, k, v, the gate planes and (where ``h0`` is given) the initial states; ``chunks``: a packed
+    batch's chunk table (:func:`_chunk_table`), ``h0``, ``dht`` then one state per sequence."""
     B, n, H, K = q.shape
     V = v.shape[-1]
-    NT = _cdiv(n, BT)
-    dh0 = torch.empty(B * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
-    h, dh = _carried((k, v, h0, None), (q, do, dht, dh0), are, aim, BT, mode, prec)
+    NT = _cdiv(n, BT) if chunks is None else chunks.shape[0] // 4
+    tab, varlen = (are, False) if chunks is None else (chunks, True)
+    dh0 = torch.empty(h0.shape[0] * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
+    h, dh = _carried((k, v, h0, None), (q, do, dht, dh0), are, aim, BT, mode, prec, chunks=chunks)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dare, daim = torch.empty_like(are), torch.empty_like(aim)
     aux = torch.empty(B * H * NT, 6, BT, device=q.device, dtype=torch.float32)
     cfg = _cfg("bwd_dqk", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
-    _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, n, H, NT, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                          MODE=mode, PREC=prec, **_launch(cfg))
+    _bwd_dqk[(NT, B * H)](q, k, v, do, are, aim, h, dh, dq, dk, aux, tab, n, H, NT, K=K, V=V, BT=BT, BK=BK,
+                          BV=BV, MODE=mode, PREC=prec, VARLEN=varlen, **_launch(cfg))
     del h  # released once the last kernel reading it is queued (stream-ordered)
     cfg = _cfg("bwd_dv", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
-    _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, n, H, NT,
-                         K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, **_launch(cfg))
+    _bwd_dv[(NT, B * H)](q, k, do, are, aim, dh, dv, tab, n, H, NT,
+                         K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, VARLEN=varlen, **_launch(cfg))
     del dh
     cfg = _cfg("bwd_gate", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
-    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, n, H, NT,
+    _bwd_gate[(NT, B * H)](q, k, v, do, are, aim, dare, daim, aux, tab, n, H, NT,
                            K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec,
-                           EXACT_R=mode == 0 and prec != "tf32", **_launch(cfg))
+                           EXACT_R=mode == 0 and prec != "tf32", VARLEN=varlen, **_launch(cfg))
     return dq, dk, dv, dare, daim, dh0
 
 
 # ----------------------------------------------------------------------------- custom ops (torch.compile)
-# All-real schemas: states travel as stacked (Re, Im) float32 planes (B, H, 2, d, e); an absent final
-# state / initial-state gradient is an empty tensor. Eager calls run the same implementations through
-# an autograd.Function (see ``_custom_op.py``).
+# All-real schemas: states travel as stacked (Re, Im) float32 planes (S, H, 2, d, e), S the batch or (packed batch)
+# the sequences; an absent final state / initial-state gradient is an empty tensor. A packed batch passes its
+# ``cu_seqlens`` (for N only: the kernels read ``chunks``, its chunk table). Eager calls run the same
+# implementations through an autograd.Function (see ``_custom_op.py``).
 
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, are: Tensor, aim: Tensor, h0: Optional[Tensor],
-              output_final_state: bool, prec: str, BT: int) -> tuple[Tensor, Tensor]:
+              output_final_state: bool, prec: str, BT: int, cu_seqlens: Optional[Tensor] = None,
+              chunks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     B, n, H, K = q.shape
     V = v.shape[-1]
-    o, ht = _forward(q, k, v, are, aim, h0, output_final_state, BT, _MODE[q.dtype], prec)
-    ht = ht.view(B, H, 2, K, V) if ht is not None else q.new_empty(0, dtype=torch.float32)
+    S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if cu_seqlens is not None and B != 1:  # (e.g. a vmap folding its dim into the batch)
+        raise ValueError(f"cu_seqlens: a packed batch has B = 1, got q of shape {tuple(q.shape)}")
+    o, ht = _forward(q, k, v, are, aim, h0, output_final_state, BT, _MODE[q.dtype], prec, chunks, S)
+    ht = ht.view(S, H, 2, K, V) if ht is not None else q.new_empty(0, dtype=torch.float32)
     return o, ht
 
 
-def _fwd_fake(q, k, v, are, aim, h0, output_final_state, prec, BT):
+def _fwd_fake(q, k, v, are, aim, h0, output_final_state, prec, BT, cu_seqlens=None, chunks=None):
     B, n, H, K = q.shape
     V = v.shape[-1]
-    shape = (B, H, 2, K, V) if output_final_state else (0,)
+    S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    shape = (S, H, 2, K, V) if output_final_state else (0,)
     return torch.empty_like(v), q.new_empty(shape, dtype=torch.float32)
 
 
 def _bwd_impl(q: Tensor, k: Tensor, v: Tensor, are: Tensor, aim: Tensor, h0: Optional[Tensor], do: Tensor,
-              dht: Optional[Tensor], prec: str, BT: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    B, n, H, K = q.shape
-    V = v.shape[-1]
-    dq, dk, dv, dare, daim, dh0 = _backward(q, k, v, are, aim, h0, do.contiguous(), dht, BT, _MODE[q.dtype], prec)
-    dh0 = dh0.view(B, H, 2, K, V) if dh0 is not None else q.new_empty(0, dtype=torch.float32)
+              dht: Optional[Tensor], prec: str, BT: int, chunks: Optional[Tensor] = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    H, K, V = q.shape[2], q.shape[3], v.shape[-1]
+    dq, dk, dv, dare, daim, dh0 = _backward(q, k, v, are, aim, h0, do.contiguous(), dht, BT, _MODE[q.dtype], prec,
+                                            chunks)
+    dh0 = dh0.view(h0.shape[0], H, 2, K, V) if dh0 is not None else q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, dare, daim, dh0
 
 
-def _bwd_fake(q, k, v, are, aim, h0, do, dht, prec, BT):
+def _bwd_fake(q, k, v, are, aim, h0, do, dht, prec, BT, chunks=None):
     dh0 = torch.empty_like(h0) if h0 is not None else q.new_empty(0, dtype=torch.float32)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(are),
             torch.empty_like(aim), dh0)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, are, aim, h0, output_final_state, prec, BT = inputs
-    ctx.save_for_backward(q, k, v, are, aim, h0)
-    ctx.cfg = (output_final_state, prec, BT)
+    q, k, v, are, aim, h0, output_final_state, prec, BT = inputs[:9]
+    chunks = inputs[10] if len(inputs) > 10 else None
+    ctx.save_for_backward(q, k, v, are, aim, h0, chunks)
+    ctx.cfg = (output_final_state, prec, BT, len(inputs))
 
 
 def _vjp(ctx, backward, do, dht):
-    q, k, v, are, aim, h0 = ctx.saved_tensors
-    output_final_state, prec, BT = ctx.cfg
+    q, k, v, are, aim, h0, chunks = ctx.saved_tensors
+    output_final_state, prec, BT, n_inputs = ctx.cfg
     if not output_final_state:
         dht = None
     elif dht is not None:
         dht = dht.to(torch.float32).contiguous()
-    dq, dk, dv, dare, daim, dh0 = backward(q, k, v, are, aim, h0, do.to(q.dtype), dht, prec, BT)
-    return dq, dk, dv, dare, daim, (dh0 if h0 is not None else None), None, None, None
+    dq, dk, dv, dare, daim, dh0 = backward(q, k, v, are, aim, h0, do.to(q.dtype), dht, prec, BT, chunks)
+    return (dq, dk, dv, dare, daim, dh0 if h0 is not None else None) + (None,) * (n_inputs - 6)
 
 
 _chunk_op = DifferentiableOp(("gateloop::chunk_gate_loop_fwd", "gateloop::chunk_gate_loop_bwd"), "ChunkGateLoop",
@@ -1095,8 +1228,15 @@ def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
 
 
 def _chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, initial_state: Optional[Tensor],
-                     output_final_state: bool, precision: str, chunk_size: int):
-    """:func:`chunk_gate_loop` on checked arguments (the dispatch's call: the public entries checked them)."""
+                     output_final_state: bool, precision: str, chunk_size: int, cu_seqlens: Optional[Tensor] = None):
+    """:func:`chunk_gate_loop` on checked arguments (the dispatch's call: the public entries checked them).
+
+    ``cu_seqlens`` (1-D int32/int64 on the inputs' device, ``[0, l_1, ..., T]``, validated by the caller): the
+    inputs are one packed batch (``B = 1``, ``T`` steps) of ``N`` sequences, each scanned from its own initial
+    state (``initial_state`` complex ``(N, H, d, e)``, zero without) as if alone: ``S = a S0_i + k v^T`` at its
+    first step, so that step's gate only multiplies ``S0_i``. The final states are ``(N, H, d, e)``; an empty
+    sequence's is its initial state. One launch sequence for the whole batch, no host synchronisation (the
+    kernels read the chunk table, :func:`_chunk_table`, on the device)."""
     B, n, H, d = q.shape
     e = v.shape[-1]
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
@@ -1107,12 +1247,16 @@ def _chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor
     h0 = None
     if initial_state is not None:
         h0 = initial_state.to(torch.complex64)
-        h0 = torch.stack([h0.real, h0.imag], dim=2).contiguous()  # (B, H, 2, d, e)
+        h0 = torch.stack([h0.real, h0.imag], dim=2).contiguous()  # (S, H, 2, d, e)
+    S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if n == 0:
-        o, ht = empty_scan((B, 0, H, e), (B, H, d, e), dtype, initial_state, q, k, v, a_re, a_im)
+        o, ht = empty_scan((B, 0, H, e), (S, H, d, e), dtype, initial_state, q, k, v, a_re, a_im)
         return o, (ht.to(torch.complex64) if output_final_state else None)
     # exact float32: Triton's IEEE (FFMA) dots are ~6x slower than 3xTF32 on Hopper at the same accuracy
     # (measured on the H100: 22 ms vs 3.6 ms forward+backward at (64, 2048, 64)), so "ieee" runs 3xTF32
     prec = "tf32x3" if precision == "ieee" else precision
-    o, ht = _chunk_op(q, k, v, are, aim, h0, output_final_state, prec, chunk_size)
+    args = (q, k, v, are, aim, h0, output_final_state, prec, chunk_size)
+    if cu_seqlens is not None:
+        args += (cu_seqlens, _chunk_table(cu_seqlens, n, chunk_size))
+    o, ht = _chunk_op(*args)
     return o, (torch.complex(ht[:, :, 0], ht[:, :, 1]) if output_final_state else None)

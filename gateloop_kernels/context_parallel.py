@@ -24,9 +24,10 @@ The steps, on every rank:
    ``k = v = 0`` and initial states ``1`` and ``-i`` (``Re(-i c) = Im c``): products of gates
    forward in time only, never a division by a gate, so gates of 0 are exact and a product of many
    ``|a| < 1`` underflows to its correct value 0; its backward is the scan's own reverse scan;
-3. a small int64 descriptor (batch, heads, head dims, dtypes, whether an initial state is given,
-   whether the exchange needs gradients, whether the local step failed) is all-gathered and compared,
-   so that a mismatch raises the same error on every rank instead of a hang;
+3. with ``check_shapes=True`` (the default), a small int64 descriptor (batch, heads, head dims,
+   dtypes, whether an initial state is given, whether the exchange needs gradients, whether the local
+   step failed) is all-gathered and compared, so that a mismatch raises the same error on every rank
+   instead of a hang;
 4. ``(A_r, S_r)``, packed into one real buffer of ``P = B H (2 + 2 d e)`` elements, is all-gathered
    once (:class:`_GatherStates`: ``all_gather_single`` forward, ``reduce_scatter_single`` (sum)
    backward);
@@ -38,22 +39,25 @@ Gradients flow by autograd through all of it. The collective's backward sums, ov
 gradient each rank's loss puts on slice ``r``'s ``(A_r, S_r)`` and hands it to rank ``r``: so with
 each rank's loss being its local loss, the gradients of the sharded inputs (``q, k, v``, the gate) are
 those of the summed loss, and the gradients of replicated tensors (parameters, ``initial_state``)
-summed over the group (as DDP or FSDP over the context dimension do) equal the single-process ones.
+summed over the group equal the single-process ones. DDP and FSDP2 *average* gradients over their
+ranks: :func:`context_parallel_mean` (the model's loss) therefore hands each rank ``W`` times its share,
+so that their average over a mesh holding the context dimension is the single-process gradient.
 
 Bytes exchanged per call and rank (:func:`context_parallel_bytes`), with ``s`` the itemsize of the
-float32 (float64) fold: forward ``W * 8 * DESCRIPTOR_LEN`` (descriptor) plus ``W * B * H * (2 + 2 d e)
-* s`` (the gathered states), backward a reduce-scatter of the same ``W * B * H * (2 + 2 d e) * s``:
-independent of the slice length. Each rank's time is that of its own slice's scan plus two
-collectives of that size and a fold of ``W`` states, so with slices of ``T / W`` tokens the predicted
-per-step time is ``t_scan(T / W) + t_collective(W, P) + O(W B H d e)``.
+float32 (float64) fold: forward ``W * 8 * DESCRIPTOR_LEN`` (the descriptor, when checked) plus
+``W * B * H * (2 + 2 d e) * s`` (the gathered states), backward a reduce-scatter of the same
+``W * B * H * (2 + 2 d e) * s``: independent of the slice length. Each rank's time is that of its own
+slice's scan plus two collectives of that size and a fold of ``W`` states, so with slices of ``T / W``
+tokens the predicted per-step time is ``t_scan(T / W) + t_collective(W, P) + O(W B H d e)``.
 
 Limits: every rank must pass the same ``B, H, d, e`` and dtypes, give an initial state or not alike
-(each rank's own copy is read, so pass the same value on every rank, as a replicated tensor), and
-run backward whenever one rank does (as with DDP): the outputs of every rank depend on the gathered
-buffer, so every rank's backward joins the reduce-scatter. The descriptor check costs one small
-all-gather and one host synchronization per call. Half-precision outputs are rounded twice (the local
-scan's output, then the corrected one). Not yet: packed sequences (``cu_seqlens``), gates per key dim,
-torch.compile (the collectives run eagerly).
+(each rank's own copy is read, so pass the same value on every rank, as a replicated tensor), and run
+backward whenever one rank does (as with DDP): the outputs of every rank depend on the gathered buffer,
+so every rank's backward joins the reduce-scatter. The descriptor check costs one small all-gather and
+one host synchronization per call; ``check_shapes=False`` skips it where the ranks' agreement is already
+established (the ``Transformer`` checks in its first layer only). Half-precision outputs are rounded
+twice (the local scan's output, then the corrected one). Not yet: packed sequences (``cu_seqlens``),
+gates per key dim, torch.compile (the collectives run eagerly).
 """
 from __future__ import annotations
 
@@ -64,7 +68,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_real_float
+from ._checks import (GATE_HEAD, check_chunk_size, check_gate_loop_inputs, check_initial_state, check_precision,
+                      check_real_float)
+from .dispatch import DEFAULT_CHUNK
 from .dtypes import acc_dtypes
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
 from .operator import gate_loop_operator
@@ -79,21 +85,23 @@ DESCRIPTOR_LEN = len(_FIELDS)
 
 
 def context_parallel_bytes(batch: int, heads: int, d: int, e: int, world_size: int,
-                           dtype: torch.dtype = torch.float32) -> dict:
+                           dtype: torch.dtype = torch.float32, check_shapes: bool = True) -> dict:
     """Bytes each rank's collectives move per call of :func:`gate_loop_heads_cp` (independent of the slice length).
 
     Args:
         batch, heads, d, e: ``B, H`` and the head dims (``H = 1`` for :func:`gate_loop_operator_cp`); world_size: ``W``, ranks in the group;
         dtype: the inputs' promoted dtype (float64 folds in float64, anything else in float32).
+        check_shapes: as passed to the call (without the check no descriptor is exchanged).
 
     Returns:
-        ``{"descriptor": W * 8 * DESCRIPTOR_LEN, "forward": W * B * H * (2 + 2 d e) * s,
+        ``{"descriptor": W * 8 * DESCRIPTOR_LEN (0 without the check), "forward": W * B * H * (2 + 2 d e) * s,
         "backward": W * B * H * (2 + 2 d e) * s}``: the all-gathered descriptor, the all-gathered
         states (``s`` = 4 or 8), and the reduce-scatter's input in backward (one slot comes back).
     """
     s = 8 if dtype == torch.float64 else 4
     states = world_size * batch * heads * (2 + 2 * d * e) * s
-    return {"descriptor": world_size * 8 * DESCRIPTOR_LEN, "forward": states, "backward": states}
+    return {"descriptor": world_size * 8 * DESCRIPTOR_LEN if check_shapes else 0, "forward": states,
+            "backward": states}
 
 
 def _all_gather_single(out: Tensor, x: Tensor, group) -> None:
@@ -226,15 +234,18 @@ class _Local(NamedTuple):
     desc: list
 
 
-def _heads_local(q, k, v, gate: dict, initial_state) -> _Local:
+def _heads_local(q, k, v, gate: dict, initial_state, precision: str, chunk_size: int) -> _Local:
     _check_shapes(q, k, v, gate, initial_state)
+    check_precision(precision)  # here too: an empty slice runs no scan
+    check_chunk_size(chunk_size)
     B, n, H, d = q.shape
     odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     rdt, cdt = acc_dtypes(odt)
     if n == 0:
         o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q, k, v, torch.complex(*_gate_parts(gate)).to(cdt), odt)
     else:
-        o_loc, s_loc = gate_loop_heads(q, k, v, **gate, output_final_state=True)
+        o_loc, s_loc = gate_loop_heads(q, k, v, **gate, output_final_state=True, precision=precision,
+                                       chunk_size=chunk_size)
         ones = q.new_ones((2 * B, n, H, 1), dtype=rdt)
         zeros = q.new_zeros((2 * B, n, H, 1), dtype=rdt)
         c, c_fin = gate_loop_heads(ones, zeros, zeros, **{name: torch.cat([t, t]) for name, t in gate.items()},
@@ -246,12 +257,14 @@ def _heads_local(q, k, v, gate: dict, initial_state) -> _Local:
     return _Local(q, o_loc, s_loc.to(cdt), a_tot.to(cdt), c_re.to(rdt), c_im.to(rdt), initial_state, desc)
 
 
-def _operator_local(q, k, v, a, initial_state) -> _Local:
+def _operator_local(q, k, v, a, initial_state, precision: str, chunk_size: int) -> _Local:
     layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     if layout != GATE_HEAD:
         raise ValueError(f"context parallelism takes one gate per step, a: (B, n, 1, 1) = ({B}, {n}, 1, 1); "
                          f"got a of shape {tuple(a.shape)}")
     check_initial_state(initial_state, B, d, e, q.device)
+    check_precision(precision)
+    check_chunk_size(chunk_size)
     odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     rdt, cdt = acc_dtypes(odt)
     a = a.expand(B, n, 1, 1)
@@ -259,7 +272,7 @@ def _operator_local(q, k, v, a, initial_state) -> _Local:
         o_loc, s_loc, a_tot, c_re, c_im = _empty_slice(q[:, :, None], k[:, :, None], v[:, :, None],
                                                        a[..., 0].to(cdt), odt)
     else:
-        o, s = gate_loop_operator(q, k, v, a, return_final_state=True)
+        o, s = gate_loop_operator(q, k, v, a, return_final_state=True, precision=precision, chunk_size=chunk_size)
         ones = q.new_ones((2 * B, n, 1), dtype=rdt)
         zeros = q.new_zeros((2 * B, n, 1), dtype=rdt)
         c, c_fin = gate_loop_operator(ones, zeros, zeros, torch.cat([a, a]),
@@ -283,14 +296,22 @@ def _exchange_descriptors(desc: list, device: torch.device, group, world: int) -
     return out.view(world, DESCRIPTOR_LEN).cpu()
 
 
-def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.device):
+def _pack(loc: _Local) -> Tensor:
+    """``(A_r, S_r)`` as the one real buffer of ``B H (2 + 2 d e)`` elements that the ranks all-gather."""
+    return torch.cat([torch.view_as_real(loc.total).reshape(-1), torch.view_as_real(loc.state).reshape(-1)])
+
+
+def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.device, check_shapes: bool):
     """The exchange, the fold and the correction behind both entry points: ``(o (B, n, H, e), final state)``."""
     rank, world = _group_rank(name, cp_group)
+    if not check_shapes:
+        loc = local()
+        return _fold(loc, _pack(loc), cp_group, rank, world, device)
     error: Optional[Exception] = None
     desc = [1] + [0] * (DESCRIPTOR_LEN - 1)
     try:
         loc = local()
-        packed = torch.cat([torch.view_as_real(loc.total).reshape(-1), torch.view_as_real(loc.state).reshape(-1)])
+        packed = _pack(loc)
         desc = [0, *loc.desc, int(packed.requires_grad)]
     except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
         error = exc
@@ -306,7 +327,10 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
             raise ValueError(f"{name}: the ranks of cp_group disagree on {_FIELDS[i]}: {table[:, i].tolist()} "
                              "(by rank); every rank must pass the same batch, heads, head dims and dtypes, give "
                              "initial_state alike, and need gradients alike")
+    return _fold(loc, packed, cp_group, rank, world, device)
 
+
+def _fold(loc: _Local, packed: Tensor, cp_group, rank: int, world: int, device: torch.device):
     B, _, H, d = loc.q.shape
     e = loc.o.shape[-1]
     gathered = _GatherStates.apply(packed, cp_group, world)
@@ -332,7 +356,8 @@ def _device(t) -> torch.device:
 
 def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[Tensor] = None,
                        phase: Optional[Tensor] = None, z: Optional[Tensor] = None,
-                       initial_state: Optional[Tensor] = None, output_final_state: bool = False, cp_group):
+                       initial_state: Optional[Tensor] = None, output_final_state: bool = False,
+                       precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK, check_shapes: bool = True, cp_group):
     """:func:`gateloop_kernels.gate_loop_heads` on a sequence split along time across ``cp_group``.
 
     Args:
@@ -344,6 +369,13 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             is that rank's share: summed over the group it is the single-process gradient.
         output_final_state: also return the global final state (after the last rank's last step),
             the same on every rank.
+        precision, chunk_size: as in ``gate_loop_heads``, for this rank's scan of its slice.
+        check_shapes: all-gather and compare a descriptor of every rank's inputs first (default), so that
+            mismatched ranks raise a clear error on every rank; it costs one small collective and one host
+            synchronization. ``False`` skips it, for calls whose agreement is already known (e.g. every
+            layer after the first of a model on one batch): every rank must then pass the same value,
+            and ranks that disagree on ``B, H, d, e``, the fold's dtype or gradients get a collective
+            error or hang until the group's timeout (NCCL).
         cp_group: a ``torch.distributed.ProcessGroup`` holding this rank (``group.WORLD`` for all).
 
     Returns:
@@ -352,19 +384,22 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
 
     Raises:
         RuntimeError: torch.distributed not initialized; on every rank, when another rank's input
-            failed its local checks. TypeError: ``cp_group`` not a process group; wrong dtypes
-            (on the rank that passed them). ValueError: this process not in ``cp_group``; shapes
-            (on the rank that passed them); on every rank, when the ranks disagree on ``B, H, d, e``,
+            failed its local checks (with ``check_shapes``). TypeError: ``cp_group`` not a process group;
+            wrong dtypes, a non-int ``chunk_size`` (on the rank that passed them). ValueError: this process
+            not in ``cp_group``; shapes, an unknown ``precision``, a bad ``chunk_size`` (on the rank that
+            passed them); with ``check_shapes``, on every rank, when the ranks disagree on ``B, H, d, e``,
             a dtype, giving an initial state, or whether gradients are needed.
     """
     gate = {name: t for name, t in (("z", z), ("log_magnitude", log_magnitude), ("phase", phase)) if t is not None}
-    o, final = _split_scan("gate_loop_heads_cp", cp_group, lambda: _heads_local(q, k, v, gate, initial_state),
-                           _device(q))
+    o, final = _split_scan("gate_loop_heads_cp", cp_group,
+                           lambda: _heads_local(q, k, v, gate, initial_state, precision, chunk_size), _device(q),
+                           check_shapes)
     return o, (final if output_final_state else None)
 
 
 def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_state: Optional[Tensor] = None,
-                          return_final_state: bool = False, cp_group):
+                          return_final_state: bool = False, precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK,
+                          check_shapes: bool = True, cp_group):
     """:func:`gateloop_kernels.gate_loop_operator` on a sequence split along time across ``cp_group``.
 
     Args:
@@ -372,6 +407,7 @@ def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial
         a: the gate, one per step, complex or real, ``(B, n_r, 1, 1)`` (or ``(1, n_r, 1, 1)``).
         initial_state: complex ``(B, d, e)`` or ``None``, as in :func:`gate_loop_heads_cp`.
         return_final_state: also return the global final state ``(B, d, e)``, the same on every rank.
+        precision, chunk_size, check_shapes: as in :func:`gate_loop_heads_cp`.
         cp_group: a ``torch.distributed.ProcessGroup`` holding this rank.
 
     Returns:
@@ -380,25 +416,27 @@ def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial
     Raises:
         As :func:`gate_loop_heads_cp`; ValueError also for a gate per key dim or per entry.
     """
-    o, final = _split_scan("gate_loop_operator_cp", cp_group, lambda: _operator_local(q, k, v, a, initial_state),
-                           _device(q))
+    o, final = _split_scan("gate_loop_operator_cp", cp_group,
+                           lambda: _operator_local(q, k, v, a, initial_state, precision, chunk_size), _device(q),
+                           check_shapes)
     return (o[:, :, 0], final[:, 0]) if return_final_state else o[:, :, 0]
 
 
 class _GlobalMean(torch.autograd.Function):
-    """Forward: the group's sum over its count; backward: this rank's share only (no collective)."""
+    """Forward: the group's sum over its count; backward: this rank's share times ``W`` (no collective)."""
 
     @staticmethod
-    def forward(ctx, local_sum: Tensor, local_count: int, group) -> Tensor:  # type: ignore[override]
+    def forward(ctx, local_sum: Tensor, local_count: int, group, world: int) -> Tensor:  # type: ignore[override]
         both = torch.stack([local_sum.detach().to(torch.float64),
                             torch.tensor(float(local_count), dtype=torch.float64, device=local_sum.device)])
         dist.all_reduce(both, group=group)
-        ctx.count = both[1].item()
-        return (both[0] / ctx.count).to(local_sum.dtype)
+        # the count stays a tensor: no host synchronization
+        ctx.world, ctx.count = world, both[1]
+        return (both[0] / both[1]).to(local_sum.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        return g / ctx.count, None, None
+        return (g * (ctx.world / ctx.count)).to(g.dtype), None, None, None
 
 
 def context_parallel_mean(local_sum: Tensor, local_count: int, cp_group) -> Tensor:
@@ -407,15 +445,15 @@ def context_parallel_mean(local_sum: Tensor, local_count: int, cp_group) -> Tens
     Args:
         local_sum: scalar tensor, this rank's sum (e.g. ``cross_entropy(..., reduction="sum")`` of its tokens).
         local_count: how many terms it sums (may be 0).
-        cp_group: the process group.
+        cp_group: the process group (``W`` ranks).
 
     Returns:
         The group's total over its total count, the same value on every rank (one all-reduce of two
-        float64 numbers). Its backward hands each rank the gradient of its own terms only, so that
-        backward on every rank gives parameter gradients that, summed over the group, are those of the
-        single-process mean.
+        float64 numbers, no host synchronization). Its backward hands each rank ``W`` times the gradient
+        of its own terms: the parameter gradients *averaged* over the group (what DDP and FSDP2 do over
+        a mesh holding the context dimension) are those of the single-process mean; summed, ``W`` times them.
     """
-    _group_rank("context_parallel_mean", cp_group)
+    _, world = _group_rank("context_parallel_mean", cp_group)
     if not isinstance(local_sum, Tensor) or local_sum.ndim != 0:
         raise ValueError(f"local_sum must be a scalar tensor, got {getattr(local_sum, 'shape', type(local_sum))}")
-    return _GlobalMean.apply(local_sum, local_count, cp_group)
+    return _GlobalMean.apply(local_sum, local_count, cp_group, world)

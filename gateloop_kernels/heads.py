@@ -51,7 +51,7 @@ def _log_polar(log_magnitude: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
 def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[Tensor] = None,
                     phase: Optional[Tensor] = None, z: Optional[Tensor] = None,
                     initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-                    precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK, cp_group=None):
+                    precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK, cp_group=None, check_shapes: bool = True):
     """Gate-loop scan per head, ``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t``, in head layout.
 
     Args:
@@ -66,7 +66,8 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
         chunk_size: steps per chunk of the chunked kernel and of the PyTorch reference, a power of two
             ``>= 16`` (default 64); the head-dim-1 scan picks its own tiles.
         cp_group: a ``torch.distributed`` process group over which the time axis is split (this rank
-            passes its slice): :func:`gateloop_kernels.context_parallel.gate_loop_heads_cp`.
+            passes its slice): :func:`gateloop_kernels.context_parallel.gate_loop_heads_cp`; ``check_shapes`` is its
+            option (used with ``cp_group`` only).
 
     Returns:
         ``(o, final_state)``: ``o (B, n, H, e)`` in the inputs' promoted dtype; ``final_state`` or ``None``.
@@ -79,7 +80,8 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
         from .context_parallel import gate_loop_heads_cp  # it imports this module
 
         return gate_loop_heads_cp(q, k, v, log_magnitude=log_magnitude, phase=phase, z=z, initial_state=initial_state,
-                                  output_final_state=output_final_state, cp_group=cp_group)
+                                  output_final_state=output_final_state, precision=precision, chunk_size=chunk_size,
+                                  check_shapes=check_shapes, cp_group=cp_group)
     check_heads_inputs(q, k, v, z, log_magnitude, phase, initial_state)
     check_precision(precision)
     check_chunk_size(chunk_size)

@@ -289,8 +289,10 @@ class GateLoopedAttention(Module):
                            dtype=_state_dtype(dtype or w.dtype))
 
     def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False,
-                cache: Optional[Tensor] = None, return_cache: bool = False, cp_group=None):
+                cache: Optional[Tensor] = None, return_cache: bool = False, cp_group=None, check_shapes: bool = True):
         """``x (b, n, dim)`` -> ``(b, n, dim)``, or ``(out, cache)`` with ``return_cache``.
+
+        ``cp_group``, ``check_shapes``: the sequence split across a process group, as in ``gate_loop_heads``.
 
         The cache is the complex state per head, ``(b, H, d, e)``, complex64 (complex128 for float64
         inputs), detached: pass it back to continue the sequence. A given cache is updated in place
@@ -319,10 +321,11 @@ class GateLoopedAttention(Module):
             if ablate_state_transition:
                 no_decay = torch.zeros(b, n, heads, device=x.device, dtype=torch.float32)  # gate exp(0 + 0i) = 1
                 out, state = gate_loop_heads(q, k, v, log_magnitude=no_decay, phase=no_decay, initial_state=cache,
-                                             output_final_state=want_state, cp_group=cp_group)
+                                             output_final_state=want_state, cp_group=cp_group,
+                                             check_shapes=check_shapes)
             else:
                 out, state = gate_loop_heads(q, k, v, z=z, initial_state=cache, output_final_state=want_state,
-                                             cp_group=cp_group)
+                                             cp_group=cp_group, check_shapes=check_shapes)
             if cache is None and want_state:
                 cache = state.detach().to(_state_dtype(out.dtype)).contiguous()
             elif cache is not None:
@@ -445,6 +448,7 @@ class Transformer(Module):
             blocks = [(_Branch(attn), _Branch(ff)) for attn, ff in self.layers]
             attn_only = {name: [(True, False)] * depth
                          for name in ("ablate_complex", "ablate_state_transition", "cp_group")}
+            attn_only["check_shapes"] = [(False, False)] + [(True, False)] * (depth - 1)  # the first layer checks
             # kept out of the module tree: it shares the layers' parameters, and the state_dict
             # must keep the seed's names
             self.__dict__["_reversible_stack"] = ReversibleSequence(blocks, dim=-1, merge="mean",
@@ -485,7 +489,7 @@ class Transformer(Module):
         ``cp_group`` (a ``torch.distributed`` process group): ``x`` is this rank's slice of the sequences'
         time axis (rank r holds slice r) and, with ``return_loss``, ``labels (b, n)`` are the next tokens of its
         tokens; the loss is then the mean over the whole sequence on every rank, and the parameter gradients
-        summed over the group are the single-process ones (docs/context_parallel.md).
+        averaged over the group (as DDP and FSDP2 do) are the single-process ones (docs/context_parallel.md).
         """
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
@@ -505,13 +509,16 @@ class Transformer(Module):
             cache.check(self, x)
         h = self.token_emb(x)
         kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)
+        later = kwargs
         if cp_group is not None:
             kwargs["cp_group"] = cp_group
+            # the first layer's check covers the others: one batch, and every rank runs the same model
+            later = dict(kwargs, check_shapes=False)
         reversible = getattr(self, "reversible", False)  # patched upstream models have no such attribute
         if reversible and cache is None:
             stack = self.__dict__["_reversible_stack"]
             stack.train(self.training)
-            h = stack(h, **kwargs)
+            h = stack(h, **later)
         elif reversible:
             # the stack's couplings run in plain autograd: y1 = x1 + attn(x2), y2 = x2 + ff(y1), halves averaged
             h1 = h2 = h
@@ -520,8 +527,9 @@ class Transformer(Module):
                 h2 = h2 + ff.branch(h1)
             h = (h1 + h2).mul_(0.5)
         else:
-            for (attn, ff), c in zip(self.layers, cache.layers if cache is not None else [None] * len(self.layers)):
-                h = ff(attn(h, cache=c, **kwargs))
+            for i, ((attn, ff), c) in enumerate(zip(self.layers, cache.layers if cache is not None
+                                                    else [None] * len(self.layers))):
+                h = ff(attn(h, cache=c, **(later if i else kwargs)))
         logits = self.to_logits(h)
         if return_loss and cp_group is not None:
             from .context_parallel import context_parallel_mean

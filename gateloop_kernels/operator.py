@@ -28,7 +28,7 @@ def chunk_kernel() -> Callable:
 
 def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_state: Optional[Tensor] = None,
                        return_final_state: bool = False, precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK,
-                       cp_group=None):
+                       cp_group=None, check_shapes: bool = True):
     """Gate-loop scan: ``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t``.
 
     Args:
@@ -40,7 +40,8 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
         return_final_state: also return the complex ``(B, d, e)`` state after the last step.
         precision, chunk_size: as in :func:`gateloop_kernels.gate_loop_heads`.
         cp_group: a ``torch.distributed`` process group over which the time axis is split (this rank
-            passes its slice): :func:`gateloop_kernels.context_parallel.gate_loop_operator_cp`.
+            passes its slice): :func:`gateloop_kernels.context_parallel.gate_loop_operator_cp`; ``check_shapes`` is
+            its option (used with ``cp_group`` only).
 
     Returns:
         ``out: (B, n, e)`` in the promoted dtype of ``q, k, v``, or ``(out, final_state)``.
@@ -57,6 +58,7 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
         from .context_parallel import gate_loop_operator_cp  # it imports this module
 
         return gate_loop_operator_cp(q, k, v, a, initial_state=initial_state, return_final_state=return_final_state,
+                                     precision=precision, chunk_size=chunk_size, check_shapes=check_shapes,
                                      cp_group=cp_group)
     layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     check_initial_state(initial_state, B, d, e, q.device)

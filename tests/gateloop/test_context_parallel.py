@@ -15,10 +15,12 @@ import torch
 import torch.distributed as dist
 
 from gateloop_kernels import gate_loop_heads, gate_loop_operator
+from gateloop_kernels import heads as heads_module
+from gateloop_kernels import operator as operator_module
 from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, context_parallel_mean,
                                                gate_loop_heads_cp, gate_loop_operator_cp)
 
-from helpers.distributed import max_rel_err, raise_failures, spawn
+from helpers.distributed import expect_raises, max_rel_err, raise_failures, spawn
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -140,39 +142,28 @@ def _matches_worker(rank, world, seed):
     raise_failures(failures)
 
 
-def _expect(exc_type, fragment, fn):
-    try:
-        fn()
-    except exc_type as exc:
-        if fragment not in str(exc):
-            return [f"raised {exc_type.__name__} without {fragment!r}: {exc}"]
-        return []
-    except Exception:
-        return [f"expected {exc_type.__name__}, got {traceback.format_exc()}"]
-    return [f"expected {exc_type.__name__} ({fragment!r}), nothing raised"]
-
-
 def _errors_worker(rank, world, seed):
-    """Bad input raises on every rank (and leaves the group usable); context_parallel_mean; bytes exchanged
-    do not grow with n."""
+    """Bad input raises on every rank (and leaves the group usable); context_parallel_mean; precision and
+    chunk_size reach the scan; bytes exchanged do not grow with n; check_shapes=False drops the descriptor
+    collective only."""
     group = dist.group.WORLD
     failures = []
 
-    def call(B=2, n=4, H=3, d=1, e=1, dtype=torch.float32, k_shape=None, grad=True, grp=group):
+    def call(B=2, n=4, H=3, d=1, e=1, dtype=torch.float32, k_shape=None, grad=True, grp=group, with_q=False, **kw):
         q = torch.randn(B, n, H, d, dtype=dtype, requires_grad=grad)
         k = torch.randn(*(k_shape or (B, n, H, d)), dtype=dtype)
         v = torch.randn(B, n, H, e, dtype=dtype)
-        o, _ = gate_loop_heads_cp(q, k, v, z=torch.randn(B, n, H, 2, requires_grad=grad), cp_group=grp)
-        return o
+        o, _ = gate_loop_heads_cp(q, k, v, z=torch.randn(B, n, H, 2, requires_grad=grad), cp_group=grp, **kw)
+        return (o, q) if with_q else o
 
-    failures += _expect(ValueError, "batch B", lambda: call(B=2 if rank == 0 else 3))
-    failures += _expect(ValueError, "heads H", lambda: call(H=3 + rank))
-    failures += _expect(ValueError, "q dtype", lambda: call(dtype=torch.float64 if rank else torch.float32))
-    failures += _expect(ValueError, "needs grad", lambda: call(grad=rank == 0))
+    failures += expect_raises(ValueError, "batch B", lambda: call(B=2 if rank == 0 else 3))
+    failures += expect_raises(ValueError, "heads H", lambda: call(H=3 + rank))
+    failures += expect_raises(ValueError, "q dtype", lambda: call(dtype=torch.float64 if rank else torch.float32))
+    failures += expect_raises(ValueError, "needs grad", lambda: call(grad=rank == 0))
     if rank == 1:  # a local shape error there: its own ValueError, a RuntimeError naming it elsewhere
-        failures += _expect(ValueError, "q, k must be", lambda: call(k_shape=(2, 5, 3, 1)))
+        failures += expect_raises(ValueError, "q, k must be", lambda: call(k_shape=(2, 5, 3, 1)))
     else:
-        failures += _expect(RuntimeError, "rank(s) [1]", lambda: call())
+        failures += expect_raises(RuntimeError, "rank(s) [1]", lambda: call())
     for dtype in (torch.bfloat16, torch.float16):  # an empty slice's outputs too come in the inputs' dtype
         for d in (1, 16):
             o = call(n=0 if rank == 0 else 4, d=d, e=d, dtype=dtype)
@@ -182,20 +173,51 @@ def _errors_worker(rank, world, seed):
     if rank == 0:
         failures += _check_case(only0, 0, 1, seed, [6], 1, 1, torch.float64, "z", True, True)
     else:
-        failures += _expect(ValueError, "does not hold this process", lambda: call(grp=only0))
-    failures += _expect(TypeError, "ProcessGroup", lambda: call(grp=None))
+        failures += expect_raises(ValueError, "does not hold this process", lambda: call(grp=only0))
+    failures += expect_raises(TypeError, "ProcessGroup", lambda: call(grp=None))
     # still in step after all of that
     failures += _check_case(group, rank, world, seed + 1, [4] * world, 16, 16, torch.float64, "z", True, True)
 
-    # context_parallel_mean: the group's mean on every rank, each rank's backward its own share
+    # context_parallel_mean: the group's mean on every rank, each rank's backward W times its own share
     terms = torch.randn(2 * world + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     mine = terms.tensor_split(world)[rank].clone().requires_grad_()  # unequal shares
     mean = context_parallel_mean(mine.sum(), mine.numel(), group)
     mean.backward()
-    if (mean - terms.mean()).abs() > 1e-14 or (mine.grad - 1 / terms.numel()).abs().max() > 1e-16:
+    if (mean - terms.mean()).abs() > 1e-14 or (mine.grad - world / terms.numel()).abs().max() > 1e-16:
         failures.append(f"context_parallel_mean: {mean.item()} vs {terms.mean().item()}, grad {mine.grad}")
 
-    # bytes: record every collective's buffer, for two slice lengths
+    # precision and chunk_size reach this rank's scan, through gate_loop_heads and gate_loop_operator too;
+    # bad values raise where they are passed (an empty slice included), a RuntimeError naming it elsewhere
+    seen = []
+    for module in (heads_module, operator_module):
+        real_scan = module.scan
+
+        def recording(*args, _scan=real_scan):
+            seen.append(args[-3:-1])  # (..., precision, chunk_size, caller's name)
+            return _scan(*args)
+
+        module.scan = recording
+        try:
+            B, n, d = 2, 5, 16
+            if module is heads_module:
+                gate_loop_heads(*(torch.randn(B, n, 3, d) for _ in range(3)), z=torch.randn(B, n, 3, 2),
+                                precision="tf32", chunk_size=32, cp_group=group)
+            else:
+                gate_loop_operator(*(torch.randn(B, n, d) for _ in range(3)), torch.rand(B, n, 1, 1),
+                                   precision="tf32", chunk_size=32, cp_group=group)
+        finally:
+            module.scan = real_scan
+        # seen: the slice's scan (head dim 16: these values) and the gate-only scan (head dim 1: its defaults)
+        if ("tf32", 32) not in seen:
+            failures.append(f"rank {rank}: precision / chunk_size did not reach the scan via {module.__name__}: {seen}")
+        seen.clear()
+    for kw, fragment in ((dict(precision="fast"), "precision"), (dict(chunk_size=24), "chunk_size")):
+        if rank == 0:
+            failures += expect_raises(ValueError, fragment, lambda: call(n=0, d=16, e=16, **kw))
+        else:
+            failures += expect_raises(RuntimeError, "rank(s) [0]", lambda: call(d=16, e=16))
+
+    # bytes: record every collective's buffer, for two slice lengths, with and without the descriptor check
     sent = []
     real = {name: getattr(dist, name) for name in ("all_gather_single", "reduce_scatter_single")}
 
@@ -207,25 +229,34 @@ def _errors_worker(rank, world, seed):
         return wrapped
 
     B, H, d, e = 2, 3, 16, 8
-    counts = []
-    for n in (3, 40):
-        sent.clear()
-        for name in real:
-            setattr(dist, name, recorder(name))
-        try:
-            o = call(B=B, n=n, H=H, d=d, e=e)
-            o.sum().backward()
-        finally:
-            for name, fn in real.items():
-                setattr(dist, name, fn)
-        counts.append(list(sent))
-    want = context_parallel_bytes(B, H, d, e, world)
-    expected = [("all_gather_single", want["descriptor"]), ("all_gather_single", want["forward"]),
-                ("reduce_scatter_single", want["backward"])]
-    if counts[0] != expected or counts[1] != expected:
-        failures.append(f"bytes exchanged {counts} (slice lengths 3, 40), expected {expected} each")
-    if want["forward"] != world * B * H * (2 + 2 * d * e) * 4 or want["descriptor"] != world * 8 * DESCRIPTOR_LEN:
-        failures.append(f"context_parallel_bytes {want} disagrees with its formula")
+    for check in (True, False):
+        counts, results = [], []
+        for n in (3, 40):
+            sent.clear()
+            for name in real:
+                setattr(dist, name, recorder(name))
+            try:
+                torch.manual_seed(seed + n)
+                o, q = call(B=B, n=n, H=H, d=d, e=e, with_q=True, check_shapes=check)
+                o.sum().backward()
+            finally:
+                for name, fn in real.items():
+                    setattr(dist, name, fn)
+            counts.append(list(sent))
+            results.append((o.detach(), q.grad))
+        want = context_parallel_bytes(B, H, d, e, world, check_shapes=check)
+        expected = [("all_gather_single", want["descriptor"])] if check else []
+        expected += [("all_gather_single", want["forward"]), ("reduce_scatter_single", want["backward"])]
+        if counts[0] != expected or counts[1] != expected:
+            failures.append(f"check_shapes={check}: bytes exchanged {counts} (slice lengths 3, 40), expected "
+                            f"{expected} each")
+        if want["forward"] != world * B * H * (2 + 2 * d * e) * 4 or (
+                want["descriptor"] != (world * 8 * DESCRIPTOR_LEN if check else 0)):
+            failures.append(f"context_parallel_bytes {want} disagrees with its formula")
+        if check:
+            checked = results
+        elif not all(torch.equal(a, b) for r, c in zip(results, checked) for a, b in zip(r, c)):
+            failures.append(f"rank {rank}: check_shapes=False changed the outputs or gradients")
     raise_failures(failures)
 
 
@@ -249,8 +280,10 @@ def test_cp_matches_single_process(_seed):
 
 
 def test_cp_bad_input_raises_everywhere_and_bytes(_seed):
-    """Mismatched B / H / dtypes / needs-grad, a local error on one rank, a group without this rank:
-    a clear error on every rank, no hang; bytes per call equal the formula for two slice lengths."""
+    """Mismatched B / H / dtypes / needs-grad, a local error on one rank (shapes, precision, chunk_size), a
+    group without this rank: a clear error on every rank, no hang; context_parallel_mean; precision and
+    chunk_size reach the scan; bytes per call equal the formula for two slice lengths, with and without
+    check_shapes (same outputs and gradients)."""
     spawn(_errors_worker, 2, _seed)
 
 
@@ -259,3 +292,37 @@ def test_cp_nccl_matches_single_process(_seed):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     spawn(_nccl_worker, 2, "cuda", _seed)
+
+
+def _no_sync_worker(rank, world, device_kind, seed):
+    """Warmed up (compilation, autotuning), forward + backward with check_shapes=False synchronizes nothing
+    with the host; with the check it does (so the detector works)."""
+    torch.cuda.manual_seed(seed)
+    B, n, H, d = 2, 96, 4, 64
+    x = [torch.randn(B, n, H, d, device="cuda", requires_grad=True) for _ in range(3)]
+    z = torch.randn(B, n, H, 2, device="cuda", requires_grad=True)
+
+    def step(check):
+        o, _ = gate_loop_heads_cp(*x, z=z, check_shapes=check, cp_group=dist.group.WORLD)
+        o.sum().backward()
+
+    step(True)
+    step(False)
+    torch.cuda.synchronize()
+    failures = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(False)
+        failures += expect_raises(RuntimeError, "synchroniz", lambda: step(True))
+    except RuntimeError:
+        failures.append(f"rank {rank}: check_shapes=False synchronized with the host:\n{traceback.format_exc()}")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    raise_failures(failures)
+
+
+@pytest.mark.gpu
+def test_cp_nccl_unchecked_does_not_synchronize(_seed):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    spawn(_no_sync_worker, 2, "cuda", _seed)

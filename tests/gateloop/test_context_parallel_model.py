@@ -2,24 +2,21 @@
 
 Every rank builds the same model and tokens from one seed, runs its slice of the tokens with its
 labels under the group, and compares the loss (the same on every rank) with the single-process loss of
-the whole sequence, and its parameter gradients summed over the group with the single-process ones.
-Skipped until ``Transformer.forward`` takes ``cp_group=`` (docs/context_parallel.md, wiring).
+the whole sequence, and its parameter gradients averaged over the group (as DDP and FSDP2 reduce them)
+with the single-process ones.
 """
 from __future__ import annotations
 
 import copy
-import inspect
 
-import pytest
 import torch
 import torch.distributed as dist
 
 from gateloop_kernels import Transformer
 
-from helpers.distributed import max_rel_err, raise_failures, spawn
+from gateloop_kernels import context_parallel
 
-pytestmark = pytest.mark.skipif("cp_group" not in inspect.signature(Transformer.forward).parameters,
-                                reason="Transformer.forward does not take cp_group= yet")
+from helpers.distributed import expect_raises, max_rel_err, raise_failures, spawn
 
 
 def _model_worker(rank, world, seed):
@@ -37,18 +34,31 @@ def _model_worker(rank, world, seed):
         cp_model = copy.deepcopy(model)
         cp_model.zero_grad(set_to_none=True)
         x, labels = tokens[:, :-1][:, start:start + n], tokens[:, 1:][:, start:start + n]
-        loss = cp_model(x, return_loss=True, labels=labels, cp_group=group)
-        loss.backward()
+        checks = []
+        exchange = context_parallel._exchange_descriptors
+        context_parallel._exchange_descriptors = lambda *a: checks.append(1) or exchange(*a)
+        try:
+            loss = cp_model(x, return_loss=True, labels=labels, cp_group=group)
+            forward_checks = len(checks)
+            loss.backward()
+        finally:
+            context_parallel._exchange_descriptors = exchange
         case = f"lengths={lengths} gate_loop_heads={heads} reversible={reversible}"
+        # the first layer checks the ranks agree (again when reversible's backward recomputes it), no other
+        if (forward_checks, len(checks)) != (1, 1 + reversible):
+            failures.append(f"{case}: {forward_checks} descriptor exchanges in forward, {len(checks)} in all")
         err = max_rel_err(loss.detach(), ref_loss.detach())
         if not err <= 1e-12:
             failures.append(f"{case}: rank {rank} loss relative error {err:.2e}")
         for (name, p), p_ref in zip(cp_model.named_parameters(), model.parameters()):
             g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
-            dist.all_reduce(g, group=group)  # DDP / FSDP over the context dimension sum these
-            err = max_rel_err(g, p_ref.grad)
+            dist.all_reduce(g, group=group)  # DDP and FSDP2 over the context dimension average these
+            err = max_rel_err(g / world, p_ref.grad)
             if not err <= 1e-10:
-                failures.append(f"{case}: rank {rank} d{name} (summed over ranks) relative error {err:.2e}")
+                failures.append(f"{case}: rank {rank} d{name} (averaged over ranks) relative error {err:.2e}")
+    # ranks disagreeing on the batch or the dtype: the first layer's check raises on every rank
+    failures += expect_raises(ValueError, "batch B", lambda: model(x[:1 + rank], cp_group=group))
+    failures += expect_raises(ValueError, "q dtype", lambda: (model.float() if rank else model)(x, cp_group=group))
     softmax = Transformer(16, num_tokens=32, depth=1, use_gate_looped_attn=False).double()
     try:
         softmax(torch.randint(0, 32, (B, n)), cp_group=group)
@@ -60,7 +70,8 @@ def _model_worker(rank, world, seed):
 
 
 def test_cp_transformer_matches_single_process(_seed):
-    """2 ranks: the loss (float64, 1e-12) on every rank and the parameter gradients summed over the
-    group (1e-10) equal the single-process model's, residual and reversible, head dims 1 and 16;
-    softmax attention under a group raises."""
+    """2 ranks: the loss (float64, 1e-12) on every rank and the parameter gradients averaged over the
+    group (1e-10) equal the single-process model's, residual and reversible, head dims 1 and 16, with one
+    descriptor check per forward (the first layer's); ranks disagreeing on the batch or dtype raise on
+    every rank; softmax attention under a group raises."""
     spawn(_model_worker, 2, _seed)

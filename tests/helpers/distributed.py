@@ -1,11 +1,12 @@
 """Multi-process tests on one machine, shared by the context-parallel tests: ``spawn`` runs a worker on every
 rank of a fresh process group (gloo, or NCCL when the worker's first argument is ``"cuda"``) with timeouts
 on the group and on the join, so a hang fails the test instead of CI; workers collect failed comparisons
-(``max_rel_err``) and raise them together (``raise_failures``)."""
+(``max_rel_err``, ``expect_raises``) and raise them together (``raise_failures``)."""
 from __future__ import annotations
 
 import socket
 import time
+import traceback
 from datetime import timedelta
 
 import pytest
@@ -59,3 +60,16 @@ def max_rel_err(got, want) -> float:
 def raise_failures(failures) -> None:
     if failures:
         raise AssertionError("\n".join(failures))
+
+
+def expect_raises(exc_type, fragment, fn) -> list:
+    """``[]`` when ``fn()`` raises ``exc_type`` with ``fragment`` in its message, else the failure."""
+    try:
+        fn()
+    except exc_type as exc:
+        if fragment not in str(exc):
+            return [f"raised {exc_type.__name__} without {fragment!r}: {exc}"]
+        return []
+    except Exception:
+        return [f"expected {exc_type.__name__}, got {traceback.format_exc()}"]
+    return [f"expected {exc_type.__name__} ({fragment!r}), nothing raised"]
