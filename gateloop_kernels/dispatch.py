@@ -15,9 +15,9 @@ them again:
   :func:`gateloop_kernels.reference.chunked_reference`, with one warning per kind of input on CUDA.
   This slow path calls the public oracle, which checks its inputs again.
 
-A packed batch (``cu_seqlens``) runs :func:`_varlen_reference` (:func:`gateloop_kernels.varlen.varlen_reference`,
-PyTorch on every device, no host loop over sequences) until the kernels read ``cu_seqlens`` themselves: that is
-the one branch marked ``PACKED`` in :func:`scan`.
+A packed batch (``cu_seqlens``) takes the same paths: both kernels and the elementwise op's PyTorch twin read
+``cu_seqlens`` themselves; where the reference would run, :func:`gateloop_kernels.varlen.varlen_reference` does
+(PyTorch on every device, no host loop over sequences).
 """
 from __future__ import annotations
 
@@ -90,10 +90,6 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
     if a_im is not None and initial_state is not None and not initial_state.is_complex():
         # a real state with a complex gate is the complex state with no imaginary part (differentiable)
         initial_state = initial_state.to(torch.complex128 if initial_state.dtype == torch.float64 else torch.complex64)
-    # PACKED: every path, until elementwise_scan and _chunk_gate_loop take cu_seqlens (then: pass it to them and
-    # keep this branch for the paths they do not cover)
-    if cu_seqlens is not None:
-        return _varlen_reference(q, k, v, a_re, a_im, initial_state, output_final_state, chunk_size, cu_seqlens)
     per_channel = q.ndim == 3
     if per_channel or (q.shape[3] == 1 and v.shape[3] == 1 and a_re.ndim == 3):
         if q.dtype in KERNEL_DTYPES or not on_kernels:
@@ -102,7 +98,7 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
                 q, k, v = q[..., 0], k[..., 0], v[..., 0]
                 s0 = None if s0 is None else s0[..., 0, 0]
             o, hr, hi, _ = elementwise_scan(q, k, v, a_re, a_im, None if s0 is None else s0.real,
-                                            None if s0 is None or a_im is None else s0.imag)
+                                            None if s0 is None or a_im is None else s0.imag, cu_seqlens=cu_seqlens)
             final = (hr if a_im is None else torch.complex(hr, hi)) if output_final_state else None
             if per_channel:
                 return o, final
@@ -112,15 +108,18 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
             initial_state = None if initial_state is None else initial_state[..., None, None]
     B, n, H, d = q.shape
     e = 1 if v is None else v.shape[-1]
-    if n == 0:
+    if n == 0 and cu_seqlens is None:
         o, final = empty_scan((B, 0, H, e), (B, H, d, e), q.dtype, initial_state,
                               *(t for t in (q, k, v, a_re, a_im) if t is not None))
     elif (a_re.ndim == 3 and on_kernels and q.dtype in KERNEL_DTYPES
           and CHUNK_DIMS[0] <= d <= CHUNK_DIMS[1] and CHUNK_DIMS[0] <= e <= CHUNK_DIMS[1]):
-        return _chunk_gate_loop(q, k, v, a_re, a_im, initial_state, output_final_state, precision, chunk_size)
+        return _chunk_gate_loop(q, k, v, a_re, a_im, initial_state, output_final_state, precision, chunk_size,
+                                cu_seqlens=cu_seqlens)
     else:
-        if on_kernels:
+        if on_kernels and n:
             _warn_reference(caller, a_re, d, e, q.dtype)
+        if cu_seqlens is not None:  # a packed batch off the kernels' paths
+            return _varlen_reference(q, k, v, a_re, a_im, initial_state, output_final_state, chunk_size, cu_seqlens)
 
         def heads_first(t: Tensor) -> Tensor:
             return t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], n, *t.shape[3:])

@@ -11,7 +11,8 @@ Everything here reads ``cu_seqlens`` on the device (index maps, ``searchsorted``
 synchronisation, no loop over sequences, static shapes (``torch.compile(fullgraph=True)`` traces it). Indices
 are clamped, so even ``cu_seqlens`` values that were never checked cannot index out of bounds.
 
-:func:`varlen_reference` runs the scan of :func:`gateloop_kernels.dispatch.scan` on a packed batch:
+:func:`varlen_reference` runs the scan of :func:`gateloop_kernels.dispatch.scan` on a packed batch where no kernel
+does (head dims other than 1 and 16..256, gates per key dim or entry, float64 on CUDA, matrix states on the CPU):
 
 * a state of independent channels (head dims ``d = e = 1``, the simplified operator, or a gate per key dim
   / per entry over the ``d e`` entries): the chunked first-order scan

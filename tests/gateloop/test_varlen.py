@@ -17,6 +17,7 @@ from gateloop_kernels import layers as L
 from gateloop_kernels.varlen import validate_cu_seqlens
 
 from helpers import ROOT
+from helpers.kernels import needs_kernels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -76,9 +77,9 @@ def _check_packed(packed_fn, alone_fn, leaves, lengths, tol):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("d,e", [(1, 1), (16, 16), (64, 64), (16, 8), (1, 16)])
 @pytest.mark.parametrize("with_state", [True, False])
-def test_heads_packed_equals_each_alone(dtype, d, e, with_state):
-    lengths = _lengths()
-    cu, T, N, H = _cu(lengths), sum(lengths), len(lengths), 2
+def test_heads_packed_equals_each_alone(dtype, d, e, with_state, H=2, n_random=3):
+    lengths = _lengths(n_random)
+    cu, T, N = _cu(lengths), sum(lengths), len(lengths)
     cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
     leaves = [torch.randn(1, T, H, x, dtype=dtype, requires_grad=True) for x in (d, d, e)]
     leaves.append(torch.randn(1, T, H, 2, dtype=dtype, requires_grad=True))
@@ -99,6 +100,18 @@ def test_heads_packed_equals_each_alone(dtype, d, e, with_state):
     if not with_state:  # a first token's gate multiplies only the (zero) state before its sequence
         firsts = [a for a, b in _bounds(lengths) if b > a]
         assert torch.all(g[3][0, firsts] == 0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("d,e", [(1, 1), (16, 32)])
+def test_kernel_paths_packed_equals_each_alone(monkeypatch, d, e):
+    """The dispatch's packed paths through the Triton kernels (the interpreter on the CPU): the elementwise op at
+    head dim 1, the chunked kernel at 16..256, against each sequence alone on the same kernel."""
+    from gateloop_kernels import dispatch, elementwise
+
+    monkeypatch.setattr(dispatch, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(elementwise, "KERNEL_DEVICES", ("cuda", "cpu"))
+    test_heads_packed_equals_each_alone(torch.float32, d, e, with_state=True, H=1, n_random=1)
 
 
 @pytest.mark.parametrize("layout", ["head", "key", "entry"])
