@@ -17,7 +17,6 @@ from .chunked import chunk_gate_loop
 from .dispatch import _WARNED, CHUNK_DIMS, DEFAULT_CHUNK, scan  # noqa: F401 (_WARNED: tests reset it here)
 from .dtypes import KERNEL_DTYPES as kernel_dtypes
 from .dtypes import out_dtype
-from .varlen import segment_prod
 
 __all__ = ["gate_loop_operator", "simple_gate_loop_operator", "kernel_dtypes", "chunk_kernel", "CHUNK_DIMS"]
 
@@ -121,7 +120,12 @@ def simple_gate_loop_operator(q: Tensor, kv: Tensor, a: Tensor, cache: Optional[
     o, h_last = scan(q, kv, None, a, None, cache_kv, True, "ieee", DEFAULT_CHUNK, "simple_gate_loop_operator",
                      cu_seqlens)
     rdt = h_last.dtype
-    a_last = a.to(rdt).prod(dim=1) if cu_seqlens is None else segment_prod(a[0].to(rdt), cu_seqlens)
+    if cu_seqlens is None:
+        a_last = a.to(rdt).prod(dim=1)
+    else:  # each sequence's product of gates: the final state of h_t = a_t h_{t-1} from h = 1, on the scan's path
+        zeros, ones = torch.zeros_like(q), q.new_ones((cu_seqlens.shape[0] - 1, q.shape[2]))
+        a_last = scan(zeros, zeros, None, a, None, ones, True, "ieee", DEFAULT_CHUNK, "simple_gate_loop_operator",
+                      cu_seqlens)[1].to(rdt)
     if cache_a is not None:
         a_last = cache_a.to(rdt) * a_last
     return o, (a_last.to(odt), h_last.to(odt))

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from ._checks import check_cu_seqlens
 from .dtypes import acc_dtypes, empty_scan
-from .reference import DEFAULT_CHUNK, _add_state, _chunk_local, _no_autocast, diagonal_scan_chunked
+from .reference import _add_state, _chunk_local, _no_autocast, diagonal_scan_chunked
 
-__all__ = ["validate_cu_seqlens", "varlen_reference", "sequence_ids", "positions", "segment_prod"]
+__all__ = ["validate_cu_seqlens", "varlen_reference", "sequence_ids", "positions"]
 
 
 def validate_cu_seqlens(cu_seqlens: Tensor, T: int) -> int:
@@ -182,11 +182,3 @@ def varlen_reference(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_
         final = final.real
     return o, (final if output_final_state else None)
 
-
-def segment_prod(a: Tensor, cu_seqlens: Tensor) -> Tensor:
-    """The product of each sequence's gates: ``a (T, D)`` real -> ``(N, D)`` (1 for an empty sequence), in
-    ``a``'s dtype; differentiable (no division: exact at zero gates)."""
-    ones = a.new_ones((cu_seqlens.shape[0] - 1, a.shape[1]))
-    if a.shape[0] == 0:
-        return ones
-    return _varlen_diagonal(a, torch.zeros_like(a), ones, cu_seqlens, DEFAULT_CHUNK)[1]
