@@ -407,6 +407,17 @@ def _ld_state(ptr, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, B
 
 
 @triton.jit
+def _state_offsets(r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, TRANS: tl.constexpr):
+    """Offsets and bounds mask of the (BK, BV) tile at (r0, c0) of a state plane in :func:`_ld_state`'s layout."""
+    rr = r0 + tl.arange(0, BK)
+    cc = c0 + tl.arange(0, BV)
+    ok = (rr < K)[:, None] & (cc < V)[None, :]
+    if TRANS:
+        return cc[None, :] * K + rr[:, None], ok
+    return rr[:, None] * V + cc[None, :], ok
+
+
+@triton.jit
 def _st_state(ptr, x, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               TRANS: tl.constexpr):
     """Store the (BK, BV) tile ``x`` of a (K, V) state plane in :func:`_ld_state`'s layout."""
@@ -659,6 +670,8 @@ def _chunk_states_job(x, y, are, aim, h, s0, sT, tab, i_bh, n, H, NT,
         s_re += _ld_state(p0, r0, c0, K, V, BK, BV, TRANS)
         s_im += _ld_state(p0 + K * V, r0, c0, K, V, BK, BV, TRANS)
     ph = h + i_bh.to(tl.int64) * NT * 2 * K * V
+    if VARLEN:
+        st_off, st_ok = _state_offsets(r0, c0, K, V, BK, BV, TRANS)
     for j in tl.range(0, NT, num_stages=STAGES):
         i_t = tl.full([], 0, tl.int32) + j  # a tensor, also where j is a Python int (interpreter)
         if REV:
@@ -669,23 +682,25 @@ def _chunk_states_job(x, y, are, aim, h, s0, sT, tab, i_bh, n, H, NT,
         if REV:
             ae_im = -ae_im
         if VARLEN:
+            # restarts as predicated loads/stores and selects, not branches: a branch in the loop body keeps
+            # Triton from software-pipelining the chunk loads
             seq, opens, closes = _seq_ends(tab, i_t, REV)
             ps = (seq * H + i_bh) * 2 * K * V
-            if opens:
-                if HAS_S0:
-                    s_re = _ld_state(s0 + ps, r0, c0, K, V, BK, BV, TRANS)
-                    s_im = _ld_state(s0 + ps + K * V, r0, c0, K, V, BK, BV, TRANS)
-                else:
-                    s_re = tl.zeros([BK, BV], dtype=tl.float32)
-                    s_im = tl.zeros([BK, BV], dtype=tl.float32)
+            if HAS_S0:
+                m0 = tl.where(opens, st_ok, False)
+                s_re = tl.where(opens, tl.load(s0 + ps + st_off, mask=m0, other=0.0), s_re)
+                s_im = tl.where(opens, tl.load(s0 + ps + K * V + st_off, mask=m0, other=0.0), s_im)
+            else:
+                s_re = tl.where(opens, 0.0, s_re)
+                s_im = tl.where(opens, 0.0, s_im)
         pc = ph + i_t.to(tl.int64) * 2 * K * V
         _st_state(pc, s_re, r0, c0, K, V, BK, BV, TRANS)
         _st_state(pc + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
         s_re, s_im = ae_re * s_re - ae_im * s_im + u_re, ae_re * s_im + ae_im * s_re + u_im
         if VARLEN and STORE_ST:
-            if closes:
-                _st_state(sT + ps, s_re, r0, c0, K, V, BK, BV, TRANS)
-                _st_state(sT + ps + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
+            mT = tl.where(closes, st_ok, False)
+            tl.store(sT + ps + st_off, s_re, mask=mT)
+            tl.store(sT + ps + K * V + st_off, s_im, mask=mT)
     if STORE_ST and not VARLEN:
         pt = sT + i_bh.to(tl.int64) * 2 * K * V
         _st_state(pt, s_re, r0, c0, K, V, BK, BV, TRANS)
