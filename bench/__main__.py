@@ -15,7 +15,8 @@ import sys
 
 #: name -> one-line help; the order in which ``python -m bench`` runs them ("summary" last)
 SUBCOMMANDS = {
-    "scan": "head-dim-1 scan vs the seed and accelerated-scan, then the chunked scan (head dims 16-256)",
+    "scan": "head-dim-1 scan vs the seed and accelerated-scan, then the chunked scan (head dims 16-256); "
+            "--varlen: packed documents (cu_seqlens) vs unpacked and padded",
     "reversible": "reversible stack: memory and time vs depth, reconstruction and gradient errors",
     "model": "GateLoop Transformer training steps, ours vs the seed: tokens/s and peak memory",
     "train": "MQAR recall training, ours vs the seed: loss curves and accuracy",

@@ -1,4 +1,5 @@
-"""Scan benchmark, head dim 1: ``python -m bench scan [--quick] [--out DIR] [--sweep] [--profile] [--no-chunked]``.
+"""Scan benchmark, head dim 1: ``python -m bench scan [--quick] [--out DIR] [--sweep] [--profile] [--no-chunked]``
+(``--varlen``: only the packed-sequence benchmark, :mod:`bench.varlen`).
 
 For ``(B*H, n, d=1)`` problems -- ``(4096, 2048)``, ``(64, 1024)`` and an n sweep from 1k to 1M at a
 fixed total size -- in float32 and bfloat16, times the forward and forward+backward
@@ -344,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true",
                    help="also sweep tile sizes of our kernel (the chunked scan: also the n sweep to 2^20)")
     p.add_argument("--no-chunked", action="store_true", help="skip bench.scan_chunked")
+    p.add_argument("--varlen", action="store_true", help="only the packed-sequence benchmark (cu_seqlens) at its "
+                   "defaults, with --quick, --out and --record: python -m bench.varlen --help for its own options")
     p.add_argument("--profile", action="store_true", help="host overheads and per-kernel device times first "
                    "(the chunked scan: per-kernel times of one fwd+bwd)")
     harness.add_record_argument(p)
@@ -352,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
+    if args.varlen:
+        from bench import varlen
+
+        varlen.main(["--out", args.out] + (["--quick"] if args.quick else [])
+                    + ([] if args.record is None else ["--record" if args.record else "--no-record"]))
+        return
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if cuda:

@@ -6,6 +6,8 @@ Public API:
     gate_loop_heads(q, k, v, z=... | log_magnitude=..., phase=...) -- head layout (B, n, H, d), real gate parameters
         (both scans take precision= and chunk_size=; every entry point checks its inputs once and runs
         through gateloop_kernels.dispatch.scan, the one place that picks the path)
+        cu_seqlens= on the three, the layers and Transformer.forward: packed variable-length sequences in a
+        (1, T, ...) batch, each scanned alone (gateloop_kernels.varlen)
     reference                                -- the pure-PyTorch oracles
     GateLoopedAttention, SimpleGateLoopLayer, Transformer, CausalFullAttention -- drop-in layers
         (with inference caches; Transformer.generate)

@@ -77,11 +77,12 @@ def check_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> tuple[
     return layout, B, n, d, e
 
 
-def check_simple_inputs(q: Tensor, kv: Tensor, a: Tensor,
-                        cache: Optional[tuple[Tensor, Tensor]]) -> tuple[int, int, int]:
+def check_simple_inputs(q: Tensor, kv: Tensor, a: Tensor, cache: Optional[tuple[Tensor, Tensor]],
+                        cu_seqlens: Optional[Tensor] = None) -> tuple[int, int, int]:
     """Validate ``simple_gate_loop_operator`` inputs; return ``(B, n, D)``.
 
-    ``q, kv, a: (B, n, D)`` real floating; ``cache``: ``None`` or ``(a_prev, kv_prev)`` of shape ``(B, D)``.
+    ``q, kv, a: (B, n, D)`` real floating; ``cache``: ``None`` or ``(a_prev, kv_prev)`` of shape ``(B, D)``, or
+    ``(N, D)`` with ``cu_seqlens`` (:func:`check_cu_seqlens`).
     """
     for name, t in (("q", q), ("kv", kv), ("a", a)):
         check_real_float(name, t)
@@ -91,6 +92,7 @@ def check_simple_inputs(q: Tensor, kv: Tensor, a: Tensor,
         if t.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q (B, n, D) = {_shape(q)}, got {_shape(t)}")
     B, n, D = q.shape
+    N = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, n, q.device)
     cache_a = cache_kv = None
     if cache is not None:
         if not (isinstance(cache, (tuple, list)) and len(cache) == 2):
@@ -98,17 +100,23 @@ def check_simple_inputs(q: Tensor, kv: Tensor, a: Tensor,
         cache_a, cache_kv = cache
         for name, t in (("cache[0] (a_prev)", cache_a), ("cache[1] (kv_prev)", cache_kv)):
             check_real_float(name, t)
-            if tuple(t.shape) != (B, D):
+            if N is not None:
+                check_varlen_state(name, t, N, (D,))
+            elif tuple(t.shape) != (B, D):
                 raise ValueError(f"{name} must have shape (B, D) = ({B}, {D}), got {_shape(t)}")
     check_same_device(q=q, kv=kv, a=a, cache_a=cache_a, cache_kv=cache_kv)
     return B, n, D
 
 
-def check_initial_state(initial_state: Optional[Tensor], B: int, d: int, e: int, device: torch.device) -> None:
+def check_initial_state(initial_state: Optional[Tensor], B: int, d: int, e: int, device: torch.device,
+                        sequences: Optional[int] = None) -> None:
+    """``initial_state``: ``None`` or ``(B, d, e)``; ``(sequences, d, e)`` for a packed batch of that many."""
     if initial_state is None:
         return
     check_gate_dtype("initial_state", initial_state)
-    if tuple(initial_state.shape) != (B, d, e):
+    if sequences is not None:
+        check_varlen_state("initial_state", initial_state, sequences, (d, e))
+    elif tuple(initial_state.shape) != (B, d, e):
         raise ValueError(f"initial_state must have shape (B, d, e) = ({B}, {d}, {e}), got {_shape(initial_state)}")
     if initial_state.device != device:
         raise ValueError(f"initial_state must be on {device}, got {initial_state.device}")
@@ -141,9 +149,11 @@ def check_log_polar(log_magnitude: Tensor, phase: Tensor) -> None:
 
 
 def check_heads_inputs(q: Tensor, k: Tensor, v: Tensor, z: Optional[Tensor], log_magnitude: Optional[Tensor],
-                       phase: Optional[Tensor], initial_state: Optional[Tensor]) -> None:
+                       phase: Optional[Tensor], initial_state: Optional[Tensor],
+                       cu_seqlens: Optional[Tensor] = None) -> None:
     """Validate ``gate_loop_heads`` inputs: ``q, k: (B, n, H, d)``, ``v: (B, n, H, e)`` real floating; the gate as
-    ``z: (B, n, H, 2)`` or as both ``log_magnitude, phase: (B, n, H)``; ``initial_state: (B, H, d, e)``; one device.
+    ``z: (B, n, H, 2)`` or as both ``log_magnitude, phase: (B, n, H)``; ``initial_state: (B, H, d, e)`` (``(N, H,
+    d, e)`` with ``cu_seqlens``, :func:`check_cu_seqlens`); one device.
     Raises ``TypeError`` for non-tensors / wrong dtypes and ``ValueError`` for shapes, devices and gate forms."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_real_float(name, t)
@@ -163,9 +173,12 @@ def check_heads_inputs(q: Tensor, k: Tensor, v: Tensor, z: Optional[Tensor], log
     e = v.shape[-1]
     if gate_shape != (B, n, H):
         raise ValueError(f"the gate must be (B, n, H) = ({B}, {n}, {H}) (z: (B, n, H, 2)), got {gate_shape}")
+    N = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, n, q.device)
     if initial_state is not None:
         check_gate_dtype("initial_state", initial_state)
-        if tuple(initial_state.shape) != (B, H, d, e):
+        if N is not None:
+            check_varlen_state("initial_state", initial_state, N, (H, d, e))
+        elif tuple(initial_state.shape) != (B, H, d, e):
             raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), got "
                              f"{tuple(initial_state.shape)}")
     check_same_device(q=q, k=k, v=v, gate=gate, phase=phase, initial_state=initial_state)
@@ -192,3 +205,52 @@ def check_chunk_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, 
     if initial_state is not None and tuple(initial_state.shape) != (B, H, d, e):
         raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), "
                          f"got {tuple(initial_state.shape)}")
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -> int:
+    """Validate packed-sequence boundaries ``cu_seqlens = [0, l_1, l_1 + l_2, ..., T]`` for inputs of batch ``B``
+    and ``T`` tokens on ``device``; return the number of sequences ``N = len(cu_seqlens) - 1``.
+
+    Type, dtype, dims, device and ``B = 1`` are metadata checks. The values (start at 0, non-decreasing, last
+    entry ``T``) are checked without a host synchronisation: on a CPU tensor in eager mode at once (a
+    ``ValueError``); on CUDA, and under ``torch.compile``, by an asynchronous device-side assertion
+    (``torch._assert_async``: the process's next synchronising CUDA call fails);
+    :func:`gateloop_kernels.varlen.validate_cu_seqlens` raises a ``ValueError`` at once instead, at the cost of a
+    host synchronisation. Whatever the values,
+    every index the scan derives from them is clamped (no out-of-bounds read).
+
+    Raises:
+        TypeError: not a tensor, not int32/int64. ValueError: not 1-D or empty, ``B != 1``, another device,
+        bad values (CPU, eager).
+    """
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [0, l_1, l_1 + l_2, ..., T] with at least one entry, got shape "
+                         f"{_shape(cu_seqlens)}")
+    if B != 1:
+        raise ValueError(f"with cu_seqlens the inputs are one packed batch of shape (1, T, ...): B must be 1, got "
+                         f"B = {B}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on the inputs' device {device}, got {cu_seqlens.device}")
+    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+        if cu_seqlens[0] != 0:
+            raise ValueError(f"cu_seqlens must start at 0, got {cu_seqlens[0].item()}")
+        if cu_seqlens[-1] != T:
+            raise ValueError(f"cu_seqlens must end at the number of tokens T = {T}, got {cu_seqlens[-1].item()}")
+        if (cu_seqlens[1:] < cu_seqlens[:-1]).any():
+            raise ValueError(f"cu_seqlens must be non-decreasing (sequence lengths >= 0), got {cu_seqlens.tolist()}")
+    else:
+        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
+        torch._assert_async(ok, f"cu_seqlens must start at 0, be non-decreasing and end at T = {T}")
+    return cu_seqlens.shape[0] - 1
+
+
+def check_varlen_state(name: str, state: Optional[Tensor], N: int, rest: tuple) -> None:
+    """With ``cu_seqlens``, ``state`` (an initial state or cache) holds one entry per sequence: ``(N, *rest)``."""
+    if state is not None and tuple(state.shape) != (N, *rest):
+        dims = ", ".join(str(r) for r in rest)
+        raise ValueError(f"with cu_seqlens, {name} holds one state per sequence: (N, {dims}) with N = "
+                         f"len(cu_seqlens) - 1 = {N}, got {_shape(state)}")

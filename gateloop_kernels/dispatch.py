@@ -14,6 +14,10 @@ them again:
 * everything else (a gate per key dim or entry, other head dims, float64 on CUDA, not CUDA):
   :func:`gateloop_kernels.reference.chunked_reference`, with one warning per kind of input on CUDA.
   This slow path calls the public oracle, which checks its inputs again.
+
+A packed batch (``cu_seqlens``) takes the same paths: both kernels and the elementwise op's PyTorch twin read
+``cu_seqlens`` themselves; where the reference would run, :func:`gateloop_kernels.varlen.varlen_reference` does
+(PyTorch on every device, no host loop over sequences).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from .chunked import _chunk_gate_loop
 from .dtypes import KERNEL_DTYPES, empty_scan
 from .elementwise import elementwise_scan
 from .reference import DEFAULT_CHUNK
+from .varlen import varlen_reference as _varlen_reference
 
 __all__ = ["scan", "CHUNK_DIMS", "DEFAULT_CHUNK", "KERNEL_DEVICES"]
 
@@ -56,7 +61,8 @@ def _warn_reference(caller: str, a_re: Tensor, d: int, e: int, dtype: torch.dtyp
 
 
 def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
-         initial_state: Optional[Tensor], output_final_state: bool, precision: str, chunk_size: int, caller: str):
+         initial_state: Optional[Tensor], output_final_state: bool, precision: str, chunk_size: int, caller: str,
+         cu_seqlens: Optional[Tensor] = None):
     """The scan ``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t`` on checked inputs, on the path they pick.
 
     Args:
@@ -72,6 +78,9 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
         precision: float32 dots of the chunked kernel, one of :data:`gateloop_kernels.dtypes.PRECISIONS`.
         chunk_size: steps per chunk of the chunked kernel and the reference (a power of two >= 16).
         caller: the public entry's name, for the reference warning.
+        cu_seqlens: ``None``, or the checked boundaries ``[0, l_1, ..., n]`` (int32/int64, q's device) of ``N``
+            sequences packed in ``B = 1``; ``initial_state`` and the final state are then ``(N, H, d, e)`` /
+            ``(N, C)``, one per sequence (:mod:`gateloop_kernels.varlen`).
 
     Returns:
         ``(o, final_state or None)``: ``o (B, n, H, e)`` / ``(B, n, C)`` in q's dtype; the final state
@@ -89,7 +98,7 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
                 q, k, v = q[..., 0], k[..., 0], v[..., 0]
                 s0 = None if s0 is None else s0[..., 0, 0]
             o, hr, hi, _ = elementwise_scan(q, k, v, a_re, a_im, None if s0 is None else s0.real,
-                                            None if s0 is None or a_im is None else s0.imag)
+                                            None if s0 is None or a_im is None else s0.imag, cu_seqlens=cu_seqlens)
             final = (hr if a_im is None else torch.complex(hr, hi)) if output_final_state else None
             if per_channel:
                 return o, final
@@ -99,15 +108,18 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
             initial_state = None if initial_state is None else initial_state[..., None, None]
     B, n, H, d = q.shape
     e = 1 if v is None else v.shape[-1]
-    if n == 0:
+    if n == 0 and cu_seqlens is None:
         o, final = empty_scan((B, 0, H, e), (B, H, d, e), q.dtype, initial_state,
                               *(t for t in (q, k, v, a_re, a_im) if t is not None))
     elif (a_re.ndim == 3 and on_kernels and q.dtype in KERNEL_DTYPES
           and CHUNK_DIMS[0] <= d <= CHUNK_DIMS[1] and CHUNK_DIMS[0] <= e <= CHUNK_DIMS[1]):
-        return _chunk_gate_loop(q, k, v, a_re, a_im, initial_state, output_final_state, precision, chunk_size)
+        return _chunk_gate_loop(q, k, v, a_re, a_im, initial_state, output_final_state, precision, chunk_size,
+                                cu_seqlens=cu_seqlens)
     else:
-        if on_kernels:
+        if on_kernels and n:
             _warn_reference(caller, a_re, d, e, q.dtype)
+        if cu_seqlens is not None:  # a packed batch off the kernels' paths
+            return _varlen_reference(q, k, v, a_re, a_im, initial_state, output_final_state, chunk_size, cu_seqlens)
 
         def heads_first(t: Tensor) -> Tensor:
             return t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], n, *t.shape[3:])

@@ -51,7 +51,8 @@ def _log_polar(log_magnitude: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
 def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[Tensor] = None,
                     phase: Optional[Tensor] = None, z: Optional[Tensor] = None,
                     initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-                    precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK, cp_group=None, check_shapes: bool = True):
+                    precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK, cp_group=None, check_shapes: bool = True,
+                    cu_seqlens: Optional[Tensor] = None):
     """Gate-loop scan per head, ``S_t = a_t S_{t-1} + k_t v_t^T``, ``o_t = Re(S_t)^T q_t``, in head layout.
 
     Args:
@@ -68,24 +69,35 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
         cp_group: a ``torch.distributed`` process group over which the time axis is split (this rank
             passes its slice): :func:`gateloop_kernels.context_parallel.gate_loop_heads_cp`; ``check_shapes`` is its
             option (used with ``cp_group`` only).
+        cu_seqlens: packed variable-length sequences: ``None``, or 1-D int32/int64 ``[0, l_1, l_1 + l_2, ..., n]``
+            on the inputs' device, for ``B = 1`` holding ``N = len(cu_seqlens) - 1`` sequences (tokens
+            ``cu_seqlens[i] <= t < cu_seqlens[i + 1]``, lengths >= 0). Each sequence scans alone from
+            ``initial_state[i]`` (zero without), so ``initial_state`` and the final state are ``(N, H, d, e)``;
+            the gate of a sequence's first token multiplies only its initial state; an empty sequence's final
+            state is its initial one. No host synchronisation (values checked as
+            :func:`gateloop_kernels._checks.check_cu_seqlens` says).
 
     Returns:
         ``(o, final_state)``: ``o (B, n, H, e)`` in the inputs' promoted dtype; ``final_state`` or ``None``.
 
     Raises:
-        TypeError: wrong dtypes, a non-int ``chunk_size``. ValueError: shapes, devices, not exactly one gate
-        form, an unknown ``precision``, a ``chunk_size`` that is not a power of two >= 16.
+        TypeError: wrong dtypes, a non-int ``chunk_size``, a ``cu_seqlens`` not int32/int64. ValueError: shapes,
+        devices, not exactly one gate form, an unknown ``precision``, a ``chunk_size`` that is not a power of two
+        >= 16, a ``cu_seqlens`` not 1-D or with ``B != 1`` or bad values, an ``initial_state`` without ``N``
+        states. NotImplementedError: ``cu_seqlens`` with ``cp_group``.
     """
+    if cp_group is not None and cu_seqlens is not None:
+        raise NotImplementedError("cu_seqlens (packed sequences) with cp_group (context parallel) is not supported")
     if cp_group is not None:
         from .context_parallel import gate_loop_heads_cp  # it imports this module
 
         return gate_loop_heads_cp(q, k, v, log_magnitude=log_magnitude, phase=phase, z=z, initial_state=initial_state,
                                   output_final_state=output_final_state, precision=precision, chunk_size=chunk_size,
                                   check_shapes=check_shapes, cp_group=cp_group)
-    check_heads_inputs(q, k, v, z, log_magnitude, phase, initial_state)
+    check_heads_inputs(q, k, v, z, log_magnitude, phase, initial_state, cu_seqlens)
     check_precision(precision)
     check_chunk_size(chunk_size)
     a_re, a_im = SigmoidPolar.apply(z) if z is not None else _log_polar(log_magnitude, phase)
     dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     return scan(q.to(dt), k.to(dt), v.to(dt), a_re, a_im, initial_state, output_final_state, precision, chunk_size,
-                "gate_loop_heads")
+                "gate_loop_heads", cu_seqlens)

@@ -13,6 +13,10 @@ Inference: every attention layer takes ``cache=`` / ``return_cache=`` (gate-loop
 state per head, advanced by the fused decode step of :mod:`gateloop_kernels.decode`; full attention: a
 :class:`KVCache`; the simplified layer: the seed's ``(a, kv)`` pair), and so does ``Transformer.forward``
 (a :class:`TransformerCache`); ``Transformer.generate`` samples continuations.
+
+Packed variable-length sequences: every layer and ``Transformer.forward`` take ``cu_seqlens=`` (``x (1, T, dim)``
+holding ``N`` documents, boundaries as in :func:`gateloop_kernels.gate_loop_heads`): no state, attention or loss
+target crosses a boundary, so a packed batch computes exactly what its documents compute one by one.
 """
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
+from ._checks import check_cu_seqlens
 from .decode import gate_loop_decode_step
 from .heads import gate_loop_heads
 from .operator import simple_gate_loop_operator
+from .varlen import positions, sequence_ids
 
 __all__ = ["RMSNorm", "PreNorm", "PostNorm", "FeedForward", "CausalFullAttention", "GateLoopedAttention",
            "SimpleGateLoopLayer", "Transformer", "KVCache", "TransformerCache"]
@@ -157,8 +163,13 @@ class CausalFullAttention(Module):
         return apply_rotary_emb(freqs, t, seq_dim=-2)
 
     def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False,
-                cache: Optional["KVCache"] = None, return_cache: bool = False, cp_group=None):
+                cache: Optional["KVCache"] = None, return_cache: bool = False, cp_group=None,
+                cu_seqlens: Optional[Tensor] = None):
         """``x (b, n, dim)`` -> ``(b, n, dim)``, or ``(out, cache)`` with ``return_cache``.
+
+        ``cu_seqlens``: ``x (1, T, dim)`` holds packed documents; a token attends to the earlier tokens of its own
+        document only (a block-diagonal causal mask built on the device, ``(T, T)`` booleans), rotary positions
+        restart at each document. Not with a cache (NotImplementedError).
 
         The cache keeps every key (scaled by its token's data-dependent factor, which depends on that token
         alone: the seed's product runs over feature pairs, not time) and value; a given one is extended in
@@ -168,6 +179,10 @@ class CausalFullAttention(Module):
             raise ValueError("CausalFullAttention (softmax attention) cannot run on a sequence split across ranks "
                              "(cp_group); use GateLoopedAttention")
         b, n, _ = x.shape
+        if cu_seqlens is not None:
+            if cache is not None or return_cache:
+                raise NotImplementedError("cu_seqlens (packed sequences) with a cache is not supported")
+            check_cu_seqlens(cu_seqlens, b, n, x.device)
         q, k, v = map(self._heads, self.to_qkv(x).chunk(3, dim=-1))
         if cache is None and return_cache:
             dtype = torch.promote_types(v.dtype, self.to_qkv[0].weight.dtype)
@@ -176,6 +191,8 @@ class CausalFullAttention(Module):
             cache.check(q, v)
         # a fresh cache holds nothing: positions 0..n-1 and plain causal attention, as without one
         pos = None if cache is None or cache.length == 0 else cache.pos + torch.arange(n, device=x.device)
+        if cu_seqlens is not None:
+            pos = positions(cu_seqlens, n)
         if self.rotary_emb is not None:
             q, k = self._rotate(q, pos), self._rotate(k, pos)
         q = q * self.scale
@@ -191,6 +208,9 @@ class CausalFullAttention(Module):
             q = (q.unflatten(-1, (-1, 2)) * cum_real).flatten(-2)
             k = (k.unflatten(-1, (-1, 2)) / cum_real).flatten(-2)
         mask = None
+        if cu_seqlens is not None:
+            seq = sequence_ids(cu_seqlens, n)
+            mask = (seq[:, None] == seq[None, :]).tril()  # (n, n): earlier tokens of the same document
         if cache is not None:
             cache.append(k, v, n)
             if pos is not None:
@@ -289,10 +309,15 @@ class GateLoopedAttention(Module):
                            dtype=_state_dtype(dtype or w.dtype))
 
     def forward(self, x: Tensor, ablate_complex: bool = False, ablate_state_transition: bool = False,
-                cache: Optional[Tensor] = None, return_cache: bool = False, cp_group=None, check_shapes: bool = True):
+                cache: Optional[Tensor] = None, return_cache: bool = False, cp_group=None, check_shapes: bool = True,
+                cu_seqlens: Optional[Tensor] = None):
         """``x (b, n, dim)`` -> ``(b, n, dim)``, or ``(out, cache)`` with ``return_cache``.
 
         ``cp_group``, ``check_shapes``: the sequence split across a process group, as in ``gate_loop_heads``.
+
+        ``cu_seqlens``: ``x (1, T, dim)`` holds ``N`` packed documents, each scanned from a zero state
+        (:func:`gateloop_kernels.gate_loop_heads`), or from its state in a cache of ``N`` states ``(N, H, d, e)``
+        (the one a packed call with ``return_cache`` returns), advanced by the scan. Not with ``cp_group``.
 
         The cache is the complex state per head, ``(b, H, d, e)``, complex64 (complex128 for float64
         inputs), detached: pass it back to continue the sequence. A given cache is updated in place
@@ -311,8 +336,8 @@ class GateLoopedAttention(Module):
         if cp_group is not None and (cache is not None or return_cache):
             raise ValueError("a cache is for decoding on one rank: not with cp_group")
         if cache is not None:
-            _check_state_cache(cache, q, v)
-        if cache is not None and n == 1:
+            _check_state_cache(cache, q, v, b if cu_seqlens is None else cu_seqlens.shape[0] - 1)
+        if cache is not None and n == 1 and cu_seqlens is None:
             o = gate_loop_decode_step(q[:, 0], k[:, 0], v[:, 0], cache,
                                       z=None if ablate_state_transition else z[:, 0])
             out = o[:, None]
@@ -322,10 +347,10 @@ class GateLoopedAttention(Module):
                 no_decay = torch.zeros(b, n, heads, device=x.device, dtype=torch.float32)  # gate exp(0 + 0i) = 1
                 out, state = gate_loop_heads(q, k, v, log_magnitude=no_decay, phase=no_decay, initial_state=cache,
                                              output_final_state=want_state, cp_group=cp_group,
-                                             check_shapes=check_shapes)
+                                             check_shapes=check_shapes, cu_seqlens=cu_seqlens)
             else:
                 out, state = gate_loop_heads(q, k, v, z=z, initial_state=cache, output_final_state=want_state,
-                                             cp_group=cp_group, check_shapes=check_shapes)
+                                             cp_group=cp_group, check_shapes=check_shapes, cu_seqlens=cu_seqlens)
             if cache is None and want_state:
                 cache = state.detach().to(_state_dtype(out.dtype)).contiguous()
             elif cache is not None:
@@ -341,9 +366,9 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
-def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor) -> None:
-    """A gate-loop cache must be the state this layer would make for these inputs."""
-    b, _, heads, d = q.shape
+def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor, b: int) -> None:
+    """A gate-loop cache must be the state this layer would make for these inputs (``b`` sequences)."""
+    _, _, heads, d = q.shape
     e = v.shape[-1]
     if not isinstance(cache, Tensor):
         raise TypeError(f"cache must be the complex state tensor a previous call returned, got {type(cache).__name__}")
@@ -361,9 +386,12 @@ def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor) -> None:
 class SimpleGateLoopLayer(Module):
     """The seed's simplified gate loop (real sigmoid gate per channel) on the fused operator.
 
-    ``forward(x, cache=None, return_cache=False)``: ``x (b, n, dim)`` -> ``(b, n, dim)``; the cache is
-    the seed's ``(a, kv)`` pair, each ``(b * dim, 1)``. ``use_heinsen`` / ``use_jax_associative_scan``
-    are accepted for compatibility: every choice runs the same exact fused scan.
+    ``forward(x, cache=None, return_cache=False, cu_seqlens=None)``: ``x (b, n, dim)`` -> ``(b, n, dim)``; the cache
+    is the seed's ``(a, kv)`` pair, each ``(b * dim, 1)``. With ``cu_seqlens`` (``x (1, T, dim)`` holding ``N``
+    packed documents, :func:`gateloop_kernels.simple_gate_loop_operator`) each document scans alone and the
+    cache holds one state per document, each ``(N * dim, 1)``; ``reverse=True`` reverses each document.
+    ``use_heinsen`` / ``use_jax_associative_scan`` are accepted for compatibility: every choice runs the same exact
+    fused scan.
     """
 
     def __init__(self, dim: int, prenorm: bool = True, use_heinsen: bool = False,
@@ -377,16 +405,20 @@ class SimpleGateLoopLayer(Module):
         self.maybe_post_ln = nn.LayerNorm(dim) if post_ln else nn.Identity()
         self.reverse = reverse
 
-    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, return_cache: bool = False):
+    def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, return_cache: bool = False,
+                cu_seqlens: Optional[Tensor] = None):
         if self.reverse:
             if return_cache or cache is not None:
                 raise ValueError("caching only works with a non-reversed sequence (reverse=False)")
             x = torch.flip(x, dims=(-2,))
-        b = x.shape[0]
+            if cu_seqlens is not None:  # the reversed row holds the documents reversed, in reverse order
+                check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
+                cu_seqlens = x.shape[1] - cu_seqlens.flip(0)
+        states = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         q, kv, a = self.to_qkva[0](self.norm(x)).chunk(3, dim=-1)
         if cache is not None:
-            cache = tuple(c.reshape(b, q.shape[-1]) for c in cache)  # sized: b may be 0
-        out, (a_last, kv_last) = simple_gate_loop_operator(q, kv, a.sigmoid(), cache=cache)
+            cache = tuple(c.reshape(states, q.shape[-1]) for c in cache)  # sized: b may be 0
+        out, (a_last, kv_last) = simple_gate_loop_operator(q, kv, a.sigmoid(), cache=cache, cu_seqlens=cu_seqlens)
         out = self.maybe_post_ln(out)
         if self.reverse:
             out = torch.flip(out, dims=(-2,))
@@ -406,7 +438,8 @@ class Transformer(Module):
     ``forward(x, return_loss=False, ..., cache=None, return_cache=False)``: ``x`` token ids ``(b, n)``; logits
     ``(b, n, num_tokens)`` or, with ``return_loss``, the next-token cross-entropy (``n >= 2``, else a
     ValueError); with a cache (:meth:`init_cache`, :class:`TransformerCache`) the tokens continue cached
-    sequences: one prefill call for a prompt, then one decode step per token. :meth:`generate` samples
+    sequences: one prefill call for a prompt, then one decode step per token. ``cu_seqlens=`` runs a packed
+    ``(1, T)`` batch of documents (see :meth:`forward`). :meth:`generate` samples
     continuations on top (:mod:`gateloop_kernels.generate`).
     """
 
@@ -447,7 +480,7 @@ class Transformer(Module):
 
             blocks = [(_Branch(attn), _Branch(ff)) for attn, ff in self.layers]
             attn_only = {name: [(True, False)] * depth
-                         for name in ("ablate_complex", "ablate_state_transition", "cp_group")}
+                         for name in ("ablate_complex", "ablate_state_transition", "cp_group", "cu_seqlens")}
             attn_only["check_shapes"] = [(False, False)] + [(True, False)] * (depth - 1)  # the first layer checks
             # kept out of the module tree: it shares the layers' parameters, and the state_dict
             # must keep the seed's names
@@ -476,9 +509,18 @@ class Transformer(Module):
 
     def forward(self, x: Tensor, return_loss: bool = False, ablate_complex: Optional[bool] = None,
                 ablate_state_transition: Optional[bool] = None, cache: Optional["TransformerCache"] = None,
-                return_cache: bool = False, labels: Optional[Tensor] = None, cp_group=None):
+                return_cache: bool = False, labels: Optional[Tensor] = None, cp_group=None,
+                cu_seqlens: Optional[Tensor] = None):
         """``x (b, n)`` token ids -> logits ``(b, n, num_tokens)``; the loss with ``return_loss``;
         ``(logits, cache)`` with ``return_cache``.
+
+        ``cu_seqlens`` (1-D int32/int64 ``[0, l_1, l_1 + l_2, ..., T]`` on ``x``'s device): ``x (1, T)`` holds
+        ``N`` packed documents; no layer mixes tokens of two documents, so the logits are each document's own.
+        With ``return_loss`` all ``T`` tokens are inputs and each token's target is the next token of its own
+        document (a document's last token has none; ``labels=`` may give ``(1, T)`` targets instead,
+        -100 for none): the loss is the mean over all the documents' targets, i.e. the documents' losses weighted
+        by their ``l_i - 1`` targets (NaN where no document has two tokens). Not with a cache or ``cp_group``
+        (NotImplementedError).
 
         With a cache (from :meth:`init_cache` or a previous ``return_cache=True`` call) the tokens continue
         the cached sequences: a prompt of any length is one call (the scan from the cached states), then one
@@ -494,6 +536,14 @@ class Transformer(Module):
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
                                    else ablate_state_transition)
+        if cu_seqlens is not None:
+            if cache is not None or return_cache or cp_group is not None:
+                raise NotImplementedError("cu_seqlens (packed sequences) with a cache or cp_group is not supported")
+            if x.ndim != 2:
+                raise ValueError(f"x must be token ids (1, T), got shape {tuple(x.shape)}")
+            check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
+            if return_loss and labels is None:
+                labels = _packed_targets(x, cu_seqlens)
         if return_loss and labels is None:
             if cp_group is not None:
                 raise ValueError("under cp_group pass this slice's labels= (the next token of each of its tokens)")
@@ -509,6 +559,8 @@ class Transformer(Module):
             cache.check(self, x)
         h = self.token_emb(x)
         kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)
+        if cu_seqlens is not None:
+            kwargs["cu_seqlens"] = cu_seqlens
         later = kwargs
         if cp_group is not None:
             kwargs["cp_group"] = cp_group
@@ -549,6 +601,15 @@ class Transformer(Module):
 
         return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token=eos_token, generator=generator, cuda_graph=cuda_graph)
+
+
+def _packed_targets(x: Tensor, cu_seqlens: Tensor) -> Tensor:
+    """Next-token targets ``(1, T)`` of packed documents: ``x[t + 1]`` where it is in ``t``'s document, else -100
+    (ignored by ``F.cross_entropy``)."""
+    T = x.shape[1]
+    has_next = torch.cat([positions(cu_seqlens, T)[1:] > 0, torch.zeros(1, dtype=torch.bool, device=x.device)])
+    nxt = torch.cat([x[:, 1:], x.new_full((1, 1), -100)], dim=1)
+    return torch.where(has_next, nxt, -100)
 
 
 class TransformerCache:

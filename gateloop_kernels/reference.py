@@ -222,20 +222,32 @@ def _chunked_head_gate(q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Tensor
         return _pad_time(t.flatten(0, 1), P, value).unflatten(0, (B, nc))
 
     qc, kc, vc, ac = chunks(q, 0.0), chunks(k, 0.0), chunks(v, 0.0), chunks(a, 1.0)
-    out = _causal_attend(qc, kc, vc, ac)
-    cum = _cumprod(ac)  # prod_{u <= t} a_u within the chunk
-    to_end = _reverse_exclusive_cumprod(ac)  # prod_{s < u} a_u within the chunk
-    upd_re = (kc * to_end.real[..., None]).transpose(-1, -2) @ vc
-    upd_im = (kc * to_end.imag[..., None]).transpose(-1, -2) @ vc
-    update = torch.complex(upd_re, upd_im)  # (B, nc, d, e)
+    out, cum, update = _chunk_local(qc, kc, vc, ac)
     starts = []
     # unbind, not update[:, c]: one backward stack instead of a zero-filled (B, nc, d, e) per chunk
     for total, upd in zip(cum[:, :, -1, None, None].unbind(1), update.unbind(1)):
         starts.append(state)
         state = total * state + upd
-    s = torch.stack(starts, dim=1)  # state entering each chunk
-    out = out + cum.real[..., None] * (qc @ s.real) - cum.imag[..., None] * (qc @ s.imag)
+    out = _add_state(out, cum, qc, torch.stack(starts, dim=1))
     return out[:, :, :C].reshape(B, nc * C, e)[:, :n], state
+
+
+def _chunk_local(qc: Tensor, kc: Tensor, vc: Tensor, ac: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """What each chunk does alone (``qc, kc: (..., P, d)``, ``vc: (..., P, e)``, ``ac: (..., P)`` complex, a
+    power-of-two ``P``): the outputs of its own steps, the gate products ``prod_{u <= t} a_u`` and its own
+    state update ``sum_s prod_{s < u} a_u k_s v_s^T`` ``(..., d, e)`` complex."""
+    out = _causal_attend(qc, kc, vc, ac)
+    cum = _cumprod(ac)
+    to_end = _reverse_exclusive_cumprod(ac)
+    upd_re = (kc * to_end.real[..., None]).transpose(-1, -2) @ vc
+    upd_im = (kc * to_end.imag[..., None]).transpose(-1, -2) @ vc
+    return out, cum, torch.complex(upd_re, upd_im)
+
+
+def _add_state(out: Tensor, cum: Tensor, qc: Tensor, s: Tensor) -> Tensor:
+    """A chunk's outputs plus the contribution ``Re(prod_{u <= t} a_u s)^T q_t`` of the state ``s (..., d, e)``
+    entering it."""
+    return out + cum.real[..., None] * (qc @ s.real) - cum.imag[..., None] * (qc @ s.imag)
 
 
 @_no_autocast

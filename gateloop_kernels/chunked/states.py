@@ -21,7 +21,8 @@ from torch import Tensor
 from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _launch
 from .dots import _wide_dot
 from .gates import _end_decay, _ends, _gate_prefix, _span
-from .tiles import _chunk_span, _head, _load_state, _load_steps, _load_steps_T, _seq_ends, _store_state
+from .tiles import (_chunk_span, _head, _load_state, _load_steps, _load_steps_T, _seq_ends, _state_offsets,
+                    _store_state)
 
 
 @triton.jit
@@ -255,6 +256,8 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
         s_re += _load_state(p0, r0, c0, K, V, BK, BV, TRANS)
         s_im += _load_state(p0 + K * V, r0, c0, K, V, BK, BV, TRANS)
     ph = h + i_bh.to(tl.int64) * NT * 2 * K * V
+    if VARLEN:
+        st_off, st_ok = _state_offsets(r0, c0, K, V, BK, BV, TRANS)
     for j in tl.range(0, NT, num_stages=STAGES):
         i_t = tl.full([], 0, tl.int32) + j  # a tensor, also where j is a Python int (interpreter)
         if REV:
@@ -265,23 +268,25 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
         if REV:
             ae_im = -ae_im
         if VARLEN:
+            # restarts as predicated loads/stores and selects, not branches: a branch in the loop body keeps
+            # Triton from software-pipelining the chunk loads
             seq, opens, closes = _seq_ends(tab, i_t, REV)
             ps = (seq * H + i_bh) * 2 * K * V
-            if opens:
-                if HAS_S0:
-                    s_re = _load_state(s0 + ps, r0, c0, K, V, BK, BV, TRANS)
-                    s_im = _load_state(s0 + ps + K * V, r0, c0, K, V, BK, BV, TRANS)
-                else:
-                    s_re = tl.zeros([BK, BV], dtype=tl.float32)
-                    s_im = tl.zeros([BK, BV], dtype=tl.float32)
+            if HAS_S0:
+                m0 = tl.where(opens, st_ok, False)
+                s_re = tl.where(opens, tl.load(s0 + ps + st_off, mask=m0, other=0.0), s_re)
+                s_im = tl.where(opens, tl.load(s0 + ps + K * V + st_off, mask=m0, other=0.0), s_im)
+            else:
+                s_re = tl.where(opens, 0.0, s_re)
+                s_im = tl.where(opens, 0.0, s_im)
         pc = ph + i_t.to(tl.int64) * 2 * K * V
         _store_state(pc, s_re, r0, c0, K, V, BK, BV, TRANS)
         _store_state(pc + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
         s_re, s_im = ae_re * s_re - ae_im * s_im + u_re, ae_re * s_im + ae_im * s_re + u_im
         if VARLEN and STORE_ST:
-            if closes:
-                _store_state(sT + ps, s_re, r0, c0, K, V, BK, BV, TRANS)
-                _store_state(sT + ps + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
+            mT = tl.where(closes, st_ok, False)
+            tl.store(sT + ps + st_off, s_re, mask=mT)
+            tl.store(sT + ps + K * V + st_off, s_im, mask=mT)
     if STORE_ST and not VARLEN:
         pt = sT + i_bh.to(tl.int64) * 2 * K * V
         _store_state(pt, s_re, r0, c0, K, V, BK, BV, TRANS)

@@ -116,6 +116,17 @@ def _load_state(ptr, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
 
 
 @triton.jit
+def _state_offsets(r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, TRANS: tl.constexpr):
+    """Offsets and bounds mask of the (BK, BV) tile at (r0, c0) of a state plane in :func:`_load_state`'s layout."""
+    rr = r0 + tl.arange(0, BK)
+    cc = c0 + tl.arange(0, BV)
+    ok = (rr < K)[:, None] & (cc < V)[None, :]
+    if TRANS:
+        return cc[None, :] * K + rr[:, None], ok
+    return rr[:, None] * V + cc[None, :], ok
+
+
+@triton.jit
 def _store_state(ptr, x, r0, c0, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  TRANS: tl.constexpr):
     """Store the (BK, BV) tile ``x`` of a (K, V) state plane in :func:`_load_state`'s layout."""
