@@ -21,6 +21,17 @@ def traced(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or is_fake(x)
 
 
+class _Saved:
+    """The ``ctx`` of a :meth:`DifferentiableOp.forward_saved` call: what setup_context stores, for the vjp."""
+    eager = True
+
+    def save_for_backward(self, *tensors) -> None:
+        self.saved_tensors = tensors
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass  # the vjp takes None for an unused output either way
+
+
 class DifferentiableOp:
     """A differentiable op registered once for tracing and once for eager calls.
 
@@ -51,6 +62,19 @@ class DifferentiableOp:
 
         self.op.register_autograd(op_backward, setup_context=setup_context)
         self.eager = eager_function(eager_name, forward, setup_context, op_backward)
+        self._forward, self._setup_context, self._vjp, self._backward = forward, setup_context, vjp, backward
+
+    def forward_saved(self, *args) -> tuple:
+        """``(outputs, saved)``: the implementation run inside another autograd.Function's forward (no node of its
+        own), with what its backward needs in ``saved`` for :meth:`vjp_saved`."""
+        saved = _Saved()
+        out = self._forward(*args)
+        self._setup_context(saved, args, out)
+        return out, saved
+
+    def vjp_saved(self, saved: "_Saved", *grads) -> tuple:
+        """The input gradients of a :meth:`forward_saved` call from its output gradients (``None``: zero)."""
+        return self._vjp(saved, self._backward, *grads)
 
     def __call__(self, *args):
         return (self.op if traced(args[0]) else self.eager.apply)(*args)

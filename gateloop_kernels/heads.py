@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import lean
 from ._checks import check_chunk_size, check_heads_inputs, check_log_polar, check_precision, check_preactivation
 from .dispatch import DEFAULT_CHUNK, scan
 from .gate import SigmoidPolar
@@ -97,7 +98,11 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
     check_heads_inputs(q, k, v, z, log_magnitude, phase, initial_state, cu_seqlens)
     check_precision(precision)
     check_chunk_size(chunk_size)
-    a_re, a_im = SigmoidPolar.apply(z) if z is not None else _log_polar(log_magnitude, phase)
     dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    if initial_state is None and not output_final_state:
+        o = lean.heads_call(q, k, v, z, log_magnitude, phase, dt, precision, chunk_size, cu_seqlens)
+        if o is not None:
+            return o, None
+    a_re, a_im = SigmoidPolar.apply(z) if z is not None else _log_polar(log_magnitude, phase)
     return scan(q.to(dt), k.to(dt), v.to(dt), a_re, a_im, initial_state, output_final_state, precision, chunk_size,
                 "gate_loop_heads", cu_seqlens)

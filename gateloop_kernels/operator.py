@@ -11,6 +11,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import lean
 from ._checks import (GATE_HEAD, check_chunk_size, check_cu_seqlens, check_gate_loop_inputs, check_initial_state,
                       check_precision, check_simple_inputs)
 from .chunked import chunk_gate_loop
@@ -71,6 +72,10 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
     check_precision(precision)
     check_chunk_size(chunk_size)
     odt = out_dtype(q, k, v)
+    if initial_state is None and not return_final_state and layout == GATE_HEAD:
+        out = lean.operator_call(q, k, v, a, odt, precision, chunk_size, cu_seqlens)
+        if out is not None:
+            return out
     q, k, v = q.to(odt), k.to(odt), v.to(odt)
     a_re, a_im = (a.real, a.imag) if a.is_complex() else (a, torch.zeros_like(a))
     if layout != GATE_HEAD:

@@ -1,0 +1,171 @@
+"""The eager call as one autograd node: the public entries' kernel paths without a graph of views around them.
+
+An eager ``gate_loop_operator`` / ``gate_loop_heads`` call on a Triton kernel's path runs as one
+``torch.autograd.Function``: the gate's activation (the complex gate's parts, the sigmoid-polar kernel, or
+exp/cos/sin), the views into the kernel's layout, dtype casts and the kernel op's implementation
+(:meth:`gateloop_kernels._custom_op.DifferentiableOp.forward_saved`) run in its forward without autograd, and its
+backward chains the op's backward and the activation's by hand. The graph autograd would otherwise record
+(selects of a complex gate's parts, transposes, expands, casts: 20-30 nodes per call, most of them a zero fill
+and a copy in the backward) is host time on every call and, at head dim 1, device time as large as the scan's.
+
+Calls it does not cover return ``None`` from :func:`operator_call` / :func:`heads_call` and take the general path
+(:func:`gateloop_kernels.dispatch.scan`, same results): traced calls (torch.compile, fake tensors) and
+``torch.func`` transforms, which need the registered ops; an initial state or a requested final state; a gate
+broadcast over the batch or per key dim; empty sequences; inputs off the kernels' devices and dtypes.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from . import gate as _gate
+from ._custom_op import traced
+from .chunked import _chunk_op, _chunk_table
+from .dtypes import KERNEL_DTYPES
+from .elementwise import elementwise_scan_op
+
+__all__ = ["operator_call", "heads_call"]
+
+
+def _path(q: Tensor, d: int, e: int, dtype: torch.dtype, n: int) -> Optional[str]:
+    """``"elementwise"`` or ``"chunked"`` where a kernel takes this call eagerly, else ``None``."""
+    if (n == 0 or dtype not in KERNEL_DTYPES or q.device.type not in dispatch.KERNEL_DEVICES or traced(q)
+            or torch._C._are_functorch_transforms_active()):
+        return None
+    if d == 1 and e == 1:
+        return "elementwise"
+    lo, hi = dispatch.CHUNK_DIMS
+    return "chunked" if lo <= d <= hi and lo <= e <= hi else None
+
+
+def _gate_parts(form: str, g0: Tensor, g1: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """``(a_re, a_im)`` (``a_im`` ``None`` for a real gate) of a gate in ``form``: ``"complex"`` / ``"real"``
+    (the operator's ``(B, n, 1, 1)`` gate: ``(B, n)`` views), ``"z"`` (``(B, n, H, 2)`` pre-activation) or
+    ``"polar"`` (log-magnitude ``g0`` and phase ``g1``, ``(B, n, H)``)."""
+    if form == "complex":
+        parts = torch.view_as_real(g0)[:, :, 0, 0]
+        return parts[..., 0], parts[..., 1]
+    if form == "real":
+        return g0[:, :, 0, 0], None
+    if form == "z":
+        z = g0.contiguous()
+        return _gate.gate_forward(z) if z.is_cuda and z.dtype in KERNEL_DTYPES else _gate.reference_forward(z)
+    rdt = torch.float64 if torch.float64 in (g0.dtype, g1.dtype) else torch.float32
+    mag, ph = torch.exp(g0.to(rdt)), g1.to(rdt)
+    return mag * torch.cos(ph), mag * torch.sin(ph)
+
+
+def _gate_grads(form: str, g0: Tensor, g1: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
+                da_re: Tensor, da_im: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """The gradients of :func:`_gate_parts`' inputs from those of its outputs (in ``(B, n[, H])`` layout)."""
+    if form == "complex":
+        rdt = torch.float64 if g0.dtype == torch.complex128 else torch.float32
+        return torch.complex(da_re.to(rdt), da_im.to(rdt)).reshape(g0.shape), None
+    if form == "real":
+        return da_re.to(g0.dtype).reshape(g0.shape), None
+    if form == "z":
+        z = g0.contiguous()
+        if z.is_cuda and z.dtype in KERNEL_DTYPES:
+            return _gate.gate_backward(z, da_re.contiguous(), da_im.contiguous()), None
+        return _gate.reference_backward(z, da_re, da_im), None
+    # a = exp(lm + i ph): da/dlm = a, da/dph = i a
+    return (da_re * a_re + da_im * a_im).to(g0.dtype), (da_im * a_re - da_re * a_im).to(g1.dtype)
+
+
+class _OneNode(torch.autograd.Function):
+    """``o = scan(q, k, v, gate(g0, g1))`` on a kernel path: see the module docstring. ``spec`` is
+    ``(entry, form, path, dtype, precision, chunk_size)``, entry ``"operator"`` (``(B, n, d)`` inputs) or
+    ``"heads"`` (``(B, n, H, d)``)."""
+
+    @staticmethod
+    def forward(ctx, spec, q, k, v, g0, g1, cu_seqlens):  # type: ignore[override]
+        entry, form, path, dt, precision, chunk_size = spec
+        a_re, a_im = _gate_parts(form, g0, g1)
+        x = [t.to(dt) for t in (q, k, v)]
+        B, n = q.shape[:2]
+        if entry == "operator" and path == "elementwise":
+            # (B, n, 1) sequences -> B channels of one batch, time contiguous: (1, n, B) views
+            x = [t.reshape(B, n).t()[None] for t in x]
+            a_re, a_im = (None if t is None else t.t()[None] for t in (a_re, a_im))
+        elif entry == "operator":
+            x = [t[:, :, None] for t in x]
+            a_re, a_im = (None if t is None else t[:, :, None] for t in (a_re, a_im))
+        elif path == "elementwise":
+            x = [t[..., 0] for t in x]
+        if path == "elementwise":
+            out, saved = elementwise_scan_op.forward_saved(*x, a_re, a_im, None, None, cu_seqlens)
+            o = out[0]
+        else:
+            are = a_re.to(torch.float32).contiguous()
+            aim = torch.zeros_like(are) if a_im is None else a_im.to(torch.float32).contiguous()
+            args = (*(t.contiguous() for t in x), are, aim, None, False,
+                    "tf32x3" if precision == "ieee" else precision, chunk_size)
+            if cu_seqlens is not None:
+                args += (cu_seqlens, _chunk_table(cu_seqlens, n, chunk_size))
+            (o, _), saved = _chunk_op.forward_saved(*args)
+        ctx.spec, ctx.saved, ctx.shapes = spec, saved, (B, n)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        ctx.gate = (g0, g1, a_re, a_im) if form == "polar" else (g0, g1, None, None)
+        if entry == "operator" and path == "elementwise":
+            return o[0].t()[..., None]
+        if entry == "operator":
+            return o[:, :, 0]
+        return o[..., None] if path == "elementwise" else o
+
+    @staticmethod
+    def backward(ctx, do):  # type: ignore[override]
+        entry, form, path, dt, _, _ = ctx.spec
+        B, n = ctx.shapes
+        if entry == "operator" and path == "elementwise":
+            do = do.reshape(B, n).t()[None]
+        elif entry == "operator":
+            do = do[:, :, None]
+        elif path == "elementwise":
+            do = do[..., 0]
+        if path == "elementwise":
+            dq, dk, dv, da_re, da_im, *_ = elementwise_scan_op.vjp_saved(ctx.saved, do, None, None, None)
+        else:
+            dq, dk, dv, da_re, da_im, *_ = _chunk_op.vjp_saved(ctx.saved, do, None)
+        if entry == "operator" and path == "elementwise":
+            dq, dk, dv = (t[0].t()[..., None] for t in (dq, dk, dv))
+            da_re, da_im = (None if t is None else t[0].t() for t in (da_re, da_im))
+        elif entry == "operator":
+            dq, dk, dv = (t[:, :, 0] for t in (dq, dk, dv))
+            da_re, da_im = (None if t is None else t[:, :, 0] for t in (da_re, da_im))
+        elif path == "elementwise":
+            dq, dk, dv = (t[..., None] for t in (dq, dk, dv))
+        dq, dk, dv = (g.to(t) for g, t in zip((dq, dk, dv), ctx.dtypes))
+        g0, g1, a_re, a_im = ctx.gate
+        dg0, dg1 = _gate_grads(form, g0, g1, a_re, a_im, da_re, da_im)
+        return None, dq, dk, dv, dg0, dg1, None
+
+
+def operator_call(q: Tensor, k: Tensor, v: Tensor, a: Tensor, dtype: torch.dtype, precision: str, chunk_size: int,
+                  cu_seqlens: Optional[Tensor]) -> Optional[Tensor]:
+    """``gate_loop_operator``'s output in one node, for checked inputs with a ``(B, n, 1, 1)`` gate per
+    sequence, no initial state and no final state; ``None`` where the general path must run."""
+    B, n, d = q.shape
+    e = v.shape[-1]
+    path = _path(q, d, e, dtype, n)
+    if path is None or a.shape != (B, n, 1, 1):
+        return None
+    if path == "elementwise" and cu_seqlens is not None:
+        return None  # the packed (1, T, 1) layout: one channel, the general path's views
+    form = "complex" if a.is_complex() else "real"
+    return _OneNode.apply(("operator", form, path, dtype, precision, chunk_size), q, k, v, a, None, cu_seqlens)
+
+
+def heads_call(q: Tensor, k: Tensor, v: Tensor, z: Optional[Tensor], log_magnitude: Optional[Tensor],
+               phase: Optional[Tensor], dtype: torch.dtype, precision: str, chunk_size: int,
+               cu_seqlens: Optional[Tensor]) -> Optional[Tensor]:
+    """``gate_loop_heads``' output in one node, for checked inputs without initial or final state; ``None``
+    where the general path must run."""
+    n, d, e = q.shape[1], q.shape[3], v.shape[3]
+    path = _path(q, d, e, dtype, n)
+    if path is None:
+        return None
+    form, g0, g1 = ("z", z, None) if z is not None else ("polar", log_magnitude, phase)
+    return _OneNode.apply(("heads", form, path, dtype, precision, chunk_size), q, k, v, g0, g1, cu_seqlens)
