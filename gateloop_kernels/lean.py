@@ -23,7 +23,8 @@ from torch import Tensor
 from . import dispatch
 from . import gate as _gate
 from ._custom_op import traced
-from .chunked import _chunk_op, _chunk_table
+from .chunked.op import _chunk_op
+from .chunked.states import _chunk_table
 from .dtypes import KERNEL_DTYPES
 from .elementwise import elementwise_scan_op
 
