@@ -8,6 +8,7 @@ local loss (its outputs, plus its own weighting of the final state), the referen
 """
 from __future__ import annotations
 
+import inspect
 import traceback
 
 import pytest
@@ -193,7 +194,8 @@ def _errors_worker(rank, world, seed):
         real_scan = module.scan
 
         def recording(*args, _scan=real_scan):
-            seen.append(args[-3:-1])  # (..., precision, chunk_size, caller's name)
+            bound = inspect.signature(_scan).bind(*args).arguments
+            seen.append((bound["precision"], bound["chunk_size"]))
             return _scan(*args)
 
         module.scan = recording
