@@ -68,9 +68,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ._checks import (GATE_HEAD, check_chunk_size, check_gate_loop_inputs, check_initial_state, check_precision,
-                      check_real_float)
-from .dispatch import DEFAULT_CHUNK
+from ._checks import (GATE_HEAD, check_chunk_size, check_cu_seqlens, check_gate_dtype, check_gate_loop_inputs,
+                      check_initial_state, check_precision, check_real_float, check_same_device, check_varlen_state)
+from .dispatch import DEFAULT_CHUNK, scan
 from .dtypes import acc_dtypes
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
 from .operator import gate_loop_operator
@@ -78,8 +78,10 @@ from .operator import gate_loop_operator
 __all__ = ["gate_loop_heads_cp", "gate_loop_operator_cp", "context_parallel_mean", "context_parallel_bytes", "DESCRIPTOR_LEN"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+# the last field (this rank's slice length) is exchanged, not compared
 _FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype", "k dtype", "v dtype",
-           "gate dtype", "initial_state dtype", "needs grad")
+           "gate dtype", "initial_state dtype", "needs grad", "sequences N (len(cu_seqlens) - 1; -1 without)",
+           "final states (with cu_seqlens)", "slice length")
 #: int64 entries of the descriptor every rank all-gathers before the states
 DESCRIPTOR_LEN = len(_FIELDS)
 
@@ -115,10 +117,12 @@ def _reduce_scatter_single(out: Tensor, x: Tensor, group) -> None:
 
 class _GatherStates(torch.autograd.Function):
     """``(P,)`` per rank -> ``(W, P)`` on every rank; backward sums each slot's gradient over the ranks
-    and returns slot ``r`` to rank ``r`` (a reduce-scatter)."""
+    and returns slot ``r`` to rank ``r`` (a reduce-scatter). ``anchor`` (a tensor needing gradients, or
+    ``None``) only makes the output need gradients where this rank's ``packed`` happens not to, so that
+    every rank's backward joins the reduce-scatter."""
 
     @staticmethod
-    def forward(ctx, packed: Tensor, group, world: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, packed: Tensor, group, world: int, anchor: Optional[Tensor]) -> Tensor:  # type: ignore[override]
         ctx.group = group
         # the flat (concatenated) form: gloo takes no stacked output
         out = packed.new_empty(world * packed.numel())
@@ -129,7 +133,7 @@ class _GatherStates(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         gx = grad.new_empty(grad.shape[1:])
         _reduce_scatter_single(gx, grad.reshape(-1), ctx.group)
-        return gx, None, None
+        return gx, None, None, None
 
 
 class _Correct(torch.autograd.Function):
@@ -306,15 +310,25 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
     rank, world = _group_rank(name, cp_group)
     if not check_shapes:
         loc = local()
-        return _fold(loc, _pack(loc), cp_group, rank, world, device)
+        o, states = _fold(loc, _pack(loc), cp_group, rank, world, device)
+        return o, states[world]
     error: Optional[Exception] = None
     desc = [1] + [0] * (DESCRIPTOR_LEN - 1)
     try:
         loc = local()
         packed = _pack(loc)
-        desc = [0, *loc.desc, int(packed.requires_grad)]
+        desc = [0, *loc.desc, int(packed.requires_grad), -1, 0, loc.q.shape[1]]
     except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
         error = exc
+    _agreed_table(name, desc, error, device, cp_group, world)
+    o, states = _fold(loc, packed, cp_group, rank, world, device)
+    return o, states[world]
+
+
+def _agreed_table(name: str, desc: list, error: Optional[Exception], device: torch.device, cp_group,
+                  world: int) -> Tensor:
+    """All-gathers the descriptors (``(W, DESCRIPTOR_LEN)`` on the host) and raises, on every rank, the first
+    rank's local error or a disagreement."""
     table = _exchange_descriptors(desc, device, cp_group, world)
     if error is not None:
         raise error
@@ -322,18 +336,22 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
     if failed:
         raise RuntimeError(f"{name}: the input of rank(s) {failed} of cp_group failed its checks "
                            "(see the error raised there)")
-    for i in range(1, DESCRIPTOR_LEN):
+    for i in range(1, DESCRIPTOR_LEN - 1):
         if (table[:, i] != table[0, i]).any():
             raise ValueError(f"{name}: the ranks of cp_group disagree on {_FIELDS[i]}: {table[:, i].tolist()} "
                              "(by rank); every rank must pass the same batch, heads, head dims and dtypes, give "
-                             "initial_state alike, and need gradients alike")
-    return _fold(loc, packed, cp_group, rank, world, device)
+                             "initial_state alike, need gradients alike, and pass the same cu_seqlens and "
+                             "output_final_state")
+    return table
 
 
-def _fold(loc: _Local, packed: Tensor, cp_group, rank: int, world: int, device: torch.device):
+def _fold(loc: _Local, packed: Tensor, cp_group, rank: int, world: int, device: torch.device,
+          anchor: Optional[Tensor] = None):
+    """The all-gather, the fold and the correction: ``(o (B, n, H, e), the states entering each slice and
+    leaving the last (W + 1, B, H, d, e))``."""
     B, _, H, d = loc.q.shape
     e = loc.o.shape[-1]
-    gathered = _GatherStates.apply(packed, cp_group, world)
+    gathered = _GatherStates.apply(packed, cp_group, world, anchor)
     with torch.autocast(device_type=device.type, enabled=False):
         parts = gathered.view(world, -1, 2)
         a_all = torch.complex(parts[:, :B * H, 0], parts[:, :B * H, 1]).reshape(world, B, H, 1, 1)
@@ -347,7 +365,196 @@ def _fold(loc: _Local, packed: Tensor, cp_group, rank: int, world: int, device: 
         # every rank's backward joins its reduce-scatter (rank 0's incoming state needs no other rank)
         states = torch.stack(prefix)
         o = _Correct.apply(loc.o, loc.q, states[rank], loc.c_re, loc.c_im)
-    return o, states[world]
+    return o, states
+
+
+class _SumFinals(torch.autograd.Function):
+    """The per-sequence final states, each rank's own ones summed over the group (an all-reduce; backward the
+    same on the gradients); ``o`` passes through, so that every rank's backward joins that all-reduce whether
+    or not its loss uses the final states."""
+
+    @staticmethod
+    def forward(ctx, mine: Tensor, o: Tensor, group):  # type: ignore[override]
+        ctx.group = group
+        buf = torch.view_as_real(mine.detach()).clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(buf, group=group)  # as real numbers: gloo reduces no complex tensors
+        return torch.view_as_complex(buf), o.view_as(o)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor, go: Tensor):  # type: ignore[override]
+        buf = torch.view_as_real(g).clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(buf, group=ctx.group)
+        return torch.view_as_complex(buf), go, None
+
+
+class _Packed(NamedTuple):
+    """One rank's checked part of a packed call, before its slice's offset is known (head layout)."""
+    q: Tensor  # (1, n, H, d)
+    e: int
+    cu: Tensor  # the global boundaries (N + 1,)
+    initial_state: Optional[Tensor]  # (N, H, d, e) or None
+    run: Callable  # (local cu_seqlens, local initial states or None) -> (o (1, n, H, e), final (N, H, d, e))
+    gate: Callable  # () -> (a_re, a_im), each (1, n, H)
+    empty: Callable  # () -> the closed forms of _empty_slice
+    anchor: Optional[Tensor]  # an input needing gradients, or None
+    odt: torch.dtype
+    desc: list
+
+
+def _check_global_cu(cu: Tensor, B: int, device: torch.device) -> int:
+    # its last entry is the group's T, checked once the slice lengths are exchanged
+    end = cu[-1] if isinstance(cu, Tensor) and cu.ndim == 1 and cu.numel() else 0
+    return check_cu_seqlens(cu, B, end, device)
+
+
+def _check_total(cu: Tensor, total) -> None:
+    """``cu_seqlens`` must end at the sum of the slice lengths (``total``: an int, or a tensor on cu's device)."""
+    if cu.device.type == "cpu" and not torch.compiler.is_compiling():
+        if int(cu[-1]) != int(total):
+            raise ValueError(f"cu_seqlens must end at the group's number of tokens T = {int(total)} (the sum of the "
+                             f"slice lengths), got {int(cu[-1])}")
+    else:
+        torch._assert_async(cu[-1] == total, "cu_seqlens must end at the group's number of tokens (the sum of the "
+                                             "slice lengths)")
+
+
+def _anchor(*tensors: Optional[Tensor]) -> Optional[Tensor]:
+    if not torch.is_grad_enabled():
+        return None
+    return next((t for t in tensors if isinstance(t, Tensor) and t.requires_grad), None)
+
+
+def _heads_packed(q, k, v, gate: dict, initial_state, precision: str, chunk_size: int, cu: Tensor) -> _Packed:
+    _check_shapes(q, k, v, gate, None)
+    check_precision(precision)
+    check_chunk_size(chunk_size)
+    B, n, H, d = q.shape
+    e = v.shape[-1]
+    N = _check_global_cu(cu, B, q.device)
+    if initial_state is not None:
+        check_gate_dtype("initial_state", initial_state)
+        check_varlen_state("initial_state", initial_state, N, (H, d, e))
+    check_same_device(q=q, k=k, v=v, **gate, initial_state=initial_state)
+    odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+
+    def run(cu_loc, s0):
+        return gate_loop_heads(q, k, v, **gate, initial_state=s0, output_final_state=True, precision=precision,
+                               chunk_size=chunk_size, cu_seqlens=cu_loc)
+
+    def empty():
+        return _empty_slice(q, k, v, torch.complex(*_gate_parts(gate)).to(acc_dtypes(odt)[1]), odt)
+
+    gate_t = gate.get("z", gate.get("log_magnitude"))
+    desc = [B, H, d, e, _dtype_code(q), _dtype_code(k), _dtype_code(v), _dtype_code(gate_t),
+            _dtype_code(initial_state)]
+    return _Packed(q, e, cu, initial_state, run, lambda: _gate_parts(gate), empty,
+                   _anchor(k, v, *gate.values(), initial_state), odt, desc)
+
+
+def _operator_packed(q, k, v, a, initial_state, precision: str, chunk_size: int, cu: Tensor) -> _Packed:
+    layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
+    if layout != GATE_HEAD:
+        raise ValueError(f"context parallelism takes one gate per step, a: (B, n, 1, 1) = ({B}, {n}, 1, 1); "
+                         f"got a of shape {tuple(a.shape)}")
+    check_precision(precision)
+    check_chunk_size(chunk_size)
+    N = _check_global_cu(cu, B, q.device)
+    check_initial_state(initial_state, B, d, e, q.device, N)
+    odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    rdt, cdt = acc_dtypes(odt)
+    a = a.expand(B, n, 1, 1)
+
+    def run(cu_loc, s0):
+        o, final = gate_loop_operator(q, k, v, a, initial_state=None if s0 is None else s0[:, 0],
+                                      return_final_state=True, precision=precision, chunk_size=chunk_size,
+                                      cu_seqlens=cu_loc)
+        return o[:, :, None], final[:, None]
+
+    def gate():
+        g = a[..., 0]
+        return (g.real, g.imag) if g.is_complex() else (g.to(rdt), torch.zeros_like(g, dtype=rdt))
+
+    def empty():
+        return _empty_slice(q[:, :, None], k[:, :, None], v[:, :, None], a[..., 0].to(cdt), odt)
+
+    desc = [B, 1, d, e, _dtype_code(q), _dtype_code(k), _dtype_code(v), _dtype_code(a), _dtype_code(initial_state)]
+    return _Packed(q[:, :, None], e, cu, None if initial_state is None else initial_state[:, None], run, gate, empty,
+                   _anchor(k, v, a, initial_state), odt, desc)
+
+
+def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: torch.device, check_shapes: bool,
+                  want_final: bool):
+    """A packed call under a group: ``(o (1, n, H, e), the per-sequence final states (N, H, d, e) or None)``.
+
+    Sequence ``i`` holds the global tokens ``cu[i] <= t < cu[i + 1]``; this rank the tokens ``lo <= t < hi``.
+    Its slice is scanned packed from zero states (the initial states of the sequences starting here), which
+    is exact but for its first segment when that continues a sequence from an earlier rank (``cu[j0] < lo``):
+    that segment gets the incoming state ``S_in`` through the gate products ``c_t`` from the slice start,
+    zero past its end. Rank ``j`` hands on ``(A_j, S_j)`` of its last segment: its local final state and,
+    if the segment continues an earlier sequence, its gate product (else 0, which ends the chain there;
+    an empty slice hands on ``(1, 0)``), so ``S_in`` of rank ``r`` is the fold of ranks ``0..r-1``.
+    """
+    rank, world = _group_rank(name, cp_group)
+    if check_shapes:
+        error: Optional[Exception] = None
+        desc = [1] + [0] * (DESCRIPTOR_LEN - 1)
+        try:
+            p = prepare()
+            desc = [0, *p.desc, int(p.anchor is not None), p.cu.shape[0] - 1, int(want_final), p.q.shape[1]]
+        except Exception as exc:  # reported to every rank, so that no rank waits in a collective
+            error = exc
+        lengths = _agreed_table(name, desc, error, device, cp_group, world)[:, -1]
+        lo, total = int(lengths[:rank].sum()), int(lengths.sum())
+        lo = torch.tensor([lo], device=device)
+    else:
+        p = prepare()
+        mine = torch.tensor([p.q.shape[1]], dtype=torch.int64, device=device)
+        lengths = mine.new_empty(world)
+        _all_gather_single(lengths, mine, cp_group)
+        lo, total = lengths[:rank].sum()[None], lengths.sum()
+    _check_total(p.cu, total)
+    q, e = p.q, p.e
+    _, n, H, d = q.shape
+    N = p.cu.shape[0] - 1
+    rdt, cdt = acc_dtypes(p.odt)
+    cu = p.cu.long()
+    hi = lo + n
+    nonempty = cu[1:] > cu[:-1]
+    # who applies each sequence's initial state and who holds its final state: the ranks of its first and last
+    # tokens; rank 0 for an empty sequence (its final state is its initial one)
+    starts = torch.where(nonempty, (cu[:-1] >= lo) & (cu[:-1] < hi), rank == 0)
+    ends = torch.where(nonempty, (cu[1:] > lo) & (cu[1:] <= hi), rank == 0)
+    s0 = None if p.initial_state is None else torch.where(starts[:, None, None, None], p.initial_state, 0)
+    if n == 0:
+        o_loc, s_last, a_last, c_re, c_im = p.empty()
+        finals = s0.to(cdt) if s0 is not None else q.new_zeros((N, H, d, e), dtype=cdt)
+        c_fin = None
+    else:
+        cu_loc = (cu - lo).clamp(0, n).to(p.cu.dtype)
+        o_loc, finals = p.run(cu_loc, s0)
+        a_re, a_im = p.gate()
+        j0 = torch.searchsorted(cu[1:], lo, right=True).clamp(max=N - 1)
+        cont = (torch.arange(N, device=device) == j0) & (cu[:-1] < lo)  # the first segment continues a sequence
+        # the gate-only scan from 1 and -i on that segment, from 0 elsewhere: Re c_t, Im c_t, its gate product
+        g0 = (cont[:, None].to(cdt) * torch.tensor([1, -1j], dtype=cdt, device=device)).repeat_interleave(H, 1)
+        ones = q.new_ones((1, n, 2 * H, 1), dtype=rdt)
+        zeros = torch.zeros_like(ones)
+        c, c_fin = scan(ones, zeros, zeros, torch.cat([a_re, a_re], 2).to(rdt), torch.cat([a_im, a_im], 2).to(rdt),
+                        g0[..., None, None], True, "ieee", DEFAULT_CHUNK, name, cu_loc)
+        c_re, c_im, c_fin = c[..., :H, 0], c[..., H:, 0], c_fin[:, :H, 0, 0]
+        last = torch.searchsorted(cu[1:], hi - 1, right=True).clamp(max=N - 1)
+        a_last, s_last = c_fin[last], finals[last]
+    loc = _Local(q, o_loc, s_last.to(cdt), a_last.to(cdt), c_re.to(rdt), c_im.to(rdt), None, [])
+    o, states = _fold(loc, _pack(loc), cp_group, rank, world, device, anchor=p.anchor)
+    if not want_final:
+        return o, None
+    with torch.autocast(device_type=device.type, enabled=False):
+        mine = finals.to(states.dtype)
+        if c_fin is not None:
+            mine = mine + c_fin.to(states.dtype)[:, :, None, None] * states[rank]
+        final, o = _SumFinals.apply(torch.where(ends[:, None, None, None], mine, 0), o, cp_group)
+    return o, final
 
 
 def _device(t) -> torch.device:
@@ -357,7 +564,8 @@ def _device(t) -> torch.device:
 def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[Tensor] = None,
                        phase: Optional[Tensor] = None, z: Optional[Tensor] = None,
                        initial_state: Optional[Tensor] = None, output_final_state: bool = False,
-                       precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK, check_shapes: bool = True, cp_group):
+                       precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK, check_shapes: bool = True, cp_group,
+                       cu_seqlens: Optional[Tensor] = None):
     """:func:`gateloop_kernels.gate_loop_heads` on a sequence split along time across ``cp_group``.
 
     Args:
@@ -391,6 +599,10 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             a dtype, giving an initial state, or whether gradients are needed.
     """
     gate = {name: t for name, t in (("z", z), ("log_magnitude", log_magnitude), ("phase", phase)) if t is not None}
+    if cu_seqlens is not None:
+        return _packed_split("gate_loop_heads_cp", cp_group,
+                             lambda: _heads_packed(q, k, v, gate, initial_state, precision, chunk_size, cu_seqlens),
+                             _device(q), check_shapes, output_final_state)
     o, final = _split_scan("gate_loop_heads_cp", cp_group,
                            lambda: _heads_local(q, k, v, gate, initial_state, precision, chunk_size), _device(q),
                            check_shapes)
@@ -399,7 +611,7 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
 
 def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_state: Optional[Tensor] = None,
                           return_final_state: bool = False, precision: str = "ieee", chunk_size: int = DEFAULT_CHUNK,
-                          check_shapes: bool = True, cp_group):
+                          check_shapes: bool = True, cp_group, cu_seqlens: Optional[Tensor] = None):
     """:func:`gateloop_kernels.gate_loop_operator` on a sequence split along time across ``cp_group``.
 
     Args:
@@ -416,6 +628,11 @@ def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial
     Raises:
         As :func:`gate_loop_heads_cp`; ValueError also for a gate per key dim or per entry.
     """
+    if cu_seqlens is not None:
+        o, final = _packed_split("gate_loop_operator_cp", cp_group,
+                                 lambda: _operator_packed(q, k, v, a, initial_state, precision, chunk_size, cu_seqlens),
+                                 _device(q), check_shapes, return_final_state)
+        return (o[:, :, 0], final[:, 0]) if return_final_state else o[:, :, 0]
     o, final = _split_scan("gate_loop_operator_cp", cp_group,
                            lambda: _operator_local(q, k, v, a, initial_state, precision, chunk_size), _device(q),
                            check_shapes)

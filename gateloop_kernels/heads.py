@@ -85,16 +85,14 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
         TypeError: wrong dtypes, a non-int ``chunk_size``, a ``cu_seqlens`` not int32/int64. ValueError: shapes,
         devices, not exactly one gate form, an unknown ``precision``, a ``chunk_size`` that is not a power of two
         >= 16, a ``cu_seqlens`` not 1-D or with ``B != 1`` or bad values, an ``initial_state`` without ``N``
-        states. NotImplementedError: ``cu_seqlens`` with ``cp_group``.
+        states.
     """
-    if cp_group is not None and cu_seqlens is not None:
-        raise NotImplementedError("cu_seqlens (packed sequences) with cp_group (context parallel) is not supported")
     if cp_group is not None:
         from .context_parallel import gate_loop_heads_cp  # it imports this module
 
         return gate_loop_heads_cp(q, k, v, log_magnitude=log_magnitude, phase=phase, z=z, initial_state=initial_state,
                                   output_final_state=output_final_state, precision=precision, chunk_size=chunk_size,
-                                  check_shapes=check_shapes, cp_group=cp_group)
+                                  check_shapes=check_shapes, cp_group=cp_group, cu_seqlens=cu_seqlens)
     check_heads_inputs(q, k, v, z, log_magnitude, phase, initial_state, cu_seqlens)
     check_precision(precision)
     check_chunk_size(chunk_size)

@@ -56,16 +56,14 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
     Raises:
         TypeError: non-tensor or integer inputs, a non-int ``chunk_size``. ValueError: shapes, devices, an
         unknown ``precision``, a ``chunk_size`` that is not a power of two >= 16; ``cu_seqlens`` errors as
-        :func:`gateloop_kernels.gate_loop_heads`'s. NotImplementedError: ``cu_seqlens`` with ``cp_group``.
+        :func:`gateloop_kernels.gate_loop_heads`'s.
     """
-    if cp_group is not None and cu_seqlens is not None:
-        raise NotImplementedError("cu_seqlens (packed sequences) with cp_group (context parallel) is not supported")
     if cp_group is not None:
         from .context_parallel import gate_loop_operator_cp  # it imports this module
 
         return gate_loop_operator_cp(q, k, v, a, initial_state=initial_state, return_final_state=return_final_state,
                                      precision=precision, chunk_size=chunk_size, check_shapes=check_shapes,
-                                     cp_group=cp_group)
+                                     cp_group=cp_group, cu_seqlens=cu_seqlens)
     layout, B, n, d, e = check_gate_loop_inputs(q, k, v, a)
     N = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, n, q.device)
     check_initial_state(initial_state, B, d, e, q.device, N)
