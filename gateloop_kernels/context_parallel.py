@@ -87,23 +87,31 @@ DESCRIPTOR_LEN = len(_FIELDS)
 
 
 def context_parallel_bytes(batch: int, heads: int, d: int, e: int, world_size: int,
-                           dtype: torch.dtype = torch.float32, check_shapes: bool = True) -> dict:
+                           dtype: torch.dtype = torch.float32, check_shapes: bool = True,
+                           sequences: Optional[int] = None, final_states: bool = False) -> dict:
     """Bytes each rank's collectives move per call of :func:`gate_loop_heads_cp` (independent of the slice length).
 
     Args:
         batch, heads, d, e: ``B, H`` and the head dims (``H = 1`` for :func:`gate_loop_operator_cp`); world_size: ``W``, ranks in the group;
         dtype: the inputs' promoted dtype (float64 folds in float64, anything else in float32).
         check_shapes: as passed to the call (without the check no descriptor is exchanged).
+        sequences: ``N`` for a packed call (``cu_seqlens`` of ``N + 1`` entries, ``batch = 1``), else ``None``.
+        final_states: a packed call's ``output_final_state`` (``return_final_state``).
 
     Returns:
-        ``{"descriptor": W * 8 * DESCRIPTOR_LEN (0 without the check), "forward": W * B * H * (2 + 2 d e) * s,
-        "backward": W * B * H * (2 + 2 d e) * s}``: the all-gathered descriptor, the all-gathered
-        states (``s`` = 4 or 8), and the reduce-scatter's input in backward (one slot comes back).
+        ``{"descriptor": W * 8 * DESCRIPTOR_LEN (0 without the check), "lengths": W * 8 (a packed call without
+        the check: the slice lengths, else 0), "forward": W * B * H * (2 + 2 d e) * s, "backward": the same,
+        "final_states": N * H * 2 d e * s (a packed call with final states, else 0)}``: the all-gathered
+        descriptor or slice lengths, the all-gathered states (``s`` = 4 or 8), the reduce-scatter's input in
+        backward (one slot comes back), and the buffer of the per-sequence final states' all-reduce, once
+        forward and once backward (a ring all-reduce sends and receives ``2 (W - 1) / W`` times it).
     """
     s = 8 if dtype == torch.float64 else 4
     states = world_size * batch * heads * (2 + 2 * d * e) * s
-    return {"descriptor": world_size * 8 * DESCRIPTOR_LEN if check_shapes else 0, "forward": states,
-            "backward": states}
+    packed = sequences is not None
+    return {"descriptor": world_size * 8 * DESCRIPTOR_LEN if check_shapes else 0,
+            "lengths": world_size * 8 if packed and not check_shapes else 0, "forward": states, "backward": states,
+            "final_states": sequences * heads * 2 * d * e * s if packed and final_states else 0}
 
 
 def _all_gather_single(out: Tensor, x: Tensor, group) -> None:
@@ -643,9 +651,9 @@ class _GlobalMean(torch.autograd.Function):
     """Forward: the group's sum over its count; backward: this rank's share times ``W`` (no collective)."""
 
     @staticmethod
-    def forward(ctx, local_sum: Tensor, local_count: int, group, world: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, local_sum: Tensor, local_count, group, world: int) -> Tensor:  # type: ignore[override]
         both = torch.stack([local_sum.detach().to(torch.float64),
-                            torch.tensor(float(local_count), dtype=torch.float64, device=local_sum.device)])
+                            torch.as_tensor(local_count, dtype=torch.float64, device=local_sum.device)])
         dist.all_reduce(both, group=group)
         # the count stays a tensor: no host synchronization
         ctx.world, ctx.count = world, both[1]
@@ -656,12 +664,13 @@ class _GlobalMean(torch.autograd.Function):
         return (g * (ctx.world / ctx.count)).to(g.dtype), None, None, None
 
 
-def context_parallel_mean(local_sum: Tensor, local_count: int, cp_group) -> Tensor:
+def context_parallel_mean(local_sum: Tensor, local_count, cp_group) -> Tensor:
     """The mean over a sequence split across ``cp_group``, e.g. the next-token loss of a model.
 
     Args:
         local_sum: scalar tensor, this rank's sum (e.g. ``cross_entropy(..., reduction="sum")`` of its tokens).
-        local_count: how many terms it sums (may be 0).
+        local_count: how many terms it sums (may be 0): an int, or a scalar tensor on ``local_sum``'s device (e.g.
+            ``(labels != -100).sum()``, read without a host synchronization).
         cp_group: the process group (``W`` ranks).
 
     Returns:

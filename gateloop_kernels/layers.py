@@ -317,7 +317,8 @@ class GateLoopedAttention(Module):
 
         ``cu_seqlens``: ``x (1, T, dim)`` holds ``N`` packed documents, each scanned from a zero state
         (:func:`gateloop_kernels.gate_loop_heads`), or from its state in a cache of ``N`` states ``(N, H, d, e)``
-        (the one a packed call with ``return_cache`` returns), advanced by the scan. Not with ``cp_group``.
+        (the one a packed call with ``return_cache`` returns), advanced by the scan. With ``cp_group``: the group's
+        global boundaries, ``x`` this rank's slice (no cache).
 
         The cache is the complex state per head, ``(b, H, d, e)``, complex64 (complex128 for float64
         inputs), detached: pass it back to continue the sequence. A given cache is updated in place
@@ -519,8 +520,10 @@ class Transformer(Module):
         With ``return_loss`` all ``T`` tokens are inputs and each token's target is the next token of its own
         document (a document's last token has none; ``labels=`` may give ``(1, T)`` targets instead,
         -100 for none): the loss is the mean over all the documents' targets, i.e. the documents' losses weighted
-        by their ``l_i - 1`` targets (NaN where no document has two tokens). Not with a cache or ``cp_group``
-        (NotImplementedError).
+        by their ``l_i - 1`` targets (NaN where no document has two tokens). Not with a cache (NotImplementedError).
+        With ``cp_group`` too, ``cu_seqlens`` holds the group's global boundaries (the same tensor on every rank)
+        and ``x (1, n_r)`` this rank's slice of the row; with ``return_loss`` pass the slice's ``labels`` (the next
+        token in the same document, -100 at a document's last token).
 
         With a cache (from :meth:`init_cache` or a previous ``return_cache=True`` call) the tokens continue
         the cached sequences: a prompt of any length is one call (the scan from the cached states), then one
@@ -537,12 +540,13 @@ class Transformer(Module):
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
                                    else ablate_state_transition)
         if cu_seqlens is not None:
-            if cache is not None or return_cache or cp_group is not None:
-                raise NotImplementedError("cu_seqlens (packed sequences) with a cache or cp_group is not supported")
+            if cache is not None or return_cache:
+                raise NotImplementedError("cu_seqlens (packed sequences) with a cache is not supported")
             if x.ndim != 2:
                 raise ValueError(f"x must be token ids (1, T), got shape {tuple(x.shape)}")
-            check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
-            if return_loss and labels is None:
+            if cp_group is None:  # under a group the layers check it against the group's T
+                check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
+            if return_loss and labels is None and cp_group is None:
                 labels = _packed_targets(x, cu_seqlens)
         if return_loss and labels is None:
             if cp_group is not None:
@@ -586,8 +590,10 @@ class Transformer(Module):
         if return_loss and cp_group is not None:
             from .context_parallel import context_parallel_mean
 
-            return context_parallel_mean(F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"),
-                                         labels.numel(), cp_group)
+            # packed labels hold -100 (no target) at each document's last token: a count on the device
+            count = labels.numel() if cu_seqlens is None else (labels != -100).sum()
+            return context_parallel_mean(F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"), count,
+                                         cp_group)
         if return_loss:
             return F.cross_entropy(logits.transpose(1, 2), labels)
         return (logits, cache) if return_cache else logits

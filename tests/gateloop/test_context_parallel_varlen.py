@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from gateloop_kernels import gate_loop_heads, gate_loop_operator
+import copy
+
+from gateloop_kernels import Transformer, gate_loop_heads, gate_loop_operator
+from gateloop_kernels import context_parallel
 from gateloop_kernels.context_parallel import DESCRIPTOR_LEN, context_parallel_bytes
 
 from helpers.distributed import expect_raises, max_rel_err, raise_failures, spawn
@@ -49,7 +52,8 @@ def _scan(x, init, cu, with_final, group=None, check_shapes=True):
 
 
 def _check_case(group, rank, world, seed, slices, seqs, d, e, dtype, form, with_init, with_final,
-                check_shapes=True) -> list[str]:
+                check_shapes=True, final_ranks=None) -> list[str]:
+    """One configuration; ``final_ranks``: the ranks whose loss uses the final states (default all)."""
     T, N, H = sum(slices), len(seqs), 2
     assert sum(seqs) == T
     cu = torch.tensor([0, *torch.tensor(seqs).cumsum(0).tolist()], dtype=torch.int32)
@@ -60,15 +64,16 @@ def _check_case(group, rank, world, seed, slices, seqs, d, e, dtype, form, with_
     ref_init = init.clone().requires_grad_() if with_init else None
     o, f = _scan(ref, ref_init, cu, True)
     loss = (o * w_o).sum()
+    final_ranks = range(world) if final_ranks is None else final_ranks
     if with_final:
-        loss = loss + sum((f * w.conj()).real.sum() for w in w_f)
+        loss = loss + sum((f * w_f[r].conj()).real.sum() for r in final_ranks)
     loss.backward()
 
     mine = {name: t[:, start:start + n].clone().requires_grad_() for name, t in x.items()}
     my_init = init.clone().requires_grad_() if with_init else None
     o_cp, f_cp = _scan(mine, my_init, cu, with_final, group, check_shapes)
     loss_cp = (o_cp * w_o[:, start:start + n]).sum()
-    if with_final:
+    if with_final and rank in final_ranks:
         loss_cp = loss_cp + (f_cp * w_f[rank].conj()).real.sum()
     loss_cp.backward()
 
@@ -85,7 +90,7 @@ def _check_case(group, rank, world, seed, slices, seqs, d, e, dtype, form, with_
         dist.all_reduce(gi, group=group)
         checks.append(("dinitial_state (summed over ranks)", gi, ref_init.grad))
     case = (f"slices={slices} seqs={seqs} d={d} e={e} {dtype} gate={form} init={with_init} final={with_final} "
-            f"check_shapes={check_shapes}")
+            f"check_shapes={check_shapes} final used on {list(final_ranks)}")
     out = []
     for name, got, want in checks:
         if got is None:
@@ -120,6 +125,137 @@ def _worker(rank, world, seed):
         failures += _check_case(group, rank, world, seed + 10 * i + 6, slices, seqs, 1 + 15 * (i % 2), 1 + 15 * (i % 2),
                                 torch.float64, "operator", True, i % 2 == 0, check_shapes=i % 2 == 0)
     raise_failures(failures)
+
+
+def _errors_worker(rank, world, seed):
+    """Bad packed input raises on every rank, the final states used on one rank only, bytes per call."""
+    group = dist.group.WORLD
+    failures = []
+
+    def call(n=4, cu=(0, 3, 8), d=1, final=True, check=True, grad=True):
+        x = [torch.randn(1, n, 2, d, requires_grad=grad) for _ in range(3)]
+        o, f = gate_loop_heads(*x, z=torch.randn(1, n, 2, 2), output_final_state=final, cp_group=group,
+                               cu_seqlens=torch.tensor(cu), check_shapes=check)
+        return o, f, x
+
+    failures += expect_raises(ValueError, "sequences N", lambda: call(cu=(0, 8) if rank else (0, 3, 8)))
+    failures += expect_raises(ValueError, "final states", lambda: call(final=rank == 0))
+    for check in (True, False):  # the same cu_seqlens on every rank: the same error everywhere
+        failures += expect_raises(ValueError, "T = 8", lambda: call(cu=(0, 3, 9), check=check))
+    failures += expect_raises(ValueError, "B must be 1", lambda: gate_loop_heads(
+        *(torch.randn(2, 4, 2, 1) for _ in range(3)), z=torch.randn(2, 4, 2, 2), cp_group=group,
+        cu_seqlens=torch.tensor([0, 8])))
+    if rank == 1:
+        failures += expect_raises(ValueError, "initial_state", lambda: gate_loop_heads(
+            *(torch.randn(1, 4, 2, 1) for _ in range(3)), z=torch.randn(1, 4, 2, 2), cp_group=group,
+            initial_state=torch.zeros(3, 2, 1, 1, dtype=torch.complex64), cu_seqlens=torch.tensor([0, 8])))
+    else:
+        failures += expect_raises(RuntimeError, "rank(s) [1]", lambda: gate_loop_heads(
+            *(torch.randn(1, 4, 2, 1) for _ in range(3)), z=torch.randn(1, 4, 2, 2), cp_group=group,
+            initial_state=torch.zeros(1, 2, 1, 1, dtype=torch.complex64), cu_seqlens=torch.tensor([0, 8])))
+    # the final states in one rank's loss only: that rank's backward still meets the others'
+    for final_ranks in ([1], [0]):
+        failures += _check_case(group, rank, world, seed, [5, 6], [3, 4, 4], 16, 16, torch.float64, "z", True, True,
+                                final_ranks=final_ranks)
+    failures += _check_case(group, rank, world, seed, [5, 6], [3, 4, 4], 16, 16, torch.float64, "z", True, True)
+
+    # bytes: every collective's buffer, for two slice lengths, with and without the check
+    sent = []
+    names = ("all_gather_single", "reduce_scatter_single", "all_reduce")
+    real = {name: getattr(dist, name) for name in names}
+
+    def recorder(name):
+        def wrapped(*args, **kwargs):
+            buf = args[0] if name in ("all_gather_single", "all_reduce") else args[1]
+            sent.append((name, buf.numel() * buf.element_size()))
+            return real[name](*args, **kwargs)
+        return wrapped
+
+    d, N = 16, 3
+    for check in (True, False):
+        counts = []
+        for n in (3, 40):
+            sent.clear()
+            for name in names:
+                setattr(dist, name, recorder(name))
+            try:
+                o, f, x = call(n=n, cu=(0, 1, n, 2 * n), d=d, check=check)
+                (o.sum() + f.real.sum()).backward()
+            finally:
+                for name, fn in real.items():
+                    setattr(dist, name, fn)
+            counts.append(list(sent))
+        want = context_parallel_bytes(1, 2, d, d, world, check_shapes=check, sequences=N, final_states=True)
+        expected = [("all_gather_single", want["descriptor"] or want["lengths"]),
+                    ("all_gather_single", want["forward"]), ("all_reduce", want["final_states"]),
+                    ("all_reduce", want["final_states"]), ("reduce_scatter_single", want["backward"])]
+        if counts[0] != expected or counts[1] != expected:
+            failures.append(f"check_shapes={check}: bytes exchanged {counts} (slice lengths 3, 40), expected "
+                            f"{expected} each")
+        if want["final_states"] != N * 2 * 2 * d * d * 4 or want["lengths"] != (0 if check else world * 8) \
+                or want["descriptor"] != (world * 8 * DESCRIPTOR_LEN if check else 0):
+            failures.append(f"context_parallel_bytes {want} disagrees with its formula")
+    raise_failures(failures)
+
+
+def _model_worker(rank, world, seed):
+    """The packed Transformer's loss (the same on every rank) and its parameter gradients averaged over the group
+    against the single-process packed model, residual and reversible, head dims 1 and 16."""
+    group = dist.group.WORLD
+    slices, seqs = [7, 0, 9][:world] if world == 3 else [7, 9], [5, 6, 0, 5]
+    T, start, n = sum(slices), sum(slices[:rank]), slices[rank]
+    cu = torch.tensor([0, *torch.tensor(seqs).cumsum(0).tolist()])
+    failures = []
+    for i, (heads, reversible) in enumerate(((None, False), (1, True))):
+        torch.manual_seed(seed + i)
+        model = Transformer(16, num_tokens=32, depth=2, gate_loop_heads=heads, reversible=reversible).double()
+        tokens = torch.randint(0, 32, (1, T))
+        ref_loss = model(tokens, return_loss=True, cu_seqlens=cu)
+        ref_loss.backward()
+        labels = torch.full_like(tokens, -100)  # the next token in the same document
+        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            labels[0, a:b - 1] = tokens[0, a + 1:b]
+        cp_model = copy.deepcopy(model)
+        cp_model.zero_grad(set_to_none=True)
+        checks = []
+        exchange = context_parallel._exchange_descriptors
+        context_parallel._exchange_descriptors = lambda *a: checks.append(1) or exchange(*a)
+        try:
+            loss = cp_model(tokens[:, start:start + n], return_loss=True, labels=labels[:, start:start + n],
+                            cp_group=group, cu_seqlens=cu)
+            forward_checks = len(checks)
+            loss.backward()
+        finally:
+            context_parallel._exchange_descriptors = exchange
+        case = f"slices={slices} seqs={seqs} gate_loop_heads={heads} reversible={reversible}"
+        if forward_checks != 1:
+            failures.append(f"{case}: {forward_checks} descriptor exchanges in forward")
+        err = max_rel_err(loss.detach(), ref_loss.detach())
+        if not err <= 1e-12:
+            failures.append(f"{case}: rank {rank} loss relative error {err:.2e}")
+        for (name, p), p_ref in zip(cp_model.named_parameters(), model.parameters()):
+            g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+            dist.all_reduce(g, group=group)
+            err = max_rel_err(g / world, p_ref.grad)
+            if not err <= 1e-10:
+                failures.append(f"{case}: rank {rank} d{name} (averaged over ranks) relative error {err:.2e}")
+    raise_failures(failures)
+
+
+def test_cp_varlen_bad_input_final_on_one_rank_and_bytes(_seed):
+    """2 ranks: disagreeing N or output_final_state, cu_seqlens not ending at the group's T, B != 1: a clear error
+    on every rank; a bad initial_state on one rank: its ValueError, a RuntimeError elsewhere; the final states
+    used by one rank's loss only: still exact, no hang; bytes per call equal context_parallel_bytes for two
+    slice lengths, with and without the check."""
+    spawn(_errors_worker, 2, _seed)
+
+
+def test_cp_varlen_transformer(_seed):
+    """2 and 3 ranks (an empty slice): the packed Transformer's loss under a group equals the single-process packed
+    loss (float64 1e-12) on every rank, its parameter gradients averaged over the group the single-process ones
+    (1e-10), residual and reversible; one descriptor check per forward."""
+    spawn(_model_worker, 2, _seed)
+    spawn(_model_worker, 3, _seed)
 
 
 def test_cp_varlen_matches_single_process(_seed):
