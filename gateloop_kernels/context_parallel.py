@@ -26,7 +26,7 @@ The steps, on every rank:
    ``|a| < 1`` underflows to its correct value 0; its backward is the scan's own reverse scan;
 3. with ``check_shapes=True`` (the default), a small int64 descriptor (batch, heads, head dims,
    dtypes, whether an initial state is given, whether the exchange needs gradients, whether the local
-   step failed) is all-gathered and compared, so that a mismatch raises the same error on every rank
+   step failed; packed: ``N`` and whether final states are wanted; the slice length, exchanged only) is all-gathered and compared, so that a mismatch raises the same error on every rank
    instead of a hang;
 4. ``(A_r, S_r)``, packed into one real buffer of ``P = B H (2 + 2 d e)`` elements, is all-gathered
    once (:class:`_GatherStates`: ``all_gather_single`` forward, ``reduce_scatter_single`` (sum)
@@ -56,8 +56,21 @@ backward whenever one rank does (as with DDP): the outputs of every rank depend 
 so every rank's backward joins the reduce-scatter. The descriptor check costs one small all-gather and
 one host synchronization per call; ``check_shapes=False`` skips it where the ranks' agreement is already
 established (the ``Transformer`` checks in its first layer only). Half-precision outputs are rounded
-twice (the local scan's output, then the corrected one). Not yet: packed sequences (``cu_seqlens``),
-gates per key dim, torch.compile (the collectives run eagerly).
+twice (the local scan's output, then the corrected one). Not yet: gates per key dim, torch.compile (the
+collectives run eagerly).
+
+Packed sequences (``cu_seqlens``, the group's global boundaries ``[0, ..., T]``, the same tensor on every
+rank, ``B = 1``; :func:`_packed_split`): each rank scans its slice packed, with the boundaries clipped to it,
+from zero states (the initial states of the sequences that start on it). Only its first segment can continue
+a sequence from an earlier rank; the exchange carries, per rank, ``(A_r, S_r)`` of its *last* segment, with
+``A_r`` its gate product when that segment continues an earlier sequence and 0 when it starts on the rank
+(an empty slice: ``(1, 0)``), so the same fold ``S^in_{j+1} = A_j S^in_j + S_j`` chains through the ranks a
+sequence crosses and restarts at boundaries. The gate-only scan runs packed from ``1`` / ``-i`` on the first
+segment (when it continues) and from 0 elsewhere, so ``c_t`` is zero past the first boundary and the same
+correction applies. Each sequence's final state is completed on the rank of its last token (rank 0 for an
+empty one: its initial state) and all-reduced (``N H d e`` complex numbers, forward and backward), with
+``output_final_state`` only. The slice offsets come from the descriptor (``check_shapes``) or one all-gather
+of the ``W`` slice lengths (without it): no other host synchronization.
 """
 from __future__ import annotations
 
@@ -593,6 +606,13 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             and ranks that disagree on ``B, H, d, e``, the fold's dtype or gradients get a collective
             error or hang until the group's timeout (NCCL).
         cp_group: a ``torch.distributed.ProcessGroup`` holding this rank (``group.WORLD`` for all).
+        cu_seqlens: packed sequences: the GLOBAL boundaries ``[0, l_1, ..., T]`` (1-D int32/int64 on the inputs'
+            device, the same values on every rank, ``T`` the sum of the slice lengths), ``B = 1``; sequences may
+            cross any number of ranks and start at a slice start. ``initial_state`` and the final states are then
+            ``(N, H, d, e)``, one per sequence (each rank passes the same initial states), as in
+            ``gate_loop_heads`` with ``cu_seqlens``; every rank must pass the same ``output_final_state``
+            (the final states are all-reduced). Without ``check_shapes`` one all-gather of the slice lengths
+            gives this rank's offset.
 
     Returns:
         ``(o (B, n_r, H, e), final_state or None)``, as ``gate_loop_heads`` on the whole sequence
@@ -604,7 +624,9 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             wrong dtypes, a non-int ``chunk_size`` (on the rank that passed them). ValueError: this process
             not in ``cp_group``; shapes, an unknown ``precision``, a bad ``chunk_size`` (on the rank that
             passed them); with ``check_shapes``, on every rank, when the ranks disagree on ``B, H, d, e``,
-            a dtype, giving an initial state, or whether gradients are needed.
+            a dtype, giving an initial state, or whether gradients are needed, and (packed) on ``N`` or
+            ``output_final_state``; a ``cu_seqlens`` not ending at the group's ``T`` (every rank, CPU; an
+            asynchronous device assertion on CUDA).
     """
     gate = {name: t for name, t in (("z", z), ("log_magnitude", log_magnitude), ("phase", phase)) if t is not None}
     if cu_seqlens is not None:
@@ -629,6 +651,8 @@ def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial
         return_final_state: also return the global final state ``(B, d, e)``, the same on every rank.
         precision, chunk_size, check_shapes: as in :func:`gate_loop_heads_cp`.
         cp_group: a ``torch.distributed.ProcessGroup`` holding this rank.
+        cu_seqlens: the global boundaries of packed sequences, as in :func:`gate_loop_heads_cp` (``B = 1``;
+            ``initial_state`` and the final states ``(N, d, e)``).
 
     Returns:
         ``out (B, n_r, e)``, or ``(out, final_state)``.

@@ -76,7 +76,8 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
             ``initial_state[i]`` (zero without), so ``initial_state`` and the final state are ``(N, H, d, e)``;
             the gate of a sequence's first token multiplies only its initial state; an empty sequence's final
             state is its initial one. No host synchronisation (values checked as
-            :func:`gateloop_kernels._checks.check_cu_seqlens` says).
+            :func:`gateloop_kernels._checks.check_cu_seqlens` says). With ``cp_group``: the group's global
+            boundaries, the same on every rank (sequences may cross ranks).
 
     Returns:
         ``(o, final_state)``: ``o (B, n, H, e)`` in the inputs' promoted dtype; ``final_state`` or ``None``.

@@ -45,6 +45,7 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
             its option (used with ``cp_group`` only).
         cu_seqlens: packed variable-length sequences, as in :func:`gateloop_kernels.gate_loop_heads`: inputs
             ``(1, T, d)`` / ``(1, T, e)``, ``a`` ``(1, T, ...)``, ``initial_state`` and the final state ``(N, d, e)``.
+            With ``cp_group``: the group's global boundaries, the same on every rank.
 
     Returns:
         ``out: (B, n, e)`` in the promoted dtype of ``q, k, v``, or ``(out, final_state)``.
