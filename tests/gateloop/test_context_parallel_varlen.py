@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 
 import copy
+import os
 
+import pytest
 from gateloop_kernels import Transformer, gate_loop_heads, gate_loop_operator
 from gateloop_kernels import context_parallel
 from gateloop_kernels.context_parallel import DESCRIPTOR_LEN, context_parallel_bytes
@@ -52,12 +54,14 @@ def _scan(x, init, cu, with_final, group=None, check_shapes=True):
 
 
 def _check_case(group, rank, world, seed, slices, seqs, d, e, dtype, form, with_init, with_final,
-                check_shapes=True, final_ranks=None) -> list[str]:
+                check_shapes=True, final_ranks=None, device="cpu") -> list[str]:
     """One configuration; ``final_ranks``: the ranks whose loss uses the final states (default all)."""
     T, N, H = sum(slices), len(seqs), 2
     assert sum(seqs) == T
-    cu = torch.tensor([0, *torch.tensor(seqs).cumsum(0).tolist()], dtype=torch.int32)
+    cu = torch.tensor([0, *torch.tensor(seqs).cumsum(0).tolist()], dtype=torch.int32, device=device)
     x, init, w_o, w_f = _inputs(seed, T, N, H, d, e, dtype, form, world)
+    x, init, w_o = {name: t.to(device) for name, t in x.items()}, init.to(device), w_o.to(device)
+    w_f = [w.to(device) for w in w_f]
     start, n = sum(slices[:rank]), slices[rank]
 
     ref = {name: t.clone().requires_grad_() for name, t in x.items()}
@@ -111,19 +115,23 @@ CASES = {
 
 
 def _worker(rank, world, seed):
+    """3 ranks: the 3-rank cases on the whole group, then the 2-rank cases on ranks [0, 1] (one spawn for both)."""
     failures = []
-    group = dist.group.WORLD
-    for i, (slices, seqs) in enumerate(CASES[world]):
-        for j, (d, e) in enumerate(((1, 1), (16, 16))):
-            dtype = (torch.float64, torch.float32)[(i + j) % 2]
-            form = ("z", "log_polar")[i % 2]
-            failures += _check_case(group, rank, world, seed + 10 * i + j, slices, seqs, d, e, dtype, form,
-                                    True, True)
-        # without initial / final states, the operator, check_shapes=False
-        failures += _check_case(group, rank, world, seed + 10 * i + 5, slices, seqs, 16, 8, torch.float64, "z",
-                                i % 2 == 0, i % 2 == 1, check_shapes=i % 2 == 1)
-        failures += _check_case(group, rank, world, seed + 10 * i + 6, slices, seqs, 1 + 15 * (i % 2), 1 + 15 * (i % 2),
-                                torch.float64, "operator", True, i % 2 == 0, check_shapes=i % 2 == 0)
+    pair = dist.new_group([0, 1])
+    for w, group in ((3, dist.group.WORLD), (2, pair)):
+        if rank >= w:
+            continue
+        for i, (slices, seqs) in enumerate(CASES[w]):
+            s = seed + 100 * w + 10 * i
+            for j, (d, e) in enumerate(((1, 1), (16, 16))):
+                dtype = (torch.float64, torch.float32)[(i + j) % 2]
+                form = ("z", "log_polar")[i % 2]
+                failures += _check_case(group, rank, w, s + j, slices, seqs, d, e, dtype, form, True, True)
+            # without initial / final states, the operator, check_shapes=False
+            failures += _check_case(group, rank, w, s + 5, slices, seqs, 16, 8, torch.float64, "z",
+                                    i % 2 == 0, i % 2 == 1, check_shapes=i % 2 == 1)
+            failures += _check_case(group, rank, w, s + 6, slices, seqs, 1 + 15 * (i % 2), 1 + 15 * (i % 2),
+                                    torch.float64, "operator", True, i % 2 == 0, check_shapes=i % 2 == 0)
     raise_failures(failures)
 
 
@@ -200,13 +208,17 @@ def _errors_worker(rank, world, seed):
 
 def _model_worker(rank, world, seed):
     """The packed Transformer's loss (the same on every rank) and its parameter gradients averaged over the group
-    against the single-process packed model, residual and reversible, head dims 1 and 16."""
-    group = dist.group.WORLD
-    slices, seqs = [7, 0, 9][:world] if world == 3 else [7, 9], [5, 6, 0, 5]
-    T, start, n = sum(slices), sum(slices[:rank]), slices[rank]
+    against the single-process packed model: 3 ranks (an empty slice) reversible with head dim 1, then ranks
+    [0, 1] residual with head dim 16."""
+    pair = dist.new_group([0, 1])
+    seqs = [5, 6, 0, 5]
     cu = torch.tensor([0, *torch.tensor(seqs).cumsum(0).tolist()])
     failures = []
-    for i, (heads, reversible) in enumerate(((None, False), (1, True))):
+    for i, (group, w, slices, heads, reversible) in enumerate(((dist.group.WORLD, 3, [7, 0, 9], 1, True),
+                                                                (pair, 2, [7, 9], None, False))):
+        if rank >= w:
+            continue
+        T, start, n = sum(slices), sum(slices[:rank]), slices[rank]
         torch.manual_seed(seed + i)
         model = Transformer(16, num_tokens=32, depth=2, gate_loop_heads=heads, reversible=reversible).double()
         tokens = torch.randint(0, 32, (1, T))
@@ -236,7 +248,7 @@ def _model_worker(rank, world, seed):
         for (name, p), p_ref in zip(cp_model.named_parameters(), model.parameters()):
             g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
             dist.all_reduce(g, group=group)
-            err = max_rel_err(g / world, p_ref.grad)
+            err = max_rel_err(g / w, p_ref.grad)
             if not err <= 1e-10:
                 failures.append(f"{case}: rank {rank} d{name} (averaged over ranks) relative error {err:.2e}")
     raise_failures(failures)
@@ -251,11 +263,44 @@ def test_cp_varlen_bad_input_final_on_one_rank_and_bytes(_seed):
 
 
 def test_cp_varlen_transformer(_seed):
-    """2 and 3 ranks (an empty slice): the packed Transformer's loss under a group equals the single-process packed
-    loss (float64 1e-12) on every rank, its parameter gradients averaged over the group the single-process ones
-    (1e-10), residual and reversible; one descriptor check per forward."""
-    spawn(_model_worker, 2, _seed)
+    """The packed Transformer's loss under a group equals the single-process packed loss (float64 1e-12) on every
+    rank, its parameter gradients averaged over the group the single-process ones (1e-10): 3 ranks (an empty
+    slice) reversible with head dim 1, 2 ranks residual with head dim 16; one descriptor check per forward."""
     spawn(_model_worker, 3, _seed)
+
+
+def _kernel_worker(rank, world, device_kind, seed):
+    """The Triton kernels' packed paths under the group: on CUDA (NCCL), or on the CPU through the interpreter."""
+    failures = []
+    if device_kind == "cpu":
+        from gateloop_kernels import dispatch, elementwise
+
+        dispatch.KERNEL_DEVICES = elementwise.KERNEL_DEVICES = ("cuda", "cpu")
+        device = "cpu"
+    else:
+        device = f"cuda:{rank}"
+    cases = [([5, 0, 7], [2, 8, 2], 1, 1), ([4, 4, 4], [3, 6, 3], 16, 16)][:1] if device_kind == "cpu" else [
+        ([300, 0, 517], [2, 700, 0, 115], 1, 1), ([64, 64, 200], [63, 1, 200, 64], 64, 64),
+        ([100, 100, 100], [1, 250, 49], 128, 128)]
+    for i, (slices, seqs, d, e) in enumerate(cases):
+        for with_init, with_final in ((True, True), (False, False))[:1 if device_kind == "cpu" else 2]:
+            failures += _check_case(dist.group.WORLD, rank, world, seed + i, slices, seqs, d, e, torch.float32, "z",
+                                    with_init, with_final, device=device)
+    raise_failures(failures)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernels on the CPU need TRITON_INTERPRET=1")
+def test_cp_varlen_kernels_interpreted(_seed):
+    """3 ranks, the Triton kernels (interpreted on the CPU) as each rank's packed scan: float32 1e-5."""
+    spawn(_kernel_worker, 3, "cpu", _seed)
+
+
+@pytest.mark.gpu
+def test_cp_varlen_nccl_matches_single_process(_seed):
+    """3 ranks over NCCL (skipped without 3 GPUs): packed sequences crossing ranks, head dims 1, 64, 128."""
+    if torch.cuda.device_count() < 3:
+        pytest.skip("needs 3 GPUs")
+    spawn(_kernel_worker, 3, "cuda", _seed)
 
 
 def test_cp_varlen_matches_single_process(_seed):
@@ -263,5 +308,4 @@ def test_cp_varlen_matches_single_process(_seed):
     slice start, empty sequences and slices; outputs, per-sequence final states and every gradient equal the
     single-process packed call (float64 1e-12, float32 1e-5), head dims 1 and 16, gate_loop_heads (both gate
     forms) and gate_loop_operator, with and without initial / final states and the shape check."""
-    spawn(_worker, 2, _seed)
     spawn(_worker, 3, _seed)
