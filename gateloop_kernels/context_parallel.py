@@ -527,10 +527,10 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
             error = exc
         lengths = _agreed_table(name, desc, error, device, cp_group, world)[:, -1]
         lo, total = int(lengths[:rank].sum()), int(lengths.sum())
-        lo = torch.tensor([lo], device=device)
+        lo = torch.full((1,), lo, dtype=torch.int64, device=device)
     else:
         p = prepare()
-        mine = torch.tensor([p.q.shape[1]], dtype=torch.int64, device=device)
+        mine = torch.full((1,), p.q.shape[1], dtype=torch.int64, device=device)  # a fill: no host-to-device copy
         lengths = mine.new_empty(world)
         _all_gather_single(lengths, mine, cp_group)
         lo, total = lengths[:rank].sum()[None], lengths.sum()
@@ -558,7 +558,8 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         j0 = torch.searchsorted(cu[1:], lo, right=True).clamp(max=N - 1)
         cont = (torch.arange(N, device=device) == j0) & (cu[:-1] < lo)  # the first segment continues a sequence
         # the gate-only scan from 1 and -i on that segment, from 0 elsewhere: Re c_t, Im c_t, its gate product
-        g0 = (cont[:, None].to(cdt) * torch.tensor([1, -1j], dtype=cdt, device=device)).repeat_interleave(H, 1)
+        g0 = cont[:, None].to(cdt).expand(N, H)
+        g0 = torch.cat([g0, -1j * g0], 1)
         ones = q.new_ones((1, n, 2 * H, 1), dtype=rdt)
         zeros = torch.zeros_like(ones)
         c, c_fin = scan(ones, zeros, zeros, torch.cat([a_re, a_re], 2).to(rdt), torch.cat([a_im, a_im], 2).to(rdt),

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import copy
 import os
+import traceback
 
 import pytest
 from gateloop_kernels import Transformer, gate_loop_heads, gate_loop_operator
@@ -279,9 +280,14 @@ def _kernel_worker(rank, world, device_kind, seed):
         device = "cpu"
     else:
         device = f"cuda:{rank}"
-    cases = [([5, 0, 7], [2, 8, 2], 1, 1), ([4, 4, 4], [3, 6, 3], 16, 16)][:1] if device_kind == "cpu" else [
-        ([300, 0, 517], [2, 700, 0, 115], 1, 1), ([64, 64, 200], [63, 1, 200, 64], 64, 64),
-        ([100, 100, 100], [1, 250, 49], 128, 128)]
+    if device_kind == "cpu":
+        cases = [([5, 0, 7], [2, 8, 2], 1, 1)]
+    elif world == 3:
+        cases = [([300, 0, 517], [2, 700, 0, 115], 1, 1), ([64, 64, 200], [63, 1, 200, 64], 64, 64),
+                 ([100, 100, 100], [1, 250, 49], 128, 128)]
+    else:
+        cases = [([300, 517], [2, 700, 0, 115], 1, 1), ([64, 200], [63, 1, 200], 64, 64),
+                 ([100, 200], [100, 150, 50], 128, 128), ([0, 90], [30, 60], 16, 16)]
     for i, (slices, seqs, d, e) in enumerate(cases):
         for with_init, with_final in ((True, True), (False, False))[:1 if device_kind == "cpu" else 2]:
             failures += _check_case(dist.group.WORLD, rank, world, seed + i, slices, seqs, d, e, torch.float32, "z",
@@ -297,10 +303,47 @@ def test_cp_varlen_kernels_interpreted(_seed):
 
 @pytest.mark.gpu
 def test_cp_varlen_nccl_matches_single_process(_seed):
-    """3 ranks over NCCL (skipped without 3 GPUs): packed sequences crossing ranks, head dims 1, 64, 128."""
-    if torch.cuda.device_count() < 3:
-        pytest.skip("needs 3 GPUs")
-    spawn(_kernel_worker, 3, "cuda", _seed)
+    """3 ranks over NCCL (2 where only 2 GPUs; skipped with fewer): packed sequences crossing ranks, a boundary at
+    a slice start, an empty slice, head dims 1, 16, 64, 128, float32 1e-5."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    spawn(_kernel_worker, min(torch.cuda.device_count(), 3), "cuda", _seed)
+
+
+def _no_sync_worker(rank, world, device_kind, seed):
+    """Warmed up, a packed forward + backward with check_shapes=False synchronizes nothing with the host."""
+    torch.cuda.manual_seed(seed)
+    n, H, d = 96, 4, 64
+    cu = torch.tensor([0, 50, 50, 150, 2 * n], device="cuda")
+    x = [torch.randn(1, n, H, d, device="cuda", requires_grad=True) for _ in range(3)]
+    z = torch.randn(1, n, H, 2, device="cuda", requires_grad=True)
+    s0 = torch.randn(4, H, d, d, dtype=torch.complex64, device="cuda", requires_grad=True)
+
+    def step(check):
+        o, f = gate_loop_heads(*x, z=z, initial_state=s0, output_final_state=True, cu_seqlens=cu,
+                               check_shapes=check, cp_group=dist.group.WORLD)
+        (o.sum() + f.real.sum()).backward()
+
+    step(True)
+    step(False)
+    torch.cuda.synchronize()
+    failures = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(False)
+    except RuntimeError:
+        failures.append(f"rank {rank}: packed, check_shapes=False synchronized with the host:\n"
+                        f"{traceback.format_exc()}")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    raise_failures(failures)
+
+
+@pytest.mark.gpu
+def test_cp_varlen_nccl_unchecked_does_not_synchronize(_seed):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    spawn(_no_sync_worker, 2, "cuda", _seed)
 
 
 def test_cp_varlen_matches_single_process(_seed):
