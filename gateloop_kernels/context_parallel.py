@@ -26,7 +26,8 @@ The steps, on every rank:
    ``|a| < 1`` underflows to its correct value 0; its backward is the scan's own reverse scan;
 3. with ``check_shapes=True`` (the default), a small int64 descriptor (batch, heads, head dims,
    dtypes, whether an initial state is given, whether the exchange needs gradients, whether the local
-   step failed; packed: ``N`` and whether final states are wanted; the slice length, exchanged only) is all-gathered and compared, so that a mismatch raises the same error on every rank
+   step failed; packed: ``N`` and whether final states are wanted; the slice length, exchanged only) is
+   all-gathered and compared, so that a mismatch raises the same error on every rank
    instead of a hang;
 4. ``(A_r, S_r)``, packed into one real buffer of ``P = B H (2 + 2 d e)`` elements, is all-gathered
    once (:class:`_GatherStates`: ``all_gather_single`` forward, ``reduce_scatter_single`` (sum)
@@ -143,7 +144,8 @@ class _GatherStates(torch.autograd.Function):
     every rank's backward joins the reduce-scatter."""
 
     @staticmethod
-    def forward(ctx, packed: Tensor, group, world: int, anchor: Optional[Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, packed: Tensor, group, world: int,  # type: ignore[override]
+                anchor: Optional[Tensor]) -> Tensor:
         ctx.group = group
         # the flat (concatenated) form: gloo takes no stacked output
         out = packed.new_empty(world * packed.numel())
