@@ -85,8 +85,12 @@ def _captured_step(step: Callable[[Tensor], Tensor], token: Tensor, cache) -> Op
 @torch.no_grad()
 def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, eos_token: Optional[int] = None,
-             generator: Optional[torch.Generator] = None, cuda_graph: bool = True) -> Tensor:
+             generator: Optional[torch.Generator] = None, cuda_graph: bool = True,
+             cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """``prompt (b, p)`` with ``max_new_tokens`` tokens appended, ``(b, p + max_new_tokens)`` int64.
+
+    ``cu_seqlens`` (``[0, l_1, ..., T]``, every ``l_i >= 1``): ``prompt (1, T)`` packs ``N`` prompts of different
+    lengths, prefilled in one call; the result is then the ``N`` continuations alone, ``(N, max_new_tokens)``.
 
     The prompt is one prefill call, then each token is a decode step on the model's cache (see
     :meth:`Transformer.forward`); tokens come from :func:`sample` (greedy at ``temperature=0``). A row that
@@ -103,13 +107,21 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     _check_args(prompt, max_new_tokens, temperature, top_k, top_p, eos_token, vocab)
     prompt = prompt.long()
     b, p = prompt.shape
+    if cu_seqlens is not None:
+        from ._checks import check_cu_seqlens
+
+        b = check_cu_seqlens(cu_seqlens, prompt.shape[0], p, prompt.device)
+        if not bool((cu_seqlens.diff() > 0).all()):  # a host sync, once per call: an empty prompt has no logits
+            raise ValueError("cu_seqlens: every packed prompt needs at least one token")
+        p = 0  # the result holds the continuations alone
     out = torch.empty((b, p + max_new_tokens), dtype=torch.int64, device=prompt.device)
-    out[:, :p] = prompt
+    if p:
+        out[:, :p] = prompt
     if max_new_tokens == 0:
         return out
     from .layers import Transformer
 
-    cache = Transformer.init_cache(model, b, p + max_new_tokens, device=prompt.device)
+    cache = Transformer.init_cache(model, b, prompt.shape[1] + max_new_tokens, device=prompt.device)
     # an upstream model patched by patch_gateloop_transformer() keeps its own forward (no cache): ours, called on it
     forward = model if isinstance(model, Transformer) else functools.partial(Transformer.forward, model)
 
@@ -119,7 +131,10 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     def pick(logits: Tensor) -> Tensor:
         return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
-    tok = pick(step(prompt))
+    if cu_seqlens is None:
+        tok = pick(step(prompt))
+    else:  # each prompt's last token predicts its first new one
+        tok = pick(forward(prompt, cache=cache, cu_seqlens=cu_seqlens)[0, cu_seqlens[1:].long() - 1])
     finished = torch.zeros(b, dtype=torch.bool, device=prompt.device)
     run = step
     for i in range(max_new_tokens):

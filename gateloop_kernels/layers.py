@@ -520,10 +520,12 @@ class Transformer(Module):
         With ``return_loss`` all ``T`` tokens are inputs and each token's target is the next token of its own
         document (a document's last token has none; ``labels=`` may give ``(1, T)`` targets instead,
         -100 for none): the loss is the mean over all the documents' targets, i.e. the documents' losses weighted
-        by their ``l_i - 1`` targets (NaN where no document has two tokens). Not with a cache (NotImplementedError).
-        With ``cp_group`` too, ``cu_seqlens`` holds the group's global boundaries (the same tensor on every rank)
-        and ``x (1, n_r)`` this rank's slice of the row; with ``return_loss`` pass the slice's ``labels`` (the next
-        token in the same document, -100 at a document's last token).
+        by their ``l_i - 1`` targets (NaN where no document has two tokens). With a cache for ``N`` sequences, a
+        packed call is the prefill of ``N`` prompts of different lengths (gate-looped layers; full attention's
+        key/value cache raises NotImplementedError), after which decode steps take ``(N, 1)`` tokens. With
+        ``cp_group`` too (no cache), ``cu_seqlens`` holds the group's global boundaries (the same tensor on every
+        rank) and ``x (1, n_r)`` this rank's slice of the row; with ``return_loss`` pass the slice's ``labels``
+        (the next token in the same document, -100 at a document's last token).
 
         With a cache (from :meth:`init_cache` or a previous ``return_cache=True`` call) the tokens continue
         the cached sequences: a prompt of any length is one call (the scan from the cached states), then one
@@ -539,13 +541,12 @@ class Transformer(Module):
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
                                    else ablate_state_transition)
+        sequences = x.shape[0] if x.ndim else 0
         if cu_seqlens is not None:
-            if cache is not None or return_cache:
-                raise NotImplementedError("cu_seqlens (packed sequences) with a cache is not supported")
             if x.ndim != 2:
                 raise ValueError(f"x must be token ids (1, T), got shape {tuple(x.shape)}")
             if cp_group is None:  # under a group the layers check it against the group's T
-                check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
+                sequences = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
             if return_loss and labels is None and cp_group is None:
                 labels = _packed_targets(x, cu_seqlens)
         if return_loss and labels is None:
@@ -558,9 +559,9 @@ class Transformer(Module):
                                  f"shape {tuple(x.shape)}")
             x, labels = x[:, :-1], x[:, 1:]
         if cache is None and return_cache:
-            cache = self.init_cache(x.shape[0], x.shape[1], device=x.device)
+            cache = self.init_cache(sequences, x.shape[1], device=x.device)
         if cache is not None:
-            cache.check(self, x)
+            cache.check(self, x, sequences)
         h = self.token_emb(x)
         kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)
         if cu_seqlens is not None:
@@ -600,13 +601,14 @@ class Transformer(Module):
 
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, eos_token: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, cuda_graph: bool = True) -> Tensor:
+                 generator: Optional[torch.Generator] = None, cuda_graph: bool = True,
+                 cu_seqlens: Optional[Tensor] = None) -> Tensor:
         """``prompt (b, p)`` token ids followed by ``max_new_tokens`` sampled ones, ``(b, p + max_new_tokens)``:
         see :func:`gateloop_kernels.generate.generate`."""
         from .generate import generate
 
         return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        eos_token=eos_token, generator=generator, cuda_graph=cuda_graph)
+                        eos_token=eos_token, generator=generator, cuda_graph=cuda_graph, cu_seqlens=cu_seqlens)
 
 
 def _packed_targets(x: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -628,12 +630,15 @@ class TransformerCache:
         self.batch_size = batch_size
         self.dtype = dtype
 
-    def check(self, model: Module, x: Tensor) -> None:
-        """Raise unless this cache can continue ``model``'s sequences with tokens ``x (b, n)``."""
+    def check(self, model: Module, x: Tensor, sequences: Optional[int] = None) -> None:
+        """Raise unless this cache can continue ``model``'s sequences with tokens ``x (b, n)`` (``sequences``:
+        how many ``x`` holds, ``b`` unless packed)."""
         if self._model() is not model:
             raise ValueError("cache was made by another model (or for another Transformer instance)")
-        if x.ndim != 2 or x.shape[0] != self.batch_size:
-            raise ValueError(f"cache holds {self.batch_size} sequences, got tokens of shape {tuple(x.shape)}")
+        sequences = x.shape[0] if sequences is None and x.ndim == 2 else sequences
+        if x.ndim != 2 or sequences != self.batch_size:
+            raise ValueError(f"cache holds {self.batch_size} sequences, got tokens of shape {tuple(x.shape)}"
+                             + ("" if sequences == x.shape[0] else f" packing {sequences} sequences"))
         dtype = model.token_emb.weight.dtype
         # the cache must hold the parameters' precision; float64 states are complex128, all others complex64
         if (torch.promote_types(dtype, self.dtype) != self.dtype

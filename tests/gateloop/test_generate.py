@@ -135,6 +135,30 @@ def test_greedy_generate_matches_full_forwards(name):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("name", ["hd1", "hd8-noswish-subln", "hd8-reversible"])
+def test_packed_prompts_generate_as_each_alone(name):
+    """Prompts of 5, 1 and 66 tokens (across the CPU scan's 64-step chunk) packed with cu_seqlens: one prefill,
+    then batch-3 decode steps; each continuation is the greedy one of its prompt generated alone."""
+    model = _model(GATE_LOOP[name])
+    lens = [5, 1, 66]
+    prompts = [torch.randint(0, VOCAB, (1, n)) for n in lens]
+    cu = torch.tensor([0, 5, 6, 72])
+    got = model.generate(torch.cat(prompts, 1), 7, temperature=0, cu_seqlens=cu)
+    want = torch.cat([model.generate(p, 7, temperature=0)[:, p.shape[1]:] for p in prompts])
+    assert got.shape == (3, 7) and torch.equal(got, want)
+
+
+def test_packed_prompts_bad_input():
+    prompt = torch.randint(0, VOCAB, (1, 6))
+    with pytest.raises(ValueError, match="at least one token"):
+        _model(GATE_LOOP["hd1"]).generate(prompt, 3, cu_seqlens=torch.tensor([0, 4, 4, 6]))
+    with pytest.raises(NotImplementedError, match="cache"):  # full attention's key/value cache is not packed
+        _model(FULL_ATTN["full-rotary"]).generate(prompt, 3, cu_seqlens=torch.tensor([0, 4, 6]))
+    model = _model(GATE_LOOP["hd1"])
+    with pytest.raises(ValueError, match="cache holds 3 sequences"):
+        model(prompt, cache=model.init_cache(3), cu_seqlens=torch.tensor([0, 4, 6]))
+
+
 def test_generate_eos_pads_finished_rows():
     model = _model(GATE_LOOP["hd8-noswish-subln"])
     prompt = torch.randint(0, VOCAB, (4, 3))
