@@ -183,7 +183,6 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
                 tl.store(dh0i_ptr + b * C + c, a0r * l0i - a0i * l0r, mask=mc)
 
 
-
 def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor, k: Tensor,
                   v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor], h0_re: Optional[Tensor],
                   h0_im: Optional[Tensor], carries: Tensor, block: Optional[tuple[int, int, int]] = None,

@@ -133,7 +133,6 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
     tl.store(o_ptr + ooff, (q * h_r).to(o_ptr.dtype.element_ty), mask=m)
 
 
-
 def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
                  h0_re: Optional[Tensor] = None, h0_im: Optional[Tensor] = None,
                  block: Optional[tuple[int, int, int]] = None,

@@ -20,13 +20,11 @@ def _pack(lo, hi):
     return (hi.to(tl.uint32, bitcast=True).to(tl.int64) << 32) | lo_bits
 
 
-
 @triton.jit
 def _unpack(w):
     """The two float32 ``(lo, hi)`` of a word :func:`_pack` wrote."""
     lo = ((w & 0xFFFFFFFF) - 1).to(tl.uint32).to(tl.float32, bitcast=True)
     return lo, (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-
 
 
 @triton.jit
@@ -35,14 +33,12 @@ def _written(w):
     return (w & 0xFFFFFFFF) != 0
 
 
-
 @triton.jit
 def _publish(buf_ptr, sidx, mc, r0, r1, r2, r3, WORDS: tl.constexpr):
     """``(r0, r1)`` as word ``sidx * WORDS``, and ``(r2, r3)`` after it when ``WORDS == 2``."""
     tl.store(buf_ptr + sidx * WORDS, _pack(r0, r1), mask=mc)
     if WORDS == 2:
         tl.store(buf_ptr + sidx * WORDS + 1, _pack(r2, r3), mask=mc)
-
 
 
 @triton.jit

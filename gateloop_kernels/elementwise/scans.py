@@ -14,7 +14,6 @@ def _combine(ar1, ai1, hr1, hi1, ar2, ai2, hr2, hi2):
             ar2 * hr1 - ai2 * hi1 + hr2, ar2 * hi1 + ai2 * hr1 + hi2)
 
 
-
 @triton.jit
 def _combine_reset(ar1, ai1, hr1, hi1, r1, ar2, ai2, hr2, hi2, r2):
     """:func:`_combine` for maps that may reset (``r = 1``: ``h -> h2``, the state before is dropped). A select,
@@ -23,7 +22,6 @@ def _combine_reset(ar1, ai1, hr1, hi1, r1, ar2, ai2, hr2, hi2, r2):
     keep = r2 != 0
     return (tl.where(keep, ar2, ar), tl.where(keep, ai2, ai), tl.where(keep, hr2, hr), tl.where(keep, hi2, hi),
             tl.maximum(r1, r2))
-
 
 
 @triton.jit
@@ -37,14 +35,12 @@ def _scan_reverse(ar, ai, x):
     return tl.flip(A_r, 0), tl.flip(A_i, 0), tl.flip(H_r, 0), tl.flip(H_i, 0)
 
 
-
 @triton.jit
 def _scan_reverse_reset(ar, ai, xr, xi, r):
     """:func:`_scan_reverse` of resetting maps (complex ``x``, resets ``r``): ``(A_r, A_i, H_r, H_i)``."""
     A_r, A_i, H_r, H_i, _ = tl.associative_scan((tl.flip(ar, 0), tl.flip(ai, 0), tl.flip(xr, 0), tl.flip(xi, 0),
                                                  tl.flip(r, 0)), 0, _combine_reset)
     return tl.flip(A_r, 0), tl.flip(A_i, 0), tl.flip(H_r, 0), tl.flip(H_i, 0)
-
 
 
 @triton.jit

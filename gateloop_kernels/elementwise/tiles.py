@@ -10,12 +10,12 @@ import triton.language as tl
 
 @triton.jit
 def _tile_offsets(seg, rem, c0, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
-          BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BIG: tl.constexpr):
+                  BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BIG: tl.constexpr):
     """Indices of the tile of segment ``seg`` and ``rem = batch * NCB + channel block``: ``(b, rows,
     t, c, mc, m, off, goff, boff, gboff)``: in-batch offsets of the tile in the q-like and the gate
     tensors (int32 unless ``BIG``), and the batch offsets to add to their pointers. ``c0`` is always 0, an
     argument the compiler does not specialize on: the channels' alignment is unknown, so loads are not
-    vectorized along them and a thread keeps one channel's rows (module docstring)."""
+    vectorized along them and a thread keeps one channel's rows (docs/kernels.md section 2, "Layout")."""
     b = rem // NCB
     cb = rem % NCB
     rows = tl.arange(0, BLOCK_T)
@@ -27,7 +27,6 @@ def _tile_offsets(seg, rem, c0, n, C, NCB, s_b, s_n, s_c, g_b, g_n, g_c,
     off = tt * s_n + c[None, :] * s_c
     goff = tt * g_n + c[None, :] * g_c
     return b, rows, t, c, mc, m, off, goff, b.to(tl.int64) * s_b, b.to(tl.int64) * g_b
-
 
 
 @triton.jit
@@ -43,12 +42,10 @@ def _out_offsets(b, t, c, off, boff, o_b, o_n, o_c, OUT_STRIDED: tl.constexpr, B
     return ooff, oboff
 
 
-
 @triton.jit
 def _state_offsets(sq, c, C, BIG: tl.constexpr):
     """Offsets of rows ``sq`` (``(BLOCK_T,)``) and channels ``c`` in a dense ``(N, C)`` state (int32 unless ``BIG``)."""
     return (sq[:, None].to(tl.int64) if BIG else sq[:, None]) * C + c[None, :]
-
 
 
 @triton.jit
@@ -80,12 +77,10 @@ def _sequences(cu_ptr, NSEQ, NBIS, t0, t, n, BLOCK_T: tl.constexpr):
     return sq, start & (t < n), last
 
 
-
 @triton.jit
 def _row(x, rows, r):
     """Row ``r`` of a ``(BLOCK_T, BLOCK_C)`` tile as a ``(BLOCK_C,)`` vector."""
     return tl.sum(tl.where(rows[:, None] == r, x, 0.0), axis=0)
-
 
 
 @triton.jit
