@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from . import gate as _gate
@@ -117,6 +118,7 @@ class _OneNode(torch.autograd.Function):
         return o[..., None] if path == "elementwise" else o
 
     @staticmethod
+    @once_differentiable  # kernels: a gradient of the gradient raises instead of coming out silently zero
     def backward(ctx, do):  # type: ignore[override]
         entry, form, path, dt, _, _ = ctx.spec
         B, n = ctx.shapes

@@ -146,14 +146,6 @@ def test_kernel_int64_offsets(monkeypatch, complex_gate):
     check_fwd_bwd(make(1, 40, 20, torch.float32, complex_gate, False, True), (32, 32, 1), 16, (16, 32, 1))
 
 
-@pytest.fixture
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 @needs_kernels
 def test_kernel_deterministic_lookback(deterministic):
     """Under ``torch.use_deterministic_algorithms(True)`` the look-back only waits for inclusive states;

@@ -164,14 +164,6 @@ def test_kernel_no_steps():
     assert torch.equal(grads[5], g_re) and torch.equal(grads[6], g_im)
 
 
-@pytest.fixture
-def deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(before)
-
-
 @needs_kernels
 def test_kernel_packed_deterministic(deterministic):
     """Without aggregates (each tile waits for its predecessor's inclusive state, or publishes its own at once

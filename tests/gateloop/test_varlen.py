@@ -43,6 +43,16 @@ def _bounds(lengths):
     return out
 
 
+def _documents_loss(model, tokens, lengths):
+    """The documents' losses run one by one, weighted by their targets (l_i - 1): the packed loss's oracle."""
+    weighted, targets = 0.0, 0
+    for a, b in _bounds(lengths):
+        if b - a >= 2:
+            weighted = weighted + (b - a - 1) * model(tokens[:, a:b], return_loss=True)
+            targets += b - a - 1
+    return weighted / targets
+
+
 def _close(x: torch.Tensor, y: torch.Tensor, tol: float, what: str) -> None:
     x, y = x.detach().to(torch.complex128 if x.is_complex() else torch.float64), \
         y.detach().to(torch.complex128 if y.is_complex() else torch.float64)
@@ -311,12 +321,7 @@ def test_transformer_packed_loss_is_the_token_weighted_documents(kind):
     tokens = torch.randint(0, 11, (1, T))
     params = [p for p in model.parameters()]
     loss = model(tokens, cu_seqlens=cu, return_loss=True)
-    weighted, targets = 0.0, 0
-    for a, b in _bounds(lengths):
-        if b - a >= 2:
-            weighted = weighted + (b - a - 1) * model(tokens[:, a:b], return_loss=True)
-            targets += b - a - 1
-    ref = weighted / targets
+    ref = _documents_loss(model, tokens, lengths)
     _close(loss, ref, 1e-12, "loss")
     for p, g, rg in zip(params, torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
         _close(g, rg, 1e-11, f"gradient of a {tuple(p.shape)} parameter")
@@ -387,12 +392,7 @@ def test_gpu_transformer_packed_loss_is_the_token_weighted_documents():
     cu, T = _cu(lengths, device="cuda"), sum(lengths)
     tokens = torch.randint(0, 256, (1, T), device="cuda")
     loss = model(tokens, cu_seqlens=cu, return_loss=True)
-    weighted, targets = 0.0, 0
-    for a, b in _bounds(lengths):
-        if b - a >= 2:
-            weighted = weighted + (b - a - 1) * model(tokens[:, a:b], return_loss=True)
-            targets += b - a - 1
-    _close(loss, weighted / targets, 1e-5, "loss")
+    _close(loss, _documents_loss(model, tokens, lengths), 1e-5, "loss")
 
 
 @pytest.mark.gpu
