@@ -35,6 +35,8 @@ from bench.harness import ceilings, describe, rel_err
 from gateloop_kernels import elementwise as ew
 from gateloop_kernels import operator as op
 from gateloop_kernels import reference as R
+from gateloop_kernels.elementwise import config as ew_config
+from gateloop_kernels.elementwise.torch_path import _torch_backward, _torch_forward
 
 TOTAL = 4096 * 2048
 
@@ -133,10 +135,10 @@ def run_case(BH: int, n: int, dtype: torch.dtype, device: str, check_grads: bool
     B = 4 if BH % 4 == 0 and BH >= 64 else 1
     q, k, v, a_re, a_im = _make(BH, n, dtype, device, B)
     numel = BH * n
-    ref_o, _, _ = ew._torch_forward(q.double(), k.double(), v.double(), a_re.double(), a_im.double(), None, None)
+    ref_o, _, _ = _torch_forward(q.double(), k.double(), v.double(), a_re.double(), a_im.double(), None, None)
     do = torch.randn(q.shape).to(q)
-    ref_g = ew._torch_backward(do.double(), None, None, q.double(), k.double(), v.double(), a_re.double(),
-                               a_im.double(), None, None) if check_grads else None
+    ref_g = _torch_backward(do.double(), None, None, q.double(), k.double(), v.double(), a_re.double(),
+                            a_im.double(), None, None) if check_grads else None
     rows = []
     for name, (setup, fwd) in _impls(q, k, v, a_re, a_im).items():
         row = {"impl": name, "BH": BH, "n": n, "d": 1, "dtype": str(dtype).replace("torch.", "")}
@@ -281,11 +283,11 @@ def result_rows(rows: list[dict], env: dict) -> list[dict]:
 
 
 def _sweep_tiles() -> None:
-    """Tile sweep of our kernels (``elementwise.WIDE_FWD``, ``WIDE_BWD``, ``NARROW``): graph-replay times
+    """Tile sweep of our kernels (``elementwise.config.WIDE_FWD``, ``WIDE_BWD``, ``NARROW``): graph-replay times
     at (4096, 2048) (1024 channels per batch), (64, 1024) and (32, 2^18) (16 and 8), float32, for
     tuning; every configuration's output and gradients are compared with the default's."""
     names = ("WIDE_FWD", "WIDE_BWD", "NARROW")
-    saved = tuple(getattr(ew, nm) for nm in names)
+    saved = tuple(getattr(ew_config, nm) for nm in names)
     wide = [((32, 64, 2), (16, 64, 2)), ((16, 64, 2), (16, 64, 2)), ((32, 128, 4), (16, 128, 4)),
             ((32, 32, 1), (16, 32, 1)), ((64, 64, 2), (16, 64, 2)), ((32, 64, 2), (8, 64, 2)),
             ((32, 64, 2), (32, 64, 2)), ((32, 32, 1), (32, 32, 1)), ((64, 64, 2), (32, 64, 2))]
@@ -303,7 +305,7 @@ def _sweep_tiles() -> None:
         ref = fwd_bwd()
         for cfg in cfgs:
             for nm, val in zip(names, cfg):
-                setattr(ew, nm, val)
+                setattr(ew_config, nm, val)
             try:
                 err = max(rel_err(x, y) for x, y in zip(fwd_bwd(), ref))
                 f = _time_graph(lambda: ew.scan_forward(*ins)).median
@@ -314,7 +316,7 @@ def _sweep_tiles() -> None:
             _log(f"({BH}, {n}) fwd {cfg[0]} bwd {cfg[1]} narrow {cfg[2]}: graph fwd {f:.4f} ms  fwd+bwd {fb:.4f} ms"
                  f"  vs default {err:.1e}")
         for nm, val in zip(names, saved):
-            setattr(ew, nm, val)
+            setattr(ew_config, nm, val)
 
 
 def _profile() -> None:

@@ -31,6 +31,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, KernelInterface, create_function_from_signature
 
 from gateloop_kernels import elementwise as ew
+from gateloop_kernels.elementwise import backward as ew_backward, forward as ew_forward
 from gateloop_kernels.chunked import gradients, op, outputs, states
 from gateloop_kernels.chunked.config import _DEFAULT_BT
 
@@ -102,7 +103,7 @@ def record_elementwise(B: int, n: int, C: int, dtype: torch.dtype) -> list:
     def run() -> None:
         _, _, _, carries = ew.scan_forward(q, k, v, a_re, a_im)
         ew.scan_backward(q, None, None, q, k, v, a_re, a_im, None, None, carries)
-    return _record((ew,), run)
+    return _record((ew_forward, ew_backward), run)
 
 
 def record_chunked(B: int, n: int, H: int, d: int, e: int, dtype: torch.dtype, precision: str = "ieee") -> list:

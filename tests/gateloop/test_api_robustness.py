@@ -13,6 +13,7 @@ from torch.func import grad, vmap
 
 import gateloop_kernels as G
 from gateloop_kernels import elementwise as ew
+from gateloop_kernels.elementwise import op as ew_op
 from gateloop_kernels import reference as R
 from gateloop_kernels.layers import CausalFullAttention, GateLoopedAttention, SimpleGateLoopLayer
 
@@ -154,7 +155,7 @@ def test_kernel_any_strides(how):
 @pytest.fixture
 def kernel_on_cpu(monkeypatch):
     """The elementwise op runs its Triton kernels on CPU tensors (under the interpreter)."""
-    monkeypatch.setattr(ew, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ew_op, "KERNEL_DEVICES", ("cuda", "cpu"))
 
 
 @needs_kernels
@@ -261,7 +262,7 @@ def test_func_through_elementwise_kernel(monkeypatch):
     want = grad(f, argnums=(0, 1))(q, h0_re)  # the CPU implementation: pure PyTorch, checked against autograd above
     want_out = torch.stack([ew.elementwise_scan(x, k, v, a_re, a_im, h0_re, h0_im)[0] for x in Q])
     want_per_sample = torch.stack([grad(f)(x, h0_re) for x in Q])
-    monkeypatch.setattr(ew, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ew_op, "KERNEL_DEVICES", ("cuda", "cpu"))
     for x, y in zip(grad(f, argnums=(0, 1))(q, h0_re), want):
         assert rel(x, y) < 1e-5
     assert rel(vmap(lambda q: ew.elementwise_scan(q, k, v, a_re, a_im, h0_re, h0_im)[0])(Q), want_out) < 1e-5

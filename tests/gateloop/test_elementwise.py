@@ -9,6 +9,8 @@ import triton
 import triton.language as tl
 
 from gateloop_kernels import elementwise as ew
+from gateloop_kernels.elementwise import backward, forward, lookback
+from gateloop_kernels.elementwise.torch_path import _torch_backward, _torch_forward
 
 from helpers.elementwise_check import GRAD_NAMES, make, oracle
 from helpers.kernels import DEV, needs_kernels
@@ -49,11 +51,11 @@ def test_tile_config_invariants(n, C):
 @triton.jit
 def _pack_roundtrip(lo_ptr, hi_ptr, lo_out, hi_out, ok_out, N: tl.constexpr):
     i = tl.arange(0, N)
-    w = ew._pack(tl.load(lo_ptr + i), tl.load(hi_ptr + i))
-    lo, hi = ew._unpack(w)
+    w = lookback._pack(tl.load(lo_ptr + i), tl.load(hi_ptr + i))
+    lo, hi = lookback._unpack(w)
     tl.store(lo_out + i, lo)
     tl.store(hi_out + i, hi)
-    tl.store(ok_out + i, ew._written(w).to(tl.int32) + 2 * ew._written(w * 0).to(tl.int32))
+    tl.store(ok_out + i, lookback._written(w).to(tl.int32) + 2 * lookback._written(w * 0).to(tl.int32))
 
 
 @needs_kernels
@@ -139,7 +141,8 @@ def test_kernel_backward_tiles_shorter_than_forward(fwd_t, carry_t, complex_gate
 @pytest.mark.parametrize("complex_gate", [True, False])
 def test_kernel_int64_offsets(monkeypatch, complex_gate):
     """The 64-bit offset path (taken past 2^31 elements per batch) on a small problem, forced."""
-    monkeypatch.setattr(ew, "_big", lambda *ts: True)
+    for launcher in (forward, backward):
+        monkeypatch.setattr(launcher, "_needs_int64", lambda *ts: True)
     check_fwd_bwd(make(1, 40, 20, torch.float32, complex_gate, False, True), (32, 32, 1), 16, (16, 32, 1))
 
 
@@ -238,8 +241,8 @@ def _poison():
 def _torch_oracle(args, do, g_re, g_im):
     """Float64 forward/backward through the PyTorch implementation (validated against autograd above)."""
     a64 = [f64(t) for t in args]
-    o, hr, hi = ew._torch_forward(*a64)
-    grads = ew._torch_backward(do.double(), f64(g_re), f64(g_im), *a64)
+    o, hr, hi = _torch_forward(*a64)
+    grads = _torch_backward(do.double(), f64(g_re), f64(g_im), *a64)
     return o, hr, hi, grads
 
 
@@ -277,7 +280,7 @@ def test_gpu_real_sizes(B, n, C, layout, dtype, complex_gate):
 @pytest.mark.gpu
 def test_gpu_zero_gates_and_repeatability():
     """Hard resets stay finite, and every run matches the oracle. Runs may differ in the last bits (the
-    look-back's path depends on timing: module docstring of ``elementwise``), not more."""
+    look-back's path depends on timing: docs/design.md section 5, "Reproducibility"), not more."""
     args = make(2, 4096, 256, torch.float32, True, False, True, device="cuda", zero_gates=True)
     outs = [ew.scan_forward(*args)[0] for _ in range(3)]
     ro, *_ = _torch_oracle(args, torch.ones_like(args[0]), None, None)

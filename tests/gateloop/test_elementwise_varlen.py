@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from gateloop_kernels import elementwise as ew
+from gateloop_kernels.elementwise import op as ew_op
+from gateloop_kernels.elementwise.torch_path import _torch_backward, _torch_forward
 
 from helpers.elementwise_check import GRAD_NAMES, make, oracle
 from helpers.kernels import DEV, needs_kernels
@@ -109,7 +111,7 @@ def run_op(args, cu, do, g_re, g_im):
 @pytest.fixture
 def kernel_on_cpu(monkeypatch):
     """The op runs its Triton kernels on CPU tensors (under the interpreter)."""
-    monkeypatch.setattr(ew, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ew_op, "KERNEL_DEVICES", ("cuda", "cpu"))
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -204,7 +206,7 @@ def test_nonfinite_stays_in_its_sequence(path, monkeypatch):
     args[1][0, 8, 1] = float("nan")  # sequence 1, channel 1
     args[3][0, 19, 2] = float("inf")  # sequence 2, channel 2
     if path == "kernel":
-        monkeypatch.setattr(ew, "KERNEL_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(ew_op, "KERNEL_DEVICES", ("cuda", "cpu"))
     o, hr, hi, grads = run_op(args, cu, do, g_re, g_im)
     ro, rh, rgrads = packed_oracle(args, lens, do, g_re, g_im)
     keep = torch.ones(1, sum(lens), 3, dtype=torch.bool)
@@ -265,8 +267,8 @@ def test_gpu_packed_real_sizes(dtype, complex_gate, kv_given, with_h0):
     o, hr, hi, carries = ew.scan_forward(*args, cu_seqlens=cu)
     grads = ew.scan_backward(do, g_re, g_im, *args, carries, cu_seqlens=cu)
     a64 = [None if t is None else t.double() for t in args]
-    ro, rhr, rhi = ew._torch_forward(*a64, cu)
-    rgrads = ew._torch_backward(do.double(), g_re.double(), None if g_im is None else g_im.double(), *a64, cu)
+    ro, rhr, rhi = _torch_forward(*a64, cu)
+    rgrads = _torch_backward(do.double(), g_re.double(), None if g_im is None else g_im.double(), *a64, cu)
     tol = TOL[dtype]
     assert rel(o, ro) < tol and rel(hr, rhr) < 1e-5
     if complex_gate:
@@ -299,8 +301,8 @@ def test_gpu_packed_many_short_and_deterministic(deterministic):
         runs.append([o, hr, hi, *ew.scan_backward(do, g_re, g_im, *args, carries, cu_seqlens=cu)])
     assert all(torch.equal(x, y) for x, y in zip(runs[0], runs[1]) if x is not None)
     a64 = [None if t is None else t.double() for t in args]
-    ro, rhr, rhi = ew._torch_forward(*a64, cu)
-    rgrads = ew._torch_backward(do.double(), g_re.double(), g_im.double(), *a64, cu)
+    ro, rhr, rhi = _torch_forward(*a64, cu)
+    rgrads = _torch_backward(do.double(), g_re.double(), g_im.double(), *a64, cu)
     assert rel(runs[0][0], ro) < 1e-5 and rel(runs[0][1], rhr) < 1e-5 and rel(runs[0][2], rhi) < 1e-5
     for name, g, r in zip(GRAD_NAMES, runs[0][3:], rgrads):
         if g is not None:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import gateloop_kernels as gk
-from gateloop_kernels import dispatch, elementwise
+from gateloop_kernels import dispatch
+from gateloop_kernels.elementwise import op as ew_op
 from tests.helpers.kernels import INTERPRET
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -43,7 +44,7 @@ def kernels_on(monkeypatch):
             if not INTERPRET:
                 pytest.skip("the CPU runs the kernels only under TRITON_INTERPRET=1")
             monkeypatch.setattr(dispatch, "KERNEL_DEVICES", ("cuda", "cpu"))
-            monkeypatch.setattr(elementwise, "KERNEL_DEVICES", ("cuda", "cpu"))
+            monkeypatch.setattr(ew_op, "KERNEL_DEVICES", ("cuda", "cpu"))
     return on
 
 

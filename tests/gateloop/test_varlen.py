@@ -117,10 +117,11 @@ def test_heads_packed_equals_each_alone(dtype, d, e, with_state, H=2, n_random=3
 def test_kernel_paths_packed_equals_each_alone(monkeypatch, d, e):
     """The dispatch's packed paths through the Triton kernels (the interpreter on the CPU): the elementwise op at
     head dim 1, the chunked kernel at 16..256, against each sequence alone on the same kernel."""
-    from gateloop_kernels import dispatch, elementwise
+    from gateloop_kernels import dispatch
+    from gateloop_kernels.elementwise import op as ew_op
 
     monkeypatch.setattr(dispatch, "KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(elementwise, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ew_op, "KERNEL_DEVICES", ("cuda", "cpu"))
     test_heads_packed_equals_each_alone(torch.float32, d, e, with_state=True, H=1, n_random=1)
 
 
