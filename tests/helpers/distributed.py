@@ -4,7 +4,10 @@ on the group and on the join, so a hang fails the test instead of CI; workers co
 (``max_rel_err``, ``expect_raises``) and raise them together (``raise_failures``)."""
 from __future__ import annotations
 
+import gc
+import os
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -48,7 +51,13 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
     try:
         fn(rank, world, *args)
     finally:
+        gc.collect()  # autograd graphs that hold the group go before it does
         dist.destroy_process_group()
+    # a clean rank leaves without the interpreter's teardown, where gloo's threads can abort the process
+    # ("terminate called without an active exception") after its work is done and checked
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def max_rel_err(got, want) -> float:
