@@ -20,34 +20,63 @@ runs ``W`` spawned ranks (NCCL on ``W`` GPUs, else gloo on the CPU) or under ``t
 per rank; ``--nproc`` is then ignored), e.g. ``torchrun --nproc-per-node 4 -m bench cp --train --cp 2``.
 The task: every sequence counts up by one (mod the vocabulary) from a random start, which a model
 learns from the previous token alone, so the loss falls within a few steps.
+
+Predicted scaling (``--predict [--worlds W ...] [--seq T ...] [--dims D ...] [--link-gbps BW]
+[--link-latency-us L]``): one process, one device, no process group. For each ``W`` it times forward +
+backward of what one rank runs on its ``ceil(T / W)`` slice -- :func:`gate_loop_heads_cp` itself
+(``check_shapes=False``) with its two collectives replaced by local copies, next to its parts (the slice's
+``gate_loop_heads`` scan, the per-rank scans ``_heads_local`` (slice + gate-only scan), the output
+correction ``_Correct``) -- and adds the modelled collectives: all-gather forward and reduce-scatter
+backward, each ``L + (W - 1) / W * bytes / BW`` with ``bytes`` the all-gathered states of
+:func:`context_parallel_bytes` (nothing at ``W = 1``). Defaults: ``BW`` = 3600 Gbit/s (450 GB/s, one
+direction of an H100 SXM's NVLink 4: 18 links x 25 GB/s), ``L`` = 10 us per collective (an assumption of the
+order of NCCL's small-message latency on NVLink; the measured ``--nproc W`` run prints the real one).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
 import time
 import warnings
 from datetime import timedelta
+from unittest import mock
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
+from bench import harness, results
 from gateloop_kernels import Transformer, gate_loop_heads
+from gateloop_kernels import context_parallel as cpm
 from gateloop_kernels.context_parallel import context_parallel_bytes, gate_loop_heads_cp
+from gateloop_kernels.reference import DEFAULT_CHUNK
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 WRAPS = ("ddp", "fsdp", "hsdp")
+#: --predict's link model: one direction of an H100 SXM's NVLink 4 (18 links x 25 GB/s = 450 GB/s), in Gbit/s
+LINK_GBPS = 3600.0
+#: --predict's latency per collective, microseconds (the order of NCCL's small-message latency on NVLink)
+LINK_LATENCY_US = 10.0
+
+
+class _Seq(argparse.Action):
+    """``--seq T [T ...]``: ``seqs`` the list (``--predict``), ``seq`` the first (the other modes take one)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.seqs, namespace.seq = list(values), values[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.cp", description=__doc__.split("\n\n")[1])
     p.add_argument("--nproc", type=int, default=2, help="ranks W (default 2)")
-    p.add_argument("--seq", type=int, default=None,
-                   help="whole sequence length T (default 65536 on GPUs, 512 on CPU; --train: 8192, 128)")
+    p.add_argument("--seq", type=int, nargs="+", action=_Seq, default=None,
+                   help="whole sequence length T (default 65536 on GPUs, 512 on CPU; --train: 8192, 128; "
+                        "--predict: one or more, default 32768 131072 on a GPU, 64 on the CPU)")
+    p.set_defaults(seqs=None)
     p.add_argument("--batch", type=int, default=1, help="sequences (--train: per data-parallel rank)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64, help="head dims d = e (1, or 16..256 for the kernels)")
@@ -55,6 +84,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): NCCL on one GPU per rank when there are enough, else gloo on the CPU")
+    pr = p.add_argument_group("predicted scaling on one device (--predict)")
+    pr.add_argument("--predict", action="store_true",
+                    help="one process: time a rank's T/W slice on this device, add the modelled collectives")
+    pr.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8], help="ranks W (default 1 2 4 8)")
+    pr.add_argument("--dims", type=int, nargs="+", default=[1, 64], help="head dims d = e (default 1 64)")
+    pr.add_argument("--link-gbps", type=float, default=LINK_GBPS,
+                    help=f"link bandwidth per direction, Gbit/s (default {LINK_GBPS:g}: H100 SXM NVLink 4, 450 GB/s)")
+    pr.add_argument("--link-latency-us", type=float, default=LINK_LATENCY_US,
+                    help=f"latency per collective, microseconds (default {LINK_LATENCY_US:g})")
+    harness.add_record_argument(pr)
     t = p.add_argument_group("training (--train)")
     t.add_argument("--train", action="store_true", help="train a Transformer on a (data, context) mesh instead")
     t.add_argument("--cp", type=int, default=None, help="context ranks C per sequence (default W; W %% C == 0)")
@@ -228,9 +267,137 @@ def _spawned_train(rank: int, world: int, port: int, args) -> None:
     _train_rank(rank, world, f"tcp://127.0.0.1:{port}", args)
 
 
+def collective_ms(state_bytes: int, world: int, link_gbps: float, latency_us: float) -> float:
+    """The modelled exchange of one call, forward + backward: an all-gather and a reduce-scatter of the
+    ``state_bytes`` states buffer (:func:`context_parallel_bytes` ``["forward"]``), each its latency plus the
+    ``(W - 1) / W`` of the buffer a ring moves over the link; 0 for one rank (nothing to exchange)."""
+    if world == 1:
+        return 0.0
+    return 2 * (latency_us * 1e-3 + (world - 1) / world * state_bytes * 8 / (link_gbps * 1e9) * 1e3)
+
+
+@contextlib.contextmanager
+def _standin_group(rank: int, world: int):
+    """``gateloop_kernels.context_parallel`` as rank ``rank`` of ``world`` in this one process: its group
+    lookup and its two collectives replaced by local copies (every slot of the all-gather gets this rank's
+    states; the reduce-scatter hands back slot ``rank``), so that the rank's whole per-call computation runs
+    as it does under a group, without the exchange (which :func:`collective_ms` models)."""
+    def gather(out, x, group):
+        out.view(world, -1).copy_(x)
+
+    def scatter(out, x, group):
+        out.copy_(x.view(world, -1)[rank])
+
+    with mock.patch.object(cpm, "_group_rank", lambda name, group: (rank, world)), \
+            mock.patch.object(cpm, "_all_gather_single", gather), \
+            mock.patch.object(cpm, "_reduce_scatter_single", scatter):
+        yield
+
+
+def predict_rank(B: int, T: int, W: int, H: int, D: int, dt: torch.dtype, device: torch.device,
+                 time_fn, link_gbps: float, latency_us: float) -> dict:
+    """One rank's part of a ``W``-rank call on ``T`` tokens: forward + backward medians (ms) of its
+    ``ceil(T / W)`` slice's pieces timed by ``time_fn(fn, leaves) -> Timing``, the modelled collectives and
+    the predicted step."""
+    n = -(-T // W)  # the longest slice sets the step
+    g = torch.Generator().manual_seed(W)
+    q, k, v = (torch.randn(B, n, H, D, generator=g).to(device, dt).requires_grad_() for _ in range(3))
+    z = torch.randn(B, n, H, 2, generator=g).to(device).requires_grad_()
+    leaves = [q, k, v, z]
+    fdt = torch.float64 if dt == torch.float64 else torch.float32
+    cdt = torch.complex128 if dt == torch.float64 else torch.complex64
+
+    def slice_scan():
+        o, _ = gate_loop_heads(q, k, v, z=z)
+        o.float().sum().backward()
+
+    def local_scans():  # the per-rank scans of gate_loop_heads_cp: the slice's and the gate-only one
+        loc = cpm._heads_local(q, k, v, {"z": z}, None, "ieee", DEFAULT_CHUNK)
+        (loc.o.float().sum() + torch.view_as_real(loc.state).sum() + torch.view_as_real(loc.total).sum()
+         + loc.c_re.sum() + loc.c_im.sum()).backward()
+
+    o_loc = torch.randn(B, n, H, D, generator=g).to(device, dt).requires_grad_()
+    s_in = torch.randn(B, H, D, D, dtype=cdt, generator=g).to(device).requires_grad_()
+    c_re, c_im = (torch.rand(B, n, H, dtype=fdt, generator=g).to(device).requires_grad_() for _ in range(2))
+
+    def correction():
+        cpm._Correct.apply(o_loc, q, s_in, c_re, c_im).float().sum().backward()
+
+    def rank_step():
+        o, _ = gate_loop_heads_cp(q, k, v, z=z, check_shapes=False, cp_group=None)  # the stand-in ignores it
+        o.float().sum().backward()
+
+    t = {"slice_scan_ms": time_fn(slice_scan, leaves), "local_scans_ms": time_fn(local_scans, leaves),
+         "correction_ms": time_fn(correction, [o_loc, q, s_in, c_re, c_im])}
+    with _standin_group(W - 1, W):
+        t["rank_compute_ms"] = time_fn(rank_step, leaves)
+    coll = collective_ms(context_parallel_bytes(B, H, D, D, W, dt)["forward"], W, link_gbps, latency_us)
+    pred = t["rank_compute_ms"].median + coll
+    return {"n": n, "timings": t, "gate_scan_ms": t["local_scans_ms"].median - t["slice_scan_ms"].median,
+            "fold_ms": t["rank_compute_ms"].median - t["local_scans_ms"].median - t["correction_ms"].median,
+            "collective_ms": coll, "predicted_step_ms": pred, "predicted_tokens_per_s": B * T / pred * 1e3}
+
+
+def _predict(args) -> list[dict]:
+    """``--predict``: the table, printed, and its result rows (recorded on a GPU or with ``--record``)."""
+    cuda = _use_cuda(args, torch.cuda.is_available())
+    device = torch.device("cuda" if cuda else "cpu")
+    dt, B, H = DTYPES[args.dtype], args.batch, args.heads
+    seqs = args.seqs or ([32768, 131072] if cuda else [64])
+
+    def time_fn(fn, leaves):
+        return harness.do_bench(fn, grad_to_none=leaves) if cuda else harness.wall_times(fn, reps=args.repeat)
+
+    env = harness.environment()
+    model = (f"collectives modelled: {args.link_latency_us:g} us + (W-1)/W bytes at {args.link_gbps:g} Gbit/s, "
+             "twice (all-gather forward, reduce-scatter backward)")
+    name = torch.cuda.get_device_name(device) if cuda else "CPU: NOT GPU figures (tiny sizes, wall clock)"
+    print(f"device: {name}; predicted W-rank step from one device, B = {B}, H = {H}, {args.dtype}, forward + "
+          f"backward, check_shapes=False; {model}")
+    print(f"{'d':>3} {'T':>8} {'W':>3} {'n':>8} {'slice ms':>9} {'gate ms':>8} {'corr ms':>8} {'fold ms':>8} "
+          f"{'compute ms':>10} {'coll. ms':>8} {'pred. ms':>9} {'tokens/s':>10} {'eff.':>5}")
+    rows = []
+    for D in args.dims:
+        for T in seqs:
+            single_ms = None
+            for W in sorted(set(args.worlds) | {1}):  # W = 1's slice scan: the whole sequence in one process
+                r = predict_rank(B, T, W, H, D, dt, device, time_fn, args.link_gbps, args.link_latency_us)
+                single_ms = single_ms or r["timings"]["slice_scan_ms"].median
+                r["strong_scaling_efficiency"] = single_ms / (W * r["predicted_step_ms"])
+                if W not in args.worlds:
+                    continue
+                tm = r["timings"]
+                print(f"{D:>3} {T:>8} {W:>3} {r['n']:>8} {tm['slice_scan_ms'].median:9.3f} {r['gate_scan_ms']:8.3f} "
+                      f"{tm['correction_ms'].median:8.3f} {r['fold_ms']:8.3f} {tm['rank_compute_ms'].median:10.3f} "
+                      f"{r['collective_ms']:8.3f} {r['predicted_step_ms']:9.3f} {r['predicted_tokens_per_s']:10.4g} "
+                      f"{r['strong_scaling_efficiency']:5.2f}", flush=True)
+                shape = {"B": B, "T": T, "W": W, "H": H, "d": D, "e": D}
+                op = "context-parallel step, one rank"
+
+                def add(metric, unit, value, spread=None, source="measured", note=None):
+                    rows.append(results.row("cp", op, "ours", shape, args.dtype, metric, unit, value, env,
+                                            spread=spread, source=source, note=note))
+                for metric, timing in tm.items():
+                    add(metric, "ms", timing.median, timing.spread if cuda else None)
+                for metric in ("gate_scan_ms", "fold_ms"):
+                    add(metric, "ms", r[metric], note="difference of medians")
+                for metric, unit in (("collective_ms", "ms"), ("predicted_step_ms", "ms"),
+                                     ("predicted_tokens_per_s", "tokens/s"), ("strong_scaling_efficiency", "ratio")):
+                    add(metric, unit, r[metric], source="predicted", note=model)
+    if not cuda:
+        print("(CPU wall-clock times of the interpreted or reference kernels: not GPU figures)")
+    harness.record("cp", rows, args.record)
+    return rows
+
+
 def main(argv: list[str]) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.seqs and len(args.seqs) > 1 and not args.predict:
+        parser.error("--seq takes one length T except with --predict")
+    if args.predict:
+        _predict(args)
+        return
     if args.train:
         torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # this process is one rank
         world = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc

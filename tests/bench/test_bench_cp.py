@@ -3,7 +3,8 @@
 Runs the example at tiny sizes in a subprocess (2 ranks, one sequence split over both, FSDP2; a timeout
 instead of a hang) and compares the losses it prints with the same model trained in this process on the
 whole sequences (the example's own ``build_model`` and ``batch``): the first step's loss to 1e-5 relative,
-the second (after one AdamW step on the sharded parameters) to 1e-4; float32.
+the second (after one AdamW step on the sharded parameters) to 1e-4; float32. ``--predict`` (one process):
+its stand-in group against the float64 sequential reference, its collective model, its table's rows.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import pytest
 import torch
 
 from bench import cp
+from gateloop_kernels import gate_from_preactivation
+from gateloop_kernels.reference import sequential_reference
 from helpers import ROOT
 
 
@@ -81,3 +84,53 @@ def test_cp_train_example_nccl(_seed):
     argv = [*ARGV, "--device", "cuda", "--wrap", "fsdp", "--seed", str(_seed % 1000)]
     argv[argv.index("--seq") + 1] = "256"
     _check(argv, timeout=300, device="cuda", tol=(1e-4, 1e-3))
+
+
+def test_cp_predict_standin_rank_runs_the_real_fold():
+    """``--predict`` times the last rank of ``W`` in one process with the collectives replaced by local copies,
+    every slot of the all-gather holding this rank's states: its outputs must then be those of the last slice
+    of the slice repeated ``W`` times (the float64 sequential reference), i.e. the real fold and correction."""
+    B, n, H, D, W = 1, 5, 2, 3, 3
+    q, k, v = (torch.randn(B, n, H, D, dtype=torch.float64) for _ in range(3))
+    z = torch.randn(B, n, H, 2, dtype=torch.float64)
+    with cp._standin_group(W - 1, W):
+        o, _ = cp.gate_loop_heads_cp(q, k, v, z=z, check_shapes=False, cp_group=None)
+
+    def heads_first(t):  # (B, W n, H, ...) -> (B H, W n, ...), the slice repeated W times
+        return t.repeat(1, W, *([1] * (t.ndim - 2))).transpose(1, 2).reshape(B * H, W * n, *t.shape[3:])
+    a = torch.complex(*gate_from_preactivation(z))
+    want = sequential_reference(heads_first(q), heads_first(k), heads_first(v), heads_first(a)[..., None, None])
+    want = want.reshape(B, H, W * n, D).transpose(1, 2)[:, -n:]
+    assert (o - want).abs().max() <= 1e-10 * want.abs().max()
+
+
+def test_cp_collective_model():
+    """All-gather + reduce-scatter of ``context_parallel_bytes``' states buffer: latency plus (W-1)/W of it at
+    the link's rate, twice; nothing on one rank."""
+    nbytes = cp.context_parallel_bytes(1, 8, 64, 64, 8)["forward"]
+    assert nbytes == 8 * 8 * (2 + 2 * 64 * 64) * 4
+    assert cp.collective_ms(nbytes, 8, 3600, 10) == pytest.approx(2 * (0.01 + 7 / 8 * nbytes / 450e9 * 1e3))
+    assert cp.collective_ms(nbytes, 1, 3600, 10) == 0.0
+
+
+def test_cp_predict_table_on_cpu(capsys):
+    """``--predict`` at tiny sizes on the CPU: says its times are not GPU figures, and gives a valid result row
+    per metric and (d, T, W), the prediction being the rank's measured compute plus the modelled exchange."""
+    args = cp.build_parser().parse_args(["--predict", "--worlds", "1", "2", "--seq", "16", "--dims", "1", "4",
+                                         "--heads", "2", "--dtype", "float32", "--repeat", "1", "--device", "cpu",
+                                         "--no-record"])
+    rows = cp._predict(args)
+    assert "NOT GPU figures" in capsys.readouterr().out
+    got = {(r["shape"]["d"], r["shape"]["W"], r["metric"]): r["median"] for r in rows}
+    assert {(d, W) for d, W, _ in got} == {(1, 1), (1, 2), (4, 1), (4, 2)}
+    for d in (1, 4):
+        for W in (1, 2):
+            coll = cp.collective_ms(cp.context_parallel_bytes(1, 2, d, d, W)["forward"], W, cp.LINK_GBPS,
+                                    cp.LINK_LATENCY_US)
+            assert got[d, W, "collective_ms"] == pytest.approx(coll)
+            pred = got[d, W, "rank_compute_ms"] + coll
+            assert got[d, W, "predicted_step_ms"] == pytest.approx(pred)
+            assert got[d, W, "predicted_tokens_per_s"] == pytest.approx(16 / pred * 1e3)
+            assert got[d, W, "strong_scaling_efficiency"] == pytest.approx(
+                got[d, 1, "slice_scan_ms"] / (W * pred))
+            assert all(got[d, W, m] > 0 for m in ("slice_scan_ms", "local_scans_ms", "correction_ms"))
