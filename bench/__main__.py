@@ -25,7 +25,8 @@ SUBCOMMANDS = {
     "generate": "prefill and per-token decode of the Transformer with its caches, against the seed and a KV cache",
     "overhead": "the eager call's host overhead beside its device time, and the model step against an SDPA model",
     "cp": "context-parallel scan over torch.distributed ranks (--nproc W): per-rank time against one process; "
-          "--train: a few training steps on a (data, context) mesh",
+          "--train: a few training steps on a (data, context) mesh; --predict: the predicted scaling from one "
+          "device",
 }
 #: the subcommands ``python -m bench`` runs without a subcommand, in this order
 RUN_ALL = ("scan", "reversible", "model", "train", "summary")

@@ -134,3 +134,25 @@ def test_cp_predict_table_on_cpu(capsys):
             assert got[d, W, "strong_scaling_efficiency"] == pytest.approx(
                 got[d, 1, "slice_scan_ms"] / (W * pred))
             assert all(got[d, W, m] > 0 for m in ("slice_scan_ms", "local_scans_ms", "correction_ms"))
+
+
+@pytest.mark.gpu
+def test_cp_predict_on_cuda(capsys):
+    """``--predict`` on one GPU (the Triton kernels, do_bench): the stand-in rank against the reference in float32,
+    and a small table whose predicted steps are positive."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    B, n, H, D, W = 1, 64, 2, 16, 4
+    q, k, v = (torch.randn(B, n, H, D, device="cuda") for _ in range(3))
+    z = torch.randn(B, n, H, 2, device="cuda")
+    with cp._standin_group(W - 1, W):
+        o, _ = cp.gate_loop_heads_cp(q, k, v, z=z, check_shapes=False, cp_group=None)
+    with cp._standin_group(0, 1):
+        whole, _ = cp.gate_loop_heads_cp(*(t.repeat(1, W, 1, 1) for t in (q, k, v)), z=z.repeat(1, W, 1, 1),
+                                         check_shapes=False, cp_group=None)
+    torch.testing.assert_close(o, whole[:, -n:], rtol=1e-4, atol=1e-4)
+    args = cp.build_parser().parse_args(["--predict", "--worlds", "1", "2", "--seq", "4096", "--dims", "1", "64",
+                                         "--device", "cuda", "--no-record"])
+    rows = cp._predict(args)
+    assert all(r["median"] > 0 for r in rows if r["metric"] == "predicted_step_ms")
+    assert "NOT GPU figures" not in capsys.readouterr().out
