@@ -9,7 +9,6 @@ local loss (its outputs, plus its own weighting of the final state), the referen
 from __future__ import annotations
 
 import inspect
-import traceback
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from gateloop_kernels import operator as operator_module
 from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, context_parallel_mean,
                                                gate_loop_heads_cp, gate_loop_operator_cp)
 
-from helpers.distributed import expect_raises, max_rel_err, raise_failures, spawn
+from helpers.distributed import expect_raises, host_sync_failures, max_rel_err, raise_failures, spawn
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -310,17 +309,7 @@ def _no_sync_worker(rank, world, device_kind, seed):
 
     step(True)
     step(False)
-    torch.cuda.synchronize()
-    failures = []
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step(False)
-        failures += expect_raises(RuntimeError, "synchroniz", lambda: step(True))
-    except RuntimeError:
-        failures.append(f"rank {rank}: check_shapes=False synchronized with the host:\n{traceback.format_exc()}")
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    raise_failures(failures)
+    raise_failures(host_sync_failures(rank, lambda: step(False), "check_shapes=False", lambda: step(True)))
 
 
 @pytest.mark.gpu

@@ -8,19 +8,18 @@ plus its own weighting of the final states), the reference loss their sum.
 """
 from __future__ import annotations
 
+import copy
+import os
+
+import pytest
 import torch
 import torch.distributed as dist
 
-import copy
-import os
-import traceback
-
-import pytest
 from gateloop_kernels import Transformer, gate_loop_heads, gate_loop_operator
 from gateloop_kernels import context_parallel
 from gateloop_kernels.context_parallel import DESCRIPTOR_LEN, context_parallel_bytes
 
-from helpers.distributed import expect_raises, max_rel_err, raise_failures, spawn
+from helpers.distributed import expect_raises, host_sync_failures, max_rel_err, raise_failures, spawn
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -326,17 +325,7 @@ def _no_sync_worker(rank, world, device_kind, seed):
 
     step(True)
     step(False)
-    torch.cuda.synchronize()
-    failures = []
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step(False)
-    except RuntimeError:
-        failures.append(f"rank {rank}: packed, check_shapes=False synchronized with the host:\n"
-                        f"{traceback.format_exc()}")
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    raise_failures(failures)
+    raise_failures(host_sync_failures(rank, lambda: step(False), "packed, check_shapes=False"))
 
 
 @pytest.mark.gpu

@@ -12,16 +12,10 @@ from gateloop_kernels import elementwise as ew
 from gateloop_kernels.elementwise import backward, forward, lookback
 from gateloop_kernels.elementwise.torch_path import _torch_backward, _torch_forward
 
-from helpers.elementwise_check import GRAD_NAMES, make, oracle
+from helpers.elementwise_check import GRAD_NAMES, assert_grads, make, oracle, rel
 from helpers.kernels import DEV, needs_kernels
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-
-
-def rel(x, ref):
-    x, ref = x.double(), ref.double()
-    assert torch.isfinite(x).all(), "non-finite values (unwritten output?)"
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def f64(t):
@@ -118,10 +112,7 @@ def check_fwd_bwd(args, fwd_block, carry_t, bwd_block):
     if a_im is not None:
         assert rel(hT_im, rh.imag) < 1e-5
     grads = ew.scan_backward(do, g_re, g_im, *args, carries, block=bwd_block)
-    for name, g, r in zip(GRAD_NAMES, grads, rgrads):
-        assert (g is None) == (r is None), name
-        if g is not None:
-            assert rel(g, r) < 1e-5, name
+    assert_grads(grads, rgrads, 1e-5)
     return carries
 
 
@@ -271,10 +262,7 @@ def test_gpu_real_sizes(B, n, C, layout, dtype, complex_gate):
     assert rel(hr, rhr) < 1e-5
     if complex_gate:
         assert rel(hi, rhi) < 1e-5
-    for name, g, r in zip(GRAD_NAMES, grads, rgrads):
-        assert (g is None) == (r is None), name
-        if g is not None:
-            assert rel(g, r) < tol, name
+    assert_grads(grads, rgrads, tol)
 
 
 @pytest.mark.gpu

@@ -14,7 +14,7 @@ from gateloop_kernels import elementwise as ew
 from gateloop_kernels.elementwise import op as ew_op
 from gateloop_kernels.elementwise.torch_path import _torch_backward, _torch_forward
 
-from helpers.elementwise_check import GRAD_NAMES, make, oracle
+from helpers.elementwise_check import GRAD_NAMES, assert_grads, make, oracle, rel
 from helpers.kernels import DEV, needs_kernels
 
 #: 0 (leading, inside, trailing), 1, the tiles' lengths +- 1 (3, 5; 7, 9), three in one tile, 20 across 3 segments
@@ -22,12 +22,6 @@ LENS = [0, 2, 1, 3, 5, 0, 7, 9, 1, 20, 0]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 FWD, CARRY, BWD = (8, 4, 1), 4, (4, 4, 1)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN inputs, numpy
-
-
-def rel(x, ref):
-    x, ref = x.double(), ref.double()
-    assert torch.isfinite(x).all(), "non-finite values (unwritten output?)"
-    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def cu_of(lens, device=DEV, dtype=torch.int32):
@@ -273,10 +267,7 @@ def test_gpu_packed_real_sizes(dtype, complex_gate, kv_given, with_h0):
     assert rel(o, ro) < tol and rel(hr, rhr) < 1e-5
     if complex_gate:
         assert rel(hi, rhi) < 1e-5
-    for name, g, r in zip(GRAD_NAMES, grads, rgrads):
-        assert (g is None) == (r is None), name
-        if g is not None:
-            assert rel(g, r) < tol, name
+    assert_grads(grads, rgrads, tol)
     # each sequence alone through the unpacked kernel
     s = 0
     for i, n in enumerate(lens):

@@ -82,3 +82,20 @@ def expect_raises(exc_type, fragment, fn) -> list:
     except Exception:
         return [f"expected {exc_type.__name__}, got {traceback.format_exc()}"]
     return [f"expected {exc_type.__name__} ({fragment!r}), nothing raised"]
+
+
+def host_sync_failures(rank: int, run, what: str, synchronizing=None) -> list:
+    """Failures of ``run()`` under CUDA's sync debug mode "error" (it must not synchronize with the host; ``what``
+    names it); ``synchronizing``, when given, must raise there (the detector works). Warm ``run`` up first."""
+    torch.cuda.synchronize()
+    failures = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+        if synchronizing is not None:
+            failures += expect_raises(RuntimeError, "synchroniz", synchronizing)
+    except RuntimeError:
+        failures.append(f"rank {rank}: {what} synchronized with the host:\n{traceback.format_exc()}")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return failures

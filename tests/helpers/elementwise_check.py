@@ -8,6 +8,21 @@ from helpers.kernels import DEV
 GRAD_NAMES = ("dq", "dk", "dv", "da_re", "da_im", "dh0_re", "dh0_im")
 
 
+def rel(x, ref):
+    """``||x - ref|| / ||ref||`` in float64; asserts ``x`` is finite (an unwritten output is not)."""
+    x, ref = x.double(), ref.double()
+    assert torch.isfinite(x).all(), "non-finite values (unwritten output?)"
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_grads(grads, rgrads, tol: float) -> None:
+    """Each gradient present exactly where the oracle's is, and within ``tol`` relative of it."""
+    for name, g, r in zip(GRAD_NAMES, grads, rgrads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert rel(g, r) < tol, name
+
+
 def make(B, n, C, dtype, complex_gate, kv_given, with_h0, device=DEV, zero_gates=False):
     q, k, v = (torch.randn(B, n, C, device=device).to(dtype) for _ in range(3))
     mag = 0.5 + 0.5 * torch.rand(B, n, C, device=device)
