@@ -60,6 +60,16 @@ def _warn_reference(caller: str, a_re: Tensor, d: int, e: int, dtype: torch.dtyp
                       stacklevel=4)
 
 
+def kernel_path(device: torch.device, dtype: torch.dtype, d: int, e: int) -> Optional[str]:
+    """The Triton kernel that takes a scan with a gate per head: ``"elementwise"`` (``d = e = 1``), ``"chunked"``
+    (:data:`CHUNK_DIMS`), or ``None`` (another device, dtype or head dim)."""
+    if device.type not in KERNEL_DEVICES or dtype not in KERNEL_DTYPES:
+        return None
+    if d == 1 and e == 1:
+        return "elementwise"
+    return "chunked" if CHUNK_DIMS[0] <= d <= CHUNK_DIMS[1] and CHUNK_DIMS[0] <= e <= CHUNK_DIMS[1] else None
+
+
 def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
          initial_state: Optional[Tensor], output_final_state: bool, precision: str, chunk_size: int, caller: str,
          cu_seqlens: Optional[Tensor] = None):
@@ -111,8 +121,7 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
     if n == 0 and cu_seqlens is None:
         o, final = empty_scan((B, 0, H, e), (B, H, d, e), q.dtype, initial_state,
                               *(t for t in (q, k, v, a_re, a_im) if t is not None))
-    elif (a_re.ndim == 3 and on_kernels and q.dtype in KERNEL_DTYPES
-          and CHUNK_DIMS[0] <= d <= CHUNK_DIMS[1] and CHUNK_DIMS[0] <= e <= CHUNK_DIMS[1]):
+    elif a_re.ndim == 3 and kernel_path(q.device, q.dtype, d, e) == "chunked":
         return _chunk_gate_loop(q, k, v, a_re, a_im, initial_state, output_final_state, precision, chunk_size,
                                 cu_seqlens=cu_seqlens)
     else:

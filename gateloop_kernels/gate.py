@@ -143,14 +143,35 @@ def _use_kernel(z: Tensor) -> bool:
             and not torch._C._are_functorch_transforms_active())
 
 
+def sigmoid_polar_parts(z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(a_re, a_im)`` of ``z (..., 2)`` without autograd: the kernel where it applies, else PyTorch."""
+    z = z.contiguous()
+    return gate_forward(z) if _use_kernel(z) else reference_forward(z)
+
+
+def sigmoid_polar_grad(z: Tensor, g_re: Optional[Tensor], g_im: Optional[Tensor]) -> Tensor:
+    """``dz`` from the gradients of :func:`sigmoid_polar_parts`' outputs (``None``: zero)."""
+    z = z.contiguous()
+    if _use_kernel(z):
+        return gate_backward(z, None if g_re is None else g_re.contiguous(), None if g_im is None else g_im.contiguous())
+    return reference_backward(z, g_re, g_im)
+
+
+def polar_parts(log_magnitude: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
+    """``exp(log_magnitude + i phase)`` as ``(a_re, a_im)``, float32 (float64 if either input is)."""
+    dt = torch.float64 if torch.float64 in (log_magnitude.dtype, phase.dtype) else torch.float32
+    mag = torch.exp(log_magnitude.to(dt))
+    ph = phase.to(dt)
+    return mag * torch.cos(ph), mag * torch.sin(ph)
+
+
 class _SigmoidPolarTransformed(torch.autograd.Function):
     """:class:`SigmoidPolar` in the ``setup_context`` form, with a vmap rule (elementwise: a mapped dim is one
     more leading dim), for ``torch.func`` transforms."""
 
     @staticmethod
     def forward(z: Tensor):  # type: ignore[override]
-        z = z.contiguous()
-        return gate_forward(z) if _use_kernel(z) else reference_forward(z)
+        return sigmoid_polar_parts(z)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -159,10 +180,7 @@ class _SigmoidPolarTransformed(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_re: Optional[Tensor], g_im: Optional[Tensor]):  # type: ignore[override]
         (z,) = ctx.saved_tensors
-        if _use_kernel(z):
-            return gate_backward(z, None if g_re is None else g_re.contiguous(),
-                                 None if g_im is None else g_im.contiguous())
-        return reference_backward(z, g_re, g_im)
+        return sigmoid_polar_grad(z, g_re, g_im)
 
     @staticmethod
     def vmap(info, in_dims, z: Tensor):

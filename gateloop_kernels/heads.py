@@ -16,7 +16,7 @@ from torch import Tensor
 from . import lean
 from ._checks import check_chunk_size, check_heads_inputs, check_log_polar, check_precision, check_preactivation
 from .dispatch import DEFAULT_CHUNK, scan
-from .gate import SigmoidPolar
+from .gate import SigmoidPolar, polar_parts
 
 __all__ = ["gate_loop_heads", "gate_from_preactivation", "gate_from_log_polar"]
 
@@ -39,14 +39,7 @@ def gate_from_preactivation(z: Tensor) -> tuple[Tensor, Tensor]:
 def gate_from_log_polar(log_magnitude: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
     """``exp(log_magnitude + i phase)`` as ``(a_re, a_im)`` (float32, or float64 for float64 inputs)."""
     check_log_polar(log_magnitude, phase)
-    return _log_polar(log_magnitude, phase)
-
-
-def _log_polar(log_magnitude: Tensor, phase: Tensor) -> tuple[Tensor, Tensor]:
-    dt = torch.float64 if torch.float64 in (log_magnitude.dtype, phase.dtype) else torch.float32
-    mag = torch.exp(log_magnitude.to(dt))
-    ph = phase.to(dt)
-    return mag * torch.cos(ph), mag * torch.sin(ph)
+    return polar_parts(log_magnitude, phase)
 
 
 def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[Tensor] = None,
@@ -102,6 +95,6 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
         o = lean.heads_call(q, k, v, z, log_magnitude, phase, dt, precision, chunk_size, cu_seqlens)
         if o is not None:
             return o, None
-    a_re, a_im = SigmoidPolar.apply(z) if z is not None else _log_polar(log_magnitude, phase)
+    a_re, a_im = SigmoidPolar.apply(z) if z is not None else polar_parts(log_magnitude, phase)
     return scan(q.to(dt), k.to(dt), v.to(dt), a_re, a_im, initial_state, output_final_state, precision, chunk_size,
                 "gate_loop_heads", cu_seqlens)

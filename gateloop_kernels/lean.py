@@ -24,23 +24,17 @@ from torch.autograd.function import once_differentiable
 from . import dispatch
 from . import gate as _gate
 from ._custom_op import traced
-from .chunked.op import _chunk_op
-from .chunked.states import _chunk_table
-from .dtypes import KERNEL_DTYPES
+from .chunked.op import _chunk_op, op_args
 from .elementwise import elementwise_scan_op
 
 __all__ = ["operator_call", "heads_call"]
 
 
 def _path(q: Tensor, d: int, e: int, dtype: torch.dtype, n: int) -> Optional[str]:
-    """``"elementwise"`` or ``"chunked"`` where a kernel takes this call eagerly, else ``None``."""
-    if (n == 0 or dtype not in KERNEL_DTYPES or q.device.type not in dispatch.KERNEL_DEVICES or traced(q)
-            or torch._C._are_functorch_transforms_active()):
+    """:func:`gateloop_kernels.dispatch.kernel_path` where this call can run in one node, else ``None``."""
+    if n == 0 or traced(q) or torch._C._are_functorch_transforms_active():
         return None
-    if d == 1 and e == 1:
-        return "elementwise"
-    lo, hi = dispatch.CHUNK_DIMS
-    return "chunked" if lo <= d <= hi and lo <= e <= hi else None
+    return dispatch.kernel_path(q.device, dtype, d, e)
 
 
 def _gate_parts(form: str, g0: Tensor, g1: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -53,11 +47,8 @@ def _gate_parts(form: str, g0: Tensor, g1: Optional[Tensor]) -> tuple[Tensor, Op
     if form == "real":
         return g0[:, :, 0, 0], None
     if form == "z":
-        z = g0.contiguous()
-        return _gate.gate_forward(z) if z.is_cuda and z.dtype in KERNEL_DTYPES else _gate.reference_forward(z)
-    rdt = torch.float64 if torch.float64 in (g0.dtype, g1.dtype) else torch.float32
-    mag, ph = torch.exp(g0.to(rdt)), g1.to(rdt)
-    return mag * torch.cos(ph), mag * torch.sin(ph)
+        return _gate.sigmoid_polar_parts(g0)
+    return _gate.polar_parts(g0, g1)
 
 
 def _gate_grads(form: str, g0: Tensor, g1: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
@@ -69,10 +60,7 @@ def _gate_grads(form: str, g0: Tensor, g1: Optional[Tensor], a_re: Tensor, a_im:
     if form == "real":
         return da_re.to(g0.dtype).reshape(g0.shape), None
     if form == "z":
-        z = g0.contiguous()
-        if z.is_cuda and z.dtype in KERNEL_DTYPES:
-            return _gate.gate_backward(z, da_re.contiguous(), da_im.contiguous()), None
-        return _gate.reference_backward(z, da_re, da_im), None
+        return _gate.sigmoid_polar_grad(g0, da_re, da_im), None
     # a = exp(lm + i ph): da/dlm = a, da/dph = i a
     return (da_re * a_re + da_im * a_im).to(g0.dtype), (da_im * a_re - da_re * a_im).to(g1.dtype)
 
@@ -101,12 +89,8 @@ class _OneNode(torch.autograd.Function):
             out, saved = elementwise_scan_op.forward_saved(*x, a_re, a_im, None, None, cu_seqlens)
             o = out[0]
         else:
-            are = a_re.to(torch.float32).contiguous()
-            aim = torch.zeros_like(are) if a_im is None else a_im.to(torch.float32).contiguous()
-            args = (*(t.contiguous() for t in x), are, aim, None, False,
-                    "tf32x3" if precision == "ieee" else precision, chunk_size)
-            if cu_seqlens is not None:
-                args += (cu_seqlens, _chunk_table(cu_seqlens, n, chunk_size))
+            a_im = torch.zeros_like(a_re) if a_im is None else a_im
+            args = op_args(*x, a_re, a_im, None, False, precision, chunk_size, cu_seqlens)
             (o, _), saved = _chunk_op.forward_saved(*args)
         ctx.spec, ctx.saved, ctx.shapes = spec, saved, (B, n)
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)

@@ -133,8 +133,7 @@ def _chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor
     dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     if dtype not in _MODE_OF_DTYPE:
         dtype = torch.float32
-    q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
-    a_re32, a_im32 = a_re.to(torch.float32).contiguous(), a_im.to(torch.float32).contiguous()
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     h0 = None
     if initial_state is not None:
         h0 = initial_state.to(torch.complex64)
@@ -143,11 +142,20 @@ def _chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor
     if n == 0:
         o, ht = empty_scan((B, 0, H, e), (S, H, d, e), dtype, initial_state, q, k, v, a_re, a_im)
         return o, (ht.to(torch.complex64) if output_final_state else None)
+    o, ht = _chunk_op(*op_args(q, k, v, a_re, a_im, h0, output_final_state, precision, chunk_size, cu_seqlens))
+    return o, (torch.complex(ht[:, :, 0], ht[:, :, 1]) if output_final_state else None)
+
+
+def op_args(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: Optional[Tensor],
+            output_final_state: bool, precision: str, chunk_size: int, cu_seqlens: Optional[Tensor]) -> tuple:
+    """:data:`_chunk_op`'s arguments for inputs in one kernel dtype: contiguous inputs, float32 gates, ``h0`` as
+    stacked (Re, Im) planes, the precision the kernels run and, for a packed batch, ``cu_seqlens`` and its chunk
+    table."""
     # exact float32: Triton's IEEE (FFMA) dots are ~6x slower than 3xTF32 on Hopper at the same accuracy
     # (docs/design.md section 6), so "ieee" runs 3xTF32
-    prec = "tf32x3" if precision == "ieee" else precision
-    args = (q, k, v, a_re32, a_im32, h0, output_final_state, prec, chunk_size)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), a_re.to(torch.float32).contiguous(),
+            a_im.to(torch.float32).contiguous(), h0, output_final_state,
+            "tf32x3" if precision == "ieee" else precision, chunk_size)
     if cu_seqlens is not None:
-        args += (cu_seqlens, _chunk_table(cu_seqlens, n, chunk_size))
-    o, ht = _chunk_op(*args)
-    return o, (torch.complex(ht[:, :, 0], ht[:, :, 1]) if output_final_state else None)
+        args += (cu_seqlens, _chunk_table(cu_seqlens, q.shape[1], chunk_size))
+    return args
