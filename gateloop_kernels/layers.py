@@ -541,7 +541,7 @@ class Transformer(Module):
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
                                    else ablate_state_transition)
-        sequences = x.shape[0] if x.ndim else 0
+        sequences = None  # the rows of x, unless packed
         if cu_seqlens is not None:
             if x.ndim != 2:
                 raise ValueError(f"x must be token ids (1, T), got shape {tuple(x.shape)}")
@@ -559,7 +559,7 @@ class Transformer(Module):
                                  f"shape {tuple(x.shape)}")
             x, labels = x[:, :-1], x[:, 1:]
         if cache is None and return_cache:
-            cache = self.init_cache(sequences, x.shape[1], device=x.device)
+            cache = self.init_cache(x.shape[0] if sequences is None else sequences, x.shape[1], device=x.device)
         if cache is not None:
             cache.check(self, x, sequences)
         h = self.token_emb(x)
