@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._checks import check_real_float, check_same_device
+from ._launch import Launcher
 from .gate import _parts, reference_forward
 
 __all__ = ["gate_loop_decode_step", "decode_step_reference", "interpreted", "MAX_HEAD_DIM"]
@@ -46,6 +47,7 @@ def interpreted() -> Iterator[None]:
         _INTERPRETED = prev
 
 
+@Launcher
 @triton.jit
 def _decode_kernel(q, k, v, z, S, o, R, H, d, e,
                    sqb, sqh, skb, skh, svb, svh, sob, soh,

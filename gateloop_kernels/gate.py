@@ -16,6 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._eager import with_transforms
+from ._launch import Launcher
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 1024  # grids are computed on the host as -(-N // _BLOCK): recent Triton's triton.cdiv costs ~9 us a call
@@ -45,6 +46,7 @@ def _parts(z, offs, m):
     return nz, r, s, c, sn
 
 
+@Launcher
 @triton.jit
 def _gate_fwd_kernel(z, a_re, a_im, N, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -54,6 +56,7 @@ def _gate_fwd_kernel(z, a_re, a_im, N, BLOCK: tl.constexpr):
     tl.store(a_im + offs, s * sn, mask=m)
 
 
+@Launcher
 @triton.jit
 def _gate_bwd_kernel(z, g_re, g_im, dz, N, BLOCK: tl.constexpr, HAS_RE: tl.constexpr, HAS_IM: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

@@ -3,7 +3,10 @@
 ``python -m bench.tools.host_probe`` (also run by ``python -m bench scan --profile``): microseconds per
 call of the allocator, a zero fill, a bare Triton launch, our launchers, the custom op, and forward +
 backward through autograd (with and without the autograd engine's device thread), then where the
-time goes by ``torch.profiler`` (CPU events on every thread).
+time goes by ``torch.profiler`` (CPU events on every thread). ``--cases`` instead profiles the public
+``gate_loop_operator`` forward+backward at the cases of ``python -m bench overhead`` with ``cProfile`` (the
+backward on the calling thread, so that its Python is seen): host microseconds per call and the functions
+that take them.
 """
 from __future__ import annotations
 
@@ -79,5 +82,46 @@ def main() -> None:
           + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
+def profile_cases(reps: int = 100, top: int = 30, profile: bool = True) -> None:
+    """Host time of eager forward+backward calls of ``gate_loop_operator`` per overhead case, through Triton's
+    launcher and with direct launches (gateloop_kernels/_launch.py), and a cProfile of ``reps`` calls."""
+    import cProfile
+    import io
+    import pstats
+
+    from bench.overhead import CASES, _inputs
+    from gateloop_kernels import _launch, gate_loop_operator
+
+    torch.autograd.set_multithreading_enabled(False)  # the backward's Python on this thread, seen by cProfile
+    for B, n, d, dtype, precision in CASES:
+        inputs = _inputs(min(B, 64), min(n, 512), d, dtype, "cuda")  # the host cost does not depend on the size
+        kw = {} if precision is None else {"precision": precision}
+        gout = torch.randn_like(inputs[0])
+
+        def call():
+            torch.autograd.grad(gate_loop_operator(*inputs, **kw), inputs, gout)
+        launches = {}
+        for direct in (False, True, False, True):
+            _launch.ENABLED = direct
+            launches[direct] = host_us(call, reps)
+        print(f"[host] d={d} {dtype} {precision}: {launches[False]:.1f} us per fwd+bwd through Triton's launcher, "
+              f"{launches[True]:.1f} us with direct launches (single-threaded autograd)", flush=True)
+        if not profile:
+            continue
+        us = launches[True]
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(reps):
+            call()
+        torch.cuda.synchronize()
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+        print(f"[host] d={d} {dtype} {precision}: {us:.1f} us per fwd+bwd (single-threaded autograd); cProfile of "
+              f"{reps} calls by own time:\n{text.getvalue()}", flush=True)
+    torch.autograd.set_multithreading_enabled(True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+    profile_cases(profile="--no-cprofile" not in sys.argv[1:]) if "--cases" in sys.argv[1:] else main()

@@ -33,6 +33,7 @@ from triton.runtime.jit import JITFunction, KernelInterface, create_function_fro
 from gateloop_kernels import elementwise as ew
 from gateloop_kernels.elementwise import backward as ew_backward, forward as ew_forward
 from gateloop_kernels.chunked import gradients, op, outputs, states
+from gateloop_kernels._launch import Launcher
 from gateloop_kernels.chunked.config import _DEFAULT_BT
 
 
@@ -84,10 +85,10 @@ def _record(modules: tuple, run: Any) -> list:
     whose launchers ``run`` calls) replaced by recorders meanwhile (and put back before anything is compiled)."""
     calls: list = []
     saved = {(module, name): fn for module in modules for name, fn in vars(module).items()
-             if isinstance(fn, KernelInterface)}
+             if isinstance(fn, (KernelInterface, Launcher))}
     try:
         for (module, name), fn in saved.items():
-            setattr(module, name, _Recorder(fn, calls))
+            setattr(module, name, _Recorder(fn.fn if isinstance(fn, Launcher) else fn, calls))
         run()
     finally:
         for (module, name), fn in saved.items():

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import Launcher
 from .config import MODE_F32, _blocks, _cdiv, _cfg, _launch
 from .dots import _finite, _scores, _split_dot, _time_dot, _wide_dot
 from .gates import _chunk_gates, _end_decay, _ends, _gate_prefix, _pair_decay, _span
@@ -23,6 +24,7 @@ from .states import _carried
 from .tiles import _chunk_span, _head, _load_plane, _load_plane_T, _load_steps, _store_steps
 
 
+@Launcher
 @triton.jit
 def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -101,6 +103,7 @@ def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
     tl.store(pa + 5 * BT + idx, tl.zeros([BT], dtype=tl.float32) + sig_im)
 
 
+@Launcher
 @triton.jit
 def _bwd_dv(q, k, do, gate_re, gate_im, dh, dv, tab, n, H, NT,
             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -134,6 +137,7 @@ def _bwd_dv(q, k, do, gate_re, gate_im, dh, dv, tab, n, H, NT,
         _store_steps(dv, b_dv, t0, c0, n, V, H * V, BT, BV)
 
 
+@Launcher
 @triton.jit
 def _bwd_gate(q, k, v, do, gate_re, gate_im, dgate_re, dgate_im, aux, tab, n, H, NT,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,

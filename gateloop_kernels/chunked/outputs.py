@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._launch import Launcher
 from .config import MODE_F32, _blocks, _cdiv, _cfg, _launch
 from .dots import _dot, _time_dot, _wide_dot
 from .gates import _gate_prefix, _pair_decay, _span
@@ -14,6 +15,7 @@ from .states import _carried
 from .tiles import _chunk_span, _head, _load_state, _load_steps, _load_steps_T, _store_steps
 
 
+@Launcher
 @triton.jit
 def _fwd_o(q, k, v, gate_re, gate_im, h, o, tab, n, H, NT,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._launch import Launcher
 from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _launch
 from .dots import _wide_dot
 from .gates import _end_decay, _ends, _gate_prefix, _span
@@ -77,6 +78,7 @@ def _chunk_local_job(x, y, gate_re, gate_im, u, atot, tab, i_tb, n, H, NT,
         tl.store(pa + 1, ae_im)
 
 
+@Launcher
 @triton.jit
 def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, gate_re, gate_im, tab, n, H, NT, NTBH,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -209,6 +211,7 @@ def _state_scan_job(u, atot, s0, sT, tab, i_bh, H, NT, KV: tl.constexpr, BLOCK: 
         tl.store(pt + KV + offs, s_im, mask=m)
 
 
+@Launcher
 @triton.jit
 def _state_scan(u_f, at_f, s0_f, sT_f, u_r, at_r, s0_r, sT_r, tab, H, NT, KV: tl.constexpr, BLOCK: tl.constexpr,
                 FWD: tl.constexpr, BWD: tl.constexpr, HAS_S0_F: tl.constexpr, STORE_ST_F: tl.constexpr,
@@ -293,6 +296,7 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
         _store_state(pt + K * V, s_im, r0, c0, K, V, BK, BV, TRANS)
 
 
+@Launcher
 @triton.jit
 def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, gate_re, gate_im, tab, n, H, NT, BH,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._launch import Launcher
 from .config import (_check_shapes, _needs_int64, _num_segments, _one_layout, _out_like, _varlen_args, _workspace,
                      tile_config)
 from .lookback import _lookback, _publish
@@ -18,6 +19,7 @@ from .scans import _apply_carry, _combine, _combine_reset, _scan_reverse, _scan_
 from .tiles import _out_offsets, _row, _sequences, _shift, _state_offsets, _tile_offsets
 
 
+@Launcher
 @triton.jit(do_not_specialize=["c0"])
 def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, car_ptr,
                 dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr, agg_off, ticket_off, c0,

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._launch import Launcher
 from .config import (_check_shapes, _needs_int64, _num_segments, _one_layout, _out_like, _varlen_args, _workspace,
                      carries_numel, tile_config)
 from .lookback import _lookback, _publish
@@ -18,6 +19,7 @@ from .scans import _apply_carry, _combine, _combine_reset
 from .tiles import _out_offsets, _row, _sequences, _state_offsets, _tile_offsets
 
 
+@Launcher
 @triton.jit(do_not_specialize=["c0"])
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
                 o_ptr, hTr_ptr, hTi_ptr, car_ptr, ws_ptr, agg_off, ticket_off, c0, cu_ptr, NSEQ, NBIS,

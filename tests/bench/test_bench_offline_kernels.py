@@ -27,7 +27,7 @@ def test_records_one_forward_and_one_backward_launch():
     assert (fwd_kw["BLOCK_T"], fwd_kw["BLOCK_C"], fwd_kw["num_warps"]) == ew.tile_config(100, 40)
     assert (bwd_kw["BLOCK_T"], bwd_kw["BLOCK_C"], bwd_kw["num_warps"]) == ew.tile_config(100, 40, backward=True)
     assert fwd_kw["CARRY_T"] == bwd_kw["BLOCK_T"]
-    assert forward._fwd_kernel is calls[0][0] and backward._bwd_kernel is calls[1][0]  # the kernels are put back
+    assert forward._fwd_kernel.fn is calls[0][0] and backward._bwd_kernel.fn is calls[1][0]  # the kernels are put back
 
 
 def test_records_the_chunked_launches():

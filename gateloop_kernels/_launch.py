@@ -1,0 +1,104 @@
+"""Kernel launches at a fraction of Triton's host cost: after Triton has compiled and launched a kernel for
+one specialization, later launches with the same specialization call its compiled launcher directly.
+
+``JITFunction.run`` binds every argument, specializes it in C++, builds and hashes a cache key, checks the
+kernel's global values and queries the device and stream on each call: ~60-110 us of host time per launch on
+the H100 machine, 5-6 launches per forward+backward (docs/kernels.md section 5). :class:`Launcher` keeps
+Triton's semantics by keying its own cache on everything Triton specializes on, coarsened never, refined
+where cheaper (docs/kernels.md section 5 lists the key):
+
+* tensors: dtype and whether the address is a multiple of 16;
+* integers: whether the value is 1, a multiple of 16, and its width class (32-bit, 64-bit, unsigned 64);
+* other non-constexpr values (floats, bools, None): their type, bools and None their value;
+* constexpr arguments and launch options (``num_warps``...): their values;
+* the current CUDA device.
+
+A key seen for the first time, a launch under a Triton launch hook (profilers), every launch off CUDA (the
+interpreter), and every launch while ``ENABLED`` is false (``GATELOOP_DIRECT_LAUNCH=0`` in the environment;
+benchmarks flip it to compare) go through Triton unchanged.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable
+
+import torch
+import triton
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - Triton < 3.4 has no knobs module
+    _knobs = None
+
+#: direct launches on (see the module docstring)
+ENABLED = os.environ.get("GATELOOP_DIRECT_LAUNCH", "1") != "0"
+
+_I32 = (-(2 ** 31), 2 ** 31)
+_I64 = (-(2 ** 63), 2 ** 63)
+
+
+def _device() -> int:
+    return torch.cuda.current_device()
+
+
+def _stream(device: int) -> int:
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _arg_key(x: Any):
+    if isinstance(x, torch.Tensor):
+        return (x.dtype, x.data_ptr() % 16 == 0)
+    if isinstance(x, bool) or x is None:
+        return x
+    if isinstance(x, int):
+        return (x == 1, x % 16 == 0, 0 if _I32[0] <= x < _I32[1] else 1 if _I64[0] <= x < _I64[1] else 2)
+    return type(x)
+
+
+class Launcher:
+    """``Launcher(jit_fn)[grid](*args, **kwargs)`` launches like ``jit_fn[grid](*args, **kwargs)``.
+
+    Call sites pass the kernel's non-constexpr parameters positionally and its constexpr parameters and launch
+    options by keyword, the same split at every call of one site (the key relies on the positions).
+    """
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self._direct = isinstance(fn, triton.runtime.JITFunction)
+        self._cache: dict = {}
+        self._params = [(p.name, p.default) for p in inspect.signature(fn.fn).parameters.values()]
+
+    def __getitem__(self, grid: tuple) -> Callable:
+        return lambda *args, **kwargs: self.run(grid, args, kwargs)
+
+    @staticmethod
+    def _hooked() -> bool:
+        if _knobs is None:
+            return True
+        for hook in (_knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook):
+            calls = getattr(hook, "calls", None)  # Triton >= 3.5: a chain, empty unless a profiler added to it
+            if hook is not None and (calls is None or calls):
+                return True
+        return False
+
+    def run(self, grid: tuple, args: tuple, kwargs: dict) -> None:
+        if not (ENABLED and self._direct) or self._hooked():
+            self.fn[grid](*args, **kwargs)
+            return
+        device = _device()
+        key = (device, tuple(kwargs.items()), *map(_arg_key, args))
+        try:
+            hit = self._cache.get(key)
+        except TypeError:  # an unhashable constexpr: Triton's own path
+            self.fn[grid](*args, **kwargs)
+            return
+        if hit is None:
+            kernel = self.fn[grid](*args, **kwargs)
+            kernel = kernel.result() if hasattr(kernel, "result") else kernel  # Triton's asynchronous compile
+            tail = tuple(kwargs[name] if name in kwargs else default for name, default in self._params[len(args):])
+            self._cache[key] = (kernel.run, kernel.function, kernel.packed_metadata, tail)
+            return
+        run, function, packed, tail = hit
+        g = tuple(grid) + (1, 1)
+        run(g[0], g[1], g[2], _stream(device), function, packed, None, None, None, *args, *tail)

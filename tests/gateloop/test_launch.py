@@ -1,0 +1,139 @@
+"""The direct launcher (gateloop_kernels/_launch.py): a launch goes through Triton whenever anything Triton
+specializes on differs from every earlier launch, and otherwise calls the compiled launcher with the same
+arguments Triton would pass; on the GPU, results through the direct path equal Triton's."""
+import pytest
+import torch
+
+from gateloop_kernels import _launch, gate_loop_heads
+from gateloop_kernels.reference import sequential_reference
+
+
+def _kernel(x_ptr, n, scale, y_ptr=None, BLOCK: int = 64, FLAG: bool = False):  # the fake kernel's signature
+    pass
+
+
+class _Compiled:
+    def __init__(self, log: list) -> None:
+        self.log, self.function, self.packed_metadata = log, "function", "packed"
+
+    def run(self, *args) -> None:
+        self.log.append(("direct", args))
+
+
+class _FakeJit:
+    """Stands in for a JITFunction: ``fake[grid](...)`` is "Triton's" launch, logged, returning a compiled kernel."""
+    fn = staticmethod(_kernel)
+
+    def __init__(self) -> None:
+        self.log: list = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append(("triton", grid, args, kwargs))
+            return _Compiled(self.log)
+        return launch
+
+
+@pytest.fixture
+def launcher(monkeypatch):
+    monkeypatch.setattr(_launch, "_device", lambda: 0)
+    monkeypatch.setattr(_launch, "_stream", lambda device: 1234)
+    fake = _FakeJit()
+    lt = _launch.Launcher(fake)
+    lt._direct = True
+    return lt, fake.log
+
+
+def test_second_launch_with_the_same_specialization_is_direct(launcher):
+    lt, log = launcher
+    x, y = torch.zeros(64), torch.zeros(64)
+    lt[(3,)](x, 32, 0.5, y, BLOCK=128)
+    assert log[-1][0] == "triton"
+    lt[(5, 2)](x, 48, 0.25, y, BLOCK=128)  # another value, same class: multiple of 16, not 1, 32-bit
+    kind, args = log[-1]
+    # grid padded to three, the stream, the function, Triton's metadata, no launch metadata or hooks, then
+    # every parameter in order: given keywords, defaults for the rest
+    assert kind == "direct" and args == (5, 2, 1, 1234, "function", "packed", None, None, None,
+                                         x, 48, 0.25, y, 128, False)
+    assert len(log) == 2
+
+
+@pytest.mark.parametrize("change", ["int_one", "int_unaligned", "int_wide", "dtype", "misaligned", "none",
+                                    "constexpr", "option"])
+def test_any_specialization_change_goes_through_triton(launcher, change):
+    lt, log = launcher
+    buf = torch.zeros(80)
+    x, y = buf[:64], torch.zeros(64)
+    args, kw = [x, 32, 0.5, y], {"BLOCK": 128}
+    lt[(1,)](*args, **kw)
+    lt[(1,)](*args, **kw)
+    assert [e[0] for e in log] == ["triton", "direct"]
+    if change == "int_one":
+        args[1] = 1
+    elif change == "int_unaligned":
+        args[1] = 33
+    elif change == "int_wide":
+        args[1] = 2 ** 40
+    elif change == "dtype":
+        args[0] = x.double()
+    elif change == "misaligned":
+        args[0] = buf[1:65]  # 4 bytes past a 16-byte boundary
+    elif change == "none":
+        args[3] = None
+    elif change == "constexpr":
+        kw["FLAG"] = True
+    elif change == "option":
+        kw["num_warps"] = 8
+    lt[(1,)](*args, **kw)
+    assert log[-1][0] == "triton"
+    lt[(1,)](*args, **kw)
+    assert log[-1][0] == "direct"
+
+
+def test_launch_hooks_and_interpreted_kernels_go_through_triton(launcher, monkeypatch):
+    lt, log = launcher
+    x = torch.zeros(64)
+    lt[(1,)](x, 32, 0.5)
+    if _launch._knobs is not None:
+        monkeypatch.setattr(_launch._knobs.runtime, "launch_enter_hook", lambda *a: None)
+        lt[(1,)](x, 32, 0.5)
+        assert log[-1][0] == "triton"
+    lt._direct = False
+    lt[(1,)](x, 32, 0.5)
+    assert log[-1][0] == "triton"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [1, 64])
+def test_gpu_direct_launches_match_triton_and_respecialize(d):
+    """Repeated calls (direct launches after Triton's first) give the first call's results bit for bit
+    (deterministic mode: the head-dim-1 look-back otherwise sums in a timing-dependent order); the same data
+    4 bytes off a 16-byte boundary (another specialization: Triton's launch, then direct) gives the float64
+    loop's results."""
+    B, n, H = 2, 200, 4
+    aligned = [torch.randn(B, n, H, d, device="cuda") for _ in range(3)]
+    misaligned = [torch.empty(B * n * H * d + 1, device="cuda")[1:].view(B, n, H, d).copy_(t) for t in aligned]
+    assert all(t.data_ptr() % 16 == 4 for t in misaligned)
+    logm = -0.1 * torch.rand(B, n, H, device="cuda")
+    phase = torch.randn(B, n, H, device="cuda")
+
+    def run(q, k, v):
+        q, k, v, lm, ph = (t.detach().requires_grad_() for t in (q, k, v, logm, phase))
+        o, _ = gate_loop_heads(q, k, v, log_magnitude=lm, phase=ph, precision="ieee")
+        o.backward(torch.ones_like(o))
+        return [o.detach(), q.grad, k.grad, v.grad, lm.grad, ph.grad]
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run(*aligned)
+        for _ in range(2):
+            for x, y in zip(first, run(*aligned)):
+                assert torch.equal(x, y)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    a = torch.polar(logm.double().exp(), phase.double())
+    ref = torch.stack([sequential_reference(*(t[:, :, h].double() for t in aligned), a[:, :, h, None, None])
+                       for h in range(H)], dim=2)
+    for out in (first[0], run(*misaligned)[0], run(*misaligned)[0]):
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
