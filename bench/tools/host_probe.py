@@ -4,9 +4,9 @@
 call of the allocator, a zero fill, a bare Triton launch, our launchers, the custom op, and forward +
 backward through autograd (with and without the autograd engine's device thread), then where the
 time goes by ``torch.profiler`` (CPU events on every thread). ``--cases`` instead profiles the public
-``gate_loop_operator`` forward+backward at the cases of ``python -m bench overhead`` with ``cProfile`` (the
-backward on the calling thread, so that its Python is seen): host microseconds per call and the functions
-that take them.
+``gate_loop_operator`` forward+backward at the cases of ``python -m bench overhead``: host microseconds per call
+through Triton's launcher and with direct launches, with and without the autograd engine's device thread, beside
+a trivial ``autograd.grad``'s, then the functions that take the time (``cProfile``; ``--no-cprofile`` skips it).
 """
 from __future__ import annotations
 
@@ -83,8 +83,11 @@ def main() -> None:
 
 
 def profile_cases(reps: int = 100, top: int = 30, profile: bool = True) -> None:
-    """Host time of eager forward+backward calls of ``gate_loop_operator`` per overhead case, through Triton's
-    launcher and with direct launches (gateloop_kernels/_launch.py), and a cProfile of ``reps`` calls."""
+    """Host time of eager forward+backward calls of ``gate_loop_operator`` per overhead case: through Triton's
+    launcher or with direct launches (gateloop_kernels/_launch.py), with the autograd engine's device thread
+    (PyTorch's default) or the backward on the calling thread; the floor of a trivial ``autograd.grad`` in both
+    modes; then a cProfile of ``reps`` calls (single-threaded, so that the backward's Python is seen). Each figure
+    is the lower of two interleaved measurements (the host is noisy)."""
     import cProfile
     import io
     import pstats
@@ -92,7 +95,14 @@ def profile_cases(reps: int = 100, top: int = 30, profile: bool = True) -> None:
     from bench.overhead import CASES, _inputs
     from gateloop_kernels import _launch, gate_loop_operator
 
-    torch.autograd.set_multithreading_enabled(False)  # the backward's Python on this thread, seen by cProfile
+    x = torch.randn(64, device="cuda", requires_grad=True)
+    floor = {}
+    for threads in (True, False, True, False):
+        torch.autograd.set_multithreading_enabled(threads)
+        us = host_us(lambda: torch.autograd.grad(x * 2.0, x, x), reps)
+        floor[threads] = min(us, floor.get(threads, us))
+    print(f"[host] floor, autograd.grad of x * 2: {floor[True]:.1f} us (device thread), {floor[False]:.1f} us "
+          "(calling thread)", flush=True)
     for B, n, d, dtype, precision in CASES:
         inputs = _inputs(min(B, 64), min(n, 512), d, dtype, "cuda")  # the host cost does not depend on the size
         kw = {} if precision is None else {"precision": precision}
@@ -100,15 +110,21 @@ def profile_cases(reps: int = 100, top: int = 30, profile: bool = True) -> None:
 
         def call():
             torch.autograd.grad(gate_loop_operator(*inputs, **kw), inputs, gout)
-        launches = {}
-        for direct in (False, True, False, True):
-            _launch.ENABLED = direct
-            launches[direct] = host_us(call, reps)
-        print(f"[host] d={d} {dtype} {precision}: {launches[False]:.1f} us per fwd+bwd through Triton's launcher, "
-              f"{launches[True]:.1f} us with direct launches (single-threaded autograd)", flush=True)
+        res: dict = {}
+        for _ in range(2):
+            for threads in (True, False):
+                torch.autograd.set_multithreading_enabled(threads)
+                for direct in (False, True):
+                    _launch.ENABLED = direct
+                    us = host_us(call, reps)
+                    res[threads, direct] = min(us, res.get((threads, direct), us))
+        _launch.ENABLED = True
+        print(f"[host] d={d} {dtype} {precision}: us per fwd+bwd, Triton's launcher / direct launches: "
+              f"device thread {res[True, False]:.1f} / {res[True, True]:.1f}, calling thread "
+              f"{res[False, False]:.1f} / {res[False, True]:.1f}", flush=True)
         if not profile:
             continue
-        us = launches[True]
+        torch.autograd.set_multithreading_enabled(False)  # the backward's Python on this thread, seen by cProfile
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(reps):
@@ -117,8 +133,8 @@ def profile_cases(reps: int = 100, top: int = 30, profile: bool = True) -> None:
         prof.disable()
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-        print(f"[host] d={d} {dtype} {precision}: {us:.1f} us per fwd+bwd (single-threaded autograd); cProfile of "
-              f"{reps} calls by own time:\n{text.getvalue()}", flush=True)
+        print(f"[host] d={d} {dtype} {precision}: cProfile of {reps} calls (direct launches, calling thread) by own "
+              f"time:\n{text.getvalue()}", flush=True)
     torch.autograd.set_multithreading_enabled(True)
 
 
