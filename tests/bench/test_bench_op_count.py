@@ -1,0 +1,38 @@
+"""bench.tools.op_count: the host work per layer of a training step stays within a budget of the SDPA model's.
+
+The eager step is host-bound at the model benchmark's sizes (docs/kernels.md section 5), so a change that adds
+PyTorch calls or launches to the scan layer slows every user's step: ours at head dims 16 (the chunked kernels) and
+1 (the look-back scan) may take at most 40 aten operator calls per layer more than softmax attention through SDPA
+(214 and 222 against 186 when this budget was set, dim 512 under bf16 autocast) and at most 8 (float32's exact
+mode: 10, two state passes) and 4 launches."""
+import pytest
+import torch
+
+from bench.tools import op_count
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_scan_layers_stay_within_the_host_budget(amp):
+    dim = 32
+    attn_ops, attn_launches, _ = op_count.per_layer(dict(use_gate_looped_attn=False), amp, "cpu", dim)
+    for kw, max_launches in ((dict(gate_loop_heads=2), 8 if amp else 10), (dict(), 4)):  # head dims 16 and 1
+        ops, launches, by_name = op_count.per_layer(kw, amp, "cpu", dim)
+        assert attn_launches == 0 and 0 < launches <= max_launches, (kw, launches)
+        assert ops <= attn_ops + 40, (kw, ops, attn_ops, by_name.most_common(10))
+
+
+def test_counts_see_the_kernel_paths_only_once_per_launch():
+    """A launch's own (interpreted) operators are not counted: the per-layer count equals the count with every
+    launch a no-op."""
+    from gateloop_kernels._launch import Launcher
+
+    kw = dict(gate_loop_heads=2)
+    ops, launches, _ = op_count.per_layer(kw, False, "cpu", 32)
+    real = Launcher.run
+    Launcher.run = lambda self, grid, args, kwargs: None
+    try:
+        stub_ops, stub_launches, _ = op_count.per_layer(kw, False, "cpu", 32)
+    finally:
+        Launcher.run = real
+    assert (ops, launches) == (stub_ops, stub_launches)
+    assert torch.is_grad_enabled()
