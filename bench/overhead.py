@@ -10,7 +10,8 @@ For the public ``gate_loop_operator`` in the seed's layouts (``q, k, v: (B, n, d
 
 The issue-20 targets: eager <= device + 0.15 ms. ``--model`` adds training steps of the dim-512, depth-6 model
 (head dims 64 and 1) against the same model with softmax attention through SDPA (``CausalFullAttention``),
-bf16 autocast and float32, tokens/s in one run. ``--profile`` prints the host-side profile of one call per case.
+bf16 autocast and float32, tokens/s in one run. ``--profile`` prints the host-side profile of one call per case and,
+with ``--model``, each step's kernel device time beside its wall time (host-bound or device-bound).
 On a GPU the figures are appended as rows to ``bench/results/overhead.jsonl`` (``--no-record`` skips that).
 """
 from __future__ import annotations
@@ -94,7 +95,36 @@ def run_case(B: int, n: int, d: int, dtype: torch.dtype, precision, profile: boo
     return row
 
 
-def model_rows(quick: bool) -> list[dict]:
+def step_device_ms(which: str, heads, batch: int, seq: int, amp: bool, steps: int = 3) -> float:
+    """The kernels' device time of one AdamW training step (profiler, after two warm-up steps): beside the step's
+    wall time it says whether the eager step is host-bound (wall >> device) or device-bound."""
+    from torch.profiler import ProfilerActivity, profile as prof_
+
+    from bench.model import _make
+
+    torch.manual_seed(0)
+    model = _make(which, heads, 512, 6, False).to("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 256, (batch, seq + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = model(tokens, return_loss=True)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with prof_(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return sum(ev.device_time_total for ev in p.key_averages()) / steps / 1e3
+
+
+def model_rows(quick: bool, profile: bool = False) -> list[dict]:
     from bench.model import measure
 
     out = []
@@ -113,6 +143,11 @@ def model_rows(quick: bool) -> list[dict]:
                     _log(f"{which} heads={heads} {batch}x{seq}: out of memory")
                     continue
                 r.update(which=which, heads=heads, batch=batch, seq=seq, amp=amp)
+                if profile:
+                    r["device_ms"] = step_device_ms(which, heads, batch, seq, amp)
+                    _log(f"model {which} heads={heads} {batch}x{seq} amp={amp}: kernels {r['device_ms']:.2f} ms of "
+                         f"device time per step against a {r['step_ms']:.2f} ms step "
+                         f"({'host-bound' if r['step_ms'] > 1.2 * r['device_ms'] else 'device-bound'})")
                 out.append(r)
                 _log(f"model {which:4s} head_dim {'1' if heads is None else '64':>2s} "
                      f"{batch}x{seq} {'bf16' if amp else 'fp32'}: {r['tokens_per_s'] / 1e3:9.1f} k tok/s  "
@@ -156,6 +191,6 @@ def main(argv: list[str]) -> None:
     rows = result_rows(ops, env)
     if args.model or args.model_only:
         from bench.model import result_rows as model_result_rows
-        mrows = model_rows(args.quick)
+        mrows = model_rows(args.quick, args.profile)
         rows += [dict(r, benchmark="overhead") for r in model_result_rows(mrows, env)]
     harness.record("overhead", rows, args.record, log=_log)
