@@ -28,19 +28,22 @@ fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 python3 -c 'import reversible; print("reversible extension:", reversible.extension_info())'
+# STAGE_TIMEOUT=S: each test/benchmark stage is interrupted (SIGINT: pytest still prints what failed so far) after S
+# seconds, so that a device call's time limit never loses the later stages' output (0, the default: no limit)
+stop="timeout --signal=INT --kill-after=30 ${STAGE_TIMEOUT:-0}"
 rc=0
 for stage in "${stages[@]}"; do
   echo "=== $stage ($(date -u +%H:%M:%S)) ==="
   case $stage in
     tests) rm -f "$out/gpu_test_memory.txt"
-           GATELOOP_GPU_MEM_LOG="$PWD/$out/gpu_test_memory.txt" python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} $([[ " ${TESTS_ARGS:-} " == *" -n "* ]] && echo --dist loadgroup) 2>&1 | tee "$out/gpu_tests.log" || rc=1
-           sort -rn "$out/gpu_test_memory.txt" | head -n 12 ;;
+           GATELOOP_GPU_MEM_LOG="$PWD/$out/gpu_test_memory.txt" $stop python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_ARGS:-} $([[ " ${TESTS_ARGS:-} " == *" -n "* ]] && echo --dist loadgroup) 2>&1 | tee "$out/gpu_tests.log" || rc=1
+           sort -rn "$out/gpu_test_memory.txt" 2>/dev/null | head -n 12 ;;
     memcheck) for tool in memcheck memcheck_revkern; do
                 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m bench.tools.$tool 2>&1 \
                   | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done
               # every tile class of the chunked kernels (head dims 16..256, d != e, partial chunks, every dtype)
-              compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
+              $stop compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
                 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gateloop/test_chunked_sweep.py ${MEMCHECK_SWEEP_ARGS:-} 2>&1 \
                 | grep -v "^tests/" | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1 ;;
     ncu) for kernel in ${NCU_KERNELS:-_fwd_o _bwd_dqk _bwd_dv _bwd_gate _chunk_local}; do
@@ -59,9 +62,10 @@ for stage in "${stages[@]}"; do
                   | tee "$out/ncu_roofline_${spec/:/_}.txt"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done ;;
     scan|reversible|model|train|generate|overhead|cp) args_var="${stage^^}_ARGS"
-      python3 -m bench "$stage" ${!args_var:-} 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
+      $stop python3 -m bench "$stage" ${!args_var:-} 2>&1 | tee "$out/bench_$stage.log" || rc=1 ;;
     *) echo "unknown stage $stage"; rc=2 ;;
   esac
+  [[ -n ${OUT:-} ]] && tar czf "$OUT/results.tgz" -C bench out results   # what the stages so far wrote
 done
 python3 -m bench summary 2>&1 | tee "$out/summary.log"   # the short table, last
 [[ -n ${OUT:-} ]] && tar czf "$OUT/results.tgz" -C bench out results
