@@ -137,3 +137,24 @@ def test_gpu_direct_launches_match_triton_and_respecialize(d):
                        for h in range(H)], dim=2)
     for out in (first[0], run(*misaligned)[0], run(*misaligned)[0]):
         assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_every_launched_kernel_goes_through_a_launcher():
+    """A kernel launched as ``name[grid](...)`` anywhere in the package is a :class:`Launcher` (a new kernel
+    launched bare would pay Triton's full host cost on every call)."""
+    import importlib
+    import pkgutil
+    import re
+
+    import gateloop_kernels
+
+    launched = 0
+    for info in pkgutil.walk_packages(gateloop_kernels.__path__, "gateloop_kernels."):
+        module = importlib.import_module(info.name)
+        source = open(module.__file__).read()
+        for name in set(re.findall(r"\b(_[A-Za-z0-9_]+)\[", source)):
+            obj = getattr(module, name, None)
+            if hasattr(obj, "fn") and hasattr(obj, "__getitem__"):  # a Triton kernel, wrapped or not
+                assert isinstance(obj, _launch.Launcher), f"{info.name}.{name} is launched without a Launcher"
+                launched += 1
+    assert launched >= 12
