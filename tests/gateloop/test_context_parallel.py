@@ -20,7 +20,8 @@ from gateloop_kernels import operator as operator_module
 from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, context_parallel_mean,
                                                gate_loop_heads_cp, gate_loop_operator_cp)
 
-from helpers.distributed import expect_raises, host_sync_failures, max_rel_err, raise_failures, spawn
+from helpers.distributed import (check_failures, expect_raises, host_sync_failures, raise_failures, slice_checks,
+                                 spawn)
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -91,28 +92,15 @@ def _check_case(group, rank, world, seed, lengths, d, e, dtype, form, with_init,
         loss_cp = loss_cp + (f_cp * w_f[rank].conj()).real.sum()
     loss_cp.backward()
 
-    tol = TOL[dtype]
-    checks = [("o", o_cp, o[:, start:start + n])]
-    if with_final:
-        checks.append(("final_state", f_cp, f))
-    elif f_cp is not None:
+    if not with_final and f_cp is not None:
         return ["final_state returned without output_final_state"]
-    for name in x:
-        checks.append((f"d{name}", mine[name].grad, ref[name].grad[:, start:start + n]))
+    checks = slice_checks(o_cp, o, f_cp, f, with_final, mine, ref, start, n)
     if with_init:
         g = my_init.grad.clone()
         dist.all_reduce(g, group=group)  # a replicated input: its gradient is shared out over the ranks
         checks.append(("dinitial_state (summed over ranks)", g, ref_init.grad))
     case = f"lengths={lengths} d={d} e={e} {dtype} gate={form} init={with_init} final={with_final}"
-    out = []
-    for name, got, want in checks:
-        if got is None:
-            out.append(f"{case}: rank {rank} {name} is None")
-            continue
-        err = max_rel_err(got, want)
-        if not err <= tol:
-            out.append(f"{case}: rank {rank} {name} relative error {err:.2e} > {tol:.0e}")
-    return out
+    return check_failures(case, rank, checks, TOL[dtype])
 
 
 def _cases(world):

@@ -19,7 +19,8 @@ from gateloop_kernels import Transformer, gate_loop_heads, gate_loop_operator
 from gateloop_kernels import context_parallel
 from gateloop_kernels.context_parallel import DESCRIPTOR_LEN, context_parallel_bytes
 
-from helpers.distributed import expect_raises, host_sync_failures, max_rel_err, raise_failures, spawn
+from helpers.distributed import (check_failures, expect_raises, host_sync_failures, max_rel_err, raise_failures,
+                                 slice_checks, spawn)
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -81,13 +82,9 @@ def _check_case(group, rank, world, seed, slices, seqs, d, e, dtype, form, with_
         loss_cp = loss_cp + (f_cp * w_f[rank].conj()).real.sum()
     loss_cp.backward()
 
-    checks = [("o", o_cp, o[:, start:start + n])]
-    if with_final:
-        checks.append(("final_state", f_cp, f))
-    elif f_cp is not None:
+    if not with_final and f_cp is not None:
         return ["final_state returned without output_final_state"]
-    for name in x:
-        checks.append((f"d{name}", mine[name].grad, ref[name].grad[:, start:start + n]))
+    checks = slice_checks(o_cp, o, f_cp, f, with_final, mine, ref, start, n)
     if with_init:
         # a rank whose slice starts no sequence (and returns no final states) does not use it
         gi = torch.zeros_like(init) if my_init.grad is None else my_init.grad.clone()
@@ -95,15 +92,7 @@ def _check_case(group, rank, world, seed, slices, seqs, d, e, dtype, form, with_
         checks.append(("dinitial_state (summed over ranks)", gi, ref_init.grad))
     case = (f"slices={slices} seqs={seqs} d={d} e={e} {dtype} gate={form} init={with_init} final={with_final} "
             f"check_shapes={check_shapes} final used on {list(final_ranks)}")
-    out = []
-    for name, got, want in checks:
-        if got is None:
-            out.append(f"{case}: rank {rank} {name} is None")
-            continue
-        err = max_rel_err(got, want)
-        if not err <= TOL[dtype]:
-            out.append(f"{case}: rank {rank} {name} relative error {err:.2e} > {TOL[dtype]:.0e}")
-    return out
+    return check_failures(case, rank, checks, TOL[dtype])
 
 
 # (slices, sequences): crossing 0, 1 and 2 rank boundaries, a boundary at a slice start, empty sequences

@@ -66,6 +66,30 @@ def max_rel_err(got, want) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
+def slice_checks(o_cp, o, f_cp, f, with_final: bool, mine: dict, ref: dict, start: int, n: int) -> list:
+    """``(name, got, want)`` of a rank's time slice ``[start, start + n)`` against the single-process run: the
+    outputs, the final state (asked for), the gradient of each input of ``mine`` (its slice of ``ref``'s)."""
+    checks = [("o", o_cp, o[:, start:start + n])]
+    if with_final:
+        checks.append(("final_state", f_cp, f))
+    for name in mine:
+        checks.append((f"d{name}", mine[name].grad, ref[name].grad[:, start:start + n]))
+    return checks
+
+
+def check_failures(case: str, rank: int, checks: list, tol: float) -> list:
+    """The failures among ``checks`` (``(name, got, want)``): a missing tensor, a relative error above ``tol``."""
+    out = []
+    for name, got, want in checks:
+        if got is None:
+            out.append(f"{case}: rank {rank} {name} is None")
+            continue
+        err = max_rel_err(got, want)
+        if not err <= tol:
+            out.append(f"{case}: rank {rank} {name} relative error {err:.2e} > {tol:.0e}")
+    return out
+
+
 def raise_failures(failures) -> None:
     if failures:
         raise AssertionError("\n".join(failures))
