@@ -39,8 +39,11 @@ def _make(which: str, heads: Optional[int], dim: int, depth: int, reversible: bo
 
 def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, device: str, dim: int = 512,
             depth: int = 6, reversible: bool = False, steps: int = 5, warmup: int = 2, compiled: bool = False,
-            compile_mode: str = "default") -> dict:
+            compile_mode: str = "default", device_time: bool = False) -> dict:
     """Median tokens/s over ``steps`` AdamW steps after ``warmup``; peak memory in GiB.
+
+    ``device_time`` (CUDA): also ``device_ms``, the kernels' device time per step (profiler over ``steps`` more
+    steps): beside ``step_ms`` it says whether the eager step is host-bound (wall >> device) or device-bound.
 
     ``compiled``: the steps run ``torch.compile(model, mode=compile_mode)`` (the optimizer stays
     eager); dynamo is reset first, the warm-up (at least one step) covers compilation, and the
@@ -59,16 +62,20 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    times, first = [], None
-    for i in range(warmup + steps):
-        sync()
-        t0 = time.perf_counter()
+    def step() -> torch.Tensor:
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             loss = step_model(tokens, return_loss=True)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, first = [], None
+    for i in range(warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = step()
         sync()
         if i == 0:
             first = time.perf_counter() - t0
@@ -82,6 +89,14 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None  # no allocator stats on CPU
     out = {"tokens_per_s": batch * seq / (t.median * 1e-3), "step_ms": t.median, "step_spread_ms": t.spread,
            "peak_gib": peak, "loss": loss.item()}
+    if device_time and device == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                step()
+            sync()
+        out["device_ms"] = sum(ev.device_time_total for ev in prof.key_averages()) / steps / 1e3
     if compiled:
         out["compile_s"] = first
         torch._dynamo.reset()

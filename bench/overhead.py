@@ -95,35 +95,6 @@ def run_case(B: int, n: int, d: int, dtype: torch.dtype, precision, profile: boo
     return row
 
 
-def step_device_ms(which: str, heads, batch: int, seq: int, amp: bool, steps: int = 3) -> float:
-    """The kernels' device time of one AdamW training step (profiler, after two warm-up steps): beside the step's
-    wall time it says whether the eager step is host-bound (wall >> device) or device-bound."""
-    from torch.profiler import ProfilerActivity, profile as prof_
-
-    from bench.model import _make
-
-    torch.manual_seed(0)
-    model = _make(which, heads, 512, 6, False).to("cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tokens = torch.randint(0, 256, (batch, seq + 1), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", torch.bfloat16, enabled=amp), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loss = model(tokens, return_loss=True)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    with prof_(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    return sum(ev.device_time_total for ev in p.key_averages()) / steps / 1e3
-
-
 def model_rows(quick: bool, profile: bool = False) -> list[dict]:
     from bench.model import measure
 
@@ -137,14 +108,13 @@ def model_rows(quick: bool, profile: bool = False) -> list[dict]:
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        r = measure(which, heads, batch, seq, amp, "cuda", steps=10, warmup=3)
+                        r = measure(which, heads, batch, seq, amp, "cuda", steps=10, warmup=3, device_time=profile)
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     _log(f"{which} heads={heads} {batch}x{seq}: out of memory")
                     continue
                 r.update(which=which, heads=heads, batch=batch, seq=seq, amp=amp)
                 if profile:
-                    r["device_ms"] = step_device_ms(which, heads, batch, seq, amp)
                     _log(f"model {which} heads={heads} {batch}x{seq} amp={amp}: kernels {r['device_ms']:.2f} ms of "
                          f"device time per step against a {r['step_ms']:.2f} ms step "
                          f"({'host-bound' if r['step_ms'] > 1.2 * r['device_ms'] else 'device-bound'})")
