@@ -19,6 +19,8 @@ from ._eager import with_transforms
 from ._launch import Launcher
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: devices whose tensors take the gate kernels (read at call time: tools and tests add "cpu" under TRITON_INTERPRET=1)
+KERNEL_DEVICES = ("cuda",)
 _BLOCK = 1024  # grids are computed on the host as -(-N // _BLOCK): recent Triton's triton.cdiv costs ~9 us a call
 
 
@@ -142,7 +144,7 @@ def reference_backward(z: Tensor, g_re: Optional[Tensor], g_im: Optional[Tensor]
 
 def _use_kernel(z: Tensor) -> bool:
     # torch.func hands the backward its wrappers, which a kernel cannot read: the reference runs there
-    return (z.is_cuda and z.dtype in _KERNEL_DTYPES and not torch.compiler.is_compiling()
+    return (z.device.type in KERNEL_DEVICES and z.dtype in _KERNEL_DTYPES and not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active())
 
 

@@ -53,13 +53,15 @@ def _kernels_as_on_gpu(device: str) -> Iterator[None]:
     from gateloop_kernels import dispatch, gate
     from gateloop_kernels.elementwise import op as ew_op
 
-    saved = dispatch.KERNEL_DEVICES, ew_op.KERNEL_DEVICES, gate._use_kernel
-    dispatch.KERNEL_DEVICES = ew_op.KERNEL_DEVICES = ("cuda", "cpu")
-    gate._use_kernel = lambda z: z.dtype in gate._KERNEL_DTYPES and not torch._C._are_functorch_transforms_active()
+    modules = (dispatch, ew_op, gate)
+    saved = [m.KERNEL_DEVICES for m in modules]
+    for m in modules:
+        m.KERNEL_DEVICES = ("cuda", "cpu")
     try:
         yield
     finally:
-        dispatch.KERNEL_DEVICES, ew_op.KERNEL_DEVICES, gate._use_kernel = saved
+        for m, devices in zip(modules, saved):
+            m.KERNEL_DEVICES = devices
 
 
 @contextlib.contextmanager
