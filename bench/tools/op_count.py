@@ -5,8 +5,8 @@ depth 2 (the difference is one layer: attention block + feed-forward) for ours a
 same model with softmax attention through SDPA; prints the aten operator calls (``TorchDispatchMode``) and our
 kernel launches per layer, and the operators by name. The eager step is host-bound wherever each call's host cost
 times the calls exceeds the device time (``docs/kernels.md`` section 5), so these counts are what the eager step's
-host time scales with. Off CUDA the Triton kernels run through the interpreter (``TRITON_INTERPRET=1`` is set here
-when no GPU is present), on the kernel paths a GPU would take, and the operators the interpreter runs inside a
+host time scales with. Off CUDA the Triton kernels run through the interpreter (``main`` sets ``TRITON_INTERPRET=1``
+when no GPU is present; callers of :func:`per_layer` set it themselves), on the kernel paths a GPU would take, and the operators the interpreter runs inside a
 launch are not counted.
 """
 from __future__ import annotations
@@ -18,11 +18,7 @@ import os
 from typing import Iterator
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode
 
 #: (name, Transformer keyword arguments) of the models compared
 MODELS = (("ours, head dim 64", dict(gate_loop_heads=8)), ("ours, head dim 1", dict()),
@@ -114,6 +110,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--dim", type=int, default=512, help="model width (default 512: 8 heads of 64)")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # before the package's first import: its kernels are then built for the interpreter
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     out = []
     for name, kw in MODELS:
         ops, launches, by_name = per_layer(kw, args.amp, device, args.dim)

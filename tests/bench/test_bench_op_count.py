@@ -8,8 +8,10 @@ mode: 10, two state passes) and 4 launches."""
 import pytest
 
 from bench.tools import op_count
+from helpers.kernels import needs_kernels
 
 
+@needs_kernels
 @pytest.mark.parametrize("amp", [False, True])
 def test_scan_layers_stay_within_the_host_budget(amp):
     dim = 32
@@ -20,6 +22,7 @@ def test_scan_layers_stay_within_the_host_budget(amp):
         assert ops <= attn_ops + 40, (kw, ops, attn_ops, by_name.most_common(10))
 
 
+@needs_kernels
 def test_counts_see_the_kernel_paths_only_once_per_launch():
     """A launch's own (interpreted) operators are not counted: the per-layer count equals the count with every
     launch a no-op."""
