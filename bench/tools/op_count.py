@@ -21,7 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 #: (name, Transformer keyword arguments) of the models compared
-MODELS = (("ours, head dim 64", dict(gate_loop_heads=8)), ("ours, head dim 1", dict()),
+MODELS = (("ours, 8 heads (head dim 64 at dim 512)", dict(gate_loop_heads=8)), ("ours, head dim 1", dict()),
           ("SDPA attention", dict(use_gate_looped_attn=False)))
 
 
