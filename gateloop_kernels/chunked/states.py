@@ -13,6 +13,8 @@ launches them; ``_chunk_table`` builds a packed batch's chunk table, which every
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -345,6 +347,26 @@ def _chunk_table(cu_seqlens: Tensor, n: int, BT: int) -> Tensor:
     return torch.stack([t0, end, seq, flags], 1).to(torch.int32).reshape(-1)
 
 
+#: the one-kernel state pass walks this many chunks or fewer in the time the two passes need whatever its grid
+#: (``python -m bench.tools.state_forms``; docs/kernels.md section 1)
+_SHORT_WALK = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (the H100 SXM's 132 elsewhere: the interpreter's CPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
+def _one_pass_pays(programs: int, NT: int, device: torch.device) -> bool:
+    """Whether the one-kernel state pass (``programs`` programs each walking ``NT`` chunks in order) beats the two
+    passes: when its grid fills the GPU, or when its walk is short. Below a wave of programs on a long sequence (one
+    sequence or a packed batch at few heads: B*H = 8, 512 chunks) each program's sequential walk is the whole
+    pass's time, while the two passes run every chunk's contribution in parallel and leave only an elementwise
+    carry, eight chunks per memory round trip, to the sequential scan."""
+    return NT <= _SHORT_WALK or programs >= _sm_count(device)
+
+
 def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
     """Chunk states and/or adjoint states, each (B*H, NT, 2, K, V): ``fwd = (k, v, s0, sT)`` gives the states
     entering each chunk, ``rev = (q, dO, s0, sT)`` the adjoints of the states leaving each chunk (``s0``: the
@@ -381,8 +403,8 @@ def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
         return [stand_in if t is None else t for t in ts]
 
     cfg = _cfg("chunk_states_exact" if mode == MODE_F32 and prec != "tf32" else "chunk_states", mode)
-    if cfg is not None:
-        BK, BV = _blocks(K, V, cfg)
+    BK, BV = _blocks(K, V, cfg) if cfg is not None else (K, V)
+    if cfg is not None and _one_pass_pays(jobs * BH * _cdiv(K, BK) * _cdiv(V, BV), NT, x.device):
         # bf16 inputs: the states are stored in bf16 (every dot reading them rounds them to bf16 anyway; they
         # are carried in float32 registers), half the memory and traffic of float32 states
         h_f, h_r = per_job((BH, NT, 2, K, V), torch.bfloat16 if mode == MODE_BF16 else torch.float32)

@@ -131,10 +131,13 @@ def test_cpu_float32_tf32_unequal_dims():
 
 
 @cpu_only
-def test_cpu_bfloat16():
-    """The one-kernel state pass, initial state without final state, d != e. Against the reference the bound of
-    test_chunked.py::test_cpu_half (the kernels' bf16 rounding at a few steps reached 8e-3 relative over four
-    seeds; the GPU tests hold 1e-2 at real sizes)."""
+@pytest.mark.parametrize("one_kernel", [True, False])
+def test_cpu_bfloat16(one_kernel, monkeypatch):
+    """The one-kernel state pass (and the two passes, which a long packed batch at few heads runs), initial state
+    without final state, d != e. Against the reference the bound of test_chunked.py::test_cpu_half (the kernels'
+    bf16 rounding at a few steps reached 8e-3 relative over four seeds; the GPU tests hold 1e-2 at real sizes)."""
+    if not one_kernel:
+        monkeypatch.setitem(config._CFG[torch.bfloat16], "chunk_states", None)
     check_varlen(CPU_LENS, 1, 32, 16, torch.bfloat16, "cpu", 2e-2, init=True, alone_tol=None)
 
 
@@ -222,6 +225,18 @@ GPU_MODES = [  # dtype, precision, tolerance against the reference, against each
 @pytest.mark.parametrize("dtype,precision,tol,alone_tol", GPU_MODES)
 def test_gpu_varlen(d, e, dtype, precision, tol, alone_tol):
     check_varlen(gpu_lens(4096, [0, 1, 63, 64, 65, 0]), 4, d, e, dtype, "cuda", tol, precision=precision,
+                 init=True, final=True, BT=64, alone_tol=alone_tol, poison=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,precision,tol,alone_tol", GPU_MODES[1:])
+def test_gpu_varlen_one_kernel_state_pass(dtype, precision, tol, alone_tol, monkeypatch):
+    """The one-kernel state pass of tf32 and 16-bit inputs, which ``test_gpu_varlen``'s 4 heads of ~74 chunks do
+    not run (``states._one_pass_pays`` picks two passes there; a packed batch at many heads runs this one)."""
+    from gateloop_kernels.chunked import states
+
+    monkeypatch.setattr(states, "_SHORT_WALK", 1 << 30)
+    check_varlen(gpu_lens(4096, [0, 1, 63, 64, 65, 0]), 4, 64, 64, dtype, "cuda", tol, precision=precision,
                  init=True, final=True, BT=64, alone_tol=alone_tol, poison=True)
 
 
