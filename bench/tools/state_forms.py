@@ -7,7 +7,8 @@ when B*H is small), or two passes (``_chunk_local`` in parallel over every chunk
 in each form, on one sequence and on the same tokens packed as documents (``cu_seqlens``, log-uniform lengths
 as ``python -m bench scan --varlen`` draws them), per dtype, and checks each form's outputs and gradients
 against the other's. The form is forced through the launch table (``chunked.config._CFG[dtype]["chunk_states"]``
-and ``["chunk_states_exact"]``: None is the two passes) and the dispatch's own choice is timed beside them.
+and ``["chunk_states_exact"]``: None is the two passes) and ``states._sm_count`` (1: the grid rule
+``states._one_pass_pays`` always takes the one kernel); the default choice is timed beside them.
 Prints a table (GPU only; docs/kernels.md section 1 cites it).
 """
 from __future__ import annotations
@@ -48,7 +49,8 @@ def main(argv=None) -> None:
                     help="H:T:d,... (one row of T tokens, H heads)")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="float32 runs its exact mode (3xTF32)")
     args = ap.parse_args(argv)
-    from gateloop_kernels.chunked import config
+    from gateloop_kernels.chunked import config, states
+    sm_count = states._sm_count
     print(f"{'H':>3s} {'T':>6s} {'d':>4s} {'dtype':9s} {'packed':6s} {'one ms':>8s} {'two ms':>8s} "
           f"{'default':>8s} {'diff':>8s}", flush=True)
     for spec in args.shapes.split(","):
@@ -63,8 +65,10 @@ def main(argv=None) -> None:
                 for form, entry in (("one", _ONE), ("two", None), ("default", None)):
                     if form != "default":
                         table["chunk_states"] = table["chunk_states_exact"] = entry
+                        states._sm_count = lambda device: 1  # (the rule then always takes the one kernel)
                     else:
                         table.update(saved)
+                        states._sm_count = sm_count
                     o = run()
                     res[form] = [o.detach()] + list(torch.autograd.grad(o, leaves, do))
                     times[form] = harness.do_bench(lambda: torch.autograd.backward(run(), do),

@@ -347,24 +347,21 @@ def _chunk_table(cu_seqlens: Tensor, n: int, BT: int) -> Tensor:
     return torch.stack([t0, end, seq, flags], 1).to(torch.int32).reshape(-1)
 
 
-#: the one-kernel state pass walks this many chunks or fewer in the time the two passes need whatever its grid
-#: (``python -m bench.tools.state_forms``; docs/kernels.md section 1)
-_SHORT_WALK = 64
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (the H100 SXM's 132 elsewhere: the interpreter's CPU)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    """Streaming multiprocessors of a CUDA device; 1 for the interpreter's CPU (it runs one program at a time)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _one_pass_pays(programs: int, NT: int, device: torch.device) -> bool:
-    """Whether the one-kernel state pass (``programs`` programs each walking ``NT`` chunks in order) beats the two
-    passes: when its grid fills the GPU, or when its walk is short. Below a wave of programs on a long sequence (one
-    sequence or a packed batch at few heads: B*H = 8, 512 chunks) each program's sequential walk is the whole
-    pass's time, while the two passes run every chunk's contribution in parallel and leave only an elementwise
-    carry, eight chunks per memory round trip, to the sequential scan."""
-    return NT <= _SHORT_WALK or programs >= _sm_count(device)
+def _one_pass_pays(programs: int, sms: int) -> bool:
+    """Whether the one-kernel state pass, ``programs`` programs per direction (B*H x state tiles) each walking the
+    chunks in order, beats the two passes on ``sms`` multiprocessors. Within a wave the walk's time is the chunk
+    count times one chunk's latency whatever the grid, while the two passes move every chunk's state through
+    memory: their time grows with the grid, the walk's does not. The walk won at 128 programs (B*H = 32, d = 64:
+    492 against 770 us on the H100) and costs ~1.6 us a chunk; at 32 programs (B*H = 8) the two passes
+    should take a quarter of the bytes' time, ~0.4x the walk's (docs/kernels.md section 1,
+    ``python -m bench.tools.state_forms``)."""
+    return 2 * programs >= sms
 
 
 def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
@@ -404,7 +401,7 @@ def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
 
     cfg = _cfg("chunk_states_exact" if mode == MODE_F32 and prec != "tf32" else "chunk_states", mode)
     BK, BV = _blocks(K, V, cfg) if cfg is not None else (K, V)
-    if cfg is not None and _one_pass_pays(jobs * BH * _cdiv(K, BK) * _cdiv(V, BV), NT, x.device):
+    if cfg is not None and _one_pass_pays(BH * _cdiv(K, BK) * _cdiv(V, BV), _sm_count(x.device)):
         # bf16 inputs: the states are stored in bf16 (every dot reading them rounds them to bf16 anyway; they
         # are carried in float32 registers), half the memory and traffic of float32 states
         h_f, h_r = per_job((BH, NT, 2, K, V), torch.bfloat16 if mode == MODE_BF16 else torch.float32)

@@ -70,14 +70,12 @@ def test_cpu_bfloat16_two_pass_state_pass(monkeypatch):
 
 
 def test_state_pass_form_rule():
-    """The one-kernel state pass where its grid fills the GPU or its walk is short; two passes for a long walk on
-    fewer programs than streaming multiprocessors (B*H = 8, d = 64: 32 programs over 512 chunks). The CPU (the
-    interpreter) counts as an H100 SXM's 132."""
+    """The one-kernel state pass where its programs per direction fill half the GPU's multiprocessors, two passes
+    below (B*H = 8, d = 64 on an H100: 32 programs over 132 SMs); the interpreter (one program at a time) always
+    takes the one kernel."""
     from gateloop_kernels.chunked import states
 
-    cpu = torch.device("cpu")
-    assert states._sm_count(cpu) == 132
-    assert not states._one_pass_pays(32, 512, cpu)
-    assert states._one_pass_pays(132, 512, cpu)
-    assert states._one_pass_pays(32, states._SHORT_WALK, cpu)
-    assert not states._one_pass_pays(32, states._SHORT_WALK + 1, cpu)
+    assert states._sm_count(torch.device("cpu")) == 1
+    assert not states._one_pass_pays(32, 132)
+    assert states._one_pass_pays(66, 132) and states._one_pass_pays(128, 132)
+    assert not states._one_pass_pays(65, 132)

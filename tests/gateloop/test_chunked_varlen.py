@@ -231,11 +231,11 @@ def test_gpu_varlen(d, e, dtype, precision, tol, alone_tol):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,precision,tol,alone_tol", GPU_MODES[1:])
 def test_gpu_varlen_one_kernel_state_pass(dtype, precision, tol, alone_tol, monkeypatch):
-    """The one-kernel state pass of tf32 and 16-bit inputs, which ``test_gpu_varlen``'s 4 heads of ~74 chunks do
-    not run (``states._one_pass_pays`` picks two passes there; a packed batch at many heads runs this one)."""
+    """The one-kernel state pass of tf32 and 16-bit inputs, which ``test_gpu_varlen``'s 4 heads do not run
+    (``states._one_pass_pays`` picks two passes for 16 programs; a packed batch at many heads runs this one)."""
     from gateloop_kernels.chunked import states
 
-    monkeypatch.setattr(states, "_SHORT_WALK", 1 << 30)
+    monkeypatch.setattr(states, "_sm_count", lambda device: 1)
     check_varlen(gpu_lens(4096, [0, 1, 63, 64, 65, 0]), 4, 64, 64, dtype, "cuda", tol, precision=precision,
                  init=True, final=True, BT=64, alone_tol=alone_tol, poison=True)
 
