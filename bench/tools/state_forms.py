@@ -45,7 +45,7 @@ def _case(H: int, T: int, d: int, dtype: torch.dtype, packed: bool, seed: int = 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.tools.state_forms", description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="8:32768:64,8:4096:64,32:32768:64,8:32768:128,64:8192:64",
+    ap.add_argument("--shapes", default="8:32768:64,8:4096:64,16:16384:64,32:8192:64",
                     help="H:T:d,... (one row of T tokens, H heads)")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="float32 runs its exact mode (3xTF32)")
     args = ap.parse_args(argv)
