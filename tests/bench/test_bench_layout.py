@@ -45,7 +45,7 @@ def test_tools_run_as_modules_of_bench_tools(tmp_path):
     assert p.returncode == 0 and "python -m bench.tools.ncu" in p.stdout, p.stderr
     tools = {f.stem for f in (ROOT / "bench" / "tools").glob("*.py")} - {"__init__"}
     assert tools == {"ncu", "offline_kernels", "memcheck", "memcheck_revkern", "host_probe", "kernel_times",
-                     "memory_peak", "op_count"}
+                     "memory_peak", "op_count", "state_forms"}
     assert not [f.name for f in (ROOT / "bench").glob("_*.py") if f.name not in ("__init__.py", "__main__.py",
                                                                                   "_ceilings.py")]
 
