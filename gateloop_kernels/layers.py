@@ -101,6 +101,24 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.frac, None
 
 
+def _in_projections(layer: Module, x: Tensor, with_a: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``(qkv, a, gates)``: :class:`GateLoopedAttention`'s input projections of ``x`` (``to_qkv``; ``to_a`` with
+    its bias, None without ``with_a``; ``to_gates``' linear part or None) as one GEMM over their stacked weights:
+    one weight cast under autocast, one product forward and two backward instead of one each per projection (a
+    training step's eager host time is mostly such per-layer PyTorch calls; ``python -m bench.tools.op_count``).
+    The bias is added after the product, in its own dtype where that is wider (float32 under autocast: the gate's
+    logits rounded once, as inside the separate projection's fused add)."""
+    lin_a = layer.to_a[0]
+    ws = [layer.to_qkv.weight] + ([lin_a.weight] if with_a else [])
+    ws += [layer.to_gates[0].weight] if layer.to_gates is not None else []
+    parts = list(F.linear(x, torch.cat(ws)).split([w.shape[0] for w in ws], dim=-1))
+    qkv = parts.pop(0)
+    a = parts.pop(0) if with_a else None
+    if a is not None and lin_a.bias is not None:
+        a = a + lin_a.bias
+    return qkv, a, parts[0] if parts else None
+
+
 def _frac_gradient(t: Tensor, frac: float) -> Tensor:
     """Same value, gradient scaled by ``frac`` (the seed's slower-moving gate parameters). The seed
     writes ``t * frac + t.detach() * (1 - frac)``: three kernels that give ``t`` up to rounding; this is
@@ -328,10 +346,10 @@ class GateLoopedAttention(Module):
         # written against attributes the upstream class has too, so patch_gateloop_transformer()
         # can install it on upstream instances
         b, n, _ = x.shape
-        lin_a = self.to_a[0]
-        heads = lin_a.out_features // 2
-        q, k, v = (t.unflatten(-1, (heads, -1)) for t in self.to_qkv(x).chunk(3, dim=-1))
-        z = _frac_gradient(lin_a(x), self.frac_gradient_state_transition).unflatten(-1, (heads, 2))
+        heads = self.to_a[0].out_features // 2
+        qkv, a, gates = _in_projections(self, x, with_a=not ablate_state_transition)
+        q, k, v = (t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))
+        z = None if a is None else _frac_gradient(a, self.frac_gradient_state_transition).unflatten(-1, (heads, 2))
         if ablate_complex and not ablate_state_transition:
             z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
         if cp_group is not None and (cache is not None or return_cache):
@@ -357,8 +375,8 @@ class GateLoopedAttention(Module):
             elif cache is not None:
                 cache.copy_(state.detach())
         out = self.maybe_sub_ln(out.flatten(2))
-        if self.to_gates is not None:
-            out = self.to_gates(x) * out
+        if gates is not None:
+            out = self.to_gates[1](gates) * out
         out = self.to_out(out)
         return (out, cache) if return_cache else out
 
