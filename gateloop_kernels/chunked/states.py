@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .._custom_op import traced
 from .._launch import Launcher
 from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _launch
 from .dots import _wide_dot
@@ -324,27 +325,71 @@ def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, gate_re, ga
                           HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN)
 
 
+@Launcher
+@triton.jit
+def _build_chunk_table(cu, ends, tab, N, NS, n, LOG, BT: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`_chunk_table` in one program: each sequence's chunk count and their running sum (the slot after
+    its last chunk) into ``ends``, then per slot its sequence by binary search over ``ends`` (``LOG`` halvings)
+    and the slot's four entries."""
+    carry = tl.zeros([], dtype=tl.int32)
+    for b in range(0, N, BLOCK):
+        i = b + tl.arange(0, BLOCK)
+        m = i < N
+        length = (tl.load(cu + i + 1, mask=m, other=0) - tl.load(cu + i, mask=m, other=0)).to(tl.int32)
+        cnt = tl.where(m, tl.maximum((length + BT - 1) // BT, 1), 0)
+        tl.store(ends + i, carry + tl.cumsum(cnt, 0), mask=m)
+        carry += tl.sum(cnt, 0)
+    tl.debug_barrier()  # (every thread's ends written before any is read)
+    for s0 in range(0, NS, BLOCK):
+        slot = s0 + tl.arange(0, BLOCK)
+        lo = tl.zeros([BLOCK], dtype=tl.int32)
+        hi = lo + N
+        for _ in range(0, LOG):  # lo <- the first sequence whose chunks end after the slot (N: none)
+            mid = (lo + hi) // 2
+            right = (tl.load(ends + mid, mask=mid < N, other=0) <= slot) & (lo < hi)
+            lo = tl.where(right, mid + 1, lo)
+            hi = tl.where(right | (lo >= hi), hi, mid)
+        real = lo < N
+        seq = tl.minimum(lo, N - 1)
+        start = tl.load(cu + seq).to(tl.int32)
+        stop = tl.load(cu + seq + 1).to(tl.int32)
+        cnt = tl.maximum((stop - start + BT - 1) // BT, 1)
+        j = slot - (tl.load(ends + seq) - cnt)  # the chunk's index in its sequence
+        flags = ((j == 0) & real).to(tl.int32) + 2 * ((j == cnt - 1) & real).to(tl.int32)
+        p = tab + slot * 4
+        m = slot < NS
+        tl.store(p, tl.where(real, start + j * BT, n), mask=m)
+        tl.store(p + 1, tl.where(real, stop, n), mask=m)
+        tl.store(p + 2, seq, mask=m)
+        tl.store(p + 3, flags, mask=m)
+
+
+def _chunk_table_impl(cu_seqlens: Tensor, n: int, BT: int) -> Tensor:
+    N = cu_seqlens.shape[0] - 1
+    NS = n // BT + N
+    tab = torch.empty(NS * 4, device=cu_seqlens.device, dtype=torch.int32)
+    ends = torch.empty(N, device=cu_seqlens.device, dtype=torch.int32)
+    _build_chunk_table[(1,)](cu_seqlens, ends, tab, N, NS, n, N.bit_length() + 1, BT=BT, BLOCK=1024, num_warps=4)
+    return tab
+
+
+# registered for torch.compile / fake tensors (dynamo does not trace a Triton launch outside an op); eager calls run
+# the implementation directly
+_chunk_table_op = torch.library.custom_op("gateloop::chunk_table", mutates_args=())(_chunk_table_impl)
+_chunk_table_op.register_fake(lambda cu_seqlens, n, BT: cu_seqlens.new_empty((n // BT + cu_seqlens.shape[0] - 1) * 4,
+                                                                             dtype=torch.int32))
+
+
 def _chunk_table(cu_seqlens: Tensor, n: int, BT: int) -> Tensor:
     """The chunk table of a packed batch of ``n`` steps holding the sequences ``cu_seqlens`` delimits, built on
-    the device (no host synchronisation): chunks start at each sequence's first step, so a sequence of
-    length l takes ``max(1, ceil(l / BT))`` chunk slots (an empty one, one empty chunk: it carries its initial
-    state to its final one). Flat int32, 4 entries per slot: first step, end step (exclusive: the kernels mask
-    steps from there), sequence, flags (1: the sequence's first chunk, 2: its last). The slot count is a bound
-    from shapes only, ``n // BT + N`` (the sum over sequences of ``(l + BT) / BT``); slots past the last
-    chunk are empty (``t0 = end = n``, no flags) and change nothing."""
-    N = cu_seqlens.shape[0] - 1
-    cu = cu_seqlens.to(torch.int64)
-    cnt = ((cu[1:] - cu[:-1] + BT - 1) // BT).clamp_min(1)
-    ends = cnt.cumsum(0)
-    slot = torch.arange(n // BT + N, device=cu.device)
-    seq = torch.searchsorted(ends, slot, right=True)
-    real = seq < N
-    seq = seq.clamp_max(N - 1)
-    j = slot - (ends - cnt)[seq]  # the chunk's index in its sequence
-    t0 = torch.where(real, cu[seq] + j * BT, n)
-    end = torch.where(real, cu[seq + 1], n)
-    flags = ((j == 0) & real).to(torch.int64) + 2 * ((j == cnt[seq] - 1) & real).to(torch.int64)
-    return torch.stack([t0, end, seq, flags], 1).to(torch.int32).reshape(-1)
+    the device (no host synchronisation; one launch, :func:`_build_chunk_table`): chunks start at each
+    sequence's first step, so a sequence of length l takes ``max(1, ceil(l / BT))`` chunk slots (an empty one,
+    one empty chunk: it carries its initial state to its final one). Flat int32, 4 entries per slot: first step,
+    end step (exclusive: the kernels mask steps from there), sequence, flags (1: the sequence's first chunk, 2:
+    its last). The slot count is a bound from shapes only, ``n // BT + N`` (the sum over sequences of
+    ``(l + BT) / BT``); slots past the last chunk are empty (``t0 = end = n``, sequence ``N - 1``, no flags) and
+    change nothing."""
+    return (_chunk_table_op if traced(cu_seqlens) else _chunk_table_impl)(cu_seqlens, n, BT)
 
 
 @functools.lru_cache(maxsize=None)

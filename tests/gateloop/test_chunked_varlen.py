@@ -21,7 +21,7 @@ if not HAS_CUDA and not INTERPRET:
 from gateloop_kernels import chunked  # noqa: E402
 from gateloop_kernels.chunked import config  # noqa: E402
 from gateloop_kernels.chunked.op import _chunk_op  # noqa: E402
-from gateloop_kernels.chunked.states import _chunk_table  # noqa: E402
+from gateloop_kernels.chunked.states import _chunk_table, _chunk_table_op  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,16 +141,17 @@ def test_cpu_bfloat16(one_kernel, monkeypatch):
     check_varlen(CPU_LENS, 1, 32, 16, torch.bfloat16, "cpu", 2e-2, init=True, alone_tol=None)
 
 
-@cpu_only
-def test_chunk_table():
-    """The device-built table against a per-sequence loop, for random lengths with empty sequences: slots in
-    order, a sequence's chunks from its first step on, every step in exactly one chunk, the slot bound."""
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=cpu_only), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_chunk_table(device):
+    """The device-built table (one launch, ``_build_chunk_table``) against a per-sequence loop, for random lengths
+    with empty sequences: slots in order, a sequence's chunks from its first step on, every step in exactly one
+    chunk, the slot bound; int32 and int64 ``cu_seqlens``."""
     BT = 16
-    for _ in range(20):
-        N = int(torch.randint(1, 8, ()))
+    for trial in range(20):  # the last two: several 1024-wide blocks of sequences and of slots in the kernel
+        N = int(torch.randint(1, 8, ())) if trial < 18 else 2500
         lens = (torch.randint(0, 3 * BT, (N,)) * (torch.rand(N) > 0.3)).tolist()
         T = sum(lens)
-        tab = _chunk_table(_cu(lens, "cpu"), T, BT).view(-1, 4).tolist()
+        tab = _chunk_table(_cu(lens, device, (torch.int32, torch.int64)[trial % 2]), T, BT).view(-1, 4).tolist()
         want, t = [], 0
         for i, n in enumerate(lens):
             c = max(1, -(-n // BT))
@@ -175,7 +176,7 @@ def test_cpu_all_empty():
 
 @cpu_only
 def test_cpu_custom_op_opcheck_and_compile():
-    """The registered ops with a chunk table (schema, fake tensors, autograd registration), and
+    """The registered ops with a chunk table (schema, fake tensors, autograd registration), the table's own op, and
     torch.compile(fullgraph=True) with cu_seqlens a tensor input: the same results and gradients as eager."""
     lens, H, d, e, BT = [3, 0, 17], 1, 16, 16, 16
     T = sum(lens)
@@ -186,6 +187,7 @@ def test_cpu_custom_op_opcheck_and_compile():
     torch.library.opcheck(_chunk_op.op, [t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
                                     else t for t in args],
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(_chunk_table_op, (cu, T, BT), test_utils=("test_schema", "test_faketensor"))
 
     def fn(cu, *x):
         o, st = chunked._chunk_gate_loop(*x, True, "ieee", BT, cu_seqlens=cu)
