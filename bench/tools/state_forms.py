@@ -9,7 +9,8 @@ as ``python -m bench scan --varlen`` draws them), per dtype, and checks each for
 against the other's. The form is forced through the launch table (``chunked.config._CFG[dtype]["chunk_states"]``
 and ``["chunk_states_exact"]``: None is the two passes) and ``states._sm_count`` (1: the grid rule
 ``states._one_pass_pays`` always takes the one kernel); the default choice is timed beside them.
-Prints a table (GPU only; docs/kernels.md section 1 cites it).
+Prints a table and, on a GPU, appends its rows to ``bench/results/state_forms.jsonl`` (docs/kernels.md section 1
+cites them).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import argparse
 
 import torch
 
-from bench import harness
+from bench import harness, results
 from bench.harness import rel_err
 from bench.varlen import draw_lengths
 
@@ -43,14 +44,27 @@ def _case(H: int, T: int, d: int, dtype: torch.dtype, packed: bool, seed: int = 
     return run, leaves, do
 
 
+OP = "chunked scan fwd+bwd, state pass form"
+
+
+def result_rows(H: int, T: int, d: int, dtype: str, packed: bool, times: dict, env: dict, note=None) -> list[dict]:
+    """One row per form (``one``, ``two``, ``default``: the rule's choice) of a case, fwd+bwd ms; ``N`` in the
+    shape is the number of packed documents (1: one sequence)."""
+    shape = {"B": 1, "T": T, "N": len(draw_lengths(T, 64, 8192, 0)) if packed else 1, "H": H, "d": d, "e": d}
+    return [results.row("state_forms", OP, form, shape, dtype, "fwdbwd_ms", "ms", times[form], env,
+                        precision="ieee", note=note) for form in ("one", "two", "default")]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.tools.state_forms", description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="8:32768:64,8:4096:64,16:16384:64,32:8192:64",
                     help="H:T:d,... (one row of T tokens, H heads)")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="float32 runs its exact mode (3xTF32)")
+    harness.add_record_argument(ap)
     args = ap.parse_args(argv)
     from gateloop_kernels.chunked import config, states
     sm_count = states._sm_count
+    env, rows = harness.environment(), []
     print(f"{'H':>3s} {'T':>6s} {'d':>4s} {'dtype':9s} {'packed':6s} {'one ms':>8s} {'two ms':>8s} "
           f"{'default':>8s} {'diff':>8s}", flush=True)
     for spec in args.shapes.split(","):
@@ -77,8 +91,10 @@ def main(argv=None) -> None:
                 diff = max(rel_err(a, b) for a, b in zip(res["one"], res["two"]))
                 print(f"{H:3d} {T:6d} {d:4d} {name:9s} {str(packed):6s} {times['one']:8.3f} {times['two']:8.3f} "
                       f"{times['default']:8.3f} {diff:8.1e}", flush=True)
+                rows += result_rows(H, T, d, name, packed, times, env)
                 del run, leaves, do, res
                 torch.cuda.empty_cache()
+    harness.record("state_forms", rows, args.record)
 
 
 if __name__ == "__main__":

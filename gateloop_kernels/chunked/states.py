@@ -398,15 +398,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _one_pass_pays(programs: int, sms: int) -> bool:
-    """Whether the one-kernel state pass, ``programs`` programs per direction (B*H x state tiles) each walking the
-    chunks in order, beats the two passes on ``sms`` multiprocessors. Within a wave the walk's time is the chunk
-    count times one chunk's latency whatever the grid, while the two passes move every chunk's state through
-    memory: their time grows with the grid, the walk's does not. The walk won at 128 programs (B*H = 32, d = 64:
-    492 against 770 us on the H100) and costs ~1.6 us a chunk; at 32 programs (B*H = 8) the two passes
-    should take a quarter of the bytes' time, ~0.4x the walk's (docs/kernels.md section 1,
-    ``python -m bench.tools.state_forms``)."""
-    return 2 * programs >= sms
+def _one_pass_pays(programs: int, NT: int, sms: int) -> bool:
+    """Whether the one-kernel state pass, ``programs`` programs per direction (B*H x state tiles) each walking
+    ``NT`` chunks in order, beats the two passes on ``sms`` multiprocessors: when its grid fills half the GPU, or
+    when its walk is short for its grid (``NT <= 2 * programs``). Within a wave the walk costs ``NT`` times one
+    chunk's latency whatever the grid, while the two passes move every chunk's state through memory (time with
+    the grid) plus a second launch and a round trip. Measured on the H100 (``python -m bench.tools.state_forms``,
+    bf16 fwd+bwd, d = 64; docs/kernels.md section 1): 32 programs over 64 chunks, one kernel 0.72 ms against two
+    passes 0.78; over 512 chunks 2.36 against 1.64 (packed 3.01 against 1.74); 64 programs over 256 chunks
+    1.56 against 1.52; 128 programs over 128 chunks, one kernel 492 against 770 us of state passes."""
+    return 2 * programs >= sms or NT <= 2 * programs
 
 
 def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
@@ -446,7 +447,7 @@ def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
 
     cfg = _cfg("chunk_states_exact" if mode == MODE_F32 and prec != "tf32" else "chunk_states", mode)
     BK, BV = _blocks(K, V, cfg) if cfg is not None else (K, V)
-    if cfg is not None and _one_pass_pays(BH * _cdiv(K, BK) * _cdiv(V, BV), _sm_count(x.device)):
+    if cfg is not None and _one_pass_pays(BH * _cdiv(K, BK) * _cdiv(V, BV), NT, _sm_count(x.device)):
         # bf16 inputs: the states are stored in bf16 (every dot reading them rounds them to bf16 anyway; they
         # are carried in float32 registers), half the memory and traffic of float32 states
         h_f, h_r = per_job((BH, NT, 2, K, V), torch.bfloat16 if mode == MODE_BF16 else torch.float32)

@@ -70,12 +70,14 @@ def test_cpu_bfloat16_two_pass_state_pass(monkeypatch):
 
 
 def test_state_pass_form_rule():
-    """The one-kernel state pass where its programs per direction fill half the GPU's multiprocessors, two passes
-    below (B*H = 8, d = 64 on an H100: 32 programs over 132 SMs); the interpreter (one program at a time) always
-    takes the one kernel."""
+    """The one-kernel state pass where its programs per direction fill half the GPU's multiprocessors or its walk
+    is short for its grid, two passes for a long walk on a narrow grid (B*H = 8, d = 64 on an H100: 32 programs
+    over 132 SMs, two passes past 64 chunks); the interpreter (one program at a time) always takes the one
+    kernel."""
     from gateloop_kernels.chunked import states
 
     assert states._sm_count(torch.device("cpu")) == 1
-    assert not states._one_pass_pays(32, 132)
-    assert states._one_pass_pays(66, 132) and states._one_pass_pays(128, 132)
-    assert not states._one_pass_pays(65, 132)
+    assert not states._one_pass_pays(32, 512, 132) and not states._one_pass_pays(32, 65, 132)
+    assert states._one_pass_pays(32, 64, 132)
+    assert states._one_pass_pays(66, 4096, 132) and states._one_pass_pays(128, 128, 132)
+    assert not states._one_pass_pays(64, 256, 132) and states._one_pass_pays(1, 10 ** 6, 1)
