@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._boundaries import boundaries_ok
 from .dtypes import PRECISIONS
 
 #: gate layouts: one complex gate per sequence step ("head"), one per key dim, anything else
@@ -214,7 +215,8 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -
     Type, dtype, dims, device and ``B = 1`` are metadata checks. The values (start at 0, non-decreasing, last
     entry ``T``) are checked without a host synchronisation: on a CPU tensor in eager mode at once (a
     ``ValueError``); on CUDA, and under ``torch.compile``, by an asynchronous device-side assertion
-    (``torch._assert_async``: the process's next synchronising CUDA call fails);
+    (``torch._assert_async`` on :func:`gateloop_kernels._boundaries.boundaries_ok`, one launch: the process's next
+    synchronising CUDA call fails);
     :func:`gateloop_kernels.varlen.validate_cu_seqlens` raises a ``ValueError`` at once instead, at the cost of a
     host synchronisation. Whatever the values,
     every index the scan derives from them is clamped (no out-of-bounds read).
@@ -243,8 +245,8 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -
         if (cu_seqlens[1:] < cu_seqlens[:-1]).any():
             raise ValueError(f"cu_seqlens must be non-decreasing (sequence lengths >= 0), got {cu_seqlens.tolist()}")
     else:
-        ok = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == T) & (cu_seqlens[1:] >= cu_seqlens[:-1]).all()
-        torch._assert_async(ok, f"cu_seqlens must start at 0, be non-decreasing and end at T = {T}")
+        torch._assert_async(boundaries_ok(cu_seqlens, T), f"cu_seqlens must start at 0, be non-decreasing and end at "
+                                                          f"T = {T}")
     return cu_seqlens.shape[0] - 1
 
 

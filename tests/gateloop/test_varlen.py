@@ -237,6 +237,35 @@ def test_bad_cu_seqlens_raise_naming_it(cu, err, match):
             validate_cu_seqlens(cu, 6)
 
 
+@needs_kernels
+def test_boundaries_kernel_matches_the_reference():
+    """The one-launch value check of ``cu_seqlens`` (what CUDA calls assert on, ``_boundaries._boundaries_ok``; on
+    the CPU through the interpreter) against the tensor-op test: valid boundaries and each way to break them (a
+    nonzero start, a wrong end, one decrease anywhere, also past the first 1024-wide block), int32 and int64."""
+    from gateloop_kernels import _boundaries as b
+    from helpers.kernels import DEV
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
+    for trial in range(24):
+        N = [1, 3, 2500][trial % 3]
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.randint(0, 9, (N,), generator=g).cumsum(0)])
+        T = int(cu[-1])
+        kind = trial // 3 % 4
+        if kind == 1:
+            cu[0] = 1
+        elif kind == 2:
+            T += 1
+        elif kind == 3 and N > 1:
+            i = int(torch.randint(1, N, (), generator=g))
+            cu[i] = cu[i + 1] + 1
+        cu = cu.to(DEV, (torch.int32, torch.int64)[trial % 2])
+        ok = torch.empty((), dtype=torch.int32, device=DEV)
+        b._boundaries_ok[(1,)](cu, ok, N, T, BLOCK=1024)
+        assert bool(ok) == bool(b._ok_reference(cu, T)), (N, kind, cu.tolist()[:8])
+        assert bool(ok) == (kind == 0 or (kind == 3 and N == 1))
+    torch.library.opcheck(b._ok_op, (cu, T), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_packed_batch_must_be_one_row_and_states_one_per_sequence():
     cu = torch.tensor([0, 2, 6])
     assert validate_cu_seqlens(torch.tensor([0, 2, 2, 6], dtype=torch.int32), 6) == 3
