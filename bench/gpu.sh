@@ -16,7 +16,10 @@
 #           scan reversible model train generate overhead cp   the benchmarks (python -m bench <name> $<NAME>_ARGS,
 #                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
 #                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
+#   BENCH_COMMIT=<commit>: the commit the result rows name (a copied tree's .git can be older than its files: on the
+#   device machine it was; `BENCH_COMMIT=$(git rev-parse --short=12 HEAD)` from the checkout that sends the tree)
 set -uo pipefail
+[[ -z ${BENCH_COMMIT:-} ]] && echo "gpu.sh: BENCH_COMMIT unset: result rows will name this copy's git HEAD ($(git rev-parse --short=12 HEAD 2>/dev/null || echo none)), which may be stale" >&2
 stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(tests memcheck scan reversible model train)
 out=bench/out; mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
