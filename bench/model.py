@@ -43,7 +43,9 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
     """Median tokens/s over ``steps`` AdamW steps after ``warmup``; peak memory in GiB.
 
     ``device_time`` (CUDA): also ``device_ms``, the kernels' device time per step (profiler over ``steps`` more
-    steps): beside ``step_ms`` it says whether the eager step is host-bound (wall >> device) or device-bound.
+    steps): beside ``step_ms`` it says whether the eager step is host-bound (wall >> device) or device-bound; and
+    ``syncs``, the host synchronisations of one more step (``torch.cuda.set_sync_debug_mode("warn")``: each
+    synchronising call warns; a step that waits on the device cannot overlap its host work with it).
 
     ``compiled``: the steps run ``torch.compile(model, mode=compile_mode)`` (the optimizer stays
     eager); dynamo is reset first, the warm-up (at least one step) covers compilation, and the
@@ -97,10 +99,25 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
                 step()
             sync()
         out["device_ms"] = sum(ev.device_time_total for ev in prof.key_averages()) / steps / 1e3
+        out["syncs"] = count_syncs(step)
     if compiled:
         out["compile_s"] = first
         torch._dynamo.reset()
     return out
+
+
+def count_syncs(fn: Callable[[], object]) -> int:
+    """The host synchronisations one call of ``fn`` makes on the current CUDA device (their warnings under
+    ``torch.cuda.set_sync_debug_mode("warn")``)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def cases(device: str, quick: bool, compile: bool = False) -> list[dict]:

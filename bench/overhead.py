@@ -117,7 +117,8 @@ def model_rows(quick: bool, profile: bool = False) -> list[dict]:
                 if profile:
                     _log(f"model {which} heads={heads} {batch}x{seq} amp={amp}: kernels {r['device_ms']:.2f} ms of "
                          f"device time per step against a {r['step_ms']:.2f} ms step "
-                         f"({'host-bound' if r['step_ms'] > 1.2 * r['device_ms'] else 'device-bound'})")
+                         f"({'host-bound' if r['step_ms'] > 1.2 * r['device_ms'] else 'device-bound'}), "
+                         f"{r['syncs']} host synchronisations per step")
                 out.append(r)
                 _log(f"model {which:4s} head_dim {'1' if heads is None else '64':>2s} "
                      f"{batch}x{seq} {'bf16' if amp else 'fp32'}: {r['tokens_per_s'] / 1e3:9.1f} k tok/s  "
