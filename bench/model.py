@@ -67,6 +67,7 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
     def step() -> torch.Tensor:
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            warnings.filterwarnings("always", message=".*synchroniz")  # (count_syncs' warnings pass)
             loss = step_model(tokens, return_loss=True)
         loss.backward()
         opt.step()

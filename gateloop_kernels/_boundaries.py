@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._custom_op import traced
+from ._custom_op import PlainOp
 from ._launch import Launcher
 
 
@@ -42,11 +42,10 @@ def _ok_impl(cu_seqlens: Tensor, T: int) -> Tensor:
     return ok
 
 
-_ok_op = torch.library.custom_op("gateloop::cu_seqlens_ok", mutates_args=())(_ok_impl)
-_ok_op.register_fake(lambda cu_seqlens, T: cu_seqlens.new_empty((), dtype=torch.int32))
+_ok_op = PlainOp("gateloop::cu_seqlens_ok", _ok_impl, lambda cu_seqlens, T: cu_seqlens.new_empty((), dtype=torch.int32))
 
 
 def boundaries_ok(cu_seqlens: Tensor, T: int) -> Tensor:
     """A one-element tensor, nonzero iff ``cu_seqlens`` (1-D int32/int64, at least one entry) starts at 0, never
     decreases and ends at ``T``; computed on ``cu_seqlens``' device without a host synchronisation."""
-    return (_ok_op if traced(cu_seqlens) else _ok_impl)(cu_seqlens, T)
+    return _ok_op(cu_seqlens, T)

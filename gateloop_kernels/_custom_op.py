@@ -1,6 +1,7 @@
 """Op registration shared by the scan ops: a forward and a backward ``torch.library.custom_op`` (with their fake
 implementations and the forward's autograd formula), the eager Function of the same implementations
-(:func:`gateloop_kernels._eager.eager_function`), and the switch that picks one per call.
+(:func:`gateloop_kernels._eager.eager_function`), and the switch that picks one per call; :class:`PlainOp` the
+same for a non-differentiable op (an index table, a check).
 
 torch.compile, export and fake tensors see the registered ops (opcheck, fullgraph capture); eager calls run the
 implementations through the Function, which skips the custom-op dispatch's host cost (``_eager.py`` says why).
@@ -78,3 +79,20 @@ class DifferentiableOp:
 
     def __call__(self, *args):
         return (self.op if traced(args[0]) else self.eager.apply)(*args)
+
+
+class PlainOp:
+    """A non-differentiable op registered for tracing and called directly in eager mode.
+
+    ``PlainOp(name, impl, fake)(*args)`` runs the registered op ``name`` (``impl`` typed: the schema is inferred
+    from its annotations; ``fake`` its fake implementation) when :func:`traced` holds for the first argument, else
+    ``impl`` itself (no custom-op dispatch). ``op`` is the registered op (``torch.library.opcheck``).
+    """
+
+    def __init__(self, name: str, impl: Callable, fake: Callable) -> None:
+        self.op = torch.library.custom_op(name, mutates_args=())(impl)
+        self.op.register_fake(fake)
+        self._impl = impl
+
+    def __call__(self, *args):
+        return (self.op if traced(args[0]) else self._impl)(*args)

@@ -22,9 +22,6 @@ from bench import harness, results
 from bench.harness import rel_err
 from bench.varlen import draw_lengths
 
-_ONE = {"cap": 32, "num_warps": 2, "num_stages": 3}  # the launch table's one-kernel entry (config._SEARCHED)
-
-
 def _case(H: int, T: int, d: int, dtype: torch.dtype, packed: bool, seed: int = 0):
     from gateloop_kernels.chunked.op import _chunk_gate_loop
     g = torch.Generator(device="cuda").manual_seed(seed)
@@ -33,24 +30,22 @@ def _case(H: int, T: int, d: int, dtype: torch.dtype, packed: bool, seed: int = 
     r = torch.rand(1, T, H, device="cuda", generator=g) * 0.1 + 0.9
     ph = torch.rand(1, T, H, device="cuda", generator=g) - 0.5
     ar, ai = r * torch.cos(ph), r * torch.sin(ph)
-    cu = None
-    if packed:
-        lengths = draw_lengths(T, 64, 8192, seed)
-        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
+    lengths = draw_lengths(T, 64, 8192, seed) if packed else [T]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), device="cuda", dtype=torch.int32)
     leaves = [t.requires_grad_() for t in (q, k, v, ar, ai)]
 
     def run():
-        return _chunk_gate_loop(*leaves, None, False, "ieee", 64, cu)[0]
-    return run, leaves, do
+        return _chunk_gate_loop(*leaves, None, False, "ieee", 64, cu if packed else None)[0]
+    return run, leaves, do, len(lengths)
 
 
 OP = "chunked scan fwd+bwd, state pass form"
 
 
-def result_rows(H: int, T: int, d: int, dtype: str, packed: bool, times: dict, env: dict, note=None) -> list[dict]:
-    """One row per form (``one``, ``two``, ``default``: the rule's choice) of a case, fwd+bwd ms; ``N`` in the
-    shape is the number of packed documents (1: one sequence)."""
-    shape = {"B": 1, "T": T, "N": len(draw_lengths(T, 64, 8192, 0)) if packed else 1, "H": H, "d": d, "e": d}
+def result_rows(H: int, T: int, N: int, d: int, dtype: str, times: dict, env: dict, note=None) -> list[dict]:
+    """One row per form (``one``, ``two``, ``default``: the rule's choice) of a case, fwd+bwd ms; ``N`` the number
+    of packed documents (1: one sequence, no ``cu_seqlens``)."""
+    shape = {"B": 1, "T": T, "N": N, "H": H, "d": d, "e": d}
     return [results.row("state_forms", OP, form, shape, dtype, "fwdbwd_ms", "ms", times[form], env,
                         precision="ieee", note=note) for form in ("one", "two", "default")]
 
@@ -74,9 +69,9 @@ def main(argv=None) -> None:
             table = config._CFG[dtype]
             saved = dict(table)
             for packed in (False, True):
-                run, leaves, do = _case(H, T, d, dtype, packed)
+                run, leaves, do, N = _case(H, T, d, dtype, packed)
                 times, res = {}, {}
-                for form, entry in (("one", _ONE), ("two", None), ("default", None)):
+                for form, entry in (("one", config._SEARCHED["chunk_states"]), ("two", None), ("default", None)):
                     if form != "default":
                         table["chunk_states"] = table["chunk_states_exact"] = entry
                         states._sm_count = lambda device: 1  # (the rule then always takes the one kernel)
@@ -91,7 +86,7 @@ def main(argv=None) -> None:
                 diff = max(rel_err(a, b) for a, b in zip(res["one"], res["two"]))
                 print(f"{H:3d} {T:6d} {d:4d} {name:9s} {str(packed):6s} {times['one']:8.3f} {times['two']:8.3f} "
                       f"{times['default']:8.3f} {diff:8.1e}", flush=True)
-                rows += result_rows(H, T, d, name, packed, times, env)
+                rows += result_rows(H, T, N, d, name, times, env)
                 del run, leaves, do, res
                 torch.cuda.empty_cache()
     harness.record("state_forms", rows, args.record)

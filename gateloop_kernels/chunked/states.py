@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .._custom_op import traced
+from .._custom_op import PlainOp
 from .._launch import Launcher
 from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _launch
 from .dots import _wide_dot
@@ -373,11 +373,10 @@ def _chunk_table_impl(cu_seqlens: Tensor, n: int, BT: int) -> Tensor:
     return tab
 
 
-# registered for torch.compile / fake tensors (dynamo does not trace a Triton launch outside an op); eager calls run
-# the implementation directly
-_chunk_table_op = torch.library.custom_op("gateloop::chunk_table", mutates_args=())(_chunk_table_impl)
-_chunk_table_op.register_fake(lambda cu_seqlens, n, BT: cu_seqlens.new_empty((n // BT + cu_seqlens.shape[0] - 1) * 4,
-                                                                             dtype=torch.int32))
+# registered for torch.compile / fake tensors (dynamo does not trace a Triton launch outside an op)
+_chunk_table_op = PlainOp("gateloop::chunk_table", _chunk_table_impl,
+                          lambda cu_seqlens, n, BT: cu_seqlens.new_empty((n // BT + cu_seqlens.shape[0] - 1) * 4,
+                                                                         dtype=torch.int32))
 
 
 def _chunk_table(cu_seqlens: Tensor, n: int, BT: int) -> Tensor:
@@ -389,7 +388,7 @@ def _chunk_table(cu_seqlens: Tensor, n: int, BT: int) -> Tensor:
     its last). The slot count is a bound from shapes only, ``n // BT + N`` (the sum over sequences of
     ``(l + BT) / BT``); slots past the last chunk are empty (``t0 = end = n``, sequence ``N - 1``, no flags) and
     change nothing."""
-    return (_chunk_table_op if traced(cu_seqlens) else _chunk_table_impl)(cu_seqlens, n, BT)
+    return _chunk_table_op(cu_seqlens, n, BT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -446,8 +445,11 @@ def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
         return [stand_in if t is None else t for t in ts]
 
     cfg = _cfg("chunk_states_exact" if mode == MODE_F32 and prec != "tf32" else "chunk_states", mode)
-    BK, BV = _blocks(K, V, cfg) if cfg is not None else (K, V)
-    if cfg is not None and _one_pass_pays(BH * _cdiv(K, BK) * _cdiv(V, BV), NT, _sm_count(x.device)):
+    if cfg is not None:
+        BK, BV = _blocks(K, V, cfg)
+        if not _one_pass_pays(BH * _cdiv(K, BK) * _cdiv(V, BV), NT, _sm_count(x.device)):
+            cfg = None  # the two passes below
+    if cfg is not None:
         # bf16 inputs: the states are stored in bf16 (every dot reading them rounds them to bf16 anyway; they
         # are carried in float32 registers), half the memory and traffic of float32 states
         h_f, h_r = per_job((BH, NT, 2, K, V), torch.bfloat16 if mode == MODE_BF16 else torch.float32)

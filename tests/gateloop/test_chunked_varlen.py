@@ -187,7 +187,7 @@ def test_cpu_custom_op_opcheck_and_compile():
     torch.library.opcheck(_chunk_op.op, [t.requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point()
                                     else t for t in args],
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
-    torch.library.opcheck(_chunk_table_op, (cu, T, BT), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(_chunk_table_op.op, (cu, T, BT), test_utils=("test_schema", "test_faketensor"))
 
     def fn(cu, *x):
         o, st = chunked._chunk_gate_loop(*x, True, "ieee", BT, cu_seqlens=cu)

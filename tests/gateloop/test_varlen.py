@@ -263,7 +263,7 @@ def test_boundaries_kernel_matches_the_reference():
         b._boundaries_ok[(1,)](cu, ok, N, T, BLOCK=1024)
         assert bool(ok) == bool(b._ok_reference(cu, T)), (N, kind, cu.tolist()[:8])
         assert bool(ok) == (kind == 0 or (kind == 3 and N == 1))
-    torch.library.opcheck(b._ok_op, (cu, T), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(b._ok_op.op, (cu, T), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_packed_batch_must_be_one_row_and_states_one_per_sequence():
