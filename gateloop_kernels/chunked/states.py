@@ -25,8 +25,8 @@ from .._launch import Launcher
 from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _launch
 from .dots import _wide_dot
 from .gates import _end_decay, _ends, _gate_prefix, _span
-from .tiles import (_chunk_span, _head, _load_state, _load_steps, _load_steps_T, _seq_ends, _state_offsets,
-                    _store_state)
+from .tiles import (_chunk_span, _head, _load_state, _load_steps, _load_steps_T, _opens_closes, _seq_ends, _slot,
+                    _state_offsets, _store_state)
 
 
 @triton.jit
@@ -264,11 +264,18 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
     ph = h + i_bh.to(tl.int64) * NT * 2 * K * V
     if VARLEN:
         st_off, st_ok = _state_offsets(r0, c0, K, V, BK, BV, TRANS)
+        # each slot's table entries are read one chunk ahead: read in the chunk whose loads they address, they
+        # make Triton's pipeliner wait for every copy in flight (async_wait 0), serialising the chunk loads
+        t0_n, end_n, seq_n, flags_n = _slot(tab, tl.full([], 0, tl.int32) + (NT - 1 if REV else 0))
     for j in tl.range(0, NT, num_stages=STAGES):
         i_t = tl.full([], 0, tl.int32) + j  # a tensor, also where j is a Python int (interpreter)
         if REV:
             i_t = NT - 1 - i_t
-        t0, end = _chunk_span(tab, i_t, n, BT, VARLEN)
+        if VARLEN:
+            t0, end, seq, flags = t0_n, end_n, seq_n, flags_n
+            t0_n, end_n, seq_n, flags_n = _slot(tab, tl.maximum(i_t - 1, 0) if REV else tl.minimum(i_t + 1, NT - 1))
+        else:
+            t0, end = i_t * BT, n
         u_re, u_im, ae_re, ae_im = _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, end, H, K, V, BT, BK, BV, REV,
                                                   MODE, PREC)
         if REV:
@@ -276,7 +283,7 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
         if VARLEN:
             # restarts as predicated loads/stores and selects, not branches: a branch in the loop body keeps
             # Triton from software-pipelining the chunk loads
-            seq, opens, closes = _seq_ends(tab, i_t, REV)
+            seq, opens, closes = _opens_closes(seq, flags, REV)
             ps = (seq * H + i_bh) * 2 * K * V
             if HAS_S0:
                 m0 = tl.where(opens, st_ok, False)

@@ -23,17 +23,28 @@ def _chunk_span(tab, i_t, n, BT: tl.constexpr, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _seq_ends(tab, i_t, REV: tl.constexpr):
-    """Sequence index of chunk slot ``i_t`` (packed batch) and whether the carry opens / closes the sequence
-    there: forward, its first / last chunk; reverse (``REV``), its last / first chunk."""
+def _slot(tab, i_t):
+    """The four chunk-table entries of slot ``i_t``: first step, end step, sequence, flags."""
     p = tab + i_t.to(tl.int64) * 4
-    seq = tl.load(p + 2).to(tl.int64)
-    flags = tl.load(p + 3)
+    return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+
+
+@triton.jit
+def _opens_closes(seq, flags, REV: tl.constexpr):
+    """A slot's sequence (int64) and whether the carry opens / closes that sequence there: forward, its
+    first / last chunk; reverse (``REV``), its last / first chunk."""
     first = (flags & 1) != 0
     last = (flags & 2) != 0
     if REV:
-        return seq, last, first
-    return seq, first, last
+        return seq.to(tl.int64), last, first
+    return seq.to(tl.int64), first, last
+
+
+@triton.jit
+def _seq_ends(tab, i_t, REV: tl.constexpr):
+    """:func:`_opens_closes` of chunk slot ``i_t`` (packed batch), read from the table."""
+    p = tab + i_t.to(tl.int64) * 4
+    return _opens_closes(tl.load(p + 2), tl.load(p + 3), REV)
 
 
 @triton.jit
