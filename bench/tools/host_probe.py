@@ -7,6 +7,9 @@ time goes by ``torch.profiler`` (CPU events on every thread). ``--cases`` instea
 ``gate_loop_operator`` forward+backward at the cases of ``python -m bench overhead``: host microseconds per call
 through Triton's launcher and with direct launches, with and without the autograd engine's device thread, beside
 a trivial ``autograd.grad``'s, then the functions that take the time (``cProfile``; ``--no-cprofile`` skips it).
+``--model``: the host milliseconds of a training step of ``python -m bench overhead``'s models (ours with 8 heads
+and with head dim 1, the SDPA model) at a size that leaves the device idle, at depth 1 and 6 (their difference: one
+block's host cost), then a cProfile of ours.
 """
 from __future__ import annotations
 
@@ -138,6 +141,42 @@ def profile_cases(reps: int = 100, top: int = 30, profile: bool = True) -> None:
     torch.autograd.set_multithreading_enabled(True)
 
 
+def profile_model(top: int = 30, profile: bool = True) -> None:
+    """Host milliseconds per training step (AdamW, bf16 autocast) of each model of ``python -m bench overhead
+    --model`` at 1 x 64 tokens (the device idle: the step's wall time is its host time), at depth 1 and 6; the
+    difference over 5 is one block's forward + backward + optimizer host cost. Then cProfile over ours' steps."""
+    import cProfile
+    import io
+    import pstats
+
+    from bench.model import measure
+
+    models = [("ours", 8, "ours, 8 heads of 64"), ("ours", None, "ours, head dim 1"), ("attn", None, "SDPA")]
+    for which, heads, name in models:
+        ms = {depth: min(measure(which, heads, 1, 64, True, "cuda", depth=depth, steps=30, warmup=3)["step_ms"]
+                         for _ in range(2)) for depth in (1, 6)}
+        print(f"[host] model step {name}: depth 1 {ms[1]:.2f} ms, depth 6 {ms[6]:.2f} ms, one block "
+              f"{(ms[6] - ms[1]) / 5:.3f} ms", flush=True)
+    if not profile:
+        return
+    torch.autograd.set_multithreading_enabled(False)  # the backward's Python on this thread, seen by cProfile
+    prof = cProfile.Profile()
+    prof.enable()
+    measure("ours", 8, 1, 64, True, "cuda", depth=6, steps=50, warmup=1)
+    prof.disable()
+    torch.autograd.set_multithreading_enabled(True)
+    for key in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(top)
+        print(f"[host] model step ours, 8 heads, depth 6: cProfile of 51 steps by {key}:\n{text.getvalue()}", flush=True)
+
+
 if __name__ == "__main__":
     import sys
-    profile_cases(profile="--no-cprofile" not in sys.argv[1:]) if "--cases" in sys.argv[1:] else main()
+    args = sys.argv[1:]
+    if "--model" in args:
+        profile_model(profile="--no-cprofile" not in args)
+    elif "--cases" in args:
+        profile_cases(profile="--no-cprofile" not in args)
+    else:
+        main()
