@@ -13,6 +13,10 @@
 #           roofline  ncu over one warm forward+backward of the chunked scan per precision in $ROOFLINE (default
 #                     "ieee:float32 tf32:float32 ieee:bfloat16"): per kernel time, DRAM bytes, tensor-pipe use
 #                     (bench/tools/ncu.py roofline) into bench/out/ncu_roofline_*.txt
+#           multi     several GPUs (issue 24): the NCCL tests (each skips below its 2 or 4 GPUs), then per W = 2, 4, 8
+#                     up to the GPU count: `bench cp` timings at head dims 1 and 64 (T in $MULTI_SEQ, default 32768
+#                     131072 524288; the one-GPU time of the whole sequence beside), a training run on a W-rank FSDP2
+#                     mesh and a (W/2 data x 2 context) HSDP one; then `bench cp --predict` (predicted beside measured)
 #           scan reversible model train generate overhead cp   the benchmarks (python -m bench <name> $<NAME>_ARGS,
 #                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
 #                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
@@ -49,6 +53,24 @@ for stage in "${stages[@]}"; do
               $stop compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
                 python3 -m pytest -q -m gpu -p no:cacheprovider tests/gateloop/test_chunked_sweep.py ${MEMCHECK_SWEEP_ARGS:-} 2>&1 \
                 | grep -v "^tests/" | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1 ;;
+    multi) ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
+           echo "GPUs: $ngpu"; nvidia-smi topo -m 2>&1 | tee "$out/multi_topology.txt"
+           $stop python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/gateloop/test_context_parallel.py \
+             tests/gateloop/test_context_parallel_model.py tests/gateloop/test_context_parallel_varlen.py \
+             tests/gateloop/test_context_parallel_train.py tests/reversible/test_reversible_ddp.py \
+             tests/bench/test_bench_cp.py 2>&1 | tee "$out/multi_tests.log" || rc=1
+           for w in 2 4 8; do
+             (( w <= ngpu )) || continue
+             for d in 1 64; do
+               $stop python3 -m bench cp --nproc "$w" --dim "$d" --seq ${MULTI_SEQ:-32768 131072 524288} 2>&1 \
+                 | tee -a "$out/bench_cp_multi.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+             done
+             for mesh in "--wrap fsdp" "--wrap hsdp --cp 2"; do
+               $stop python3 -m bench cp --train --nproc "$w" $mesh 2>&1 | tee -a "$out/bench_cp_multi.log"
+               [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+             done
+           done
+           $stop python3 -m bench cp --predict 2>&1 | tee -a "$out/bench_cp_multi.log" || rc=1 ;;
     ncu) for kernel in ${NCU_KERNELS:-_fwd_o _bwd_dqk _bwd_dv _bwd_gate _chunk_local}; do
            rep="$out/ncu_$kernel"
            ncu --clock-control none -k "regex:$kernel" -s 1 -c 1 --section SpeedOfLight --section Occupancy \
