@@ -85,16 +85,34 @@ def main() -> None:
           + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
+def _profiled(fn: Callable[[], object], title: str, keys: tuple = ("tottime",), top: int = 30) -> None:
+    """Run ``fn`` under cProfile with the backward on this thread (autograd's device thread off, so that the
+    backward's Python is seen) and print the top functions by each of ``keys``."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.autograd.set_multithreading_enabled(False)
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        fn()
+        torch.cuda.synchronize()
+    finally:
+        prof.disable()
+        torch.autograd.set_multithreading_enabled(True)
+    for key in keys:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(top)
+        print(f"[host] {title} by {key}:\n{text.getvalue()}", flush=True)
+
+
 def profile_cases(reps: int = 100, top: int = 30, profile: bool = True) -> None:
     """Host time of eager forward+backward calls of ``gate_loop_operator`` per overhead case: through Triton's
     launcher or with direct launches (gateloop_kernels/_launch.py), with the autograd engine's device thread
     (PyTorch's default) or the backward on the calling thread; the floor of a trivial ``autograd.grad`` in both
     modes; then a cProfile of ``reps`` calls (single-threaded, so that the backward's Python is seen). Each figure
     is the lower of two interleaved measurements (the host is noisy)."""
-    import cProfile
-    import io
-    import pstats
-
     from bench.overhead import CASES, _inputs
     from gateloop_kernels import _launch, gate_loop_operator
 
@@ -127,17 +145,12 @@ def profile_cases(reps: int = 100, top: int = 30, profile: bool = True) -> None:
               f"{res[False, False]:.1f} / {res[False, True]:.1f}", flush=True)
         if not profile:
             continue
-        torch.autograd.set_multithreading_enabled(False)  # the backward's Python on this thread, seen by cProfile
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(reps):
-            call()
-        torch.cuda.synchronize()
-        prof.disable()
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
-        print(f"[host] d={d} {dtype} {precision}: cProfile of {reps} calls (direct launches, calling thread) by own "
-              f"time:\n{text.getvalue()}", flush=True)
+
+        def calls():
+            for _ in range(reps):
+                call()
+        _profiled(calls, f"d={d} {dtype} {precision}: cProfile of {reps} calls (direct launches, calling thread)",
+                  top=top)
     torch.autograd.set_multithreading_enabled(True)
 
 
@@ -145,10 +158,6 @@ def profile_model(top: int = 30, profile: bool = True) -> None:
     """Host milliseconds per training step (AdamW, bf16 autocast) of each model of ``python -m bench overhead
     --model`` at 1 x 64 tokens (the device idle: the step's wall time is its host time), at depth 1 and 6; the
     difference over 5 is one block's forward + backward + optimizer host cost. Then cProfile over ours' steps."""
-    import cProfile
-    import io
-    import pstats
-
     from bench.model import measure
 
     models = [("ours", 8, "ours, 8 heads of 64"), ("ours", None, "ours, head dim 1"), ("attn", None, "SDPA")]
@@ -159,16 +168,8 @@ def profile_model(top: int = 30, profile: bool = True) -> None:
               f"{(ms[6] - ms[1]) / 5:.3f} ms", flush=True)
     if not profile:
         return
-    torch.autograd.set_multithreading_enabled(False)  # the backward's Python on this thread, seen by cProfile
-    prof = cProfile.Profile()
-    prof.enable()
-    measure("ours", 8, 1, 64, True, "cuda", depth=6, steps=50, warmup=1)
-    prof.disable()
-    torch.autograd.set_multithreading_enabled(True)
-    for key in ("tottime", "cumulative"):
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats(key).print_stats(top)
-        print(f"[host] model step ours, 8 heads, depth 6: cProfile of 51 steps by {key}:\n{text.getvalue()}", flush=True)
+    _profiled(lambda: measure("ours", 8, 1, 64, True, "cuda", depth=6, steps=50, warmup=1),
+              "model step ours, 8 heads, depth 6: cProfile of 51 steps", ("tottime", "cumulative"), top)
 
 
 if __name__ == "__main__":
