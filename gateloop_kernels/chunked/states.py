@@ -411,7 +411,7 @@ def _one_pass_pays(programs: int, NT: int, sms: int) -> bool:
     chunk's latency whatever the grid, while the two passes move every chunk's state through memory (time with
     the grid) plus a second launch and a round trip. Measured on the H100 (``python -m bench.tools.state_forms``,
     bf16 fwd+bwd, d = 64; docs/kernels.md section 1): 32 programs over 64 chunks, one kernel 0.72 ms against two
-    passes 0.78; over 512 chunks 2.36 against 1.64 (packed 3.01 against 1.74); 64 programs over 256 chunks
+    passes 0.78; over 512 chunks 2.36 against 1.64 (packed 2.67 against 1.74); 64 programs over 256 chunks
     1.56 against 1.52; 128 programs over 128 chunks, one kernel 492 against 770 us of state passes."""
     return 2 * programs >= sms or NT <= 2 * programs
 
