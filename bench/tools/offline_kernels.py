@@ -1,13 +1,14 @@
 """Compile this package's Triton kernels for a GPU on a machine without one, and report what the compiler made.
 
-``python -m bench.tools.offline_kernels [--op elementwise|chunked] [--shape ...] [--dtype float32] [--arch 90] [--json]``
+``python -m bench.tools.offline_kernels [--op elementwise|chunked] [--shape ...] [--lengths ...] [--dtype float32] [--arch 90]
+[--json]``
 
 Runs one forward and one backward of the head-dim-1 scan (:mod:`gateloop_kernels.elementwise`, shape ``B,n,C``)
 or of the chunked scan (:mod:`gateloop_kernels.chunked`, shape ``B,n,H,d,e``) on CPU tensors with each kernel
 replaced by a recorder, binds every recorded launch the way Triton's launcher does (same specialization: 16-byte alignment,
 integers equal to 1, ``do_not_specialize``), compiles it for ``sm_<arch>`` and prints, per launch: registers and
 spilled bytes (``cuobjdump`` on the cubin), the static counts of shared-memory stores/loads, warp shuffles,
-barriers and global loads in the PTX, and the blocked layouts in the TTGIR. That answers layout and register
+barriers and global loads in the PTX, the blocked layouts and the pipelined loops' waits in the TTGIR. That answers layout and register
 questions without device time (``docs/history.md``, sixth session: the in-register tile scans were found so).
 
 Use the Triton of the GPU image (3.6.0 for the lent H100/H200): ``pip download --no-deps triton==3.6.0`` and
@@ -68,6 +69,9 @@ def report(kernel: Any) -> dict:
            "shfl": ptx.count("shfl.sync"),
            "bar": ptx.count("bar.sync"), "ld.global": ptx.count("ld.global"),
            "mma (wgmma / mma.sync)": (ptx.count("wgmma.mma_async"), ptx.count("mma.sync")),
+           # copies a software-pipelined loop leaves in flight at each wait: 0 in a loop means its loads serialise
+           # (docs/kernels.md section 1, "A packed walk and Triton's pipeliner")
+           "async waits": [int(x) for x in re.findall(r"async_wait[^{\n]*\{num = (\d+)", ttgir)],
            "layouts": sorted(set(re.findall(r"#ttg\.blocked<\{([^}]*)\}>", ttgir)))}
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -107,15 +111,19 @@ def record_elementwise(B: int, n: int, C: int, dtype: torch.dtype) -> list:
     return _record((ew_forward, ew_backward), run)
 
 
-def record_chunked(B: int, n: int, H: int, d: int, e: int, dtype: torch.dtype, precision: str = "ieee") -> list:
-    """The launches of one forward and one backward of the chunked scan (no initial or final state)."""
+def record_chunked(B: int, n: int, H: int, d: int, e: int, dtype: torch.dtype, precision: str = "ieee",
+                   lengths: list[int] | None = None) -> list:
+    """The launches of one forward and one backward of the chunked scan (no initial or final state); with
+    ``lengths`` (``B = 1``, they sum to ``n``), of a packed batch of sequences of those lengths (``cu_seqlens``)."""
     q, k = (torch.randn(B, n, H, d).to(dtype) for _ in range(2))
     v = torch.randn(B, n, H, e).to(dtype)
     a_re, a_im = torch.rand(B, n, H), torch.rand(B, n, H)
+    cu = None if lengths is None else torch.tensor([0] + lengths).cumsum(0)
 
     def run() -> None:
-        op._fwd_impl(q, k, v, a_re, a_im, None, False, precision, _DEFAULT_BT)
-        op._bwd_impl(q, k, v, a_re, a_im, None, torch.randn_like(v), None, precision, _DEFAULT_BT)
+        chunks = None if cu is None else states._chunk_table(cu, n, _DEFAULT_BT)
+        op._fwd_impl(q, k, v, a_re, a_im, None, False, precision, _DEFAULT_BT, cu, chunks)
+        op._bwd_impl(q, k, v, a_re, a_im, None, torch.randn_like(v), None, precision, _DEFAULT_BT, chunks)
     return _record((states, outputs, gradients), run)
 
 
@@ -126,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shape", help="B,n,C (elementwise; default 4,2048,1024) or B,n,H,d,e (chunked; default "
                                    "16,2048,4,64,64)")
     p.add_argument("--precision", default="ieee", help="chunked float32 dots: ieee, tf32x3 or tf32")
+    p.add_argument("--lengths", help="chunked: a packed batch (cu_seqlens) of sequences of these lengths, "
+                                     "l1,l2,... (the shape's B = 1 and n their sum)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--json", action="store_true", help="one JSON list of the launches instead of the text")
     args = p.parse_args(argv)
@@ -137,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
         calls = record_elementwise(*shape, dtype)
     else:
         shape = tuple(int(x) for x in (args.shape or "16,2048,4,64,64").split(","))
-        calls = record_chunked(*shape, dtype, args.precision)
+        lengths = None if args.lengths is None else [int(x) for x in args.lengths.split(",")]
+        if lengths is not None and (shape[0] != 1 or sum(lengths) != shape[1]):
+            p.error(f"--lengths {args.lengths} sum to {sum(lengths)}: the shape must be 1,{sum(lengths)},H,d,e")
+        calls = record_chunked(*shape, dtype, args.precision, lengths)
     rows = []
     for fn, a, kw in calls:
         rows.append({"kernel": fn.__name__, "constexprs": {k: v for k, v in kw.items() if k.isupper()},
