@@ -39,6 +39,7 @@ import contextlib
 import os
 import socket
 import statistics
+import subprocess
 import time
 import warnings
 from datetime import timedelta
@@ -170,7 +171,9 @@ def _rank(rank: int, world: int, port: int, args, results) -> None:
         row = {"rank": rank, "n": n, "cp": _median_s(cp_step, args.repeat, device),
                "unchecked": _median_s(lambda: cp_step(False), args.repeat, device),
                "slice": _median_s(slice_step, args.repeat, device),
-               "collectives": _median_s(collectives, args.repeat, device)}
+               "collectives": _median_s(collectives, args.repeat, device),
+               # the rank's peak over its context-parallel steps (inputs, gradients, the step's temporaries)
+               "peak_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30 if cuda else None}
         if rank == 0:
             (q, k, v), z = inputs(T)
             row["single"] = _median_s(slice_step, args.repeat, device)
@@ -424,6 +427,43 @@ def main(argv: list[str]) -> None:
     for r in rows:
         print(f"{r['rank']:>4} {r['n']:>8} {r['cp'] * 1e3:12.2f} {r['unchecked'] * 1e3:12.2f} {r['slice'] * 1e3:9.2f} "
               f"{r['collectives'] * 1e3:11.2f} {(r['slice'] + r['collectives']) * 1e3:14.2f}")
+    harness.record("cp", measured_rows(rows, args, harness.environment(), _interconnect()), args.record)
+
+
+def measured_rows(rows: list[dict], args, env: dict, interconnect: str) -> list[dict]:
+    """Prints the step over ``W`` ranks (the slowest rank's, unchecked) against one process, and returns its result
+    rows: step and single-process ms, tokens/s, strong-scaling efficiency, the collectives' ms alone and their
+    share of the step, the checked step, and (CUDA) the peak memory of the fullest GPU."""
+    W, T = len(rows), sum(r["n"] for r in rows)
+    step = max(r["unchecked"] for r in rows)
+    coll = max(r["collectives"] for r in rows)
+    single = rows[0]["single"]
+    eff = single / (W * step)
+    peaks = [r["peak_gib"] for r in rows if r["peak_gib"] is not None]
+    print(f"step over {W} ranks (slowest, unchecked): {step * 1e3:.2f} ms, {args.batch * T / step:.4g} tokens/s, "
+          f"strong-scaling efficiency {eff:.2f}, collectives alone {coll / step:.0%} of it"
+          + (f", peak {max(peaks):.2f} GiB per GPU" if peaks else ""))
+    shape = {"B": args.batch, "T": T, "W": W, "H": args.heads, "d": args.dim, "e": args.dim}
+    note = f"{W} ranks, one {rows[0]['device']} each; {interconnect}; median of {args.repeat}"
+    op = "context-parallel step, measured over W ranks"
+    values = [("step_ms", "ms", step * 1e3), ("checked_step_ms", "ms", max(r["cp"] for r in rows) * 1e3),
+              ("single_process_ms", "ms", single * 1e3), ("tokens_per_s", "tokens/s", args.batch * T / step),
+              ("strong_scaling_efficiency", "ratio", eff), ("collective_ms", "ms", coll * 1e3),
+              ("collective_share", "ratio", coll / step)]
+    values += [("peak_gib", "GiB", max(peaks))] if peaks else []
+    return [results.row("cp", op, "ours", shape, args.dtype, metric, unit, value, env, note=note)
+            for metric, unit, value in values]
+
+
+def _interconnect() -> str:
+    """GPU 0's NVLink links as ``nvidia-smi`` reports them (the rows name the machine's interconnect)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "nvlink", "--status", "-i", "0"], capture_output=True, text=True,
+                             timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "interconnect unknown (no nvidia-smi)"
+    links = [line for line in out.splitlines() if "GB/s" in line and "inactive" not in line.lower()]
+    return f"NVLink, {len(links)} active links on GPU 0" if links else "no active NVLink on GPU 0 (PCIe)"
 
 
 if __name__ == "__main__":

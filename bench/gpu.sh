@@ -15,8 +15,9 @@
 #                     (bench/tools/ncu.py roofline) into bench/out/ncu_roofline_*.txt
 #           multi     several GPUs (issue 24): the NCCL tests (each skips below its 2 or 4 GPUs), then per W = 2, 4, 8
 #                     up to the GPU count: `bench cp` timings at head dims 1 and 64 (T in $MULTI_SEQ, default 32768
-#                     131072 524288; the one-GPU time of the whole sequence beside), a training run on a W-rank FSDP2
-#                     mesh and a (W/2 data x 2 context) HSDP one; then `bench cp --predict` (predicted beside measured)
+#                     131072 524288; the one-GPU time of the whole sequence beside; rows with step, tokens/s, efficiency,
+#                     collective share, peak memory per GPU, NVLink links), a training run on a W-rank FSDP2 mesh and a
+#                     (W/2 data x 2 context) HSDP one; then `bench cp --predict` (predicted beside measured)
 #           scan reversible model train generate overhead cp   the benchmarks (python -m bench <name> $<NAME>_ARGS,
 #                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
 #                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
@@ -62,8 +63,10 @@ for stage in "${stages[@]}"; do
            for w in 2 4 8; do
              (( w <= ngpu )) || continue
              for d in 1 64; do
-               $stop python3 -m bench cp --nproc "$w" --dim "$d" --seq ${MULTI_SEQ:-32768 131072 524288} 2>&1 \
-                 | tee -a "$out/bench_cp_multi.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+               for T in ${MULTI_SEQ:-32768 131072 524288}; do
+                 $stop python3 -m bench cp --nproc "$w" --dim "$d" --seq "$T" 2>&1 | tee -a "$out/bench_cp_multi.log"
+                 [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
+               done
              done
              for mesh in "--wrap fsdp" "--wrap hsdp --cp 2"; do
                $stop python3 -m bench cp --train --nproc "$w" $mesh 2>&1 | tee -a "$out/bench_cp_multi.log"

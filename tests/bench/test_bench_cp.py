@@ -75,6 +75,26 @@ def test_cp_timing_runs():
     assert [(r, int(n)) for r, n, _ in rows] == [("0", 12), ("1", 12)], out
     assert all(float(t) > 0 for *_, times in rows for t in times.split()), out
     assert f"bytes per call and rank: {cp.context_parallel_bytes(1, 2, 16, 16, 2)}" in out, out
+    assert re.search(r"step over 2 ranks \(slowest, unchecked\): [\d.]+ ms, [\d.e+]+ tokens/s, strong-scaling "
+                     r"efficiency [\d.]+, collectives alone \d+% of it$", out, flags=re.M), out
+
+
+def test_cp_measured_rows():
+    """The measured step's rows: the slowest rank's unchecked step, efficiency = one process / (W x step), the
+    collectives' share, the fullest GPU's peak; validated rows naming the ranks, devices and interconnect."""
+    ranks = [{"rank": 0, "n": 60, "cp": 0.012, "unchecked": 0.010, "collectives": 0.001, "peak_gib": 2.0,
+              "single": 0.032, "device": "GPU X"},
+             {"rank": 1, "n": 68, "cp": 0.013, "unchecked": 0.011, "collectives": 0.002, "peak_gib": 2.5}]
+    args = cp.build_parser().parse_args(["--nproc", "2", "--batch", "2", "--heads", "4", "--dim", "64"])
+    env = {"gpu": "GPU X", "driver": None, "torch": "t", "triton": "tr", "commit": None, "date": "d"}
+    rows = {r["metric"]: r for r in cp.measured_rows(ranks, args, env, "NVLink, 18 active links on GPU 0")}
+    got = {m: r["median"] for m, r in rows.items()}
+    assert got == pytest.approx({"step_ms": 11.0, "checked_step_ms": 13.0, "single_process_ms": 32.0,
+                                 "tokens_per_s": 2 * 128 / 0.011, "strong_scaling_efficiency": 0.032 / 0.022,
+                                 "collective_ms": 2.0, "collective_share": 2 / 11, "peak_gib": 2.5})
+    r = rows["step_ms"]
+    assert r["shape"] == {"B": 2, "T": 128, "W": 2, "H": 4, "d": 64, "e": 64} and r["source"] == "measured"
+    assert "GPU X" in r["note"] and "18 active links" in r["note"]
 
 
 @pytest.mark.gpu
