@@ -256,8 +256,38 @@ def _train_rank(rank: int, world: int, init_method: str, args) -> None:
             if rank == 0:
                 print(f"step {step + 1:4d}/{args.steps}  loss {mean.item() / world:.6f}  "
                       f"{time.perf_counter() - t0:.3f} s", flush=True)
+        if cuda:
+            peaks = [None] * world
+            dist.all_gather_object(peaks, torch.cuda.max_memory_allocated(device))
+            if rank == 0:
+                total = torch.cuda.get_device_properties(device).total_memory
+                longest = longest_seq(T, max(peaks), total)
+                print(f"peak memory of the fullest GPU {max(peaks) / 2 ** 30:.2f} GiB of {total / 2 ** 30:.1f}: "
+                      f"the longest sequence this mesh would train, memory linear in T, ~{longest} tokens",
+                      flush=True)
+                shape = {"B": args.batch, "T": T, "W": world, "C": cp, "H": args.heads, "d": args.dim,
+                         "depth": args.depth}
+                op = f"Transformer training step on a {dp} x {cp} (data x context) mesh, {args.wrap}"
+                env = harness.environment()
+                harness.record("cp", [
+                    results.row("cp", op, "ours", shape, args.dtype, "peak_gib", "GiB", max(peaks) / 2 ** 30, env,
+                                note=f"the fullest of {world} GPUs ({_interconnect()})"),
+                    results.row("cp", op, "ours", shape, args.dtype, "longest_trainable_seq", "tokens", longest, env,
+                                source="predicted", note=f"T x {LONGEST_FRACTION:g} of the GPU's memory / peak "
+                                                         "(memory linear in T)")], args.record)
     finally:
         dist.destroy_process_group()
+
+
+#: the share of a GPU's memory a training run may fill in :func:`longest_seq` (allocator slack, CUDA context)
+LONGEST_FRACTION = 0.9
+
+
+def longest_seq(T: int, peak_bytes: int, total_bytes: int) -> int:
+    """The longest sequence a training step would fit, from its peak at ``T`` tokens: memory taken as linear in
+    ``T`` (the model's parameters and optimizer state are small beside the activations at these lengths), up to
+    :data:`LONGEST_FRACTION` of the GPU's memory."""
+    return int(T * LONGEST_FRACTION * total_bytes / peak_bytes)
 
 
 def _free_port() -> int:

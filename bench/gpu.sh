@@ -16,8 +16,9 @@
 #           multi     several GPUs (issue 24): the NCCL tests (each skips below its 2 or 4 GPUs), then per W = 2, 4, 8
 #                     up to the GPU count: `bench cp` timings at head dims 1 and 64 (T in $MULTI_SEQ, default 32768
 #                     131072 524288; the one-GPU time of the whole sequence beside; rows with step, tokens/s, efficiency,
-#                     collective share, peak memory per GPU, NVLink links), a training run on a W-rank FSDP2 mesh and a
-#                     (W/2 data x 2 context) HSDP one; then `bench cp --predict` (predicted beside measured)
+#                     collective share, peak memory per GPU, NVLink links), training runs of T = $MULTI_TRAIN_SEQ
+#                     (65536) on one GPU and on a W-rank FSDP2 mesh and a (W/2 data x 2 context) HSDP one (peak memory
+#                     and the longest trainable sequence it predicts); then `bench cp --predict` beside the measured
 #           scan reversible model train generate overhead cp   the benchmarks (python -m bench <name> $<NAME>_ARGS,
 #                     e.g. SCAN_ARGS="--quick --no-chunked" bash bench/gpu.sh scan; TESTS_ARGS="-n 8"
 #                     runs the tests in 8 processes with pytest-xdist, which the GPU image has)
@@ -60,6 +61,7 @@ for stage in "${stages[@]}"; do
              tests/gateloop/test_context_parallel_model.py tests/gateloop/test_context_parallel_varlen.py \
              tests/gateloop/test_context_parallel_train.py tests/reversible/test_reversible_ddp.py \
              tests/bench/test_bench_cp.py 2>&1 | tee "$out/multi_tests.log" || rc=1
+           $stop python3 -m bench cp --train --nproc 1 --seq "${MULTI_TRAIN_SEQ:-65536}" 2>&1 | tee -a "$out/bench_cp_multi.log"
            for w in 2 4 8; do
              (( w <= ngpu )) || continue
              for d in 1 64; do
@@ -69,7 +71,8 @@ for stage in "${stages[@]}"; do
                done
              done
              for mesh in "--wrap fsdp" "--wrap hsdp --cp 2"; do
-               $stop python3 -m bench cp --train --nproc "$w" $mesh 2>&1 | tee -a "$out/bench_cp_multi.log"
+               $stop python3 -m bench cp --train --nproc "$w" --seq "${MULTI_TRAIN_SEQ:-65536}" $mesh 2>&1 \
+                 | tee -a "$out/bench_cp_multi.log"
                [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
              done
            done

@@ -174,3 +174,9 @@ def test_cp_predict_on_cuda(capsys):
     rows = cp._predict(args)
     assert all(r["median"] > 0 for r in rows if r["metric"] == "predicted_step_ms")
     assert "NOT GPU figures" not in capsys.readouterr().out
+
+
+def test_longest_seq_is_linear_in_memory():
+    gib = 2 ** 30
+    assert cp.longest_seq(8192, 10 * gib, 80 * gib) == int(8192 * cp.LONGEST_FRACTION * 8)
+    assert cp.longest_seq(8192, 10 * gib, 80 * gib) * 2 == cp.longest_seq(16384, 10 * gib, 80 * gib)
