@@ -52,7 +52,26 @@ def value_and_grads(fn: Callable, inputs: Sequence[Optional[Tensor]], cots: Opti
     return [o.detach() for o in outs], grads, cots
 
 
-def assert_matches(ours: Tensor, ref: Tensor, tol: float, name: str) -> None:
+def row_scales(oracle: Callable, inputs: Sequence[Optional[Tensor]], cots: Sequence[Tensor]) -> list[float]:
+    """Per input of ``oracle``, the sum over batch rows (dim 0 of every output) of the largest finite |gradient|
+    that row's cotangent alone gives it: the scale of a gradient summed over rows, as a stride-0 (expanded)
+    input's is, whose rows each bring their own rounding while their values may cancel."""
+    total, B = [0.0] * len(inputs), cots[0].shape[0]
+    for b in range(B):
+        row = [c * (torch.arange(B) == b).view(-1, *[1] * (c.ndim - 1)) if c.ndim and c.shape[0] == B
+               else torch.zeros_like(c) for c in cots]
+        _, grads, _ = value_and_grads(oracle, inputs, row)
+        for i, g in enumerate(grads):
+            if g is not None:
+                fin = real_view(g).detach()
+                fin = fin[torch.isfinite(fin)]
+                total[i] += fin.abs().max().item() if fin.numel() else 0.0
+    return total
+
+
+def assert_matches(ours: Tensor, ref: Tensor, tol: float, name: str, scale: Optional[float] = None) -> None:
+    """``ours`` within ``tol`` of the oracle ``ref`` relative to max|ref| (or ``scale`` where larger), finite
+    exactly where the oracle is."""
     x, y = real_view(ours).detach().double().cpu(), real_view(ref).detach().double().cpu()
     assert x.shape == y.shape, f"{name}: shape {tuple(x.shape)} != oracle {tuple(y.shape)}"
     fin = torch.isfinite(y)
@@ -63,7 +82,7 @@ def assert_matches(ours: Tensor, ref: Tensor, tol: float, name: str) -> None:
     assert not hidden.any(), (f"{name}: finite where the oracle is not, at {hidden.nonzero()[:8].tolist()} "
                               f"({int(hidden.sum())} entries)")
     if fin.any():
-        scale = y[fin].abs().max().item()
+        scale = max(y[fin].abs().max().item(), scale or 0.0)
         err = (x[fin] - y[fin]).abs().max().item()
         floor = torch.finfo(real_view(ours).dtype).tiny
         assert err <= tol * scale + floor, f"{name}: max error {err:.3g} > {tol:g} x max|oracle| {scale:.3g}"
