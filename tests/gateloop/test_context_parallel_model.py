@@ -103,25 +103,44 @@ def _step_worker(rank, world, device_kind, seed, amps):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             loss = cp_model(x, return_loss=True, labels=labels, cp_group=group)
         loss.backward()
-        # float32: the issue's 1e-5 (summation order only); bf16: its rounding of activations and products
-        tol = 3e-2 if amp else 1e-5
+        # float32: the issue's 1e-5 (summation order only). bf16 "within its noise": at most twice the one-device
+        # bf16 step's own distance from the float32 step, per quantity (and 1e-3 where that is tiny)
+        noise = _float32_distances(model, tokens, ref_loss) if amp else None
         case = f"{device_kind} gate_loop_heads={heads} reversible={reversible} bf16={amp}"
+        tol = 1e-5 if not amp else max(2 * noise["loss"], 1e-3)
         err = max_rel_err(loss.detach().float(), ref_loss.detach().float())
         if not err <= tol:
-            failures.append(f"{case}: rank {rank} loss relative error {err:.2e}")
+            failures.append(f"{case}: rank {rank} loss relative error {err:.2e} > {tol:.2e}")
         for (name, p), p_ref in zip(cp_model.named_parameters(), model.parameters()):
             g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
             dist.all_reduce(g, group=group)
             err = max_rel_err(g / world, p_ref.grad)
+            tol = 1e-5 if not amp else max(2 * noise[name], 1e-3)
             if not err <= tol:
-                failures.append(f"{case}: rank {rank} d{name} (averaged over ranks) relative error {err:.2e}")
+                failures.append(f"{case}: rank {rank} d{name} (averaged over ranks) relative error {err:.2e} > "
+                                f"{tol:.2e}")
     raise_failures(failures)
+
+
+def _float32_distances(model, tokens, loss16) -> dict:
+    """How far the one-device bf16-autocast step (its loss ``loss16`` and ``model``'s gradients, already
+    computed) is from the float32 step of the same model and tokens: the loss's and each parameter gradient's
+    relative error."""
+    fp32 = copy.deepcopy(model)
+    fp32.zero_grad(set_to_none=True)
+    loss32 = fp32(tokens, return_loss=True)
+    loss32.backward()
+    out = {"loss": max_rel_err(loss16.detach().float(), loss32.detach())}
+    for (name, p), p32 in zip(model.named_parameters(), fp32.parameters()):
+        out[name] = max_rel_err(p.grad.float(), p32.grad) if p32.grad is not None else 0.0
+    return out
 
 
 @pytest.mark.gpu
 def test_cp_transformer_step_nccl_matches_one_gpu(_seed):
-    """2 GPUs, NCCL: the context-parallel training step equals the one-GPU step (float32 exact scan 1e-5, bf16
-    autocast 3e-2), head dims 1 and 16, residual and reversible."""
+    """2 GPUs, NCCL: the context-parallel training step equals the one-GPU step (float32 exact scan 1e-5; bf16
+    autocast within twice the one-GPU bf16 step's distance from float32), head dims 1 and 16, residual and
+    reversible."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
     spawn(_step_worker, 2, "cuda", _seed, (False, True))
