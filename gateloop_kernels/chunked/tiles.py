@@ -13,20 +13,20 @@ def _head(i_bh, n, H):
 
 
 @triton.jit
-def _chunk_span(tab, i_t, n, BT: tl.constexpr, VARLEN: tl.constexpr):
-    """Steps ``[t0, end)`` of chunk slot ``i_t``: from the chunk table (:func:`.states._chunk_table`) with ``VARLEN``,
-    else ``[i_t BT, n)`` (the mask bound ``end`` may pass the chunk: every tile is BT steps from t0)."""
-    if VARLEN:
-        p = tab + i_t.to(tl.int64) * 4
-        return tl.load(p), tl.load(p + 1)
-    return i_t * BT, n
-
-
-@triton.jit
 def _slot(tab, i_t):
     """The four chunk-table entries of slot ``i_t``: first step, end step, sequence, flags."""
     p = tab + i_t.to(tl.int64) * 4
     return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+
+
+@triton.jit
+def _chunk_span(tab, i_t, n, BT: tl.constexpr, VARLEN: tl.constexpr):
+    """Steps ``[t0, end)`` of chunk slot ``i_t``: from the chunk table (:func:`.states._chunk_table`) with ``VARLEN``,
+    else ``[i_t BT, n)`` (the mask bound ``end`` may pass the chunk: every tile is BT steps from t0)."""
+    if VARLEN:
+        t0, end, _, _ = _slot(tab, i_t)  # (the unused entries' loads are dead code to the compiler)
+        return t0, end
+    return i_t * BT, n
 
 
 @triton.jit
@@ -43,8 +43,8 @@ def _opens_closes(seq, flags, REV: tl.constexpr):
 @triton.jit
 def _seq_ends(tab, i_t, REV: tl.constexpr):
     """:func:`_opens_closes` of chunk slot ``i_t`` (packed batch), read from the table."""
-    p = tab + i_t.to(tl.int64) * 4
-    return _opens_closes(tl.load(p + 2), tl.load(p + 3), REV)
+    _, _, seq, flags = _slot(tab, i_t)
+    return _opens_closes(seq, flags, REV)
 
 
 @triton.jit
