@@ -10,7 +10,8 @@ zeros, exactly 1, of modulus 1, tiny 1e-30..1e-22, above 1, near 1; complex or r
 Oracle: the float64 sequential loop (``sequential_reference``, ``simple_sequential_reference``) on the
 same values, and its autograd for the gradients, through ``helpers.oracle.assert_matches``: where the
 oracle's entry is finite ours is finite and within a dtype's tolerance times the tensor's largest
-oracle magnitude, and non-finite where the oracle's is. Tensor values come from a drawn seed.
+oracle magnitude, and non-finite where the oracle's is. Tensor values and the cotangents come from a drawn
+seed (a failure replays).
 
 Time: ``GATELOOP_PROPERTY_SCALE`` multiplies every test's number of examples (1 in CI, e.g. 20 for a
 long local run); the kernel tests run on CUDA, or on the CPU under ``TRITON_INTERPRET=1`` (the oracle
@@ -31,7 +32,7 @@ import gateloop_kernels as gk
 from gateloop_kernels import reference as R
 
 from helpers.kernels import DEV, needs_kernels
-from helpers.oracle import assert_matches, row_scales, value_and_grads
+from helpers.oracle import assert_matches, real_view, row_scales, value_and_grads
 
 Tensor = torch.Tensor
 f32, f64, bf16, f16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -161,17 +162,26 @@ def leaf_dtype(case: Case, complex_: bool = False) -> torch.dtype:
     return (torch.complex128 if real == f64 else torch.complex64) if complex_ else real
 
 
-def compare(fn: Callable, oracle: Callable, ours_in: list, oracle_in: list, names: list, tol: float,
-            out_needs_grad: bool = True, rows: bool = False) -> None:
+def compare(fn: Callable, oracle: Callable, ours_in: list, oracle_in: list, names: list, case: Case,
+            out_needs_grad: bool = True, joint: tuple = ()) -> None:
     """``fn(*ours_in)`` against ``oracle(*oracle_in)`` (the same values in float64), outputs and gradients
-    under the same cotangents. ``out_needs_grad``: the first output must carry a ``grad_fn``. ``rows`` (inputs
-    expanded over the batch): a gradient's tolerance scales with its rows' magnitudes summed
-    (:func:`helpers.oracle.row_scales`), not with their sum, which may cancel (bf16: ~1% a row)."""
-    outs, grads, cots = value_and_grads(fn, ours_in, check_grad_fn=out_needs_grad)
+    under the same cotangents, drawn from the case's seed (a replayed case is the same test), within
+    ``TOL[case.dtype]``. ``out_needs_grad``: the first output must carry a ``grad_fn``. An input expanded over
+    the batch: a gradient's tolerance scales with its rows' magnitudes summed (:func:`helpers.oracle.row_scales`),
+    not with their sum, which may cancel (bf16: ~1% a row). ``joint``: pairs of names that are the real and
+    imaginary parts of one complex gradient (``a_re``, ``a_im``), held to the pair's largest magnitude as a
+    complex tensor is: one part may cancel to near zero while the rounding of its terms stays that of both."""
+    tol, gen = TOL[case.dtype], torch.Generator().manual_seed(case.seed ^ 0x5EED)
+    outs, grads, cots = value_and_grads(fn, ours_in, check_grad_fn=out_needs_grad, generator=gen)
     ref_outs, ref_grads, _ = value_and_grads(oracle, oracle_in, cots)
     for i, (x, y) in enumerate(zip(outs, ref_outs)):
         assert_matches(x, y, tol, f"output {i}")
-    scales = row_scales(oracle, oracle_in, cots) if rows else [None] * len(names)
+    scales = row_scales(oracle, oracle_in, cots) if case.layout == "expanded" else [None] * len(names)
+    for pair in joint:
+        i, j = (names.index(x) for x in pair)
+        both = [real_view(g).abs()[torch.isfinite(real_view(g))].max().item() if g is not None and
+                torch.isfinite(real_view(g)).any() else 0.0 for g in (ref_grads[i], ref_grads[j])]
+        scales[i] = scales[j] = max(*both, scales[i] or 0.0, scales[j] or 0.0)
     for name, g, rg, scale in zip(names, grads, ref_grads, scales):
         if g is not None:
             assert_matches(g, rg, tol, f"grad {name}", scale)
@@ -218,8 +228,7 @@ def test_gate_loop_operator(case):
     def seq(q, k, v, a, initial_state, return_final_state):
         return R.sequential_reference(q, k, v, a, initial_state, return_final_state)
 
-    compare(run(gk.gate_loop_operator), run(seq), ours, o64, ["q", "k", "v", "a", "h0"], TOL[case.dtype],
-            rows=case.layout == "expanded")
+    compare(run(gk.gate_loop_operator), run(seq), ours, o64, ["q", "k", "v", "a", "h0"], case)
 
 
 @budget(15)
@@ -263,7 +272,7 @@ def test_gate_loop_heads(case, z_form, z_scale):
         return (o, s.reshape(B, H, *s.shape[1:])) if c.final else (o,)
 
     names = ["q", "k", "v"] + (["z"] if z_form else ["log_magnitude", "phase"]) + ["h0"]
-    compare(run, oracle, ours, [as64(t) for t in ours], names, TOL[c.dtype], rows=c.layout == "expanded")
+    compare(run, oracle, ours, [as64(t) for t in ours], names, c, joint=() if z_form else (("log_magnitude", "phase"),))
 
 
 @budget(20)
@@ -283,7 +292,7 @@ def test_simple_gate_loop_operator(case):
         return f
 
     compare(run(gk.simple_gate_loop_operator), run(R.simple_sequential_reference), ours,
-            [as64(t) for t in ours], ["q", "kv", "a", "cache_a", "cache_kv"], TOL[c.dtype], rows=c.layout == "expanded")
+            [as64(t) for t in ours], ["q", "kv", "a", "cache_a", "cache_kv"], c)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -324,8 +333,8 @@ def test_chunk_gate_loop_kernel(case):
         o = o.reshape(B, H, n, o.shape[-1]).transpose(1, 2)
         return (o, s.reshape(B, H, *s.shape[1:])) if c.final else (o,)
 
-    compare(run, oracle, ours, oracle_in, ["q", "k", "v", "a_re", "a_im", "h0"], TOL[c.dtype],
-            rows=c.layout == "expanded")
+    compare(run, oracle, ours, oracle_in, ["q", "k", "v", "a_re", "a_im", "h0"], c,
+            joint=(("a_re", "a_im"),))
 
 
 class _ElementwiseKernel(torch.autograd.Function):
@@ -385,4 +394,4 @@ def test_elementwise_scan_kernel(case, kv_given, segments):
         return o.reshape(B, C, n).transpose(1, 2), s.real, s.imag if ai is not None else s.new_zeros(0).real
 
     compare(run, oracle, ours, oracle_in, ["q", "k", "v", "a_re", "a_im", "h0_re", "h0_im"],
-            TOL[c.dtype], out_needs_grad=False, rows=c.layout == "expanded")
+            c, out_needs_grad=False, joint=(("a_re", "a_im"), ("h0_re", "h0_im")))

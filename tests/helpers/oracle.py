@@ -27,17 +27,18 @@ def cotangents(outs: Sequence[Tensor], generator: Optional[torch.Generator] = No
 
 
 def value_and_grads(fn: Callable, inputs: Sequence[Optional[Tensor]], cots: Optional[Sequence[Tensor]] = None,
-                    check_grad_fn: bool = False):
+                    check_grad_fn: bool = False, generator: Optional[torch.Generator] = None):
     """``(outs, grads, cots)``: ``fn(*inputs)`` as a tuple, the gradients of ``sum(out * cot)`` with respect
-    to the inputs (``None`` stays ``None``; an unused input gets zeros), and the cotangents used.
-    ``check_grad_fn``: the first output must be differentiable (even when empty: a user calls backward)."""
+    to the inputs (``None`` stays ``None``; an unused input gets zeros), and the cotangents used (drawn from
+    ``generator`` when not given). ``check_grad_fn``: the first output must be differentiable (even when
+    empty: a user calls backward)."""
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
     outs = fn(*leaves)
     outs = tuple(outs) if isinstance(outs, (tuple, list)) else (outs,)
     if check_grad_fn:
         assert outs[0].requires_grad, f"the output {tuple(outs[0].shape)} has no grad_fn"
     if cots is None:
-        cots = cotangents(outs)
+        cots = cotangents(outs, generator)
     loss = sum((real_view(o).double() * c.to(o.device)).sum() for o, c in zip(outs, cots) if o.requires_grad)
     present = [t for t in leaves if t is not None]
     got = iter(torch.autograd.grad(loss, present, allow_unused=True) if torch.is_tensor(loss) else
