@@ -5,9 +5,9 @@
 # the device machine ($OUT set) both come back as $OUT/results.tgz (out/ and results/).
 #   usage: bash bench/gpu.sh [stage ...]     (no stage: all of them but ncu and roofline)
 #   stages: tests     every GPU-marked test (plus the CPU suite's fast parts run on this machine)
-#           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op, and of the chunked
-#                     kernels' head-dim sweep (tests/gateloop/test_chunked_sweep.py; MEMCHECK_SWEEP_ARGS="-n 8 -k ..."
-#                     passes on)
+#           memcheck  compute-sanitizer memcheck of one fwd+bwd of each kernel and extension op, of the chunked
+#                     kernels' head-dim sweep (tests/gateloop/test_chunked_sweep.py) and of their packed launches
+#                     (tests/gateloop/test_chunked_varlen.py; MEMCHECK_SWEEP_ARGS="-n 8 -k ..." passes on)
 #           ncu       Nsight Compute on one float32 exact forward+backward of the chunked scan: per kernel in
 #                     $NCU_KERNELS, stall reasons and shared-memory replays (bench/tools/ncu.py) into bench/out/ncu_*.txt
 #           roofline  ncu over one warm forward+backward of the chunked scan per precision in $ROOFLINE (default
@@ -51,9 +51,11 @@ for stage in "${stages[@]}"; do
                 compute-sanitizer --tool memcheck --error-exitcode 3 python3 -m bench.tools.$tool 2>&1 \
                   | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1
               done
-              # every tile class of the chunked kernels (head dims 16..256, d != e, partial chunks, every dtype)
+              # every tile class of the chunked kernels (head dims 16..256, d != e, partial chunks, every dtype), and
+              # their packed (cu_seqlens) launches: both state-pass forms and the one-kernel walk's read-ahead table
               $stop compute-sanitizer --tool memcheck --error-exitcode 3 --target-processes all \
-                python3 -m pytest -q -m gpu -p no:cacheprovider tests/gateloop/test_chunked_sweep.py ${MEMCHECK_SWEEP_ARGS:-} 2>&1 \
+                python3 -m pytest -q -m gpu -p no:cacheprovider tests/gateloop/test_chunked_sweep.py \
+                tests/gateloop/test_chunked_varlen.py ${MEMCHECK_SWEEP_ARGS:-} 2>&1 \
                 | grep -v "^tests/" | tail -n 20 | tee -a "$out/memcheck.log"; [[ ${PIPESTATUS[0]} -eq 0 ]] || rc=1 ;;
     multi) ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
            echo "GPUs: $ngpu"; nvidia-smi topo -m 2>&1 | tee "$out/multi_topology.txt"
