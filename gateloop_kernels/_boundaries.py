@@ -38,7 +38,8 @@ def _ok_impl(cu_seqlens: Tensor, T: int) -> Tensor:
     if cu_seqlens.device.type != "cuda":
         return _ok_reference(cu_seqlens, T).to(torch.int32)
     ok = torch.empty((), device=cu_seqlens.device, dtype=torch.int32)
-    _boundaries_ok[(1,)](cu_seqlens, ok, cu_seqlens.shape[0] - 1, T, BLOCK=1024, num_warps=4)
+    # read by offset: a strided view (cu[::2]) would be read as its buffer
+    _boundaries_ok[(1,)](cu_seqlens.contiguous(), ok, cu_seqlens.shape[0] - 1, T, BLOCK=1024, num_warps=4)
     return ok
 
 

@@ -36,6 +36,14 @@ def check_gate_dtype(name: str, t: Tensor) -> None:
         raise TypeError(f"{name} must be a floating-point or complex tensor, got {t.dtype}")
 
 
+def check_layer_input(name: str, x: Tensor, ndim: int, shape: str, last: Optional[int] = None) -> None:
+    """A layer's input: a tensor of ``ndim`` dims (``shape`` names them in the message), ``last`` its last size."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim or (last is not None and x.shape[-1] != last):
+        raise ValueError(f"{name} must have shape {shape}, got {_shape(x)}")
+
+
 def check_same_device(**tensors: Optional[Tensor]) -> torch.device:
     present = {k: t for k, t in tensors.items() if t is not None}
     devices = {k: t.device for k, t in present.items()}
@@ -66,8 +74,9 @@ def check_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a: Tensor) -> tuple[
     e = v.shape[2]
     if a.ndim != 4 or a.shape[0] not in (1, B) or a.shape[1] != n or a.shape[2] not in (1, d) \
             or a.shape[3] not in (1, e):
-        raise ValueError(f"a must be broadcastable to (B, n, d, e) = ({B}, {n}, {d}, {e}) with a 4-dim shape "
-                         f"such as ({B}, {n}, 1, 1) or ({B}, {n}, {d}, 1), got {_shape(a)}")
+        raise ValueError(f"a must have shape (B or 1, n, d or 1, e or 1) = ({B} or 1, {n}, {d} or 1, {e} or 1): "
+                         f"one gate per step (its time dim is n, never broadcast), e.g. ({B}, {n}, 1, 1), "
+                         f"got {_shape(a)}")
     check_same_device(q=q, k=k, v=v, a=a)
     if a.shape[2] == 1 and a.shape[3] == 1:
         layout = GATE_HEAD

@@ -557,7 +557,7 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         cu_loc = (cu - lo).clamp(0, n).to(p.cu.dtype)
         o_loc, finals = p.run(cu_loc, s0)
         a_re, a_im = p.gate()
-        j0 = torch.searchsorted(cu[1:], lo, right=True).clamp(max=N - 1)
+        j0 = torch.searchsorted(cu[1:].contiguous(), lo, right=True).clamp(max=N - 1)
         cont = (torch.arange(N, device=device) == j0) & (cu[:-1] < lo)  # the first segment continues a sequence
         # the gate-only scan from 1 and -i on that segment, from 0 elsewhere: Re c_t, Im c_t, its gate product
         g0 = cont[:, None].to(cdt).expand(N, H)
@@ -567,7 +567,7 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         c, c_fin = scan(ones, zeros, zeros, torch.cat([a_re, a_re], 2).to(rdt), torch.cat([a_im, a_im], 2).to(rdt),
                         g0[..., None, None], True, "ieee", DEFAULT_CHUNK, name, cu_loc)
         c_re, c_im, c_fin = c[..., :H, 0], c[..., H:, 0], c_fin[:, :H, 0, 0]
-        last = torch.searchsorted(cu[1:], hi - 1, right=True).clamp(max=N - 1)
+        last = torch.searchsorted(cu[1:].contiguous(), hi - 1, right=True).clamp(max=N - 1)
         a_last, s_last = c_fin[last], finals[last]
     loc = _Local(q, o_loc, s_last.to(cdt), a_last.to(cdt), c_re.to(rdt), c_im.to(rdt), None, [])
     o, states = _fold(loc, _pack(loc), cp_group, rank, world, device, anchor=p.anchor)

@@ -4,6 +4,7 @@ attention), on CUDA replayed from a captured CUDA graph."""
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Callable, Optional
 
@@ -22,7 +23,9 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = N
     tokens whose probability reaches ``top_p`` (nucleus). Returns ``(b,)`` int64."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # shifted first: a tiny temperature sends the others to -inf, never the largest to inf (NaN probabilities)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -46,8 +49,8 @@ def _check_args(prompt: Tensor, max_new_tokens: int, temperature: float, top_k: 
         raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:

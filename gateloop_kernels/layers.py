@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
-from ._checks import check_cu_seqlens
+from ._checks import check_cu_seqlens, check_layer_input
 from .decode import gate_loop_decode_step
 from .heads import gate_loop_heads
 from .operator import simple_gate_loop_operator
@@ -196,6 +196,8 @@ class CausalFullAttention(Module):
         if cp_group is not None:
             raise ValueError("CausalFullAttention (softmax attention) cannot run on a sequence split across ranks "
                              "(cp_group); use GateLoopedAttention")
+        dim = self.to_qkv[0].in_features
+        check_layer_input("x", x, 3, f"(b, n, dim) = (b, n, {dim})", dim)
         b, n, _ = x.shape
         if cu_seqlens is not None:
             if cache is not None or return_cache:
@@ -345,6 +347,8 @@ class GateLoopedAttention(Module):
         """
         # written against attributes the upstream class has too, so patch_gateloop_transformer()
         # can install it on upstream instances
+        dim = self.to_qkv.in_features
+        check_layer_input("x", x, 3, f"(b, n, dim) = (b, n, {dim})", dim)
         b, n, _ = x.shape
         heads = self.to_a[0].out_features // 2
         qkv, a, gates = _in_projections(self, x, with_a=not ablate_state_transition)
@@ -426,6 +430,7 @@ class SimpleGateLoopLayer(Module):
 
     def forward(self, x: Tensor, cache: Optional[tuple[Tensor, Tensor]] = None, return_cache: bool = False,
                 cu_seqlens: Optional[Tensor] = None):
+        check_layer_input("x", x, 3, f"(b, n, dim) = (b, n, {self.dim})", self.dim)
         if self.reverse:
             if return_cache or cache is not None:
                 raise ValueError("caching only works with a non-reversed sequence (reverse=False)")
@@ -436,6 +441,13 @@ class SimpleGateLoopLayer(Module):
         states = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         q, kv, a = self.to_qkva[0](self.norm(x)).chunk(3, dim=-1)
         if cache is not None:
+            want = (states * self.dim, 1)
+            if not (isinstance(cache, (tuple, list)) and len(cache) == 2 and
+                    all(isinstance(c, Tensor) and c.numel() == want[0] for c in cache)):
+                got = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in cache] \
+                    if isinstance(cache, (tuple, list)) else type(cache).__name__
+                raise ValueError(f"cache must be the (a, kv) pair of ({states} {'documents' if cu_seqlens is not None else 'sequences'} * dim {self.dim}, 1) "
+                                 f"tensors this layer returns, got {got}")
             cache = tuple(c.reshape(states, q.shape[-1]) for c in cache)  # sized: b may be 0
         out, (a_last, kv_last) = simple_gate_loop_operator(q, kv, a.sigmoid(), cache=cache, cu_seqlens=cu_seqlens)
         out = self.maybe_post_ln(out)
@@ -560,9 +572,8 @@ class Transformer(Module):
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
                                    else ablate_state_transition)
         sequences = None  # the rows of x, unless packed
+        check_layer_input("x", x, 2, "(b, n) of token ids" if cu_seqlens is None else "(1, T) of token ids")
         if cu_seqlens is not None:
-            if x.ndim != 2:
-                raise ValueError(f"x must be token ids (1, T), got shape {tuple(x.shape)}")
             if cp_group is None:  # under a group the layers check it against the group's T
                 sequences = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
             if return_loss and labels is None and cp_group is None:

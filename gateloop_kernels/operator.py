@@ -35,8 +35,8 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
     Args:
         q, k: ``(B, n, d)`` real floating tensors.
         v: ``(B, n, e)`` real floating tensor.
-        a: gate, complex (or real: a real gate), 4 dims broadcastable to ``(B, n, d, e)``:
-            ``(B, n, 1, 1)`` one gate per sequence, ``(B, n, d, 1)`` one per key dim, ...
+        a: gate, complex (or real: a real gate), ``(B or 1, n, d or 1, e or 1)``, one per step (its time dim is
+            ``n``): ``(B, n, 1, 1)`` one gate per sequence, ``(B, n, d, 1)`` one per key dim, ...
         initial_state: optional complex (or real) ``(B, d, e)`` state before the first step.
         return_final_state: also return the complex ``(B, d, e)`` state after the last step.
         precision, chunk_size: as in :func:`gateloop_kernels.gate_loop_heads`.

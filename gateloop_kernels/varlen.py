@@ -52,7 +52,7 @@ def validate_cu_seqlens(cu_seqlens: Tensor, T: int) -> int:
 def sequence_ids(cu_seqlens: Tensor, T: int) -> Tensor:
     """The sequence of each token, ``(T,)`` int64 on ``cu_seqlens``' device (clamped to ``[0, N - 1]``)."""
     t = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:], t, right=True).clamp(max=max(cu_seqlens.shape[0] - 2, 0))
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), t, right=True).clamp(max=max(cu_seqlens.shape[0] - 2, 0))
 
 
 def positions(cu_seqlens: Tensor, T: int) -> Tensor:

@@ -376,7 +376,9 @@ def _chunk_table_impl(cu_seqlens: Tensor, n: int, BT: int) -> Tensor:
     NS = n // BT + N
     tab = torch.empty(NS * 4, device=cu_seqlens.device, dtype=torch.int32)
     ends = torch.empty(N, device=cu_seqlens.device, dtype=torch.int32)
-    _build_chunk_table[(1,)](cu_seqlens, ends, tab, N, NS, n, N.bit_length() + 1, BT=BT, BLOCK=1024, num_warps=4)
+    # the kernel reads cu_seqlens by offset: a strided view (cu[::2]) would be read as its buffer
+    _build_chunk_table[(1,)](cu_seqlens.contiguous(), ends, tab, N, NS, n, N.bit_length() + 1, BT=BT, BLOCK=1024,
+                             num_warps=4)
     return tab
 
 

@@ -17,7 +17,7 @@ def _packed_rows(cu_seqlens: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per step of a packed batch: ``(seq, start, last)``, its sequence (the last ``i`` with ``cu[i] <= t``: empty
     sequences hold no step) and whether it is that sequence's first and last step; on the device, no sync."""
     pos = torch.arange(n, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-    seq = torch.searchsorted(cu_seqlens, pos, right=True) - 1
+    seq = torch.searchsorted(cu_seqlens.contiguous(), pos, right=True) - 1
     return seq, cu_seqlens[seq] == pos, cu_seqlens[seq + 1] == pos + 1
 
 

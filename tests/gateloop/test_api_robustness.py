@@ -427,6 +427,26 @@ def test_transformer_loss_needs_two_tokens():
     assert torch.isfinite(model(torch.randint(0, 10, (2, 2)), return_loss=True))
 
 
+def test_inputs_of_the_wrong_rank_name_the_argument():
+    """Tokens, activations and caches of the wrong shape: a ValueError naming the argument and the shape it must
+    have. Before: unpacking and reshape errors from inside the layers."""
+    model = G.Transformer(16, num_tokens=11, depth=1, gate_loop_heads=2)
+    for tokens in (torch.randint(0, 11, (3,)), torch.randint(0, 11, (1, 3, 2))):
+        for loss in (False, True):
+            with pytest.raises(ValueError, match=r"x must have shape \(b, n\) of token ids"):
+                model(tokens, return_loss=loss)
+    for layer in (GateLoopedAttention(16), SimpleGateLoopLayer(16), CausalFullAttention(16, dim_head=8, heads=2)):
+        for x in (torch.randn(5, 16), torch.randn(2, 5, 8)):
+            with pytest.raises(ValueError, match=r"x must have shape \(b, n, dim\) = \(b, n, 16\)"):
+                layer(x)
+    layer = SimpleGateLoopLayer(8)
+    _, cache = layer(torch.randn(2, 5, 8), return_cache=True)
+    with pytest.raises(ValueError, match=r"cache must be the \(a, kv\) pair of \(2 sequences \* dim 8, 1\)"):
+        layer(torch.randn(2, 5, 8), cache=tuple(c[:8] for c in cache))
+    with pytest.raises(ValueError, match="one gate per step"):  # a gate constant in time is not broadcast
+        G.gate_loop_operator(*[torch.randn(2, 7, 4)] * 3, torch.rand(2, 1, 1, 1))
+
+
 @pytest.mark.parametrize("make_layer", [
     lambda: GateLoopedAttention(16), lambda: GateLoopedAttention(16, heads=2), lambda: SimpleGateLoopLayer(16),
     lambda: CausalFullAttention(16, dim_head=8, heads=2),

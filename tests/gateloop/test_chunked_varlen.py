@@ -145,13 +145,17 @@ def test_cpu_bfloat16(one_kernel, monkeypatch):
 def test_chunk_table(device):
     """The device-built table (one launch, ``_build_chunk_table``) against a per-sequence loop, for random lengths
     with empty sequences: slots in order, a sequence's chunks from its first step on, every step in exactly one
-    chunk, the slot bound; int32 and int64 ``cu_seqlens``."""
+    chunk, the slot bound; int32 and int64 ``cu_seqlens``, contiguous or a strided view (every third trial: the
+    kernel reads it by offset)."""
     BT = 16
     for trial in range(20):  # the last two: several 1024-wide blocks of sequences and of slots in the kernel
         N = int(torch.randint(1, 8, ())) if trial < 18 else 2500
         lens = (torch.randint(0, 3 * BT, (N,)) * (torch.rand(N) > 0.3)).tolist()
         T = sum(lens)
-        tab = _chunk_table(_cu(lens, device, (torch.int32, torch.int64)[trial % 2]), T, BT).view(-1, 4).tolist()
+        cu = _cu(lens, device, (torch.int32, torch.int64)[trial % 2])
+        if trial % 3 == 2:  # every other entry of a buffer whose others are garbage
+            cu = torch.stack([cu, torch.full_like(cu, -7)], 1).flatten()[::2]
+        tab = _chunk_table(cu, T, BT).view(-1, 4).tolist()
         want, t = [], 0
         for i, n in enumerate(lens):
             c = max(1, -(-n // BT))

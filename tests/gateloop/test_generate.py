@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import warnings
 
 import pytest
@@ -193,6 +194,8 @@ def test_sampling():
     b = model.generate(prompt, 6, temperature=1.5, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and torch.equal(a[:, :4], prompt)
     assert model.generate(prompt, 0).shape == (3, 4)
+    # a tiny temperature samples the argmax (its logits / T would overflow unshifted: NaN probabilities)
+    assert torch.equal(model.generate(prompt, 6, temperature=1e-39), greedy)
     with torch.no_grad():  # top_k: every sampled token among the k most likely under the full forward
         logits = model(a[:, :-1])[:, 3:]
     ranks = (logits > logits.gather(-1, a[:, 4:, None])).sum(-1)
@@ -262,7 +265,8 @@ def test_bad_input():
         model.generate(x.float(), 2)
     with pytest.raises(ValueError, match="p >= 1"):
         model.generate(x[:, :0], 2)
-    for kwargs, what in ((dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+    for kwargs, what in ((dict(temperature=-1.0), "temperature"), (dict(temperature=math.inf), "temperature"),
+                         (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
                          (dict(eos_token=VOCAB), "eos_token")):
         with pytest.raises(ValueError, match=what):
             model.generate(x, 2, **kwargs)

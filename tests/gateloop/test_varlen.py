@@ -241,7 +241,8 @@ def test_bad_cu_seqlens_raise_naming_it(cu, err, match):
 def test_boundaries_kernel_matches_the_reference():
     """The one-launch value check of ``cu_seqlens`` (what CUDA calls assert on, ``_boundaries._boundaries_ok``; on
     the CPU through the interpreter) against the tensor-op test: valid boundaries and each way to break them (a
-    nonzero start, a wrong end, one decrease anywhere, also past the first 1024-wide block), int32 and int64."""
+    nonzero start, a wrong end, one decrease anywhere, also past the first 1024-wide block), int32 and int64; the
+    op (``_ok_impl``) on a strided view of the same boundaries."""
     from gateloop_kernels import _boundaries as b
     from helpers.kernels import DEV
 
@@ -263,6 +264,8 @@ def test_boundaries_kernel_matches_the_reference():
         b._boundaries_ok[(1,)](cu, ok, N, T, BLOCK=1024)
         assert bool(ok) == bool(b._ok_reference(cu, T)), (N, kind, cu.tolist()[:8])
         assert bool(ok) == (kind == 0 or (kind == 3 and N == 1))
+        strided = torch.stack([cu, torch.full_like(cu, -7)], 1).flatten()[::2]  # the op reads a view by its strides
+        assert bool(b._ok_impl(strided, T)) == bool(ok), (N, kind)
     torch.library.opcheck(b._ok_op.op, (cu, T), test_utils=("test_schema", "test_faketensor"))
 
 
@@ -468,3 +471,21 @@ def test_gpu_packed_model_step_never_synchronises(use_gate_looped_attn):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.filterwarnings("error")
+def test_strided_cu_seqlens_is_read_by_its_strides():
+    """``cu_seqlens`` as a strided view (every other entry of a buffer holding garbage between): the same results as
+    its contiguous copy, no warning (``searchsorted`` warns on a non-contiguous boundary tensor). The kernels that
+    read it by offset are covered by ``test_chunk_table`` and ``test_boundaries_kernel_matches_the_reference``."""
+    cu = torch.tensor([0, 3, 3, 7, 10])
+    strided = torch.stack([cu, torch.full_like(cu, -5)], 1).flatten()[::2]
+    q, k, v = (torch.randn(1, 10, 2, 4) for _ in range(3))
+    lm, ph = -torch.rand(1, 10, 2), torch.randn(1, 10, 2)
+    for c in (cu, strided):
+        o, s = G.gate_loop_heads(q, k, v, log_magnitude=lm, phase=ph, cu_seqlens=c, output_final_state=True)
+        o1, (a1, kv1) = G.simple_gate_loop_operator(q[..., 0, :], k[..., 0, :], lm.exp()[..., :1].expand(1, 10, 4),
+                                                    cu_seqlens=c)
+        if c is cu:
+            want = (o, s, o1, a1, kv1)
+    assert all(torch.equal(x, y) for x, y in zip((o, s, o1, a1, kv1), want))
