@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import reference
 from .chunked import _chunk_gate_loop
-from .dtypes import KERNEL_DTYPES, empty_scan
+from .dtypes import KERNEL_DTYPES, acc_dtypes, empty_scan
 from .elementwise import elementwise_scan
 from .reference import DEFAULT_CHUNK
 from .varlen import varlen_reference as _varlen_reference
@@ -104,6 +104,10 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
     if per_channel or (q.shape[3] == 1 and v.shape[3] == 1 and a_re.ndim == 3):
         if q.dtype in KERNEL_DTYPES or not on_kernels:
             s0 = initial_state
+            # the gate in q's accumulation dtype, as every other path takes it: the state's dtype never depends
+            # on the head dim (a float64 gate with float32 q: complex64 states everywhere)
+            rdt = acc_dtypes(q.dtype)[0]
+            a_re, a_im = a_re.to(rdt), (None if a_im is None else a_im.to(rdt))
             if not per_channel:  # head dims 1: each head is one channel
                 q, k, v = q[..., 0], k[..., 0], v[..., 0]
                 s0 = None if s0 is None else s0[..., 0, 0]

@@ -427,6 +427,22 @@ def test_transformer_loss_needs_two_tokens():
     assert torch.isfinite(model(torch.randint(0, 10, (2, 2)), return_loss=True))
 
 
+@pytest.mark.parametrize("d", [1, 4])
+def test_state_dtype_follows_q_not_the_head_dim(d):
+    """A float64 gate with float32 q, k, v: the output float32 and the final state complex64 at every head dim, its
+    values those of the float32-rounded gate (float64 loop). Before: complex128 at head dim 1, complex64 above."""
+    q, k, v = (torch.randn(2, 7, d) for _ in range(3))
+    a = torch.polar(torch.rand(2, 7, 1, 1, dtype=F64), torch.randn(2, 7, 1, 1, dtype=F64))
+    o, s = G.gate_loop_operator(q, k, v, a, return_final_state=True)
+    lm, ph = -torch.rand(2, 7, 1, dtype=F64), torch.randn(2, 7, 1, dtype=F64)
+    oh, sh = G.gate_loop_heads(q[:, :, None], k[:, :, None], v[:, :, None], log_magnitude=lm, phase=ph,
+                               output_final_state=True)
+    assert (o.dtype, s.dtype, oh.dtype, sh.dtype) == (torch.float32, torch.complex64) * 2
+    ro, rs = R.sequential_reference(q.double(), k.double(), v.double(), a.to(torch.complex64).to(torch.complex128),
+                                    None, True)
+    assert rel(o, ro) < 1e-5 and rel(s, rs) < 1e-5
+
+
 def test_inputs_of_the_wrong_rank_name_the_argument():
     """Tokens, activations and caches of the wrong shape: a ValueError naming the argument and the shape it must
     have. Before: unpacking and reshape errors from inside the layers."""
