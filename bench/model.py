@@ -47,6 +47,11 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
     ``syncs``, the host synchronisations of one more step (``torch.cuda.set_sync_debug_mode("warn")``: each
     synchronising call warns; a step that waits on the device cannot overlap its host work with it).
 
+    ``host_ms``: the median time the host takes to issue a step (its Python, autograd and launches, until the
+    step's last call returns, before the wait for the device), each step from an idle device: where it is close
+    to ``step_ms`` the step is host-bound, and it compares two models' host cost at the same shape in one run
+    (a queue of launches too long for the driver blocks the host: then it includes device time).
+
     ``compiled``: the steps run ``torch.compile(model, mode=compile_mode)`` (the optimizer stays
     eager); dynamo is reset first, the warm-up (at least one step) covers compilation, and the
     first step's wall time is returned as ``compile_s``.
@@ -74,12 +79,15 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
         opt.zero_grad(set_to_none=True)
         return loss
 
-    times, first = [], None
+    times, host, first = [], [], None
     for i in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
         loss = step()
+        t_host = time.perf_counter() - t0  # the host's enqueueing of the step, from an idle device
         sync()
+        if i >= warmup:
+            host.append(t_host)
         if i == 0:
             first = time.perf_counter() - t0
             if compiled and device == "cuda":  # the peak of the steps, not of compilation (autotuning buffers)
@@ -91,7 +99,7 @@ def measure(which: str, heads: Optional[int], batch: int, seq: int, amp: bool, d
     t = harness.summarize([x * 1e3 for x in times])
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None  # no allocator stats on CPU
     out = {"tokens_per_s": batch * seq / (t.median * 1e-3), "step_ms": t.median, "step_spread_ms": t.spread,
-           "peak_gib": peak, "loss": loss.item()}
+           "host_ms": harness.summarize([x * 1e3 for x in host]).median, "peak_gib": peak, "loss": loss.item()}
     if device_time and device == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
@@ -185,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def result_rows(rows: list[dict], env: dict) -> list[dict]:
     """The figures of ``rows`` as result rows (:mod:`bench.results`): tokens/s (spread: from the steps' 20th and
-    80th percentile times), step time and peak memory per configuration that ran."""
+    80th percentile times), step time, the host's time to issue a step and peak memory per configuration that ran."""
     out = []
     for r in rows:
         if not results.finite(r.get("tokens_per_s")):
@@ -200,6 +208,7 @@ def result_rows(rows: list[dict], env: dict) -> list[dict]:
         rate = [tokens / (spread[1] * 1e-3), tokens / (spread[0] * 1e-3)] if spread else None
         for metric, unit, value, sp in (("tokens_per_s", "tok/s", r["tokens_per_s"], rate),
                                         ("step_ms", "ms", r["step_ms"], spread),
+                                        ("host_ms", "ms", r.get("host_ms"), None),
                                         ("peak_gib", "GiB", r.get("peak_gib"), None)):
             if results.finite(value):
                 out.append(results.row("model", "GateLoop Transformer training step (AdamW)", impl, shape, dtype,

@@ -122,7 +122,7 @@ def model_rows(quick: bool, profile: bool = False) -> list[dict]:
                 out.append(r)
                 _log(f"model {which:4s} head_dim {'1' if heads is None else '64':>2s} "
                      f"{batch}x{seq} {'bf16' if amp else 'fp32'}: {r['tokens_per_s'] / 1e3:9.1f} k tok/s  "
-                     f"step {r['step_ms']:.2f} ms  peak {r['peak_gib']:.2f} GiB")
+                     f"step {r['step_ms']:.2f} ms  host {r['host_ms']:.2f} ms  peak {r['peak_gib']:.2f} GiB")
     return out
 
 

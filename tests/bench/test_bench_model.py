@@ -21,11 +21,12 @@ def test_result_rows_carry_tokens_per_second_with_spread_and_skip_failed_configu
     base = dict(heads=8, batch=8, seq=2048, amp=False)
     rows = [dict(base, which="seed", compiled=False, error="RuntimeError: x"),
             dict(base, which="ours", compiled=False, tokens_per_s=16384 / 0.05, step_ms=50.0,
-                 step_spread_ms=[40.0, 80.0], peak_gib=2.0)]
+                 step_spread_ms=[40.0, 80.0], host_ms=20.0, peak_gib=2.0)]
     env = dict(gpu="G", driver=None, torch="t", triton="tr", commit=None, date="2026-01-01 00:00 UTC")
     out = bench_model.result_rows(rows, env)
     by = {r["metric"]: r for r in out}
-    assert set(by) == {"tokens_per_s", "step_ms", "peak_gib"} and all(r["impl"] == "ours" for r in out)
+    assert set(by) == {"tokens_per_s", "step_ms", "host_ms", "peak_gib"} and all(r["impl"] == "ours" for r in out)
+    assert by["host_ms"]["median"] == 20.0
     assert by["tokens_per_s"]["spread"] == [16384 / 0.08, 16384 / 0.04]  # the slow step gives the low rate
     assert by["tokens_per_s"]["shape"] == {"batch": 8, "seq": 2048, "dim": 512, "depth": 6, "head_dim": 64}
     for r in out:
