@@ -104,10 +104,14 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
 
     Raises:
         TypeError: a non-integer prompt or ``max_new_tokens``. ValueError: ``max_new_tokens < 0``, an empty
-        prompt, ``temperature < 0``, ``top_k < 1``, ``top_p`` outside ``(0, 1]``, ``eos_token`` out of range.
+        prompt or one with ids outside the vocabulary, ``temperature`` negative or infinite, ``top_k < 1``, ``top_p``
+        outside ``(0, 1]``, ``eos_token`` out of range.
     """
     vocab = model.token_emb.num_embeddings
     _check_args(prompt, max_new_tokens, temperature, top_k, top_p, eos_token, vocab)
+    # one host sync a call: on CUDA an id out of range would be a device-side assert that ends the process's CUDA use
+    if prompt.numel() and not bool(((prompt >= 0) & (prompt < vocab)).all()):
+        raise ValueError(f"prompt holds token ids outside [0, {vocab}) (the model's vocabulary)")
     prompt = prompt.long()
     b, p = prompt.shape
     if cu_seqlens is not None:

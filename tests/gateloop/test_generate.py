@@ -265,6 +265,9 @@ def test_bad_input():
         model.generate(x.float(), 2)
     with pytest.raises(ValueError, match="p >= 1"):
         model.generate(x[:, :0], 2)
+    for bad in (-1, VOCAB):  # before: IndexError from the embedding (on CUDA a device-side assert)
+        with pytest.raises(ValueError, match=r"token ids outside \[0, "):
+            model.generate(torch.cat([x, torch.full_like(x[:, :1], bad)], 1), 2)
     for kwargs, what in ((dict(temperature=-1.0), "temperature"), (dict(temperature=math.inf), "temperature"),
                          (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
                          (dict(eos_token=VOCAB), "eos_token")):
