@@ -52,6 +52,9 @@ INPUT_MODES = ("duplicate", "split")
 _TWICE = ("the backward of a reversible stack was run twice (e.g. retain_graph=True followed by a "
           "second backward). Its activation buffer is reconstructed in place during the first "
           "backward, so a second one is not possible; run the forward again instead.")
+_CREATE_GRAPH = ("the backward of a reversible stack cannot build a graph of itself (create_graph=True: double "
+                 "backward, a gradient penalty through the stack): its gradients would carry no history. Run the "
+                 "stack with reversible=False (plain autograd) for higher-order gradients.")
 
 
 @dataclass(eq=False)
@@ -179,7 +182,9 @@ def _fn_params(fn: Callable[..., Any]) -> list[Tensor]:
 def _map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
     if isinstance(obj, Tensor):
         return fn(obj)
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple: built from its fields
+        return type(obj)(*(_map_tensors(o, fn) for o in obj))
+    if isinstance(obj, (list, tuple)):
         return type(obj)(_map_tensors(o, fn) for o in obj)
     if isinstance(obj, dict):
         return {k: _map_tensors(v, fn) for k, v in obj.items()}
@@ -195,6 +200,38 @@ def _iter_tensors(obj: Any) -> Iterator[Tensor]:
     elif isinstance(obj, dict):
         for o in obj.values():
             yield from _iter_tensors(o)
+
+
+def _fn_modules(fn: Callable[..., Any]) -> list[nn.Module]:
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    return list(owner.modules()) if isinstance(owner, nn.Module) else []
+
+
+def _snapshot(c: Coupling) -> tuple:
+    """What a step's recomputation reads besides its inputs: which tensors are its parameters and their in-place
+    versions, its keyword tensors' versions, and its modules' train/eval modes. The backward recomputes with the
+    values of its own time, so these must not change after the forward (:func:`_check_snapshot`)."""
+    params = [p for p in (*_fn_params(c.fn), *c.params) if isinstance(p, Tensor)]
+    return (tuple(id(p) for p in params), tuple(p._version for p in params),
+            tuple(t._version for t in _iter_tensors(dict(c.kwargs))),
+            tuple(m.training for m in _fn_modules(c.fn)))
+
+
+def _check_snapshot(c: Coupling, then: tuple) -> None:
+    """RuntimeError where the forward's :func:`_snapshot` of ``c`` no longer holds: the recomputed step would
+    differ from the forward's and its gradients would be silently wrong (plain autograd raises for the first two
+    cases too, and computes the third with what it saved)."""
+    now = _snapshot(c)
+    if now == then:
+        return
+    what = ("its parameters are other tensors than in the forward (e.g. torch.func.functional_call, or a "
+            "parameter reassigned), which the recomputation would use" if now[0] != then[0] else
+            "a parameter was modified in place (e.g. an optimizer step or a copy_ under no_grad)" if now[1] != then[1]
+            else "a tensor passed to it as a keyword argument was modified in place" if now[2] != then[2] else
+            "a module was switched between train() and eval() (dropout, batch norm)")
+    raise RuntimeError(f"coupling function {c.name} changed between the forward and the backward of a reversible "
+                       f"stack: {what}. The backward recomputes each step, so it needs the forward's state; run the "
+                       "backward first, or the forward again.")
 
 
 def _foreign_leaves(outs: Sequence[Tensor], known: set[int]) -> list[Tensor]:
@@ -321,6 +358,7 @@ class _Run:
                     mine.append(j)
             self.kw_idx.append(mine)
         self.rng: list[Any] = [None] * len(self.couplings)  # per step: the RNG state to replay (None: none)
+        self.snapshots: list[tuple] = []  # per step, at the end of the forward (_Merge)
         self.autocast: dict[str, dict[str, Any]] = {}
         self.bufs: list[Tensor] | None = None
         self._plan_segments()
@@ -454,6 +492,7 @@ class _Run:
         not None); accumulates parameter / kwarg gradients (by index into ``self.params`` /
         ``self.kw_tensors``). Returns the recomputed outputs (detached) and the sources' gradients."""
         c = self.couplings[ci]
+        _check_snapshot(c, self.snapshots[ci])
         srcs = [halves[s].detach().requires_grad_() for s in c.sources]
         params = [self.params[j] for j in self.param_idx[ci]]
         kws = [self.kw_tensors[j].detach().requires_grad_() for j in self.kw_idx[ci]]
@@ -625,11 +664,18 @@ class _Merge(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.run = run
         ctx.shapes = [b.shape for b in bufs]
+        run.snapshots = [_snapshot(c) for c in run.couplings]
         return tuple(run.merged(run.halves(bufs)))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, *gouts: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if torch.is_grad_enabled():  # the engine's grad mode in a backward is create_graph
+            raise RuntimeError(_CREATE_GRAPH)
+        return _Merge._backward(ctx, *gouts)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx: Any, *gouts: Tensor | None) -> tuple[Tensor | None, ...]:
         run: _Run = ctx.run
         gbufs = [None if g is None else run.make_grad_buffer(i, g, shape)
                  for i, (g, shape) in enumerate(zip(gouts, ctx.shapes))]
@@ -672,6 +718,8 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
     cannot be subtracted out again, and the gradients of earlier steps become NaN there, where plain
     autograd's may be finite (the loss is non-finite either way). It stays in the elements it reached.
     """
+    if isinstance(inputs, Tensor):  # iterable too: its rows would pass as streams
+        raise TypeError("inputs must be a sequence of tensors, one per stream (e.g. [x]), got a Tensor")
     inputs = list(inputs)
     if not inputs:
         raise ValueError("run_couplings needs at least one input stream")
@@ -745,6 +793,7 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
     streams = [_Stream(_normalize_dim(d, y.dim()), y.dtype, y.dtype) for y, d in zip(outputs, dims)]
     run = _Run(couplings, streams, "cat", "split", preserve_rng_state=False)
     run.autocast = {}
+    run.snapshots = [_snapshot(c) for c in run.couplings]  # no recorded forward: the state now
     bufs = [run.to_buffer(i, y.detach()) for i, y in enumerate(outputs)]
     gbufs = [run.to_buffer(i, g.detach()) for i, g in enumerate(grads)]
     kgrads: dict[int, Tensor] = {}

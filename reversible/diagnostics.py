@@ -24,7 +24,8 @@ def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor
     :class:`reversible.DualModalityReversibleSequence` (then ``x = (video, audio)``);
     ``stream_dtype`` overrides the model's buffer dtype (e.g. ``torch.float32`` for a bf16
     model). Dropout is replayed; ``kwargs`` are the model's call keyword arguments. Empty inputs
-    give 0.0; a NaN in the input gives NaN.
+    give 0.0; a NaN in the input gives NaN. It runs the model as a call does: in train mode BatchNorm's
+    running statistics are updated (twice) and the global RNG advances; use ``model.eval()`` or save them first.
     """
     from .dual import DualModalityReversibleSequence
 

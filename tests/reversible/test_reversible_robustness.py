@@ -278,3 +278,92 @@ def test_nuwa_split_at_index_slices_as_the_seed(index):
     t = torch.randn(2, 5, 3)
     a, b = nuwa.split_at_index(1, index, t)
     assert torch.equal(a, t[:, :index]) and torch.equal(b, t[:, index:])
+
+
+def _stack(dropout: bool = False) -> reversible.ReversibleSequence:
+    def blk():
+        return nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3) if dropout else nn.Identity())
+    return reversible.ReversibleSequence([(blk(), blk()) for _ in range(2)]).double()
+
+
+def test_state_changed_between_forward_and_backward_raises():
+    """The backward recomputes every step with the module's state of that time: parameters swapped
+    (``torch.func.functional_call``, as MAML does), a parameter changed in place, a module switched to eval (dropout)
+    after the forward raise a RuntimeError naming the cause. Before: gradients silently wrong (44% off for
+    functional_call's input gradient, its fast weights got none; 84% with dropout switched off)."""
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    net = _stack().requires_grad_(False)
+    fast = {k: (v * 1.5).requires_grad_() for k, v in net.named_parameters()}
+    with pytest.raises(RuntimeError, match="parameters are other tensors than in the forward"):
+        torch.func.functional_call(net, fast, (x,)).square().sum().backward()
+    net = _stack()
+    y = net(x)
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.sum().backward()
+    net = _stack(dropout=True)
+    y = net(x)
+    net.eval()
+    with pytest.raises(RuntimeError, match=r"train\(\) and eval\(\)"):
+        y.sum().backward()
+    lin_f, lin_g = nn.Linear(8, 8).double(), nn.Linear(8, 8).double()
+    mask = torch.ones(3, 8, dtype=torch.float64)
+
+    def masked(lin):
+        def fn(t, mask):
+            return lin(t) * mask
+        return fn
+    couplings = [reversible.Coupling(masked(lin_f), (1,), (0,), kwargs={"mask": mask}, params=list(lin_f.parameters())),
+                 reversible.Coupling(masked(lin_g), (0,), (1,), kwargs={"mask": mask}, params=list(lin_g.parameters()))]
+    out, = reversible.run_couplings([x], couplings)
+    mask.zero_()
+    with pytest.raises(RuntimeError, match="keyword argument was modified in place"):
+        out.sum().backward()
+    # the state left alone: plain autograd's gradients
+    mask.fill_(1.0)
+    x.grad = None
+    out, = reversible.run_couplings([x], couplings)
+    out.square().sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    ref, = reversible.run_couplings([x], couplings, reversible=False)
+    ref.square().sum().backward()
+    assert torch.allclose(got, x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_create_graph_through_the_stack_raises():
+    """A gradient penalty (``create_graph=True``) through a reversible stack: a RuntimeError saying so. Before: the
+    gradient came back without a graph (``requires_grad`` False), silently."""
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(_stack()(x).sum(), x, create_graph=True)
+
+
+def test_namedtuple_kwarg_gets_its_gradient_and_a_bare_tensor_is_refused():
+    """A tensor needing grad inside a namedtuple keyword argument gets the gradient plain autograd gives it (was:
+    the closure check's error), and ``run_couplings`` refuses a bare tensor for its list of streams (was: each row
+    taken as a stream)."""
+    import collections
+    Ctx = collections.namedtuple("Ctx", "scale")
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, t, ctx):
+            return self.lin(t) * ctx.scale
+
+    f, g = Scaled().double(), Scaled().double()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    c = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    couplings = [reversible.Coupling(f, (1,), (0,), kwargs={"ctx": Ctx(c)}),
+                 reversible.Coupling(g, (0,), (1,), kwargs={"ctx": Ctx(c)})]
+    out, = reversible.run_couplings([x], couplings)
+    got, = torch.autograd.grad(out.square().sum(), c)
+    ref, = reversible.run_couplings([x], couplings, reversible=False)
+    want, = torch.autograd.grad(ref.square().sum(), c)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(TypeError, match="one per stream"):
+        reversible.run_couplings(x, couplings)
