@@ -138,9 +138,14 @@ class ReversibleSequence(nn.Module):
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
         if input_mode not in INPUT_MODES:
             raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
-        if not 0.0 <= layer_dropout < 1.0:
-            raise ValueError(f"layer_dropout must be in [0, 1), got {layer_dropout}")
-        if default_route is not None and len(tuple(default_route)) != 2:
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int (the split dim), got {type(dim).__name__}")
+        if isinstance(layer_dropout, bool) or not isinstance(layer_dropout, (int, float)) \
+                or not 0.0 <= layer_dropout < 1.0:
+            raise ValueError(f"layer_dropout must be a number in [0, 1), got {layer_dropout!r}")
+        if stream_dtype is not None and not isinstance(stream_dtype, torch.dtype):
+            raise TypeError(f"stream_dtype must be a torch.dtype or None, got {stream_dtype!r}")
+        if default_route is not None and (not isinstance(default_route, (tuple, list)) or len(default_route) != 2):
             raise ValueError(f"default_route must be a (to_f, to_g) pair or None, got {default_route!r}")
         self.args_route = dict(args_route or {})
         check_router(self.args_route, len(self.blocks))

@@ -367,3 +367,13 @@ def test_namedtuple_kwarg_gets_its_gradient_and_a_bare_tensor_is_refused():
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
     with pytest.raises(TypeError, match="one per stream"):
         reversible.run_couplings(x, couplings)
+
+
+@pytest.mark.parametrize("kwargs,err,match", [
+    (dict(dim="x"), TypeError, "dim must be an int"), (dict(layer_dropout="0.1"), ValueError, "layer_dropout"),
+    (dict(layer_dropout=None), ValueError, "layer_dropout"), (dict(default_route=True), ValueError, "default_route"),
+    (dict(stream_dtype="float32"), TypeError, "stream_dtype")])
+def test_constructor_arguments_of_the_wrong_type_name_themselves(kwargs, err, match):
+    """Was Python's own error from deep inside (``'<=' not supported``, ``'bool' object is not iterable``)."""
+    with pytest.raises(err, match=match):
+        reversible.ReversibleSequence([(nn.Linear(4, 4), nn.Linear(4, 4))], **kwargs)
