@@ -35,6 +35,9 @@ def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor
         inputs = list(x)
         couplings = [c for block in model.blocks for c in block.couplings(**kwargs)]
     else:
+        if not isinstance(x, (Tensor, Mapping)):
+            raise TypeError(f"x must be the model's input, a Tensor (or a dict of them for a dict stream), got "
+                            f"{type(x).__name__}")
         keys = tuple(x.keys()) if isinstance(x, Mapping) else None
         inputs = [x[k] for k in keys] if keys is not None else [x]
         couplings = model.couplings(kwargs, keys)

@@ -377,3 +377,14 @@ def test_constructor_arguments_of_the_wrong_type_name_themselves(kwargs, err, ma
     """Was Python's own error from deep inside (``'<=' not supported``, ``'bool' object is not iterable``)."""
     with pytest.raises(err, match=match):
         reversible.ReversibleSequence([(nn.Linear(4, 4), nn.Linear(4, 4))], **kwargs)
+    with pytest.raises(err, match=match):
+        reversible.SequentialSequence([(nn.Linear(4, 4), nn.Linear(4, 4))], **kwargs)
+
+
+def test_reconstruction_error_names_a_wrong_input():
+    """A list where the model takes a tensor: a TypeError naming ``x`` (was ``'list' object has no attribute 'dim'``)."""
+    net = reversible.ReversibleSequence([(nn.Linear(4, 4), nn.Linear(4, 4))])
+    x = torch.randn(2, 4)
+    assert reversible.reconstruction_error(net, x) < 1e-5
+    with pytest.raises(TypeError, match="x must be the model's input"):
+        reversible.reconstruction_error(net, [x])
