@@ -97,6 +97,7 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
         ``(B, H, d, e)`` / ``(B, C)``, complex (real for a real gate).
     """
     on_kernels = q.device.type in KERNEL_DEVICES
+    rdt = acc_dtypes(q.dtype)[0]  # the real dtype every path computes in
     if a_im is not None and initial_state is not None and not initial_state.is_complex():
         # a real state with a complex gate is the complex state with no imaginary part (differentiable)
         initial_state = initial_state.to(torch.complex128 if initial_state.dtype == torch.float64 else torch.complex64)
@@ -104,10 +105,9 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
     if per_channel or (q.shape[3] == 1 and v.shape[3] == 1 and a_re.ndim == 3):
         if q.dtype in KERNEL_DTYPES or not on_kernels:
             s0 = initial_state
-            # the gate in q's accumulation dtype, as every other path takes it: the state's dtype never depends
-            # on the head dim (a float64 gate with float32 q: complex64 states everywhere)
-            rdt = acc_dtypes(q.dtype)[0]
-            a_re, a_im = a_re.to(rdt), (None if a_im is None else a_im.to(rdt))
+            # a float64 gate with narrower q in float32, as the other paths run it (the state's dtype never depends
+            # on the head dim); a narrower gate goes as it is: the kernel widens it as it loads
+            a_re, a_im = (t if t is None or t.dtype != torch.float64 else t.to(rdt) for t in (a_re, a_im))
             if not per_channel:  # head dims 1: each head is one channel
                 q, k, v = q[..., 0], k[..., 0], v[..., 0]
                 s0 = None if s0 is None else s0[..., 0, 0]
@@ -136,7 +136,6 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
 
         def heads_first(t: Tensor) -> Tensor:
             return t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], n, *t.shape[3:])
-        rdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         gate = heads_first(torch.complex(a_re.to(rdt), torch.zeros_like(a_re, dtype=rdt) if a_im is None
                                          else a_im.to(rdt)))
         s0 = None if initial_state is None else initial_state.reshape(B * H, d, e)

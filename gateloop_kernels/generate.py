@@ -45,6 +45,9 @@ def _check_args(prompt: Tensor, max_new_tokens: int, temperature: float, top_k: 
                         f"{prompt.dtype if isinstance(prompt, Tensor) else type(prompt).__name__}")
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be (batch, p) with p >= 1 tokens, got shape {tuple(prompt.shape)}")
+    # one host sync a call: on CUDA an id out of range would be a device-side assert that ends the process's CUDA use
+    if prompt.numel() and not bool(((prompt >= 0) & (prompt < vocab)).all()):
+        raise ValueError(f"prompt holds token ids outside [0, {vocab}) (the model's vocabulary)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
         raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
     if max_new_tokens < 0:
@@ -109,9 +112,6 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     """
     vocab = model.token_emb.num_embeddings
     _check_args(prompt, max_new_tokens, temperature, top_k, top_p, eos_token, vocab)
-    # one host sync a call: on CUDA an id out of range would be a device-side assert that ends the process's CUDA use
-    if prompt.numel() and not bool(((prompt >= 0) & (prompt < vocab)).all()):
-        raise ValueError(f"prompt holds token ids outside [0, {vocab}) (the model's vocabulary)")
     prompt = prompt.long()
     b, p = prompt.shape
     if cu_seqlens is not None:

@@ -441,13 +441,12 @@ class SimpleGateLoopLayer(Module):
         states = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
         q, kv, a = self.to_qkva[0](self.norm(x)).chunk(3, dim=-1)
         if cache is not None:
-            want = (states * self.dim, 1)
-            if not (isinstance(cache, (tuple, list)) and len(cache) == 2 and
-                    all(isinstance(c, Tensor) and c.numel() == want[0] for c in cache)):
-                got = [tuple(c.shape) if isinstance(c, Tensor) else type(c).__name__ for c in cache] \
-                    if isinstance(cache, (tuple, list)) else type(cache).__name__
-                raise ValueError(f"cache must be the (a, kv) pair of ({states} {'documents' if cu_seqlens is not None else 'sequences'} * dim {self.dim}, 1) "
-                                 f"tensors this layer returns, got {got}")
+            if not (isinstance(cache, (tuple, list)) and len(cache) == 2
+                    and all(isinstance(c, Tensor) and c.numel() == states * self.dim for c in cache)):
+                rows = f"{states} {'documents' if cu_seqlens is not None else 'sequences'} * dim {self.dim}"
+                got = [tuple(getattr(c, "shape", ())) for c in cache] if isinstance(cache, (tuple, list)) else cache
+                raise ValueError(f"cache must be the (a, kv) pair of ({rows}, 1) tensors this layer returns, "
+                                 f"got {got!r}")
             cache = tuple(c.reshape(states, q.shape[-1]) for c in cache)  # sized: b may be 0
         out, (a_last, kv_last) = simple_gate_loop_operator(q, kv, a.sigmoid(), cache=cache, cu_seqlens=cu_seqlens)
         out = self.maybe_post_ln(out)

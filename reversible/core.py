@@ -170,13 +170,15 @@ def _rng_replay(state: tuple[Tensor, list[int], list[Tensor]] | None) -> Iterato
 
 # ----------------------------------------------------------------------------- helpers
 
+def _fn_owner(fn: Callable[..., Any]) -> nn.Module | None:
+    """The module ``fn`` is, or whose bound method it is (None: a plain function)."""
+    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
 def _fn_params(fn: Callable[..., Any]) -> list[Tensor]:
-    if isinstance(fn, nn.Module):
-        return list(fn.parameters())
-    owner = getattr(fn, "__self__", None)
-    if isinstance(owner, nn.Module):
-        return list(owner.parameters())
-    return []
+    owner = _fn_owner(fn)
+    return [] if owner is None else list(owner.parameters())
 
 
 def _map_tensors(obj: Any, fn: Callable[[Tensor], Any]) -> Any:
@@ -202,19 +204,15 @@ def _iter_tensors(obj: Any) -> Iterator[Tensor]:
             yield from _iter_tensors(o)
 
 
-def _fn_modules(fn: Callable[..., Any]) -> list[nn.Module]:
-    owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
-    return list(owner.modules()) if isinstance(owner, nn.Module) else []
-
-
 def _snapshot(c: Coupling) -> tuple:
     """What a step's recomputation reads besides its inputs: which tensors are its parameters and their in-place
     versions, its keyword tensors' versions, and its modules' train/eval modes. The backward recomputes with the
     values of its own time, so these must not change after the forward (:func:`_check_snapshot`)."""
+    owner = _fn_owner(c.fn)
     params = [p for p in (*_fn_params(c.fn), *c.params) if isinstance(p, Tensor)]
     return (tuple(id(p) for p in params), tuple(p._version for p in params),
             tuple(t._version for t in _iter_tensors(dict(c.kwargs))),
-            tuple(m.training for m in _fn_modules(c.fn)))
+            tuple(m.training for m in (() if owner is None else owner.modules())))
 
 
 def _check_snapshot(c: Coupling, then: tuple) -> None:

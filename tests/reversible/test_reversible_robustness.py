@@ -382,7 +382,8 @@ def test_constructor_arguments_of_the_wrong_type_name_themselves(kwargs, err, ma
 
 
 def test_reconstruction_error_names_a_wrong_input():
-    """A list where the model takes a tensor: a TypeError naming ``x`` (was ``'list' object has no attribute 'dim'``)."""
+    """A list where the model takes a tensor: a TypeError naming ``x`` (was ``'list' object has no attribute
+    'dim'``)."""
     net = reversible.ReversibleSequence([(nn.Linear(4, 4), nn.Linear(4, 4))])
     x = torch.randn(2, 4)
     assert reversible.reconstruction_error(net, x) < 1e-5
