@@ -7,6 +7,8 @@ time goes by ``torch.profiler`` (CPU events on every thread). ``--cases`` instea
 ``gate_loop_operator`` forward+backward at the cases of ``python -m bench overhead``: host microseconds per call
 through Triton's launcher and with direct launches, with and without the autograd engine's device thread, beside
 a trivial ``autograd.grad``'s, then the functions that take the time (``cProfile``; ``--no-cprofile`` skips it).
+``--threads``: why a backward on autograd's device thread costs more than on the calling thread: the time spent
+inside the backward's body in each mode, a Python node doing nothing, and one doing 40 view ops.
 ``--model``: the host milliseconds of a training step of ``python -m bench overhead``'s models (ours with 8 heads
 and with head dim 1, the SDPA model) at a size that leaves the device idle, at depth 1 and 6 (their difference: one
 block's host cost), then a cProfile of ours.
@@ -172,10 +174,69 @@ def profile_model(top: int = 30, profile: bool = True) -> None:
               "model step ours, 8 heads, depth 6: cProfile of 51 steps", ("tottime", "cumulative"), top)
 
 
+def probe_threads(reps: int = 200) -> None:
+    """Host microseconds per forward+backward with the backward on autograd's device thread and on the calling
+    thread: the whole call, the time inside ``lean._OneNode``'s forward and backward bodies, and two Python
+    nodes (a backward returning its gradient; one doing 40 view ops first) that isolate the hand-off's cost from
+    a slower body."""
+    from bench.overhead import _inputs
+    from gateloop_kernels import gate_loop_operator, lean
+
+    spent = {"forward": 0.0, "backward": 0.0}
+
+    def timed(name, fn):
+        def wrapper(*args):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return staticmethod(wrapper)
+    fwd, bwd = lean._OneNode.forward, lean._OneNode.backward
+    lean._OneNode.forward, lean._OneNode.backward = timed("forward", fwd), timed("backward", bwd)
+
+    class _Pass(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, views):
+            ctx.views = views
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            for _ in range(ctx.views):
+                g = g.t()
+            return g, None
+    x = torch.randn(64, 64, device="cuda", requires_grad=True)
+    try:
+        for d, dtype in ((1, torch.float32), (64, torch.bfloat16)):
+            inputs = _inputs(64, 512, d, dtype, "cuda")
+            gout = torch.randn_like(inputs[0])
+            for threads in (True, False, True, False):
+                torch.autograd.set_multithreading_enabled(threads)
+                host_us(lambda: torch.autograd.grad(gate_loop_operator(*inputs), inputs, gout), 20)
+                spent.update(forward=0.0, backward=0.0)
+                us = host_us(lambda: torch.autograd.grad(gate_loop_operator(*inputs), inputs, gout), reps)
+                n = reps + 5
+                print(f"[host] threads d={d} {dtype}: {'device' if threads else 'calling'} thread: call {us:.1f} us, "
+                      f"forward body {spent['forward'] / n * 1e6:.1f} us, backward body "
+                      f"{spent['backward'] / n * 1e6:.1f} us", flush=True)
+        for views in (0, 40):
+            for threads in (True, False, True, False):
+                torch.autograd.set_multithreading_enabled(threads)
+                us = host_us(lambda: torch.autograd.grad(_Pass.apply(x, views), x, x), reps)
+                print(f"[host] threads: Python node, {views} views in its backward: "
+                      f"{'device' if threads else 'calling'} thread {us:.1f} us", flush=True)
+    finally:
+        lean._OneNode.forward, lean._OneNode.backward = fwd, bwd
+        torch.autograd.set_multithreading_enabled(True)
+
+
 if __name__ == "__main__":
     import sys
     args = sys.argv[1:]
-    if "--model" in args:
+    if "--threads" in args:
+        probe_threads()
+    elif "--model" in args:
         profile_model(profile="--no-cprofile" not in args)
     elif "--cases" in args:
         profile_cases(profile="--no-cprofile" not in args)
