@@ -37,15 +37,39 @@ def _path(q: Tensor, d: int, e: int, dtype: torch.dtype, n: int) -> Optional[str
     return dispatch.kernel_path(q.device, dtype, d, e)
 
 
+def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t.to(dtype)`` without the call where it would return ``t`` (host time: a few us a call)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _plane(t: Tensor, offset: int) -> Tensor:
+    """The ``(B, n)`` plane of a ``(B, n, 1, 1[, 2])`` gate (``offset`` 1: the imaginary parts of a complex gate's
+    real view), one view where indexing takes two to four."""
+    return t.as_strided(t.shape[:2], t.stride()[:2], t.storage_offset() + offset)
+
+
+def _channels(t: Tensor) -> Tensor:
+    """A ``(B, n, ...)`` tensor with size-1 trailing dims as the elementwise op's ``(1, n, B)`` layout: ``B``
+    channels of one batch, time contiguous for the seed's ``(B, n, 1)``; one view for reshape, t and unsqueeze."""
+    (B, n), (s0, s1) = t.shape[:2], t.stride()[:2]
+    return t.as_strided((1, n, B), (n * s1, s1, s0), t.storage_offset())
+
+
+def _sequences(t: Tensor, ndim: int) -> Tensor:
+    """:func:`_channels`' inverse: a ``(1, n, B)`` tensor as ``(B, n)`` followed by size-1 dims up to ``ndim``."""
+    (_, n, B), (_, s1, s2) = t.shape, t.stride()
+    return t.as_strided((B, n) + (1,) * (ndim - 2), (s2, s1) + (1,) * (ndim - 2), t.storage_offset())
+
+
 def _gate_parts(form: str, g0: Tensor, g1: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
     """``(a_re, a_im)`` (``a_im`` ``None`` for a real gate) of a gate in ``form``: ``"complex"`` / ``"real"``
     (the operator's ``(B, n, 1, 1)`` gate: ``(B, n)`` views), ``"z"`` (``(B, n, H, 2)`` pre-activation) or
     ``"polar"`` (log-magnitude ``g0`` and phase ``g1``, ``(B, n, H)``)."""
     if form == "complex":
-        parts = torch.view_as_real(g0)[:, :, 0, 0]
-        return parts[..., 0], parts[..., 1]
+        parts = torch.view_as_real(g0)
+        return _plane(parts, 0), _plane(parts, 1)
     if form == "real":
-        return g0[:, :, 0, 0], None
+        return _plane(g0, 0), None
     if form == "z":
         return _gate.sigmoid_polar_parts(g0)
     return _gate.polar_parts(g0, g1)
@@ -56,9 +80,9 @@ def _gate_grads(form: str, g0: Tensor, g1: Optional[Tensor], a_re: Tensor, a_im:
     """The gradients of :func:`_gate_parts`' inputs from those of its outputs (in ``(B, n[, H])`` layout)."""
     if form == "complex":
         rdt = torch.float64 if g0.dtype == torch.complex128 else torch.float32
-        return torch.complex(da_re.to(rdt), da_im.to(rdt)).reshape(g0.shape), None
+        return torch.complex(_to(da_re, rdt), _to(da_im, rdt)).reshape(g0.shape), None
     if form == "real":
-        return da_re.to(g0.dtype).reshape(g0.shape), None
+        return _to(da_re, g0.dtype).reshape(g0.shape), None
     if form == "z":
         return _gate.sigmoid_polar_grad(g0, da_re, da_im), None
     # a = exp(lm + i ph): da/dlm = a, da/dph = i a
@@ -74,12 +98,11 @@ class _OneNode(torch.autograd.Function):
     def forward(ctx, spec, q, k, v, g0, g1, cu_seqlens):  # type: ignore[override]
         entry, form, path, dt, precision, chunk_size = spec
         a_re, a_im = _gate_parts(form, g0, g1)
-        x = [t.to(dt) for t in (q, k, v)]
-        B, n = q.shape[:2]
+        x = [_to(t, dt) for t in (q, k, v)]
         if entry == "operator" and path == "elementwise":
             # (B, n, 1) sequences -> B channels of one batch, time contiguous: (1, n, B) views
-            x = [t.reshape(B, n).t()[None] for t in x]
-            a_re, a_im = (None if t is None else t.t()[None] for t in (a_re, a_im))
+            x = [_channels(t) for t in x]
+            a_re, a_im = (None if t is None else _channels(t) for t in (a_re, a_im))
         elif entry == "operator":
             x = [t[:, :, None] for t in x]
             a_re, a_im = (None if t is None else t[:, :, None] for t in (a_re, a_im))
@@ -92,11 +115,11 @@ class _OneNode(torch.autograd.Function):
             a_im = torch.zeros_like(a_re) if a_im is None else a_im
             args = op_args(*x, a_re, a_im, None, False, precision, chunk_size, cu_seqlens)
             (o, _), saved = _chunk_op.forward_saved(*args)
-        ctx.spec, ctx.saved, ctx.shapes = spec, saved, (B, n)
+        ctx.spec, ctx.saved = spec, saved
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         ctx.gate = (g0, g1, a_re, a_im) if form == "polar" else (g0, g1, None, None)
         if entry == "operator" and path == "elementwise":
-            return o[0].t()[..., None]
+            return _sequences(o, 3)
         if entry == "operator":
             return o[:, :, 0]
         return o[..., None] if path == "elementwise" else o
@@ -105,9 +128,8 @@ class _OneNode(torch.autograd.Function):
     @once_differentiable  # kernels: a gradient of the gradient raises instead of coming out silently zero
     def backward(ctx, do):  # type: ignore[override]
         entry, form, path, dt, _, _ = ctx.spec
-        B, n = ctx.shapes
         if entry == "operator" and path == "elementwise":
-            do = do.reshape(B, n).t()[None]
+            do = _channels(do)
         elif entry == "operator":
             do = do[:, :, None]
         elif path == "elementwise":
@@ -117,14 +139,14 @@ class _OneNode(torch.autograd.Function):
         else:
             dq, dk, dv, da_re, da_im, *_ = _chunk_op.vjp_saved(ctx.saved, do, None)
         if entry == "operator" and path == "elementwise":
-            dq, dk, dv = (t[0].t()[..., None] for t in (dq, dk, dv))
-            da_re, da_im = (None if t is None else t[0].t() for t in (da_re, da_im))
+            dq, dk, dv = (_sequences(t, 3) for t in (dq, dk, dv))
+            da_re, da_im = (None if t is None else _sequences(t, 2) for t in (da_re, da_im))
         elif entry == "operator":
             dq, dk, dv = (t[:, :, 0] for t in (dq, dk, dv))
             da_re, da_im = (None if t is None else t[:, :, 0] for t in (da_re, da_im))
         elif path == "elementwise":
             dq, dk, dv = (t[..., None] for t in (dq, dk, dv))
-        dq, dk, dv = (g.to(t) for g, t in zip((dq, dk, dv), ctx.dtypes))
+        dq, dk, dv = (_to(g, t) for g, t in zip((dq, dk, dv), ctx.dtypes))
         g0, g1, a_re, a_im = ctx.gate
         dg0, dg1 = _gate_grads(form, g0, g1, a_re, a_im, da_re, da_im)
         return None, dq, dk, dv, dg0, dg1, None
