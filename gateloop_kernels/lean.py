@@ -24,6 +24,7 @@ from torch.autograd.function import once_differentiable
 from . import dispatch
 from . import gate as _gate
 from ._custom_op import traced
+from .dtypes import cast
 from .chunked.op import _chunk_op, op_args
 from .elementwise import elementwise_scan_op
 
@@ -35,11 +36,6 @@ def _path(q: Tensor, d: int, e: int, dtype: torch.dtype, n: int) -> Optional[str
     if n == 0 or traced(q) or torch._C._are_functorch_transforms_active():
         return None
     return dispatch.kernel_path(q.device, dtype, d, e)
-
-
-def _to(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t.to(dtype)`` without the call where it would return ``t`` (host time: a few us a call)."""
-    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _plane(t: Tensor, offset: int) -> Tensor:
@@ -80,9 +76,9 @@ def _gate_grads(form: str, g0: Tensor, g1: Optional[Tensor], a_re: Tensor, a_im:
     """The gradients of :func:`_gate_parts`' inputs from those of its outputs (in ``(B, n[, H])`` layout)."""
     if form == "complex":
         rdt = torch.float64 if g0.dtype == torch.complex128 else torch.float32
-        return torch.complex(_to(da_re, rdt), _to(da_im, rdt)).reshape(g0.shape), None
+        return torch.complex(cast(da_re, rdt), cast(da_im, rdt)).reshape(g0.shape), None
     if form == "real":
-        return _to(da_re, g0.dtype).reshape(g0.shape), None
+        return cast(da_re, g0.dtype).reshape(g0.shape), None
     if form == "z":
         return _gate.sigmoid_polar_grad(g0, da_re, da_im), None
     # a = exp(lm + i ph): da/dlm = a, da/dph = i a
@@ -98,7 +94,7 @@ class _OneNode(torch.autograd.Function):
     def forward(ctx, spec, q, k, v, g0, g1, cu_seqlens):  # type: ignore[override]
         entry, form, path, dt, precision, chunk_size = spec
         a_re, a_im = _gate_parts(form, g0, g1)
-        x = [_to(t, dt) for t in (q, k, v)]
+        x = [cast(t, dt) for t in (q, k, v)]
         if entry == "operator" and path == "elementwise":
             # (B, n, 1) sequences -> B channels of one batch, time contiguous: (1, n, B) views
             x = [_channels(t) for t in x]
@@ -146,7 +142,7 @@ class _OneNode(torch.autograd.Function):
             da_re, da_im = (None if t is None else t[:, :, 0] for t in (da_re, da_im))
         elif path == "elementwise":
             dq, dk, dv = (t[..., None] for t in (dq, dk, dv))
-        dq, dk, dv = (_to(g, t) for g, t in zip((dq, dk, dv), ctx.dtypes))
+        dq, dk, dv = (cast(g, t) for g, t in zip((dq, dk, dv), ctx.dtypes))
         g0, g1, a_re, a_im = ctx.gate
         dg0, dg1 = _gate_grads(form, g0, g1, a_re, a_im, da_re, da_im)
         return None, dq, dk, dv, dg0, dg1, None

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .._custom_op import DifferentiableOp
+from ..dtypes import cast
 from .backward import scan_backward
 from .config import _check_shapes, _out_like, carries_numel
 from .forward import scan_forward
@@ -75,7 +76,7 @@ def _scan_backward_impl(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[T
     else:
         grads = _torch_backward(do, dhT_re, dhT_im, q, k, v, a_re, a_im, h0_re, h0_im, cu_seqlens)
     refs = (q, k, v, a_re, a_im, h0_re, h0_im)
-    return [torch.empty(0, dtype=q.dtype, device=q.device) if g is None else g.to(r.dtype)
+    return [torch.empty(0, dtype=q.dtype, device=q.device) if g is None else cast(g, r.dtype)
             for g, r in zip(grads, refs)]
 
 
