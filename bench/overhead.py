@@ -95,11 +95,14 @@ def run_case(B: int, n: int, d: int, dtype: torch.dtype, precision, profile: boo
     return row
 
 
-def model_rows(quick: bool, profile: bool = False) -> list[dict]:
+#: the model's (batch, seq) shapes; ``--quick`` the first two
+MODEL_SHAPES = [(8, 2048), (1, 8192), (1, 32768)]
+
+
+def model_rows(shapes: list[tuple[int, int]], profile: bool = False) -> list[dict]:
     from bench.model import measure
 
     out = []
-    shapes = [(8, 2048), (1, 8192)] + ([] if quick else [(1, 32768)])
     for batch, seq in shapes:
         for amp in (True, False):
             for which, heads in (("ours", 8), ("attn", 8), ("ours", None)):
@@ -146,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="store_true", help="also the model's training step against the SDPA model")
     p.add_argument("--model-only", action="store_true", help="only the model's training step")
     p.add_argument("--quick", action="store_true", help="the model at 8x2048 and 1x8192 tokens only")
+    p.add_argument("--shape", action="append", metavar="BxT",
+                   help="the model at batch B x T tokens only (repeatable; default: " +
+                   ", ".join(f"{b}x{t}" for b, t in MODEL_SHAPES) + ")")
     p.add_argument("--profile", action="store_true", help="print the host profile and kernels of each case")
     harness.add_record_argument(p)
     return p
@@ -162,6 +168,8 @@ def main(argv: list[str]) -> None:
     rows = result_rows(ops, env)
     if args.model or args.model_only:
         from bench.model import result_rows as model_result_rows
-        mrows = model_rows(args.quick, args.profile)
+        shapes = ([tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape
+                  else MODEL_SHAPES[:2] if args.quick else MODEL_SHAPES)
+        mrows = model_rows(shapes, args.profile)
         rows += [dict(r, benchmark="overhead") for r in model_result_rows(mrows, env)]
     harness.record("overhead", rows, args.record, log=_log)
