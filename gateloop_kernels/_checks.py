@@ -217,6 +217,20 @@ def check_chunk_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, 
                          f"got {tuple(initial_state.shape)}")
 
 
+def count_cu_seqlens(cu_seqlens: Tensor) -> int:
+    """The number of sequences ``N`` of ``cu_seqlens`` after its metadata checks (a tensor, int32/int64, 1-D, not
+    empty: TypeError / ValueError naming it), for callers that size something by ``N`` before
+    :func:`check_cu_seqlens` runs (no launch, no value read)."""
+    if not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [0, l_1, l_1 + l_2, ..., T] with at least one entry, got shape "
+                         f"{_shape(cu_seqlens)}")
+    return cu_seqlens.shape[0] - 1
+
+
 def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -> int:
     """Validate packed-sequence boundaries ``cu_seqlens = [0, l_1, l_1 + l_2, ..., T]`` for inputs of batch ``B``
     and ``T`` tokens on ``device``; return the number of sequences ``N = len(cu_seqlens) - 1``.
@@ -234,13 +248,7 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -
         TypeError: not a tensor, not int32/int64. ValueError: not 1-D or empty, ``B != 1``, another device,
         bad values (CPU, eager).
     """
-    if not isinstance(cu_seqlens, Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
-    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 1:
-        raise ValueError(f"cu_seqlens must be 1-D [0, l_1, l_1 + l_2, ..., T] with at least one entry, got shape "
-                         f"{_shape(cu_seqlens)}")
+    N = count_cu_seqlens(cu_seqlens)
     if B != 1:
         raise ValueError(f"with cu_seqlens the inputs are one packed batch of shape (1, T, ...): B must be 1, got "
                          f"B = {B}")
@@ -256,7 +264,7 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -
     else:
         torch._assert_async(boundaries_ok(cu_seqlens, T), f"cu_seqlens must start at 0, be non-decreasing and end at "
                                                           f"T = {T}")
-    return cu_seqlens.shape[0] - 1
+    return N
 
 
 def check_varlen_state(name: str, state: Optional[Tensor], N: int, rest: tuple) -> None:

@@ -20,7 +20,36 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = N
            generator: Optional[torch.Generator] = None) -> Tensor:
     """One token id per row of ``logits (b, vocab)``: the argmax at ``temperature == 0``, else a draw from
     ``softmax(logits / temperature)`` restricted to the ``top_k`` largest and to the smallest set of
-    tokens whose probability reaches ``top_p`` (nucleus). Returns ``(b,)`` int64."""
+    tokens whose probability reaches ``top_p`` (nucleus). Returns ``(b,)`` int64.
+
+    Raises:
+        TypeError: ``logits`` not a real floating tensor, ``top_k`` not an int. ValueError: ``logits`` not
+        ``(b, vocab)`` with ``vocab >= 1``, ``temperature`` negative or infinite, ``top_k < 1``, ``top_p`` outside
+        ``(0, 1]``.
+    """
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a real floating tensor (b, vocab), got "
+                        f"{logits.dtype if isinstance(logits, Tensor) else type(logits).__name__}")
+    if logits.ndim != 2 or logits.shape[1] < 1:
+        raise ValueError(f"logits must be (b, vocab) with vocab >= 1, got shape {tuple(logits.shape)}")
+    _check_sampling(temperature, top_k, top_p)
+    return _sample(logits, temperature, top_k, top_p, generator)
+
+
+def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _sample(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Optional[float],
+            generator: Optional[torch.Generator]) -> Tensor:
+    """:func:`sample` on checked arguments (generate's every step)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -52,12 +81,9 @@ def _check_args(prompt: Tensor, max_new_tokens: int, temperature: float, top_k: 
         raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    _check_sampling(temperature, top_k, top_p)
+    if eos_token is not None and (isinstance(eos_token, bool) or not isinstance(eos_token, int)):
+        raise TypeError(f"eos_token must be an int token id or None, got {type(eos_token).__name__}")
     if eos_token is not None and not 0 <= eos_token < vocab:
         raise ValueError(f"eos_token must be a token id in [0, {vocab}), got {eos_token!r}")
 
@@ -106,7 +132,7 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     ``generator`` drives the sampling. Runs under ``torch.no_grad()``, in the model's current mode.
 
     Raises:
-        TypeError: a non-integer prompt or ``max_new_tokens``. ValueError: ``max_new_tokens < 0``, an empty
+        TypeError: a non-integer prompt, ``max_new_tokens``, ``top_k`` or ``eos_token``. ValueError: ``max_new_tokens < 0``, an empty
         prompt or one with ids outside the vocabulary, ``temperature`` negative or infinite, ``top_k < 1``, ``top_p``
         outside ``(0, 1]``, ``eos_token`` out of range.
     """
@@ -136,7 +162,7 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
         return forward(tok, cache=cache)[:, -1]
 
     def pick(logits: Tensor) -> Tensor:
-        return sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        return _sample(logits, temperature, top_k, top_p, generator)
 
     if cu_seqlens is None:
         tok = pick(step(prompt))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
-from ._checks import check_cu_seqlens, check_layer_input
+from ._checks import check_cu_seqlens, check_layer_input, count_cu_seqlens
 from .decode import gate_loop_decode_step
 from .heads import gate_loop_heads
 from .operator import simple_gate_loop_operator
@@ -359,7 +359,7 @@ class GateLoopedAttention(Module):
         if cp_group is not None and (cache is not None or return_cache):
             raise ValueError("a cache is for decoding on one rank: not with cp_group")
         if cache is not None:
-            _check_state_cache(cache, q, v, b if cu_seqlens is None else cu_seqlens.shape[0] - 1)
+            _check_state_cache(cache, q, v, b if cu_seqlens is None else count_cu_seqlens(cu_seqlens))
         if cache is not None and n == 1 and cu_seqlens is None:
             o = gate_loop_decode_step(q[:, 0], k[:, 0], v[:, 0], cache,
                                       z=None if ablate_state_transition else z[:, 0])
@@ -438,15 +438,17 @@ class SimpleGateLoopLayer(Module):
             if cu_seqlens is not None:  # the reversed row holds the documents reversed, in reverse order
                 check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
                 cu_seqlens = x.shape[1] - cu_seqlens.flip(0)
-        states = x.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        states = x.shape[0] if cu_seqlens is None else count_cu_seqlens(cu_seqlens)
         q, kv, a = self.to_qkva[0](self.norm(x)).chunk(3, dim=-1)
         if cache is not None:
             if not (isinstance(cache, (tuple, list)) and len(cache) == 2
                     and all(isinstance(c, Tensor) and c.numel() == states * self.dim for c in cache)):
                 rows = f"{states} {'documents' if cu_seqlens is not None else 'sequences'} * dim {self.dim}"
-                got = [tuple(getattr(c, "shape", ())) for c in cache] if isinstance(cache, (tuple, list)) else cache
+                got = ([tuple(getattr(c, "shape", ())) for c in cache] if isinstance(cache, (tuple, list))
+                       else f"a {type(cache).__name__}" + (f" of shape {tuple(cache.shape)}" if isinstance(cache, Tensor)
+                                                           else ""))
                 raise ValueError(f"cache must be the (a, kv) pair of ({rows}, 1) tensors this layer returns, "
-                                 f"got {got!r}")
+                                 f"got {got}")
             cache = tuple(c.reshape(states, q.shape[-1]) for c in cache)  # sized: b may be 0
         out, (a_last, kv_last) = simple_gate_loop_operator(q, kv, a.sigmoid(), cache=cache, cu_seqlens=cu_seqlens)
         out = self.maybe_post_ln(out)
@@ -521,10 +523,20 @@ class Transformer(Module):
                    dtype: Optional[torch.dtype] = None) -> "TransformerCache":
         """An empty cache for ``batch_size`` sequences: zero states for gate-looped attention, key/value
         buffers of ``max_length`` tokens for full attention (they grow past it in eager calls; a captured
-        decode graph needs them sized in advance). ``device`` / ``dtype`` default to the parameters'."""
+        decode graph needs them sized in advance). ``device`` / ``dtype`` default to the parameters'.
+
+        Raises TypeError for a non-int ``batch_size`` / ``max_length`` or a non-real-floating ``dtype``,
+        ValueError for a negative size."""
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         w = self.token_emb.weight
         device = w.device if device is None else device
         dtype = dtype or w.dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a real floating dtype (the parameters' precision), got {dtype}")
         layers = []
         for attn, _ in self.layers:
             mixer = attn.fn
@@ -560,7 +572,8 @@ class Transformer(Module):
         the cached sequences: a prompt of any length is one call (the scan from the cached states), then one
         new token per sequence is a decode step (the fused step, inference only: under ``torch.no_grad()``).
         The cache is updated in place. Raises ValueError for a cache of another model or batch size, or
-        with ``return_loss``; TypeError for a cache made for another dtype.
+        with ``return_loss`` (labels given or not); TypeError for a cache made for another dtype or that is not
+        a ``TransformerCache``.
 
         ``cp_group`` (a ``torch.distributed`` process group): ``x`` is this rank's slice of the sequences'
         time axis (rank r holds slice r) and, with ``return_loss``, ``labels (b, n)`` are the next tokens of its
@@ -577,11 +590,11 @@ class Transformer(Module):
                 sequences = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
             if return_loss and labels is None and cp_group is None:
                 labels = _packed_targets(x, cu_seqlens)
+        if return_loss and (cache is not None or return_cache):
+            raise ValueError("return_loss=True does not take or return a cache")
         if return_loss and labels is None:
             if cp_group is not None:
                 raise ValueError("under cp_group pass this slice's labels= (the next token of each of its tokens)")
-            if cache is not None or return_cache:
-                raise ValueError("return_loss=True does not take or return a cache")
             if x.shape[1] < 2:  # the loss of no target is a mean over nothing: NaN
                 raise ValueError(f"return_loss=True needs at least 2 tokens (each predicts the next), got x of "
                                  f"shape {tuple(x.shape)}")
@@ -589,6 +602,9 @@ class Transformer(Module):
         if cache is None and return_cache:
             cache = self.init_cache(x.shape[0] if sequences is None else sequences, x.shape[1], device=x.device)
         if cache is not None:
+            if not isinstance(cache, TransformerCache):
+                raise TypeError(f"cache must be a TransformerCache (from init_cache() or a return_cache=True call), "
+                                f"got {type(cache).__name__}")
             cache.check(self, x, sequences)
         h = self.token_emb(x)
         kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)

@@ -275,6 +275,63 @@ def test_bad_input():
             model.generate(x, 2, **kwargs)
 
 
+def test_bad_input_named():
+    """Found by a new user's probe: each bad argument raises an error naming it (before: a loss with labels= took a
+    cache and advanced it, sample() drew from the inverted distribution at a negative temperature, a float eos_token
+    silently never matched, cryptic IndexError / AttributeError from inside)."""
+    model = _model(GATE_LOOP["hd8-noswish-subln"])
+    x = torch.randint(0, VOCAB, (2, 6))
+    cache = model.init_cache(2)
+    before = [t.clone() for t in cache.layers]
+    with pytest.raises(ValueError, match="return_loss"):
+        model(x, return_loss=True, labels=x, cache=cache)
+    with pytest.raises(ValueError, match="return_loss"):
+        model(x, return_loss=True, labels=x, return_cache=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.layers))  # the cache untouched
+    with pytest.raises(TypeError, match="TransformerCache"):
+        model(x, cache=(None,))
+    for bad, err, what in ((-1, ValueError, "batch_size"), (2.0, TypeError, "batch_size")):
+        with pytest.raises(err, match=what):
+            model.init_cache(bad)
+    with pytest.raises(ValueError, match="max_length"):
+        model.init_cache(2, -1)
+    with pytest.raises(TypeError, match="dtype"):
+        model.init_cache(2, dtype=torch.complex64)
+    with pytest.raises(TypeError, match="eos_token"):
+        model.generate(x, 2, eos_token=26.5)
+    with pytest.raises(TypeError, match="top_k"):
+        model.generate(x, 2, top_k=True)
+    from gateloop_kernels.generate import sample
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    for kwargs, err, what in ((dict(temperature=-1.0), ValueError, "temperature"), (dict(top_k=0), ValueError, "top_k"),
+                              (dict(top_p=0.0), ValueError, "top_p"), (dict(top_k=1.5), TypeError, "top_k")):
+        with pytest.raises(err, match=what):
+            sample(logits, **kwargs)
+    with pytest.raises(ValueError, match=r"\(b, vocab\)"):
+        sample(logits[0])
+    with pytest.raises(TypeError, match="logits"):
+        sample(logits.long())
+    assert sample(logits, temperature=0).tolist() == [1]
+
+
+@pytest.mark.parametrize("make_layer", [lambda: L.SimpleGateLoopLayer(16), lambda: L.GateLoopedAttention(16, heads=4)],
+                         ids=["simple", "gate-looped"])
+def test_layer_cu_seqlens_checked_before_use(make_layer):
+    """A layer sizes its cache check by cu_seqlens: its type and dims are checked first (before: AttributeError
+    'list' object has no attribute 'shape', IndexError, or a cache error for a 2-D cu_seqlens)."""
+    layer = make_layer()
+    x = torch.randn(1, 5, 16)
+    cache = layer.new_cache(2) if hasattr(layer, "new_cache") else None
+    for cu, err in (([0, 3, 5], TypeError), (torch.tensor(5), ValueError), (torch.tensor([[0, 3, 5]]), ValueError)):
+        with pytest.raises(err, match="cu_seqlens"):
+            layer(x, cu_seqlens=cu, cache=cache)
+
+
+def test_simple_layer_cache_error_is_short():
+    with pytest.raises(ValueError, match=r"got a Tensor of shape \(2, 32, 1\)$"):
+        L.SimpleGateLoopLayer(16)(torch.randn(2, 4, 16), cache=torch.zeros(2, 32, 1))
+
+
 # ----------------------------------------------------------------------------- GPU
 
 GPU_CONFIGS = {"hd1": dict(), "hd16": dict(gate_loop_heads=2), "hd64": dict(gate_loop_heads=1, dim_gate_looped_attn=64),
