@@ -83,7 +83,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import (GATE_HEAD, check_chunk_size, check_cu_seqlens, check_gate_dtype, check_gate_loop_inputs,
-                      check_initial_state, check_precision, check_real_float, check_same_device, check_varlen_state)
+                      check_heads_inputs, check_initial_state, check_precision, check_same_device, check_varlen_state)
 from .dispatch import DEFAULT_CHUNK, scan
 from .dtypes import acc_dtypes
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
@@ -95,7 +95,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.co
 # the last field (this rank's slice length) is exchanged, not compared
 _FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype", "k dtype", "v dtype",
            "gate dtype", "initial_state dtype", "needs grad", "sequences N (len(cu_seqlens) - 1; -1 without)",
-           "final states (with cu_seqlens)", "slice length")
+           "final states (with cu_seqlens)", "cu_seqlens[-1] (the group's T)", "slice length")
 #: int64 entries of the descriptor every rank all-gathers before the states
 DESCRIPTOR_LEN = len(_FIELDS)
 
@@ -212,25 +212,9 @@ def _dtype_code(t: Optional[Tensor]) -> int:
 
 
 def _check_shapes(q: Tensor, k: Tensor, v: Tensor, gate: dict, initial_state: Optional[Tensor]) -> None:
-    """``gate_loop_heads``'s contract, checked here too because an empty slice does not call it."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_real_float(name, t)
-    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"q, k must be (B, n, H, d) and v (B, n, H, e) with one (B, n, H); got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    z, lm, ph = gate.get("z"), gate.get("log_magnitude"), gate.get("phase")
-    if (z is None) == (lm is None and ph is None) or (z is None and (lm is None or ph is None)):
-        raise ValueError("give the gate either as z, or as both log_magnitude and phase")
-    B, n, H, d = q.shape
-    for name, t, shape in (("z", z, (B, n, H, 2)), ("log_magnitude", lm, (B, n, H)), ("phase", ph, (B, n, H))):
-        if t is not None:
-            check_real_float(name, t)
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} must be {shape}, got {tuple(t.shape)}")
-    if initial_state is not None and (not initial_state.is_complex()
-                                      or tuple(initial_state.shape) != (B, H, d, v.shape[-1])):
-        raise ValueError(f"initial_state must be complex (B, H, d, e) = ({B}, {H}, {d}, {v.shape[-1]}), got "
-                         f"{initial_state.dtype} {tuple(initial_state.shape)}")
+    """``gate_loop_heads``' contract (dtypes, shapes, one device, a complex or real initial state), checked here
+    too because an empty slice does not call it, and before any collective, so that every rank raises."""
+    check_heads_inputs(q, k, v, gate.get("z"), gate.get("log_magnitude"), gate.get("phase"), initial_state)
 
 
 def _empty_slice(q: Tensor, k: Tensor, v: Tensor, a: Tensor, odt: torch.dtype):
@@ -316,8 +300,10 @@ def _gate_parts(gate: dict) -> tuple[Tensor, Tensor]:
     return gate_from_log_polar(gate["log_magnitude"], gate["phase"])
 
 
-def _exchange_descriptors(desc: list, device: torch.device, group, world: int) -> Tensor:
+def _exchange_descriptors(desc: list, device: torch.device, group, world: int, end: Optional[Tensor] = None) -> Tensor:
     mine = torch.tensor(desc, dtype=torch.int64, device=device)
+    if end is not None:  # cu_seqlens' last entry, copied on the device: read on the host with the table only
+        mine[DESCRIPTOR_LEN - 2] = end
     out = mine.new_empty(world * DESCRIPTOR_LEN)
     _all_gather_single(out, mine, group)
     return out.view(world, DESCRIPTOR_LEN).cpu()
@@ -340,7 +326,7 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
     try:
         loc = local()
         packed = _pack(loc)
-        desc = [0, *loc.desc, int(packed.requires_grad), -1, 0, loc.q.shape[1]]
+        desc = [0, *loc.desc, int(packed.requires_grad), -1, 0, -1, loc.q.shape[1]]
     except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
         error = exc
     _agreed_table(name, desc, error, device, cp_group, world)
@@ -349,10 +335,10 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
 
 
 def _agreed_table(name: str, desc: list, error: Optional[Exception], device: torch.device, cp_group,
-                  world: int) -> Tensor:
-    """All-gathers the descriptors (``(W, DESCRIPTOR_LEN)`` on the host) and raises, on every rank, the first
-    rank's local error or a disagreement."""
-    table = _exchange_descriptors(desc, device, cp_group, world)
+                  world: int, end: Optional[Tensor] = None) -> Tensor:
+    """All-gathers the descriptors (``(W, DESCRIPTOR_LEN)`` on the host; ``end``: this rank's ``cu_seqlens[-1]``)
+    and raises, on every rank, the first rank's local error or a disagreement."""
+    table = _exchange_descriptors(desc, device, cp_group, world, end)
     if error is not None:
         raise error
     failed = [j for j in range(world) if table[j, 0]]
@@ -361,7 +347,11 @@ def _agreed_table(name: str, desc: list, error: Optional[Exception], device: tor
                            "(see the error raised there)")
     for i in range(1, DESCRIPTOR_LEN - 1):
         if (table[:, i] != table[0, i]).any():
-            raise ValueError(f"{name}: the ranks of cp_group disagree on {_FIELDS[i]}: {table[:, i].tolist()} "
+            values = table[:, i].tolist()
+            if "dtype" in _FIELDS[i]:  # the codes of _dtype_code, by name
+                values = [str(_DTYPES[c - 1]).replace("torch.", "") if c > 0 else "none" if c == 0 else "other"
+                          for c in values]
+            raise ValueError(f"{name}: the ranks of cp_group disagree on {_FIELDS[i]}: {values} "
                              "(by rank); every rank must pass the same batch, heads, head dims and dtypes, give "
                              "initial_state alike, need gradients alike, and pass the same cu_seqlens and "
                              "output_final_state")
@@ -524,10 +514,11 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         desc = [1] + [0] * (DESCRIPTOR_LEN - 1)
         try:
             p = prepare()
-            desc = [0, *p.desc, int(p.anchor is not None), p.cu.shape[0] - 1, int(want_final), p.q.shape[1]]
+            desc = [0, *p.desc, int(p.anchor is not None), p.cu.shape[0] - 1, int(want_final), 0, p.q.shape[1]]
         except Exception as exc:  # reported to every rank, so that no rank waits in a collective
             error = exc
-        lengths = _agreed_table(name, desc, error, device, cp_group, world)[:, -1]
+        lengths = _agreed_table(name, desc, error, device, cp_group, world,
+                                None if error is not None else p.cu[-1])[:, -1]
         lo, total = int(lengths[:rank].sum()), int(lengths.sum())
         lo = torch.full((1,), lo, dtype=torch.int64, device=device)
     else:
@@ -596,7 +587,7 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
         q, k: ``(B, n_r, H, d)``; v: ``(B, n_r, H, e)``; this rank's slice ``r`` of the time axis
             (``n_r`` may differ between ranks and may be 0). Real floating.
         log_magnitude, phase: ``(B, n_r, H)``; or z: ``(B, n_r, H, 2)``: the gate, as in ``gate_loop_heads``.
-        initial_state: complex ``(B, H, d, e)``, the state before the first rank's first step, or
+        initial_state: complex (or real) ``(B, H, d, e)``, the state before the first rank's first step, or
             ``None``; every rank passes it (the same value) or none does. Its gradient on each rank
             is that rank's share: summed over the group it is the single-process gradient.
         output_final_state: also return the global final state (after the last rank's last step),
@@ -608,7 +599,9 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             layer after the first of a model on one batch): every rank must then pass the same value,
             and ranks that disagree on ``B, H, d, e``, the fold's dtype or gradients get a collective
             error or hang until the group's timeout (NCCL).
-        cp_group: a ``torch.distributed.ProcessGroup`` holding this rank (``group.WORLD`` for all).
+        cp_group: a ``torch.distributed.ProcessGroup`` holding this rank (``group.WORLD`` for all, taken after
+            ``init_process_group``: before it ``group.WORLD`` is ``None``, which the public entries read as no
+            context parallelism).
         cu_seqlens: packed sequences: the GLOBAL boundaries ``[0, l_1, ..., T]`` (1-D int32/int64 on the inputs'
             device, the same values on every rank, ``T`` the sum of the slice lengths), ``B = 1``; sequences may
             cross any number of ranks and start at a slice start. ``initial_state`` and the final states are then
@@ -627,8 +620,8 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             wrong dtypes, a non-int ``chunk_size`` (on the rank that passed them). ValueError: this process
             not in ``cp_group``; shapes, an unknown ``precision``, a bad ``chunk_size`` (on the rank that
             passed them); with ``check_shapes``, on every rank, when the ranks disagree on ``B, H, d, e``,
-            a dtype, giving an initial state, or whether gradients are needed, and (packed) on ``N`` or
-            ``output_final_state``; a ``cu_seqlens`` not ending at the group's ``T`` (every rank, CPU; an
+            a dtype, giving an initial state, or whether gradients are needed, and (packed) on ``N``,
+            ``cu_seqlens[-1]`` or ``output_final_state``; a ``cu_seqlens`` not ending at the group's ``T`` (every rank, CPU; an
             asynchronous device assertion on CUDA).
     """
     gate = {name: t for name, t in (("z", z), ("log_magnitude", log_magnitude), ("phase", phase)) if t is not None}
@@ -650,7 +643,7 @@ def gate_loop_operator_cp(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial
     Args:
         q, k: ``(B, n_r, d)``; v: ``(B, n_r, e)``: this rank's slice of the time axis (may be empty).
         a: the gate, one per step, complex or real, ``(B, n_r, 1, 1)`` (or ``(1, n_r, 1, 1)``).
-        initial_state: complex ``(B, d, e)`` or ``None``, as in :func:`gate_loop_heads_cp`.
+        initial_state: complex (or real) ``(B, d, e)`` or ``None``, as in :func:`gate_loop_heads_cp`.
         return_final_state: also return the global final state ``(B, d, e)``, the same on every rank.
         precision, chunk_size, check_shapes: as in :func:`gate_loop_heads_cp`.
         cp_group: a ``torch.distributed.ProcessGroup`` holding this rank.

@@ -635,8 +635,9 @@ class Transformer(Module):
         if return_loss and cp_group is not None:
             from .context_parallel import context_parallel_mean
 
-            # packed labels hold -100 (no target) at each document's last token: a count on the device
-            count = labels.numel() if cu_seqlens is None else (labels != -100).sum()
+            # labels of -100 have no target (cross_entropy's ignore_index; packed labels hold one at each document's
+            # last token): the count of the others, on the device
+            count = (labels != -100).sum()
             return context_parallel_mean(F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"), count,
                                          cp_group)
         if return_loss:

@@ -152,6 +152,20 @@ def _errors_worker(rank, world, seed):
         failures += expect_raises(ValueError, "q, k must be", lambda: call(k_shape=(2, 5, 3, 1)))
     else:
         failures += expect_raises(RuntimeError, "rank(s) [1]", lambda: call())
+    # an initial state on another device: that rank's ValueError before the exchange, a RuntimeError naming it
+    # elsewhere (was PyTorch's device error in the fold, after the collective: the ranks out of step)
+    s0 = torch.zeros(2, 3, 1, 1, dtype=torch.complex64, device="meta" if rank == 1 else "cpu")
+    failures += expect_raises(ValueError if rank == 1 else RuntimeError, "one device" if rank == 1 else "rank(s) [1]",
+                              lambda: call(initial_state=s0))
+    # a real initial state, as gate_loop_heads takes it (was refused under a group): the complex one's results
+    s0 = torch.randn(2, 3, 1, 1, dtype=torch.float64)
+    x = [torch.randn(2, 4, 3, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 5))
+         for _ in range(4)]
+    z = torch.cat([x[3][..., :1], x[3][..., :1]], -1)
+    real, _ = gate_loop_heads_cp(*x[:3], z=z, initial_state=s0, cp_group=group)
+    cplx, _ = gate_loop_heads_cp(*x[:3], z=z, initial_state=s0.to(torch.complex128), cp_group=group)
+    if not torch.equal(real, cplx):
+        failures.append(f"rank {rank}: a real initial state gave other outputs than the same complex one")
     for dtype in (torch.bfloat16, torch.float16):  # an empty slice's outputs too come in the inputs' dtype
         for d in (1, 16):
             o = call(n=0 if rank == 0 else 4, d=d, e=d, dtype=dtype)

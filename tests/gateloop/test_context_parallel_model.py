@@ -57,9 +57,31 @@ def _model_worker(rank, world, seed):
             err = max_rel_err(g / world, p_ref.grad)
             if not err <= 1e-10:
                 failures.append(f"{case}: rank {rank} d{name} (averaged over ranks) relative error {err:.2e}")
+    # labels of -100 (no target, cross_entropy's ignore_index) count for nothing under the group too (the mean was
+    # over every label: found by a new user's probe)
+    torch.manual_seed(seed + 9)
+    model = Transformer(16, num_tokens=32, depth=2, gate_loop_heads=1).double()
+    tokens = torch.randint(0, 32, (B, T + 1))
+    labels = tokens[:, 1:].clone()
+    labels[:, -1], labels[0, 2], labels[1, lengths[0]] = -100, -100, -100  # the last, one inside, one at rank 1's start
+    ref_loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).transpose(1, 2), labels)
+    ref_loss.backward()
+    cp_model = copy.deepcopy(model)
+    cp_model.zero_grad(set_to_none=True)
+    loss = cp_model(tokens[:, :-1][:, start:start + n], return_loss=True, labels=labels[:, start:start + n],
+                    cp_group=group)
+    loss.backward()
+    if not max_rel_err(loss.detach(), ref_loss.detach()) <= 1e-12:
+        failures.append(f"labels with -100: rank {rank} loss {loss.item()} vs {ref_loss.item()}")
+    for (name, p), p_ref in zip(cp_model.named_parameters(), model.parameters()):
+        g = torch.zeros_like(p) if p.grad is None else p.grad.clone()
+        dist.all_reduce(g, group=group)
+        if not max_rel_err(g / world, p_ref.grad) <= 1e-10:
+            failures.append(f"labels with -100: rank {rank} d{name} (averaged over ranks) off")
     # ranks disagreeing on the batch or the dtype: the first layer's check raises on every rank
     failures += expect_raises(ValueError, "batch B", lambda: model(x[:1 + rank], cp_group=group))
-    failures += expect_raises(ValueError, "q dtype", lambda: (model.float() if rank else model)(x, cp_group=group))
+    failures += expect_raises(ValueError, "q dtype: ['float64', 'float32']",
+                              lambda: (model.float() if rank else model)(x, cp_group=group))
     softmax = Transformer(16, num_tokens=32, depth=1, use_gate_looped_attn=False).double()
     try:
         softmax(torch.randint(0, 32, (B, n)), cp_group=group)

@@ -137,6 +137,9 @@ def _errors_worker(rank, world, seed):
 
     failures += expect_raises(ValueError, "sequences N", lambda: call(cu=(0, 8) if rank else (0, 3, 8)))
     failures += expect_raises(ValueError, "final states", lambda: call(final=rank == 0))
+    # cu_seqlens ending elsewhere on one rank: every rank raises (was: that rank alone, the others waited in the
+    # states' all-gather until the group's timeout)
+    failures += expect_raises(ValueError, "cu_seqlens[-1]", lambda: call(cu=(0, 3, 9) if rank else (0, 3, 8)))
     for check in (True, False):  # the same cu_seqlens on every rank: the same error everywhere
         failures += expect_raises(ValueError, "T = 8", lambda: call(cu=(0, 3, 9), check=check))
     failures += expect_raises(ValueError, "B must be 1", lambda: gate_loop_heads(
