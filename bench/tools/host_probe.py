@@ -9,12 +9,17 @@ through Triton's launcher and with direct launches, with and without the autogra
 a trivial ``autograd.grad``'s, then the functions that take the time (``cProfile``; ``--no-cprofile`` skips it).
 ``--threads``: why a backward on autograd's device thread costs more than on the calling thread: the time spent
 inside the backward's body in each mode, a Python node doing nothing, and one doing 40 view ops.
+``--stubbed`` (on a CPU, no GPU needed): the host microseconds of the public calls' Python (checks, views, the op
+implementations, the direct launcher's key, autograd) with every Triton launch replaced by a stub, CPU tensors
+standing in for CUDA ones: a forward+backward of ``gate_loop_operator`` at head dims 1 and 64 and of
+``gate_loop_heads`` (z gate), the figures host-side changes are predicted and checked with before a GPU run.
 ``--model``: the host milliseconds of a training step of ``python -m bench overhead``'s models (ours with 8 heads
 and with head dim 1, the SDPA model) at a size that leaves the device idle, at depth 1 and 6 (their difference: one
 block's host cost), then a cProfile of ours.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -231,10 +236,64 @@ def probe_threads(reps: int = 200) -> None:
         torch.autograd.set_multithreading_enabled(True)
 
 
+def probe_stubbed(reps: int = 300) -> None:
+    """Host microseconds per eager forward+backward with the Triton launches stubbed (see the module docstring):
+    CPU tensors take the kernel paths (the devices lists patched), each launch computes its direct launcher's key
+    and returns, the gate kernels return empty outputs. The best of 5 rounds of ``reps`` calls."""
+    from unittest import mock
+
+    from gateloop_kernels import _launch, dispatch, gate as gate_mod, gate_loop_heads, gate_loop_operator
+    from gateloop_kernels.elementwise import op as ew_op
+
+    def stub_run(self, grid, args, kwargs):
+        self._cache.get((0, tuple(kwargs.items()), *map(_launch._arg_key, args)))
+    patches = [mock.patch.object(dispatch, "KERNEL_DEVICES", ("cuda", "cpu")),
+               mock.patch.object(ew_op, "KERNEL_DEVICES", ("cuda", "cpu")),
+               mock.patch.object(_launch.Launcher, "run", stub_run),
+               mock.patch.object(gate_mod, "_use_kernel", lambda z: True),
+               mock.patch.object(gate_mod, "gate_forward", lambda z: (torch.empty(z.shape[:-1]),) * 2),
+               mock.patch.object(gate_mod, "gate_backward", lambda z, g_re, g_im: torch.empty_like(z))]
+    g = torch.Generator().manual_seed(0)
+
+    def operator_case(B, n, d, dtype):
+        x = [torch.randn(B, n, d, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+        a = torch.polar(torch.full((B, n, 1, 1), 0.9), torch.zeros(B, n, 1, 1)).requires_grad_()
+        gout = torch.randn(B, n, d, generator=g).to(dtype)
+        return lambda: torch.autograd.grad(gate_loop_operator(*x, a), [*x, a], gout)
+
+    def heads_case(B, n, H, d, dtype):
+        x = [torch.randn(B, n, H, d, generator=g).to(dtype).requires_grad_() for _ in range(3)]
+        z = torch.randn(B, n, H, 2, generator=g, requires_grad=True)
+        gout = torch.randn(B, n, H, d, generator=g).to(dtype)
+        return lambda: torch.autograd.grad(gate_loop_heads(*x, z=z)[0], [*x, z], gout)
+
+    cases = [("gate_loop_operator (64, 64, 1) float32", operator_case(64, 64, 1, torch.float32)),
+             ("gate_loop_operator (8, 64, 64) bfloat16", operator_case(8, 64, 64, torch.bfloat16)),
+             ("gate_loop_heads (8, 64, 8, 64) bfloat16, z", heads_case(8, 64, 8, 64, torch.bfloat16))]
+    for p in patches:
+        p.start()
+    try:
+        for name, fn in cases:
+            for _ in range(50):
+                fn()
+            best = math.inf
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+            print(f"[host] stubbed launches, {name}: {best:.1f} us per forward+backward", flush=True)
+    finally:
+        for p in reversed(patches):
+            p.stop()
+
+
 if __name__ == "__main__":
     import sys
     args = sys.argv[1:]
-    if "--threads" in args:
+    if "--stubbed" in args:
+        probe_stubbed()
+    elif "--threads" in args:
         probe_threads()
     elif "--model" in args:
         profile_model(profile="--no-cprofile" not in args)
