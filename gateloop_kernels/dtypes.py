@@ -27,7 +27,10 @@ def real_dtype(t: Tensor) -> torch.dtype:
 
 def out_dtype(*ts: Tensor) -> torch.dtype:
     """Promoted real dtype of the inputs: the dtype outputs are returned in."""
-    return functools.reduce(torch.promote_types, (real_dtype(t) for t in ts))
+    dtypes = [real_dtype(t) for t in ts]
+    if dtypes.count(dtypes[0]) == len(dtypes):  # the common case, without a promote_types call each (host time)
+        return dtypes[0]
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:

@@ -6,9 +6,13 @@ PyTorch calls or launches to the scan layer slows every user's step: ours at hea
 (since the layer's three input projections run as one GEMM: 186 and 194 against 186 at dim 512 under bf16
 autocast, 214 and 222 before; 175 against 162 at dim 32, head dim 1, float32) and at most 8 (float32's exact
 mode: 10, two state passes) and 4 launches."""
+import contextlib
+
 import pytest
+import torch
 
 from bench.tools import op_count
+from gateloop_kernels import gate_loop_operator
 from helpers.kernels import needs_kernels
 
 
@@ -38,3 +42,22 @@ def test_counts_see_the_kernel_paths_only_once_per_launch():
     finally:
         Launcher.run = real
     assert (ops, launches) == (stub_ops, stub_launches)
+
+
+@needs_kernels
+@pytest.mark.parametrize("d, max_ops, launches", [(1, 30, 2), (16, 34, 8)])
+def test_operator_call_stays_within_its_host_budget(d, max_ops, launches):
+    """One eager ``gate_loop_operator`` forward+backward (complex gate per sequence, the one-node path): its aten calls
+    (views, allocations, casts: each a few us of host time on the H100 machine) and launches. Head dim 1 took 54
+    calls before its layout views became one ``as_strided`` each (``lean._channels``), head dim 16 38."""
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(3, 40, d, generator=g).requires_grad_() for _ in range(3)]
+    a = torch.polar(torch.full((3, 40, 1, 1), 0.9), torch.zeros(3, 40, 1, 1)).requires_grad_()
+    gout = torch.randn(3, 40, d, generator=g)
+    counter = op_count._Count()
+    with op_count._kernels_as_on_gpu("cpu"):
+        for i in range(3):  # the first calls compile and fill caches
+            with op_count._counting(counter) if i == 2 else contextlib.nullcontext():
+                torch.autograd.grad(gate_loop_operator(*x, a), [*x, a], gout)
+    ops = sum(counter.ops.values())
+    assert counter.launches == launches and ops <= max_ops, (ops, counter.launches, counter.ops.most_common(10))
