@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
 from ._checks import check_cu_seqlens, check_layer_input, count_cu_seqlens
+from ._eager import with_transforms
 from .decode import gate_loop_decode_step
 from .heads import gate_loop_heads
 from .operator import simple_gate_loop_operator
@@ -88,8 +89,27 @@ def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (the se
     return nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
 
 
+class _ScaleGradTransformed(torch.autograd.Function):
+    """:class:`_ScaleGrad` in the ``setup_context`` form with a generated vmap rule, for ``torch.func`` transforms
+    (grad, vjp, vmap of a model: the plain form raises there)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t: Tensor, frac: float) -> Tensor:  # type: ignore[override]
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.frac = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        return g * ctx.frac, None
+
+
 class _ScaleGrad(torch.autograd.Function):
-    """Identity forward (a view: no kernel), gradient times ``frac`` backward."""
+    """Identity forward (a view: no kernel), gradient times ``frac`` backward; :class:`_ScaleGradTransformed` under
+    ``torch.func`` transforms (plain calls keep this form: the other binds its arguments on every call)."""
 
     @staticmethod
     def forward(ctx, t: Tensor, frac: float) -> Tensor:  # type: ignore[override]
@@ -101,14 +121,32 @@ class _ScaleGrad(torch.autograd.Function):
         return g * ctx.frac, None
 
 
+with_transforms(_ScaleGrad, _ScaleGradTransformed)
+
+
+def _plain_linear(m: Module) -> bool:
+    """``m`` is an ``nn.Linear`` whose call is its weight's product alone: no subclass (quantized, parametrized,
+    an adapter's wrapper) and no hook of its own."""
+    return type(m) is nn.Linear and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                         or m._backward_pre_hooks)
+
+
 def _in_projections(layer: Module, x: Tensor, with_a: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``(qkv, a, gates)``: :class:`GateLoopedAttention`'s input projections of ``x`` (``to_qkv``; ``to_a`` with
     its bias, None without ``with_a``; ``to_gates``' linear part or None) as one GEMM over their stacked weights:
     one weight cast under autocast, one product forward and two backward instead of one each per projection (a
     training step's eager host time is mostly such per-layer PyTorch calls; ``python -m bench.tools.op_count``).
     The bias is added after the product, in its own dtype where that is wider (float32 under autocast: the gate's
-    logits rounded once, as inside the separate projection's fused add)."""
+    logits rounded once, as inside the separate projection's fused add).
+
+    Where a projection is not a plain ``nn.Linear`` (a quantized or adapted one, a wrapper) or a hook is registered
+    on it or globally, the three are called as modules instead, so that what they add is not bypassed (hooks on
+    the ``to_a`` / ``to_gates`` containers themselves are not run: their linear parts are called)."""
     lin_a = layer.to_a[0]
+    mods = [layer.to_qkv] + ([lin_a] if with_a else []) + ([layer.to_gates[0]] if layer.to_gates is not None else [])
+    if not all(map(_plain_linear, mods)) or _global_hooks():
+        return (layer.to_qkv(x), lin_a(x) if with_a else None,
+                layer.to_gates[0](x) if layer.to_gates is not None else None)
     ws = [layer.to_qkv.weight] + ([lin_a.weight] if with_a else [])
     ws += [layer.to_gates[0].weight] if layer.to_gates is not None else []
     parts = list(F.linear(x, torch.cat(ws)).split([w.shape[0] for w in ws], dim=-1))
@@ -117,6 +155,13 @@ def _in_projections(layer: Module, x: Tensor, with_a: bool) -> tuple[Tensor, Opt
     if a is not None and lin_a.bias is not None:
         a = a + lin_a.bias
     return qkv, a, parts[0] if parts else None
+
+
+def _global_hooks() -> bool:
+    """Whether a module hook is registered for every module (``nn.modules.module.register_module_forward_hook``...)."""
+    mm = nn.modules.module
+    return bool(mm._global_forward_hooks or mm._global_forward_pre_hooks or mm._global_backward_hooks
+                or mm._global_backward_pre_hooks)
 
 
 def _frac_gradient(t: Tensor, frac: float) -> Tensor:
@@ -347,8 +392,8 @@ class GateLoopedAttention(Module):
         """
         # written against attributes the upstream class has too, so patch_gateloop_transformer()
         # can install it on upstream instances
-        dim = self.to_qkv.in_features
-        check_layer_input("x", x, 3, f"(b, n, dim) = (b, n, {dim})", dim)
+        dim = getattr(self.to_qkv, "in_features", None)  # None for a wrapped projection: its own call checks x
+        check_layer_input("x", x, 3, "(b, n, dim)" if dim is None else f"(b, n, dim) = (b, n, {dim})", dim)
         b, n, _ = x.shape
         heads = self.to_a[0].out_features // 2
         qkv, a, gates = _in_projections(self, x, with_a=not ablate_state_transition)
@@ -444,9 +489,9 @@ class SimpleGateLoopLayer(Module):
             if not (isinstance(cache, (tuple, list)) and len(cache) == 2
                     and all(isinstance(c, Tensor) and c.numel() == states * self.dim for c in cache)):
                 rows = f"{states} {'documents' if cu_seqlens is not None else 'sequences'} * dim {self.dim}"
+                shape = f" of shape {tuple(cache.shape)}" if isinstance(cache, Tensor) else ""
                 got = ([tuple(getattr(c, "shape", ())) for c in cache] if isinstance(cache, (tuple, list))
-                       else f"a {type(cache).__name__}" + (f" of shape {tuple(cache.shape)}" if isinstance(cache, Tensor)
-                                                           else ""))
+                       else f"a {type(cache).__name__}{shape}")
                 raise ValueError(f"cache must be the (a, kv) pair of ({rows}, 1) tensors this layer returns, "
                                  f"got {got}")
             cache = tuple(c.reshape(states, q.shape[-1]) for c in cache)  # sized: b may be 0
@@ -638,10 +683,10 @@ class Transformer(Module):
             # labels of -100 have no target (cross_entropy's ignore_index; packed labels hold one at each document's
             # last token): the count of the others, on the device
             count = (labels != -100).sum()
-            return context_parallel_mean(F.cross_entropy(logits.transpose(1, 2), labels, reduction="sum"), count,
+            return context_parallel_mean(F.cross_entropy(logits.transpose(1, 2), labels.long(), reduction="sum"), count,
                                          cp_group)
         if return_loss:
-            return F.cross_entropy(logits.transpose(1, 2), labels)
+            return F.cross_entropy(logits.transpose(1, 2), labels.long())  # int32 token ids too
         return (logits, cache) if return_cache else logits
 
     def generate(self, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: Optional[int] = None,

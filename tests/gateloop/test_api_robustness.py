@@ -577,3 +577,68 @@ def test_operator_d1_property(B, n, hows, specials, dtype, state):
         assert torch.isfinite(x[fin]).all()
         err = (x[fin].double() - y[fin]).abs().max() if fin.any() else 0.0
         assert err <= tol * max(1.0, y[fin].abs().max().item() if fin.any() else 1.0)
+
+
+@pytest.mark.parametrize("make_layer", [lambda: GateLoopedAttention(8, heads=2),
+                                        lambda: GateLoopedAttention(8, heads=2, add_swish_gating=False),
+                                        lambda: CausalFullAttention(8, dim_head=4, heads=2,
+                                                                    data_dependent_rel_pos=True)],
+                         ids=["gate-looped", "gate-looped-noswish", "full-ddrp"])
+def test_layers_under_torch_func_grad(make_layer):
+    """torch.func.grad of a layer's parameters (MAML, per-sample gradients) equals autograd's (was: RuntimeError from
+    the gate's gradient-scaling Function, written without setup_context: found by a new user's probe)."""
+    torch.manual_seed(0)
+    layer = make_layer().double()
+    x = torch.randn(2, 5, 8, dtype=F64)
+    params = dict(layer.named_parameters())
+    got = grad(lambda p: torch.func.functional_call(layer, p, (x,)).pow(2).sum())(params)
+    layer(x).pow(2).sum().backward()
+    for name, p in params.items():
+        assert torch.allclose(got[name], p.grad, rtol=1e-10, atol=1e-12), name
+    per_sample = vmap(grad(lambda p, xi: torch.func.functional_call(layer, p, (xi[None],)).pow(2).sum()),
+                      in_dims=(None, 0))(params, x)
+    assert all(torch.allclose(per_sample[name].sum(0), got[name], rtol=1e-10, atol=1e-12) for name in params)
+
+
+def test_gate_looped_projections_run_as_modules_where_they_are_not_plain():
+    """The fused input projection (one GEMM over the stacked weights) stands in for the modules only where they are
+    plain nn.Linear without hooks: a forward hook, a wrapper (an adapter) or a global hook are honoured (were
+    silently bypassed: found by a new user's probe)."""
+    torch.manual_seed(0)
+    layer = GateLoopedAttention(8, heads=2).double()
+    x = torch.randn(2, 5, 8, dtype=F64)
+    ref = layer(x)
+    doubled = GateLoopedAttention(8, heads=2).double()
+    doubled.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        doubled.to_qkv.weight.mul_(2)
+    want = doubled(x)
+    assert not torch.allclose(want, ref)
+    handle = layer.to_qkv.register_forward_hook(lambda m, i, o: o * 2)
+    assert torch.allclose(layer(x), want, rtol=1e-12, atol=1e-12)
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: o * 2 if m is layer.to_qkv else None)
+    try:
+        assert torch.allclose(layer(x), want, rtol=1e-12, atol=1e-12)
+    finally:
+        handle.remove()
+
+    class Adapter(torch.nn.Module):  # a LoRA-like wrapper: the base projection plus its own term
+        def __init__(self, base):
+            super().__init__()
+            self.base = base
+
+        def forward(self, t):
+            return self.base(t) * 2
+
+    layer.to_qkv = Adapter(layer.to_qkv)
+    assert torch.allclose(layer(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_loss_takes_int32_tokens():
+    torch.manual_seed(0)
+    model = G.Transformer(16, num_tokens=20, depth=1, gate_loop_heads=2).double()
+    t = torch.randint(0, 20, (2, 9))
+    assert torch.equal(model(t.int(), return_loss=True), model(t, return_loss=True))
+    assert torch.equal(model(t.int(), return_loss=True, labels=t.int()), model(t, return_loss=True, labels=t))
