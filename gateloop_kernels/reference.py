@@ -128,12 +128,35 @@ def sequential_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_sta
 
 # ----------------------------------------------------------------------------- (3) chunked
 
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose gradient comes back dense: the gradient of a padded tensor is a slice of the padded one's
+    (``cat``'s backward), which would reach the caller's inputs as a view with holes (the README promises dense
+    gradients). In the ``setup_context`` form with a vmap rule and a jvp: the reference runs under torch.func."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(t: Tensor) -> Tensor:  # type: ignore[override]
+        return t.view_as(t)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        return g.contiguous()
+
+    @staticmethod
+    def jvp(ctx, t: Tensor) -> Tensor:
+        return t
+
+
 def _pad_time(t: Tensor, total: int, value: float) -> Tensor:
     extra = total - t.shape[1]
     if extra == 0:
         return t
     pad = t.new_full((t.shape[0], extra, *t.shape[2:]), value)
-    return torch.cat([t, pad], dim=1)
+    return torch.cat([_DenseGrad.apply(t) if t.requires_grad else t, pad], dim=1)
 
 
 def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
@@ -229,7 +252,7 @@ def _chunked_head_gate(q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Tensor
         starts.append(state)
         state = total * state + upd
     out = _add_state(out, cum, qc, torch.stack(starts, dim=1))
-    return out[:, :, :C].reshape(B, nc * C, e)[:, :n], state
+    return out[:, :, :C].reshape(B, nc * C, e)[:, :n].contiguous(), state  # not a view of the padded chunks
 
 
 def _chunk_local(qc: Tensor, kc: Tensor, vc: Tensor, ac: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -642,3 +642,27 @@ def test_loss_takes_int32_tokens():
     t = torch.randint(0, 20, (2, 9))
     assert torch.equal(model(t.int(), return_loss=True), model(t, return_loss=True))
     assert torch.equal(model(t.int(), return_loss=True, labels=t.int()), model(t, return_loss=True, labels=t))
+
+
+@pytest.mark.parametrize("entry", ["operator", "heads"])
+def test_reference_outputs_and_gradients_are_dense(entry):
+    """The chunked reference pads the time axis to whole chunks: its outputs and the gradients autograd returns were
+    views into the padded buffers (holes; ``.view`` failed, a short sequence kept a chunk's memory alive: found by a
+    new user's probe). Outputs and gradients are dense (the head layout's output a transpose of a contiguous
+    buffer), their storage their own size."""
+    torch.manual_seed(0)
+    if entry == "operator":
+        x = [torch.randn(2, 23, 16, dtype=F64, requires_grad=True) for _ in range(3)]
+        a = torch.polar(torch.rand(2, 23, 1, 1, dtype=F64), torch.randn(2, 23, 1, 1, dtype=F64)).requires_grad_()
+        out = G.gate_loop_operator(*x, a, chunk_size=16)
+    else:
+        x = [torch.randn(1, 5, 2, 16, dtype=F64, requires_grad=True) for _ in range(3)]
+        a = torch.randn(1, 5, 2, 2, dtype=F64, requires_grad=True)
+        out, _ = G.gate_loop_heads(*x, z=a, chunk_size=1024)
+    grads = torch.autograd.grad(out, [*x, a], torch.randn_like(out))
+    for t in (out, *grads):
+        reach = 1  # dense: the dims sorted by stride each step over exactly what the smaller ones cover
+        for st, sz in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+            assert st == reach, (t.shape, t.stride())
+            reach *= sz
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (t.shape, t.stride())
