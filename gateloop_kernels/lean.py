@@ -24,8 +24,8 @@ from torch.autograd.function import once_differentiable
 from . import dispatch
 from . import gate as _gate
 from ._custom_op import traced
-from .dtypes import cast
 from .chunked.op import _chunk_op, op_args
+from .dtypes import cast
 from .elementwise import elementwise_scan_op
 
 __all__ = ["operator_call", "heads_call"]
