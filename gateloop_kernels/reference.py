@@ -20,6 +20,7 @@ import functools
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_simple_inputs
@@ -128,35 +129,13 @@ def sequential_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_sta
 
 # ----------------------------------------------------------------------------- (3) chunked
 
-class _DenseGrad(torch.autograd.Function):
-    """Identity whose gradient comes back dense: the gradient of a padded tensor is a slice of the padded one's
-    (``cat``'s backward), which would reach the caller's inputs as a view with holes (the README promises dense
-    gradients). In the ``setup_context`` form with a vmap rule and a jvp: the reference runs under torch.func."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(t: Tensor) -> Tensor:  # type: ignore[override]
-        return t.view_as(t)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
-        return g.contiguous()
-
-    @staticmethod
-    def jvp(ctx, t: Tensor) -> Tensor:
-        return t
-
-
 def _pad_time(t: Tensor, total: int, value: float) -> Tensor:
+    """``t`` padded with ``value`` along dim 1 to ``total`` steps; by ``F.pad``, whose backward copies (``cat``'s
+    would hand the caller's input a view with holes into the padded gradient: the README promises dense ones)."""
     extra = total - t.shape[1]
     if extra == 0:
         return t
-    pad = t.new_full((t.shape[0], extra, *t.shape[2:]), value)
-    return torch.cat([_DenseGrad.apply(t) if t.requires_grad else t, pad], dim=1)
+    return F.pad(t, (0, 0) * (t.ndim - 2) + (0, extra), value=value)
 
 
 def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
