@@ -16,12 +16,20 @@ def check_router(router: Mapping[str, Sequence[Route]], depth: int) -> None:
     if not isinstance(router, Mapping):
         raise TypeError(f"args_route must be a mapping of keyword -> per-layer (f, g) routes, got {type(router).__name__}")
     for key, routes in router.items():
-        routes = list(routes)
+        try:
+            routes = list(routes)
+        except TypeError:
+            raise TypeError(f"args_route[{key!r}] must be a sequence of per-layer (route_to_f, route_to_g) pairs, got "
+                            f"{type(routes).__name__}") from None
         if len(routes) != depth:
             raise ValueError(f"args_route[{key!r}] has {len(routes)} entries but there are {depth} layers; "
                              "each argument route map must have the same depth as the number of layers")
         for r in routes:
-            if len(tuple(r)) != 2:
+            try:
+                pair = len(tuple(r)) == 2
+            except TypeError:  # a bool or None where a pair belongs
+                pair = False
+            if not pair:
                 raise ValueError(f"args_route[{key!r}] entries must be (route_to_f, route_to_g) pairs, got {r!r}")
 
 

@@ -389,3 +389,14 @@ def test_reconstruction_error_names_a_wrong_input():
     assert reversible.reconstruction_error(net, x) < 1e-5
     with pytest.raises(TypeError, match="x must be the model's input"):
         reversible.reconstruction_error(net, [x])
+
+
+def test_malformed_args_route_names_it():
+    """An args_route entry that is not a pair (a bare bool, None) or a route list that is not a sequence raises the
+    library's error naming args_route (was Python's 'bool' object is not iterable: found by a new user's probe)."""
+    blocks = [(nn.Linear(8, 8), nn.Linear(8, 8)) for _ in range(2)]
+    for route in ([True, False], [(True, False), None]):
+        with pytest.raises(ValueError, match=r"args_route\['mask'\] entries must be \(route_to_f, route_to_g\) pairs"):
+            reversible.ReversibleSequence(blocks, args_route={"mask": route})
+    with pytest.raises(TypeError, match=r"args_route\['mask'\] must be a sequence"):
+        reversible.ReversibleSequence(blocks, args_route={"mask": True})
