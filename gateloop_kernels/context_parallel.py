@@ -98,6 +98,7 @@ _FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype
            "final states (with cu_seqlens)", "cu_seqlens[-1] (the group's T)", "slice length")
 #: int64 entries of the descriptor every rank all-gathers before the states
 DESCRIPTOR_LEN = len(_FIELDS)
+_END = _FIELDS.index("cu_seqlens[-1] (the group's T)")  # written on the device (no host read of cu_seqlens)
 
 
 def context_parallel_bytes(batch: int, heads: int, d: int, e: int, world_size: int,
@@ -303,7 +304,7 @@ def _gate_parts(gate: dict) -> tuple[Tensor, Tensor]:
 def _exchange_descriptors(desc: list, device: torch.device, group, world: int, end: Optional[Tensor] = None) -> Tensor:
     mine = torch.tensor(desc, dtype=torch.int64, device=device)
     if end is not None:  # cu_seqlens' last entry, copied on the device: read on the host with the table only
-        mine[DESCRIPTOR_LEN - 2] = end
+        mine[_END] = end
     out = mine.new_empty(world * DESCRIPTOR_LEN)
     _all_gather_single(out, mine, group)
     return out.view(world, DESCRIPTOR_LEN).cpu()

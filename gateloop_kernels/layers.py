@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
 from ._checks import check_cu_seqlens, check_layer_input, count_cu_seqlens
-from ._eager import with_transforms
+from ._eager import eager_function
 from .decode import gate_loop_decode_step
 from .heads import gate_loop_heads
 from .operator import simple_gate_loop_operator
@@ -89,39 +89,14 @@ def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:  # noqa: N802 (the se
     return nn.Sequential(nn.Linear(dim, dim * mult), nn.GELU(), nn.Linear(dim * mult, dim))
 
 
-class _ScaleGradTransformed(torch.autograd.Function):
-    """:class:`_ScaleGrad` in the ``setup_context`` form with a generated vmap rule, for ``torch.func`` transforms
-    (grad, vjp, vmap of a model: the plain form raises there)."""
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(t: Tensor, frac: float) -> Tensor:  # type: ignore[override]
-        return t.view_as(t)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.frac = inputs[1]
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        return g * ctx.frac, None
+def _scale_grad_setup(ctx, inputs, output) -> None:
+    ctx.frac = inputs[1]
 
 
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward (a view: no kernel), gradient times ``frac`` backward; :class:`_ScaleGradTransformed` under
-    ``torch.func`` transforms (plain calls keep this form: the other binds its arguments on every call)."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor, frac: float) -> Tensor:  # type: ignore[override]
-        ctx.frac = frac
-        return t.view_as(t)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        return g * ctx.frac, None
-
-
-with_transforms(_ScaleGrad, _ScaleGradTransformed)
+#: identity forward (a view: no kernel), gradient times ``frac`` backward; its torch.func form (grad, vjp, vmap of a
+#: model) from the scan ops' own helper
+_ScaleGrad = eager_function("ScaleGrad", lambda t, frac: t.view_as(t), _scale_grad_setup,
+                            lambda ctx, g: (g * ctx.frac, None))
 
 
 def _plain_linear(m: Module) -> bool:
