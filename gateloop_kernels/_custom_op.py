@@ -8,7 +8,7 @@ implementations through the Function, which skips the custom-op dispatch's host 
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -73,9 +73,10 @@ class DifferentiableOp:
         self._setup_context(saved, args, out)
         return out, saved
 
-    def vjp_saved(self, saved: "_Saved", *grads) -> tuple:
-        """The input gradients of a :meth:`forward_saved` call from its output gradients (``None``: zero)."""
-        return self._vjp(saved, self._backward, *grads)
+    def vjp_saved(self, saved: "_Saved", *grads, backward: Optional[Callable] = None) -> tuple:
+        """The input gradients of a :meth:`forward_saved` call from its output gradients (``None``: zero);
+        ``backward`` in place of the backward implementation (same arguments), e.g. one writing into given buffers."""
+        return self._vjp(saved, backward or self._backward, *grads)
 
     def __call__(self, *args):
         return (self.op if traced(args[0]) else self.eager.apply)(*args)

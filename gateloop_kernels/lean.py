@@ -27,6 +27,7 @@ from ._custom_op import traced
 from .chunked.op import _chunk_op, op_args
 from .dtypes import cast
 from .elementwise import elementwise_scan_op
+from .elementwise.backward import scan_backward
 
 __all__ = ["operator_call", "heads_call"]
 
@@ -44,11 +45,21 @@ def _plane(t: Tensor, offset: int) -> Tensor:
     return t.as_strided(t.shape[:2], t.stride()[:2], t.storage_offset() + offset)
 
 
-def _channels(t: Tensor) -> Tensor:
+def _channels(t: Tensor, offset: int = 0) -> Tensor:
     """A ``(B, n, ...)`` tensor with size-1 trailing dims as the elementwise op's ``(1, n, B)`` layout: ``B``
-    channels of one batch, time contiguous for the seed's ``(B, n, 1)``; one view for reshape, t and unsqueeze."""
+    channels of one batch, time contiguous for the seed's ``(B, n, 1)``; one view for reshape, t and unsqueeze
+    (``offset`` 1 on a complex gate's real view: its imaginary parts)."""
     (B, n), (s0, s1) = t.shape[:2], t.stride()[:2]
-    return t.as_strided((1, n, B), (n * s1, s1, s0), t.storage_offset())
+    return t.as_strided((1, n, B), (n * s1, s1, s0), t.storage_offset() + offset)
+
+
+def _gate_channels(g: Tensor, form: str) -> tuple[Tensor, Optional[Tensor]]:
+    """The operator's ``(B, n, 1, 1)`` gate (or its gradient's buffer) as :func:`_channels` planes ``(re, im)``
+    (``im`` ``None`` for a real gate): one view each, read and written by the kernel in place."""
+    if form == "complex":
+        parts = torch.view_as_real(g)
+        return _channels(parts), _channels(parts, 1)
+    return _channels(g), None
 
 
 def _sequences(t: Tensor, ndim: int) -> Tensor:
@@ -93,17 +104,18 @@ class _OneNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, q, k, v, g0, g1, cu_seqlens):  # type: ignore[override]
         entry, form, path, dt, precision, chunk_size = spec
-        a_re, a_im = _gate_parts(form, g0, g1)
         x = [cast(t, dt) for t in (q, k, v)]
         if entry == "operator" and path == "elementwise":
             # (B, n, 1) sequences -> B channels of one batch, time contiguous: (1, n, B) views
             x = [_channels(t) for t in x]
-            a_re, a_im = (None if t is None else _channels(t) for t in (a_re, a_im))
-        elif entry == "operator":
-            x = [t[:, :, None] for t in x]
-            a_re, a_im = (None if t is None else t[:, :, None] for t in (a_re, a_im))
-        elif path == "elementwise":
-            x = [t[..., 0] for t in x]
+            a_re, a_im = _gate_channels(g0, form)
+        else:
+            a_re, a_im = _gate_parts(form, g0, g1)
+            if entry == "operator":
+                x = [t[:, :, None] for t in x]
+                a_re, a_im = (None if t is None else t[:, :, None] for t in (a_re, a_im))
+            elif path == "elementwise":
+                x = [t[..., 0] for t in x]
         if path == "elementwise":
             out, saved = elementwise_scan_op.forward_saved(*x, a_re, a_im, None, None, cu_seqlens)
             o = out[0]
@@ -130,20 +142,26 @@ class _OneNode(torch.autograd.Function):
             do = do[:, :, None]
         elif path == "elementwise":
             do = do[..., 0]
+        g0, g1, a_re, a_im = ctx.gate
+        if entry == "operator" and path == "elementwise":
+            # the kernel writes the gate's gradient in its final layout: a complex gradient's planes, no interleave
+            dg0 = torch.empty_like(g0)
+            da_out = _gate_channels(dg0, form)
+            dq, dk, dv, *_ = elementwise_scan_op.vjp_saved(
+                ctx.saved, do, None, None, None,
+                backward=lambda *args: scan_backward(*args[:11], cu_seqlens=args[11], da_out=da_out))
+            dq, dk, dv = (cast(_sequences(g, 3), t) for g, t in zip((dq, dk, dv), ctx.dtypes))
+            return None, dq, dk, dv, dg0, None, None
         if path == "elementwise":
             dq, dk, dv, da_re, da_im, *_ = elementwise_scan_op.vjp_saved(ctx.saved, do, None, None, None)
         else:
             dq, dk, dv, da_re, da_im, *_ = _chunk_op.vjp_saved(ctx.saved, do, None)
-        if entry == "operator" and path == "elementwise":
-            dq, dk, dv = (_sequences(t, 3) for t in (dq, dk, dv))
-            da_re, da_im = (None if t is None else _sequences(t, 2) for t in (da_re, da_im))
-        elif entry == "operator":
+        if entry == "operator":
             dq, dk, dv = (t[:, :, 0] for t in (dq, dk, dv))
             da_re, da_im = (None if t is None else t[:, :, 0] for t in (da_re, da_im))
         elif path == "elementwise":
             dq, dk, dv = (t[..., None] for t in (dq, dk, dv))
         dq, dk, dv = (cast(g, t) for g, t in zip((dq, dk, dv), ctx.dtypes))
-        g0, g1, a_re, a_im = ctx.gate
         dg0, dg1 = _gate_grads(form, g0, g1, a_re, a_im, da_re, da_im)
         return None, dq, dk, dv, dg0, dg1, None
 

@@ -24,7 +24,7 @@ from .tiles import _out_offsets, _row, _sequences, _shift, _state_offsets, _tile
 def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, car_ptr,
                 dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr, agg_off, ticket_off, c0,
                 cu_ptr, NSEQ, NBIS, n, B, C, NCB, NSEG,
-                s_b, s_n, s_c, g_b, g_n, g_c, o_b, o_n, o_c,
+                s_b, s_n, s_c, g_b, g_n, g_c, o_b, o_n, o_c, d_b, d_n, d_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr,
                 BIG: tl.constexpr, DETERMINISTIC: tl.constexpr, OUT_STRIDED: tl.constexpr, VARLEN: tl.constexpr):
@@ -44,8 +44,11 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     dq_ptr += oboff
     dk_ptr += oboff
     dv_ptr += oboff
-    dar_ptr += oboff
-    dai_ptr += oboff
+    # the gate's gradient has strides of its own: the caller's buffers (a complex gradient's planes) or dq's
+    dtt = t[:, None].to(tl.int64) if BIG else t[:, None]
+    doff = dtt * d_n + c[None, :] * d_c
+    dar_ptr += b.to(tl.int64) * d_b
+    dai_ptr += b.to(tl.int64) * d_b
     ar_ptr += gboff
     ai_ptr += gboff
 
@@ -167,9 +170,9 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
         tl.store(dk_ptr + ooff, (lam_r * v).to(dk_ptr.dtype.element_ty), mask=m)
         tl.store(dv_ptr + ooff, (lam_r * k).to(dv_ptr.dtype.element_ty), mask=m)
     # da_t = lam_t conj(y_t); gate gradients are stored in the outputs' layout
-    tl.store(dar_ptr + ooff, (lam_r * y_r + lam_i * y_i).to(dar_ptr.dtype.element_ty), mask=m)
+    tl.store(dar_ptr + doff, (lam_r * y_r + lam_i * y_i).to(dar_ptr.dtype.element_ty), mask=m)
     if COMPLEX:
-        tl.store(dai_ptr + ooff, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
+        tl.store(dai_ptr + doff, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
     if HAS_H0 and VARLEN:
         # dh0_i = conj(a_t) lam_t at sequence i's first step (an empty sequence's: the launcher's copy of its gT)
         tl.store(dh0r_ptr + _state_offsets(opens, c, C, BIG), a_r * lam_r + a_i * lam_i, mask=sm)
@@ -188,12 +191,14 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
 def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor, k: Tensor,
                   v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor], h0_re: Optional[Tensor],
                   h0_im: Optional[Tensor], carries: Tensor, block: Optional[tuple[int, int, int]] = None,
-                  cu_seqlens: Optional[Tensor] = None):
+                  cu_seqlens: Optional[Tensor] = None, da_out: Optional[tuple[Tensor, Optional[Tensor]]] = None):
     """Backward of :func:`scan_forward` (same arguments, plus the output and final-state gradients).
 
     ``do``: ``(B, n, C)``, gradient of ``o``; ``dhT_re/dhT_im``: ``(B, C)`` (``(N, C)`` with ``cu_seqlens``)
     gradient of the final state (``None``: zero); ``carries``: from :func:`scan_forward`; ``block``: as
-    there, with ``BLOCK_T`` equal to the forward's ``carry_t``.
+    there, with ``BLOCK_T`` equal to the forward's ``carry_t``; ``da_out``: ``(da_re, da_im)`` buffers to write
+    the gate's gradient into (``(B, n, C)`` in the gate's dtype, both with one set of strides, not overlapping:
+    the planes of a complex gradient's real view, so no kernel interleaves them afterwards), else new ones.
 
     Returns:
         ``(dq, dk, dv, da_re, da_im, dh0_re, dh0_im)``: ``dq, dk, dv`` dense as ``o`` is (``dv`` is
@@ -209,8 +214,7 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     a_re, a_im = _one_layout(a_re, a_im)
     dq, dk = _out_like(q, q.dtype), _out_like(q, k.dtype)
     dv = _out_like(q, v.dtype) if v is not None else None
-    da_re = _out_like(q, a_re.dtype)
-    da_im = _out_like(q, a_im.dtype) if complex_gate else None
+    da_re, da_im = da_out or (_out_like(q, a_re.dtype), _out_like(q, a_im.dtype) if complex_gate else None)
     has_h0 = h0_re is not None
     dh0_re = torch.empty((nseq, C), dtype=torch.float32, device=dev) if has_h0 else None
     dh0_im = torch.empty((nseq, C), dtype=torch.float32, device=dev) if (has_h0 and complex_gate) else None
@@ -237,9 +241,9 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         dq, dk, dv if dv is not None else dk, da_re, da_im if complex_gate else da_re,
         dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
         ws, agg_off, ticket_off, 0, *_varlen_args(cu_seqlens, ws),
-        n, B, C, ncb, nseg, *q.stride(), *a_re.stride(), *dq.stride(),
+        n, B, C, ncb, nseg, *q.stride(), *a_re.stride(), *dq.stride(), *da_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_needs_int64(q, a_re, dq) or (cu_seqlens is not None and nseq * C >= 2 ** 31),
+        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_needs_int64(q, a_re, dq, da_re) or (cu_seqlens is not None and nseq * C >= 2 ** 31),
         DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
         OUT_STRIDED=dq.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps)
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
