@@ -7,7 +7,7 @@ the H100 machine, 5-6 launches per forward+backward (docs/kernels.md section 5).
 Triton's semantics by keying its own cache on everything Triton specializes on, coarsened never, refined
 where cheaper (docs/kernels.md section 5 lists the key):
 
-* tensors: dtype and whether the address is a multiple of 16;
+* tensors: dtype, whether the address is a multiple of 16, whether on CUDA (launched as their addresses);
 * integers: whether the value is 1, a multiple of 16, and its width class (32-bit, 64-bit, unsigned 64);
 * other non-constexpr values (floats, bools, None): their type, bools and None their value;
 * constexpr arguments and launch options (``num_warps``...): their values;
@@ -47,13 +47,28 @@ def _stream(device: int) -> int:
 
 
 def _arg_key(x: Any):
-    if isinstance(x, torch.Tensor):
-        return (x.dtype, x.data_ptr() % 16 == 0)
     if isinstance(x, bool) or x is None:
         return x
     if isinstance(x, int):
         return (x == 1, x % 16 == 0, 0 if _I32[0] <= x < _I32[1] else 1 if _I64[0] <= x < _I64[1] else 2)
     return type(x)
+
+
+def _keyed(args: tuple) -> tuple[list, list]:
+    """``(key parts, launch arguments)`` of positional arguments: a tensor becomes its address, which the compiled
+    launcher takes as it is (of a tensor it would call ``data_ptr()`` and check the address with a driver call, per
+    pointer and launch); its key part is its dtype, 16-byte alignment and whether it is on CUDA (a tensor elsewhere
+    misses the cache, and Triton's own launch raises its error)."""
+    keys, vals = [], []
+    for x in args:
+        if isinstance(x, torch.Tensor):
+            p = x.data_ptr()
+            keys.append((x.dtype, p % 16 == 0, x.is_cuda))
+            vals.append(p)
+        else:
+            keys.append(_arg_key(x))
+            vals.append(x)
+    return keys, vals
 
 
 class Launcher:
@@ -87,7 +102,8 @@ class Launcher:
             self.fn[grid](*args, **kwargs)
             return
         device = _device()
-        key = (device, tuple(kwargs.items()), *map(_arg_key, args))
+        keys, vals = _keyed(args)
+        key = (device, tuple(kwargs.items()), *keys)
         try:
             hit = self._cache.get(key)
         except TypeError:  # an unhashable constexpr: Triton's own path
@@ -101,4 +117,4 @@ class Launcher:
             return
         run, function, packed, tail = hit
         g = tuple(grid) + (1, 1)
-        run(g[0], g[1], g[2], _stream(device), function, packed, None, None, None, *args, *tail)
+        run(g[0], g[1], g[2], _stream(device), function, packed, None, None, None, *vals, *tail)

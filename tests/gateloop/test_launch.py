@@ -52,9 +52,9 @@ def test_second_launch_with_the_same_specialization_is_direct(launcher):
     lt[(5, 2)](x, 48, 0.25, y, BLOCK=128)  # another value, same class: multiple of 16, not 1, 32-bit
     kind, args = log[-1]
     # grid padded to three, the stream, the function, Triton's metadata, no launch metadata or hooks, then
-    # every parameter in order: given keywords, defaults for the rest
+    # every parameter in order (tensors as their addresses): given keywords, defaults for the rest
     assert kind == "direct" and args == (5, 2, 1, 1234, "function", "packed", None, None, None,
-                                         x, 48, 0.25, y, 128, False)
+                                         x.data_ptr(), 48, 0.25, y.data_ptr(), 128, False)
     assert len(log) == 2
 
 
@@ -158,3 +158,19 @@ def test_every_launched_kernel_goes_through_a_launcher():
                 assert isinstance(obj, _launch.Launcher), f"{info.name}.{name} is launched without a Launcher"
                 launched += 1
     assert launched >= 12
+
+
+@pytest.mark.gpu
+def test_gpu_tensor_off_cuda_misses_the_cache_and_gets_tritons_error():
+    """The direct path launches tensors as their addresses, unchecked: a CPU tensor where the cached launches had a
+    CUDA one must miss the cache and meet Triton's own check (a clear error, not a kernel reading host memory);
+    the direct launches' results are the sigmoid-polar gate's."""
+    from gateloop_kernels.gate import _gate_fwd_kernel
+    z = torch.randn(300, 2, device="cuda")
+    ref = torch.sigmoid(z.norm(dim=-1)) * torch.view_as_complex(z) / z.norm(dim=-1)
+    for _ in range(3):  # Triton's launch, then direct ones
+        a_re, a_im = torch.empty(300, device="cuda"), torch.empty(300, device="cuda")
+        _gate_fwd_kernel[(3,)](z, a_re, a_im, 300, BLOCK=128)
+        torch.testing.assert_close(torch.complex(a_re, a_im), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cpu tensor"):
+        _gate_fwd_kernel[(3,)](z, a_re.cpu(), a_im, 300, BLOCK=128)
