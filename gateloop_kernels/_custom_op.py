@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch._C import _functions
 from torch._subclasses.fake_tensor import is_fake
 
 from ._eager import eager_function
@@ -20,6 +21,19 @@ from ._eager import eager_function
 def traced(x: Tensor) -> bool:
     """Whether a call on ``x`` must go through the registered custom op (tracing or a fake tensor)."""
     return torch.compiler.is_compiling() or is_fake(x)
+
+
+def _no_double_backward(name: str, grads: tuple) -> tuple:
+    """``grads`` of a backward run with ``create_graph=True``: as they are where the implementation recorded a
+    graph (the PyTorch paths), else (the kernels record none) each one behind a node that raises
+    ``RuntimeError`` when differentiated: a gradient of the gradient then raises instead of coming out silently
+    zero (``torch.autograd.function.once_differentiable``'s mechanism, which checks only the incoming gradients:
+    ``grad(out.sum(), x, create_graph=True)`` passes none that need grad)."""
+    if any(isinstance(g, Tensor) and g.requires_grad for g in grads):
+        return grads
+    err = _functions.DelayedError(f"{name}: double backward (create_graph=True, a gradient of the gradient) is not "
+                                  f"supported on the Triton kernels' paths".encode(), len(grads))
+    return err(*(g.detach().requires_grad_() if isinstance(g, Tensor) else g for g in grads))
 
 
 class _Saved:
@@ -59,7 +73,11 @@ class DifferentiableOp:
         self.backward_op.register_fake(backward_fake)
 
         def op_backward(ctx, *grads):
-            return vjp(ctx, backward if getattr(ctx, "eager", False) else self.backward_op, *grads)
+            eager = getattr(ctx, "eager", False)
+            out = vjp(ctx, backward if eager else self.backward_op, *grads)
+            if eager and torch.is_grad_enabled():  # create_graph=True
+                return _no_double_backward(eager_name, tuple(out))
+            return out
 
         self.op.register_autograd(op_backward, setup_context=setup_context)
         self.eager = eager_function(eager_name, forward, setup_context, op_backward)
