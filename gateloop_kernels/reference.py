@@ -138,6 +138,13 @@ def _pad_time(t: Tensor, total: int, value: float) -> Tensor:
     return F.pad(t, (0, 0) * (t.ndim - 2) + (0, extra), value=value)
 
 
+def _fit_chunk(chunk_size: int, n: int) -> int:
+    """``chunk_size``, or the power of two covering ``n`` steps where that is smaller: a longer chunk computes the
+    same on no-op padding, its work and memory growing with ``chunk_size`` (``2**40`` for 20 steps ran out of
+    memory; ``2**16`` took minutes)."""
+    return min(chunk_size, 1 << max(n - 1, 0).bit_length())
+
+
 def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
                           chunk_size: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
     """First-order scan ``h_t = a_t h_{t-1} + x_t`` per channel, chunked.
@@ -150,7 +157,7 @@ def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
     h = x.new_zeros((B, D)) if h0 is None else h0.to(x.dtype)
     if n == 0:
         return x, h
-    C = chunk_size
+    C = _fit_chunk(chunk_size, n)
     nc = -(-n // C)
     ac = _pad_time(a, nc * C, 1.0).reshape(B, nc, C, D)
     xc = _pad_time(x, nc * C, 0.0).reshape(B, nc, C, D)
@@ -216,6 +223,7 @@ def _chunked_head_gate(q: Tensor, k: Tensor, v: Tensor, a: Tensor, state: Tensor
     """Scalar complex gate per step ``a: (B, n)``; ``q, k: (B, n, d)``, ``v: (B, n, e)``, ``state: (B, d, e)``."""
     B, n, d = q.shape
     e = v.shape[2]
+    C = _fit_chunk(C, n)
     nc = -(-n // C)
     P = 1 << (C - 1).bit_length()  # each chunk padded to a power of two (gate 1, zero inputs: no-op steps)
 

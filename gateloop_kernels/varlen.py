@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ._checks import check_cu_seqlens
 from .dtypes import acc_dtypes, empty_scan
-from .reference import _add_state, _chunk_local, _no_autocast, diagonal_scan_chunked
+from .reference import _add_state, _chunk_local, _fit_chunk, _no_autocast, diagonal_scan_chunked
 
 __all__ = ["validate_cu_seqlens", "varlen_reference", "sequence_ids", "positions"]
 
@@ -89,6 +89,7 @@ def _varlen_heads(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, s0: Optional[Te
     H, T, d = q.shape
     e = v.shape[-1]
     N = cu_seqlens.shape[0] - 1
+    C = _fit_chunk(C, T)  # no sequence is longer: a longer chunk is padding, N of them
     cu = cu_seqlens.long()
     lengths = (cu[1:] - cu[:-1]).clamp(min=0)
     chunks_of = (lengths + C - 1) // C

@@ -302,3 +302,38 @@ def test_bad_initial_state_and_cache():
         gk.simple_gate_loop_operator(q, q, q.sigmoid(), cache=torch.ones(2, 3))
     with pytest.raises(ValueError, match="kv"):
         gk.simple_gate_loop_operator(q, q[:, :4], q.sigmoid())
+
+
+@pytest.mark.parametrize("chunk", [2 ** 16, 2 ** 40])
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunk_size_beyond_the_sequence(chunk, packed):
+    """A ``chunk_size`` far above the sequence's length (a power of two >= 16, so accepted) is the one-chunk scan:
+    the reference padded every chunk to it (2**40 for 20 steps: an allocation error; 2**16: minutes of work, a
+    Python loop over its steps; found by a new user's probe). Now as fast as one chunk and exact: the matrix state
+    (head dims 4, packed or not) and the first-order scan (head dims 1 of the public reference; a gate per key dim
+    packed)."""
+    n, H, d = 20, 2, 4
+    q, k, v = (torch.randn(1, n, H, d, dtype=f64) for _ in range(3))
+    z = torch.randn(1, n, H, 2, dtype=f64)
+    s0 = torch.randn(3 if packed else 1, H, d, d, dtype=torch.complex128)
+    cu = torch.tensor([0, 7, 7, n]) if packed else None
+    o, s = gk.gate_loop_heads(q, k, v, z=z, initial_state=s0, output_final_state=True, chunk_size=chunk, cu_seqlens=cu)
+    a = torch.complex(*gk.gate_from_preactivation(z))
+    bounds = [0, 7, 7, n] if packed else [0, n]
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for h in range(H):
+            ro, rs = R.sequential_reference(q[:, lo:hi, h], k[:, lo:hi, h], v[:, lo:hi, h], a[:, lo:hi, h, None, None],
+                                            s0[i:i + 1, h], return_final_state=True)
+            if hi > lo:
+                assert rel(o[:, lo:hi, h], ro) < 1e-12
+            assert rel(s[i:i + 1, h], rs) < 1e-12
+    ak = make_gate((1, n, d, 1))
+    if packed:  # a gate per key dim: the first-order scan over the d e entries
+        o = gk.gate_loop_operator(q[:, :, 0], k[:, :, 0], v[:, :, 0], ak, chunk_size=chunk, cu_seqlens=cu)
+        ref = torch.cat([R.sequential_reference(q[:, lo:hi, 0], k[:, lo:hi, 0], v[:, lo:hi, 0], ak[:, lo:hi])
+                         for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+    else:
+        x = [t[:, :, 0, :1] for t in (q, k, v)]
+        o = R.chunked_reference(*x, ak[..., :1, :], chunk_size=chunk)
+        ref = R.sequential_reference(*x, ak[..., :1, :])
+    assert rel(o, ref) < 1e-12
