@@ -26,6 +26,8 @@ def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor
     model). Dropout is replayed; ``kwargs`` are the model's call keyword arguments. Empty inputs
     give 0.0; a NaN in the input gives NaN. It runs the model as a call does: in train mode BatchNorm's
     running statistics are updated (twice) and the global RNG advances; use ``model.eval()`` or save them first.
+
+    Raises ``TypeError`` for a ``model`` without couplings (a plain module) or an ``x`` of the wrong form.
     """
     from .dual import DualModalityReversibleSequence
 
@@ -35,6 +37,9 @@ def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor
         inputs = list(x)
         couplings = [c for block in model.blocks for c in block.couplings(**kwargs)]
     else:
+        if not (callable(getattr(model, "couplings", None)) and hasattr(model, "dim")):
+            raise TypeError(f"model must be a reversible.ReversibleSequence (or have couplings(kwargs, keys) and "
+                            f"dim), got {type(model).__name__}")
         if not isinstance(x, (Tensor, Mapping)):
             raise TypeError(f"x must be the model's input, a Tensor (or a dict of them for a dict stream), got "
                             f"{type(x).__name__}")

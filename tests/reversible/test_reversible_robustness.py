@@ -391,6 +391,13 @@ def test_reconstruction_error_names_a_wrong_input():
         reversible.reconstruction_error(net, [x])
 
 
+def test_reconstruction_error_names_a_model_without_couplings():
+    """A plain module (no couplings to run): a TypeError naming ``model`` and its type (was ``'Linear' object has
+    no attribute 'couplings'``; found by a new user's probe)."""
+    with pytest.raises(TypeError, match="model must be a reversible.ReversibleSequence .*got Linear"):
+        reversible.reconstruction_error(nn.Linear(4, 4), torch.randn(2, 4))
+
+
 def test_malformed_args_route_names_it():
     """An args_route entry that is not a pair (a bare bool, None) or a route list that is not a sequence raises the
     library's error naming args_route (was Python's 'bool' object is not iterable: found by a new user's probe)."""
