@@ -8,6 +8,7 @@ implementations through the Function, which skips the custom-op dispatch's host 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -34,6 +35,22 @@ def _no_double_backward(name: str, grads: tuple) -> tuple:
     err = _functions.DelayedError(f"{name}: double backward (create_graph=True, a gradient of the gradient) is not "
                                   f"supported on the Triton kernels' paths".encode(), len(grads))
     return err(*(g.detach().requires_grad_() if isinstance(g, Tensor) else g for g in grads))
+
+
+def first_order(name: str) -> Callable:
+    """``torch.autograd.function.once_differentiable`` for a Function's backward, with :func:`_no_double_backward`'s
+    check: the backward runs without autograd, and under ``create_graph=True`` its gradients raise (naming ``name``)
+    when differentiated, whether or not the incoming gradients need grad."""
+    def wrap(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return out
+            return _no_double_backward(name, out if isinstance(out, tuple) else (out,))
+        return wrapper
+    return wrap
 
 
 class _Saved:

@@ -80,10 +80,10 @@ from typing import Callable, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ._checks import (GATE_HEAD, check_chunk_size, check_cu_seqlens, check_gate_dtype, check_gate_loop_inputs,
                       check_heads_inputs, check_initial_state, check_precision, check_same_device, check_varlen_state)
+from ._custom_op import first_order
 from .dispatch import DEFAULT_CHUNK, scan
 from .dtypes import acc_dtypes
 from .heads import gate_from_log_polar, gate_from_preactivation, gate_loop_heads
@@ -175,7 +175,7 @@ class _Correct(torch.autograd.Function):
         return (o_loc.to(c_re.dtype) + c_re[..., None] * t[..., :e] - c_im[..., None] * t[..., e:]).to(o_loc.dtype)
 
     @staticmethod
-    @once_differentiable
+    @first_order("context_parallel")
     def backward(ctx, g: Tensor):  # type: ignore[override]
         q, s_in, c_re, c_im = ctx.saved_tensors
         e = s_in.shape[-1]
@@ -395,7 +395,7 @@ class _SumFinals(torch.autograd.Function):
         return torch.view_as_complex(buf), o.view_as(o)
 
     @staticmethod
-    @once_differentiable
+    @first_order("context_parallel")
     def backward(ctx, g: Tensor, go: Tensor):  # type: ignore[override]
         buf = torch.view_as_real(g).clone(memory_format=torch.contiguous_format)
         dist.all_reduce(buf, group=ctx.group)

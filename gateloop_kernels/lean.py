@@ -19,11 +19,10 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import dispatch
 from . import gate as _gate
-from ._custom_op import traced
+from ._custom_op import first_order, traced
 from .chunked.op import _chunk_op, op_args
 from .dtypes import cast
 from .elementwise import elementwise_scan_op
@@ -133,7 +132,7 @@ class _OneNode(torch.autograd.Function):
         return o[..., None] if path == "elementwise" else o
 
     @staticmethod
-    @once_differentiable  # kernels: a gradient of the gradient raises instead of coming out silently zero
+    @first_order("gate_loop_operator / gate_loop_heads")  # the kernels record no graph: a 2nd derivative raises
     def backward(ctx, do):  # type: ignore[override]
         entry, form, path, dt, _, _ = ctx.spec
         if entry == "operator" and path == "elementwise":

@@ -725,12 +725,11 @@ def test_double_backward_off_the_kernels_is_exact(entry):
     (out.square().sum() + g.square().sum()).backward()  # g is constant in q: nothing to differentiate twice
 
 
-@pytest.mark.xfail(strict=True, reason="lean._OneNode.backward's once_differentiable marks its gradients only when "
-                                       "the incoming gradient needs grad (not for out.sum()): fix in lean.py")
 @needs_kernels
 def test_double_backward_through_one_node_raises(monkeypatch):
-    """The same penalty through the one-node path (no state): ``grad(out.sum(), k, create_graph=True)`` gets a
-    gradient without a graph, and the penalty's gradient is silently zero."""
+    """The same penalty through the one-node path (no state) raises: ``grad(out.sum(), k, create_graph=True)`` got a
+    gradient without a graph there (once_differentiable marks only when the incoming gradient needs grad), and the
+    penalty's gradient came out silently zero."""
     if DEV == "cpu":
         monkeypatch.setattr(dispatch, "KERNEL_DEVICES", ("cuda", "cpu"))
         monkeypatch.setattr(ew_op, "KERNEL_DEVICES", ("cuda", "cpu"))

@@ -260,6 +260,12 @@ def _errors_worker(rank, world, seed):
             checked = results
         elif not all(torch.equal(a, b) for r, c in zip(results, checked) for a, b in zip(r, c)):
             failures.append(f"rank {rank}: check_shapes=False changed the outputs or gradients")
+
+    # a gradient penalty (create_graph=True): the context-parallel nodes record no graph, so differentiating the
+    # gradient raises on every rank (was silently zero: once_differentiable marked nothing for o.sum()'s gradient)
+    o, q = call(with_q=True)
+    g = torch.autograd.grad(o.sum(), q, create_graph=True)[0]
+    failures += expect_raises(RuntimeError, "double backward", lambda: (o.square().sum() + g.square().sum()).backward())
     raise_failures(failures)
 
 
