@@ -59,7 +59,7 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
             TF32 products), ``"tf32x3"`` (the same) or ``"tf32"`` (fast, ~1e-3 relative); 16-bit inputs and
             the other paths do not use it.
         chunk_size: steps per chunk of the chunked kernel and of the PyTorch reference, a power of two
-            ``>= 16`` (default 64); the head-dim-1 scan picks its own tiles.
+            ``>= 16`` (default 64; at most 128 on the chunked kernel); the head-dim-1 scan picks its own tiles.
         cp_group: a ``torch.distributed`` process group over which the time axis is split (this rank
             passes its slice): :func:`gateloop_kernels.context_parallel.gate_loop_heads_cp`; ``check_shapes`` is its
             option (used with ``cp_group`` only).
@@ -78,7 +78,7 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
     Raises:
         TypeError: wrong dtypes, a non-int ``chunk_size``, a ``cu_seqlens`` not int32/int64. ValueError: shapes,
         devices, not exactly one gate form, an unknown ``precision``, a ``chunk_size`` that is not a power of two
-        >= 16, a ``cu_seqlens`` not 1-D or with ``B != 1`` or bad values, an ``initial_state`` without ``N``
+        >= 16 (or above 128 on the chunked kernel), a ``cu_seqlens`` not 1-D or with ``B != 1`` or bad values, an ``initial_state`` without ``N``
         states.
     """
     if cp_group is not None:

@@ -11,6 +11,8 @@ _MODE_OF_DTYPE = {torch.float32: MODE_F32, torch.bfloat16: MODE_BF16, torch.floa
 _DTYPE_OF_MODE = {m: t for t, m in _MODE_OF_DTYPE.items()}
 #: steps per chunk unless the caller asks for another (a power of two >= 16)
 _DEFAULT_BT = 64
+#: the longest chunk the kernels take: their (chunk x chunk) score tiles live in registers and shared memory
+MAX_BT = 128
 # Launch configuration per kernel and input dtype: ``cap`` bounds the key/value tile width (see ``_block``;
 # ``cap_v``, where given, the value tile's), ``maxnreg`` caps the registers; for the state scan, ``block``
 # elements per program. Picked by GPU timings at (64, 2048, 64) with ``python -m bench.scan_chunked --tune``

@@ -18,7 +18,7 @@ from torch import Tensor
 from .._checks import check_chunk_gate_loop_inputs
 from .._custom_op import DifferentiableOp
 from ..dtypes import empty_scan
-from .config import _DEFAULT_BT, _MODE_OF_DTYPE
+from .config import _DEFAULT_BT, _MODE_OF_DTYPE, MAX_BT
 from .gradients import _backward
 from .outputs import _forward
 from .states import _chunk_table
@@ -99,7 +99,7 @@ def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
             measured ~2e-7 relative per dot on the H100, like FFMA, at 6x the speed), ``"tf32x3"``
             (the same) or ``"tf32"`` (fast opt-in, ~1e-3 relative). 16-bit inputs
             use their own tensor-core dots whatever this says (float32 accumulation).
-        chunk_size: steps per chunk (a power of two >= 16; 64 by default).
+        chunk_size: steps per chunk (a power of two in [16, 128]; 64 by default).
 
     Returns:
         ``(o, final_state)``: ``o (B, n, H, e)`` in the input dtype; ``final_state`` complex64
@@ -151,6 +151,9 @@ def op_args(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: Opt
     """:data:`_chunk_op`'s arguments for inputs in one kernel dtype: contiguous inputs, float32 gates, ``h0`` as
     stacked (Re, Im) planes, the precision the kernels run and, for a packed batch, ``cu_seqlens`` and its chunk
     table."""
+    if chunk_size > MAX_BT:
+        raise ValueError(f"chunk_size must be at most {MAX_BT} on the chunked Triton kernels' path (CUDA, head dims "
+                         f"16..256), got {chunk_size}")
     # exact float32: Triton's IEEE (FFMA) dots are ~6x slower than 3xTF32 on Hopper at the same accuracy
     # (docs/design.md section 6), so "ieee" runs 3xTF32
     args = (q.contiguous(), k.contiguous(), v.contiguous(), a_re.to(torch.float32).contiguous(),

@@ -739,3 +739,28 @@ def test_double_backward_through_one_node_raises(monkeypatch):
     g = torch.autograd.grad(out.sum(), x[1], create_graph=True)[0]
     with pytest.raises(RuntimeError, match="differentiate twice|double backward"):
         (out.square().sum() + g.square().sum()).backward()
+
+
+@needs_kernels
+@pytest.mark.parametrize("entry", ["heads", "chunk_gate_loop"])
+def test_chunk_above_the_kernels_limit_raises_naming_it(monkeypatch, entry):
+    """A chunk_size past what the chunked kernels take (their chunk x chunk tiles): 2**40 raised the interpreter's
+    'out of range for int32' (found by a new user's probe). A ValueError names chunk_size and the limit; the
+    limit itself runs and matches the default chunk's results."""
+    from gateloop_kernels.chunked import chunk_gate_loop
+    from gateloop_kernels.chunked.config import MAX_BT
+    if DEV == "cpu":
+        monkeypatch.setattr(dispatch, "KERNEL_DEVICES", ("cuda", "cpu"))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 150, 2, 16, device=DEV) for _ in range(3))
+    z = torch.randn(1, 150, 2, 2, device=DEV)
+
+    def call(chunk):
+        if entry == "heads":
+            return G.gate_loop_heads(q, k, v, z=z, chunk_size=chunk)[0]
+        a = torch.view_as_complex(z.contiguous()).sigmoid()
+        return chunk_gate_loop(q, k, v, a.real.contiguous(), a.imag.contiguous(), chunk_size=chunk)[0]
+    for chunk in (2 * MAX_BT, 2 ** 40):
+        with pytest.raises(ValueError, match=f"chunk_size must be at most {MAX_BT}"):
+            call(chunk)
+    assert rel(call(MAX_BT), call(64)) < 1e-5
