@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ._checks import check_real_float, check_same_device
 from ._launch import Launcher
+from .dtypes import promote
 from .gate import _parts, reference_forward
 
 __all__ = ["gate_loop_decode_step", "decode_step_reference", "interpreted", "MAX_HEAD_DIM"]
@@ -173,7 +174,7 @@ def gate_loop_decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, *, z: 
     if z is not None and tuple(z.shape) != (B, H, 2):
         raise ValueError(f"z must be (B, H, 2) = ({B}, {H}, 2), got {tuple(z.shape)}")
     check_same_device(q=q, k=k, v=v, state=state, z=z)
-    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dt = promote(q.dtype, k.dtype, v.dtype)
     want = torch.complex128 if dt == torch.float64 else torch.complex64
     if state.dtype != want:
         raise TypeError(f"state must be {want} for {dt} inputs, got {state.dtype}")

@@ -25,12 +25,20 @@ def real_dtype(t: Tensor) -> torch.dtype:
     return t.real.dtype if t.is_complex() else t.dtype
 
 
+@functools.lru_cache(maxsize=None)
+def _promote2(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.promote_types(a, b)
+
+
+def promote(*dtypes: torch.dtype) -> torch.dtype:
+    """``torch.promote_types`` over ``dtypes``, memoized: a dict lookup where each call is a dispatched aten operator
+    (host time on every layer call)."""
+    return functools.reduce(_promote2, dtypes)
+
+
 def out_dtype(*ts: Tensor) -> torch.dtype:
     """Promoted real dtype of the inputs: the dtype outputs are returned in."""
-    dtypes = [real_dtype(t) for t in ts]
-    if dtypes.count(dtypes[0]) == len(dtypes):  # the common case, without a promote_types call each (host time)
-        return dtypes[0]
-    return functools.reduce(torch.promote_types, dtypes)
+    return promote(*(real_dtype(t) for t in ts))
 
 
 def acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:

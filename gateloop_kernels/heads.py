@@ -16,6 +16,7 @@ from torch import Tensor
 from . import lean
 from ._checks import check_chunk_size, check_heads_inputs, check_log_polar, check_precision, check_preactivation
 from .dispatch import DEFAULT_CHUNK, scan
+from .dtypes import promote
 from .gate import SigmoidPolar, polar_parts
 
 __all__ = ["gate_loop_heads", "gate_from_preactivation", "gate_from_log_polar"]
@@ -90,7 +91,7 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
     check_heads_inputs(q, k, v, z, log_magnitude, phase, initial_state, cu_seqlens)
     check_precision(precision)
     check_chunk_size(chunk_size)
-    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dt = promote(q.dtype, k.dtype, v.dtype)
     if initial_state is None and not output_final_state:
         o = lean.heads_call(q, k, v, z, log_magnitude, phase, dt, precision, chunk_size, cu_seqlens)
         if o is not None:

@@ -31,6 +31,7 @@ from torch.nn import Module, ModuleList
 from ._checks import check_cu_seqlens, check_layer_input, count_cu_seqlens
 from ._eager import eager_function
 from .decode import gate_loop_decode_step
+from .dtypes import promote
 from .heads import gate_loop_heads
 from .operator import simple_gate_loop_operator
 from .varlen import positions, sequence_ids
@@ -52,7 +53,7 @@ class RMSNorm(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dim = self.gamma.shape[0]
-        dt = torch.promote_types(x.dtype, self.gamma.dtype)
+        dt = promote(x.dtype, self.gamma.dtype)
         return F.rms_norm(x.to(dt), (dim,), self.gamma.to(dt), eps=1e-24 / dim)
 
 
@@ -225,7 +226,7 @@ class CausalFullAttention(Module):
             check_cu_seqlens(cu_seqlens, b, n, x.device)
         q, k, v = map(self._heads, self.to_qkv(x).chunk(3, dim=-1))
         if cache is None and return_cache:
-            dtype = torch.promote_types(v.dtype, self.to_qkv[0].weight.dtype)
+            dtype = promote(v.dtype, self.to_qkv[0].weight.dtype)
             cache = self.new_cache(b, n, device=x.device, dtype=dtype)
         if cache is not None:
             cache.check(q, v)
@@ -295,7 +296,7 @@ class KVCache:
             raise ValueError(f"cache holds (b, heads, dim_head) = ({self.k.shape[0]}, {self.k.shape[1]}, "
                              f"{self.k.shape[3]}), the call ({b}, {h}, {d}) (a cache from another layer or batch "
                              "size?)")
-        if torch.promote_types(v.dtype, self.k.dtype) != self.k.dtype:
+        if promote(v.dtype, self.k.dtype) != self.k.dtype:
             raise TypeError(f"cache is {self.k.dtype}, narrower than the {v.dtype} activations (a cache from "
                             f"another dtype?)")
         if self.k.device != v.device:
@@ -415,7 +416,7 @@ def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor, b: int) -> None:
     e = v.shape[-1]
     if not isinstance(cache, Tensor):
         raise TypeError(f"cache must be the complex state tensor a previous call returned, got {type(cache).__name__}")
-    want = _state_dtype(torch.promote_types(q.dtype, v.dtype))
+    want = _state_dtype(promote(q.dtype, v.dtype))
     if cache.dtype != want:
         raise TypeError(f"cache must be {want} for {q.dtype} activations (a cache from another dtype?), got "
                         f"{cache.dtype}")
@@ -706,7 +707,7 @@ class TransformerCache:
                              + ("" if sequences == x.shape[0] else f" packing {sequences} sequences"))
         dtype = model.token_emb.weight.dtype
         # the cache must hold the parameters' precision; float64 states are complex128, all others complex64
-        if (torch.promote_types(dtype, self.dtype) != self.dtype
+        if (promote(dtype, self.dtype) != self.dtype
                 or (dtype == torch.float64) != (self.dtype == torch.float64)):
             raise TypeError(f"cache was made for {self.dtype}, the model is {dtype}")
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .._checks import check_chunk_gate_loop_inputs
 from .._custom_op import DifferentiableOp
-from ..dtypes import empty_scan
+from ..dtypes import empty_scan, promote
 from .config import _DEFAULT_BT, _MODE_OF_DTYPE, MAX_BT
 from .gradients import _backward
 from .outputs import _forward
@@ -130,7 +130,7 @@ def _chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor
     kernels read the chunk table, :func:`_chunk_table`, on the device)."""
     B, n, H, d = q.shape
     e = v.shape[-1]
-    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dtype = promote(q.dtype, k.dtype, v.dtype)
     if dtype not in _MODE_OF_DTYPE:
         dtype = torch.float32
     q, k, v = (t.to(dtype) for t in (q, k, v))
