@@ -212,6 +212,10 @@ def probe_threads(reps: int = 200) -> None:
                 g = g.t()
             return g, None
     x = torch.randn(64, 64, device="cuda", requires_grad=True)
+    best: dict = {}  # (case, mode, what) -> the lower of the two rounds' us
+
+    def keep(case, mode, what, us):
+        best[(case, mode, what)] = min(us, best.get((case, mode, what), math.inf))
     try:
         for d, dtype in ((1, torch.float32), (64, torch.bfloat16)):
             inputs = _inputs(64, 512, d, dtype, "cuda")
@@ -222,18 +226,41 @@ def probe_threads(reps: int = 200) -> None:
                 spent.update(forward=0.0, backward=0.0)
                 us = host_us(lambda: torch.autograd.grad(gate_loop_operator(*inputs), inputs, gout), reps)
                 n = reps + 5
-                print(f"[host] threads d={d} {dtype}: {'device' if threads else 'calling'} thread: call {us:.1f} us, "
-                      f"forward body {spent['forward'] / n * 1e6:.1f} us, backward body "
-                      f"{spent['backward'] / n * 1e6:.1f} us", flush=True)
+                mode = "device" if threads else "calling"
+                fwd_us, bwd_us = spent["forward"] / n * 1e6, spent["backward"] / n * 1e6
+                print(f"[host] threads d={d} {dtype}: {mode} thread: call {us:.1f} us, "
+                      f"forward body {fwd_us:.1f} us, backward body {bwd_us:.1f} us", flush=True)
+                for what, v in (("call", us), ("forward_body", fwd_us), ("backward_body", bwd_us)):
+                    keep((d, dtype), mode, what, v)
         for views in (0, 40):
             for threads in (True, False, True, False):
                 torch.autograd.set_multithreading_enabled(threads)
                 us = host_us(lambda: torch.autograd.grad(_Pass.apply(x, views), x, x), reps)
                 print(f"[host] threads: Python node, {views} views in its backward: "
                       f"{'device' if threads else 'calling'} thread {us:.1f} us", flush=True)
+                keep(views, "device" if threads else "calling", "call", us)
     finally:
         lean._OneNode.forward, lean._OneNode.backward = fwd, bwd
         torch.autograd.set_multithreading_enabled(True)
+    _record_threads(best)
+
+
+def _record_threads(best: dict) -> None:
+    """``probe_threads``' figures as result rows (``bench/results/overhead.jsonl``, on a GPU)."""
+    from bench import harness, results
+    env = harness.environment()
+    rows = []
+    for (case, mode, what), us in best.items():
+        if isinstance(case, tuple):
+            (d, dtype), op = case, "gate_loop_operator fwd+bwd host (autograd thread)"
+            shape, dt = {"B": 64, "n": 512, "d": d, "e": d}, str(dtype).replace("torch.", "")
+            note = f"{what}: the whole call, or the time inside lean._OneNode's forward / backward body"
+        else:
+            op, shape, dt = "Python autograd node fwd+bwd (floor)", {"views": case}, "float32"
+            note = f"a Function whose backward does {case} view ops, (64, 64) tensor"
+        rows.append(results.row("overhead", op, "ours" if isinstance(case, tuple) else "torch", shape, dt,
+                                f"host_us_{what}_{mode}_thread", "us", us, env, note=note))
+    harness.record("overhead", rows, None)
 
 
 def probe_stubbed(reps: int = 300) -> None:
