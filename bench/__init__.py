@@ -6,7 +6,44 @@ a GPU appends its figures as result rows to ``bench/results/`` (:mod:`bench.resu
 check, floors, rows); the profiling and diagnostic tools are in :mod:`bench.tools`. ``bench`` is not installed:
 it runs from the checkout, and these paths are the checkout's wherever it is started from.
 """
+import argparse
 import os
 
 #: where the benchmarks write their results and ``python -m bench summary`` reads them: ``bench/out/``
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an int >= 1 (a count or a size), else the command's usage error (exit status 2)."""
+    return _at_least(text, int, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse ``type``: an int >= 0, else the command's usage error."""
+    return _at_least(text, int, 0)
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite float > 0, else the command's usage error."""
+    value = nonnegative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """An argparse ``type``: a finite float >= 0, else the command's usage error."""
+    value = _at_least(text, float, 0)
+    if value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def _at_least(text: str, kind: type, low):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+    if not value >= low:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {text!r}")
+    return value

@@ -50,7 +50,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from bench import harness, results
+from bench import harness, nonnegative_float, positive_float, positive_int, results
 from gateloop_kernels import Transformer, gate_loop_heads
 from gateloop_kernels import context_parallel as cpm
 from gateloop_kernels.context_parallel import context_parallel_bytes, gate_loop_heads_cp
@@ -73,37 +73,37 @@ class _Seq(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.cp", description=__doc__.split("\n\n")[1])
-    p.add_argument("--nproc", type=int, default=2, help="ranks W (default 2)")
-    p.add_argument("--seq", type=int, nargs="+", action=_Seq, default=None,
+    p.add_argument("--nproc", type=positive_int, default=2, help="ranks W (default 2)")
+    p.add_argument("--seq", type=positive_int, nargs="+", action=_Seq, default=None,
                    help="whole sequence length T (default 65536 on GPUs, 512 on CPU; --train: 8192, 128; "
                         "--predict: one or more, default 32768 131072 on a GPU, 64 on the CPU)")
     p.set_defaults(seqs=None)
-    p.add_argument("--batch", type=int, default=1, help="sequences (--train: per data-parallel rank)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=64, help="head dims d = e (1, or 16..256 for the kernels)")
+    p.add_argument("--batch", type=positive_int, default=1, help="sequences (--train: per data-parallel rank)")
+    p.add_argument("--heads", type=positive_int, default=8)
+    p.add_argument("--dim", type=positive_int, default=64, help="head dims d = e (1, or 16..256 for the kernels)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=positive_int, default=5)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto (default): NCCL on one GPU per rank when there are enough, else gloo on the CPU")
     pr = p.add_argument_group("predicted scaling on one device (--predict)")
     pr.add_argument("--predict", action="store_true",
                     help="one process: time a rank's T/W slice on this device, add the modelled collectives")
-    pr.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4, 8], help="ranks W (default 1 2 4 8)")
-    pr.add_argument("--dims", type=int, nargs="+", default=[1, 64], help="head dims d = e (default 1 64)")
-    pr.add_argument("--link-gbps", type=float, default=LINK_GBPS,
+    pr.add_argument("--worlds", type=positive_int, nargs="+", default=[1, 2, 4, 8], help="ranks W (default 1 2 4 8)")
+    pr.add_argument("--dims", type=positive_int, nargs="+", default=[1, 64], help="head dims d = e (default 1 64)")
+    pr.add_argument("--link-gbps", type=positive_float, default=LINK_GBPS,
                     help=f"link bandwidth per direction, Gbit/s (default {LINK_GBPS:g}: H100 SXM NVLink 4, 450 GB/s)")
-    pr.add_argument("--link-latency-us", type=float, default=LINK_LATENCY_US,
+    pr.add_argument("--link-latency-us", type=nonnegative_float, default=LINK_LATENCY_US,
                     help=f"latency per collective, microseconds (default {LINK_LATENCY_US:g})")
     harness.add_record_argument(pr)
     t = p.add_argument_group("training (--train)")
     t.add_argument("--train", action="store_true", help="train a Transformer on a (data, context) mesh instead")
-    t.add_argument("--cp", type=int, default=None, help="context ranks C per sequence (default W; W %% C == 0)")
+    t.add_argument("--cp", type=positive_int, default=None, help="context ranks C per sequence (default W; W %% C == 0)")
     t.add_argument("--wrap", choices=WRAPS, default="fsdp",
                    help="DDP or FSDP2 over all ranks, or HSDP (replicated over data, sharded over context)")
-    t.add_argument("--steps", type=int, default=10)
-    t.add_argument("--depth", type=int, default=2)
-    t.add_argument("--vocab", type=int, default=256)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--steps", type=positive_int, default=10)
+    t.add_argument("--depth", type=positive_int, default=2)
+    t.add_argument("--vocab", type=positive_int, default=256)
+    t.add_argument("--lr", type=positive_float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
     return p
 

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from bench import OUT, harness, results
+from bench import OUT, harness, positive_int, results
 
 VOCAB = 256
 
@@ -123,18 +123,18 @@ def measure_seed(head_dim: int, batch: int, prompt: int, device: str, dtype: tor
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="prompts of 512 and 8192 tokens only, batch 1 and 16")
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--depth", type=int, default=6)
-    p.add_argument("--head-dims", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--batches", type=int, nargs="+", default=None, help="default 1 16 128 (CPU: 1 2)")
-    p.add_argument("--prompts", type=int, nargs="+", default=None, help="default 512 8192 32768 (CPU: 16 64)")
-    p.add_argument("--new", type=int, default=None, help="new tokens (default 256; CPU: 8)")
+    p.add_argument("--dim", type=positive_int, default=512)
+    p.add_argument("--depth", type=positive_int, default=6)
+    p.add_argument("--head-dims", type=positive_int, nargs="+", default=[1, 64])
+    p.add_argument("--batches", type=positive_int, nargs="+", default=None, help="default 1 16 128 (CPU: 1 2)")
+    p.add_argument("--prompts", type=positive_int, nargs="+", default=None, help="default 512 8192 32768 (CPU: 16 64)")
+    p.add_argument("--new", type=positive_int, default=None, help="new tokens (default 256; CPU: 8)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the models' parameter dtype")
-    p.add_argument("--prefill-chunk", type=int, default=8192, help="prefill in pieces of this many tokens")
+    p.add_argument("--prefill-chunk", type=positive_int, default=8192, help="prefill in pieces of this many tokens")
     p.add_argument("--no-graph", action="store_true", help="decode eagerly on CUDA too")
     p.add_argument("--no-seed", action="store_true", help="skip the seed's model")
     p.add_argument("--no-attn", action="store_true", help="skip the softmax-attention Transformer")
-    p.add_argument("--seed-max-prompt", type=int, default=8192,
+    p.add_argument("--seed-max-prompt", type=positive_int, default=8192,
                    help="the seed's full forward is timed up to this prompt length")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--out", default=OUT, help="where generate.json goes (default: bench/out)")
@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cpu = device == "cpu"
     if cpu:
@@ -151,6 +152,9 @@ def main(argv: list[str]) -> None:
         dim, depth = min(args.dim, 64), min(args.depth, 2)
     else:
         dim, depth = args.dim, args.depth
+    if any(dim % hd for hd in args.head_dims):
+        parser.error(f"every --head-dims must divide the model width {dim}" + (" (--dim, at most 64 on the CPU)" if cpu
+                                                                                 else " (--dim)"))
     batches = args.batches or ([1, 2] if cpu else [1, 16] if args.quick else [1, 16, 128])
     prompts = args.prompts or ([16, 64] if cpu else [512, 8192] if args.quick else [512, 8192, 32768])
     new = args.new or (8 if cpu else 256)

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench import OUT, harness, results
+from bench import OUT, harness, nonnegative_int, positive_int, results
 from bench.harness import Timer as _Timer
 
 GiB = 1024 ** 3
@@ -598,27 +598,27 @@ def result_rows(report: dict[str, Any], env: dict) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench reversible", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--depths", type=int, nargs="+", default=None)
-    ap.add_argument("--d-model", type=int, default=None)
-    ap.add_argument("--heads", type=int, default=None)
-    ap.add_argument("--seq", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per point (median; default 3, tiny 1)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--depths", type=positive_int, nargs="+", default=None)
+    ap.add_argument("--d-model", type=positive_int, default=None)
+    ap.add_argument("--heads", type=positive_int, default=None)
+    ap.add_argument("--seq", type=positive_int, default=None)
+    ap.add_argument("--batch", type=positive_int, default=None)
+    ap.add_argument("--steps", type=positive_int, default=None, help="timed steps per point (median; default 3, tiny 1)")
+    ap.add_argument("--warmup", type=nonnegative_int, default=1)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--no-amp", action="store_true", help="fp32 compute (default: bf16 autocast; tiny: fp32)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast also in the tiny config")
     ap.add_argument("--no-micro", action="store_true")
     ap.add_argument("--micro-only", action="store_true")
-    ap.add_argument("--micro-iters", type=int, default=None)
+    ap.add_argument("--micro-iters", type=positive_int, default=None)
     ap.add_argument("--no-errors", action="store_true", help="skip reconstruction / gradient errors")
     ap.add_argument("--no-accumulation", action="store_true",
                     help="skip the backward-peak-vs-depth table with .grad already filled")
     ap.add_argument("--tiny", action="store_true", help="the tiny CPU config, also on a GPU")
-    ap.add_argument("--profile", type=int, default=None, metavar="DEPTH",
+    ap.add_argument("--profile", type=positive_int, default=None, metavar="DEPTH",
                     help="only profile one step per variant at this depth (kernel time vs step time, top ops)")
-    ap.add_argument("--profile-rows", type=int, default=15)
-    ap.add_argument("--peak", type=int, default=None, metavar="DEPTH",
+    ap.add_argument("--profile-rows", type=positive_int, default=15)
+    ap.add_argument("--peak", type=positive_int, default=None, metavar="DEPTH",
                     help="only list what is live at the memory peak of one step per variant at this depth "
                          "(CUDA)")
     ap.add_argument("--peak-cpp", action="store_true", help="--peak with the C++ frames (ATen ops, autograd nodes)")
@@ -631,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv or [])
+    parser = build_parser()
+    args = parser.parse_args(argv or [])
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -645,6 +646,8 @@ def main(argv: list[str] | None = None) -> None:
         dflt = dict(depths=[4, 8, 16, 32, 64], d_model=1024, heads=16, seq=2048, batch=8, micro_iters=50)
     depths = args.depths or dflt["depths"]
     d, heads = args.d_model or dflt["d_model"], args.heads or dflt["heads"]
+    if d % heads:
+        parser.error(f"--d-model {d} must be divisible by --heads {heads}")
     seq, batch = args.seq or dflt["seq"], args.batch or dflt["batch"]
     iters = args.micro_iters or dflt["micro_iters"]
     if not cuda:

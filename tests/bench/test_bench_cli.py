@@ -50,6 +50,40 @@ def test_unknown_option_exits_2_before_anything_runs(argv, calls, capsys):
     assert "error:" in err and "usage: python -m bench" in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["reversible", "--depths", "0"], "argument --depths: must be >= 1, got '0'"),
+    (["reversible", "--warmup", "-1"], "argument --warmup: must be >= 0"),
+    (["reversible", "--d-model", "x"], "argument --d-model: invalid int value: 'x'"),
+    (["train", "--steps", "0"], "argument --steps: must be >= 1"),  # was the config's 600 steps (0 read as unset)
+    (["train", "--steps", "-1"], "argument --steps: must be >= 1"),  # was a ZeroDivisionError after the runs
+    (["generate", "--new", "-1"], "argument --new: must be >= 1"),
+    (["generate", "--prefill-chunk", "0"], "argument --prefill-chunk: must be >= 1"),
+    (["cp", "--nproc", "0"], "argument --nproc: must be >= 1"),  # was a hang: a process group of no ranks
+    (["cp", "--repeat", "0"], "argument --repeat: must be >= 1"),
+    (["cp", "--predict", "--worlds", "0"], "argument --worlds: must be >= 1"),
+    (["cp", "--predict", "--link-gbps", "0"], "argument --link-gbps: must be > 0"),
+    (["cp", "--train", "--vocab", "0"], "argument --vocab: must be >= 1")])
+def test_a_count_out_of_range_is_a_usage_error_before_anything_runs(argv, message, capsys):
+    """Counts and sizes are checked by the parser (found by a new user: each of these was a traceback, a hang or a
+    silent default)."""
+    with pytest.raises(SystemExit) as e:
+        cli.plan(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_heads_that_do_not_divide_the_width_are_a_usage_error(tmp_path, capsys):
+    from bench import generate
+    with pytest.raises(SystemExit) as e:  # was a RuntimeError from a view in the first block's attention
+        reversible.main(["--heads", "3", "--d-model", "64", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "--d-model 64 must be divisible by --heads 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # was the Transformer's ValueError about 21 gate loop heads
+        generate.main(["--head-dims", "3", "--dim", "64", "--device", "cpu", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "every --head-dims must divide the model width 64" in capsys.readouterr().err
+
+
 def test_quick_runs_every_benchmark_with_its_quick_options(calls):
     cli.main(["--quick"])
     assert calls == [("scan", ["--quick"]), ("reversible", []), ("model", ["--quick"]), ("train", []),
