@@ -266,23 +266,55 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _comma_list(allowed=None, shape=False):
+    """An argparse ``type`` for a comma list, checked where it is parsed (the benchmark reads it only on a GPU,
+    after the device line): each item one of ``allowed``, a ``BH:n:d`` shape of positive ints (``shape``; the whole
+    text may be one of ``allowed`` then), or a chunk size (a power of two, 16..128); the string itself is the value."""
+    def check(text: str) -> str:
+        if shape and allowed is not None and text in allowed:  # --shapes main
+            return text
+        for item in filter(None, text.split(",")):
+            if allowed is not None and not shape:
+                ok = item in allowed
+            elif shape:
+                parts = item.split(":")
+                ok = len(parts) == 3 and all(x.isdigit() and int(x) > 0 for x in parts)
+            else:
+                ok = item.isdigit() and int(item) in (16, 32, 64, 128)
+            if not ok:
+                want = ("BH:n:d with positive ints" + (f" (or {', '.join(allowed)})" if allowed else "") if shape
+                        else f"one of {', '.join(allowed)}" if allowed is not None
+                        else "a chunk size 16, 32, 64 or 128")
+                raise argparse.ArgumentTypeError(f"{item!r} in {text!r} is not {want}")
+        return text
+    return check
+
+
+_MODES = ("ieee", "tf32x3", "tf32", "bf16")
+
+
 def add_arguments(ap) -> None:
     """This benchmark's options, on a parser or an argument group (``python -m bench scan`` offers them too)."""
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--peers", default="seed,fla", help="comma list of seed,fla (or 'none')")
+    ap.add_argument("--peers", default="seed,fla", type=_comma_list(("seed", "fla", "none")),
+                    help="comma list of seed,fla (or 'none')")
     ap.add_argument("--sweep", action="store_true", help="also the n sweep to 2^20 (B*H = 8, d = 64)")
-    ap.add_argument("--modes", default="ieee,tf32,bf16", help="comma list of ieee, tf32x3, tf32, bf16")
+    ap.add_argument("--modes", default="ieee,tf32,bf16", type=_comma_list(_MODES),
+                    help="comma list of ieee, tf32x3, tf32, bf16")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of one fwd+bwd (torch.profiler)")
-    ap.add_argument("--shapes", default="main", help="'main' or BH:n:d,... ")
+    ap.add_argument("--shapes", default="main", type=_comma_list(("main",), shape=True), help="'main' or BH:n:d,... ")
     ap.add_argument("--json", default=None, help="where the rows go (default: scan_chunked.json in bench/out, or in "
                     "python -m bench scan's --out)")
-    ap.add_argument("--fla-shapes", default="64:2048:64", help="BH:n:d,... where fla runs (it autotunes per shape)")
-    ap.add_argument("--sweep-modes", default="ieee", help="modes for the n sweep")
+    ap.add_argument("--fla-shapes", default="64:2048:64", type=_comma_list(shape=True),
+                    help="BH:n:d,... where fla runs (it autotunes per shape)")
+    ap.add_argument("--sweep-modes", default="ieee", type=_comma_list(_MODES), help="modes for the n sweep")
     ap.add_argument("--tune", action="store_true", help="only search the kernels' launch configurations "
                     "(gateloop_kernels.chunked.config._CFG) at --shapes and --modes, and print the best")
-    ap.add_argument("--tune-kernels", default=",".join(TUNE), help="kernels --tune searches")
-    ap.add_argument("--chunk-sizes", default="", help="comma list of other chunk sizes (e.g. 32,128) to time "
-                    "ours with too, each checked against the oracle")
+    ap.add_argument("--tune-kernels", default=",".join(TUNE), type=_comma_list(tuple(TUNE)),
+                    help="kernels --tune searches")
+    ap.add_argument("--chunk-sizes", default="", type=_comma_list(),
+                    help="comma list of other chunk sizes (e.g. 32,128) to time ours with too, each checked against "
+                         "the oracle")
     harness.add_record_argument(ap)
 
 

@@ -72,6 +72,26 @@ def test_a_count_out_of_range_is_a_usage_error_before_anything_runs(argv, messag
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["scan", "--shapes", "foo"], "argument --shapes: 'foo' in 'foo' is not BH:n:d with positive ints (or main)"),
+    (["scan", "--shapes", "64:2048"], "is not BH:n:d"),
+    (["scan", "--modes", "ieee,fp8"], "argument --modes: 'fp8' in 'ieee,fp8' is not one of ieee, tf32x3, tf32, bf16"),
+    (["scan", "--peers", "accelerated-scan"], "argument --peers: 'accelerated-scan'"),
+    (["scan", "--chunk-sizes", "48"], "argument --chunk-sizes: '48' in '48' is not a chunk size 16, 32, 64 or 128"),
+    (["scan", "--tune-kernels", "fwd"], "argument --tune-kernels: 'fwd'")])
+def test_a_wrong_chunked_scan_list_is_a_usage_error_on_any_machine(argv, message, capsys):
+    """The chunked scan reads these lists only on a GPU, after its device line (found by a new user: on the GPU
+    ``--shapes foo`` was a ValueError traceback, on the CPU every wrong list passed silently)."""
+    with pytest.raises(SystemExit) as e:
+        cli.plan(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    args = scan.build_parser().parse_args(["--shapes", "32:8192:64,16:4096:128", "--modes", "tf32,bf16",
+                                           "--peers", "none", "--chunk-sizes", "32,128", "--tune-kernels", "bwd_dqk"])
+    assert (args.shapes, args.modes, args.chunk_sizes) == ("32:8192:64,16:4096:128", "tf32,bf16", "32,128")
+    assert scan.build_parser().parse_args([]).shapes == "main"
+
+
 def test_heads_that_do_not_divide_the_width_are_a_usage_error(tmp_path, capsys):
     from bench import generate
     with pytest.raises(SystemExit) as e:  # was a RuntimeError from a view in the first block's attention
