@@ -39,6 +39,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def device_name(text: str) -> str:
+    """An argparse ``type``: a name ``torch.device`` takes (``cpu``, ``cuda``, ``cuda:1``), else a usage error."""
+    import torch
+
+    try:
+        torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:N, ...)") from None
+    return text
+
+
 def _at_least(text: str, kind: type, low):
     try:
         value = kind(text)

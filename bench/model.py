@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from bench import OUT, harness, results
+from bench import OUT, device_name, harness, results
 
 
 def _make(which: str, heads: Optional[int], dim: int, depth: int, reversible: bool) -> nn.Module:
@@ -172,7 +172,7 @@ def time_gate(device: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench model", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="skip the 131072-token runs")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_name)
     p.add_argument("--compile", action="store_true",
                    help="add rows of ours under torch.compile(model) (8 x 2048 on the GPU, ~20 s per compile; "
                         "the default on a GPU)")

@@ -144,12 +144,20 @@ def result_rows(ops: list[dict], env: dict) -> list[dict]:
     return out
 
 
+def _batch_by_tokens(text: str) -> tuple[int, int]:
+    """``--shape BxT``: ``(B, T)``, both positive, else the command's usage error."""
+    parts = text.split("x")
+    if len(parts) != 2 or not all(x.isdigit() and int(x) > 0 for x in parts):
+        raise argparse.ArgumentTypeError(f"must be BxT with positive ints (e.g. 8x2048), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench overhead", description=__doc__.splitlines()[0])
     p.add_argument("--model", action="store_true", help="also the model's training step against the SDPA model")
     p.add_argument("--model-only", action="store_true", help="only the model's training step")
     p.add_argument("--quick", action="store_true", help="the model at 8x2048 and 1x8192 tokens only")
-    p.add_argument("--shape", action="append", metavar="BxT",
+    p.add_argument("--shape", action="append", metavar="BxT", type=_batch_by_tokens,
                    help="the model at batch B x T tokens only (repeatable; default: " +
                    ", ".join(f"{b}x{t}" for b, t in MODEL_SHAPES) + ")")
     p.add_argument("--profile", action="store_true", help="print the host profile and kernels of each case")
@@ -168,8 +176,7 @@ def main(argv: list[str]) -> None:
     rows = result_rows(ops, env)
     if args.model or args.model_only:
         from bench.model import result_rows as model_result_rows
-        shapes = ([tuple(int(x) for x in s.split("x")) for s in args.shape] if args.shape
-                  else MODEL_SHAPES[:2] if args.quick else MODEL_SHAPES)
+        shapes = args.shape or (MODEL_SHAPES[:2] if args.quick else MODEL_SHAPES)
         mrows = model_rows(shapes, args.profile)
         rows += [dict(r, benchmark="overhead") for r in model_result_rows(mrows, env)]
     harness.record("overhead", rows, args.record, log=_log)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench import OUT, harness, positive_int
+from bench import OUT, device_name, harness, positive_int
 from bench.results import row as result_row
 
 IGNORE = -100
@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", choices=sorted(CONFIGS), default=None,
                    help="model/task size (default: real on a GPU, tiny on the CPU)")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps per run (default: the config's)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, type=device_name)
     p.add_argument("--out", type=Path, default=Path(OUT), help="where train.json goes (default: bench/out)")
     harness.add_record_argument(p)
     return p

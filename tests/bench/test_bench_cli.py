@@ -92,6 +92,22 @@ def test_a_wrong_chunked_scan_list_is_a_usage_error_on_any_machine(argv, message
     assert scan.build_parser().parse_args([]).shapes == "main"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--device", "bogus"], "argument --device: not a torch device: 'bogus'"),  # was a RuntimeError
+    (["model", "--device", "gpu"], "argument --device: not a torch device: 'gpu'"),  # was a table of "fails"
+    (["overhead", "--shape", "8by2048"], "argument --shape: must be BxT with positive ints"),  # a GPU's ValueError
+    (["overhead", "--shape", "8x0"], "argument --shape: must be BxT with positive ints")])
+def test_a_wrong_device_or_model_shape_is_a_usage_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.plan(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    from bench import overhead
+    assert overhead.build_parser().parse_args(["--shape", "8x2048", "--shape", "1x8192"]).shape == [(8, 2048),
+                                                                                                    (1, 8192)]
+    assert model.build_parser().parse_args(["--device", "cuda:1"]).device == "cuda:1"
+
+
 def test_heads_that_do_not_divide_the_width_are_a_usage_error(tmp_path, capsys):
     from bench import generate
     with pytest.raises(SystemExit) as e:  # was a RuntimeError from a view in the first block's attention
