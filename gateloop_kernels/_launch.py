@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 import triton
+from torch import Tensor
 
 try:
     from triton import knobs as _knobs
@@ -46,28 +47,26 @@ def _stream(device: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device)
 
 
-def _arg_key(x: Any):
-    if isinstance(x, bool) or x is None:
-        return x
-    if isinstance(x, int):
-        return (x == 1, x % 16 == 0, 0 if _I32[0] <= x < _I32[1] else 1 if _I64[0] <= x < _I64[1] else 2)
-    return type(x)
-
-
 def _keyed(args: tuple) -> tuple[list, list]:
     """``(key parts, launch arguments)`` of positional arguments: a tensor becomes its address, which the compiled
     launcher takes as it is (of a tensor it would call ``data_ptr()`` and check the address with a driver call, per
     pointer and launch); its key part is its dtype, 16-byte alignment and whether it is on CUDA (a tensor elsewhere
-    misses the cache, and Triton's own launch raises its error)."""
+    misses the cache, and Triton's own launch raises its error). One loop without a call per argument: ~40
+    arguments a launch, on every launch."""
     keys, vals = [], []
+    key, val = keys.append, vals.append
     for x in args:
-        if isinstance(x, torch.Tensor):
+        tx = type(x)
+        if tx is Tensor or isinstance(x, Tensor):
             p = x.data_ptr()
-            keys.append((x.dtype, p % 16 == 0, x.is_cuda))
-            vals.append(p)
-        else:
-            keys.append(_arg_key(x))
-            vals.append(x)
+            key((x.dtype, p % 16 == 0, x.is_cuda))
+            val(p)
+        elif tx is int or (tx is not bool and isinstance(x, int)):
+            key((x == 1, x % 16 == 0, 0 if _I32[0] <= x < _I32[1] else 1 if _I64[0] <= x < _I64[1] else 2))
+            val(x)
+        else:  # bools and None by value, other values (floats) by type
+            key(x if tx is bool or x is None else tx)
+            val(x)
     return keys, vals
 
 
