@@ -12,6 +12,7 @@ The issue-20 targets: eager <= device + 0.15 ms. ``--model`` adds training steps
 (head dims 64 and 1) against the same model with softmax attention through SDPA (``CausalFullAttention``),
 bf16 autocast and float32, tokens/s in one run. ``--profile`` prints the host-side profile of one call per case and,
 with ``--model``, each step's kernel device time beside its wall time (host-bound or device-bound).
+``--calling-thread`` runs every backward on the calling thread instead of autograd's device thread (rows say so).
 On a GPU the figures are appended as rows to ``bench/results/overhead.jsonl`` (``--no-record`` skips that).
 """
 from __future__ import annotations
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model at batch B x T tokens only (repeatable; default: " +
                    ", ".join(f"{b}x{t}" for b, t in MODEL_SHAPES) + ")")
     p.add_argument("--profile", action="store_true", help="print the host profile and kernels of each case")
+    p.add_argument("--calling-thread", action="store_true",
+                   help="run every backward on the calling thread (torch.autograd.set_multithreading_enabled(False)), "
+                        "not on autograd's device thread; rows say so in impl")
     harness.add_record_argument(p)
     return p
 
@@ -171,12 +175,18 @@ def main(argv: list[str]) -> None:
         _log("needs a CUDA device (the eager overhead is host time around CUDA launches); nothing run")
         return
     env = harness.environment()
-    _log(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}")
-    ops = [] if args.model_only else [run_case(*c, profile=args.profile) for c in CASES]
-    rows = result_rows(ops, env)
-    if args.model or args.model_only:
-        from bench.model import result_rows as model_result_rows
-        shapes = args.shape or (MODEL_SHAPES[:2] if args.quick else MODEL_SHAPES)
-        mrows = model_rows(shapes, args.profile)
-        rows += [dict(r, benchmark="overhead") for r in model_result_rows(mrows, env)]
+    _log(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}"
+         + (", backward on the calling thread" if args.calling_thread else ""))
+    # PyTorch runs a CUDA graph's backward on a per-device thread: a hand-off and cold caches per backward, which
+    # set_multithreading_enabled(False) avoids (docs/kernels.md section 5)
+    with torch.autograd.set_multithreading_enabled(not args.calling_thread):
+        ops = [] if args.model_only else [run_case(*c, profile=args.profile) for c in CASES]
+        rows = result_rows(ops, env)
+        if args.model or args.model_only:
+            from bench.model import result_rows as model_result_rows
+            shapes = args.shape or (MODEL_SHAPES[:2] if args.quick else MODEL_SHAPES)
+            mrows = model_rows(shapes, args.profile)
+            rows += [dict(r, benchmark="overhead") for r in model_result_rows(mrows, env)]
+    if args.calling_thread:
+        rows = [results.validate(dict(r, impl=f"{r['impl']} (backward on the calling thread)")) for r in rows]
     harness.record("overhead", rows, args.record, log=_log)

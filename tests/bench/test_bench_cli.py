@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import bench
 from bench import __main__ as cli
@@ -234,3 +235,26 @@ def test_summary_says_which_scan_peers_are_not_installed(tmp_path, monkeypatch, 
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("scan d=1"))
     assert "ours 1.000 ms" in line and "reference 2.000 ms (upstream not installed)" in line
     assert "accelerated-scan not installed" in line
+
+
+def test_overhead_calling_thread_rows_say_so(monkeypatch):
+    """``bench overhead --calling-thread`` runs its cases with autograd's multithreading off and marks every row's
+    impl (the rows stand beside the default's, which take the device thread)."""
+    from bench import harness, overhead
+    seen, recorded = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(overhead, "CASES", [(2, 8, 1, torch.float32, "ieee")])
+    monkeypatch.setattr(harness, "environment", lambda: dict(gpu="test", driver=None, torch="t", triton="t",
+                                                              commit=None, date="d"))
+
+    def fake_case(B, n, d, dtype, precision, profile):
+        seen.append(torch._C._is_multithreading_enabled())
+        return {"B": B, "n": n, "d": d, "dtype": "float32", "precision": precision, "device_ms": 1.0,
+                "host_ms": 2.0, "eager": harness.summarize([3.0]), "graph": harness.summarize([1.0])}
+    monkeypatch.setattr(overhead, "run_case", fake_case)
+    monkeypatch.setattr(harness, "record", lambda bench, rows, flag, log=None: recorded.extend(rows))
+    overhead.main(["--calling-thread", "--no-record"])
+    overhead.main(["--no-record"])
+    assert seen == [False, True]
+    impls = [r["impl"] for r in recorded]
+    assert impls[:4] == ["ours (backward on the calling thread)"] * 4 and impls[4:] == ["ours"] * 4
