@@ -79,8 +79,8 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
     Raises:
         TypeError: wrong dtypes, a non-int ``chunk_size``, a ``cu_seqlens`` not int32/int64. ValueError: shapes,
         devices, not exactly one gate form, an unknown ``precision``, a ``chunk_size`` that is not a power of two
-        >= 16 (or above 128 on the chunked kernel), a ``cu_seqlens`` not 1-D or with ``B != 1`` or bad values, an ``initial_state`` without ``N``
-        states.
+        >= 16 (or above 128 on the chunked kernel), a ``cu_seqlens`` not 1-D or with ``B != 1`` or bad values, an
+        ``initial_state`` without ``N`` states.
     """
     if cp_group is not None:
         from .context_parallel import gate_loop_heads_cp  # it imports this module

@@ -56,8 +56,8 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
 
     Raises:
         TypeError: non-tensor or integer inputs, a non-int ``chunk_size``. ValueError: shapes, devices, an
-        unknown ``precision``, a ``chunk_size`` that is not a power of two >= 16 (or above 128 on the chunked kernel); ``cu_seqlens`` errors as
-        :func:`gateloop_kernels.gate_loop_heads`'s.
+        unknown ``precision``, a ``chunk_size`` that is not a power of two >= 16 (or above 128 on the chunked
+        kernel); ``cu_seqlens`` errors as :func:`gateloop_kernels.gate_loop_heads`'s.
     """
     if cp_group is not None:
         from .context_parallel import gate_loop_operator_cp  # it imports this module

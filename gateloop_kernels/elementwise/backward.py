@@ -169,7 +169,7 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
     else:
         tl.store(dk_ptr + ooff, (lam_r * v).to(dk_ptr.dtype.element_ty), mask=m)
         tl.store(dv_ptr + ooff, (lam_r * k).to(dv_ptr.dtype.element_ty), mask=m)
-    # da_t = lam_t conj(y_t); gate gradients are stored in the outputs' layout
+    # da_t = lam_t conj(y_t), stored through the gate gradient's own strides
     tl.store(dar_ptr + doff, (lam_r * y_r + lam_i * y_i).to(dar_ptr.dtype.element_ty), mask=m)
     if COMPLEX:
         tl.store(dai_ptr + doff, (lam_i * y_r - lam_r * y_i).to(dai_ptr.dtype.element_ty), mask=m)
@@ -243,7 +243,8 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
         ws, agg_off, ticket_off, 0, *_varlen_args(cu_seqlens, ws),
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(), *dq.stride(), *da_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
-        HAS_H0=has_h0, HAS_GT=has_gt, BIG=_needs_int64(q, a_re, dq, da_re) or (cu_seqlens is not None and nseq * C >= 2 ** 31),
+        HAS_H0=has_h0, HAS_GT=has_gt,
+        BIG=_needs_int64(q, a_re, dq, da_re) or (cu_seqlens is not None and nseq * C >= 2 ** 31),
         DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
         OUT_STRIDED=dq.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps)
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im
