@@ -23,6 +23,8 @@ import torch
 
 from bench import OUT, harness, results
 from bench.harness import ceilings, describe, rel_err
+from gateloop_kernels.chunked.config import MAX_BT
+from gateloop_kernels.dtypes import PRECISIONS
 
 MAIN = [(64, 2048, 64), (32, 8192, 64), (16, 4096, 128)]
 SWEEP = [(8, 1 << p, 64) for p in (11, 13, 15, 17, 20)]
@@ -269,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _comma_list(allowed=None, shape=False):
     """An argparse ``type`` for a comma list, checked where it is parsed (the benchmark reads it only on a GPU,
     after the device line): each item one of ``allowed``, a ``BH:n:d`` shape of positive ints (``shape``; the whole
-    text may be one of ``allowed`` then), or a chunk size (a power of two, 16..128); the string itself is the value."""
+    text may be one of ``allowed`` then), or a chunk size (a power of two, 16..MAX_BT); the string itself is the value."""
     def check(text: str) -> str:
         if shape and allowed is not None and text in allowed:  # --shapes main
             return text
@@ -280,17 +282,18 @@ def _comma_list(allowed=None, shape=False):
                 parts = item.split(":")
                 ok = len(parts) == 3 and all(x.isdigit() and int(x) > 0 for x in parts)
             else:
-                ok = item.isdigit() and int(item) in (16, 32, 64, 128)
+                ok = item.isdigit() and int(item) in _CHUNKS
             if not ok:
                 want = ("BH:n:d with positive ints" + (f" (or {', '.join(allowed)})" if allowed else "") if shape
                         else f"one of {', '.join(allowed)}" if allowed is not None
-                        else "a chunk size 16, 32, 64 or 128")
+                        else f"a chunk size {', '.join(map(str, _CHUNKS[:-1]))} or {_CHUNKS[-1]}")
                 raise argparse.ArgumentTypeError(f"{item!r} in {text!r} is not {want}")
         return text
     return check
 
 
-_MODES = ("ieee", "tf32x3", "tf32", "bf16")
+_MODES = PRECISIONS + ("bf16",)
+_CHUNKS = tuple(2 ** i for i in range(4, MAX_BT.bit_length()))  # the kernels' chunk sizes, 16..MAX_BT
 
 
 def add_arguments(ap) -> None:

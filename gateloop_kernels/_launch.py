@@ -47,8 +47,9 @@ def _stream(device: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device)
 
 
-def _keyed(args: tuple) -> tuple[list, list]:
-    """``(key parts, launch arguments)`` of positional arguments: a tensor becomes its address, which the compiled
+def _keyed(device: int, args: tuple, kwargs: dict) -> tuple[tuple, list]:
+    """``(cache key, launch arguments)`` of a launch on ``device``: the key holds the device, the keywords
+    (constexprs, launch options) and a part per positional argument. A tensor becomes its address, which the compiled
     launcher takes as it is (of a tensor it would call ``data_ptr()`` and check the address with a driver call, per
     pointer and launch); its key part is its dtype, 16-byte alignment and whether it is on CUDA (a tensor elsewhere
     misses the cache, and Triton's own launch raises its error). One loop without a call per argument: ~40
@@ -67,7 +68,7 @@ def _keyed(args: tuple) -> tuple[list, list]:
         else:  # bools and None by value, other values (floats) by type
             key(x if tx is bool or x is None else tx)
             val(x)
-    return keys, vals
+    return (device, tuple(kwargs.items()), *keys), vals
 
 
 class Launcher:
@@ -101,8 +102,7 @@ class Launcher:
             self.fn[grid](*args, **kwargs)
             return
         device = _device()
-        keys, vals = _keyed(args)
-        key = (device, tuple(kwargs.items()), *keys)
+        key, vals = _keyed(device, args, kwargs)
         try:
             hit = self._cache.get(key)
         except TypeError:  # an unhashable constexpr: Triton's own path

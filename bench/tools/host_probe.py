@@ -273,7 +273,7 @@ def probe_stubbed(reps: int = 300) -> None:
     from gateloop_kernels.elementwise import op as ew_op
 
     def stub_run(self, grid, args, kwargs):
-        self._cache.get((0, tuple(kwargs.items()), *_launch._keyed(args)[0]))
+        self._cache.get(_launch._keyed(0, args, kwargs)[0])
     patches = [mock.patch.object(dispatch, "KERNEL_DEVICES", ("cuda", "cpu")),
                mock.patch.object(ew_op, "KERNEL_DEVICES", ("cuda", "cpu")),
                mock.patch.object(_launch.Launcher, "run", stub_run),
