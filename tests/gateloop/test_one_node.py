@@ -7,6 +7,7 @@ import torch
 import gateloop_kernels as gk
 from gateloop_kernels import dispatch
 from gateloop_kernels.elementwise import op as ew_op
+from gateloop_kernels import reference as R
 from tests.helpers.kernels import INTERPRET
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -115,3 +116,31 @@ def test_heads_is_one_node_with_the_general_paths_results(kernels_on, device, d,
     assert rel_err(out, ref) <= 1e-6
     for x, y in zip(_grads(out, inputs, g), _grads(ref, inputs, g)):
         assert rel_err(x, y) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_operator_one_node_nan_is_causal(kernels_on, device):
+    """The head-dim-1 one node (gate gradient written into the complex gradient's planes): a NaN in k at step t of
+    one sequence leaves the outputs before t, every other sequence, the q, k, v gradients before t and the gate's
+    gradient up to t (``da_s = lam_s conj(h_{s-1})`` reads k before s only) finite, and equal to the float64 loop
+    there."""
+    kernels_on(device)
+    b, t, B, n = 1, 40, 3, 100
+    q, k, v = (torch.randn(B, n, 1, device=device) for _ in range(3))
+    k[b, t] = float("nan")
+    a = torch.polar(0.5 + 0.5 * torch.rand(B, n, 1, 1, device=device), torch.randn(B, n, 1, 1, device=device))
+    leaves = [x.requires_grad_() for x in (q, k, v, a)]
+    out = gk.gate_loop_operator(*leaves)
+    assert type(out.grad_fn).__name__ == "_OneNodeBackward"
+    g = torch.randn_like(out)
+    grads = _grads(out, leaves, g)
+    ref_leaves = [x.detach().cpu().to(torch.complex128 if x.is_complex() else torch.float64).requires_grad_()
+                  for x in leaves]
+    ref = R.sequential_reference(*ref_leaves)
+    ref_grads = _grads(ref, ref_leaves, g.cpu().double())
+    keep = [(slice(None), slice(0, t)), ([0, 2], slice(None))]  # steps before t, the other sequences
+    for x, y, last in zip([out, *grads], [ref, *ref_grads], [t, t, t, t, t + 1]):
+        for rows, steps in keep + [([b], slice(0, last))]:
+            xs, ys = x.detach().cpu()[rows, steps], y.detach()[rows, steps]
+            assert torch.isfinite(xs).all()
+            assert rel_err(xs, ys) <= 1e-5
