@@ -686,6 +686,52 @@ def _normalize_dim(dim: int, ndim: int) -> int:
     return dim % ndim
 
 
+def _check_streams(arg: str, what: str, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """``tensors``: a non-empty sequence of floating tensors of at least one dim on one device (``arg`` names the
+    argument, ``what`` one of its entries)."""
+    if isinstance(tensors, Tensor):  # iterable too: its rows would pass as streams
+        raise TypeError(f"{arg} must be a sequence of tensors, one per stream (e.g. [x]), got a Tensor")
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{arg} must hold at least one stream")
+    for i, x in enumerate(tensors):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{what} {i} must be a Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{what} {i} must be floating point, got {x.dtype}")
+        if x.dim() == 0:
+            raise ValueError(f"{what} {i} is a scalar; it needs a dim to split")
+        if x.device != tensors[0].device:
+            raise ValueError(f"all of {arg} must be on one device; got {tensors[0].device} and {x.device}")
+    return tensors
+
+
+def _split_dims(tensors: Sequence[Tensor], dims: int | Sequence[int], what: str, halves: bool) -> list[int]:
+    """Each stream's split dim, non-negative; ``halves``: the tensors hold both halves along it (an even size)."""
+    dims = [dims] * len(tensors) if isinstance(dims, int) else list(dims)
+    if len(dims) != len(tensors):
+        raise ValueError(f"got {len(dims)} split dims for {len(tensors)} streams")
+    out = []
+    for i, (x, d) in enumerate(zip(tensors, dims)):
+        d = _normalize_dim(d, x.dim())
+        if halves and x.shape[d] % 2:
+            raise ValueError(f"{what} {i} has odd size {x.shape[d]} on split dim {d}; it must hold two equal halves")
+        out.append(d)
+    return out
+
+
+def _check_couplings(couplings: Sequence[Coupling], streams: int) -> list[Coupling]:
+    couplings = list(couplings)
+    for c in couplings:
+        if not isinstance(c, Coupling):
+            raise TypeError(f"couplings must be Coupling objects, got {type(c).__name__}")
+        bad = [h for h in (*c.targets, *c.sources) if not 0 <= h < 2 * streams]
+        if bad:
+            raise ValueError(f"coupling {c.name} refers to half {bad[0]}, but {streams} stream(s) "
+                             f"have halves 0..{2 * streams - 1}")
+    return couplings
+
+
 def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, dims: int | Sequence[int] = -1,
                   merge: str = "mean", input_mode: str = "duplicate", stream_dtype: torch.dtype | None = None,
                   preserve_rng_state: bool = True, reversible: bool = True) -> list[Tensor]:
@@ -716,44 +762,16 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
     cannot be subtracted out again, and the gradients of earlier steps become NaN there, where plain
     autograd's may be finite (the loss is non-finite either way). It stays in the elements it reached.
     """
-    if isinstance(inputs, Tensor):  # iterable too: its rows would pass as streams
-        raise TypeError("inputs must be a sequence of tensors, one per stream (e.g. [x]), got a Tensor")
-    inputs = list(inputs)
-    if not inputs:
-        raise ValueError("run_couplings needs at least one input stream")
-    for i, x in enumerate(inputs):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"stream input {i} must be a Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"stream input {i} must be floating point, got {x.dtype}")
-        if x.dim() == 0:
-            raise ValueError(f"stream input {i} is a scalar; it needs a dim to split")
-        if x.device != inputs[0].device:
-            raise ValueError(f"all stream inputs must be on one device; got {inputs[0].device} and {x.device}")
+    inputs = _check_streams("inputs", "stream input", inputs)
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     if input_mode not in INPUT_MODES:
         raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
     if stream_dtype is not None and not stream_dtype.is_floating_point:
         raise ValueError(f"stream_dtype must be a floating dtype, got {stream_dtype}")
-    dims = [dims] * len(inputs) if isinstance(dims, int) else list(dims)
-    if len(dims) != len(inputs):
-        raise ValueError(f"got {len(dims)} split dims for {len(inputs)} streams")
-    streams = []
-    for i, (x, d) in enumerate(zip(inputs, dims)):
-        d = _normalize_dim(d, x.dim())
-        if input_mode == "split" and x.shape[d] % 2:
-            raise ValueError(f"stream input {i} has odd size {x.shape[d]} on split dim {d}; "
-                             "input_mode='split' needs two equal halves")
-        streams.append(_Stream(d, x.dtype, stream_dtype or x.dtype))
-    couplings = list(couplings)
-    for c in couplings:
-        if not isinstance(c, Coupling):
-            raise TypeError(f"couplings must be Coupling objects, got {type(c).__name__}")
-        bad = [h for h in (*c.targets, *c.sources) if not 0 <= h < 2 * len(inputs)]
-        if bad:
-            raise ValueError(f"coupling {c.name} refers to half {bad[0]}, but {len(inputs)} stream(s) "
-                             f"have halves 0..{2 * len(inputs) - 1}")
+    split_dims = _split_dims(inputs, dims, "stream input", input_mode == "split")
+    streams = [_Stream(d, x.dtype, stream_dtype or x.dtype) for x, d in zip(inputs, split_dims)]
+    couplings = _check_couplings(couplings, len(inputs))
 
     run = _Run(couplings, streams, merge, input_mode, preserve_rng_state)
     needs_graph = torch.is_grad_enabled() and (
@@ -786,10 +804,22 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
     reconstructed inputs and their gradients (new tensors; the arguments are not modified);
     parameter gradients are accumulated into ``.grad`` like ``Tensor.backward`` does. RNG
     state is not replayed (this is a standalone inverse, not part of a recorded call).
+
+    Raises TypeError / ValueError naming the argument, as :func:`run_couplings` does for its inputs: ``outputs`` or
+    ``grads`` not a sequence of floating tensors, an odd size on a split dim, a gradient shaped or placed unlike its
+    output, a coupling referring to a half that no stream has.
     """
-    dims = [dims] * len(outputs) if isinstance(dims, int) else list(dims)
-    streams = [_Stream(_normalize_dim(d, y.dim()), y.dtype, y.dtype) for y, d in zip(outputs, dims)]
-    run = _Run(couplings, streams, "cat", "split", preserve_rng_state=False)
+    outputs = _check_streams("outputs", "output", outputs)
+    grads = _check_streams("grads", "grad", grads)
+    if len(grads) != len(outputs):
+        raise ValueError(f"grads must hold one gradient per output stream: {len(outputs)}, got {len(grads)}")
+    for i, (y, g) in enumerate(zip(outputs, grads)):
+        if g.shape != y.shape or g.device != y.device:
+            raise ValueError(f"grad {i} must have the shape and device of output {i}, {tuple(y.shape)} on {y.device}; "
+                             f"got {tuple(g.shape)} on {g.device}")
+    split_dims = _split_dims(outputs, dims, "output", halves=True)
+    streams = [_Stream(d, y.dtype, y.dtype) for y, d in zip(outputs, split_dims)]
+    run = _Run(_check_couplings(couplings, len(outputs)), streams, "cat", "split", preserve_rng_state=False)
     run.autocast = {}
     run.snapshots = [_snapshot(c) for c in run.couplings]  # no recorded forward: the state now
     bufs = [run.to_buffer(i, y.detach()) for i, y in enumerate(outputs)]

@@ -240,6 +240,26 @@ def test_bad_input_errors():
         reversible.run_couplings([torch.randn(2, D)], [reversible.Coupling(Fn(D), (0,), (3,))])
 
 
+def test_reverse_couplings_checks_its_arguments():
+    """The standalone inverse (and so ReversibleBlock.backward_pass) took a tensor's rows as streams, dropped the
+    last element of an odd split dim, and failed deep inside (IndexError, autograd's shape error) on a missing or
+    mis-shaped gradient or an out-of-range half, where run_couplings names the argument."""
+    blk = reversible.ReversibleBlock(Fn(D, p=0.0), Fn(D, p=0.0))  # no dropout: the inverse replays no RNG state
+    y = torch.randn(2, 2 * D, dtype=torch.float64)
+    with pytest.raises(ValueError, match="odd size 13"):
+        blk.backward_pass(torch.randn(2, 2 * D + 1, dtype=torch.float64), torch.randn(2, 2 * D + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="grad 0 must have the shape"):
+        blk.backward_pass(y, y[:1])
+    with pytest.raises(TypeError, match="outputs must be a sequence"):
+        reversible.reverse_couplings(y, y, blk.couplings())
+    with pytest.raises(ValueError, match="grads must hold at least one"):
+        reversible.reverse_couplings([y], [], blk.couplings())
+    with pytest.raises(ValueError, match="refers to half 3"):
+        reversible.reverse_couplings([y], [y], [reversible.Coupling(Fn(D), (3,), (0,))])
+    x, dx = blk.backward_pass(blk(y), torch.ones_like(y))  # a well-formed call still inverts the block
+    assert torch.allclose(x, y, atol=1e-12) and dx.shape == y.shape
+
+
 def test_input_never_modified_and_nested_stacks(_seed):
     inner = reversible.ReversibleSequence(_pairs(2))
     pairs = [(inner, Fn(D)), (Fn(D), Fn(D))]  # a reversible stack inside f
