@@ -107,8 +107,8 @@ def decode_kernel_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, z: Option
     q, k, v = _last_dim_dense(q), _last_dim_dense(k), _last_dim_dense(v)
     o = torch.empty((B, H, e), dtype=q.dtype, device=q.device)
     R = B * H
-    if R == 0:
-        return o
+    if R * d * e == 0:  # an empty state: nothing to update, and o is a sum over no key dims
+        return o.zero_()
     br, bd, be = _blocks(R, d, e)
     zz = q if z is None else z.contiguous()
     grid = (-(-R // br), -(-e // be))
@@ -134,8 +134,9 @@ def decode_step_reference(q: Tensor, k: Tensor, v: Tensor, state: Tensor, z: Opt
 
 
 def _use_kernel(q: Tensor, state: Tensor) -> bool:
+    # a conjugate view has no real/imaginary view for the kernel to write (PyTorch updates it in place)
     return ((q.is_cuda or _INTERPRETED) and q.dtype in _KERNEL_DTYPES and state.dtype == torch.complex64
-            and q.shape[-1] <= MAX_HEAD_DIM and not torch.compiler.is_compiling())
+            and not state.is_conj() and q.shape[-1] <= MAX_HEAD_DIM and not torch.compiler.is_compiling())
 
 
 def gate_loop_decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, *, z: Optional[Tensor]) -> Tensor:

@@ -97,6 +97,21 @@ def test_kernel_half_inputs(monkeypatch, dtype):
     assert _rel(o, ref_o) <= 1e-2
 
 
+@interp
+@pytest.mark.parametrize("d,e,conj", [(0, 4, False), (4, 0, False), (3, 4, True)], ids=["d0", "e0", "conj-state"])
+def test_kernel_empty_head_dims_and_conjugate_state_as_pytorch_step(d, e, conj):
+    """On the kernel's devices a head dim of 0 was a ZeroDivisionError in the block sizes and a state that is a
+    conjugate view (``s.conj()``) a RuntimeError of view_as_real; the PyTorch step takes both."""
+    q, k, v, z = (t[:, 0] for t in _inputs(2, 1, 3, d, e, torch.float32))
+    state = torch.randn(2, 3, d, e, dtype=torch.complex64)
+    want_state = state.clone().conj() if conj else state.clone()
+    want = D.gate_loop_decode_step(q, k, v, want_state, z=z)
+    state = state.conj() if conj else state
+    with D.interpreted():
+        o = D.gate_loop_decode_step(q, k, v, state, z=z)
+    assert o.shape == (2, 3, e) and _rel(o, want) <= 1e-6 and _rel(state, want_state) <= 1e-6
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("d,e", [(1, 1), (8, 16)])
 def test_pytorch_step_matches_reference(dtype, d, e):
