@@ -594,7 +594,8 @@ class Transformer(Module):
         new token per sequence is a decode step (the fused step, inference only: under ``torch.no_grad()``).
         The cache is updated in place. Raises ValueError for a cache of another model or batch size, or
         with ``return_loss`` (labels given or not); TypeError for a cache made for another dtype or that is not
-        a ``TransformerCache``.
+        a ``TransformerCache``. Given ``labels`` must be integer targets shaped and placed as ``x`` (TypeError /
+        ValueError).
 
         ``cp_group`` (a ``torch.distributed`` process group): ``x`` is this rank's slice of the sequences'
         time axis (rank r holds slice r) and, with ``return_loss``, ``labels (b, n)`` are the next tokens of its
@@ -606,6 +607,8 @@ class Transformer(Module):
                                    else ablate_state_transition)
         sequences = None  # the rows of x, unless packed
         check_layer_input("x", x, 2, "(b, n) of token ids" if cu_seqlens is None else "(1, T) of token ids")
+        if return_loss and labels is not None:
+            _check_labels(labels, x)
         if cu_seqlens is not None:
             if cp_group is None:  # under a group the layers check it against the group's T
                 sequences = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
@@ -675,6 +678,17 @@ class Transformer(Module):
 
         return generate(self, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         eos_token=eos_token, generator=generator, cuda_graph=cuda_graph, cu_seqlens=cu_seqlens)
+
+
+def _check_labels(labels: Tensor, x: Tensor) -> None:
+    """Given targets: one integer id (or -100, none) per token of ``x``, on its device (``.long()`` would truncate
+    float targets, and cross_entropy's own errors name no argument)."""
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor of target token ids (-100: no target), got "
+                        f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}")
+    if labels.shape != x.shape or labels.device != x.device:
+        raise ValueError(f"labels must have the shape and device of x, {tuple(x.shape)} on {x.device} (one target per "
+                         f"token), got {tuple(labels.shape)} on {labels.device}")
 
 
 def _packed_targets(x: Tensor, cu_seqlens: Tensor) -> Tensor:

@@ -645,6 +645,20 @@ def test_loss_takes_int32_tokens():
     assert torch.equal(model(t.int(), return_loss=True, labels=t.int()), model(t, return_loss=True, labels=t))
 
 
+def test_loss_labels_are_checked():
+    """Given labels were taken as they came: float targets silently truncated by ``.long()`` (2.7 -> 2), a
+    mis-shaped tensor failed in cross_entropy with a RuntimeError that names no argument."""
+    model = G.Transformer(16, num_tokens=20, depth=1, gate_loop_heads=2)
+    t = torch.randint(0, 20, (2, 9))
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
+        model(t, return_loss=True, labels=t.float() + 0.7)
+    with pytest.raises(ValueError, match=r"labels must have the shape and device of x, \(2, 9\)"):
+        model(t, return_loss=True, labels=t[:, 1:])
+    cu = torch.tensor([0, 4, 9])
+    with pytest.raises(ValueError, match="labels must have the shape"):
+        model(t[:1], return_loss=True, labels=t[:1, :4], cu_seqlens=cu)
+
+
 @pytest.mark.parametrize("entry", ["operator", "heads"])
 def test_reference_outputs_and_gradients_are_dense(entry):
     """The chunked reference pads the time axis to whole chunks: its outputs and the gradients autograd returns were
