@@ -382,8 +382,12 @@ class GateLoopedAttention(Module):
         if cache is not None:
             _check_state_cache(cache, q, v, b if cu_seqlens is None else count_cu_seqlens(cu_seqlens))
         if cache is not None and n == 1 and cu_seqlens is None:
-            o = gate_loop_decode_step(q[:, 0], k[:, 0], v[:, 0], cache,
+            # the step updates a dense state: a strided cache (e.g. cache[::2], a beam's rows) through a copy
+            state = cache if cache.is_contiguous() else cache.contiguous()
+            o = gate_loop_decode_step(q[:, 0], k[:, 0], v[:, 0], state,
                                       z=None if ablate_state_transition else z[:, 0])
+            if state is not cache:
+                cache.copy_(state)
             out = o[:, None]
         else:
             want_state = cache is not None or return_cache

@@ -219,6 +219,22 @@ def test_cache_keeps_size_and_storage(name):
     assert [(t.data_ptr(), t.shape) for t in tensors(cache)] == before
 
 
+def test_strided_cache_decodes_in_place():
+    """A strided view of a gate-loop cache (rows of a larger one, e.g. the even beams ``cache[::2]``) continued by a
+    prefill but failed a decode step with the decode step's 'state must be contiguous'; now both update it in place."""
+    layer = L.GateLoopedAttention(16, heads=2).double()
+    x = torch.randn(4, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x[::2])
+        _, cache = layer(x[:, :3], return_cache=True)
+        rows = cache[::2]
+        assert not rows.is_contiguous()
+        outs = [layer(x[::2, t:t + 1], cache=rows) for t in range(3, 5)]
+    assert (torch.cat(outs, 1) - full[:, 3:]).abs().max() <= 1e-10
+    _, want = layer(x[::2], return_cache=True)
+    assert torch.allclose(cache[::2], want, rtol=1e-12, atol=1e-12)
+
+
 def test_kv_cache_grows_past_its_capacity():
     model = _model(FULL_ATTN["full-rotary"])
     x = torch.randint(0, VOCAB, (2, 12))
