@@ -6,7 +6,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .core import _rng_replay, _rng_state, _Run, _Stream, _normalize_dim
+from .core import _check_streams, _rng_replay, _rng_state, _Run, _split_dims, _Stream
 from . import _inplace
 
 __all__ = ["reconstruction_error"]
@@ -27,14 +27,15 @@ def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor
     give 0.0; a NaN in the input gives NaN. It runs the model as a call does: in train mode BatchNorm's
     running statistics are updated (twice) and the global RNG advances; use ``model.eval()`` or save them first.
 
-    Raises ``TypeError`` for a ``model`` without couplings (a plain module) or an ``x`` of the wrong form.
+    Raises ``TypeError`` for a ``model`` without couplings (a plain module) or an ``x`` of the wrong form, and the
+    model's own call's ``TypeError`` / ``ValueError`` for its streams (not floating, an odd split dim in split mode).
     """
     from .dual import DualModalityReversibleSequence
 
     if isinstance(model, DualModalityReversibleSequence):
         if isinstance(x, (Tensor, Mapping)) or len(x) != 2:
             raise TypeError("for a DualModalityReversibleSequence pass x=(video, audio)")
-        inputs = list(x)
+        inputs = _check_streams("x", "stream input", x)
         couplings = [c for block in model.blocks for c in block.couplings(**kwargs)]
     else:
         if not (callable(getattr(model, "couplings", None)) and hasattr(model, "dim")):
@@ -44,11 +45,14 @@ def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor
             raise TypeError(f"x must be the model's input, a Tensor (or a dict of them for a dict stream), got "
                             f"{type(x).__name__}")
         keys = tuple(x.keys()) if isinstance(x, Mapping) else None
-        inputs = [x[k] for k in keys] if keys is not None else [x]
+        inputs = _check_streams("x", "stream input", [x[k] for k in keys] if keys is not None else [x])
         couplings = model.couplings(kwargs, keys)
     sd = stream_dtype or getattr(model, "stream_dtype", None)
-    streams = [_Stream(_normalize_dim(model.dim, t.dim()), t.dtype, sd or t.dtype) for t in inputs]
-    run = _Run(couplings, streams, "cat", getattr(model, "input_mode", "duplicate"), True)
+    input_mode = getattr(model, "input_mode", "duplicate")
+    # the checks of the model's own call: an odd split dim would otherwise measure a truncated input
+    dims = _split_dims(inputs, model.dim, "stream input", input_mode == "split")
+    streams = [_Stream(d, t.dtype, sd or t.dtype) for t, d in zip(inputs, dims)]
+    run = _Run(couplings, streams, "cat", input_mode, True)
     bufs = [run.make_buffer(i, t) for i, t in enumerate(inputs)]
     ref = [b.double() for b in bufs]
     halves = run.halves(bufs)

@@ -391,6 +391,23 @@ def test_reconstruction_error_names_a_wrong_input():
         reversible.reconstruction_error(net, [x])
 
 
+def test_reconstruction_error_checks_streams_as_the_call():
+    """Inputs the model's call refuses: an odd split dim in split mode was measured on a silently truncated input
+    (a number came back), an integer input failed inside f with a dtype mismatch of matmul, an empty dict stream
+    raised about Coupling halves."""
+    split = reversible.ReversibleSequence([(nn.Linear(4, 4), nn.Linear(4, 4))], input_mode="split")
+    with pytest.raises(ValueError, match="odd size 9"):
+        reversible.reconstruction_error(split, torch.randn(3, 9))
+    net = reversible.ReversibleSequence([(nn.Linear(4, 4), nn.Linear(4, 4))])
+    with pytest.raises(TypeError, match="stream input 0 must be floating point"):
+        reversible.reconstruction_error(net, torch.ones(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="x must hold at least one stream"):
+        reversible.reconstruction_error(net, {})
+    dual = reversible.DualModalityReversibleSequence([(nn.Linear(4, 4),) * 4], ["intra_modality_self_attn"])
+    with pytest.raises(TypeError, match="stream input 1 must be floating point"):
+        reversible.reconstruction_error(dual, (torch.randn(2, 3, 4), torch.ones(2, 5, 4, dtype=torch.long)))
+
+
 def test_reconstruction_error_names_a_model_without_couplings():
     """A plain module (no couplings to run): a TypeError naming ``model`` and its type (was ``'Linear' object has
     no attribute 'couplings'``; found by a new user's probe)."""
