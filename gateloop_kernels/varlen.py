@@ -42,9 +42,16 @@ def validate_cu_seqlens(cu_seqlens: Tensor, T: int) -> int:
 
     The scans check a CUDA ``cu_seqlens``' values by an asynchronous device-side assertion (no host
     synchronisation); this reads them on the host (a synchronisation for a CUDA tensor: call it where that costs
-    nothing, e.g. where the batch is packed) and raises the scans' ``TypeError`` / ``ValueError`` naming them."""
+    nothing, e.g. where the batch is packed) and raises the scans' ``TypeError`` / ``ValueError`` naming them, and
+    a ``TypeError`` / ``ValueError`` for a ``T`` that is not an int >= 0 or a ``cu_seqlens`` without values (meta)."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if isinstance(T, bool) or not isinstance(T, int):
+        raise TypeError(f"T (the number of tokens) must be an int, got {type(T).__name__}")
+    if T < 0:
+        raise ValueError(f"T (the number of tokens) must be >= 0, got {T}")
+    if cu_seqlens.is_meta:
+        raise ValueError("cu_seqlens is a meta tensor: it holds no values to check")
     host = cu_seqlens.cpu()
     return check_cu_seqlens(host, 1, T, host.device)
 

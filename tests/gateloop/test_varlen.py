@@ -237,6 +237,20 @@ def test_bad_cu_seqlens_raise_naming_it(cu, err, match):
             validate_cu_seqlens(cu, 6)
 
 
+def test_validate_cu_seqlens_checks_T():
+    """``T`` was taken as it came: ``"6"`` raised 'must end at T = 6, got 6', a float or a tensor passed; a meta
+    ``cu_seqlens`` failed copying out its (absent) values with a NotImplementedError."""
+    cu = torch.tensor([0, 2, 6])
+    for bad in ("6", 6.0, torch.tensor(6), True):
+        with pytest.raises(TypeError, match="T .* must be an int"):
+            validate_cu_seqlens(cu, bad)
+    with pytest.raises(ValueError, match="T .* must be >= 0"):
+        validate_cu_seqlens(cu, -1)
+    with pytest.raises(ValueError, match="meta tensor"):
+        validate_cu_seqlens(cu.to("meta"), 6)
+    assert validate_cu_seqlens(cu, 6) == 2
+
+
 @needs_kernels
 def test_boundaries_kernel_matches_the_reference():
     """The one-launch value check of ``cu_seqlens`` (what CUDA calls assert on, ``_boundaries._boundaries_ok``; on
