@@ -53,8 +53,11 @@ def _sample(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Opt
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    # shifted first: a tiny temperature sends the others to -inf, never the largest to inf (NaN probabilities)
-    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+    top = logits.amax(dim=-1, keepdim=True)
+    # shifted first: a tiny temperature sends the others to -inf, never the largest to inf (NaN probabilities);
+    # a row with +inf logits (overflow) draws among those alone, as argmax picks one (inf - inf would be NaN)
+    shifted = torch.where(top == math.inf, torch.where(logits == math.inf, 0.0, -math.inf), logits - top)
+    logits = shifted / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

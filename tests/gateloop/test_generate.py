@@ -202,6 +202,21 @@ def test_sampling():
     assert (ranks < 10).all()
 
 
+def test_sampling_infinite_logits():
+    """An overflowed (+inf) logit is the argmax, but sampling shifted the row by its maximum (inf - inf: NaN) and
+    multinomial raised 'probability tensor contains either inf, nan' (on CUDA a device-side assert); it now draws
+    among the +inf tokens alone, with top_k / top_p too, and leaves finite rows as they were."""
+    from gateloop_kernels.generate import sample
+
+    logits = torch.tensor([[math.inf, 0.0, 1.0, math.inf], [0.0, 3.0, 1.0, 2.0]]).repeat(50, 1)
+    g = torch.Generator().manual_seed(0)
+    for kw in ({}, {"top_k": 3}, {"top_p": 0.9}, {"temperature": 0.5}):
+        tok = sample(logits, generator=g, **kw)
+        assert set(tok[::2].tolist()) == {0, 3}
+        assert set(tok[1::2].tolist()) <= {0, 1, 2, 3}
+    assert set(sample(logits[1::2], top_k=1).tolist()) == {1}
+
+
 @pytest.mark.parametrize("name", ["hd8-noswish-subln", "hd1-reversible", "full-rotary"])
 def test_cache_keeps_size_and_storage(name):
     """Decode steps write in place: every cache tensor keeps its shape and storage, whatever the token count."""
