@@ -23,7 +23,7 @@ from torch import Tensor
 from . import dispatch
 from . import gate as _gate
 from ._custom_op import first_order, traced
-from .chunked.op import _chunk_op, op_args
+from .chunked.op import _chunk_op, backward_into, op_args
 from .dtypes import cast
 from .elementwise import elementwise_scan_op
 from .elementwise.backward import scan_backward
@@ -150,6 +150,13 @@ class _OneNode(torch.autograd.Function):
                 ctx.saved, do, None, None, None,
                 backward=lambda *args: scan_backward(*args[:11], cu_seqlens=args[11], da_out=da_out))
             dq, dk, dv = (cast(_sequences(g, 3), t) for g, t in zip((dq, dk, dv), ctx.dtypes))
+            return None, dq, dk, dv, dg0, None, None
+        if path == "chunked" and form == "complex" and g0.dtype == torch.complex64:
+            # the kernel writes the gradient's parts in place (element stride 2): no interleave afterwards
+            dg0 = torch.empty_like(g0)
+            da = (t[:, :, None] for t in _gate_parts(form, dg0, None))
+            dq, dk, dv, *_ = _chunk_op.vjp_saved(ctx.saved, do, None, backward=backward_into(*da))
+            dq, dk, dv = (cast(g[:, :, 0], t) for g, t in zip((dq, dk, dv), ctx.dtypes))
             return None, dq, dk, dv, dg0, None, None
         if path == "elementwise":
             dq, dk, dv, da_re, da_im, *_ = elementwise_scan_op.vjp_saved(ctx.saved, do, None, None, None)

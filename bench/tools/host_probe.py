@@ -270,7 +270,7 @@ def probe_stubbed(reps: int = 300) -> None:
     from unittest import mock
 
     from gateloop_kernels import _launch, dispatch, gate as gate_mod, gate_loop_heads, gate_loop_operator
-    from gateloop_kernels.elementwise import op as ew_op
+    from gateloop_kernels.elementwise import op as ew_op, workspace
 
     def stub_run(self, grid, args, kwargs):
         self._cache.get(_launch._keyed(0, args, kwargs)[0])
@@ -313,6 +313,7 @@ def probe_stubbed(reps: int = 300) -> None:
     finally:
         for p in reversed(patches):
             p.stop()
+        workspace.reset()  # the stubbed launches cleared no look-back workspace
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 (``docs/kernels.md`` section 1 has the table, how it was searched, and the hazards behind its exceptions)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
 
 #: the values of the kernels' ``MODE`` constexpr: the input dtype, which their tensor-core dots run in
 #: (float32 at the ``precision`` asked for)
@@ -104,3 +107,24 @@ def _blocks(K: int, V: int, cfg: dict) -> tuple[int, int]:
     return _block(K, cfg["cap"]), _block(V, cfg.get("cap_v", cfg["cap"]))
 
 
+
+
+def _gate_step(a: Tensor, H: int) -> Optional[int]:
+    """The element stride ``GS`` the kernels read a ``(B, n, H)`` float32 gate plane with: 1 for a dense plane, 2 for
+    a complex tensor's real or imaginary parts in place (strides ``(n H GS, H GS, GS)``, size-1 dims aside); None
+    for any other layout."""
+    for gs in (1, 2):
+        if all(st == want for st, want, size in zip(a.stride(), (a.shape[1] * H * gs, H * gs, gs), a.shape)
+               if size > 1):
+            return gs
+    return None
+
+
+def _gate_planes(a_re: Tensor, a_im: Tensor, H: int) -> tuple[Tensor, Tensor, int]:
+    """``(a_re, a_im, GS)``: float32 gate planes in one layout the kernels read (:func:`_gate_step`), copied dense
+    only where they are not (a complex gate's parts are read in place, without the two copies)."""
+    a_re, a_im = a_re.to(torch.float32), a_im.to(torch.float32)
+    gs = _gate_step(a_re, H)
+    if gs is None or _gate_step(a_im, H) != gs:
+        return a_re.contiguous(), a_im.contiguous(), 1
+    return a_re, a_im, gs

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher
-from .config import MODE_F32, _blocks, _cdiv, _cfg, _launch
+from .config import MODE_F32, _blocks, _cdiv, _cfg, _gate_planes, _gate_step, _launch
 from .dots import _finite, _scores, _split_dot, _time_dot, _wide_dot
 from .gates import _chunk_gates, _end_decay, _ends, _gate_prefix, _pair_decay, _span
 from .states import _carried
@@ -28,7 +28,7 @@ from .tiles import _chunk_span, _head, _load_plane, _load_plane_T, _load_steps, 
 @triton.jit
 def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-             MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+             MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, GS: tl.constexpr):
     """dq, dk of one chunk, and the gate-gradient pieces psi, phi (per step) and sigma (per chunk) in aux."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
@@ -40,7 +40,7 @@ def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
     do += bt * V
     idx = tl.arange(0, BT)
     t0, n = _chunk_span(tab, i_t, n, BT, VARLEN)
-    g, z, ur, ui, de_re, de_im = _chunk_gates(gate_re + bt, gate_im + bt, t0, n, H, BT)
+    g, z, ur, ui, de_re, de_im = _chunk_gates(gate_re + bt * GS, gate_im + bt * GS, t0, n, H * GS, BT)
     amag = _span(g, z, BT)
     a_re, a_im = amag * ur, amag * ui
     ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
@@ -107,7 +107,7 @@ def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
 @triton.jit
 def _bwd_dv(q, k, do, gate_re, gate_im, dh, dv, tab, n, H, NT,
             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-            MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+            MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, GS: tl.constexpr):
     """dv of one chunk: (D o QK^T)^T dO + Re(conj(D[C-1, s]) dh^T k_s)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
@@ -117,7 +117,7 @@ def _bwd_dv(q, k, do, gate_re, gate_im, dh, dv, tab, n, H, NT,
     dv += bt * V
     idx = tl.arange(0, BT)
     t0, n = _chunk_span(tab, i_t, n, BT, VARLEN)
-    g, z, ur, ui, de_re, de_im = _chunk_gates(gate_re + bt, gate_im + bt, t0, n, H, BT)
+    g, z, ur, ui, de_re, de_im = _chunk_gates(gate_re + bt * GS, gate_im + bt * GS, t0, n, H * GS, BT)
     pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     b_aqk = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC)
     causal = idx[:, None] >= idx[None, :]
@@ -141,8 +141,10 @@ def _bwd_dv(q, k, do, gate_re, gate_im, dh, dv, tab, n, H, NT,
 @triton.jit
 def _bwd_gate(q, k, v, do, gate_re, gate_im, dgate_re, dgate_im, aux, tab, n, H, NT,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-              MODE: tl.constexpr, PREC: tl.constexpr, EXACT_R: tl.constexpr, VARLEN: tl.constexpr):
-    """The complex gate gradient of one chunk (division-free: the module docstring)."""
+              MODE: tl.constexpr, PREC: tl.constexpr, EXACT_R: tl.constexpr, VARLEN: tl.constexpr,
+              GS: tl.constexpr, DGS: tl.constexpr):
+    """The complex gate gradient of one chunk (division-free: the module docstring), stored with element stride
+    ``DGS`` (2: into a complex tensor's interleaved parts)."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
     q += bt * K
@@ -155,10 +157,10 @@ def _bwd_gate(q, k, v, do, gate_re, gate_im, dgate_re, dgate_im, aux, tab, n, H,
     valid = t_idx < n
     # P = (Q K^T) o (dO V^T)
     b_p = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC) * _scores(do, v, t0, n, V, H, BT, BV, MODE, PREC)
-    g, z, ur, ui = _gate_prefix(gate_re + bt, gate_im + bt, t_idx, valid, H, BT)
+    g, z, ur, ui = _gate_prefix(gate_re + bt * GS, gate_im + bt * GS, t_idx, valid, H * GS, BT)
     # exclusive prefixes (the state before step u): the same scan over the gates shifted by one
     xs = t_idx - 1
-    gx, zx, uxr, uxi = _gate_prefix(gate_re + bt, gate_im + bt, xs, (idx > 0) & (xs < n), H, BT)
+    gx, zx, uxr, uxi = _gate_prefix(gate_re + bt * GS, gate_im + bt * GS, xs, (idx > 0) & (xs < n), H * GS, BT)
     pa = aux + (i_bh.to(tl.int64) * NT + i_t) * 6 * BT
     xmag = _span(gx, zx, BT)
     ax_re, ax_im = xmag * uxr, xmag * uxi
@@ -207,35 +209,40 @@ def _bwd_gate(q, k, v, do, gate_re, gate_im, dgate_re, dgate_im, aux, tab, n, H,
     t2_im = ax_re * s_im - ax_im * s_re + ephi_im
     ga_re = t1_re + de_re * t2_re + de_im * t2_im
     ga_im = t1_im + de_re * t2_im - de_im * t2_re
-    tl.store(dgate_re + bt + t_idx.to(tl.int64) * H, ga_re, mask=valid)
-    tl.store(dgate_im + bt + t_idx.to(tl.int64) * H, ga_im, mask=valid)
+    tl.store(dgate_re + (bt + t_idx.to(tl.int64) * H) * DGS, ga_re, mask=valid)
+    tl.store(dgate_im + (bt + t_idx.to(tl.int64) * H) * DGS, ga_im, mask=valid)
 
 
-def _backward(q, k, v, a_re, a_im, h0, do, dht, BT, mode, prec, chunks=None):
+def _backward(q, k, v, a_re, a_im, h0, do, dht, BT, mode, prec, chunks=None, da_out=None):
     """Gradients of q, k, v, the gate planes and (where ``h0`` is given) the initial states; ``chunks``: a packed
-    batch's chunk table (:func:`_chunk_table`), ``h0``, ``dht`` then one state per sequence."""
+    batch's chunk table (:func:`_chunk_table`), ``h0``, ``dht`` then one state per sequence; ``da_out``: ``(da_re,
+    da_im)`` float32 planes to write the gate's gradient into (e.g. a complex gradient's parts in place, in a layout
+    :func:`.config._gate_step` takes), else new dense ones."""
     B, n, H, K = q.shape
     V = v.shape[-1]
     NT = _cdiv(n, BT) if chunks is None else chunks.shape[0] // 4
     tab, varlen = (a_re, False) if chunks is None else (chunks, True)
     dh0 = torch.empty(h0.shape[0] * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
-    h, dh = _carried((k, v, h0, None), (q, do, dht, dh0), a_re, a_im, BT, mode, prec, chunks=chunks)
+    a_re, a_im, gs = _gate_planes(a_re, a_im, H)
+    h, dh = _carried((k, v, h0, None), (q, do, dht, dh0), a_re, a_im, gs, BT, mode, prec, chunks=chunks)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    da_re, da_im = torch.empty_like(a_re), torch.empty_like(a_im)
+    da_re, da_im = da_out or (torch.empty_like(a_re), torch.empty_like(a_im))  # (dense: a_re's GS is 1 or 2)
+    dgs = _gate_step(da_re, H)
     aux = torch.empty(B * H * NT, 6, BT, device=q.device, dtype=torch.float32)
     cfg = _cfg("bwd_dqk", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
     _bwd_dqk[(NT, B * H)](q, k, v, do, a_re, a_im, h, dh, dq, dk, aux, tab, n, H, NT, K=K, V=V, BT=BT, BK=BK,
-                          BV=BV, MODE=mode, PREC=prec, VARLEN=varlen, **_launch(cfg))
+                          BV=BV, MODE=mode, PREC=prec, VARLEN=varlen, GS=gs, **_launch(cfg))
     del h  # released once the last kernel reading it is queued (stream-ordered)
     cfg = _cfg("bwd_dv", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
     _bwd_dv[(NT, B * H)](q, k, do, a_re, a_im, dh, dv, tab, n, H, NT,
-                         K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, VARLEN=varlen, **_launch(cfg))
+                         K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, VARLEN=varlen, GS=gs, **_launch(cfg))
     del dh
     cfg = _cfg("bwd_gate", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
     _bwd_gate[(NT, B * H)](q, k, v, do, a_re, a_im, da_re, da_im, aux, tab, n, H, NT,
                            K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec,
-                           EXACT_R=mode == MODE_F32 and prec != "tf32", VARLEN=varlen, **_launch(cfg))
+                           EXACT_R=mode == MODE_F32 and prec != "tf32", VARLEN=varlen, GS=gs, DGS=dgs,
+                           **_launch(cfg))
     return dq, dk, dv, da_re, da_im, dh0

@@ -10,7 +10,8 @@ implementations through an autograd.Function (see ``_custom_op.py``).
 """
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -18,7 +19,7 @@ from torch import Tensor
 from .._checks import check_chunk_gate_loop_inputs
 from .._custom_op import DifferentiableOp
 from ..dtypes import empty_scan, promote
-from .config import _DEFAULT_BT, _MODE_OF_DTYPE, MAX_BT
+from .config import _DEFAULT_BT, _MODE_OF_DTYPE, MAX_BT, _gate_planes
 from .gradients import _backward
 from .outputs import _forward
 from .states import _chunk_table
@@ -48,9 +49,21 @@ def _fwd_fake(q, k, v, a_re, a_im, h0, output_final_state, prec, BT, cu_seqlens=
 def _bwd_impl(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: Optional[Tensor], do: Tensor,
               dht: Optional[Tensor], prec: str, BT: int, chunks: Optional[Tensor] = None
               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _bwd_run(q, k, v, a_re, a_im, h0, do, dht, prec, BT, chunks)
+
+
+def backward_into(da_re: Tensor, da_im: Tensor) -> Callable:
+    """:func:`_bwd_impl` writing the gate's gradient into ``da_re, da_im`` (float32 planes, both in one layout
+    :func:`.config._gate_step` takes: e.g. a complex gradient's parts in place), for
+    ``_chunk_op.vjp_saved(..., backward=)``."""
+    return functools.partial(_bwd_run, da_out=(da_re, da_im))
+
+
+def _bwd_run(q, k, v, a_re, a_im, h0, do, dht, prec, BT, chunks=None, da_out=None):
+    """:func:`_bwd_impl`, the gate's gradient written into ``da_out`` where given."""
     H, K, V = q.shape[2], q.shape[3], v.shape[-1]
     dq, dk, dv, da_re, da_im, dh0 = _backward(q, k, v, a_re, a_im, h0, do.contiguous(), dht, BT,
-                                              _MODE_OF_DTYPE[q.dtype], prec, chunks)
+                                              _MODE_OF_DTYPE[q.dtype], prec, chunks, da_out)
     dh0 = dh0.view(h0.shape[0], H, 2, K, V) if dh0 is not None else q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, da_re, da_im, dh0
 
@@ -148,17 +161,16 @@ def _chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor
 
 def op_args(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: Optional[Tensor],
             output_final_state: bool, precision: str, chunk_size: int, cu_seqlens: Optional[Tensor]) -> tuple:
-    """:data:`_chunk_op`'s arguments for inputs in one kernel dtype: contiguous inputs, float32 gates, ``h0`` as
-    stacked (Re, Im) planes, the precision the kernels run and, for a packed batch, ``cu_seqlens`` and its chunk
-    table."""
+    """:data:`_chunk_op`'s arguments for inputs in one kernel dtype: contiguous inputs, float32 gates (a complex
+    gate's parts read in place, :func:`.config._gate_planes`), ``h0`` as stacked (Re, Im) planes, the precision the
+    kernels run and, for a packed batch, ``cu_seqlens`` and its chunk table."""
     if chunk_size > MAX_BT:
         raise ValueError(f"chunk_size must be at most {MAX_BT} on the chunked Triton kernels' path (CUDA, head dims "
                          f"16..256), got {chunk_size}")
     # exact float32: Triton's IEEE (FFMA) dots are ~6x slower than 3xTF32 on Hopper at the same accuracy
     # (docs/design.md section 6), so "ieee" runs 3xTF32
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), a_re.to(torch.float32).contiguous(),
-            a_im.to(torch.float32).contiguous(), h0, output_final_state,
-            "tf32x3" if precision == "ieee" else precision, chunk_size)
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), *_gate_planes(a_re, a_im, q.shape[2])[:2], h0,
+            output_final_state, "tf32x3" if precision == "ieee" else precision, chunk_size)
     if cu_seqlens is not None:
         args += (cu_seqlens, _chunk_table(cu_seqlens, q.shape[1], chunk_size))
     return args

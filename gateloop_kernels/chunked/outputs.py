@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher
-from .config import MODE_F32, _blocks, _cdiv, _cfg, _launch
+from .config import MODE_F32, _blocks, _cdiv, _cfg, _gate_planes, _launch
 from .dots import _dot, _time_dot, _wide_dot
 from .gates import _gate_prefix, _pair_decay, _span
 from .states import _carried
@@ -19,7 +19,7 @@ from .tiles import _chunk_span, _head, _load_state, _load_steps, _load_steps_T, 
 @triton.jit
 def _fwd_o(q, k, v, gate_re, gate_im, h, o, tab, n, H, NT,
            K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-           HT: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr):
+           HT: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, GS: tl.constexpr):
     """Outputs of one (chunk, value block): the carried state's part plus the chunk's own; ``h`` in
     :func:`_load_state`'s layout (``HT``: transposed)."""
     i_t, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -32,7 +32,7 @@ def _fwd_o(q, k, v, gate_re, gate_im, h, o, tab, n, H, NT,
     t0, n = _chunk_span(tab, i_t, n, BT, VARLEN)
     c0 = i_v * BV
     t_idx = t0 + idx
-    g, z, ur, ui = _gate_prefix(gate_re + bt, gate_im + bt, t_idx, t_idx < n, H, BT)
+    g, z, ur, ui = _gate_prefix(gate_re + bt * GS, gate_im + bt * GS, t_idx, t_idx < n, H * GS, BT)
     amag = _span(g, z, BT)
     a_re, a_im = amag * ur, amag * ui
     ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
@@ -61,6 +61,7 @@ def _forward(q, k, v, a_re, a_im, h0, store_ht, BT, mode, prec, chunks=None, nse
     V = v.shape[-1]
     NT = _cdiv(n, BT) if chunks is None else chunks.shape[0] // 4
     varlen = chunks is not None
+    a_re, a_im, gs = _gate_planes(a_re, a_im, H)
     cfg = _cfg("fwd_o", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
     # float32: the states are stored transposed, (V, K) planes, so that _fwd_o's state dots (contracting over K)
@@ -71,7 +72,7 @@ def _forward(q, k, v, a_re, a_im, h0, store_ht, BT, mode, prec, chunks=None, nse
                      dtype=torch.float32) if store_ht else None
     if trans and h0 is not None:
         h0 = h0.transpose(-1, -2).contiguous()
-    h, _ = _carried((k, v, h0, ht), None, a_re, a_im, BT, mode, prec, trans_f=trans, chunks=chunks)
+    h, _ = _carried((k, v, h0, ht), None, a_re, a_im, gs, BT, mode, prec, trans_f=trans, chunks=chunks)
     o = torch.empty_like(v)
     # num_stages=1: with the K loop software-pipelined (num_stages=2) Triton 3.6 miscompiled this kernel
     # on the H100 whenever the loop ran more than once: 7% output error in tf32 at (d, e) = (96, 160),
@@ -79,7 +80,7 @@ def _forward(q, k, v, a_re, a_im, h0, store_ht, BT, mode, prec, chunks=None, nse
     # flash-linear-attention issue 640); the interpreter gives the right answer for both.
     _fwd_o[(NT, _cdiv(V, BV), B * H)](q, k, v, a_re, a_im, h, o, a_re if chunks is None else chunks, n, H, NT,
                                       K=K, V=V, BT=BT, BK=BK, BV=BV, HT=trans, MODE=mode, PREC=prec, VARLEN=varlen,
-                                      **_launch(cfg))
+                                      GS=gs, **_launch(cfg))
     if trans and ht is not None:
         ht = ht.transpose(-1, -2).contiguous()
     return o, ht

@@ -31,17 +31,19 @@ from .tiles import (_chunk_span, _head, _load_state, _load_steps, _load_steps_T,
 
 @triton.jit
 def _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, n, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr):
+                   BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
+                   GS: tl.constexpr):
     """One chunk's own contribution to the carried state, ``(u_re, u_im, ae_re, ae_im)``, for the
     ``(BK, BV)`` state tile at ``(r0, c0)`` of the chunk starting at step ``t0`` (pointers at the head):
 
     forward (x = k, y = v):  U = sum_s D[C-1, s] k_s v_s^T (the chunk's state from a zero start);
     reverse (x = q, y = dO): U = sum_t conj(A_t) q_t do_t^T (the chunk's adjoint of its entering state);
-    and the chunk's total gate ``A = prod_t a_t`` (not conjugated, in both directions).
+    and the chunk's total gate ``A = prod_t a_t`` (not conjugated, in both directions). ``GS``: the gate planes'
+    element stride (1, or 2 for a complex tensor's interleaved parts).
     """
     idx = tl.arange(0, BT)
     t_idx = t0 + idx
-    g, z, ur, ui = _gate_prefix(gate_re, gate_im, t_idx, t_idx < n, H, BT)
+    g, z, ur, ui = _gate_prefix(gate_re, gate_im, t_idx, t_idx < n, H * GS, BT)
     g_end, z_end, ur_end, ui_end = _ends(g, z, ur, ui, idx, BT)
     if REV:
         amag = _span(g, z, BT)
@@ -61,7 +63,7 @@ def _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, n, H, K: tl.constexpr, V:
 def _chunk_local_job(x, y, gate_re, gate_im, u, atot, tab, i_tb, n, H, NT,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      REV: tl.constexpr, TRANS: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
-                     VARLEN: tl.constexpr):
+                     VARLEN: tl.constexpr, GS: tl.constexpr):
     """Chunk ``i_tb % NT`` of batch*head ``i_tb // NT``: the chunk's own state contribution ``U_c``
     (:func:`_chunk_contrib`) into ``u`` (in :func:`_store_state`'s layout) and its total gate ``A_c`` (Re, Im)
     into ``atot``."""
@@ -70,8 +72,8 @@ def _chunk_local_job(x, y, gate_re, gate_im, u, atot, tab, i_tb, n, H, NT,
     bt = _head(i_bh, n, H)
     r0, c0 = i_k * BK, i_v * BV
     t0, end = _chunk_span(tab, i_t, n, BT, VARLEN)
-    u_re, u_im, ae_re, ae_im = _chunk_contrib(x + bt * K, y + bt * V, gate_re + bt, gate_im + bt, t0, r0, c0, end, H,
-                                              K, V, BT, BK, BV, REV, MODE, PREC)
+    u_re, u_im, ae_re, ae_im = _chunk_contrib(x + bt * K, y + bt * V, gate_re + bt * GS, gate_im + bt * GS, t0, r0,
+                                              c0, end, H, K, V, BT, BK, BV, REV, MODE, PREC, GS)
     pu = u + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     _store_state(pu, u_re, r0, c0, K, V, BK, BV, TRANS)
     _store_state(pu + K * V, u_im, r0, c0, K, V, BK, BV, TRANS)
@@ -86,7 +88,7 @@ def _chunk_local_job(x, y, gate_re, gate_im, u, atot, tab, i_tb, n, H, NT,
 def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, gate_re, gate_im, tab, n, H, NT, NTBH,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  FWD: tl.constexpr, BWD: tl.constexpr, TRANS_F: tl.constexpr, MODE: tl.constexpr,
-                 PREC: tl.constexpr, VARLEN: tl.constexpr):
+                 PREC: tl.constexpr, VARLEN: tl.constexpr, GS: tl.constexpr):
     """Per chunk, in parallel, :func:`_chunk_local_job` of the forward direction (``FWD``: k, v into
     ``u_f``, ``at_f``; transposed planes if ``TRANS_F``) and/or the reverse one (``BWD``: q, dO into ``u_r``,
     ``at_r``); with both, one launch runs the two (grid axis 0 is ``2 * NTBH``: the forward's chunks first)."""
@@ -94,16 +96,16 @@ def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, gate_re, gate_im, tab, n
     if FWD and BWD:
         if i < NTBH:
             _chunk_local_job(kx, vy, gate_re, gate_im, u_f, at_f, tab, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F,
-                             MODE, PREC, VARLEN)
+                             MODE, PREC, VARLEN, GS)
         else:
             _chunk_local_job(qx, doy, gate_re, gate_im, u_r, at_r, tab, i - NTBH, n, H, NT, K, V, BT, BK, BV, True,
-                             False, MODE, PREC, VARLEN)
+                             False, MODE, PREC, VARLEN, GS)
     elif FWD:
         _chunk_local_job(kx, vy, gate_re, gate_im, u_f, at_f, tab, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F,
-                         MODE, PREC, VARLEN)
+                         MODE, PREC, VARLEN, GS)
     else:
         _chunk_local_job(qx, doy, gate_re, gate_im, u_r, at_r, tab, i, n, H, NT, K, V, BT, BK, BV, True, False,
-                         MODE, PREC, VARLEN)
+                         MODE, PREC, VARLEN, GS)
 
 
 @triton.jit
@@ -237,7 +239,8 @@ def _state_scan(u_f, at_f, s0_f, sT_f, u_r, at_r, s0_r, sT_r, tab, H, NT, KV: tl
 def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       REV: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, TRANS: tl.constexpr,
-                      MODE: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, VARLEN: tl.constexpr):
+                      MODE: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, VARLEN: tl.constexpr,
+                      GS: tl.constexpr):
     """The carried states of one (key block, value block) tile of batch*head ``i_bh``, chunk after chunk.
 
     forward (x = k, y = v): slot c <- S (the state entering chunk c), S <- A_c S + U_c with
@@ -252,8 +255,8 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
     bt = _head(i_bh, n, H)
     x += bt * K
     y += bt * V
-    gate_re += bt
-    gate_im += bt
+    gate_re += bt * GS
+    gate_im += bt * GS
     r0, c0 = i_k * BK, i_v * BV
     s_re = tl.zeros([BK, BV], dtype=tl.float32)
     s_im = tl.zeros([BK, BV], dtype=tl.float32)
@@ -277,7 +280,7 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
         else:
             t0, end = i_t * BT, n
         u_re, u_im, ae_re, ae_im = _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, end, H, K, V, BT, BK, BV, REV,
-                                                  MODE, PREC)
+                                                  MODE, PREC, GS)
         if REV:
             ae_im = -ae_im
         if VARLEN:
@@ -312,7 +315,7 @@ def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, gate_re, ga
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FWD: tl.constexpr, BWD: tl.constexpr, HAS_S0_F: tl.constexpr, STORE_ST_F: tl.constexpr,
                   HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr, TRANS_F: tl.constexpr, MODE: tl.constexpr,
-                  PREC: tl.constexpr, STAGES: tl.constexpr, VARLEN: tl.constexpr):
+                  PREC: tl.constexpr, STAGES: tl.constexpr, VARLEN: tl.constexpr, GS: tl.constexpr):
     """:func:`_chunk_states_job` of the forward direction (``FWD``: k, v into ``h_f``, transposed planes if
     ``TRANS_F``) and/or the reverse one (``BWD``: q, dO into ``h_r``); with both, one launch runs the two (grid
     axis 0 is ``2 * BH``)."""
@@ -320,16 +323,16 @@ def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, gate_re, ga
     if FWD and BWD:
         if i < BH:
             _chunk_states_job(kx, vy, gate_re, gate_im, h_f, s0_f, sT_f, tab, i, n, H, NT, K, V, BT, BK, BV, False,
-                              HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES, VARLEN)
+                              HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES, VARLEN, GS)
         else:
             _chunk_states_job(qx, doy, gate_re, gate_im, h_r, s0_r, sT_r, tab, i - BH, n, H, NT, K, V, BT, BK, BV, True,
-                              HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN)
+                              HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN, GS)
     elif FWD:
         _chunk_states_job(kx, vy, gate_re, gate_im, h_f, s0_f, sT_f, tab, i, n, H, NT, K, V, BT, BK, BV, False,
-                          HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES, VARLEN)
+                          HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES, VARLEN, GS)
     else:
         _chunk_states_job(qx, doy, gate_re, gate_im, h_r, s0_r, sT_r, tab, i, n, H, NT, K, V, BT, BK, BV, True,
-                          HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN)
+                          HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN, GS)
 
 
 @Launcher
@@ -418,11 +421,12 @@ def _one_pass_pays(programs: int, NT: int, sms: int) -> bool:
     return 2 * programs >= sms or NT <= 2 * programs
 
 
-def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
+def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=None):
     """Chunk states and/or adjoint states, each (B*H, NT, 2, K, V): ``fwd = (k, v, s0, sT)`` gives the states
     entering each chunk, ``rev = (q, dO, s0, sT)`` the adjoints of the states leaving each chunk (``s0``: the
     initial state / final-state gradient or None; ``sT``: where to store the final state / initial-state
-    gradient, or None); either may be None. Returns ``(h, dh)``, None for an absent direction. ``trans_f``: the
+    gradient, or None); either may be None. Returns ``(h, dh)``, None for an absent direction. ``a_re, a_im, gs``:
+    the gate planes and their element stride (:func:`.config._gate_planes`). ``trans_f``: the
     forward direction's states (and its ``s0``, ``sT``) are stored as (V, K) planes, the transposes. With both
     (the backward), each kernel runs the two directions in one launch (fewer launches, and the two
     low-occupancy passes share the GPU).
@@ -466,7 +470,7 @@ def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
         _chunk_states[(jobs * BH, _cdiv(K, BK), _cdiv(V, BV))](
             f_x, f_y, hf, s0f, sTf, r_x, r_y, hr, s0r, sTr, a_re, a_im, tab, n, H, NT, BH,
             K=K, V=V, BT=BT, BK=BK, BV=BV, **flags, TRANS_F=trans_f, MODE=mode, PREC=prec,
-            STAGES=cfg["num_stages"], VARLEN=chunks is not None, num_warps=cfg["num_warps"])
+            STAGES=cfg["num_stages"], VARLEN=chunks is not None, GS=gs, num_warps=cfg["num_warps"])
         return h_f, h_r
     cfg = _cfg("chunk_local", mode)
     BK, BV = _blocks(K, V, cfg)
@@ -478,7 +482,7 @@ def _carried(fwd, rev, a_re, a_im, BT, mode, prec, trans_f=False, chunks=None):
     _chunk_local[(jobs * NT * BH, _cdiv(K, BK), _cdiv(V, BV))](
         f_x, f_y, uf, af, r_x, r_y, ur, ar, a_re, a_im, tab, n, H, NT, NT * BH, K=K, V=V, BT=BT, BK=BK, BV=BV,
         FWD=flags["FWD"], BWD=flags["BWD"], TRANS_F=trans_f, MODE=mode, PREC=prec, VARLEN=chunks is not None,
-        **_launch(cfg))
+        GS=gs, **_launch(cfg))
     cfg = _cfg("state_scan", mode)
     BLOCK = min(cfg["block"], 1 << (K * V - 1).bit_length())
     _state_scan[(_cdiv(K * V, BLOCK), BH, jobs)](

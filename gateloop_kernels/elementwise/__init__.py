@@ -13,14 +13,16 @@ optional packed sequences (``cu_seqlens``); state and arithmetic are float32 wha
 docs/design.md section 5 has the tile scans, the look-back protocol (tickets, packed words, determinism mode) and
 the packed sequences' resets; docs/kernels.md section 2 each kernel's grid, tiles, layout and bound. By stage:
 
-* ``config``      the tile table (``WIDE_FWD``, ``WIDE_BWD``, ``NARROW``, :func:`tile_config`), segments, the
-  look-back workspace, ``carries_numel``, the inputs' and outputs' strides and the launchers' shape checks;
+* ``config``      the tile table (``WIDE_FWD``, ``WIDE_BWD``, ``NARROW``, :func:`tile_config`), segments,
+  ``carries_numel``, the inputs' and outputs' strides and the launchers' shape checks;
+* ``workspace``   the look-back words: two buffers per (device, stream) used in turns, each launch clearing the
+  other (no zero fill per launch);
 * ``scans``       device helpers: the tile scans over complex affine maps (``_combine``, ``_combine_reset``,
   ``_scan_reverse``) and the carry's application (``_apply_carry``);
 * ``tiles``       device helpers: a program's tile offsets, its rows' packed sequences (``_sequences``) and row
   moves in registers (``_row``, ``_shift``);
 * ``lookback``    device helpers of the look-back: word packing (``_pack``, ``_unpack``, ``_written``),
-  ``_publish`` and the walk ``_lookback``;
+  ``_publish``, the walk ``_lookback`` and ``_clear`` (a program's share of the other workspace);
 * ``forward``     ``_fwd_kernel`` and its launcher :func:`scan_forward`;
 * ``backward``    ``_bwd_kernel`` and its launcher :func:`scan_backward`;
 * ``torch_path``  the same scan in PyTorch (``_torch_forward``, ``_torch_backward``, ``_segmented_scan``): the op's

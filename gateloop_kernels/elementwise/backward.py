@@ -12,24 +12,27 @@ import triton.language as tl
 from torch import Tensor
 
 from .._launch import Launcher
-from .config import (_check_shapes, _needs_int64, _num_segments, _one_layout, _out_like, _varlen_args, _workspace,
+from .config import (_check_shapes, _needs_int64, _num_segments, _one_layout, _out_like, _varlen_args,
                      tile_config)
-from .lookback import _lookback, _publish
+from .lookback import _clear, _lookback, _publish
 from .scans import _apply_carry, _combine, _combine_reset, _scan_reverse, _scan_reverse_reset
+from .workspace import launch_with_workspace
 from .tiles import _out_offsets, _row, _sequences, _shift, _state_offsets, _tile_offsets
 
 
 @Launcher
-@triton.jit(do_not_specialize=["c0"])
+@triton.jit(do_not_specialize=["c0", "clr_n"])
 def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr, car_ptr,
-                dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr, agg_off, ticket_off, c0,
+                dq_ptr, dk_ptr, dv_ptr, dar_ptr, dai_ptr, dh0r_ptr, dh0i_ptr, ws_ptr, agg_off, ticket_off,
+                clr_ptr, clr_n, c0,
                 cu_ptr, NSEQ, NBIS, n, B, C, NCB, NSEG,
                 s_b, s_n, s_c, g_b, g_n, g_c, o_b, o_n, o_c, d_b, d_n, d_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, HAS_GT: tl.constexpr,
                 BIG: tl.constexpr, DETERMINISTIC: tl.constexpr, OUT_STRIDED: tl.constexpr, VARLEN: tl.constexpr):
     """One tile of the backward: the adjoint's look-back words, then the gradients of the tile's steps."""
-    # ws: the look-back words laid out by _workspace
+    # ws: inclusive states (1 word per segment and channel), aggregates (2) from agg_off, the ticket; clr: the other
+    # workspace, cleared for the next launch (workspace.py)
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
     vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
@@ -186,6 +189,7 @@ def _bwd_kernel(do_ptr, gTr_ptr, gTi_ptr, q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h
             tl.store(dh0r_ptr + b * C + c, a0r * l0r + a0i * l0i, mask=mc)
             if COMPLEX:
                 tl.store(dh0i_ptr + b * C + c, a0r * l0i - a0i * l0r, mask=mc)
+    _clear(clr_ptr, clr_n, 1024)
 
 
 def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor], q: Tensor, k: Tensor,
@@ -228,23 +232,23 @@ def scan_backward(do: Tensor, dhT_re: Optional[Tensor], dhT_im: Optional[Tensor]
     block_t, block_c, warps = block or tile_config(n, C, backward=True)
     nseg = _num_segments(n, block_t)
     ncb = -(-C // block_c)
-    ws, agg_off, ticket_off = _workspace(nseg, B, C, dev)
     dummy = dh0_re if has_h0 else da_re
     # either part of the final-state gradient may be absent (zero); the kernel takes both or neither
     has_gt = dhT_re is not None or (complex_gate and dhT_im is not None)
     gTr = (dhT_re.contiguous() if dhT_re is not None else torch.zeros_like(dhT_im)) if has_gt else dummy
     gTi = (dhT_im.contiguous() if dhT_im is not None else torch.zeros_like(gTr)) if (has_gt and complex_gate) else gTr
-    _bwd_kernel[(nseg * B * ncb,)](
+    words = nseg * B * C  # look-back words: inclusive states (1 per segment and channel), aggregates (2), the ticket
+    launch_with_workspace(3 * words + 1, nseg * B * ncb, dev, lambda ws, clr, clr_n: _bwd_kernel[(nseg * B * ncb,)](
         do, gTr, gTi, q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re,
         h0_re.contiguous() if has_h0 else dummy,
         h0_im.contiguous() if (has_h0 and complex_gate) else dummy, carries,
         dq, dk, dv if dv is not None else dk, da_re, da_im if complex_gate else da_re,
         dh0_re if has_h0 else dummy, dh0_im if (has_h0 and complex_gate) else dummy,
-        ws, agg_off, ticket_off, 0, *_varlen_args(cu_seqlens, ws),
+        ws, words, 3 * words, clr, clr_n, 0, *_varlen_args(cu_seqlens, ws),
         n, B, C, ncb, nseg, *q.stride(), *a_re.stride(), *dq.stride(), *da_re.stride(),
         BLOCK_T=block_t, BLOCK_C=block_c, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=has_h0, HAS_GT=has_gt,
         BIG=_needs_int64(q, a_re, dq, da_re) or (cu_seqlens is not None and nseq * C >= 2 ** 31),
         DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
-        OUT_STRIDED=dq.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps)
+        OUT_STRIDED=dq.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps))
     return dq, dk, dv, da_re, da_im, dh0_re, dh0_im

@@ -1,7 +1,7 @@
 """The head-dim-1 scan's launch configuration and host-side layout: the tile table (``WIDE_FWD``, ``WIDE_BWD``,
-``NARROW``, applied by :func:`tile_config`), the segments, the look-back workspace and the ``carries`` the forward
-saves for the backward, the strides the kernels read their inputs with and write their outputs in, and the
-launchers' shape checks (docs/kernels.md section 2)."""
+``NARROW``, applied by :func:`tile_config`), the segments, the ``carries`` the forward saves for the backward, the
+strides the kernels read their inputs with and write their outputs in, and the launchers' shape checks
+(docs/kernels.md section 2)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -49,13 +49,6 @@ def _needs_int64(*ts: Tensor) -> bool:
 def _num_segments(n: int, block_t: int) -> int:
     """Tiles (segments) of ``block_t`` steps along ``n``, at least one."""
     return max(1, -(-n // block_t))
-
-
-def _workspace(nseg: int, B: int, C: int, device: torch.device) -> tuple[Tensor, int, int]:
-    """A kernel's zeroed look-back words and its offsets ``(ws, agg_off, ticket_off)``: inclusive states
-    (1 word per channel and segment) from 0, aggregates (2) from ``agg_off``, the ticket at ``ticket_off``."""
-    words = nseg * B * C
-    return torch.zeros(3 * words + 1, dtype=torch.int64, device=device), words, 3 * words
 
 
 def carries_numel(B: int, n: int, C: int, carry_t: Optional[int] = None) -> int:

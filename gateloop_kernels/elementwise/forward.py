@@ -12,24 +12,26 @@ import triton.language as tl
 from torch import Tensor
 
 from .._launch import Launcher
-from .config import (_check_shapes, _needs_int64, _num_segments, _one_layout, _out_like, _varlen_args, _workspace,
+from .config import (_check_shapes, _needs_int64, _num_segments, _one_layout, _out_like, _varlen_args,
                      carries_numel, tile_config)
-from .lookback import _lookback, _publish
+from .lookback import _clear, _lookback, _publish
 from .scans import _apply_carry, _combine, _combine_reset
+from .workspace import launch_with_workspace
 from .tiles import _out_offsets, _row, _sequences, _state_offsets, _tile_offsets
 
 
 @Launcher
-@triton.jit(do_not_specialize=["c0"])
+@triton.jit(do_not_specialize=["c0", "clr_n"])
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
-                o_ptr, hTr_ptr, hTi_ptr, car_ptr, ws_ptr, agg_off, ticket_off, c0, cu_ptr, NSEQ, NBIS,
+                o_ptr, hTr_ptr, hTi_ptr, car_ptr, ws_ptr, agg_off, ticket_off, clr_ptr, clr_n, c0, cu_ptr, NSEQ, NBIS,
                 n, B, C, NCB, NSEG, NCAR,
                 s_b, s_n, s_c, g_b, g_n, g_c, o_b, o_n, o_c,
                 BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CARRY_T: tl.constexpr,
                 COMPLEX: tl.constexpr, KV_GIVEN: tl.constexpr, HAS_H0: tl.constexpr, BIG: tl.constexpr,
                 DETERMINISTIC: tl.constexpr, OUT_STRIDED: tl.constexpr, VARLEN: tl.constexpr):
     """One tile of the forward scan: its outputs, its look-back words, its final-state rows and carries."""
-    # ws: the look-back words laid out by _workspace
+    # ws: inclusive states (1 word per segment and channel), aggregates (2) from agg_off, the ticket; clr: the other
+    # workspace, cleared for the next launch (workspace.py)
     inc_ptr = ws_ptr
     agg_ptr = ws_ptr + agg_off
     vid = tl.atomic_add(ws_ptr + ticket_off, 1).to(tl.int32)
@@ -133,6 +135,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, ar_ptr, ai_ptr, h0r_ptr, h0i_ptr,
         h_r = H_r + A_r * car_r[None, :] - A_i * car_i[None, :]
     q = tl.load(q_ptr + off, mask=m, other=0.0).to(tl.float32)
     tl.store(o_ptr + ooff, (q * h_r).to(o_ptr.dtype.element_ty), mask=m)
+    _clear(clr_ptr, clr_n, 1024)
 
 
 def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional[Tensor],
@@ -196,15 +199,15 @@ def scan_forward(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: 
     ncb = -(-C // block_c)
     h0r = h0_re.contiguous() if h0_re is not None else hT_re
     h0i = h0_im.contiguous() if (h0_im is not None and complex_gate) else hT_re
-    ws, agg_off, ticket_off = _workspace(nseg, B, C, dev)
     # c0 = 0 is a kernel argument the compiler does not specialize on: the channel offsets' alignment is
     # unknown, so loads are not vectorized along the channels and each thread keeps one channel's steps
-    _fwd_kernel[(nseg * B * ncb,)](
+    words = nseg * B * C  # look-back words: inclusive states (1 per segment and channel), aggregates (2), the ticket
+    launch_with_workspace(3 * words + 1, nseg * B * ncb, dev, lambda ws, clr, clr_n: _fwd_kernel[(nseg * B * ncb,)](
         q, k, v if v is not None else k, a_re, a_im if complex_gate else a_re, h0r, h0i,
-        o, hT_re, hT_im if complex_gate else hT_re, carries, ws, agg_off, ticket_off, 0,
+        o, hT_re, hT_im if complex_gate else hT_re, carries, ws, words, 3 * words, clr, clr_n, 0,
         *_varlen_args(cu_seqlens, ws), n, B, C, ncb, nseg, _num_segments(n, carry_t), *q.stride(), *a_re.stride(),
         *o.stride(), BLOCK_T=block_t, BLOCK_C=block_c, CARRY_T=carry_t, COMPLEX=complex_gate, KV_GIVEN=v is None,
         HAS_H0=h0_re is not None, BIG=_needs_int64(q, a_re, o) or (cu_seqlens is not None and nseq * C >= 2 ** 31),
         DETERMINISTIC=torch.are_deterministic_algorithms_enabled(),
-        OUT_STRIDED=o.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps)
+        OUT_STRIDED=o.stride() != q.stride(), VARLEN=cu_seqlens is not None, num_warps=warps))
     return o, hT_re, hT_im, carries

@@ -1,7 +1,8 @@
 """Device helpers of the decoupled look-back (docs/design.md section 5, "Decoupled look-back" and "Words"): two
 float32 packed into one int64 word that a zeroed word cannot be mistaken for (``_pack``, ``_unpack``,
-``_written``), publishing a tile's aggregate or inclusive state (``_publish``), and the walk back over the earlier
-segments' words to the state entering a tile (``_lookback``)."""
+``_written``), publishing a tile's aggregate or inclusive state (``_publish``), the walk back over the earlier
+segments' words to the state entering a tile (``_lookback``), and each program's share of zeroing the other
+workspace for the next launch (``_clear``, ``workspace.py``)."""
 from __future__ import annotations
 
 import triton
@@ -81,3 +82,14 @@ def _lookback(agg_ptr, inc_ptr, seg, step, stop, b, B, C, c, mc, init_r, init_i,
     car_r = tl.where(found == 1, car_r, acc_ar * init_r - acc_ai * init_i + acc_hr)
     car_i = tl.where(found == 1, car_i, acc_ar * init_i + acc_ai * init_r + acc_hi)
     return car_r, car_i
+
+
+@triton.jit
+def _clear(clr_ptr, clr_n, BLOCK: tl.constexpr):
+    """Zero this program's share of ``clr_ptr[:clr_n]``: the other workspace's dirty words (``workspace.py``)."""
+    per = tl.cdiv(clr_n, tl.num_programs(0))
+    start = tl.program_id(0).to(tl.int64) * per
+    end = tl.minimum(start + per, clr_n)
+    for i in range(start, end, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        tl.store(clr_ptr + offs, tl.zeros([BLOCK], tl.int64), mask=offs < end)

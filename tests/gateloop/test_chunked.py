@@ -8,7 +8,7 @@ import torch
 
 from gateloop_kernels import reference
 
-from helpers.chunked_check import check, make_inputs, rel
+from helpers.chunked_check import check, make_inputs, reference_f64, rel
 from helpers.kernels import HAS_CUDA, INTERPRET
 
 if not HAS_CUDA and not INTERPRET:
@@ -67,6 +67,43 @@ def test_cpu_bfloat16_two_pass_state_pass(monkeypatch):
 
     monkeypatch.setitem(config._CFG[torch.bfloat16], "chunk_states", None)
     check(2, 35, 1, 16, 32, torch.bfloat16, "cpu", 2e-2, zeros=True, init=True, final=True, chunk_size=16)
+
+
+_INTERPRETED = pytest.mark.skipif(HAS_CUDA and not INTERPRET, reason="CPU interpreter test")
+
+
+@pytest.mark.parametrize("device, dtype", [pytest.param("cpu", torch.float32, marks=_INTERPRETED),
+                                           pytest.param("cpu", torch.bfloat16, marks=_INTERPRETED),
+                                           pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
+                                           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+def test_complex_gate_parts_read_in_place(device, dtype):
+    """A complex gate's parts (``a.real``, ``a.imag``: element stride 2) reach every kernel (both state-pass forms:
+    exact float32 two passes, bf16 one kernel) without copies, with the results of dense copies bit for bit (the same
+    arithmetic) and the float64 reference's; other layouts are copied dense."""
+    from gateloop_kernels.chunked import config
+
+    B, n, H, d, e = 2, 37, 2, 16, 32
+    q, k, v, ar, ai = make_inputs(B, n, H, d, e, dtype, device, zeros=True)
+    a = torch.complex(ar, ai)
+    re, im, gs = config._gate_planes(a.real, a.imag, H)
+    assert gs == 2 and re.data_ptr() == a.data_ptr() and im.data_ptr() == a.data_ptr() + 4
+    assert config._gate_step(ar, H) == 1 and config._gate_step(ar.transpose(0, 1), H) is None
+    assert config._gate_planes(a.real[:, ::2], a.imag[:, ::2], H)[2] == 1  # (a step of 4: copied)
+    do = torch.randn(B, n, H, e, device=device).to(dtype)
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    ac = a.clone().requires_grad_()
+    o, _ = chunk_gate_loop(*x, ac.real, ac.imag, chunk_size=16)
+    grads = torch.autograd.grad(o, [*x, ac], do)
+    y = [t.clone().requires_grad_() for t in (q, k, v, ar, ai)]
+    o_dense, _ = chunk_gate_loop(*y, chunk_size=16)
+    dense = torch.autograd.grad(o_dense, y, do)
+    assert torch.equal(o, o_dense)
+    assert all(torch.equal(g, h) for g, h in zip(grads[:3], dense[:3]))
+    assert torch.equal(torch.view_as_real(grads[3]), torch.stack(dense[3:], -1))
+    ro, _, rgrads = reference_f64(q, k, v, ar, ai, None, do, None)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert rel(o, ro) < tol
+    assert all(rel(g, r) < tol for g, r in zip(dense, rgrads))
 
 
 def test_state_pass_form_rule():
