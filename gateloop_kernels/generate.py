@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from typing import Callable, Optional
 
@@ -23,9 +24,9 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = N
     tokens whose probability reaches ``top_p`` (nucleus). Returns ``(b,)`` int64.
 
     Raises:
-        TypeError: ``logits`` not a real floating tensor, ``top_k`` not an int. ValueError: ``logits`` not
-        ``(b, vocab)`` with ``vocab >= 1``, ``temperature`` negative or infinite, ``top_k < 1``, ``top_p`` outside
-        ``(0, 1]``.
+        TypeError: ``logits`` not a real floating tensor, ``temperature`` or ``top_p`` not a real number (a bool
+        or a tensor is not), ``top_k`` not an int. ValueError: ``logits`` not ``(b, vocab)`` with ``vocab >= 1``,
+        ``temperature`` negative or infinite, ``top_k < 1``, ``top_p`` outside ``(0, 1]``.
     """
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a real floating tensor (b, vocab), got "
@@ -36,13 +37,23 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = N
     return _sample(logits, temperature, top_k, top_p, generator)
 
 
+def _real(value) -> bool:
+    # a Python or NumPy number (not a tensor, which every step would read on the host); a bool is a flag
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    if not _real(temperature):
+        raise TypeError(f"temperature must be a real number, finite and >= 0 (0: greedy), got "
+                        f"{type(temperature).__name__}")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
-        raise TypeError(f"top_k must be an int or None, got {type(top_k).__name__}")
+        raise TypeError(f"top_k must be a positive int or None, got {type(top_k).__name__}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and not _real(top_p):
+        raise TypeError(f"top_p must be a real number in (0, 1] or None, got {type(top_p).__name__}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
 
@@ -135,7 +146,8 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     ``generator`` drives the sampling. Runs under ``torch.no_grad()``, in the model's current mode.
 
     Raises:
-        TypeError: a non-integer prompt, ``max_new_tokens``, ``top_k`` or ``eos_token``. ValueError: ``max_new_tokens < 0``, an empty
+        TypeError: a non-integer prompt, ``max_new_tokens``, ``top_k`` or ``eos_token``; ``temperature`` or ``top_p``
+        not a real number (a bool or a tensor is not). ValueError: ``max_new_tokens < 0``, an empty
         prompt or one with ids outside the vocabulary, ``temperature`` negative or infinite, ``top_k < 1``, ``top_p``
         outside ``(0, 1]``, ``eos_token`` out of range.
     """

@@ -345,6 +345,30 @@ def test_bad_input_named():
     assert sample(logits, temperature=0).tolist() == [1]
 
 
+def test_sampling_arguments_of_the_wrong_type_named():
+    """Found by a new user's probe: temperature="1" or None and top_p="x" raised Python's own "'<=' not supported
+    between instances of 'int' and 'str'", naming no argument; now a TypeError naming the argument and its range, in
+    sample() and generate() alike (which also checks before any forward)."""
+    from gateloop_kernels.generate import sample
+
+    model = _model(GATE_LOOP["hd1"])
+    x = torch.randint(0, VOCAB, (1, 3))
+    logits = torch.tensor([[0.0, 5.0, 1.0]])
+    for kwargs, what in ((dict(temperature="1"), r"temperature must be a real number, finite and >= 0"),
+                         (dict(temperature=None), "temperature must be a real number"),
+                         (dict(temperature=True), "temperature must be a real number"),
+                         (dict(temperature=torch.tensor(1.0)), "temperature must be a real number"),
+                         (dict(temperature=1j), "temperature must be a real number"),
+                         (dict(top_p="x"), r"top_p must be a real number in \(0, 1\] or None"),
+                         (dict(top_p=True), "top_p must be a real number"),
+                         (dict(top_k=1.5), "top_k must be a positive int or None")):
+        for call in (lambda: sample(logits, **kwargs), lambda: model.generate(x, 2, **kwargs)):
+            with pytest.raises(TypeError, match=what):
+                call()
+    import numpy as np  # NumPy numbers are real numbers
+    assert sample(logits, temperature=np.float64(0.0), top_p=np.float32(0.5)).tolist() == [1]
+
+
 @pytest.mark.parametrize("make_layer", [lambda: L.SimpleGateLoopLayer(16), lambda: L.GateLoopedAttention(16, heads=4)],
                          ids=["simple", "gate-looped"])
 def test_layer_cu_seqlens_checked_before_use(make_layer):
