@@ -99,6 +99,7 @@ _FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype
 #: int64 entries of the descriptor every rank all-gathers before the states
 DESCRIPTOR_LEN = len(_FIELDS)
 _END = _FIELDS.index("cu_seqlens[-1] (the group's T)")  # written on the device (no host read of cu_seqlens)
+_FAILED = [1] + [0] * (DESCRIPTOR_LEN - 1)  # the descriptor of a rank whose input failed its local checks
 
 
 def context_parallel_bytes(batch: int, heads: int, d: int, e: int, world_size: int,
@@ -310,6 +311,15 @@ def _exchange_descriptors(desc: list, device: torch.device, group, world: int, e
     return out.view(world, DESCRIPTOR_LEN).cpu()
 
 
+def report_failure(name: str, cp_group, device: torch.device) -> None:
+    """Tells the other ranks of ``cp_group`` that this rank's input failed a caller's own checks, made before its
+    first checked call (``check_shapes=True``): joins, with a failed descriptor, the descriptor exchange that the
+    other ranks enter in that call, so that they raise a RuntimeError naming this rank there instead of waiting
+    until the group's timeout. The caller then raises its own error. ``device``: the one the call runs on."""
+    _, world = _group_rank(name, cp_group)
+    _exchange_descriptors(_FAILED, device, cp_group, world)
+
+
 def _pack(loc: _Local) -> Tensor:
     """``(A_r, S_r)`` as the one real buffer of ``B H (2 + 2 d e)`` elements that the ranks all-gather."""
     return torch.cat([torch.view_as_real(loc.total).reshape(-1), torch.view_as_real(loc.state).reshape(-1)])
@@ -323,7 +333,7 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
         o, states = _fold(loc, _pack(loc), cp_group, rank, world, device)
         return o, states[world]
     error: Optional[Exception] = None
-    desc = [1] + [0] * (DESCRIPTOR_LEN - 1)
+    desc = _FAILED
     try:
         loc = local()
         packed = _pack(loc)
@@ -512,7 +522,7 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
     rank, world = _group_rank(name, cp_group)
     if check_shapes:
         error: Optional[Exception] = None
-        desc = [1] + [0] * (DESCRIPTOR_LEN - 1)
+        desc = _FAILED
         try:
             p = prepare()
             desc = [0, *p.desc, int(p.anchor is not None), p.cu.shape[0] - 1, int(want_final), 0, p.q.shape[1]]

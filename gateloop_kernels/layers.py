@@ -605,36 +605,48 @@ class Transformer(Module):
         time axis (rank r holds slice r) and, with ``return_loss``, ``labels (b, n)`` are the next tokens of its
         tokens; the loss is then the mean over the whole sequence on every rank, and the parameter gradients
         averaged over the group (as DDP and FSDP2 do) are the single-process ones (docs/context_parallel.md).
+        A rank whose arguments fail the checks above (or the embedding) raises its error, and every other rank a
+        RuntimeError naming it from the first layer's descriptor exchange (no hang); a cache is not taken (ValueError).
         """
         ablate_complex = self.ablate_complex if ablate_complex is None else ablate_complex
         ablate_state_transition = (self.ablate_state_transition if ablate_state_transition is None
                                    else ablate_state_transition)
         sequences = None  # the rows of x, unless packed
-        check_layer_input("x", x, 2, "(b, n) of token ids" if cu_seqlens is None else "(1, T) of token ids")
-        if return_loss and labels is not None:
-            _check_labels(labels, x)
-        if cu_seqlens is not None:
-            if cp_group is None:  # under a group the layers check it against the group's T
-                sequences = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
-            if return_loss and labels is None and cp_group is None:
-                labels = _packed_targets(x, cu_seqlens)
-        if return_loss and (cache is not None or return_cache):
-            raise ValueError("return_loss=True does not take or return a cache")
-        if return_loss and labels is None:
-            if cp_group is not None:
-                raise ValueError("under cp_group pass this slice's labels= (the next token of each of its tokens)")
-            if x.shape[1] < 2:  # the loss of no target is a mean over nothing: NaN
-                raise ValueError(f"return_loss=True needs at least 2 tokens (each predicts the next), got x of "
-                                 f"shape {tuple(x.shape)}")
-            x, labels = x[:, :-1], x[:, 1:]
-        if cache is None and return_cache:
-            cache = self.init_cache(x.shape[0] if sequences is None else sequences, x.shape[1], device=x.device)
-        if cache is not None:
-            if not isinstance(cache, TransformerCache):
-                raise TypeError(f"cache must be a TransformerCache (from init_cache() or a return_cache=True call), "
-                                f"got {type(cache).__name__}")
-            cache.check(self, x, sequences)
-        h = self.token_emb(x)
+        try:
+            check_layer_input("x", x, 2, "(b, n) of token ids" if cu_seqlens is None else "(1, T) of token ids")
+            if return_loss and labels is not None:
+                _check_labels(labels, x)
+            if cu_seqlens is not None:
+                if cp_group is None:  # under a group the layers check it against the group's T
+                    sequences = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1], x.device)
+                if return_loss and labels is None and cp_group is None:
+                    labels = _packed_targets(x, cu_seqlens)
+            if return_loss and (cache is not None or return_cache):
+                raise ValueError("return_loss=True does not take or return a cache")
+            if cp_group is not None and (cache is not None or return_cache):
+                raise ValueError("a cache is for decoding on one rank: not with cp_group")
+            if return_loss and labels is None:
+                if cp_group is not None:
+                    raise ValueError("under cp_group pass this slice's labels= (the next token of each of its tokens)")
+                if x.shape[1] < 2:  # the loss of no target is a mean over nothing: NaN
+                    raise ValueError(f"return_loss=True needs at least 2 tokens (each predicts the next), got x of "
+                                     f"shape {tuple(x.shape)}")
+                x, labels = x[:, :-1], x[:, 1:]
+            if cache is None and return_cache:
+                cache = self.init_cache(x.shape[0] if sequences is None else sequences, x.shape[1], device=x.device)
+            if cache is not None:
+                if not isinstance(cache, TransformerCache):
+                    raise TypeError(f"cache must be a TransformerCache (from init_cache() or a return_cache=True "
+                                    f"call), got {type(cache).__name__}")
+                cache.check(self, x, sequences)
+            h = self.token_emb(x)
+        except Exception:
+            if cp_group is not None and self.layers and isinstance(self.layers[0][0].fn, GateLoopedAttention):
+                from .context_parallel import report_failure
+
+                # the other ranks wait in the first layer's descriptor exchange: they raise there instead of hanging
+                report_failure("Transformer.forward", cp_group, self.token_emb.weight.device)
+            raise
         kwargs = dict(ablate_complex=ablate_complex, ablate_state_transition=ablate_state_transition)
         if cu_seqlens is not None:
             kwargs["cu_seqlens"] = cu_seqlens

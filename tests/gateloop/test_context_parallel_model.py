@@ -100,6 +100,43 @@ def test_cp_transformer_matches_single_process(_seed):
     spawn(_model_worker, 2, _seed)
 
 
+def _local_errors_worker(rank, world, seed):
+    group = dist.group.WORLD
+    torch.manual_seed(seed)
+    x = torch.randint(0, 32, (1, 6))
+    cu = torch.tensor([0, 4, 12])
+    failures = []
+    # (the failing rank, reversible, packed, its call, its error, a fragment of it)
+    for i, (bad, reversible, packed, call, exc_type, fragment) in enumerate((
+            (0, False, False, lambda m: m(x, labels=x[:, :-1], return_loss=True, cp_group=group), ValueError, "labels"),
+            (1, False, False, lambda m: m(x[None], labels=x, return_loss=True, cp_group=group), ValueError, "x must"),
+            (0, True, False, lambda m: m(x, labels=x.float(), return_loss=True, cp_group=group), TypeError, "labels"),
+            (1, False, True, lambda m: m(x, labels=x[:, 1:], return_loss=True, cp_group=group, cu_seqlens=cu),
+             ValueError, "labels"),
+            (0, False, False, lambda m: m(x, return_cache=True, cp_group=group), ValueError, "cache"),
+            (1, False, False, lambda m: m(x + 32, cp_group=group), IndexError, "index out of range"))):
+        model = Transformer(16, num_tokens=32, depth=2, gate_loop_heads=1, reversible=reversible).double()
+        kw = dict(cu_seqlens=cu) if packed else {}
+        if rank == bad:
+            failures += [f"case {i}: {f}" for f in expect_raises(exc_type, fragment, lambda: call(model))]
+        else:
+            failures += [f"case {i}: {f}" for f in expect_raises(
+                RuntimeError, f"rank(s) [{bad}]", lambda: model(x, labels=x, return_loss=True, cp_group=group, **kw))]
+        # the ranks are still in step: a valid call next runs through on both
+        loss = model(x, labels=x, return_loss=True, cp_group=group, **kw)
+        if not torch.isfinite(loss):
+            failures.append(f"case {i}: rank {rank} loss after the error {loss}")
+    raise_failures(failures)
+
+
+def test_cp_transformer_local_input_error_raises_everywhere(_seed):
+    """Found by a new user's probe: a rank whose Transformer arguments failed the model's own checks (labels or x of
+    the wrong shape, float labels, a cache under cp_group, token ids outside the vocabulary) raised alone while the
+    other ranks waited in the first layer's descriptor exchange until the group's timeout; now that rank raises its
+    error and the others a RuntimeError naming it, residual, reversible and packed, and the next call runs."""
+    spawn(_local_errors_worker, 2, _seed)
+
+
 def _step_worker(rank, world, device_kind, seed, amps):
     """A training step's loss and averaged parameter gradients under ``cp_group`` (one device per rank; NCCL on
     GPUs) against the same step in one process on the same device: float32 (the scan's exact mode) and, in
