@@ -26,7 +26,8 @@ The steps, on every rank:
    ``|a| < 1`` underflows to its correct value 0; its backward is the scan's own reverse scan;
 3. with ``check_shapes=True`` (the default), a small int64 descriptor (batch, heads, head dims,
    dtypes, whether an initial state is given, whether the exchange needs gradients, whether the local
-   step failed; packed: ``N`` and whether final states are wanted; the slice length, exchanged only) is
+   step failed; packed: ``N``, whether final states are wanted, ``cu_seqlens[-1]`` and an int64 fingerprint of
+   the whole ``cu_seqlens``, both written on the device; the slice length, exchanged only) is
    all-gathered and compared, so that a mismatch raises the same error on every rank
    instead of a hang;
 4. ``(A_r, S_r)``, packed into one real buffer of ``P = B H (2 + 2 d e)`` elements, is all-gathered
@@ -95,10 +96,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.co
 # the last field (this rank's slice length) is exchanged, not compared
 _FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype", "k dtype", "v dtype",
            "gate dtype", "initial_state dtype", "needs grad", "sequences N (len(cu_seqlens) - 1; -1 without)",
-           "final states (with cu_seqlens)", "cu_seqlens[-1] (the group's T)", "slice length")
+           "final states (with cu_seqlens)", "cu_seqlens[-1] (the group's T)",
+           "cu_seqlens (an int64 weighted sum of all its entries)", "slice length")
 #: int64 entries of the descriptor every rank all-gathers before the states
 DESCRIPTOR_LEN = len(_FIELDS)
-_END = _FIELDS.index("cu_seqlens[-1] (the group's T)")  # written on the device (no host read of cu_seqlens)
+_END = _FIELDS.index("cu_seqlens[-1] (the group's T)")  # then its fingerprint: written on the device (no host read)
+_PRIME = 2 ** 31 - 1  # the fingerprint's modulus
 _FAILED = [1] + [0] * (DESCRIPTOR_LEN - 1)  # the descriptor of a rank whose input failed its local checks
 
 
@@ -302,10 +305,18 @@ def _gate_parts(gate: dict) -> tuple[Tensor, Tensor]:
     return gate_from_log_polar(gate["log_magnitude"], gate["phase"])
 
 
-def _exchange_descriptors(desc: list, device: torch.device, group, world: int, end: Optional[Tensor] = None) -> Tensor:
+def _fingerprint(cu: Tensor) -> Tensor:
+    """``sum_i (cu_i w_i mod p)`` over all of ``cu``, ``p`` the prime ``2^31 - 1``, ``w_i = i 2654435761 mod p``
+    (Knuth's multiplicative hash: pseudo-random in ``[1, p)``), on ``cu``'s device: exact in int64 (each term is
+    below ``2^31``), and two tensors that differ in one entry (by less than ``p``) always differ in it."""
+    i = torch.arange(1, cu.numel() + 1, dtype=torch.int64, device=cu.device)
+    return (cu.long() % _PRIME * (i * 2654435761 % _PRIME) % _PRIME).sum()
+
+
+def _exchange_descriptors(desc: list, device: torch.device, group, world: int, cu: Optional[Tensor] = None) -> Tensor:
     mine = torch.tensor(desc, dtype=torch.int64, device=device)
-    if end is not None:  # cu_seqlens' last entry, copied on the device: read on the host with the table only
-        mine[_END] = end
+    if cu is not None:  # cu_seqlens' last entry and fingerprint, on the device: read on the host with the table only
+        mine[_END:_END + 2] = torch.stack([cu[-1].long(), _fingerprint(cu)])
     out = mine.new_empty(world * DESCRIPTOR_LEN)
     _all_gather_single(out, mine, group)
     return out.view(world, DESCRIPTOR_LEN).cpu()
@@ -337,7 +348,7 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
     try:
         loc = local()
         packed = _pack(loc)
-        desc = [0, *loc.desc, int(packed.requires_grad), -1, 0, -1, loc.q.shape[1]]
+        desc = [0, *loc.desc, int(packed.requires_grad), -1, 0, -1, 0, loc.q.shape[1]]
     except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
         error = exc
     _agreed_table(name, desc, error, device, cp_group, world)
@@ -346,10 +357,11 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
 
 
 def _agreed_table(name: str, desc: list, error: Optional[Exception], device: torch.device, cp_group,
-                  world: int, end: Optional[Tensor] = None) -> Tensor:
-    """All-gathers the descriptors (``(W, DESCRIPTOR_LEN)`` on the host; ``end``: this rank's ``cu_seqlens[-1]``)
-    and raises, on every rank, the first rank's local error or a disagreement."""
-    table = _exchange_descriptors(desc, device, cp_group, world, end)
+                  world: int, cu: Optional[Tensor] = None) -> Tensor:
+    """All-gathers the descriptors (``(W, DESCRIPTOR_LEN)`` on the host; ``cu``: this rank's ``cu_seqlens``, whose
+    last entry and fingerprint it carries) and raises, on every rank, the first rank's local error or a
+    disagreement."""
+    table = _exchange_descriptors(desc, device, cp_group, world, cu)
     if error is not None:
         raise error
     failed = [j for j in range(world) if table[j, 0]]
@@ -525,11 +537,11 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         desc = _FAILED
         try:
             p = prepare()
-            desc = [0, *p.desc, int(p.anchor is not None), p.cu.shape[0] - 1, int(want_final), 0, p.q.shape[1]]
+            desc = [0, *p.desc, int(p.anchor is not None), p.cu.shape[0] - 1, int(want_final), 0, 0, p.q.shape[1]]
         except Exception as exc:  # reported to every rank, so that no rank waits in a collective
             error = exc
         lengths = _agreed_table(name, desc, error, device, cp_group, world,
-                                None if error is not None else p.cu[-1])[:, -1]
+                                None if error is not None else p.cu)[:, -1]
         lo, total = int(lengths[:rank].sum()), int(lengths.sum())
         lo = torch.full((1,), lo, dtype=torch.int64, device=device)
     else:
@@ -614,7 +626,8 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             ``init_process_group``: before it ``group.WORLD`` is ``None``, which the public entries read as no
             context parallelism).
         cu_seqlens: packed sequences: the GLOBAL boundaries ``[0, l_1, ..., T]`` (1-D int32/int64 on the inputs'
-            device, the same values on every rank, ``T`` the sum of the slice lengths), ``B = 1``; sequences may
+            device, the same values on every rank (compared with ``check_shapes``, all of them through a
+            fingerprint), ``T`` the sum of the slice lengths), ``B = 1``; sequences may
             cross any number of ranks and start at a slice start. ``initial_state`` and the final states are then
             ``(N, H, d, e)``, one per sequence (each rank passes the same initial states), as in
             ``gate_loop_heads`` with ``cu_seqlens``; every rank must pass the same ``output_final_state``
@@ -632,8 +645,9 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             not in ``cp_group``; shapes, an unknown ``precision``, a bad ``chunk_size`` (on the rank that
             passed them); with ``check_shapes``, on every rank, when the ranks disagree on ``B, H, d, e``,
             a dtype, giving an initial state, or whether gradients are needed, and (packed) on ``N``,
-            ``cu_seqlens[-1]`` or ``output_final_state``; a ``cu_seqlens`` not ending at the group's ``T`` (every rank, CPU; an
-            asynchronous device assertion on CUDA).
+            ``cu_seqlens[-1]``, any other entry of ``cu_seqlens`` (its fingerprint) or ``output_final_state``; a
+            ``cu_seqlens`` not ending at the group's ``T`` (every rank, CPU; an asynchronous device assertion on
+            CUDA).
     """
     gate = {name: t for name, t in (("z", z), ("log_magnitude", log_magnitude), ("phase", phase)) if t is not None}
     if cu_seqlens is not None:

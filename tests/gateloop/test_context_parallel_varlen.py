@@ -198,6 +198,47 @@ def _errors_worker(rank, world, seed):
     raise_failures(failures)
 
 
+def _inner_cu_worker(rank, world):
+    group = dist.group.WORLD
+    what = "disagree on cu_seqlens (an int64 weighted sum"
+    failures = []
+    for cu, check in (((0, 3, 8), (0, 4, 8)), ((0, 2, 3, 5, 8), (0, 2, 4, 5, 8)), ((0, 2, 3, 5, 8), (0, 1, 4, 5, 8))):
+        # the same N and T, other inner boundaries on rank 1: heads (int64) and operator (int32) alike
+        mine = torch.tensor(check if rank else cu)
+        failures += expect_raises(ValueError, what, lambda: gate_loop_heads(
+            *(torch.randn(1, 4, 2, 1) for _ in range(3)), z=torch.randn(1, 4, 2, 2), cp_group=group, cu_seqlens=mine))
+        failures += expect_raises(ValueError, what, lambda: gate_loop_operator(
+            *(torch.randn(1, 4, 1) for _ in range(3)), torch.rand(1, 4, 1, 1), cp_group=group, cu_seqlens=mine.int()))
+    # the same values as int32 on one rank and int64 on the other agree
+    o = gate_loop_operator(*(torch.randn(1, 4, 1) for _ in range(3)), torch.rand(1, 4, 1, 1), cp_group=group,
+                           cu_seqlens=torch.tensor([0, 3, 8], dtype=torch.int32 if rank else torch.int64))
+    if o.shape != (1, 4, 1):
+        failures.append(f"rank {rank}: output of shape {tuple(o.shape)}")
+    raise_failures(failures)
+
+
+def test_cp_varlen_inner_cu_seqlens_mismatch_raises_everywhere():
+    """Found by a new user's probe: ranks passing cu_seqlens of the same N and T but other inner boundaries got
+    silently wrong results (the descriptor compared N and cu_seqlens[-1] only); a fingerprint of every entry, in the
+    same descriptor, now raises a ValueError on every rank."""
+    spawn(_inner_cu_worker, 2)
+
+
+def test_cu_seqlens_fingerprint_is_exact():
+    """The fingerprint is exact in int64 where a plain weighted sum would overflow (entries near 2^31, many of them),
+    the same for int32 and int64 boundaries, and tells apart tensors that differ in one entry by 1."""
+    cu = torch.arange(0, 2 ** 31 - 2 ** 20, 2 ** 11, dtype=torch.int64)  # 2^20 entries near int32's end
+    p, want = 2 ** 31 - 1, 0
+    for i, c in enumerate(cu.tolist(), 1):
+        want += c % p * (i * 2654435761 % p) % p
+    assert context_parallel._fingerprint(cu).item() == want
+    assert context_parallel._fingerprint(cu.int()).item() == want
+    for j in (1, 1000, cu.numel() - 2):
+        other = cu.clone()
+        other[j] += 1
+        assert context_parallel._fingerprint(other).item() != want
+
+
 def _model_worker(rank, world, seed):
     """The packed Transformer's loss (the same on every rank) and its parameter gradients averaged over the group
     against the single-process packed model: 3 ranks (an empty slice) reversible with head dim 1, then ranks
