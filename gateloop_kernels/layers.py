@@ -354,7 +354,9 @@ class GateLoopedAttention(Module):
                 cu_seqlens: Optional[Tensor] = None):
         """``x (b, n, dim)`` -> ``(b, n, dim)``, or ``(out, cache)`` with ``return_cache``.
 
-        ``cp_group``, ``check_shapes``: the sequence split across a process group, as in ``gate_loop_heads``.
+        ``cp_group``, ``check_shapes``: the sequence split across a process group, as in ``gate_loop_heads``. With
+        ``check_shapes``, a rank whose input fails this layer's own checks raises its error, and every other rank a
+        RuntimeError naming it from the descriptor exchange (no hang).
 
         ``cu_seqlens``: ``x (1, T, dim)`` holds ``N`` packed documents, each scanned from a zero state
         (:func:`gateloop_kernels.gate_loop_heads`), or from its state in a cache of ``N`` states ``(N, H, d, e)``
@@ -368,19 +370,29 @@ class GateLoopedAttention(Module):
         """
         # written against attributes the upstream class has too, so patch_gateloop_transformer()
         # can install it on upstream instances
-        dim = getattr(self.to_qkv, "in_features", None)  # None for a wrapped projection: its own call checks x
-        check_layer_input("x", x, 3, "(b, n, dim)" if dim is None else f"(b, n, dim) = (b, n, {dim})", dim)
-        b, n, _ = x.shape
-        heads = self.to_a[0].out_features // 2
-        qkv, a, gates = _in_projections(self, x, with_a=not ablate_state_transition)
-        q, k, v = (t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))
-        z = None if a is None else _frac_gradient(a, self.frac_gradient_state_transition).unflatten(-1, (heads, 2))
-        if ablate_complex and not ablate_state_transition:
-            z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
-        if cp_group is not None and (cache is not None or return_cache):
-            raise ValueError("a cache is for decoding on one rank: not with cp_group")
-        if cache is not None:
-            _check_state_cache(cache, q, v, b if cu_seqlens is None else count_cu_seqlens(cu_seqlens))
+        try:
+            dim = getattr(self.to_qkv, "in_features", None)  # None for a wrapped projection: its own call checks x
+            check_layer_input("x", x, 3, "(b, n, dim)" if dim is None else f"(b, n, dim) = (b, n, {dim})", dim)
+            b, n, _ = x.shape
+            heads = self.to_a[0].out_features // 2
+            qkv, a, gates = _in_projections(self, x, with_a=not ablate_state_transition)
+            q, k, v = (t.unflatten(-1, (heads, -1)) for t in qkv.chunk(3, dim=-1))
+            z = None
+            if a is not None:
+                z = _frac_gradient(a, self.frac_gradient_state_transition).unflatten(-1, (heads, 2))
+            if ablate_complex and not ablate_state_transition:
+                z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
+            if cp_group is not None and (cache is not None or return_cache):
+                raise ValueError("a cache is for decoding on one rank: not with cp_group")
+            if cache is not None:
+                _check_state_cache(cache, q, v, b if cu_seqlens is None else count_cu_seqlens(cu_seqlens))
+        except Exception:
+            if cp_group is not None and check_shapes:
+                from .context_parallel import report_failure
+
+                # the other ranks wait in this call's descriptor exchange: they raise there instead of hanging
+                report_failure("GateLoopedAttention", cp_group, next(self.parameters()).device)
+            raise
         if cache is not None and n == 1 and cu_seqlens is None:
             # the step updates a dense state: a strided cache (e.g. cache[::2], a beam's rows) through a copy
             state = cache if cache.is_contiguous() else cache.contiguous()

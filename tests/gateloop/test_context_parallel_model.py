@@ -137,6 +137,36 @@ def test_cp_transformer_local_input_error_raises_everywhere(_seed):
     spawn(_local_errors_worker, 2, _seed)
 
 
+def _layer_errors_worker(rank, world, seed):
+    from gateloop_kernels import GateLoopedAttention
+
+    group = dist.group.WORLD
+    torch.manual_seed(seed)
+    layer = GateLoopedAttention(16, heads=1).double()
+    x = torch.randn(1, 6, 16, dtype=torch.float64)
+    failures = []
+    for i, (bad, call, exc_type, fragment) in enumerate((
+            (0, lambda: layer(x[..., :8], cp_group=group), ValueError, "x must"),
+            (1, lambda: layer(x.float(), cp_group=group), RuntimeError, "dtype"),
+            (0, lambda: layer(x, return_cache=True, cp_group=group), ValueError, "cache"))):
+        if rank == bad:
+            failures += [f"case {i}: {f}" for f in expect_raises(exc_type, fragment, call)]
+        else:
+            failures += [f"case {i}: {f}" for f in expect_raises(RuntimeError, f"rank(s) [{bad}]",
+                                                                   lambda: layer(x, cp_group=group))]
+        out = layer(x, cp_group=group)  # the ranks are still in step
+        if not torch.isfinite(out).all():
+            failures.append(f"case {i}: rank {rank} output after the error is not finite")
+    raise_failures(failures)
+
+
+def test_cp_layer_local_input_error_raises_everywhere(_seed):
+    """GateLoopedAttention called directly under cp_group: a rank whose input fails the layer's own checks (x's
+    width, a dtype the projections refuse, a cache) raised alone while the other ranks waited in the descriptor
+    exchange until the group's timeout; now the others raise a RuntimeError naming it, and the next call runs."""
+    spawn(_layer_errors_worker, 2, _seed)
+
+
 def _step_worker(rank, world, device_kind, seed, amps):
     """A training step's loss and averaged parameter gradients under ``cp_group`` (one device per rank; NCCL on
     GPUs) against the same step in one process on the same device: float32 (the scan's exact mode) and, in
