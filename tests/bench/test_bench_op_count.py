@@ -66,3 +66,4 @@ def test_operator_call_stays_within_its_host_budget(d, max_ops, launches):
                 torch.autograd.grad(gate_loop_operator(*x, a), [*x, a], gout)
     ops = sum(counter.ops.values())
     assert counter.launches == launches and ops <= max_ops, (ops, counter.launches, counter.ops.most_common(10))
+    assert not {"zeros", "zero_", "fill_", "new_zeros", "zeros_like"} & set(counter.ops)  # no per-call zero fill

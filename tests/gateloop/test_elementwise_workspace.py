@@ -4,7 +4,6 @@ capture, oversize launches and failed launches take fresh buffers."""
 import pytest
 import torch
 
-from bench.tools import op_count
 from gateloop_kernels import elementwise as ew
 from gateloop_kernels.elementwise import workspace
 from helpers.elementwise_check import assert_grads, make, oracle, rel
@@ -45,22 +44,21 @@ def test_launches_of_changing_sizes_reuse_and_clear_the_buffers(monkeypatch, per
 
 
 @needs_kernels
-def test_steady_state_launches_allocate_and_fill_no_workspace():
-    """Once both buffers exist, a forward+backward makes no zero fill and no new workspace (the two per call that
-    ``torch.zeros`` cost before)."""
+def test_steady_state_launches_take_no_new_workspace():
+    """Once both buffers exist, forward+backward pairs reuse them (the same tensors: nothing allocated or zero-filled
+    for the workspace; the aten calls of a whole eager call, zero fills included, are counted in
+    ``tests/bench/test_bench_op_count.py``)."""
     workspace._pairs.pop(_key(), None)
     args = make(2, 64, 4, torch.float32, True, False, False)
     do = torch.randn(2, 64, 4, device=DEV)
-    for i in range(3):
-        if i == 2:
-            ids = [b.data_ptr() for b in workspace._pairs[_key()][0]]
-            counter = op_count._Count()
-        with op_count._counting(counter) if i == 2 else torch.no_grad():
-            o, _, _, carries = ew.scan_forward(*args)
-            ew.scan_backward(do, None, None, *args, carries)
-    assert counter.launches == 2
-    assert not {"zeros", "zero_", "fill_", "new_zeros"} & set(counter.ops), counter.ops
-    assert [b.data_ptr() for b in workspace._pairs[_key()][0]] == ids
+    for _ in range(2):
+        o, _, _, carries = ew.scan_forward(*args)
+        ew.scan_backward(do, None, None, *args, carries)
+    bufs = list(workspace._pairs[_key()][0])
+    for _ in range(2):
+        o, _, _, carries = ew.scan_forward(*args)
+        ew.scan_backward(do, None, None, *args, carries)
+    assert all(b is c for b, c in zip(workspace._pairs[_key()][0], bufs))
 
 
 @needs_kernels
