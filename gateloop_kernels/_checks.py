@@ -146,7 +146,7 @@ def check_chunk_size(chunk_size: int) -> None:
 
 def check_preactivation(z: Tensor) -> None:
     check_real_float("z", z)
-    if z.shape[-1] != 2:
+    if z.ndim == 0 or z.shape[-1] != 2:
         raise ValueError(f"z must end in a dimension of 2 (real, imaginary), got {tuple(z.shape)}")
 
 
