@@ -212,9 +212,12 @@ def check_chunk_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, 
     if not (16 <= d <= 256 and 16 <= e <= 256):
         raise ValueError(f"chunk_gate_loop needs 16 <= d, e <= 256, got d={d}, e={e}")
     check_chunk_size(chunk_size)
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, d, e):
-        raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), "
-                         f"got {tuple(initial_state.shape)}")
+    if initial_state is not None:
+        check_gate_dtype("initial_state", initial_state)
+        if tuple(initial_state.shape) != (B, H, d, e):
+            raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), "
+                             f"got {tuple(initial_state.shape)}")
+    check_same_device(q=q, k=k, v=v, a_re=a_re, a_im=a_im, initial_state=initial_state)
 
 
 def count_cu_seqlens(cu_seqlens: Tensor) -> int:

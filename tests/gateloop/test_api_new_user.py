@@ -8,3 +8,20 @@ import gateloop_kernels as gk
 def test_preactivation_of_a_scalar_names_z():
     with pytest.raises(ValueError, match="z must end in a dimension of 2"):
         gk.gate_from_preactivation(torch.tensor(1.0))
+
+
+def _chunk_inputs(B=1, n=5, H=1, d=16, dtype=torch.float32):
+    q, k, v = (torch.randn(B, n, H, d, dtype=dtype) for _ in range(3))
+    return q, k, v, torch.full((B, n, H), 0.9), torch.zeros(B, n, H)
+
+
+@pytest.mark.parametrize("state, error, match", [
+    (torch.ones(1, 1, 16, 16, dtype=torch.int64), TypeError, "initial_state must be a floating-point or complex"),
+    ([[0.0]], TypeError, "initial_state must be a torch.Tensor"),
+    (torch.ones(1, 1, 16, 16, device="meta"), ValueError, "initial_state on meta"),
+])
+def test_chunk_gate_loop_checks_the_initial_states_type_and_device(state, error, match):
+    """An integer state was silently cast, a list raised AttributeError, another device reached the kernels."""
+    from gateloop_kernels.chunked import chunk_gate_loop
+    with pytest.raises(error, match=match):
+        chunk_gate_loop(*_chunk_inputs(), initial_state=state, chunk_size=16)
