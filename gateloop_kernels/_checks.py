@@ -201,6 +201,10 @@ def check_chunk_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, 
     for name, t in (("q", q), ("k", k), ("v", v), ("a_re", a_re), ("a_im", a_im)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a real floating-point tensor")
+    if torch.float64 in (q.dtype, k.dtype, v.dtype):
+        # the kernels compute in float32: float64 inputs would come back silently narrowed
+        raise TypeError(f"chunk_gate_loop takes float32, bfloat16 or float16 q, k, v, got {q.dtype}, {k.dtype}, "
+                        f"{v.dtype} (gateloop_kernels.gate_loop_heads runs float64)")
     if q.ndim != 4 or k.shape != q.shape or v.ndim != 4 or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k must be (B, n, H, d) and v (B, n, H, e); got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")

@@ -25,3 +25,10 @@ def test_chunk_gate_loop_checks_the_initial_states_type_and_device(state, error,
     from gateloop_kernels.chunked import chunk_gate_loop
     with pytest.raises(error, match=match):
         chunk_gate_loop(*_chunk_inputs(), initial_state=state, chunk_size=16)
+
+
+def test_chunk_gate_loop_refuses_float64_rather_than_narrowing_it():
+    """float64 q, k, v ran in float32 and came back float32 (its docstring: outputs in the input dtype)."""
+    from gateloop_kernels.chunked import chunk_gate_loop
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16 q, k, v"):
+        chunk_gate_loop(*_chunk_inputs(dtype=torch.float64), chunk_size=16)
