@@ -137,9 +137,16 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def check_chunk_size(chunk_size: int) -> None:
+def check_reference_chunk(chunk_size: int) -> None:
+    """The references' ``chunk_size``: any positive int (the public entries also want a power of two >= 16)."""
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    check_reference_chunk(chunk_size)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_simple_inputs
+from ._checks import GATE_HEAD, check_gate_loop_inputs, check_initial_state, check_reference_chunk, check_simple_inputs
 from .dtypes import acc_dtypes, empty_scan, out_dtype, real_dtype  # noqa: F401 (real_dtype: re-exported)
 
 __all__ = [
@@ -149,10 +149,12 @@ def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
                           chunk_size: int = DEFAULT_CHUNK) -> tuple[Tensor, Tensor]:
     """First-order scan ``h_t = a_t h_{t-1} + x_t`` per channel, chunked.
 
-    ``a, x: (B, n, D)`` (real or complex, one dtype), ``h0: (B, D)`` or ``None``.
+    ``a, x: (B, n, D)`` (real or complex, one dtype), ``h0: (B, D)`` or ``None``; ``chunk_size`` a positive int
+    (TypeError / ValueError otherwise).
     Returns ``(h (B, n, D), h_last (B, D))``. Within a chunk the scan runs step by step for all
     chunks at once; the carries between chunks run over the ``n / C`` chunk ends. Memory ``O(B n D)``.
     """
+    check_reference_chunk(chunk_size)
     B, n, D = x.shape
     h = x.new_zeros((B, D)) if h0 is None else h0.to(x.dtype)
     if n == 0:
@@ -275,8 +277,7 @@ def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state:
     if layout != GATE_HEAD:
         return sequential_reference(q, k, v, a, initial_state, return_final_state)
     check_initial_state(initial_state, B, d, e, q.device)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    check_reference_chunk(chunk_size)
     odt = out_dtype(q, k, v)
     rdt, cdt = acc_dtypes(odt)
     qf, kf, vf = q.to(rdt), k.to(rdt), v.to(rdt)

@@ -32,3 +32,15 @@ def test_chunk_gate_loop_refuses_float64_rather_than_narrowing_it():
     from gateloop_kernels.chunked import chunk_gate_loop
     with pytest.raises(TypeError, match="float32, bfloat16 or float16 q, k, v"):
         chunk_gate_loop(*_chunk_inputs(dtype=torch.float64), chunk_size=16)
+
+
+@pytest.mark.parametrize("chunk, error", [(16.0, TypeError), (None, TypeError), (True, TypeError), (0, ValueError)])
+@pytest.mark.parametrize("name", ["chunked_reference", "simple_chunked_reference", "diagonal_scan_chunked"])
+def test_reference_chunk_size_is_checked(name, chunk, error):
+    """A float or None chunk_size raised AttributeError / a comparison TypeError from inside the references, and 0
+    ZeroDivisionError from diagonal_scan_chunked."""
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    args = {"chunked_reference": (x, x, x, torch.rand(2, 5, 1, 1, dtype=torch.float64)),
+            "simple_chunked_reference": (x, x, x), "diagonal_scan_chunked": (x, x)}[name]
+    with pytest.raises(error, match="chunk_size must be"):
+        getattr(gk.reference, name)(*args, chunk_size=chunk)
