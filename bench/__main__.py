@@ -4,7 +4,8 @@ Each subcommand lives in ``bench/<name>.py`` and exposes ``build_parser() -> arg
 ``main(argv: list[str]) -> None``. Without a subcommand every benchmark runs with its default
 (machine-sized) settings, and the short summary of all of them is printed last (``render``, which redraws
 ``docs/results.md`` from ``bench/results/``, runs only when named). The profiling and diagnostic tools are in
-``bench/tools/`` (``python -m bench.tools.<name> --help``). Every command line is
+``bench/tools/`` (``python -m bench.tools.<name> --help`` for the ones with options; ``host_probe``, ``memcheck`` and
+``memcheck_revkern`` need CUDA and take no ``--help``). Every command line is
 checked in full before anything runs: an unknown subcommand or option exits with status 2 at once.
 """
 from __future__ import annotations
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Results go to bench/out/ (JSON; PNG plots where matplotlib imports); on a GPU the figures are also "
                "appended as rows to bench/results/<benchmark>.jsonl (--no-record skips that), which `python -m bench "
                "render` draws as docs/results.md. `python -m bench SUBCOMMAND --help` lists a subcommand's options; "
-               "the profiling tools: python -m bench.tools.<name> --help (bench/tools/).")
+               "the profiling tools are in bench/tools/: python -m bench.tools.<name> --help for ncu, offline_kernels, "
+               "op_count and state_forms; host_probe (its modes in its docstring), memcheck and memcheck_revkern need "
+               "CUDA and take no --help.")
     p.add_argument("--quick", action="store_true",
                    help="without a subcommand: " + "; ".join(f"{k} {' '.join(v)}" for k, v in QUICK.items())
                    + " (the others as they are)")
