@@ -177,7 +177,7 @@ def main(argv: list[str]) -> None:
     env = harness.environment()
     _log(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}"
          + (", backward on the calling thread" if args.calling_thread else ""))
-    # PyTorch runs a CUDA graph's backward on a per-device thread: a hand-off and cold caches per backward, which
+    # PyTorch runs the backward of CUDA tensors on a per-device thread: a hand-off and cold caches per backward, which
     # set_multithreading_enabled(False) avoids (docs/kernels.md section 5)
     with torch.autograd.set_multithreading_enabled(not args.calling_thread):
         ops = [] if args.model_only else [run_case(*c, profile=args.profile) for c in CASES]

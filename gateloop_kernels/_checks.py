@@ -17,6 +17,11 @@ from .dtypes import PRECISIONS
 GATE_HEAD, GATE_KEY, GATE_GENERAL = "head", "key", "general"
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python int and not a bool (an ``isinstance(value, int)`` a flag would pass)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
@@ -139,7 +144,7 @@ def check_precision(precision: str) -> None:
 
 def check_reference_chunk(chunk_size: int) -> None:
     """The references' ``chunk_size``: any positive int (the public entries also want a power of two >= 16)."""
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+    if not is_int(chunk_size):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from ._checks import check_cu_seqlens, is_int
+
 __all__ = ["generate", "sample"]
 
 _EOS_CHECK = 16
@@ -48,7 +50,7 @@ def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[fl
                         f"{type(temperature).__name__}")
     if not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+    if top_k is not None and not is_int(top_k):
         raise TypeError(f"top_k must be a positive int or None, got {type(top_k).__name__}")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
@@ -91,12 +93,12 @@ def _check_args(prompt: Tensor, max_new_tokens: int, temperature: float, top_k: 
     # one host sync a call: on CUDA an id out of range would be a device-side assert that ends the process's CUDA use
     if prompt.numel() and not bool(((prompt >= 0) & (prompt < vocab)).all()):
         raise ValueError(f"prompt holds token ids outside [0, {vocab}) (the model's vocabulary)")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+    if not is_int(max_new_tokens):
         raise TypeError(f"max_new_tokens must be an int, got {type(max_new_tokens).__name__}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     _check_sampling(temperature, top_k, top_p)
-    if eos_token is not None and (isinstance(eos_token, bool) or not isinstance(eos_token, int)):
+    if eos_token is not None and not is_int(eos_token):
         raise TypeError(f"eos_token must be an int token id or None, got {type(eos_token).__name__}")
     if eos_token is not None and not 0 <= eos_token < vocab:
         raise ValueError(f"eos_token must be a token id in [0, {vocab}), got {eos_token!r}")
@@ -156,8 +158,6 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     prompt = prompt.long()
     b, p = prompt.shape
     if cu_seqlens is not None:
-        from ._checks import check_cu_seqlens
-
         b = check_cu_seqlens(cu_seqlens, prompt.shape[0], p, prompt.device)
         if not bool((cu_seqlens.diff() > 0).all()):  # a host sync, once per call: an empty prompt has no logits
             raise ValueError("cu_seqlens: every packed prompt needs at least one token")

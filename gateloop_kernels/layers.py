@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Module, ModuleList
 
-from ._checks import check_cu_seqlens, check_layer_input, count_cu_seqlens
+from ._checks import check_cu_seqlens, check_layer_input, count_cu_seqlens, is_int
 from ._eager import eager_function
 from .decode import gate_loop_decode_step
 from .dtypes import promote
@@ -565,7 +565,7 @@ class Transformer(Module):
         Raises TypeError for a non-int ``batch_size`` / ``max_length`` or a non-real-floating ``dtype``,
         ValueError for a negative size."""
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_cu_seqlens
+from ._checks import check_cu_seqlens, is_int
 from .dtypes import acc_dtypes, empty_scan
 from .reference import _add_state, _chunk_local, _fit_chunk, _no_autocast, diagonal_scan_chunked
 
@@ -46,7 +46,7 @@ def validate_cu_seqlens(cu_seqlens: Tensor, T: int) -> int:
     a ``TypeError`` / ``ValueError`` for a ``T`` that is not an int >= 0 or a ``cu_seqlens`` without values (meta)."""
     if not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if isinstance(T, bool) or not isinstance(T, int):
+    if not is_int(T):
         raise TypeError(f"T (the number of tokens) must be an int, got {type(T).__name__}")
     if T < 0:
         raise ValueError(f"T (the number of tokens) must be >= 0, got {T}")
