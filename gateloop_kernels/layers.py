@@ -211,8 +211,9 @@ class CausalFullAttention(Module):
         restart at each document. Not with a cache (NotImplementedError).
 
         The cache keeps every key (scaled by its token's data-dependent factor, which depends on that token
-        alone: the seed's product runs over feature pairs, not time) and value; a given one is extended in
-        place (buffers reallocated only when full), any number of tokens per call.
+        alone: the seed's product runs over feature pairs, not time) and value, detached; a given one is extended
+        in place (buffers reallocated only when full), any number of tokens per call. Under autograd the output's
+        gradient reaches this call's ``x`` through its queries, keys and values (not the cached ones).
         """
         if cp_group is not None:
             raise ValueError("CausalFullAttention (softmax attention) cannot run on a sequence split across ranks "
@@ -255,7 +256,12 @@ class CausalFullAttention(Module):
         if cache is not None:
             cache.append(k, v, n)
             if pos is not None:
-                k, v = cache.k.to(q.dtype), cache.v.to(q.dtype)
+                if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                    # the buffers hold this call's keys detached: a copy with them live, so that gradients reach
+                    # them and later appends leave what the backward saved intact
+                    k, v = (buf.to(q.dtype).index_copy(2, pos, t) for buf, t in ((cache.k, k), (cache.v, v)))
+                else:
+                    k, v = cache.k.to(q.dtype), cache.v.to(q.dtype)
                 mask = torch.arange(k.shape[2], device=x.device) <= pos[:, None]  # (n, capacity)
         if self.softmax_normalize:
             out = (F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0) if mask is None
@@ -365,8 +371,9 @@ class GateLoopedAttention(Module):
 
         The cache is the complex state per head, ``(b, H, d, e)``, complex64 (complex128 for float64
         inputs), detached: pass it back to continue the sequence. A given cache is updated in place
-        (same storage), by the fused decode step for one token (``n = 1``, inference only: under
-        ``torch.no_grad()``) or by the scan from it for ``n > 1``.
+        (same storage), by the fused decode step for one token (``n = 1``) where autograd records nothing (under
+        ``torch.no_grad()``), else by the scan from it. Under autograd the output's gradient reaches this call's
+        ``x`` and the parameters through this call's tokens; none flows through the cache (it is detached).
         """
         # written against attributes the upstream class has too, so patch_gateloop_transformer()
         # can install it on upstream instances
@@ -393,7 +400,9 @@ class GateLoopedAttention(Module):
                 # the other ranks wait in this call's descriptor exchange: they raise there instead of hanging
                 report_failure("GateLoopedAttention", cp_group, next(self.parameters()).device)
             raise
-        if cache is not None and n == 1 and cu_seqlens is None:
+        # the fused step overwrites the state and builds no graph: under autograd one token takes the scan too
+        recording = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (qkv, z, cache))
+        if cache is not None and n == 1 and cu_seqlens is None and not recording:
             # the step updates a dense state: a strided cache (e.g. cache[::2], a beam's rows) through a copy
             state = cache if cache.is_contiguous() else cache.contiguous()
             o = gate_loop_decode_step(q[:, 0], k[:, 0], v[:, 0], state,
@@ -403,13 +412,15 @@ class GateLoopedAttention(Module):
             out = o[:, None]
         else:
             want_state = cache is not None or return_cache
+            # the backward may read the initial state the scan saved: a copy, which the cache's update leaves intact
+            init = cache.clone() if cache is not None and recording else cache
             if ablate_state_transition:
                 no_decay = torch.zeros(b, n, heads, device=x.device, dtype=torch.float32)  # gate exp(0 + 0i) = 1
-                out, state = gate_loop_heads(q, k, v, log_magnitude=no_decay, phase=no_decay, initial_state=cache,
+                out, state = gate_loop_heads(q, k, v, log_magnitude=no_decay, phase=no_decay, initial_state=init,
                                              output_final_state=want_state, cp_group=cp_group,
                                              check_shapes=check_shapes, cu_seqlens=cu_seqlens)
             else:
-                out, state = gate_loop_heads(q, k, v, z=z, initial_state=cache, output_final_state=want_state,
+                out, state = gate_loop_heads(q, k, v, z=z, initial_state=init, output_final_state=want_state,
                                              cp_group=cp_group, check_shapes=check_shapes, cu_seqlens=cu_seqlens)
             if cache is None and want_state:
                 cache = state.detach().to(_state_dtype(out.dtype)).contiguous()
@@ -607,7 +618,8 @@ class Transformer(Module):
 
         With a cache (from :meth:`init_cache` or a previous ``return_cache=True`` call) the tokens continue
         the cached sequences: a prompt of any length is one call (the scan from the cached states), then one
-        new token per sequence is a decode step (the fused step, inference only: under ``torch.no_grad()``).
+        new token per sequence is a decode step (the fused step under ``torch.no_grad()``; under autograd the
+        same result by the scan, with gradients through this call's tokens only: the cache is detached).
         The cache is updated in place. Raises ValueError for a cache of another model or batch size, or
         with ``return_loss`` (labels given or not); TypeError for a cache made for another dtype or that is not
         a ``TransformerCache``. Given ``labels`` must be integer targets shaped and placed as ``x`` (TypeError /
