@@ -108,12 +108,9 @@ class _OneNode(torch.autograd.Function):
             # (B, n, 1) sequences -> B channels of one batch, time contiguous: (1, n, B) views
             x = [_channels(t) for t in x]
             a_re, a_im = _gate_channels(g0, form)
-        else:
+        else:  # the operator's (B, n, d) inputs and (B, n) gate planes are the chunked kernels' one-head layout
             a_re, a_im = _gate_parts(form, g0, g1)
-            if entry == "operator":
-                x = [t[:, :, None] for t in x]
-                a_re, a_im = (None if t is None else t[:, :, None] for t in (a_re, a_im))
-            elif path == "elementwise":
+            if entry == "heads" and path == "elementwise":
                 x = [t[..., 0] for t in x]
         if path == "elementwise":
             out, saved = elementwise_scan_op.forward_saved(*x, a_re, a_im, None, None, cu_seqlens)
@@ -127,9 +124,7 @@ class _OneNode(torch.autograd.Function):
         ctx.gate = (g0, g1, a_re, a_im) if form == "polar" else (g0, g1, None, None)
         if entry == "operator" and path == "elementwise":
             return _sequences(o, 3)
-        if entry == "operator":
-            return o[:, :, 0]
-        return o[..., None] if path == "elementwise" else o
+        return o[..., None] if entry == "heads" and path == "elementwise" else o
 
     @staticmethod
     @first_order("gate_loop_operator / gate_loop_heads")  # the kernels record no graph: a 2nd derivative raises
@@ -137,9 +132,7 @@ class _OneNode(torch.autograd.Function):
         entry, form, path, dt, _, _ = ctx.spec
         if entry == "operator" and path == "elementwise":
             do = _channels(do)
-        elif entry == "operator":
-            do = do[:, :, None]
-        elif path == "elementwise":
+        elif entry == "heads" and path == "elementwise":
             do = do[..., 0]
         g0, g1, a_re, a_im = ctx.gate
         if entry == "operator" and path == "elementwise":
@@ -154,18 +147,15 @@ class _OneNode(torch.autograd.Function):
         if path == "chunked" and form == "complex" and g0.dtype == torch.complex64:
             # the kernel writes the gradient's parts in place (element stride 2): no interleave afterwards
             dg0 = torch.empty_like(g0)
-            da = (t[:, :, None] for t in _gate_parts(form, dg0, None))
+            da = _gate_parts(form, dg0, None)
             dq, dk, dv, *_ = _chunk_op.vjp_saved(ctx.saved, do, None, backward=backward_into(*da))
-            dq, dk, dv = (cast(g[:, :, 0], t) for g, t in zip((dq, dk, dv), ctx.dtypes))
+            dq, dk, dv = (cast(g, t) for g, t in zip((dq, dk, dv), ctx.dtypes))
             return None, dq, dk, dv, dg0, None, None
         if path == "elementwise":
             dq, dk, dv, da_re, da_im, *_ = elementwise_scan_op.vjp_saved(ctx.saved, do, None, None, None)
         else:
             dq, dk, dv, da_re, da_im, *_ = _chunk_op.vjp_saved(ctx.saved, do, None)
-        if entry == "operator":
-            dq, dk, dv = (t[:, :, 0] for t in (dq, dk, dv))
-            da_re, da_im = (None if t is None else t[:, :, 0] for t in (da_re, da_im))
-        elif path == "elementwise":
+        if entry == "heads" and path == "elementwise":
             dq, dk, dv = (t[..., None] for t in (dq, dk, dv))
         dq, dk, dv = (cast(g, t) for g, t in zip((dq, dk, dv), ctx.dtypes))
         dg0, dg1 = _gate_grads(form, g0, g1, a_re, a_im, da_re, da_im)

@@ -109,6 +109,15 @@ def _blocks(K: int, V: int, cfg: dict) -> tuple[int, int]:
 
 
 
+def _dims(q: Tensor, v: Tensor) -> tuple[int, int, int, int, int]:
+    """``(B, n, H, K, V)`` of the kernels' inputs: ``q (B, n, H, K)``, ``v (B, n, H, V)``, or ``(B, n, K)`` /
+    ``(B, n, V)`` as one head (the operator's seed layout, the same memory: no views to and from ``(B, n, 1, K)``,
+    whose aten calls are host time on every eager call); the gate planes are then ``(B, n)``."""
+    if q.dim() == 3:
+        return q.shape[0], q.shape[1], 1, q.shape[2], v.shape[-1]
+    return (*q.shape, v.shape[-1])
+
+
 def _gate_step(a: Tensor, H: int) -> Optional[int]:
     """The element stride ``GS`` the kernels read a ``(B, n, H)`` float32 gate plane with: 1 for a dense plane, 2 for
     a complex tensor's real or imaginary parts in place (strides ``(n H GS, H GS, GS)``, size-1 dims aside); None

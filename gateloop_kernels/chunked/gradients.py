@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher
-from .config import MODE_F32, _blocks, _cdiv, _cfg, _gate_planes, _gate_step, _launch
+from .config import MODE_F32, _blocks, _cdiv, _cfg, _dims, _gate_planes, _gate_step, _launch
 from .dots import _finite, _scores, _split_dot, _time_dot, _wide_dot
 from .gates import _chunk_gates, _end_decay, _ends, _gate_prefix, _pair_decay, _span
 from .states import _carried
@@ -218,8 +218,7 @@ def _backward(q, k, v, a_re, a_im, h0, do, dht, BT, mode, prec, chunks=None, da_
     batch's chunk table (:func:`_chunk_table`), ``h0``, ``dht`` then one state per sequence; ``da_out``: ``(da_re,
     da_im)`` float32 planes to write the gate's gradient into (e.g. a complex gradient's parts in place, in a layout
     :func:`.config._gate_step` takes), else new dense ones."""
-    B, n, H, K = q.shape
-    V = v.shape[-1]
+    B, n, H, K, V = _dims(q, v)
     NT = _cdiv(n, BT) if chunks is None else chunks.shape[0] // 4
     tab, varlen = (a_re, False) if chunks is None else (chunks, True)
     dh0 = torch.empty(h0.shape[0] * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None

@@ -19,7 +19,7 @@ from torch import Tensor
 from .._checks import check_chunk_gate_loop_inputs
 from .._custom_op import DifferentiableOp
 from ..dtypes import empty_scan, promote
-from .config import _DEFAULT_BT, _MODE_OF_DTYPE, MAX_BT, _gate_planes
+from .config import _DEFAULT_BT, _MODE_OF_DTYPE, MAX_BT, _dims, _gate_planes
 from .gradients import _backward
 from .outputs import _forward
 from .states import _chunk_table
@@ -28,8 +28,7 @@ from .states import _chunk_table
 def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: Optional[Tensor],
               output_final_state: bool, prec: str, BT: int, cu_seqlens: Optional[Tensor] = None,
               chunks: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
-    B, n, H, K = q.shape
-    V = v.shape[-1]
+    B, n, H, K, V = _dims(q, v)
     S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if cu_seqlens is not None and B != 1:  # (e.g. a vmap folding its dim into the batch)
         raise ValueError(f"cu_seqlens: a packed batch has B = 1, got q of shape {tuple(q.shape)}")
@@ -39,8 +38,7 @@ def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: O
 
 
 def _fwd_fake(q, k, v, a_re, a_im, h0, output_final_state, prec, BT, cu_seqlens=None, chunks=None):
-    B, n, H, K = q.shape
-    V = v.shape[-1]
+    B, n, H, K, V = _dims(q, v)
     S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     shape = (S, H, 2, K, V) if output_final_state else (0,)
     return torch.empty_like(v), q.new_empty(shape, dtype=torch.float32)
@@ -61,7 +59,7 @@ def backward_into(da_re: Tensor, da_im: Tensor) -> Callable:
 
 def _bwd_run(q, k, v, a_re, a_im, h0, do, dht, prec, BT, chunks=None, da_out=None):
     """:func:`_bwd_impl`, the gate's gradient written into ``da_out`` where given."""
-    H, K, V = q.shape[2], q.shape[3], v.shape[-1]
+    _, _, H, K, V = _dims(q, v)
     dq, dk, dv, da_re, da_im, dh0 = _backward(q, k, v, a_re, a_im, h0, do.contiguous(), dht, BT,
                                               _MODE_OF_DTYPE[q.dtype], prec, chunks, da_out)
     dh0 = dh0.view(h0.shape[0], H, 2, K, V) if dh0 is not None else q.new_empty(0, dtype=torch.float32)
@@ -163,13 +161,14 @@ def op_args(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: Opt
             output_final_state: bool, precision: str, chunk_size: int, cu_seqlens: Optional[Tensor]) -> tuple:
     """:data:`_chunk_op`'s arguments for inputs in one kernel dtype: contiguous inputs, float32 gates (a complex
     gate's parts read in place, :func:`.config._gate_planes`), ``h0`` as stacked (Re, Im) planes, the precision the
-    kernels run and, for a packed batch, ``cu_seqlens`` and its chunk table."""
+    kernels run and, for a packed batch, ``cu_seqlens`` and its chunk table. ``(B, n, d)`` inputs with ``(B, n)``
+    gate planes are one head (:func:`.config._dims`): outputs and gradients then come as ``(B, n, e)``, ``(B, n, d)``."""
     if chunk_size > MAX_BT:
         raise ValueError(f"chunk_size must be at most {MAX_BT} on the chunked Triton kernels' path (CUDA, head dims "
                          f"16..256), got {chunk_size}")
     # exact float32: Triton's IEEE (FFMA) dots are ~6x slower than 3xTF32 on Hopper at the same accuracy
     # (docs/design.md section 6), so "ieee" runs 3xTF32
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), *_gate_planes(a_re, a_im, q.shape[2])[:2], h0,
+    args = (q.contiguous(), k.contiguous(), v.contiguous(), *_gate_planes(a_re, a_im, _dims(q, v)[2])[:2], h0,
             output_final_state, "tf32x3" if precision == "ieee" else precision, chunk_size)
     if cu_seqlens is not None:
         args += (cu_seqlens, _chunk_table(cu_seqlens, q.shape[1], chunk_size))

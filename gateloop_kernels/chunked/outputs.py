@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher
-from .config import MODE_F32, _blocks, _cdiv, _cfg, _gate_planes, _launch
+from .config import MODE_F32, _blocks, _cdiv, _cfg, _dims, _gate_planes, _launch
 from .dots import _dot, _time_dot, _wide_dot
 from .gates import _gate_prefix, _pair_decay, _span
 from .states import _carried
@@ -57,8 +57,7 @@ def _fwd_o(q, k, v, gate_re, gate_im, h, o, tab, n, H, NT,
 def _forward(q, k, v, a_re, a_im, h0, store_ht, BT, mode, prec, chunks=None, nseq=None):
     """Outputs and (``store_ht``) final states, (B*H, 2, K, V); ``chunks``: a packed batch's chunk table
     (:func:`_chunk_table`), whose ``nseq`` sequences each have their own initial and final state."""
-    B, n, H, K = q.shape
-    V = v.shape[-1]
+    B, n, H, K, V = _dims(q, v)
     NT = _cdiv(n, BT) if chunks is None else chunks.shape[0] // 4
     varlen = chunks is not None
     a_re, a_im, gs = _gate_planes(a_re, a_im, H)

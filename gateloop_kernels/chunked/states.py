@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._custom_op import PlainOp
 from .._launch import Launcher
-from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _launch
+from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _dims, _launch
 from .dots import _wide_dot
 from .gates import _end_decay, _ends, _gate_prefix, _span
 from .tiles import (_chunk_span, _head, _load_state, _load_steps, _load_steps_T, _opens_closes, _seq_ends, _slot,
@@ -440,8 +440,7 @@ def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=Non
     ``chunks``: the chunk table of a packed batch (:func:`_chunk_table`; ``B = 1``), whose slots are the chunks;
     ``s0``, ``sT`` then hold one state per sequence, (N, H, 2, K, V)."""
     x, y = (fwd or rev)[:2]
-    B, n, H, K = x.shape
-    V = y.shape[-1]
+    B, n, H, K, V = _dims(x, y)
     BH, NT = B * H, (_cdiv(n, BT) if chunks is None else chunks.shape[0] // 4)
     tab = a_re if chunks is None else chunks  # (never read without VARLEN)
     jobs = (fwd is not None) + (rev is not None)

@@ -95,6 +95,39 @@ def test_operator_one_node_reads_strided_slices(kernels_on, device, gate):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("gate", ["complex", "real"])
+def test_operator_one_node_chunked_one_head_layout(kernels_on, device, gate):
+    """Head dims >= 16: the kernels take the operator's ``(B, n, d)`` inputs and the gate's ``(B, n)`` planes as one
+    head, without views to ``(B, n, 1, d)``: strided slices past an offset (d != e), and a packed batch
+    (``cu_seqlens``, an empty sequence among them), against the general path."""
+    kernels_on(device)
+    B, n, d, e = 2, 25, 16, 32
+    base = torch.randn(3, B + 1, 2 * n, 2 * e, device=device, requires_grad=True)
+    mag = (0.8 + 0.2 * torch.rand(B + 1, 2 * n, 1, 1, device=device)).requires_grad_()
+    ph = torch.randn(B + 1, 2 * n, 1, 1, device=device, requires_grad=True)
+
+    def slices():
+        full = torch.polar(mag, ph) if gate == "complex" else mag
+        return [base[0, 1:, ::2, 3:3 + d], base[1, 1:, ::2, 1:1 + d], base[2, 1:, ::2, e:], full[1:, 1::2]]
+    g = torch.randn(B, n, e, device=device)
+    leaves = [base, mag] + ([ph] if gate == "complex" else [])
+    out = gk.gate_loop_operator(*slices(), chunk_size=16)
+    assert type(out.grad_fn).__name__ == "_OneNodeBackward" and out.shape == (B, n, e)
+    ref, _ = gk.gate_loop_operator(*slices(), chunk_size=16, return_final_state=True)
+    assert rel_err(out, ref) <= 1e-6
+    for x, y in zip(_grads(out, leaves, g), _grads(ref, leaves, g)):
+        assert rel_err(x, y) <= 1e-6
+    # packed: one row of three sequences (9, 0, 16 steps)
+    cu = torch.tensor([0, 9, 9, n], device=device)
+    out = gk.gate_loop_operator(*(t[:1] for t in slices()), chunk_size=16, cu_seqlens=cu)
+    assert type(out.grad_fn).__name__ == "_OneNodeBackward"
+    ref, _ = gk.gate_loop_operator(*(t[:1] for t in slices()), chunk_size=16, cu_seqlens=cu, return_final_state=True)
+    assert rel_err(out, ref) <= 1e-6
+    for x, y in zip(_grads(out, leaves, g[:1]), _grads(ref, leaves, g[:1])):
+        assert rel_err(x, y) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d, form, packed", [(1, "z", False), (16, "polar", False), (16, "z", True),
                                              (1, "polar", True)])
 def test_heads_is_one_node_with_the_general_paths_results(kernels_on, device, d, form, packed):
