@@ -17,18 +17,31 @@ from ._checks import check_cu_seqlens, is_int
 __all__ = ["generate", "sample"]
 
 _EOS_CHECK = 16
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
 def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
            generator: Optional[torch.Generator] = None) -> Tensor:
     """One token id per row of ``logits (b, vocab)``: the argmax at ``temperature == 0``, else a draw from
     ``softmax(logits / temperature)`` restricted to the ``top_k`` largest and to the smallest set of
-    tokens whose probability reaches ``top_p`` (nucleus). Returns ``(b,)`` int64.
+    tokens whose probability reaches ``top_p`` (nucleus).
+
+    Args:
+        logits: ``(b, vocab)``, any real floating dtype (sampled in float32), ``vocab >= 1``. A row with ``+inf``
+            logits draws among those alone; a temperature below float32's normal range (~1.2e-38) draws among the
+            row's maxima.
+        temperature: a real number (Python or NumPy), ``0 <= temperature < inf``; 0 is greedy.
+        top_k: an int ``>= 1`` or None (all tokens); ``top_k >= vocab`` keeps all.
+        top_p: a real number in ``(0, 1]`` or None (1: no nucleus cut; the most likely token is always kept).
+        generator: the ``torch.Generator`` of the draws (on ``logits``' device).
+
+    Returns:
+        ``(b,)`` int64 on ``logits``' device.
 
     Raises:
         TypeError: ``logits`` not a real floating tensor, ``temperature`` or ``top_p`` not a real number (a bool
         or a tensor is not), ``top_k`` not an int. ValueError: ``logits`` not ``(b, vocab)`` with ``vocab >= 1``,
-        ``temperature`` negative or infinite, ``top_k < 1``, ``top_p`` outside ``(0, 1]``.
+        ``temperature`` negative, infinite or NaN, ``top_k < 1``, ``top_p`` outside ``(0, 1]``.
     """
     if not isinstance(logits, Tensor) or not logits.is_floating_point():
         raise TypeError(f"logits must be a real floating tensor (b, vocab), got "
@@ -70,7 +83,9 @@ def _sample(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Opt
     # shifted first: a tiny temperature sends the others to -inf, never the largest to inf (NaN probabilities);
     # a row with +inf logits (overflow) draws among those alone, as argmax picks one (inf - inf would be NaN)
     shifted = torch.where(top == math.inf, torch.where(logits == math.inf, 0.0, -math.inf), logits - top)
-    logits = shifted / temperature
+    # a temperature below float32's normal range rounds to 0 in the division (0 / 0: NaN): its limit, the maxima alone
+    logits = (shifted / temperature if temperature >= _FLOAT32_TINY
+              else torch.where(shifted == 0, 0.0, -math.inf))
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -84,12 +99,15 @@ def _sample(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Opt
 
 
 def _check_args(prompt: Tensor, max_new_tokens: int, temperature: float, top_k: Optional[int],
-                top_p: Optional[float], eos_token: Optional[int], vocab: int) -> None:
+                top_p: Optional[float], eos_token: Optional[int], vocab: int, device: torch.device) -> None:
     if not isinstance(prompt, Tensor) or prompt.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"prompt must be an int64 (or int32) tensor of token ids, got "
                         f"{prompt.dtype if isinstance(prompt, Tensor) else type(prompt).__name__}")
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be (batch, p) with p >= 1 tokens, got shape {tuple(prompt.shape)}")
+    if prompt.device != device:
+        raise ValueError(f"prompt must be on the model's device {device} (prompt.to({str(device)!r})), got "
+                         f"{prompt.device}")
     # one host sync a call: on CUDA an id out of range would be a device-side assert that ends the process's CUDA use
     if prompt.numel() and not bool(((prompt >= 0) & (prompt < vocab)).all()):
         raise ValueError(f"prompt holds token ids outside [0, {vocab}) (the model's vocabulary)")
@@ -137,24 +155,33 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
              cu_seqlens: Optional[Tensor] = None) -> Tensor:
     """``prompt (b, p)`` with ``max_new_tokens`` tokens appended, ``(b, p + max_new_tokens)`` int64.
 
-    ``cu_seqlens`` (``[0, l_1, ..., T]``, every ``l_i >= 1``): ``prompt (1, T)`` packs ``N`` prompts of different
-    lengths, prefilled in one call; the result is then the ``N`` continuations alone, ``(N, max_new_tokens)``.
+    Args:
+        model: a :class:`gateloop_kernels.Transformer` (or an upstream one patched by ``patch_gateloop_transformer``).
+        prompt: ``(b, p)`` int64 or int32 token ids in ``[0, num_tokens)``, ``p >= 1``, on the model's device.
+        max_new_tokens: an int ``>= 0`` (0 returns the prompt as int64).
+        temperature, top_k, top_p, generator: as :func:`sample` (``temperature=0``: greedy).
+        eos_token: an int token id or None. A row that emits it is finished: it keeps getting ``eos_token`` (once
+            all are, decoding stops and the rest is padded with it). The other rows are unaffected.
+        cuda_graph: on CUDA, capture the decode step once as a CUDA graph and replay it; where capture fails it
+            runs eagerly, with one warning.
+        cu_seqlens: ``[0, l_1, ..., T]`` (1-D int32/int64 on the prompt's device, every ``l_i >= 1``, a gate-looped
+            model): ``prompt (1, T)`` packs ``N`` prompts of different lengths, prefilled in one call; the result is
+            then the ``N`` continuations alone, ``(N, max_new_tokens)`` int64.
 
     The prompt is one prefill call, then each token is a decode step on the model's cache (see
-    :meth:`Transformer.forward`); tokens come from :func:`sample` (greedy at ``temperature=0``). A row that
-    emits ``eos_token`` is finished: it keeps getting ``eos_token`` (once all are, decoding stops). On CUDA with
-    ``cuda_graph`` the decode step is captured once as a CUDA graph and replayed; where capture fails it runs
-    eagerly, with one warning.
-    ``generator`` drives the sampling. Runs under ``torch.no_grad()``, in the model's current mode.
+    :meth:`Transformer.forward`); tokens come from :func:`sample`. Runs under ``torch.no_grad()``, in the model's
+    current mode (and dtype, or the caller's autocast). The token ids are checked on the host (one sync a call).
 
     Raises:
         TypeError: a non-integer prompt, ``max_new_tokens``, ``top_k`` or ``eos_token``; ``temperature`` or ``top_p``
-        not a real number (a bool or a tensor is not). ValueError: ``max_new_tokens < 0``, an empty
-        prompt or one with ids outside the vocabulary, ``temperature`` negative or infinite, ``top_k < 1``, ``top_p``
-        outside ``(0, 1]``, ``eos_token`` out of range.
+        not a real number (a bool or a tensor is not); ``cu_seqlens`` not an int32/int64 tensor. ValueError:
+        ``max_new_tokens < 0``, a prompt not ``(b, p >= 1)``, on another device than the model or with ids outside
+        the vocabulary, ``temperature`` negative, infinite or NaN, ``top_k < 1``, ``top_p`` outside ``(0, 1]``,
+        ``eos_token`` out of range; ``cu_seqlens`` not 1-D, with a prompt of batch > 1, on another device, with bad
+        values or an empty prompt. NotImplementedError: ``cu_seqlens`` with a full-attention model.
     """
     vocab = model.token_emb.num_embeddings
-    _check_args(prompt, max_new_tokens, temperature, top_k, top_p, eos_token, vocab)
+    _check_args(prompt, max_new_tokens, temperature, top_k, top_p, eos_token, vocab, model.token_emb.weight.device)
     prompt = prompt.long()
     b, p = prompt.shape
     if cu_seqlens is not None:

@@ -248,6 +248,23 @@ def test_sampling_infinite_logits():
     assert set(sample(logits[1::2], top_k=1).tolist()) == {1}
 
 
+def test_tiny_temperature_and_prompt_device():
+    """Found by a new user's probe: a temperature below float32's normal range (1e-300, 5e-324: finite and > 0, so
+    accepted) rounded to 0 in the division and multinomial raised on the NaN probabilities; it now samples the argmax
+    (its limit). A prompt on another device than the model failed inside the first layer ('cache is on cpu, the
+    layer's inputs on meta'); now a ValueError naming prompt, before any forward."""
+    from gateloop_kernels.generate import sample
+
+    logits = torch.randn(8, VOCAB)
+    for t in (1e-300, 5e-324):
+        assert torch.equal(sample(logits, temperature=t), logits.argmax(-1))
+    model = _model(GATE_LOOP["hd1"])
+    prompt = torch.randint(0, VOCAB, (2, 3))
+    assert torch.equal(model.generate(prompt, 3, temperature=1e-300), model.generate(prompt, 3, temperature=0))
+    with pytest.raises(ValueError, match="prompt must be on the model's device meta"):
+        model.to("meta").generate(prompt, 2)
+
+
 @pytest.mark.parametrize("name", ["hd8-noswish-subln", "hd1-reversible", "full-rotary"])
 def test_cache_keeps_size_and_storage(name):
     """Decode steps write in place: every cache tensor keeps its shape and storage, whatever the token count."""
