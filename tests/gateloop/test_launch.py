@@ -1,11 +1,17 @@
 """The direct launcher (gateloop_kernels/_launch.py): a launch goes through Triton whenever anything Triton
 specializes on differs from every earlier launch, and otherwise calls the compiled launcher with the same
 arguments Triton would pass; on the GPU, results through the direct path equal Triton's."""
+import enum
+
 import pytest
 import torch
 
 from gateloop_kernels import _launch, gate_loop_heads
 from gateloop_kernels.reference import sequential_reference
+
+
+class _Size(enum.IntEnum):
+    BLOCK = 32
 
 
 def _kernel(x_ptr, n, scale, y_ptr=None, BLOCK: int = 64, FLAG: bool = False):  # the fake kernel's signature
@@ -59,7 +65,7 @@ def test_second_launch_with_the_same_specialization_is_direct(launcher):
 
 
 @pytest.mark.parametrize("change", ["int_one", "int_unaligned", "int_wide", "dtype", "misaligned", "none",
-                                    "constexpr", "option"])
+                                    "constexpr", "option", "bool_for_one", "bool_for_zero", "int_subclass"])
 def test_any_specialization_change_goes_through_triton(launcher, change):
     lt, log = launcher
     buf = torch.zeros(80)
@@ -84,6 +90,14 @@ def test_any_specialization_change_goes_through_triton(launcher, change):
         kw["FLAG"] = True
     elif change == "option":
         kw["num_warps"] = 8
+    elif change in ("bool_for_one", "bool_for_zero"):  # True == 1 and False == 0 in Python: keyed apart anyway
+        args[1] = 1 if change == "bool_for_one" else 0
+        lt[(1,)](*args, **kw)
+        lt[(1,)](*args, **kw)
+        assert log[-1][0] == "direct"
+        args[1] = change == "bool_for_one"
+    elif change == "int_subclass":  # an int that is not exactly int (e.g. an IntEnum): its own key part
+        args[1] = _Size.BLOCK
     lt[(1,)](*args, **kw)
     assert log[-1][0] == "triton"
     lt[(1,)](*args, **kw)
