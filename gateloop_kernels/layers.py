@@ -184,7 +184,12 @@ class CausalFullAttention(Module):
 
     def new_cache(self, batch: int, capacity: int, *, device=None, dtype: Optional[torch.dtype] = None) -> "KVCache":
         """An empty :class:`KVCache` for ``batch`` sequences of up to ``capacity`` tokens (it grows past that
-        in eager calls); ``dtype`` / ``device`` default to the layer's parameters'."""
+        in eager calls): zero ``k``, ``v`` ``(batch, heads, capacity, dim_head)`` in ``dtype``; ``dtype`` /
+        ``device`` default to the layer's parameters'.
+
+        Raises TypeError for a non-int size or a ``dtype`` that is not a real floating ``torch.dtype``, ValueError
+        for a negative size."""
+        _check_cache_args(dtype, batch=batch, capacity=capacity)
         w = self.to_qkv[0].weight
         dim_head = w.shape[0] // (3 * self.heads)
         shape = (batch, self.heads, capacity, dim_head)
@@ -348,7 +353,11 @@ class GateLoopedAttention(Module):
 
     def new_cache(self, batch: int, *, device=None, dtype: Optional[torch.dtype] = None) -> Tensor:
         """The state before any token: zeros ``(batch, H, d, e)``, complex128 for a float64 ``dtype``
-        (default: the parameters'), else complex64."""
+        (default: the parameters'), else complex64.
+
+        Raises TypeError for a non-int ``batch`` or a ``dtype`` that is not a real floating ``torch.dtype``,
+        ValueError for a negative ``batch``."""
+        _check_cache_args(dtype, batch=batch)
         w = self.to_qkv.weight
         heads = self.to_a[0].out_features // 2
         d = w.shape[0] // (3 * heads)
@@ -431,6 +440,17 @@ class GateLoopedAttention(Module):
             out = self.to_gates[1](gates) * out
         out = self.to_out(out)
         return (out, cache) if return_cache else out
+
+
+def _check_cache_args(dtype: Optional[torch.dtype], **sizes: int) -> None:
+    """A cache constructor's arguments: int ``sizes`` >= 0 and a real floating ``dtype`` or None."""
+    for name, value in sizes.items():
+        if not is_int(value):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a real floating torch.dtype (the parameters' precision) or None, got {dtype!r}")
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -573,18 +593,12 @@ class Transformer(Module):
         buffers of ``max_length`` tokens for full attention (they grow past it in eager calls; a captured
         decode graph needs them sized in advance). ``device`` / ``dtype`` default to the parameters'.
 
-        Raises TypeError for a non-int ``batch_size`` / ``max_length`` or a non-real-floating ``dtype``,
-        ValueError for a negative size."""
-        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
-            if not is_int(value):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        Raises TypeError for a non-int ``batch_size`` / ``max_length`` or a ``dtype`` that is not a real floating
+        ``torch.dtype``, ValueError for a negative size."""
+        _check_cache_args(dtype, batch_size=batch_size, max_length=max_length)
         w = self.token_emb.weight
         device = w.device if device is None else device
         dtype = dtype or w.dtype
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a real floating dtype (the parameters' precision), got {dtype}")
         layers = []
         for attn, _ in self.layers:
             mixer = attn.fn

@@ -391,6 +391,24 @@ def test_bad_input_named():
     assert sample(logits, temperature=0).tolist() == [1]
 
 
+def test_cache_constructors_check_their_arguments():
+    """init_cache(dtype="float32") raised AttributeError 'str' object has no attribute 'is_floating_point'; the
+    layers' new_cache took a negative or float batch to torch.zeros' errors (naming no argument) and an integer dtype
+    silently (a complex64 state, int key/value buffers). All three now raise naming the argument."""
+    full = L.CausalFullAttention(16, dim_head=8, heads=2)
+    for make in (_model(GATE_LOOP["hd1"]).init_cache, L.GateLoopedAttention(16).new_cache,
+                 lambda b, **kw: full.new_cache(b, 4, **kw)):
+        for kwargs, err, what in ((dict(dtype="float32"), TypeError, "dtype must be a real floating torch.dtype"),
+                                  (dict(dtype=torch.int32), TypeError, "dtype must be a real floating"),
+                                  (dict(b=-1), ValueError, r"(batch|batch_size) must be >= 0, got -1"),
+                                  (dict(b=2.0), TypeError, r"(batch|batch_size) must be an int, got float")):
+            kwargs = dict(kwargs)
+            with pytest.raises(err, match=what):
+                make(kwargs.pop("b", 2), **kwargs)
+    with pytest.raises(ValueError, match="capacity must be >= 0"):
+        full.new_cache(2, -3)
+
+
 def test_sampling_arguments_of_the_wrong_type_named():
     """Found by a new user's probe: temperature="1" or None and top_p="x" raised Python's own "'<=' not supported
     between instances of 'int' and 'str'", naming no argument; now a TypeError naming the argument and its range, in
