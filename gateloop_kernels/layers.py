@@ -235,6 +235,9 @@ class CausalFullAttention(Module):
             dtype = promote(v.dtype, self.to_qkv[0].weight.dtype)
             cache = self.new_cache(b, n, device=x.device, dtype=dtype)
         if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be the KVCache of this layer (new_cache() or a return_cache=True call), "
+                                f"got {type(cache).__name__}")
             cache.check(q, v)
         # a fresh cache holds nothing: positions 0..n-1 and plain causal attention, as without one
         pos = None if cache is None or cache.length == 0 else cache.pos + torch.arange(n, device=x.device)
@@ -766,9 +769,12 @@ class TransformerCache:
 
     def check(self, model: Module, x: Tensor, sequences: Optional[int] = None) -> None:
         """Raise unless this cache can continue ``model``'s sequences with tokens ``x (b, n)`` (``sequences``:
-        how many ``x`` holds, ``b`` unless packed)."""
+        how many ``x`` holds, ``b`` unless packed): ValueError for another model, another number of layer caches or
+        of sequences, TypeError for another dtype (each layer checks its own cache's shape, dtype and device)."""
         if self._model() is not model:
             raise ValueError("cache was made by another model (or for another Transformer instance)")
+        if len(self.layers) != len(model.layers):  # the forward zips them with the blocks: a short list skips blocks
+            raise ValueError(f"cache.layers must hold one cache per block, {len(model.layers)}, got {len(self.layers)}")
         sequences = x.shape[0] if sequences is None and x.ndim == 2 else sequences
         if x.ndim != 2 or sequences != self.batch_size:
             raise ValueError(f"cache holds {self.batch_size} sequences, got tokens of shape {tuple(x.shape)}"

@@ -409,6 +409,22 @@ def test_cache_constructors_check_their_arguments():
         full.new_cache(2, -3)
 
 
+@pytest.mark.parametrize("name", ["hd1", "hd1-reversible", "full-rotary"])
+def test_cache_missing_a_layer_raises(name):
+    """A TransformerCache whose layers list lost an entry (cache.layers.pop()) ran the model without its last block:
+    logits 0.15-0.44 off, silently; now a ValueError. A full-attention block given a state tensor raised
+    AttributeError 'Tensor' object has no attribute 'check'; now a TypeError naming the KVCache."""
+    model = _model(CONFIGS[name])
+    x = torch.randint(0, VOCAB, (2, 5))
+    cache = model.init_cache(2, 5)
+    cache.layers.pop()
+    with torch.no_grad(), pytest.raises(ValueError, match="one cache per block, 2, got 1"):
+        model(x, cache=cache)
+    full = L.CausalFullAttention(16, dim_head=8, heads=2)
+    with torch.no_grad(), pytest.raises(TypeError, match="cache must be the KVCache"):
+        full(torch.randn(2, 1, 16), cache=torch.zeros(2, 2, 4, 8))
+
+
 def test_sampling_arguments_of_the_wrong_type_named():
     """Found by a new user's probe: temperature="1" or None and top_p="x" raised Python's own "'<=' not supported
     between instances of 'int' and 'str'", naming no argument; now a TypeError naming the argument and its range, in
