@@ -752,7 +752,9 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
             ``fn`` still sees halves in the input's dtype. Default: the input's dtype.
         preserve_rng_state: record the RNG state before every step of this call and replay
             it during recomputation (needed for dropout inside the step functions).
-        reversible: ``False`` runs the same steps with plain autograd (activations kept).
+        reversible: ``False`` runs the same steps with plain autograd (activations kept). Under ``torch.func``
+            transforms (``grad``, ``vmap``, ``jacrev``, ``functional_call`` inside them) the steps always run so,
+            as the same function: the transforms cannot go through the in-place backward's autograd nodes.
 
     Returns:
         one output tensor per stream (new tensors, never modified by the backward pass).
@@ -776,7 +778,8 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
     run = _Run(couplings, streams, merge, input_mode, preserve_rng_state)
     needs_graph = torch.is_grad_enabled() and (
         any(x.requires_grad for x in inputs) or bool(run.params) or bool(run.kw_tensors))
-    if reversible and needs_graph:
+    # torch.func transforms cannot run the in-place autograd nodes: the same steps in plain autograd instead
+    if reversible and needs_graph and not torch._C._are_functorch_transforms_active():
         bufs = _Start.apply(run, *inputs)
         for s in range(len(run.segments)):
             bufs = _Steps.apply(run, s, *bufs, *(run.params[j] for j in run.seg_params[s]),

@@ -424,3 +424,21 @@ def test_malformed_args_route_names_it():
             reversible.ReversibleSequence(blocks, args_route={"mask": route})
     with pytest.raises(TypeError, match=r"args_route\['mask'\] must be a sequence"):
         reversible.ReversibleSequence(blocks, args_route={"mask": True})
+
+
+def test_torch_func_transforms_run_the_same_function():
+    """``torch.func.grad`` / ``vmap`` over a reversible stack (or a model holding one) raised PyTorch's "autograd.Function
+    ... must override the setup_context staticmethod", naming nothing of the user's. Under the transforms the steps
+    now run in plain autograd: gradients and outputs are those of eager autograd through the same stack."""
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(0)
+    net = _stack()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    got = grad(lambda p, x: functional_call(net, p, (x,)).square().sum(), argnums=(0, 1))(params, x)
+    xr = x.clone().requires_grad_()
+    ref = torch.autograd.grad(net(xr).square().sum(), [*net.parameters(), xr])
+    for a, b in zip([*got[0].values(), got[1]], ref):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+    xs = torch.randn(2, 3, 8, dtype=torch.float64)
+    assert (vmap(net)(xs) - torch.stack([net(t) for t in xs])).abs().max() <= 1e-12
