@@ -155,8 +155,10 @@ def gate_loop_decode_step(q: Tensor, k: Tensor, v: Tensor, state: Tensor, *, z: 
     Inference only: no autograd graph is built through the step (the state is overwritten).
 
     Raises:
-        TypeError: wrong dtypes (including a state of the wrong complex dtype). ValueError: shapes,
-        devices. RuntimeError: called where autograd would need a graph through the step.
+        TypeError: ``q``, ``k``, ``v``, ``z`` not real floating tensors, ``state`` not complex or not the complex
+        dtype of the inputs (complex64, complex128 for float64). ValueError: shapes other than the above, tensors
+        on more than one device, a non-contiguous ``state``. RuntimeError: called where autograd would need a graph
+        through the step (an input requiring grad with grad mode on); the layers take the scan there instead.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_real_float(name, t)

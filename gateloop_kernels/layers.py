@@ -304,7 +304,8 @@ class KVCache:
         return self.k.shape[2]
 
     def check(self, q: Tensor, v: Tensor) -> None:
-        """Raise unless this cache fits a layer call with queries ``q`` and values ``v`` ``(b, h, n, d)``."""
+        """Raise unless this cache fits a layer call with queries ``q`` and values ``v`` ``(b, h, n, d)``:
+        ValueError for another ``(b, h, d)`` or device, TypeError for buffers narrower than ``v``'s dtype."""
         b, h, _, d = v.shape
         if (self.k.shape[0], self.k.shape[1], self.k.shape[3]) != (b, h, d):
             raise ValueError(f"cache holds (b, heads, dim_head) = ({self.k.shape[0]}, {self.k.shape[1]}, "
@@ -759,7 +760,9 @@ def _packed_targets(x: Tensor, cu_seqlens: Tensor) -> Tensor:
 
 class TransformerCache:
     """The inference cache of a :class:`Transformer`: ``layers`` holds one cache per block (a gate-looped
-    layer's complex state tensor, or a :class:`KVCache`), made for one model, batch size and dtype."""
+    layer's complex state ``(batch_size, H, d, e)``, complex64 or complex128 for a float64 ``dtype``; a
+    :class:`KVCache`), made for one model, ``batch_size`` sequences and ``dtype`` (the parameters' precision).
+    Calls update it in place: copy it (``copy.deepcopy``) to branch two continuations from one prefix."""
 
     def __init__(self, model: Module, layers: list, batch_size: int, dtype: torch.dtype) -> None:
         self._model = weakref.ref(model)
