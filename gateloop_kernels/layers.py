@@ -538,7 +538,8 @@ class Transformer(Module):
     ``reversible=True`` runs the blocks as reversible couplings ``y1 = x1 + attn(x2)``,
     ``y2 = x2 + ff(y1)`` (input duplicated, output halves averaged; a different function from
     the residual stack, with flat activation memory in depth). Needs pre-norm blocks. With a cache, the
-    same couplings run in plain autograd (generation needs no activation memory).
+    same couplings run in plain autograd (generation needs no activation memory). Under ``torch.compile`` the
+    reversible stack runs eagerly between the compiled graphs (not with ``fullgraph=True``: dynamo's error says why).
     ``forward(x, return_loss=False, ..., cache=None, return_cache=False)``: ``x`` token ids ``(b, n)``; logits
     ``(b, n, num_tokens)`` or, with ``return_loss``, the next-token cross-entropy (``n >= 2``, else a
     ValueError); with a cache (:meth:`init_cache`, :class:`TransformerCache`) the tokens continue cached

@@ -458,7 +458,7 @@ class _Run:
         for i in reversed(range(n)):
             c = self.couplings[i]
             halves = (*c.targets, *c.sources)
-            level[i] = max((last[h] + 1 for h in halves if h in last), default=0)
+            level[i] = max([last[h] + 1 for h in halves if h in last] + [0])
             for h in halves:
                 last[h] = max(last.get(h, -1), level[i])
         later_max = [-1] * (n + 1)
@@ -732,6 +732,29 @@ def _check_couplings(couplings: Sequence[Coupling], streams: int) -> list[Coupli
     return couplings
 
 
+_NO_TRACE = ("a reversible stack's autograd nodes update its buffers in place, which torch.compile cannot trace: "
+             "compile without fullgraph=True (the stack then runs eagerly between the compiled graphs)")
+
+
+def _no_trace(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run eagerly under torch.compile (a graph break; with ``fullgraph=True`` dynamo's error gives
+    :data:`_NO_TRACE`)."""
+    try:
+        return torch.compiler.disable(fn, reason=_NO_TRACE)
+    except TypeError:  # torch < 2.7 takes no reason
+        return torch.compiler.disable(fn)
+
+
+@_no_trace
+def _run_reversible(run: _Run, inputs: Sequence[Tensor]) -> list[Tensor]:
+    """The stack's chain of autograd nodes ``_Start -> _Steps (per segment) -> _Merge``; its merged outputs."""
+    bufs = _Start.apply(run, *inputs)
+    for s in range(len(run.segments)):
+        bufs = _Steps.apply(run, s, *bufs, *(run.params[j] for j in run.seg_params[s]),
+                            *(run.kw_tensors[j] for j in run.seg_kws[s]))
+    return list(_Merge.apply(run, *bufs))
+
+
 def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, dims: int | Sequence[int] = -1,
                   merge: str = "mean", input_mode: str = "duplicate", stream_dtype: torch.dtype | None = None,
                   preserve_rng_state: bool = True, reversible: bool = True) -> list[Tensor]:
@@ -780,11 +803,7 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
         any(x.requires_grad for x in inputs) or bool(run.params) or bool(run.kw_tensors))
     # torch.func transforms cannot run the in-place autograd nodes: the same steps in plain autograd instead
     if reversible and needs_graph and not torch._C._are_functorch_transforms_active():
-        bufs = _Start.apply(run, *inputs)
-        for s in range(len(run.segments)):
-            bufs = _Steps.apply(run, s, *bufs, *(run.params[j] for j in run.seg_params[s]),
-                                *(run.kw_tensors[j] for j in run.seg_kws[s]))
-        return list(_Merge.apply(run, *bufs))
+        return _run_reversible(run, inputs)
     # irreversible (plain autograd) or no graph at all: the same steps, functionally
     halves = []
     for x, s in zip(inputs, streams):

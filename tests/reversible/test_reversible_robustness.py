@@ -442,3 +442,23 @@ def test_torch_func_transforms_run_the_same_function():
         assert (a - b).abs().max() <= 1e-12 * b.abs().max()
     xs = torch.randn(2, 3, 8, dtype=torch.float64)
     assert (vmap(net)(xs) - torch.stack([net(t) for t in xs])).abs().max() <= 1e-12
+
+
+def test_torch_compile_of_a_stack():
+    """``torch.compile(fullgraph=True)`` of a ``ReversibleSequence`` failed in dynamo with "HOP: Unsafe side effect"
+    (a ``SequentialSequence`` with "invalid call to builtin op handler ... max"), naming nothing of the user's. The plain
+    stack now compiles whole; the reversible one runs eagerly between the graphs (same outputs and gradients as eager),
+    and with ``fullgraph=True`` dynamo's error says why."""
+    torch._dynamo.reset()
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    for cls, fullgraph in ((reversible.SequentialSequence, True), (reversible.ReversibleSequence, False)):
+        net = cls([(nn.Linear(8, 8), nn.Linear(8, 8))]).double()
+        ref = torch.autograd.grad(net(x).square().sum(), [x, *net.parameters()])
+        got = torch.autograd.grad(torch.compile(net, fullgraph=fullgraph, backend="aot_eager")(x).square().sum(),
+                                  [x, *net.parameters()])
+        for a, b in zip(got, ref):
+            assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+    torch._dynamo.reset()  # else the graph-broken frames compiled above are reused
+    with pytest.raises(Exception, match="compile without fullgraph=True"):
+        torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
