@@ -344,6 +344,10 @@ class GateLoopedAttention(Module):
         super().__init__()
         dim_inner = dim if dim_inner is None else dim_inner
         heads = dim_inner if heads is None else heads
+        if not is_int(heads):
+            raise TypeError(f"heads (gate loop heads) must be an int, got {type(heads).__name__}")
+        if heads < 1:
+            raise ValueError(f"heads (gate loop heads) must be >= 1, got {heads}")
         if dim_inner % heads:
             raise ValueError(f"dim_inner {dim_inner} must be divisible by the number of gate loop heads {heads}")
         self.frac_gradient_state_transition = frac_gradient_state_transition
@@ -580,7 +584,7 @@ class Transformer(Module):
             self.layers.append(ModuleList([wrapper(dim, mixer), wrapper(dim, FeedForward(dim=dim, mult=ff_mult))]))
         self.to_logits = (nn.Linear(dim, num_tokens, bias=False) if post_ln_norm
                           else nn.Sequential(RMSNorm(dim), nn.Linear(dim, num_tokens, bias=False)))
-        if reversible:
+        if reversible and depth:  # a stack needs a block; depth 0 is the embedding and logits alone
             from reversible import ReversibleSequence
 
             blocks = [(_Branch(attn), _Branch(ff)) for attn, ff in self.layers]
@@ -700,9 +704,10 @@ class Transformer(Module):
             later = dict(kwargs, check_shapes=False)
         reversible = getattr(self, "reversible", False)  # patched upstream models have no such attribute
         if reversible and cache is None:
-            stack = self.__dict__["_reversible_stack"]
-            stack.train(self.training)
-            h = stack(h, **later)
+            if self.layers:  # depth 0: no couplings, the mean of the duplicated input is h
+                stack = self.__dict__["_reversible_stack"]
+                stack.train(self.training)
+                h = stack(h, **later)
         elif reversible:
             # the stack's couplings run in plain autograd: y1 = x1 + attn(x2), y2 = x2 + ff(y1), halves averaged
             h1 = h2 = h

@@ -48,6 +48,25 @@ def test_reversible_needs_prenorm():
         L.Transformer(dim=8, num_tokens=5, depth=1, reversible=True, post_ln_norm=True)
 
 
+@pytest.mark.parametrize("reversible", [False, True])
+def test_depth_zero_is_embedding_and_logits(reversible):
+    """``Transformer(depth=0, reversible=True)`` raised "ReversibleSequence needs at least one block" (a constructor
+    argument the plain model takes); both now give the logits of the embedding alone, with and without a cache."""
+    torch.manual_seed(0)
+    model = L.Transformer(dim=8, num_tokens=5, depth=0, reversible=reversible)
+    x = torch.randint(0, 5, (2, 4))
+    ref = model.to_logits(model.token_emb(x))
+    assert torch.equal(model(x), ref)
+    assert torch.equal(model(x, return_cache=True)[0], ref)
+
+
+@pytest.mark.parametrize("heads,error", [(0, ValueError), (-2, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_gate_loop_heads_is_checked(heads, error):
+    """``gate_loop_heads=0`` raised ZeroDivisionError ('integer modulo by zero') from the divisibility check."""
+    with pytest.raises(error, match="gate loop heads"):
+        L.Transformer(dim=8, num_tokens=5, depth=1, gate_loop_heads=heads)
+
+
 def test_reversible_state_dict_has_seed_names():
     plain = L.Transformer(dim=8, num_tokens=5, depth=2)
     rev = L.Transformer(dim=8, num_tokens=5, depth=2, reversible=True)
