@@ -27,9 +27,13 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = N
     tokens whose probability reaches ``top_p`` (nucleus).
 
     Args:
-        logits: ``(b, vocab)``, any real floating dtype (sampled in float32), ``vocab >= 1``. A row with ``+inf``
-            logits draws among those alone; a temperature below float32's normal range (~1.2e-38) draws among the
-            row's maxima.
+        logits: ``(b, vocab)``, any real floating dtype (sampled in float32), ``vocab >= 1``. A row without a
+            softmax never raises (no host check, no device fault: ``generate`` keeps its one sync a call); at any
+            ``temperature > 0`` it takes the probabilities uniform over the tokens argmax ranks first (``top_k``
+            and ``top_p`` then cut as in any row), one of which ``temperature == 0`` returns (the first): a row with
+            NaN logits over those (NaN ranks above all, as in ``torch.argmax``), else a row with ``+inf`` logits
+            over those, a row of all ``-inf`` over all tokens (argmax: 0). A temperature below float32's normal
+            range (~1.2e-38) draws among the row's maxima.
         temperature: a real number (Python or NumPy), ``0 <= temperature < inf``; 0 is greedy.
         top_k: an int ``>= 1`` or None (all tokens); ``top_k >= vocab`` keeps all.
         top_p: a real number in ``(0, 1]`` or None (1: no nucleus cut; the most likely token is always kept).
@@ -79,10 +83,12 @@ def _sample(logits: Tensor, temperature: float, top_k: Optional[int], top_p: Opt
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
-    top = logits.amax(dim=-1, keepdim=True)
-    # shifted first: a tiny temperature sends the others to -inf, never the largest to inf (NaN probabilities);
-    # a row with +inf logits (overflow) draws among those alone, as argmax picks one (inf - inf would be NaN)
-    shifted = torch.where(top == math.inf, torch.where(logits == math.inf, 0.0, -math.inf), logits - top)
+    top = logits.amax(dim=-1, keepdim=True)  # NaN where the row holds one, as argmax ranks NaN first
+    # shifted first: a tiny temperature sends the others to -inf, never the largest to inf (NaN probabilities).
+    # A row without a softmax (+inf or NaN logits, or all -inf: inf - inf is NaN) draws among the tokens argmax
+    # ranks first, on the device: multinomial would fault (on CUDA a device-side assert) and a check would sync
+    maxima = (logits == top) | logits.isnan()
+    shifted = torch.where(top.isfinite(), logits - top, torch.where(maxima, 0.0, -math.inf))
     # a temperature below float32's normal range rounds to 0 in the division (0 / 0: NaN): its limit, the maxima alone
     logits = (shifted / temperature if temperature >= _FLOAT32_TINY
               else torch.where(shifted == 0, 0.0, -math.inf))

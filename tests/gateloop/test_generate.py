@@ -248,6 +248,37 @@ def test_sampling_infinite_logits():
     assert set(sample(logits[1::2], top_k=1).tolist()) == {1}
 
 
+def test_sampling_rows_without_a_softmax():
+    """Found by a serving-path probe: a row of all -inf logits (every token masked) or with a NaN logit made
+    sample() / generate() raise inside multinomial ('probability tensor contains either inf, nan', on CUDA a
+    device-side assert that ends the process). It now draws uniformly, on the device, among the tokens argmax ranks
+    first (NaN above all, as torch.argmax; all -inf: every token), one of which temperature=0 returns; other rows
+    of the batch are unaffected."""
+    from gateloop_kernels.generate import sample
+
+    nan, inf = math.nan, math.inf
+    rows = torch.tensor([[-inf] * 4, [1.0, nan, 2.0, nan], [inf, nan, 0.0, -inf], [-inf, 0.0, -inf, -inf]])
+    first = {0: {0, 1, 2, 3}, 1: {1, 3}, 2: {1}, 3: {1}}  # the argmax ties of each row
+    logits = rows.repeat(1000, 1)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    assert torch.equal(sample(logits, temperature=0), logits.argmax(-1))
+    assert all(int(t) in first[r] for r, t in enumerate(sample(rows, temperature=0)))
+    for kw in ({}, {"top_k": 2}, {"top_p": 0.9}, {"temperature": 1e-3}, {"temperature": 1e-40}):
+        tok = sample(logits, generator=g, **kw).view(1000, 4)
+        for r, allowed in first.items():
+            counts = torch.bincount(tok[:, r], minlength=4)
+            # uniform over the ties (top_k keeps ties, top_p 0.9 keeps up to 4 equal ones): 1000 / |ties| each,
+            # binomial std <= 16, so 100 is over 6 std
+            assert set(counts.nonzero()[:, 0].tolist()) == allowed, (kw, r, counts)
+            assert (counts[sorted(allowed)] - 1000 / len(allowed)).abs().max() < 100, (kw, r, counts)
+    model = _model(GATE_LOOP["hd1"])
+    with torch.no_grad():
+        model.to_logits[-1].weight[5] = nan  # logit 5 NaN at every step: argmax's only choice
+    prompt = torch.randint(0, VOCAB, (2, 3))
+    got = model.generate(prompt, 3, generator=g)
+    assert (got[:, 3:] == 5).all() and torch.equal(model.generate(prompt, 3, temperature=0), got)
+
+
 def test_tiny_temperature_and_prompt_device():
     """Found by a new user's probe: a temperature below float32's normal range (1e-300, 5e-324: finite and > 0, so
     accepted) rounded to 0 in the division and multinomial raised on the NaN probabilities; it now samples the argmax
