@@ -305,7 +305,9 @@ class KVCache:
 
     def check(self, q: Tensor, v: Tensor) -> None:
         """Raise unless this cache fits a layer call with queries ``q`` and values ``v`` ``(b, h, n, d)``:
-        ValueError for another ``(b, h, d)`` or device, TypeError for buffers narrower than ``v``'s dtype."""
+        ValueError for another ``(b, h, d)`` or device, TypeError for buffers narrower than ``v``'s dtype,
+        RuntimeError for a cache made under ``torch.inference_mode()`` used outside it."""
+        _check_not_inference("cache", self)
         b, h, _, d = v.shape
         if (self.k.shape[0], self.k.shape[1], self.k.shape[3]) != (b, h, d):
             raise ValueError(f"cache holds (b, heads, dim_head) = ({self.k.shape[0]}, {self.k.shape[1]}, "
@@ -465,8 +467,21 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.complex128 if dtype == torch.float64 else torch.complex64
 
 
+def _check_not_inference(name: str, cache) -> None:
+    """RuntimeError naming ``name`` where ``cache`` (a state tensor or a :class:`KVCache`) holds inference tensors
+    (made under ``torch.inference_mode()``) and the call runs outside it: its in-place update would fail there."""
+    tensors = (cache.k, cache.v, cache.pos) if isinstance(cache, KVCache) else (cache,)
+    # else PyTorch's own 'Inplace update to inference tensor outside InferenceMode', naming no cache
+    if not torch.is_inference_mode_enabled() and any(isinstance(t, Tensor) and t.is_inference() for t in tensors):
+        raise RuntimeError(f"{name} was made under torch.inference_mode() and calls update it in place, which PyTorch "
+                           "allows only inside inference_mode: make the cache outside it (torch.no_grad() is enough "
+                           "to decode), run this call under torch.inference_mode() too, or continue from a copy made "
+                           "outside it (copy.deepcopy(cache); a state tensor: cache.clone())")
+
+
 def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor, b: int) -> None:
-    """A gate-loop cache must be the state this layer would make for these inputs (``b`` sequences)."""
+    """A gate-loop cache must be the state this layer would make for these inputs (``b`` sequences), usable in
+    this call's inference mode."""
     _, _, heads, d = q.shape
     e = v.shape[-1]
     if not isinstance(cache, Tensor):
@@ -480,6 +495,7 @@ def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor, b: int) -> None:
                          f"layer or batch size?), got {tuple(cache.shape)}")
     if cache.device != q.device:
         raise ValueError(f"cache is on {cache.device}, the layer's inputs on {q.device}")
+    _check_not_inference("cache", cache)
 
 
 class SimpleGateLoopLayer(Module):
@@ -779,7 +795,8 @@ class TransformerCache:
     def check(self, model: Module, x: Tensor, sequences: Optional[int] = None) -> None:
         """Raise unless this cache can continue ``model``'s sequences with tokens ``x (b, n)`` (``sequences``:
         how many ``x`` holds, ``b`` unless packed): ValueError for another model, another number of layer caches or
-        of sequences, TypeError for another dtype (each layer checks its own cache's shape, dtype and device)."""
+        of sequences, TypeError for another dtype, RuntimeError for a cache made under ``torch.inference_mode()``
+        used outside it (each layer checks its own cache's shape, dtype and device)."""
         if self._model() is not model:
             raise ValueError("cache was made by another model (or for another Transformer instance)")
         if len(self.layers) != len(model.layers):  # the forward zips them with the blocks: a short list skips blocks
@@ -793,6 +810,8 @@ class TransformerCache:
         if (promote(dtype, self.dtype) != self.dtype
                 or (dtype == torch.float64) != (self.dtype == torch.float64)):
             raise TypeError(f"cache was made for {self.dtype}, the model is {dtype}")
+        for i, layer in enumerate(self.layers):  # all before any block runs: a failing one would leave others updated
+            _check_not_inference(f"cache.layers[{i}]", layer)
 
 
 class _Branch(Module):

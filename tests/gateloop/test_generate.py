@@ -456,6 +456,36 @@ def test_cache_missing_a_layer_raises(name):
         full(torch.randn(2, 1, 16), cache=torch.zeros(2, 2, 4, 8))
 
 
+@pytest.mark.parametrize("name", ["hd8-noswish-subln", "full-ddrp"])
+def test_inference_mode_cache_used_outside_it_named(name):
+    """Found by a serving-path probe: a cache made under torch.inference_mode() and used outside it raised PyTorch's
+    'Inplace update to inference tensor outside InferenceMode', naming no cache (full attention's buffers were left
+    grown, so the next call failed with an IndexError). Now a RuntimeError naming the cache and the fixes, before
+    any block runs (the cache untouched); a copy made outside inference_mode continues as a cache made there would:
+    the logits of one full forward."""
+    model = _model(CONFIGS[name])
+    x = torch.randint(0, VOCAB, (2, 6))
+    with torch.inference_mode():
+        _, cache = model(x[:, :5], return_cache=True)
+    before = copy.deepcopy(cache)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(RuntimeError, match=r"cache.layers\[0\] was made under "
+                                                                                r"torch.inference_mode\(\).*deepcopy"):
+            model(x[:, 5:], cache=cache)
+    layer, state = model.layers[0][0].fn, cache.layers[0]
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"^cache was made under torch.inference_mode"):
+        layer(torch.randn(2, 1, 32, dtype=torch.float64), cache=state)
+    for a, b in zip(cache.layers, before.layers):  # untouched
+        assert all(torch.equal(t, u) for t, u in ((a.k, b.k), (a.v, b.v), (a.pos, b.pos))) if isinstance(a, L.KVCache) \
+            else torch.equal(a, b)
+    with torch.no_grad():
+        want = model(x)[:, 5:]
+        got = model(x[:, 5:], cache=before)  # the deepcopy holds normal tensors
+    assert _max_rel(got, want) < 1e-10
+    with torch.inference_mode():  # inside inference_mode the cache itself continues
+        assert _max_rel(model(x[:, 5:], cache=cache), want) < 1e-10
+
+
 def test_sampling_arguments_of_the_wrong_type_named():
     """Found by a new user's probe: temperature="1" or None and top_p="x" raised Python's own "'<=' not supported
     between instances of 'int' and 'str'", naming no argument; now a TypeError naming the argument and its range, in
