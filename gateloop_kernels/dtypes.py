@@ -33,6 +33,8 @@ def _promote2(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 def promote(*dtypes: torch.dtype) -> torch.dtype:
     """``torch.promote_types`` over ``dtypes``, memoized: a dict lookup where each call is a dispatched aten operator
     (host time on every layer call)."""
+    if torch.compiler.is_compiling():  # dynamo warns of "silent incorrectness" at a traced lru_cache; a constant here
+        return functools.reduce(torch.promote_types, dtypes)
     return functools.reduce(_promote2, dtypes)
 
 

@@ -118,12 +118,19 @@ def test_cuda_model_matches_cpu_float64(heads, reversible):
 @pytest.mark.parametrize("heads", [None, 4], ids=["head_dim_1", "head_dim_8"])
 def test_layer_compiles_fullgraph(heads):
     """torch.compile(fullgraph=True) over the layer: no graph break anywhere on its path (the dispatch,
-    the gate activation, the scan op or reference), same outputs and gradients as eager."""
+    the gate activation, the scan op or reference), same outputs and gradients as eager; and no warning of ours (it
+    warned "Dynamo detected a call to a functools.lru_cache-wrapped function ... Silent incorrectness": the traced
+    memo of ``dtypes.promote``)."""
+    import warnings
     layer = L.GateLoopedAttention(32, heads=heads)
     x = torch.randn(2, 40, 32, requires_grad=True)
     eager = layer(x)
     g_eager = torch.autograd.grad(eager.sum(), [x, *layer.parameters()])
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
     g_comp = torch.autograd.grad(compiled.sum(), [x, *layer.parameters()])
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_comp, g_eager):
