@@ -78,23 +78,50 @@ def test_simple_layer_cache_matches_seed():
     assert (ref(x2, cache=c_ref) - ours(x2, cache=c_ours)).abs().max() <= 1e-10
 
 
-def test_patch_gateloop_transformer_keeps_outputs():
-    from gateloop_kernels import patch_gateloop_transformer
+@pytest.fixture
+def patched(monkeypatch):
+    """``patch_gateloop_transformer()`` for one test: every attribute it sets is restored afterwards (it restored two of
+    seven, leaving upstream's SimpleGateLoopLayer ours for the rest of the session: later comparisons against the seed
+    compared ours with ours)."""
     import gateloop_transformer.gateloop_transformer as upm
+    import gateloop_transformer.simplified_gate_loop as ups
+    from gateloop_kernels import patch_gateloop_transformer
 
+    for obj, names in ((upm, ("gate_loop_operator",)), (ups, ("gate_loop_operator",)),
+                       (upm.GateLoopedAttention, ("forward", "new_cache")), (upm.Transformer, ("init_cache", "generate")),
+                       (ups.SimpleGateLoopLayer, ("forward",))):
+        for name in names:  # recorded by monkeypatch (a missing one is deleted again)
+            monkeypatch.setattr(obj, name, getattr(obj, name, None), raising=False)
+    return patch_gateloop_transformer
+
+
+def test_patch_gateloop_transformer_keeps_outputs_and_gradients(patched):
+    """The same upstream instances (created before the patch) give the same loss and parameter gradients after it
+    (float64, 1e-10): the Transformer, and the simplified layer (the seed's scan or its heinsen form) with a cache."""
+    import gateloop_transformer.gateloop_transformer as upm
+    from gateloop_transformer.simplified_gate_loop import SimpleGateLoopLayer as Seed
+
+    torch.manual_seed(0)
     model = up.Transformer(dim=16, num_tokens=20, depth=2, gate_loop_heads=2).double()
+    simple = [Seed(8).double(), Seed(8, use_heinsen=True).double()]
     x = torch.randint(0, 20, (2, 30))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        before = model(x)
-    saved = (upm.gate_loop_operator, upm.GateLoopedAttention.forward)
-    try:
-        patch_gateloop_transformer()
-        assert upm.GateLoopedAttention.forward is L.GateLoopedAttention.forward
-        after = model(x)  # the same instance, now on our forward
-    finally:
-        upm.gate_loop_operator, upm.GateLoopedAttention.forward = saved
-    assert (before - after).abs().max() <= 1e-10
+    xs = torch.randn(2, 9, 8, dtype=torch.float64)
+
+    def run():
+        out = [_loss_and_grads(model, x)]
+        for m in simple:
+            o1, cache = m(xs[:, :5], return_cache=True)
+            o = torch.cat([o1, m(xs[:, 5:], cache=cache)], dim=1)
+            out.append((o.detach(), dict(zip("wg", torch.autograd.grad(o.square().sum(), list(m.parameters()))))))
+        return out
+    before = run()
+    patched()
+    assert upm.GateLoopedAttention.forward is L.GateLoopedAttention.forward
+    after = run()
+    for (a, ga), (b, gb), tol in zip(before, after, (1e-10, 1e-10, 1e-6)):  # heinsen: the seed's log-space scan
+        assert (a - b).abs().max() <= tol * a.abs().max()
+        for name in ga:
+            assert (ga[name] - gb[name]).norm() <= tol * ga[name].norm(), name
 
 
 def test_rmsnorm_is_the_seeds_formula():
