@@ -5,6 +5,7 @@ which takes them as checked.
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -18,8 +19,16 @@ GATE_HEAD, GATE_KEY, GATE_GENERAL = "head", "key", "general"
 
 
 def is_int(value) -> bool:
-    """Whether ``value`` is a Python int and not a bool (an ``isinstance(value, int)`` a flag would pass)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Whether ``value`` is an integer as ``operator.index`` takes one (a Python or NumPy int), but not a bool (a
+    flag) or a tensor (read on the host: a sync). Callers that pass it on take ``operator.index(value)``: kernels,
+    constexprs and custom ops want a Python int."""
+    if isinstance(value, (bool, Tensor)):
+        return False
+    try:
+        operator.index(value)  # NumPy's bool has no __index__: rejected here
+    except TypeError:
+        return False
+    return True
 
 
 def _shape(t: Tensor) -> str:
@@ -142,18 +151,23 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def check_reference_chunk(chunk_size: int) -> None:
-    """The references' ``chunk_size``: any positive int (the public entries also want a power of two >= 16)."""
+def check_reference_chunk(chunk_size: int) -> int:
+    """The references' ``chunk_size``: any positive int (the public entries also want a power of two >= 16);
+    returned as a Python int."""
     if not is_int(chunk_size):
         raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    chunk_size = operator.index(chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return chunk_size
 
 
-def check_chunk_size(chunk_size: int) -> None:
-    check_reference_chunk(chunk_size)
+def check_chunk_size(chunk_size: int) -> int:
+    """A scan entry's ``chunk_size``: a power of two >= 16, returned as a Python int (a kernel constexpr)."""
+    chunk_size = check_reference_chunk(chunk_size)
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    return chunk_size
 
 
 def check_preactivation(z: Tensor) -> None:
@@ -228,6 +242,9 @@ def check_chunk_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, 
     if not (16 <= d <= 256 and 16 <= e <= 256):
         raise ValueError(f"chunk_gate_loop needs 16 <= d, e <= 256, got d={d}, e={e}")
     check_chunk_size(chunk_size)
+    if type(chunk_size) is not int:  # this entry passes chunk_size on unconverted: a NumPy int fails in the kernels
+        raise TypeError(f"chunk_gate_loop takes a Python int chunk_size, got {type(chunk_size).__name__} "
+                        f"(int(chunk_size); the public entries take NumPy ints)")
     if initial_state is not None:
         check_gate_dtype("initial_state", initial_state)
         if tuple(initial_state.shape) != (B, H, d, e):

@@ -253,7 +253,7 @@ class _Local(NamedTuple):
 def _heads_local(q, k, v, gate: dict, initial_state, precision: str, chunk_size: int) -> _Local:
     _check_shapes(q, k, v, gate, initial_state)
     check_precision(precision)  # here too: an empty slice runs no scan
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     B, n, H, d = q.shape
     odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     rdt, cdt = acc_dtypes(odt)
@@ -280,7 +280,7 @@ def _operator_local(q, k, v, a, initial_state, precision: str, chunk_size: int) 
                          f"got a of shape {tuple(a.shape)}")
     check_initial_state(initial_state, B, d, e, q.device)
     check_precision(precision)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     rdt, cdt = acc_dtypes(odt)
     a = a.expand(B, n, 1, 1)
@@ -464,7 +464,7 @@ def _anchor(*tensors: Optional[Tensor]) -> Optional[Tensor]:
 def _heads_packed(q, k, v, gate: dict, initial_state, precision: str, chunk_size: int, cu: Tensor) -> _Packed:
     _check_shapes(q, k, v, gate, None)
     check_precision(precision)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     B, n, H, d = q.shape
     e = v.shape[-1]
     N = _check_global_cu(cu, B, q.device)
@@ -494,7 +494,7 @@ def _operator_packed(q, k, v, a, initial_state, precision: str, chunk_size: int,
         raise ValueError(f"context parallelism takes one gate per step, a: (B, n, 1, 1) = ({B}, {n}, 1, 1); "
                          f"got a of shape {tuple(a.shape)}")
     check_precision(precision)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     N = _check_global_cu(cu, B, q.device)
     check_initial_state(initial_state, B, d, e, q.device, N)
     odt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import operator
 import warnings
 from typing import Callable, Optional
 
@@ -35,7 +36,7 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = N
             over those, a row of all ``-inf`` over all tokens (argmax: 0). A temperature below float32's normal
             range (~1.2e-38) draws among the row's maxima.
         temperature: a real number (Python or NumPy), ``0 <= temperature < inf``; 0 is greedy.
-        top_k: an int ``>= 1`` or None (all tokens); ``top_k >= vocab`` keeps all.
+        top_k: an int (Python or NumPy, not a bool) ``>= 1`` or None (all tokens); ``top_k >= vocab`` keeps all.
         top_p: a real number in ``(0, 1]`` or None (1: no nucleus cut; the most likely token is always kept).
         generator: the ``torch.Generator`` of the draws (on ``logits``' device).
 
@@ -53,7 +54,12 @@ def sample(logits: Tensor, *, temperature: float = 1.0, top_k: Optional[int] = N
     if logits.ndim != 2 or logits.shape[1] < 1:
         raise ValueError(f"logits must be (b, vocab) with vocab >= 1, got shape {tuple(logits.shape)}")
     _check_sampling(temperature, top_k, top_p)
-    return _sample(logits, temperature, top_k, top_p, generator)
+    return _sample(logits, temperature, _index(top_k), top_p, generator)
+
+
+def _index(value: Optional[int]) -> Optional[int]:
+    # a checked NumPy int as a Python int: torch.topk, shapes and fills then see one type
+    return None if value is None else operator.index(value)
 
 
 def _real(value) -> bool:
@@ -164,10 +170,11 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     Args:
         model: a :class:`gateloop_kernels.Transformer` (or an upstream one patched by ``patch_gateloop_transformer``).
         prompt: ``(b, p)`` int64 or int32 token ids in ``[0, num_tokens)``, ``p >= 1``, on the model's device.
-        max_new_tokens: an int ``>= 0`` (0 returns the prompt as int64).
+        max_new_tokens: an int (Python or NumPy, not a bool) ``>= 0`` (0 returns the prompt as int64).
         temperature, top_k, top_p, generator: as :func:`sample` (``temperature=0``: greedy).
-        eos_token: an int token id or None. A row that emits it is finished: it keeps getting ``eos_token`` (once
-            all are, decoding stops and the rest is padded with it). The other rows are unaffected.
+        eos_token: an int token id (Python or NumPy) or None. A row that emits it is finished: it keeps getting
+            ``eos_token`` (once all are, decoding stops and the rest is padded with it). The other rows are
+            unaffected.
         cuda_graph: on CUDA, capture the decode step once as a CUDA graph and replay it; where capture fails it
             runs eagerly, with one warning.
         cu_seqlens: ``[0, l_1, ..., T]`` (1-D int32/int64 on the prompt's device, every ``l_i >= 1``, a gate-looped
@@ -188,6 +195,7 @@ def generate(model, prompt: Tensor, max_new_tokens: int, *, temperature: float =
     """
     vocab = model.token_emb.num_embeddings
     _check_args(prompt, max_new_tokens, temperature, top_k, top_p, eos_token, vocab, model.token_emb.weight.device)
+    max_new_tokens, top_k, eos_token = _index(max_new_tokens), _index(top_k), _index(eos_token)
     prompt = prompt.long()
     b, p = prompt.shape
     if cu_seqlens is not None:

@@ -90,7 +90,7 @@ def gate_loop_heads(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Optional[
                                   check_shapes=check_shapes, cp_group=cp_group, cu_seqlens=cu_seqlens)
     check_heads_inputs(q, k, v, z, log_magnitude, phase, initial_state, cu_seqlens)
     check_precision(precision)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     dt = promote(q.dtype, k.dtype, v.dtype)
     if initial_state is None and not output_final_state:
         o = lean.heads_call(q, k, v, z, log_magnitude, phase, dt, precision, chunk_size, cu_seqlens)

@@ -69,7 +69,7 @@ def gate_loop_operator(q: Tensor, k: Tensor, v: Tensor, a: Tensor, *, initial_st
     N = None if cu_seqlens is None else check_cu_seqlens(cu_seqlens, B, n, q.device)
     check_initial_state(initial_state, B, d, e, q.device, N)
     check_precision(precision)
-    check_chunk_size(chunk_size)
+    chunk_size = check_chunk_size(chunk_size)
     odt = out_dtype(q, k, v)
     if initial_state is None and not return_final_state and layout == GATE_HEAD:
         out = lean.operator_call(q, k, v, a, odt, precision, chunk_size, cu_seqlens)

@@ -154,7 +154,7 @@ def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
     Returns ``(h (B, n, D), h_last (B, D))``. Within a chunk the scan runs step by step for all
     chunks at once; the carries between chunks run over the ``n / C`` chunk ends. Memory ``O(B n D)``.
     """
-    check_reference_chunk(chunk_size)
+    chunk_size = check_reference_chunk(chunk_size)
     B, n, D = x.shape
     h = x.new_zeros((B, D)) if h0 is None else h0.to(x.dtype)
     if n == 0:
@@ -277,7 +277,7 @@ def chunked_reference(q: Tensor, k: Tensor, v: Tensor, a: Tensor, initial_state:
     if layout != GATE_HEAD:
         return sequential_reference(q, k, v, a, initial_state, return_final_state)
     check_initial_state(initial_state, B, d, e, q.device)
-    check_reference_chunk(chunk_size)
+    chunk_size = check_reference_chunk(chunk_size)
     odt = out_dtype(q, k, v)
     rdt, cdt = acc_dtypes(odt)
     qf, kf, vf = q.to(rdt), k.to(rdt), v.to(rdt)

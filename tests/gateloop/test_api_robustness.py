@@ -811,6 +811,30 @@ def test_chunk_gate_loop_refuses_float64_rather_than_narrowing_it():
         chunk_gate_loop(*_chunk_inputs(dtype=torch.float64), chunk_size=16)
 
 
+@needs_kernels
+def test_numpy_int_chunk_size_runs_as_the_int(monkeypatch):
+    """Integer checks take what operator.index takes (is_int): a NumPy chunk_size is passed on as a Python int (a
+    kernel constexpr: np.int64 raised 'no attribute bit_length' inside the kernels); chunk_gate_loop, which passes
+    its chunk_size on unconverted, names it instead; bools (NumPy's too) stay rejected."""
+    import numpy as np
+
+    from gateloop_kernels.chunked import chunk_gate_loop
+    if DEV == "cpu":
+        monkeypatch.setattr(dispatch, "KERNEL_DEVICES", ("cuda", "cpu"))
+    q, k, v = (torch.randn(1, 40, 2, 16, device=DEV) for _ in range(3))
+    z = torch.randn(1, 40, 2, 2, device=DEV)
+    assert torch.equal(G.gate_loop_heads(q, k, v, z=z, chunk_size=np.int64(16))[0],
+                       G.gate_loop_heads(q, k, v, z=z, chunk_size=16)[0])
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    assert torch.equal(R.diagonal_scan_chunked(x, x, chunk_size=np.int32(2))[0],
+                       R.diagonal_scan_chunked(x, x, chunk_size=2)[0])
+    with pytest.raises(TypeError, match="chunk_gate_loop takes a Python int chunk_size, got int64"):
+        chunk_gate_loop(*_chunk_inputs(), chunk_size=np.int64(16))
+    for bad in (np.bool_(True), True, torch.tensor(16)):
+        with pytest.raises(TypeError, match="chunk_size must be an int"):
+            G.gate_loop_heads(q, k, v, z=z, chunk_size=bad)
+
+
 @pytest.mark.parametrize("chunk, error", [(16.0, TypeError), (None, TypeError), (True, TypeError), (0, ValueError)])
 @pytest.mark.parametrize("name", ["chunked_reference", "simple_chunked_reference", "diagonal_scan_chunked"])
 def test_reference_chunk_size_is_checked(name, chunk, error):

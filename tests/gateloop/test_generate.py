@@ -510,6 +510,31 @@ def test_sampling_arguments_of_the_wrong_type_named():
     assert sample(logits, temperature=np.float64(0.0), top_p=np.float32(0.5)).tolist() == [1]
 
 
+def test_numpy_ints_taken_as_ints():
+    """Found by a serving-path probe: max_new_tokens, top_k and eos_token rejected NumPy ints (TypeError) while
+    temperature and top_p took NumPy numbers. Every int check now takes what operator.index takes (not a bool, not
+    a tensor): the same tokens as the Python ints."""
+    import numpy as np
+
+    from gateloop_kernels.generate import sample
+
+    model = _model(GATE_LOOP["hd1"])
+    prompt = torch.randint(0, VOCAB, (2, 3))
+    seed = int(torch.randint(0, 2**31, ()))
+    eos = int(model.generate(prompt, 3, temperature=0)[0, 4])
+    got = model.generate(prompt, np.int64(4), top_k=np.int32(5), eos_token=np.int64(eos),
+                         generator=torch.Generator().manual_seed(seed))
+    want = model.generate(prompt, 4, top_k=5, eos_token=eos, generator=torch.Generator().manual_seed(seed))
+    assert got.shape == (2, 7) and torch.equal(got, want)
+    logits = torch.randn(4, VOCAB)
+    assert torch.equal(sample(logits, top_k=np.uint8(1)), logits.argmax(-1))
+    for kw, what in ((dict(top_k=np.bool_(True)), "top_k"), (dict(eos_token=True), "eos_token"),
+                     (dict(max_new_tokens=torch.tensor(2)), "max_new_tokens")):
+        kw = dict(kw)
+        with pytest.raises(TypeError, match=f"{what} must be"):
+            model.generate(prompt, kw.pop("max_new_tokens", 2), **kw)
+
+
 @pytest.mark.parametrize("make_layer", [lambda: L.SimpleGateLoopLayer(16), lambda: L.GateLoopedAttention(16, heads=4)],
                          ids=["simple", "gate-looped"])
 def test_layer_cu_seqlens_checked_before_use(make_layer):
