@@ -774,7 +774,9 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
             for bf16/fp16 inputs, which makes reconstruction exact to float32 rounding);
             ``fn`` still sees halves in the input's dtype. Default: the input's dtype.
         preserve_rng_state: record the RNG state before every step of this call and replay
-            it during recomputation (needed for dropout inside the step functions).
+            it during recomputation (needed for dropout inside the step functions). Only the default CPU and
+            CUDA generators are replayed: a ``torch.Generator`` that a step passes to its random ops draws anew,
+            and its input is then silently rebuilt wrong (:func:`reversible.reconstruction_error` shows it).
         reversible: ``False`` runs the same steps with plain autograd (activations kept). Under ``torch.func``
             transforms (``grad``, ``vmap``, ``jacrev``, ``functional_call`` inside them) the steps always run so,
             as the same function: the transforms cannot go through the in-place backward's autograd nodes.

@@ -114,7 +114,8 @@ class ReversibleSequence(nn.Module):
         layer_dropout: probability of skipping each block while training.
         stream_dtype: dtype of the activation/gradient buffers (``torch.float32`` keeps the
             reconstruction exact to fp32 rounding for bf16/fp16 inputs).
-        preserve_rng_state: replay each call's RNG state in recomputation (dropout in f, g).
+        preserve_rng_state: replay each call's RNG state in recomputation (dropout in f, g): the default
+            generators' only, not a ``torch.Generator`` that f or g pass to random ops (see :func:`run_couplings`).
         input_mode: ``"duplicate"`` (``x`` goes to both halves) or ``"split"`` (``x`` is
             ``[x1 | x2]`` along ``dim``).
 

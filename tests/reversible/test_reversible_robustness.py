@@ -462,3 +462,23 @@ def test_torch_compile_of_a_stack():
     with pytest.raises(Exception, match="compile without fullgraph=True"):
         torch.compile(net, fullgraph=True, backend="aot_eager")(x)
     torch._dynamo.reset()
+
+
+def test_own_generator_is_not_replayed_and_the_diagnostic_says_so():
+    """Random ops on the default generator (dropout, randn_like) are replayed exactly; a step drawing from a
+    ``torch.Generator`` of its own is not (documented: its recomputation draws anew), and ``reconstruction_error``
+    reports that instead of 0."""
+    class Noisy(nn.Module):
+        def __init__(self, gen=None):
+            super().__init__()
+            self.lin, self.gen = nn.Linear(8, 8, dtype=torch.float64), gen
+
+        def forward(self, x):
+            y = self.lin(x)
+            noise = torch.randn(y.shape, dtype=y.dtype, generator=self.gen) if self.gen else torch.randn_like(y)
+            return y + noise
+    x = torch.randn(3, 8, dtype=torch.float64)
+    for gen, exact in ((None, True), (torch.Generator().manual_seed(0), False)):
+        net = reversible.ReversibleSequence([(Noisy(gen), Noisy(gen))])
+        err = reversible.reconstruction_error(net, x)
+        assert (err < 1e-14) if exact else (err > 1e-3)
