@@ -54,7 +54,7 @@ def reconstruction_error(model: torch.nn.Module, x: Tensor | Mapping[str, Tensor
     streams = [_Stream(d, t.dtype, sd or t.dtype) for t, d in zip(inputs, dims)]
     run = _Run(couplings, streams, "cat", input_mode, True)
     bufs = [run.make_buffer(i, t) for i, t in enumerate(inputs)]
-    ref = [b.double() for b in bufs]
+    ref = [b.to(torch.float64, copy=True) for b in bufs]  # a copy: .double() of a float64 buffer is the buffer itself
     halves = run.halves(bufs)
     states = []
     for ci, c in enumerate(couplings):

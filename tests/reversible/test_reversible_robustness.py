@@ -467,7 +467,8 @@ def test_torch_compile_of_a_stack():
 def test_own_generator_is_not_replayed_and_the_diagnostic_says_so():
     """Random ops on the default generator (dropout, randn_like) are replayed exactly; a step drawing from a
     ``torch.Generator`` of its own is not (documented: its recomputation draws anew), and ``reconstruction_error``
-    reports that instead of 0."""
+    reports that. It returned 0.0 for every float64 input: its reference was ``buffer.double()``, the buffer itself,
+    rebuilt in place along with it."""
     class Noisy(nn.Module):
         def __init__(self, gen=None):
             super().__init__()
