@@ -102,11 +102,11 @@ def _finite(x):
 
 
 @triton.jit
-def _scores(a, b, t0, n, C: tl.constexpr, H, BT: tl.constexpr, BC: tl.constexpr, MODE: tl.constexpr,
+def _scores(a, b, t0, n, C: tl.constexpr, SA, SB, BT: tl.constexpr, BC: tl.constexpr, MODE: tl.constexpr,
             PREC: tl.constexpr):
-    """``A B^T`` of one chunk, (BT, BT) float32, for time-major (n, C) inputs of row stride H * C."""
+    """``A B^T`` of one chunk, (BT, BT) float32, for time-major (n, C) inputs of row strides SA and SB."""
     acc = tl.zeros([BT, BT], dtype=tl.float32)
     for i_c in range(tl.cdiv(C, BC)):
-        acc += _dot(_load_steps(a, t0, i_c * BC, n, C, H * C, BT, BC),
-                    _load_steps_T(b, t0, i_c * BC, n, C, H * C, BT, BC), MODE, PREC)
+        acc += _dot(_load_steps(a, t0, i_c * BC, n, C, SA, BT, BC),
+                    _load_steps_T(b, t0, i_c * BC, n, C, SB, BT, BC), MODE, PREC)
     return acc

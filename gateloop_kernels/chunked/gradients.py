@@ -17,23 +17,24 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher
-from .config import MODE_F32, _blocks, _cdiv, _cfg, _dims, _gate_planes, _gate_step, _launch
+from .config import MODE_F32, _blocks, _cdiv, _cfg, _dims, _gate_planes, _gate_step, _launch, _readable
 from .dots import _finite, _scores, _split_dot, _time_dot, _wide_dot
 from .gates import _chunk_gates, _end_decay, _ends, _gate_prefix, _pair_decay, _span
 from .states import _carried
-from .tiles import _chunk_span, _head, _load_plane, _load_plane_T, _load_steps, _store_steps
+from .tiles import _at, _chunk_span, _head, _load_plane, _load_plane_T, _load_steps, _store_steps
 
 
 @Launcher
 @triton.jit
-def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
+def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT, SQK,
              K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
              MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, GS: tl.constexpr):
-    """dq, dk of one chunk, and the gate-gradient pieces psi, phi (per step) and sigma (per chunk) in aux."""
+    """dq, dk of one chunk, and the gate-gradient pieces psi, phi (per step) and sigma (per chunk) in aux; q and k
+    with steps ``SQK`` apart, v, do, dq, dk dense."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
-    q += bt * K
-    k += bt * K
+    q += _at(i_bh, n, H, K, SQK)
+    k += _at(i_bh, n, H, K, SQK)
     dq += bt * K
     dk += bt * K
     v += bt * V
@@ -45,7 +46,7 @@ def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
     a_re, a_im = amag * ur, amag * ui
     ph = h + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
-    b_adv = _scores(do, v, t0, n, V, H, BT, BV, MODE, PREC)
+    b_adv = _scores(do, v, t0, n, V, H * V, H * V, BT, BV, MODE, PREC)
     causal = idx[:, None] >= idx[None, :]
     d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, causal)
     b_ddv = tl.where(causal, d_re * b_adv, 0.0)
@@ -66,10 +67,10 @@ def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
             b_do = _load_steps(do, t0, c0, n, V, H * V, BT, BV)
             g_re += _wide_dot(b_do, _load_plane_T(ph, r0, c0, K, V, BK, BV), MODE, PREC)
             g_im += _wide_dot(b_do, _load_plane_T(ph + K * V, r0, c0, K, V, BK, BV), MODE, PREC)
-        b_k = _load_steps(k, t0, r0, n, K, H * K, BT, BK)
+        b_k = _load_steps(k, t0, r0, n, K, SQK, BT, BK)
         b_dq = a_re[:, None] * g_re - a_im[:, None] * g_im + _time_dot(b_ddv, b_k, False, MODE, PREC, BT)
         _store_steps(dq, b_dq, t0, r0, n, K, H * K, BT, BK)
-        qf = _load_steps(q, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
+        qf = _load_steps(q, t0, r0, n, K, SQK, BT, BK).to(tl.float32)
         psi_re += tl.sum(qf * g_re, 1)
         psi_im -= tl.sum(qf * g_im, 1)
         w_re = tl.zeros([BT, BK], dtype=tl.float32)
@@ -88,10 +89,10 @@ def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
                                       b_di.to(tl.float32))
             sig_re += tl.sum(tl.sum(f_dr * f_hr + f_di * f_hi, 1), 0)
             sig_im += tl.sum(tl.sum(f_di * f_hr - f_dr * f_hi, 1), 0)
-        b_q = _load_steps(q, t0, r0, n, K, H * K, BT, BK)
+        b_q = _load_steps(q, t0, r0, n, K, SQK, BT, BK)
         b_dk = de_re[:, None] * w_re + de_im[:, None] * w_im + _time_dot(tl.trans(b_ddv), b_q, True, MODE, PREC, BT)
         _store_steps(dk, b_dk, t0, r0, n, K, H * K, BT, BK)
-        kf = _load_steps(k, t0, r0, n, K, H * K, BT, BK).to(tl.float32)
+        kf = _load_steps(k, t0, r0, n, K, SQK, BT, BK).to(tl.float32)
         phi_re += tl.sum(kf * w_re, 1)
         phi_im += tl.sum(kf * w_im, 1)
     pa = aux + (i_bh.to(tl.int64) * NT + i_t) * 6 * BT
@@ -105,21 +106,21 @@ def _bwd_dqk(q, k, v, do, gate_re, gate_im, h, dh, dq, dk, aux, tab, n, H, NT,
 
 @Launcher
 @triton.jit
-def _bwd_dv(q, k, do, gate_re, gate_im, dh, dv, tab, n, H, NT,
+def _bwd_dv(q, k, do, gate_re, gate_im, dh, dv, tab, n, H, NT, SQK,
             K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
             MODE: tl.constexpr, PREC: tl.constexpr, VARLEN: tl.constexpr, GS: tl.constexpr):
-    """dv of one chunk: (D o QK^T)^T dO + Re(conj(D[C-1, s]) dh^T k_s)."""
+    """dv of one chunk: (D o QK^T)^T dO + Re(conj(D[C-1, s]) dh^T k_s); q and k with steps ``SQK`` apart."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
-    q += bt * K
-    k += bt * K
+    q += _at(i_bh, n, H, K, SQK)
+    k += _at(i_bh, n, H, K, SQK)
     do += bt * V
     dv += bt * V
     idx = tl.arange(0, BT)
     t0, n = _chunk_span(tab, i_t, n, BT, VARLEN)
     g, z, ur, ui, de_re, de_im = _chunk_gates(gate_re + bt * GS, gate_im + bt * GS, t0, n, H * GS, BT)
     pd = dh + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
-    b_aqk = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC)
+    b_aqk = _scores(q, k, t0, n, K, SQK, SQK, BT, BK, MODE, PREC)
     causal = idx[:, None] >= idx[None, :]
     d_re, d_im = _pair_decay(g, z, ur, ui, g, z, ur, ui, causal)
     b_dqkt = tl.trans(tl.where(causal, d_re * b_aqk, 0.0))
@@ -130,7 +131,7 @@ def _bwd_dv(q, k, do, gate_re, gate_im, dh, dv, tab, n, H, NT,
         u_im = tl.zeros([BT, BV], dtype=tl.float32)
         for i_k in range(tl.cdiv(K, BK)):
             r0 = i_k * BK
-            b_k = _load_steps(k, t0, r0, n, K, H * K, BT, BK)
+            b_k = _load_steps(k, t0, r0, n, K, SQK, BT, BK)
             u_re += _wide_dot(b_k, _load_plane(pd, r0, c0, K, V, BK, BV), MODE, PREC)
             u_im += _wide_dot(b_k, _load_plane(pd + K * V, r0, c0, K, V, BK, BV), MODE, PREC)
         b_dv = _time_dot(b_dqkt, b_do, True, MODE, PREC, BT) + de_re[:, None] * u_re + de_im[:, None] * u_im
@@ -139,16 +140,16 @@ def _bwd_dv(q, k, do, gate_re, gate_im, dh, dv, tab, n, H, NT,
 
 @Launcher
 @triton.jit
-def _bwd_gate(q, k, v, do, gate_re, gate_im, dgate_re, dgate_im, aux, tab, n, H, NT,
+def _bwd_gate(q, k, v, do, gate_re, gate_im, dgate_re, dgate_im, aux, tab, n, H, NT, SQK,
               K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
               MODE: tl.constexpr, PREC: tl.constexpr, EXACT_R: tl.constexpr, VARLEN: tl.constexpr,
               GS: tl.constexpr, DGS: tl.constexpr):
     """The complex gate gradient of one chunk (division-free: the module docstring), stored with element stride
-    ``DGS`` (2: into a complex tensor's interleaved parts)."""
+    ``DGS`` (2: into a complex tensor's interleaved parts); q and k with steps ``SQK`` apart."""
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     bt = _head(i_bh, n, H)
-    q += bt * K
-    k += bt * K
+    q += _at(i_bh, n, H, K, SQK)
+    k += _at(i_bh, n, H, K, SQK)
     v += bt * V
     do += bt * V
     idx = tl.arange(0, BT)
@@ -156,7 +157,8 @@ def _bwd_gate(q, k, v, do, gate_re, gate_im, dgate_re, dgate_im, aux, tab, n, H,
     t_idx = t0 + idx
     valid = t_idx < n
     # P = (Q K^T) o (dO V^T)
-    b_p = _scores(q, k, t0, n, K, H, BT, BK, MODE, PREC) * _scores(do, v, t0, n, V, H, BT, BV, MODE, PREC)
+    b_p = (_scores(q, k, t0, n, K, SQK, SQK, BT, BK, MODE, PREC)
+           * _scores(do, v, t0, n, V, H * V, H * V, BT, BV, MODE, PREC))
     g, z, ur, ui = _gate_prefix(gate_re + bt * GS, gate_im + bt * GS, t_idx, valid, H * GS, BT)
     # exclusive prefixes (the state before step u): the same scan over the gates shifted by one
     xs = t_idx - 1
@@ -219,28 +221,30 @@ def _backward(q, k, v, a_re, a_im, h0, do, dht, BT, mode, prec, chunks=None, da_
     da_im)`` float32 planes to write the gate's gradient into (e.g. a complex gradient's parts in place, in a layout
     :func:`.config._gate_step` takes), else new dense ones."""
     B, n, H, K, V = _dims(q, v)
+    q, k, sqk = _readable(q, k, H, K)
+    v = v.contiguous()
     NT = _cdiv(n, BT) if chunks is None else chunks.shape[0] // 4
     tab, varlen = (a_re, False) if chunks is None else (chunks, True)
     dh0 = torch.empty(h0.shape[0] * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
     a_re, a_im, gs = _gate_planes(a_re, a_im, H)
     h, dh = _carried((k, v, h0, None), (q, do, dht, dh0), a_re, a_im, gs, BT, mode, prec, chunks=chunks)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # dense, whatever q, k, v's strides
     da_re, da_im = da_out or (torch.empty_like(a_re), torch.empty_like(a_im))  # (dense: a_re's GS is 1 or 2)
     dgs = _gate_step(da_re, H)
     aux = torch.empty(B * H * NT, 6, BT, device=q.device, dtype=torch.float32)
     cfg = _cfg("bwd_dqk", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
-    _bwd_dqk[(NT, B * H)](q, k, v, do, a_re, a_im, h, dh, dq, dk, aux, tab, n, H, NT, K=K, V=V, BT=BT, BK=BK,
-                          BV=BV, MODE=mode, PREC=prec, VARLEN=varlen, GS=gs, **_launch(cfg))
+    _bwd_dqk[(NT, B * H)](q, k, v, do, a_re, a_im, h, dh, dq, dk, aux, tab, n, H, NT, sqk, K=K, V=V, BT=BT,
+                          BK=BK, BV=BV, MODE=mode, PREC=prec, VARLEN=varlen, GS=gs, **_launch(cfg))
     del h  # released once the last kernel reading it is queued (stream-ordered)
     cfg = _cfg("bwd_dv", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
-    _bwd_dv[(NT, B * H)](q, k, do, a_re, a_im, dh, dv, tab, n, H, NT,
+    _bwd_dv[(NT, B * H)](q, k, do, a_re, a_im, dh, dv, tab, n, H, NT, sqk,
                          K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec, VARLEN=varlen, GS=gs, **_launch(cfg))
     del dh
     cfg = _cfg("bwd_gate", mode, K, V)
     BK, BV = _blocks(K, V, cfg)
-    _bwd_gate[(NT, B * H)](q, k, v, do, a_re, a_im, da_re, da_im, aux, tab, n, H, NT,
+    _bwd_gate[(NT, B * H)](q, k, v, do, a_re, a_im, da_re, da_im, aux, tab, n, H, NT, sqk,
                            K=K, V=V, BT=BT, BK=BK, BV=BV, MODE=mode, PREC=prec,
                            EXACT_R=mode == MODE_F32 and prec != "tf32", VARLEN=varlen, GS=gs, DGS=dgs,
                            **_launch(cfg))

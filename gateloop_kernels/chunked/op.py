@@ -19,7 +19,7 @@ from torch import Tensor
 from .._checks import check_chunk_gate_loop_inputs
 from .._custom_op import DifferentiableOp
 from ..dtypes import empty_scan, promote
-from .config import _DEFAULT_BT, _MODE_OF_DTYPE, MAX_BT, _dims, _gate_planes
+from .config import _DEFAULT_BT, _MODE_OF_DTYPE, MAX_BT, _dims, _gate_planes, _readable
 from .gradients import _backward
 from .outputs import _forward
 from .states import _chunk_table
@@ -41,7 +41,7 @@ def _fwd_fake(q, k, v, a_re, a_im, h0, output_final_state, prec, BT, cu_seqlens=
     B, n, H, K, V = _dims(q, v)
     S = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     shape = (S, H, 2, K, V) if output_final_state else (0,)
-    return torch.empty_like(v), q.new_empty(shape, dtype=torch.float32)
+    return v.new_empty(v.shape), q.new_empty(shape, dtype=torch.float32)
 
 
 def _bwd_impl(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: Optional[Tensor], do: Tensor,
@@ -68,7 +68,7 @@ def _bwd_run(q, k, v, a_re, a_im, h0, do, dht, prec, BT, chunks=None, da_out=Non
 
 def _bwd_fake(q, k, v, a_re, a_im, h0, do, dht, prec, BT, chunks=None):
     dh0 = torch.empty_like(h0) if h0 is not None else q.new_empty(0, dtype=torch.float32)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(a_re),
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), torch.empty_like(a_re),
             torch.empty_like(a_im), dh0)
 
 
@@ -159,16 +159,19 @@ def _chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor
 
 def op_args(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: Optional[Tensor],
             output_final_state: bool, precision: str, chunk_size: int, cu_seqlens: Optional[Tensor]) -> tuple:
-    """:data:`_chunk_op`'s arguments for inputs in one kernel dtype: contiguous inputs, float32 gates (a complex
-    gate's parts read in place, :func:`.config._gate_planes`), ``h0`` as stacked (Re, Im) planes, the precision the
-    kernels run and, for a packed batch, ``cu_seqlens`` and its chunk table. ``(B, n, d)`` inputs with ``(B, n)``
-    gate planes are one head (:func:`.config._dims`): outputs and gradients then come as ``(B, n, e)``, ``(B, n, d)``."""
+    """:data:`_chunk_op`'s arguments for inputs in one kernel dtype: q and k as they are where the kernels read them in
+    place (:func:`.config._readable`: dense, or views of one fused projection's output), else dense copies; v dense;
+    float32 gates (a complex gate's parts read in place, :func:`.config._gate_planes`), ``h0`` as stacked (Re, Im)
+    planes, the precision the kernels run and, for a packed batch, ``cu_seqlens`` and its chunk table. ``(B, n, d)``
+    inputs with ``(B, n)`` gate planes are one head (:func:`.config._dims`): outputs and gradients then come as
+    ``(B, n, e)``, ``(B, n, d)``; outputs and gradients are always dense."""
     if chunk_size > MAX_BT:
         raise ValueError(f"chunk_size must be at most {MAX_BT} on the chunked Triton kernels' path (CUDA, head dims "
                          f"16..256), got {chunk_size}")
     # exact float32: Triton's IEEE (FFMA) dots are ~6x slower than 3xTF32 on Hopper at the same accuracy
     # (docs/design.md section 6), so "ieee" runs 3xTF32
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), *_gate_planes(a_re, a_im, _dims(q, v)[2])[:2], h0,
+    H, K = _dims(q, v)[2:4]
+    args = (*_readable(q, k, H, K)[:2], v.contiguous(), *_gate_planes(a_re, a_im, H)[:2], h0,
             output_final_state, "tf32x3" if precision == "ieee" else precision, chunk_size)
     if cu_seqlens is not None:
         args += (cu_seqlens, _chunk_table(cu_seqlens, q.shape[1], chunk_size))

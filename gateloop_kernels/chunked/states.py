@@ -22,19 +22,20 @@ from torch import Tensor
 
 from .._custom_op import PlainOp
 from .._launch import Launcher
-from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _dims, _launch
+from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _dims, _launch, _readable
 from .dots import _wide_dot
 from .gates import _end_decay, _ends, _gate_prefix, _span
-from .tiles import (_chunk_span, _head, _load_state, _load_steps, _load_steps_T, _opens_closes, _seq_ends, _slot,
+from .tiles import (_at, _chunk_span, _head, _load_state, _load_steps, _load_steps_T, _opens_closes, _seq_ends, _slot,
                     _state_offsets, _store_state)
 
 
 @triton.jit
-def _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, n, H, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+def _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, n, H, SX, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, REV: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
                    GS: tl.constexpr):
     """One chunk's own contribution to the carried state, ``(u_re, u_im, ae_re, ae_im)``, for the
-    ``(BK, BV)`` state tile at ``(r0, c0)`` of the chunk starting at step ``t0`` (pointers at the head):
+    ``(BK, BV)`` state tile at ``(r0, c0)`` of the chunk starting at step ``t0`` (pointers at the head, x's steps
+    ``SX`` apart, y dense):
 
     forward (x = k, y = v):  U = sum_s D[C-1, s] k_s v_s^T (the chunk's state from a zero start);
     reverse (x = q, y = dO): U = sum_t conj(A_t) q_t do_t^T (the chunk's adjoint of its entering state);
@@ -52,7 +53,7 @@ def _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, n, H, K: tl.constexpr, V:
         ae_re, ae_im = emag * ur_end, emag * ui_end
     else:
         w_re, w_im, ae_re, ae_im = _end_decay(g, z, ur, ui, g_end, z_end, ur_end, ui_end, BT)
-    b_xt = _load_steps_T(x, t0, r0, n, K, H * K, BT, BK)
+    b_xt = _load_steps_T(x, t0, r0, n, K, SX, BT, BK)
     b_y = _load_steps(y, t0, c0, n, V, H * V, BT, BV)
     # the decay-weighted operand leaves fp16's range for tiny or long decays: _wide_dot (tf32 there)
     return (_wide_dot(b_xt * w_re[None, :], b_y, MODE, PREC), _wide_dot(b_xt * w_im[None, :], b_y, MODE, PREC),
@@ -60,7 +61,7 @@ def _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, n, H, K: tl.constexpr, V:
 
 
 @triton.jit
-def _chunk_local_job(x, y, gate_re, gate_im, u, atot, tab, i_tb, n, H, NT,
+def _chunk_local_job(x, y, gate_re, gate_im, u, atot, tab, i_tb, n, H, NT, SX,
                      K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                      REV: tl.constexpr, TRANS: tl.constexpr, MODE: tl.constexpr, PREC: tl.constexpr,
                      VARLEN: tl.constexpr, GS: tl.constexpr):
@@ -72,8 +73,9 @@ def _chunk_local_job(x, y, gate_re, gate_im, u, atot, tab, i_tb, n, H, NT,
     bt = _head(i_bh, n, H)
     r0, c0 = i_k * BK, i_v * BV
     t0, end = _chunk_span(tab, i_t, n, BT, VARLEN)
-    u_re, u_im, ae_re, ae_im = _chunk_contrib(x + bt * K, y + bt * V, gate_re + bt * GS, gate_im + bt * GS, t0, r0,
-                                              c0, end, H, K, V, BT, BK, BV, REV, MODE, PREC, GS)
+    u_re, u_im, ae_re, ae_im = _chunk_contrib(x + _at(i_bh, n, H, K, SX), y + bt * V, gate_re + bt * GS,
+                                              gate_im + bt * GS, t0, r0, c0, end, H, SX, K, V, BT, BK, BV, REV, MODE,
+                                              PREC, GS)
     pu = u + (i_bh.to(tl.int64) * NT + i_t) * 2 * K * V
     _store_state(pu, u_re, r0, c0, K, V, BK, BV, TRANS)
     _store_state(pu + K * V, u_im, r0, c0, K, V, BK, BV, TRANS)
@@ -85,7 +87,7 @@ def _chunk_local_job(x, y, gate_re, gate_im, u, atot, tab, i_tb, n, H, NT,
 
 @Launcher
 @triton.jit
-def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, gate_re, gate_im, tab, n, H, NT, NTBH,
+def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, gate_re, gate_im, tab, n, H, NT, NTBH, SQK,
                  K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                  FWD: tl.constexpr, BWD: tl.constexpr, TRANS_F: tl.constexpr, MODE: tl.constexpr,
                  PREC: tl.constexpr, VARLEN: tl.constexpr, GS: tl.constexpr):
@@ -95,17 +97,17 @@ def _chunk_local(kx, vy, u_f, at_f, qx, doy, u_r, at_r, gate_re, gate_im, tab, n
     i = tl.program_id(0)
     if FWD and BWD:
         if i < NTBH:
-            _chunk_local_job(kx, vy, gate_re, gate_im, u_f, at_f, tab, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F,
-                             MODE, PREC, VARLEN, GS)
+            _chunk_local_job(kx, vy, gate_re, gate_im, u_f, at_f, tab, i, n, H, NT, SQK, K, V, BT, BK, BV, False,
+                             TRANS_F, MODE, PREC, VARLEN, GS)
         else:
-            _chunk_local_job(qx, doy, gate_re, gate_im, u_r, at_r, tab, i - NTBH, n, H, NT, K, V, BT, BK, BV, True,
-                             False, MODE, PREC, VARLEN, GS)
+            _chunk_local_job(qx, doy, gate_re, gate_im, u_r, at_r, tab, i - NTBH, n, H, NT, SQK, K, V, BT, BK, BV,
+                             True, False, MODE, PREC, VARLEN, GS)
     elif FWD:
-        _chunk_local_job(kx, vy, gate_re, gate_im, u_f, at_f, tab, i, n, H, NT, K, V, BT, BK, BV, False, TRANS_F,
-                         MODE, PREC, VARLEN, GS)
+        _chunk_local_job(kx, vy, gate_re, gate_im, u_f, at_f, tab, i, n, H, NT, SQK, K, V, BT, BK, BV, False,
+                         TRANS_F, MODE, PREC, VARLEN, GS)
     else:
-        _chunk_local_job(qx, doy, gate_re, gate_im, u_r, at_r, tab, i, n, H, NT, K, V, BT, BK, BV, True, False,
-                         MODE, PREC, VARLEN, GS)
+        _chunk_local_job(qx, doy, gate_re, gate_im, u_r, at_r, tab, i, n, H, NT, SQK, K, V, BT, BK, BV, True,
+                         False, MODE, PREC, VARLEN, GS)
 
 
 @triton.jit
@@ -236,7 +238,7 @@ def _state_scan(u_f, at_f, s0_f, sT_f, u_r, at_r, s0_r, sT_r, tab, H, NT, KV: tl
 
 
 @triton.jit
-def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
+def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT, SX,
                       K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       REV: tl.constexpr, HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, TRANS: tl.constexpr,
                       MODE: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr, VARLEN: tl.constexpr,
@@ -249,11 +251,11 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
     The state stays in registers; a chunk's loads do not depend on it (software-pipelined, STAGES). States in
     memory (initial, per chunk, final) are in :func:`_store_state`'s layout. ``VARLEN`` (a packed batch, ``B = 1``):
     each sequence's carry starts from its own ``s0`` at its first chunk (in this direction) and is stored to
-    ``sT`` after its last.
+    ``sT`` after its last. x's steps are ``SX`` apart, y is dense.
     """
     i_k, i_v = tl.program_id(1), tl.program_id(2)
     bt = _head(i_bh, n, H)
-    x += bt * K
+    x += _at(i_bh, n, H, K, SX)
     y += bt * V
     gate_re += bt * GS
     gate_im += bt * GS
@@ -279,8 +281,8 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
             t0_n, end_n, seq_n, flags_n = _slot(tab, tl.maximum(i_t - 1, 0) if REV else tl.minimum(i_t + 1, NT - 1))
         else:
             t0, end = i_t * BT, n
-        u_re, u_im, ae_re, ae_im = _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, end, H, K, V, BT, BK, BV, REV,
-                                                  MODE, PREC, GS)
+        u_re, u_im, ae_re, ae_im = _chunk_contrib(x, y, gate_re, gate_im, t0, r0, c0, end, H, SX, K, V, BT, BK, BV,
+                                                  REV, MODE, PREC, GS)
         if REV:
             ae_im = -ae_im
         if VARLEN:
@@ -311,7 +313,7 @@ def _chunk_states_job(x, y, gate_re, gate_im, h, s0, sT, tab, i_bh, n, H, NT,
 
 @Launcher
 @triton.jit
-def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, gate_re, gate_im, tab, n, H, NT, BH,
+def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, gate_re, gate_im, tab, n, H, NT, BH, SQK,
                   K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   FWD: tl.constexpr, BWD: tl.constexpr, HAS_S0_F: tl.constexpr, STORE_ST_F: tl.constexpr,
                   HAS_S0_R: tl.constexpr, STORE_ST_R: tl.constexpr, TRANS_F: tl.constexpr, MODE: tl.constexpr,
@@ -322,16 +324,16 @@ def _chunk_states(kx, vy, h_f, s0_f, sT_f, qx, doy, h_r, s0_r, sT_r, gate_re, ga
     i = tl.program_id(0)
     if FWD and BWD:
         if i < BH:
-            _chunk_states_job(kx, vy, gate_re, gate_im, h_f, s0_f, sT_f, tab, i, n, H, NT, K, V, BT, BK, BV, False,
-                              HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES, VARLEN, GS)
+            _chunk_states_job(kx, vy, gate_re, gate_im, h_f, s0_f, sT_f, tab, i, n, H, NT, SQK, K, V, BT, BK, BV,
+                              False, HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES, VARLEN, GS)
         else:
-            _chunk_states_job(qx, doy, gate_re, gate_im, h_r, s0_r, sT_r, tab, i - BH, n, H, NT, K, V, BT, BK, BV, True,
-                              HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN, GS)
+            _chunk_states_job(qx, doy, gate_re, gate_im, h_r, s0_r, sT_r, tab, i - BH, n, H, NT, SQK, K, V, BT, BK,
+                              BV, True, HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN, GS)
     elif FWD:
-        _chunk_states_job(kx, vy, gate_re, gate_im, h_f, s0_f, sT_f, tab, i, n, H, NT, K, V, BT, BK, BV, False,
+        _chunk_states_job(kx, vy, gate_re, gate_im, h_f, s0_f, sT_f, tab, i, n, H, NT, SQK, K, V, BT, BK, BV, False,
                           HAS_S0_F, STORE_ST_F, TRANS_F, MODE, PREC, STAGES, VARLEN, GS)
     else:
-        _chunk_states_job(qx, doy, gate_re, gate_im, h_r, s0_r, sT_r, tab, i, n, H, NT, K, V, BT, BK, BV, True,
+        _chunk_states_job(qx, doy, gate_re, gate_im, h_r, s0_r, sT_r, tab, i, n, H, NT, SQK, K, V, BT, BK, BV, True,
                           HAS_S0_R, STORE_ST_R, False, MODE, PREC, STAGES, VARLEN, GS)
 
 
@@ -438,7 +440,8 @@ def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=Non
     (docs/kernels.md section 1 has the timings of both forms.)
 
     ``chunks``: the chunk table of a packed batch (:func:`_chunk_table`; ``B = 1``), whose slots are the chunks;
-    ``s0``, ``sT`` then hold one state per sequence, (N, H, 2, K, V)."""
+    ``s0``, ``sT`` then hold one state per sequence, (N, H, 2, K, V). k, v, q (and dO) are read in place where
+    :func:`.config._step_stride` allows (e.g. views of a fused projection), else from dense copies."""
     x, y = (fwd or rev)[:2]
     B, n, H, K, V = _dims(x, y)
     BH, NT = B * H, (_cdiv(n, BT) if chunks is None else chunks.shape[0] // 4)
@@ -446,6 +449,11 @@ def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=Non
     jobs = (fwd is not None) + (rev is not None)
     f_x, f_y, f_s0, f_sT = fwd or (x, y, None, None)
     r_x, r_y, r_s0, r_sT = rev or (x, y, None, None)
+    if fwd is not None and rev is not None:  # (the backward: q and k as _readable gave them, one step stride)
+        r_x, f_x, sqk = _readable(r_x, f_x, H, K)
+    else:
+        f_x, r_x, sqk = _readable(f_x, r_x, H, K)
+    f_y, r_y = f_y.contiguous(), r_y.contiguous()
     flags = dict(FWD=fwd is not None, BWD=rev is not None, HAS_S0_F=f_s0 is not None, STORE_ST_F=f_sT is not None,
                  HAS_S0_R=r_s0 is not None, STORE_ST_R=r_sT is not None)
 
@@ -467,7 +475,7 @@ def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=Non
         h_f, h_r = per_job((BH, NT, 2, K, V), torch.bfloat16 if mode == MODE_BF16 else torch.float32)
         hf, s0f, sTf, hr, s0r, sTr = ptrs(h_f, f_s0, f_sT, h_r, r_s0, r_sT)
         _chunk_states[(jobs * BH, _cdiv(K, BK), _cdiv(V, BV))](
-            f_x, f_y, hf, s0f, sTf, r_x, r_y, hr, s0r, sTr, a_re, a_im, tab, n, H, NT, BH,
+            f_x, f_y, hf, s0f, sTf, r_x, r_y, hr, s0r, sTr, a_re, a_im, tab, n, H, NT, BH, sqk,
             K=K, V=V, BT=BT, BK=BK, BV=BV, **flags, TRANS_F=trans_f, MODE=mode, PREC=prec,
             STAGES=cfg["num_stages"], VARLEN=chunks is not None, GS=gs, num_warps=cfg["num_warps"])
         return h_f, h_r
@@ -479,9 +487,9 @@ def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=Non
     # chunks x heads (x directions) on grid axis 0 (axes 1 and 2 stop at 65535: n = 2^20 at B*H = 8 is
     # 131072 chunks)
     _chunk_local[(jobs * NT * BH, _cdiv(K, BK), _cdiv(V, BV))](
-        f_x, f_y, uf, af, r_x, r_y, ur, ar, a_re, a_im, tab, n, H, NT, NT * BH, K=K, V=V, BT=BT, BK=BK, BV=BV,
-        FWD=flags["FWD"], BWD=flags["BWD"], TRANS_F=trans_f, MODE=mode, PREC=prec, VARLEN=chunks is not None,
-        GS=gs, **_launch(cfg))
+        f_x, f_y, uf, af, r_x, r_y, ur, ar, a_re, a_im, tab, n, H, NT, NT * BH, sqk, K=K, V=V, BT=BT, BK=BK,
+        BV=BV, FWD=flags["FWD"], BWD=flags["BWD"], TRANS_F=trans_f, MODE=mode, PREC=prec,
+        VARLEN=chunks is not None, GS=gs, **_launch(cfg))
     cfg = _cfg("state_scan", mode)
     BLOCK = min(cfg["block"], 1 << (K * V - 1).bit_length())
     _state_scan[(_cdiv(K * V, BLOCK), BH, jobs)](

@@ -13,6 +13,13 @@ def _head(i_bh, n, H):
 
 
 @triton.jit
+def _at(i_bh, n, H, C: tl.constexpr, S):
+    """Offset of head ``i_bh % H`` of batch ``i_bh // H`` at step 0 in a ``(B, n, H, C)`` input with steps ``S``
+    apart and batches ``n S`` (``config._step_stride``; a dense input's ``S = H C`` gives ``_head(i_bh, n, H) * C``)."""
+    return (i_bh // H).to(tl.int64) * n * S + (i_bh % H) * C
+
+
+@triton.jit
 def _slot(tab, i_t):
     """The four chunk-table entries of slot ``i_t``: first step, end step, sequence, flags."""
     p = tab + i_t.to(tl.int64) * 4

@@ -106,6 +106,49 @@ def test_complex_gate_parts_read_in_place(device, dtype):
     assert all(rel(g, r) < tol for g, r in zip(dense, rgrads))
 
 
+@pytest.mark.parametrize("device, dtype", [pytest.param("cpu", torch.float32, marks=_INTERPRETED),
+                                           pytest.param("cpu", torch.bfloat16, marks=_INTERPRETED),
+                                           pytest.param("cuda", torch.float32, marks=pytest.mark.gpu),
+                                           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+def test_fused_projection_views_read_in_place(device, dtype):
+    """q and k as views of one fused projection's ``(B, n, W)`` output (steps ``W`` apart, not ``H d``) reach every
+    kernel (both state-pass forms) without copies, with the results of dense copies bit for bit and the float64
+    reference's; layouts the kernels cannot read in place, or q and k of different step strides, are copied."""
+    from gateloop_kernels.chunked import config
+
+    B, n, H, d, e = 2, 37, 2, 16, 32
+    W = 2 * H * d + H * e + 6  # q | k | v | other columns (a gate's, an output gate's)
+    q, k, v, ar, ai = make_inputs(B, n, H, d, e, dtype, device, zeros=True)
+    fused = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2), torch.randn(B, n, 6, device=device).to(dtype)], -1)
+
+    def views(t):
+        return (t[..., :H * d].unflatten(-1, (H, d)), t[..., H * d:2 * H * d].unflatten(-1, (H, d)),
+                t[..., 2 * H * d:2 * H * d + H * e].unflatten(-1, (H, e)))
+    fq, fk, _ = views(fused)
+    assert config._step_stride(fq, H, d) == W and config._step_stride(q, H, d) == H * d
+    assert config._step_stride(q.transpose(0, 1), H, d) is None and config._step_stride(q[..., ::2], H, d // 2) is None
+    assert config._step_stride(q[:, :1], H, d) == n * H * d and config._step_stride(q[:1, :1], H, d) == H * d
+    assert config._step_stride(q[:, :, 1:], 1, d) == H * d  # one head of two, in place
+    assert config._step_stride(q[:1].expand(B, n, H, d), H, d) is None  # batches overlapping (stride 0)
+    rq, rk, S = config._readable(fq, fk, H, d)
+    assert S == W and rq.data_ptr() == fused.data_ptr() and rk.data_ptr() == fk.data_ptr()
+    rq, rk, S = config._readable(fq, k, H, d)  # step strides W and H d: both dense
+    assert S == H * d and rq.is_contiguous() and rk.data_ptr() == k.data_ptr()
+    do = torch.randn(B, n, H, e, device=device).to(dtype)
+    x = fused.clone().requires_grad_()
+    o, _ = chunk_gate_loop(*views(x), ar, ai, chunk_size=16)
+    gx = torch.autograd.grad(o, x, do)[0]
+    y = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_dense, _ = chunk_gate_loop(*y, ar, ai, chunk_size=16)
+    dense = torch.autograd.grad(o_dense, y, do)
+    assert torch.equal(o, o_dense)
+    assert all(torch.equal(g, h) for g, h in zip(views(gx), dense)) and not gx[..., -6:].any()
+    ro, _, rgrads = reference_f64(q, k, v, ar, ai, None, do, None)
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert rel(o, ro) < tol
+    assert all(rel(g, r) < tol for g, r in zip(dense, rgrads))
+
+
 def test_state_pass_form_rule():
     """The one-kernel state pass where its programs per direction fill half the GPU's multiprocessors or its walk
     is short for its grid, two passes for a long walk on a narrow grid (B*H = 8, d = 64 on an H100: 32 programs
