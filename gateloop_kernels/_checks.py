@@ -221,8 +221,9 @@ def check_heads_inputs(q: Tensor, k: Tensor, v: Tensor, z: Optional[Tensor], log
 
 
 def check_chunk_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
-                                 initial_state: Optional[Tensor], precision: str, chunk_size: int) -> None:
-    """Validate a direct call of ``chunked.chunk_gate_loop`` (the public entries check their own forms)."""
+                                 initial_state: Optional[Tensor], precision: str, chunk_size: int) -> int:
+    """Validate a direct call of ``chunked.chunk_gate_loop`` (the public entries check their own forms); returns
+    ``chunk_size`` as a Python int (:func:`check_chunk_size`)."""
     check_precision(precision)
     for name, t in (("q", q), ("k", k), ("v", v), ("a_re", a_re), ("a_im", a_im)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -241,16 +242,14 @@ def check_chunk_gate_loop_inputs(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, 
                          f"{tuple(a_im.shape)}")
     if not (16 <= d <= 256 and 16 <= e <= 256):
         raise ValueError(f"chunk_gate_loop needs 16 <= d, e <= 256, got d={d}, e={e}")
-    check_chunk_size(chunk_size)
-    if type(chunk_size) is not int:  # this entry passes chunk_size on unconverted: a NumPy int fails in the kernels
-        raise TypeError(f"chunk_gate_loop takes a Python int chunk_size, got {type(chunk_size).__name__} "
-                        f"(int(chunk_size); the public entries take NumPy ints)")
+    chunk_size = check_chunk_size(chunk_size)
     if initial_state is not None:
         check_gate_dtype("initial_state", initial_state)
         if tuple(initial_state.shape) != (B, H, d, e):
             raise ValueError(f"initial_state must be (B, H, d, e) = ({B}, {H}, {d}, {e}), "
                              f"got {tuple(initial_state.shape)}")
     check_same_device(q=q, k=k, v=v, a_re=a_re, a_im=a_im, initial_state=initial_state)
+    return chunk_size
 
 
 def count_cu_seqlens(cu_seqlens: Tensor) -> int:

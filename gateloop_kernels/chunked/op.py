@@ -125,7 +125,7 @@ def chunk_gate_loop(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor,
     ``v ~ 1e-38``: exact outputs ~40, ours inf; the sequential reference forms ``k v^T`` first). fp16 inputs
     form the scores in float32 (fp16 range only bounds q, k, v and the outputs).
     """
-    check_chunk_gate_loop_inputs(q, k, v, a_re, a_im, initial_state, precision, chunk_size)
+    chunk_size = check_chunk_gate_loop_inputs(q, k, v, a_re, a_im, initial_state, precision, chunk_size)
     return _chunk_gate_loop(q, k, v, a_re, a_im, initial_state, output_final_state, precision, chunk_size)
 
 
