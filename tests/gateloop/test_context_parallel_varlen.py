@@ -306,9 +306,11 @@ def _kernel_worker(rank, world, device_kind, seed):
     """The Triton kernels' packed paths under the group: on CUDA (NCCL), or on the CPU through the interpreter."""
     failures = []
     if device_kind == "cpu":
-        from gateloop_kernels import dispatch, elementwise
+        from gateloop_kernels import dispatch
+        from gateloop_kernels.elementwise import op as ew_op
 
-        dispatch.KERNEL_DEVICES = elementwise.KERNEL_DEVICES = ("cuda", "cpu")
+        # the op reads its own module's KERNEL_DEVICES (the package's name was set before: the PyTorch path ran)
+        dispatch.KERNEL_DEVICES = ew_op.KERNEL_DEVICES = ("cuda", "cpu")
         device = "cpu"
     else:
         device = f"cuda:{rank}"
