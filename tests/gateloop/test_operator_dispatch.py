@@ -120,12 +120,14 @@ def test_heads_entry_point(d, form):
 
 
 def test_heads_rejects_bad_gate_arguments():
+    """No gate or two gate forms, and a gate of the wrong H: the entry's own errors (a ValueError from deeper in the
+    scan, e.g. the elementwise op's "a_re must have the shape of q", passed this before)."""
     q = torch.randn(1, 4, 2, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="give the gate either as z, or as both log_magnitude and phase"):
         G.gate_loop_heads(q, q, q)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="give the gate either as z, or as both log_magnitude and phase"):
         G.gate_loop_heads(q, q, q, z=torch.randn(1, 4, 2, 2), phase=torch.randn(1, 4, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"the gate must be \(B, n, H\) = \(1, 4, 2\) .*got \(1, 4, 3\)"):
         G.gate_loop_heads(q, q, q, z=torch.randn(1, 4, 3, 2))
 
 
