@@ -312,7 +312,8 @@ def test_empty_packed_batch_gives_the_initial_states_back():
     o, f = G.gate_loop_heads(q, q, q, z=torch.randn(1, 0, 2, 2, dtype=torch.float64), initial_state=s0,
                              output_final_state=True, cu_seqlens=torch.zeros(4, dtype=torch.int64))
     assert o.shape == (1, 0, 2, 4) and torch.equal(f, s0)
-    torch.autograd.grad(f.real.sum(), s0)
+    g, = torch.autograd.grad(f.real.sum() + 2 * f.imag.sum(), s0)  # the final states' gradient passes through
+    assert torch.equal(g, torch.full_like(s0, 1 + 2j))
 
 
 # ----------------------------------------------------------------------------- layers and the model
