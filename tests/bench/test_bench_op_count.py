@@ -1,11 +1,12 @@
 """bench.tools.op_count: the host work per layer of a training step stays within a budget of the SDPA model's.
 
 The eager step is host-bound at the model benchmark's sizes (docs/kernels.md section 5), so a change that adds
-PyTorch calls or launches to the scan layer slows every user's step: ours at head dims 16 (the chunked kernels) and
-1 (the look-back scan) may take at most 16 aten operator calls per layer more than softmax attention through SDPA
-(since the layer's three input projections run as one GEMM: 186 and 194 against 186 at dim 512 under bf16
-autocast, 214 and 222 before; 175 against 162 at dim 32, head dim 1, float32) and at most 8 (float32's exact
-mode: 10, two state passes) and 4 launches."""
+PyTorch calls or launches to the scan layer slows every user's step. Per layer at dim 32 on the CPU (forward +
+backward; float32 / bf16 autocast): softmax attention through SDPA 160 / 184 aten operator calls, ours at head dim 16
+(the chunked kernels) 164 / 180 and 10 / 8 launches (float32's exact mode: two state passes), at head dim 1 (the
+look-back scan) 169 / 188 and 4 launches; the budgets are these counts: SDPA's + 4 at head dim 16, + 9 at head dim 1.
+History: 214 / 222 against 186 at dim 512 bf16 before the layer's three input projections ran as one GEMM; at head
+dim 16, 3 -> 1 ``clone`` since the kernels read q and k as views of that GEMM's output."""
 import contextlib
 
 import pytest
@@ -21,10 +22,10 @@ from helpers.kernels import needs_kernels
 def test_scan_layers_stay_within_the_host_budget(amp):
     dim = 32
     attn_ops, attn_launches, _ = op_count.per_layer(dict(use_gate_looped_attn=False), amp, "cpu", dim)
-    for kw, max_launches in ((dict(gate_loop_heads=2), 8 if amp else 10), (dict(), 4)):  # head dims 16 and 1
+    for kw, max_launches, extra in ((dict(gate_loop_heads=2), 8 if amp else 10, 4), (dict(), 4, 9)):  # d = 16, 1
         ops, launches, by_name = op_count.per_layer(kw, amp, "cpu", dim)
         assert attn_launches == 0 and 0 < launches <= max_launches, (kw, launches)
-        assert ops <= attn_ops + 16, (kw, ops, attn_ops, by_name.most_common(10))
+        assert ops <= attn_ops + extra, (kw, ops, attn_ops, by_name.most_common(10))
 
 
 @needs_kernels
