@@ -777,7 +777,8 @@ def _packed_targets(x: Tensor, cu_seqlens: Tensor) -> Tensor:
     T = x.shape[1]
     has_next = torch.cat([positions(cu_seqlens, T)[1:] > 0, torch.zeros(1, dtype=torch.bool, device=x.device)])
     nxt = torch.cat([x[:, 1:], x.new_full((1, 1), -100)], dim=1)
-    return torch.where(has_next, nxt, -100)
+    # [:T]: an empty row (T = 0) has no targets, not the one appended -100 (a (1, 1) label for (1, 0) logits)
+    return torch.where(has_next, nxt, -100)[:, :T]
 
 
 class TransformerCache:

@@ -377,6 +377,23 @@ def test_transformer_packed_loss_is_the_token_weighted_documents(kind):
             _close(logits[:, a:b], model(tokens[:, a:b]), 1e-12, "logits")
 
 
+def test_transformer_packed_loss_of_an_empty_row_is_nan_as_without_targets():
+    """A packed row of no tokens (``cu_seqlens`` [0] or [0, 0], T = 0) has no target: its loss is NaN with zero
+    parameter gradients, as a row of one-token documents (the documented "NaN where no document has two tokens").
+    Before, the targets had one -100 too many, (1, 1) for (1, 0) logits, and cross_entropy raised 'Expected target
+    size [1, 0], got [1, 1]'."""
+    model = L.Transformer(dim=8, num_tokens=5, depth=1, heads=2, dim_head=4)
+    params = list(model.parameters())
+    for cu in (torch.tensor([0]), torch.tensor([0, 0], dtype=torch.int32), torch.tensor([0, 1, 2])):
+        tokens = torch.randint(0, 5, (1, int(cu[-1])))
+        loss = model(tokens, cu_seqlens=cu, return_loss=True)
+        assert loss.isnan(), (cu, loss)
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in torch.autograd.grad(loss, params))
+    lengths = _lengths(n_random=2, high=5)
+    tokens = torch.randint(0, 5, (1, sum(lengths)))
+    assert L._packed_targets(tokens, _cu(lengths)).shape == tokens.shape  # one target (or -100) per token
+
+
 # ----------------------------------------------------------------------------- GPU twins at real sizes
 
 def _log_uniform_lengths(total: int, lo: int, hi: int, chunk: int) -> list[int]:
