@@ -411,7 +411,7 @@ class GateLoopedAttention(Module):
             if cp_group is not None and (cache is not None or return_cache):
                 raise ValueError("a cache is for decoding on one rank: not with cp_group")
             if cache is not None:
-                _check_state_cache(cache, q, v, b if cu_seqlens is None else count_cu_seqlens(cu_seqlens))
+                _check_state_cache(cache, q, v, b, None if cu_seqlens is None else count_cu_seqlens(cu_seqlens))
         except Exception:
             if cp_group is not None and check_shapes:
                 from .context_parallel import report_failure
@@ -479,9 +479,9 @@ def _check_not_inference(name: str, cache) -> None:
                            "outside it (copy.deepcopy(cache); a state tensor: cache.clone())")
 
 
-def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor, b: int) -> None:
-    """A gate-loop cache must be the state this layer would make for these inputs (``b`` sequences), usable in
-    this call's inference mode."""
+def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor, b: int, documents: Optional[int] = None) -> None:
+    """A gate-loop cache must be the state this layer would make for these inputs (``b`` sequences, or ``documents``
+    packed ones with ``cu_seqlens``), usable in this call's inference mode."""
     _, _, heads, d = q.shape
     e = v.shape[-1]
     if not isinstance(cache, Tensor):
@@ -490,7 +490,11 @@ def _check_state_cache(cache: Tensor, q: Tensor, v: Tensor, b: int) -> None:
     if cache.dtype != want:
         raise TypeError(f"cache must be {want} for {q.dtype} activations (a cache from another dtype?), got "
                         f"{cache.dtype}")
-    if tuple(cache.shape) != (b, heads, d, e):
+    if tuple(cache.shape) != (b if documents is None else documents, heads, d, e):
+        if documents is not None:  # not "(b, ...) = (N, ...)": x's b is 1 in a packed call
+            raise ValueError(f"with cu_seqlens, cache holds one state per packed document: (N, H, d, e) = "
+                             f"({documents}, {heads}, {d}, {e}) with N = len(cu_seqlens) - 1 = {documents}, got "
+                             f"{tuple(cache.shape)}")
         raise ValueError(f"cache must be the state (b, H, d, e) = ({b}, {heads}, {d}, {e}) (a cache from another "
                          f"layer or batch size?), got {tuple(cache.shape)}")
     if cache.device != q.device:

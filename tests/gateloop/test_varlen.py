@@ -297,7 +297,9 @@ def test_packed_batch_must_be_one_row_and_states_one_per_sequence():
     with pytest.raises(RuntimeError, match="initialized torch.distributed"):
         _heads_call(cu, cp_group=object())
     layer = L.GateLoopedAttention(dim=8, heads=2)
-    with pytest.raises(ValueError, match=r"cache must be the state \(b, H, d, e\) = \(2, "):
+    # the count of documents, not "(b, H, d, e) = (2, ...)" for x of b = 1
+    with pytest.raises(ValueError, match=r"cache holds one state per packed document: \(N, H, d, e\) = \(2, 2, 4, "
+                                         r"4\) with N = len\(cu_seqlens\) - 1 = 2, got \(1, 2, 4, 4\)"):
         layer(torch.randn(1, 6, 8), cu_seqlens=cu, cache=layer.new_cache(1))
     with pytest.raises(NotImplementedError, match="cache"):
         L.CausalFullAttention(dim=8, dim_head=4, heads=2)(torch.randn(1, 6, 8), cu_seqlens=cu, return_cache=True)
