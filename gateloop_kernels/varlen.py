@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._checks import check_cu_seqlens, is_int
+from ._checks import check_cu_seqlens, count_cu_seqlens, is_int
 from .dtypes import acc_dtypes, empty_scan
 from .reference import _add_state, _chunk_local, _fit_chunk, _no_autocast, diagonal_scan_chunked
 
@@ -57,15 +57,20 @@ def validate_cu_seqlens(cu_seqlens: Tensor, T: int) -> int:
 
 
 def sequence_ids(cu_seqlens: Tensor, T: int) -> Tensor:
-    """The sequence of each token, ``(T,)`` int64 on ``cu_seqlens``' device (clamped to ``[0, N - 1]``)."""
+    """The sequence of each token, ``(T,)`` int64 on ``cu_seqlens``' device (clamped to ``[0, N - 1]``).
+
+    ``cu_seqlens``' type, dtype and dims are checked (:func:`gateloop_kernels._checks.count_cu_seqlens`:
+    TypeError / ValueError naming it), not its values (no host read)."""
+    count_cu_seqlens(cu_seqlens)  # else a list fails as "'list' object has no attribute 'device'"
     t = torch.arange(T, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens[1:].contiguous(), t, right=True).clamp(max=max(cu_seqlens.shape[0] - 2, 0))
 
 
 def positions(cu_seqlens: Tensor, T: int) -> Tensor:
-    """Each token's position in its own sequence, ``(T,)`` int64 (0 at each sequence's first token)."""
-    t = torch.arange(T, device=cu_seqlens.device)
-    return t - cu_seqlens.long()[sequence_ids(cu_seqlens, T)]
+    """Each token's position in its own sequence, ``(T,)`` int64 (0 at each sequence's first token); checks as
+    :func:`sequence_ids`."""
+    seq = sequence_ids(cu_seqlens, T)  # its checks first
+    return torch.arange(T, device=cu_seqlens.device) - cu_seqlens.long()[seq]
 
 
 def _last_tokens(cu_seqlens: Tensor, T: int) -> tuple[Tensor, Tensor]:

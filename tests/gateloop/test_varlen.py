@@ -318,6 +318,28 @@ def test_empty_packed_batch_gives_the_initial_states_back():
     assert torch.equal(g, torch.full_like(s0, 1 + 2j))
 
 
+def test_sequence_ids_and_positions_against_a_loop():
+    """The public index maps against a Python loop over random lengths (empty ones among them), int32 and int64:
+    int64 as documented; a ``cu_seqlens`` of the wrong type, dtype or dims raises naming it (a list raised
+    AttributeError "'list' object has no attribute 'device'")."""
+    from gateloop_kernels.varlen import positions, sequence_ids
+
+    lengths = _lengths(n_random=2, high=10)
+    want_seq = torch.tensor([i for i, n in enumerate(lengths) for _ in range(n)])
+    want_pos = torch.tensor([p for n in lengths for p in range(n)])
+    for dtype in (torch.int32, torch.int64):
+        cu = _cu(lengths, dtype=dtype)
+        seq, pos = sequence_ids(cu, sum(lengths)), positions(cu, sum(lengths))
+        assert seq.dtype == pos.dtype == torch.int64
+        assert torch.equal(seq, want_seq) and torch.equal(pos, want_pos)
+    assert sequence_ids(torch.tensor([0]), 0).shape == positions(torch.tensor([0, 0]), 0).shape == (0,)
+    for bad, err in (([0, 2, 5], TypeError), (torch.tensor([0.0, 2.0, 5.0]), TypeError),
+                     (torch.tensor([[0, 2, 5]]), ValueError)):
+        for fn in (sequence_ids, positions):
+            with pytest.raises(err, match="^cu_seqlens must be"):
+                fn(bad, 5)
+
+
 # ----------------------------------------------------------------------------- layers and the model
 
 LAYERS = {
