@@ -650,11 +650,12 @@ class Transformer(Module):
         ``cu_seqlens`` (1-D int32/int64 ``[0, l_1, l_1 + l_2, ..., T]`` on ``x``'s device): ``x (1, T)`` holds
         ``N`` packed documents; no layer mixes tokens of two documents, so the logits are each document's own.
         With ``return_loss`` all ``T`` tokens are inputs and each token's target is the next token of its own
-        document (a document's last token has none; ``labels=`` may give ``(1, T)`` targets instead,
-        -100 for none): the loss is the mean over all the documents' targets, i.e. the documents' losses weighted
-        by their ``l_i - 1`` targets (NaN where no document has two tokens). With a cache for ``N`` sequences, a
-        packed call is the prefill of ``N`` prompts of different lengths (gate-looped layers; full attention's
-        key/value cache raises NotImplementedError), after which decode steps take ``(N, 1)`` tokens. With
+        document (a document's last token has none; ``labels=`` may give ``(1, T)`` targets instead, already
+        shifted: ``labels[:, t]`` is token ``t``'s target, -100 for none): the loss is the mean over all the
+        documents' targets, i.e. the documents' losses weighted by their ``l_i - 1`` targets (NaN where no document
+        has two tokens). With a cache for ``N`` sequences, a packed call is the prefill of ``N`` prompts of
+        different lengths (gate-looped layers; full attention's key/value cache raises NotImplementedError), after
+        which decode steps take ``(N, 1)`` tokens. With
         ``cp_group`` too (no cache), ``cu_seqlens`` holds the group's global boundaries (the same tensor on every
         rank) and ``x (1, n_r)`` this rank's slice of the row; with ``return_loss`` pass the slice's ``labels``
         (the next token in the same document, -100 at a document's last token).
@@ -665,8 +666,10 @@ class Transformer(Module):
         same result by the scan, with gradients through this call's tokens only: the cache is detached).
         The cache is updated in place. Raises ValueError for a cache of another model or batch size, or
         with ``return_loss`` (labels given or not); TypeError for a cache made for another dtype or that is not
-        a ``TransformerCache``. Given ``labels`` must be integer targets shaped and placed as ``x`` (TypeError /
-        ValueError).
+        a ``TransformerCache``. Given ``labels`` are the targets of ``x``'s tokens, already shifted (``labels[:, t]``
+        the token after ``x[:, t]``; not Hugging Face's / flash-linear-attention's ``labels=input_ids``, which those
+        models shift; ``labels=x`` trains each token to predict itself): integers shaped and placed as ``x``
+        (TypeError / ValueError).
 
         ``cp_group`` (a ``torch.distributed`` process group): ``x`` is this rank's slice of the sequences'
         time axis (rank r holds slice r) and, with ``return_loss``, ``labels (b, n)`` are the next tokens of its

@@ -418,6 +418,19 @@ def test_transformer_packed_loss_of_an_empty_row_is_nan_as_without_targets():
     assert L._packed_targets(tokens, _cu(lengths)).shape == tokens.shape  # one target (or -100) per token
 
 
+def test_transformer_packed_labels_are_shifted_targets():
+    """``labels=`` are already-shifted targets (documented: not Hugging Face's / fla's ``labels=input_ids``): the
+    packed default targets built by a loop (the next token in the same document, -100 at each document's last
+    token) passed as labels give the default packed loss; the tokens themselves do not."""
+    model = L.Transformer(dim=8, num_tokens=7, depth=1, heads=2, dim_head=4).double()
+    lengths = _lengths(n_random=1, high=6)
+    cu, tokens = _cu(lengths), torch.randint(0, 7, (1, sum(lengths)))
+    want = torch.tensor([[tokens[0, t + 1] if t + 1 < b else -100 for a, b in _bounds(lengths) for t in range(a, b)]])
+    loss = model(tokens, cu_seqlens=cu, return_loss=True)
+    _close(model(tokens, cu_seqlens=cu, return_loss=True, labels=want), loss, 1e-15, "loss with the shifted labels")
+    assert not torch.isclose(model(tokens, cu_seqlens=cu, return_loss=True, labels=tokens), loss)
+
+
 # ----------------------------------------------------------------------------- GPU twins at real sizes
 
 def _log_uniform_lengths(total: int, lo: int, hi: int, chunk: int) -> list[int]:
