@@ -15,9 +15,10 @@ are clamped, so even ``cu_seqlens`` values that were never checked cannot index 
 does (head dims other than 1 and 16..256, gates per key dim or entry, float64 on CUDA, matrix states on the CPU):
 
 * a state of independent channels (head dims ``d = e = 1``, the simplified operator, or a gate per key dim
-  / per entry over the ``d e`` entries): the chunked first-order scan
-  (:func:`gateloop_kernels.reference.diagonal_scan_chunked`) of the whole row with the gate set to 0 at each
-  sequence's first token and ``a_first S0_i`` added to that token's input;
+  / per entry over the ``d e`` entries): the first-order scan
+  (:func:`gateloop_kernels.reference.diagonal_scan_chunked`) of each chunk alone on the layout below, the state
+  entering each sequence's first chunk replaced by ``S0_i`` (not a gate of 0, which gives 0 * inf = NaN: a
+  non-finite sequence would reach the next);
 * a gate per head with a matrix state: the chunked algorithm of
   :func:`gateloop_kernels.reference.chunked_reference` on a layout where every sequence starts a chunk
   (each padded to a multiple of the chunk size with no-op steps: at most ``T / C + N`` chunks), the state
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from ._checks import check_cu_seqlens, count_cu_seqlens, is_int
 from .dtypes import acc_dtypes, empty_scan
-from .reference import _add_state, _chunk_local, _fit_chunk, _no_autocast, diagonal_scan_chunked
+from .reference import _add_state, _chunk_local, _cumprod, _fit_chunk, _no_autocast, diagonal_scan_chunked
 
 __all__ = ["validate_cu_seqlens", "varlen_reference", "sequence_ids", "positions"]
 
@@ -73,25 +74,53 @@ def positions(cu_seqlens: Tensor, T: int) -> Tensor:
     return torch.arange(T, device=cu_seqlens.device) - cu_seqlens.long()[seq]
 
 
-def _last_tokens(cu_seqlens: Tensor, T: int) -> tuple[Tensor, Tensor]:
-    """``(index of each sequence's last token (N,), whether it has one (N,))``, the index clamped to ``[0, T)``."""
+def _chunk_layout(cu_seqlens: Tensor, T: int, C: int) -> tuple[Tensor, int, Tensor, Tensor, Tensor, Tensor]:
+    """A layout of ``NC = T // C + N`` chunks of ``C`` slots where every sequence starts a chunk (no chunk holds two
+    sequences; the rest of a sequence's last chunk is padding): ``(slot of each token (T,), NC, whether each chunk
+    starts a sequence (NC,), its sequence (NC,), each sequence's last chunk (N,), its length (N,))``, clamped."""
+    N = cu_seqlens.shape[0] - 1
     cu = cu_seqlens.long()
-    return (cu[1:] - 1).clamp(0, max(T - 1, 0)), cu[1:] > cu[:-1]
+    lengths = (cu[1:] - cu[:-1]).clamp(min=0)
+    chunks_of = (lengths + C - 1) // C
+    chunk_end = torch.cumsum(chunks_of, 0)
+    first_chunk = chunk_end - chunks_of
+    NC = T // C + N  # sum of ceil(l_i / C) over the sequences is at most this
+    # token t goes to its sequence's first chunk plus its position
+    slot = (first_chunk[sequence_ids(cu_seqlens, T)] * C + positions(cu_seqlens, T)).clamp(0, NC * C - 1)
+    chunk = torch.arange(NC, device=cu.device)
+    owner = torch.searchsorted(chunk_end, chunk, right=True).clamp(max=N - 1)
+    starts = (chunk == first_chunk[owner]) & (chunks_of[owner] > 0)
+    return slot, NC, starts, owner, (first_chunk + chunks_of - 1).clamp(0, NC - 1), lengths
 
 
 def _varlen_diagonal(a: Tensor, x: Tensor, s0: Optional[Tensor], cu_seqlens: Tensor,
                      chunk_size: int) -> tuple[Tensor, Tensor]:
     """``h_t = a_t h_{t-1} + x_t`` per channel and sequence: ``a, x: (T, D)`` one dtype, ``s0: (N, D)`` or ``None``.
-    Returns ``(h (T, D), final (N, D))``."""
-    T = x.shape[0]
-    first = (positions(cu_seqlens, T) == 0)[:, None]
-    if s0 is not None:
-        s0 = s0.to(x.dtype)
-        x = x + torch.where(first, a * s0[sequence_ids(cu_seqlens, T)], 0)
-    h, _ = diagonal_scan_chunked(torch.where(first, 0, a)[None], x[None], None, chunk_size)
-    last, nonempty = _last_tokens(cu_seqlens, T)
-    before = torch.zeros_like(h[0, :1]) if s0 is None else s0
-    return h[0], torch.where(nonempty[:, None], h[0, last], before)
+    Returns ``(h (T, D), final (N, D))``. On :func:`_chunk_layout`: each chunk scans alone from zero and the state
+    entering a sequence's first chunk is replaced (``torch.where``) by ``S0_i``, so nothing of one sequence, a
+    non-finite value included, reaches another in either pass (a gate of 0 at a first token would give 0 * inf)."""
+    T, D = x.shape
+    C = _fit_chunk(chunk_size, T)
+    slot, NC, starts, owner, last_chunk, lengths = _chunk_layout(cu_seqlens, T, C)
+
+    def chunked(t: Tensor, fill: float) -> Tensor:
+        return t.new_full((NC * C, D), fill).index_copy(0, slot, t).unflatten(0, (NC, C))
+
+    ac, xc = chunked(a, 1.0), chunked(x, 0.0)
+    hloc, _ = diagonal_scan_chunked(ac, xc, None, C)  # the chunks as a batch: (NC, C, D), each from zero
+    cum = _cumprod(ac.transpose(1, 2)).transpose(1, 2)
+    zero = x.new_zeros(D)
+    s0 = None if s0 is None else s0.to(x.dtype)
+    state, entering, leaving = zero, [], []
+    for start, init, total, upd in zip(starts.unbind(0), (zero.expand(NC, D) if s0 is None else s0[owner]).unbind(0),
+                                       cum[:, -1].unbind(0), hloc[:, -1].unbind(0)):
+        state = torch.where(start, init, state)
+        entering.append(state)
+        state = total * state + upd
+        leaving.append(state)
+    h = (hloc + cum * torch.stack(entering)[:, None]).flatten(0, 1)[slot]
+    before = zero.expand(lengths.shape[0], D) if s0 is None else s0
+    return h, torch.where((lengths > 0)[:, None], torch.stack(leaving)[last_chunk], before)
 
 
 def _varlen_heads(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, s0: Optional[Tensor], cu_seqlens: Tensor,
@@ -100,17 +129,8 @@ def _varlen_heads(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, s0: Optional[Te
     ``s0: (N, H, d, e)`` or ``None``; ``C`` a power of two. Returns ``(o (H, T, e), final (N, H, d, e))``."""
     H, T, d = q.shape
     e = v.shape[-1]
-    N = cu_seqlens.shape[0] - 1
     C = _fit_chunk(C, T)  # no sequence is longer: a longer chunk is padding, N of them
-    cu = cu_seqlens.long()
-    lengths = (cu[1:] - cu[:-1]).clamp(min=0)
-    chunks_of = (lengths + C - 1) // C
-    chunk_end = torch.cumsum(chunks_of, 0)
-    first_chunk = chunk_end - chunks_of
-    NC = T // C + N  # sum of ceil(l_i / C) over the sequences is at most this
-    seq = sequence_ids(cu_seqlens, T)
-    # every sequence starts a chunk: token t goes to its sequence's first chunk plus its position
-    slot = (first_chunk[seq] * C + positions(cu_seqlens, T)).clamp(0, NC * C - 1)
+    slot, NC, starts, owner, last_chunk, lengths = _chunk_layout(cu_seqlens, T, C)
 
     def chunked(t: Tensor, fill: float) -> Tensor:
         buf = t.new_full((H, NC * C, *t.shape[2:]), fill)
@@ -118,9 +138,6 @@ def _varlen_heads(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, s0: Optional[Te
 
     qc, kc, vc, ac = chunked(q, 0.0), chunked(k, 0.0), chunked(v, 0.0), chunked(gate, 1.0)
     out, cum, update = _chunk_local(qc, kc, vc, ac)
-    chunk = torch.arange(NC, device=q.device)
-    owner = torch.searchsorted(chunk_end, chunk, right=True).clamp(max=N - 1)
-    starts = (chunk == first_chunk[owner]) & (chunks_of[owner] > 0)
     state = torch.zeros((H, d, e), dtype=gate.dtype, device=q.device)
     s0c = (torch.zeros_like(state)[:, None].expand(H, NC, d, e) if s0 is None
            else s0.to(gate.dtype)[owner].transpose(0, 1))
@@ -133,7 +150,6 @@ def _varlen_heads(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, s0: Optional[Te
         state = total * state + upd
         leaving.append(state)
     out = _add_state(out, cum, qc, torch.stack(entering, dim=1)).flatten(1, 2)[:, slot]
-    last_chunk = (first_chunk + chunks_of - 1).clamp(0, NC - 1)
     final = torch.stack(leaving, dim=1)[:, last_chunk].transpose(0, 1)  # (N, H, d, e)
     before = torch.zeros_like(state)[None] if s0 is None else s0.to(gate.dtype)
     return out, torch.where((lengths > 0)[:, None, None, None], final, before)

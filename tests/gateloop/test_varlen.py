@@ -188,6 +188,37 @@ def test_packed_matches_the_sequential_oracle():
             _close(f[i, h], rf[0], 1e-12, f"sequence {i} head {h} final state")
 
 
+@pytest.mark.parametrize("layout", ["head", "key", "entry"])
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_sequence_reaches_no_other(layout, bad):
+    """docs/design.md: nothing, a non-finite value included, crosses a boundary in either pass. A gate per key dim or
+    entry (varlen_reference's first-order scan) gave NaN outputs and final states to every later sequence after an
+    inf or NaN in one (its gate of 0 at each first token made 0 * inf). Here each finite sequence's outputs, final
+    state and gradients (of a loss over the finite sequences only) equal its run alone."""
+    lengths, d, e, dtype = [5, 20, 0, 7], 4, 3, torch.float64
+    cu, T, N = _cu(lengths), sum(lengths), len(lengths)
+    gshape = {"head": (1, T, 1, 1), "key": (1, T, d, 1), "entry": (1, T, d, e)}[layout]
+    a = torch.polar(0.5 + 0.5 * torch.rand(gshape, dtype=dtype), torch.randn(gshape, dtype=dtype))
+    q, k, v = (torch.randn(1, T, x, dtype=dtype) for x in (d, d, e))
+    v[0, 10, 1] = bad  # in sequence 1
+    s0 = torch.randn(N, d, e, dtype=torch.complex128)
+    leaves = [t.requires_grad_() for t in (q, k, v, a, s0)]
+    o, f = G.gate_loop_operator(q, k, v, a, initial_state=s0, return_final_state=True, chunk_size=C, cu_seqlens=cu)
+    finite = [(i, lo, hi) for i, (lo, hi) in enumerate(_bounds(lengths)) if i != 1]
+    co, cf = torch.randn_like(o), torch.randn_like(f)
+    grads = torch.autograd.grad(sum((o[:, lo:hi] * co[:, lo:hi]).sum() + (f[i] * cf[i]).real.sum()
+                                    for i, lo, hi in finite), leaves)
+    for i, lo, hi in finite:
+        ro, rf = G.gate_loop_operator(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], a[:, lo:hi], initial_state=s0[i:i + 1],
+                                      return_final_state=True, chunk_size=C)
+        _close(o[:, lo:hi], ro, 1e-12, f"sequence {i} output")
+        _close(f[i:i + 1], rf, 1e-12, f"sequence {i} final state")
+        rg = torch.autograd.grad((ro * co[:, lo:hi]).sum() + (rf * cf[i:i + 1]).real.sum(), leaves)
+        for name, g, r in zip("q k v a s0".split(), grads, rg):
+            part = (slice(i, i + 1),) if name == "s0" else (slice(None), slice(lo, hi))
+            _close(g[part], r[part], 1e-12, f"sequence {i} gradient of {name}")
+
+
 def test_compile_fullgraph_with_cu_seqlens_tensor():
     torch._dynamo.reset()
     lengths = [3, 0, 17, 1, 9]
