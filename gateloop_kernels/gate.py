@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._eager import with_transforms
 from ._launch import Launcher
+from .dtypes import dense
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: devices whose tensors take the gate kernels (read at call time: tools and tests add "cpu" under TRITON_INTERPRET=1)
@@ -150,15 +151,15 @@ def _use_kernel(z: Tensor) -> bool:
 
 def sigmoid_polar_parts(z: Tensor) -> tuple[Tensor, Tensor]:
     """``(a_re, a_im)`` of ``z (..., 2)`` without autograd: the kernel where it applies, else PyTorch."""
-    z = z.contiguous()
+    z = dense(z)
     return gate_forward(z) if _use_kernel(z) else reference_forward(z)
 
 
 def sigmoid_polar_grad(z: Tensor, g_re: Optional[Tensor], g_im: Optional[Tensor]) -> Tensor:
     """``dz`` from the gradients of :func:`sigmoid_polar_parts`' outputs (``None``: zero)."""
-    z = z.contiguous()
+    z = dense(z)
     if _use_kernel(z):
-        return gate_backward(z, None if g_re is None else g_re.contiguous(), None if g_im is None else g_im.contiguous())
+        return gate_backward(z, None if g_re is None else dense(g_re), None if g_im is None else dense(g_im))
     return reference_backward(z, g_re, g_im)
 
 

@@ -7,6 +7,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..dtypes import cast, dense
+
 #: the values of the kernels' ``MODE`` constexpr: the input dtype, which their tensor-core dots run in
 #: (float32 at the ``precision`` asked for)
 MODE_F32, MODE_BF16, MODE_FP16 = 0, 1, 2
@@ -122,6 +124,8 @@ def _step_stride(t: Tensor, H: int, C: int) -> Optional[int]:
     """The step stride ``S`` the kernels read a ``(B, n, H, C)`` input with in place (``(B, n, C)``: one head): unit
     element stride, heads ``C`` apart, steps ``S >= H C`` apart, batches ``n S`` apart (a dense input: ``S = H C``);
     None for any other layout."""
+    if t.is_contiguous():  # (the common case, one cheap check: every launcher asks)
+        return H * C
     B, n = t.shape[0], t.shape[1]
     st = t.stride()
     if st[-1] != 1 or (t.dim() == 4 and H > 1 and st[2] != C):
@@ -140,7 +144,7 @@ def _readable(q: Tensor, k: Tensor, H: int, K: int) -> tuple[Tensor, Tensor, int
     per SM instead of two), its tile offsets no longer shared with the output's."""
     sq, sk = _step_stride(q, H, K), _step_stride(k, H, K)
     if sq is None or sq != sk:
-        return q.contiguous(), k.contiguous(), H * K
+        return dense(q), dense(k), H * K
     return q, k, sq
 
 
@@ -158,8 +162,8 @@ def _gate_step(a: Tensor, H: int) -> Optional[int]:
 def _gate_planes(a_re: Tensor, a_im: Tensor, H: int) -> tuple[Tensor, Tensor, int]:
     """``(a_re, a_im, GS)``: float32 gate planes in one layout the kernels read (:func:`_gate_step`), copied dense
     only where they are not (a complex gate's parts are read in place, without the two copies)."""
-    a_re, a_im = a_re.to(torch.float32), a_im.to(torch.float32)
+    a_re, a_im = cast(a_re, torch.float32), cast(a_im, torch.float32)
     gs = _gate_step(a_re, H)
     if gs is None or _gate_step(a_im, H) != gs:
-        return a_re.contiguous(), a_im.contiguous(), 1
+        return dense(a_re), dense(a_im), 1
     return a_re, a_im, gs

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher
+from ..dtypes import dense
 from .config import MODE_F32, _blocks, _cdiv, _cfg, _dims, _gate_planes, _gate_step, _launch, _readable
 from .dots import _finite, _scores, _split_dot, _time_dot, _wide_dot
 from .gates import _chunk_gates, _end_decay, _ends, _gate_prefix, _pair_decay, _span
@@ -222,7 +223,7 @@ def _backward(q, k, v, a_re, a_im, h0, do, dht, BT, mode, prec, chunks=None, da_
     :func:`.config._gate_step` takes), else new dense ones."""
     B, n, H, K, V = _dims(q, v)
     q, k, sqk = _readable(q, k, H, K)
-    v = v.contiguous()
+    v = dense(v)
     NT = _cdiv(n, BT) if chunks is None else chunks.shape[0] // 4
     tab, varlen = (a_re, False) if chunks is None else (chunks, True)
     dh0 = torch.empty(h0.shape[0] * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None

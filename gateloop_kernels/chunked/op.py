@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .._checks import check_chunk_gate_loop_inputs
 from .._custom_op import DifferentiableOp
-from ..dtypes import empty_scan, promote
+from ..dtypes import cast, dense, empty_scan, promote
 from .config import _DEFAULT_BT, _MODE_OF_DTYPE, MAX_BT, _dims, _gate_planes, _readable
 from .gradients import _backward
 from .outputs import _forward
@@ -60,7 +60,7 @@ def backward_into(da_re: Tensor, da_im: Tensor) -> Callable:
 def _bwd_run(q, k, v, a_re, a_im, h0, do, dht, prec, BT, chunks=None, da_out=None):
     """:func:`_bwd_impl`, the gate's gradient written into ``da_out`` where given."""
     _, _, H, K, V = _dims(q, v)
-    dq, dk, dv, da_re, da_im, dh0 = _backward(q, k, v, a_re, a_im, h0, do.contiguous(), dht, BT,
+    dq, dk, dv, da_re, da_im, dh0 = _backward(q, k, v, a_re, a_im, h0, dense(do), dht, BT,
                                               _MODE_OF_DTYPE[q.dtype], prec, chunks, da_out)
     dh0 = dh0.view(h0.shape[0], H, 2, K, V) if dh0 is not None else q.new_empty(0, dtype=torch.float32)
     return dq, dk, dv, da_re, da_im, dh0
@@ -86,7 +86,7 @@ def _vjp(ctx, backward, do, dht):
         dht = None
     elif dht is not None:
         dht = dht.to(torch.float32).contiguous()
-    dq, dk, dv, da_re, da_im, dh0 = backward(q, k, v, a_re, a_im, h0, do.to(q.dtype), dht, prec, BT, chunks)
+    dq, dk, dv, da_re, da_im, dh0 = backward(q, k, v, a_re, a_im, h0, cast(do, q.dtype), dht, prec, BT, chunks)
     return (dq, dk, dv, da_re, da_im, dh0 if h0 is not None else None) + (None,) * (n_inputs - 6)
 
 
@@ -171,7 +171,7 @@ def op_args(q: Tensor, k: Tensor, v: Tensor, a_re: Tensor, a_im: Tensor, h0: Opt
     # exact float32: Triton's IEEE (FFMA) dots are ~6x slower than 3xTF32 on Hopper at the same accuracy
     # (docs/design.md section 6), so "ieee" runs 3xTF32
     H, K = _dims(q, v)[2:4]
-    args = (*_readable(q, k, H, K)[:2], v.contiguous(), *_gate_planes(a_re, a_im, H)[:2], h0,
+    args = (*_readable(q, k, H, K)[:2], dense(v), *_gate_planes(a_re, a_im, H)[:2], h0,
             output_final_state, "tf32x3" if precision == "ieee" else precision, chunk_size)
     if cu_seqlens is not None:
         args += (cu_seqlens, _chunk_table(cu_seqlens, q.shape[1], chunk_size))

@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from .._launch import Launcher
+from ..dtypes import dense
 from .config import MODE_F32, _blocks, _cdiv, _cfg, _dims, _gate_planes, _launch, _readable
 from .dots import _dot, _time_dot, _wide_dot
 from .gates import _gate_prefix, _pair_decay, _span
@@ -59,7 +60,7 @@ def _forward(q, k, v, a_re, a_im, h0, store_ht, BT, mode, prec, chunks=None, nse
     (:func:`_chunk_table`), whose ``nseq`` sequences each have their own initial and final state."""
     B, n, H, K, V = _dims(q, v)
     q, k, sqk = _readable(q, k, H, K)
-    v = v.contiguous()
+    v = dense(v)
     NT = _cdiv(n, BT) if chunks is None else chunks.shape[0] // 4
     varlen = chunks is not None
     a_re, a_im, gs = _gate_planes(a_re, a_im, H)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .._custom_op import PlainOp
 from .._launch import Launcher
+from ..dtypes import dense
 from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _dims, _launch, _readable
 from .dots import _wide_dot
 from .gates import _end_decay, _ends, _gate_prefix, _span
@@ -453,7 +454,7 @@ def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=Non
         r_x, f_x, sqk = _readable(r_x, f_x, H, K)
     else:
         f_x, r_x, sqk = _readable(f_x, r_x, H, K)
-    f_y, r_y = f_y.contiguous(), r_y.contiguous()
+    f_y, r_y = dense(f_y), dense(r_y)
     flags = dict(FWD=fwd is not None, BWD=rev is not None, HAS_S0_F=f_s0 is not None, STORE_ST_F=f_sT is not None,
                  HAS_S0_R=r_s0 is not None, STORE_ST_R=r_sT is not None)
 
