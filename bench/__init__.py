@@ -40,13 +40,20 @@ def nonnegative_float(text: str) -> float:
 
 
 def device_name(text: str) -> str:
-    """An argparse ``type``: a name ``torch.device`` takes (``cpu``, ``cuda``, ``cuda:1``), else a usage error."""
+    """An argparse ``type``: a name ``torch.device`` takes (``cpu``, ``cuda``, ``cuda:1``) of a device this machine
+    has, else a usage error (a CUDA name without that CUDA device fails here, not as a traceback mid-run)."""
     import torch
 
     try:
-        torch.device(text)
+        device = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count <= (device.index or 0):
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {count} CUDA device(s)"
+                + ("" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"))
     return text
 
 

@@ -72,7 +72,7 @@ class _Seq(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.cp", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m bench cp", description=__doc__.split("\n\n")[1])
     p.add_argument("--nproc", type=positive_int, default=2, help="ranks W (default 2)")
     p.add_argument("--seq", type=positive_int, nargs="+", action=_Seq, default=None,
                    help="whole sequence length T (default 65536 on GPUs, 512 on CPU; --train: 8192, 128; "
@@ -428,11 +428,14 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.seqs and len(args.seqs) > 1 and not args.predict:
         parser.error("--seq takes one length T except with --predict")
+    torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # this process is one rank
+    need, have = (1 if args.predict or torchrun else args.nproc), torch.cuda.device_count()  # one GPU per rank here
+    if args.device == "cuda" and have < need:
+        parser.error(f"--device cuda needs {need} CUDA device(s) (one per rank), this machine has {have}")
     if args.predict:
         _predict(args)
         return
     if args.train:
-        torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # this process is one rank
         world = int(os.environ["WORLD_SIZE"]) if torchrun else args.nproc
         if args.cp is not None and (args.cp < 1 or world % args.cp):
             parser.error(f"--cp {args.cp} must divide the number of ranks {world}")

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from bench import OUT, harness, positive_int, results
+from bench import OUT, device_name, harness, positive_int, results
 
 VOCAB = 256
 
@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-attn", action="store_true", help="skip the softmax-attention Transformer")
     p.add_argument("--seed-max-prompt", type=positive_int, default=8192,
                    help="the seed's full forward is timed up to this prompt length")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--device", type=device_name, choices=["cpu", "cuda"], default=None,
+                   help="default: cuda where there is a CUDA device, else cpu")
     p.add_argument("--out", default=OUT, help="where generate.json goes (default: bench/out)")
     harness.add_record_argument(p)
     return p

@@ -106,7 +106,36 @@ def test_a_wrong_device_or_model_shape_is_a_usage_error(argv, message, capsys):
     from bench import overhead
     assert overhead.build_parser().parse_args(["--shape", "8x2048", "--shape", "1x8192"]).shape == [(8, 2048),
                                                                                                     (1, 8192)]
-    assert model.build_parser().parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    if torch.cuda.device_count() >= 2:
+        assert model.build_parser().parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    assert model.build_parser().parse_args(["--device", "cpu"]).device == "cpu"
+
+
+@pytest.mark.parametrize("argv", [["train", "--device", "cuda"], ["model", "--device", "cuda"],
+                                  ["generate", "--device", "cuda"], ["model", "--device", "cuda:{n}"]])
+def test_a_cuda_device_the_machine_lacks_is_a_usage_error(argv, capsys):
+    """Found by a new user on a CPU: ``--device cuda`` was an AssertionError traceback (train, generate) or 24
+    failing rows and exit status 0 (model)."""
+    n = torch.cuda.device_count()
+    argv = [a.format(n=n) for a in argv]
+    if n and argv[-1] == "cuda":
+        assert cli.plan(argv) == [(argv[0], argv[1:])]  # the machine has one: accepted
+        return
+    with pytest.raises(SystemExit) as e:
+        cli.plan(argv)
+    assert e.value.code == 2
+    assert f"argument --device: '{argv[-1]}': this machine has {n} CUDA device(s)" in capsys.readouterr().err
+
+
+def test_cp_device_cuda_without_a_gpu_per_rank_is_a_usage_error(capsys):
+    from bench import cp
+    n = torch.cuda.device_count()
+    with pytest.raises(SystemExit) as e:  # cp's parser checks it in main, before any rank is spawned
+        cp.main(["--device", "cuda", "--nproc", str(n + 1)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: python -m bench cp" in err
+    assert f"--device cuda needs {n + 1} CUDA device(s) (one per rank), this machine has {n}" in err
 
 
 def test_heads_that_do_not_divide_the_width_are_a_usage_error(tmp_path, capsys):
