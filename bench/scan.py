@@ -373,7 +373,9 @@ def main(argv: list[str]) -> None:
         _log(describe(ceilings()))
     else:
         shapes = [(16, 256), (4, 1024)]
-        _log("no CUDA device: tiny sizes, every path runs the PyTorch reference (timings are not kernel timings)")
+        _log("no CUDA device: tiny sizes, every path runs the PyTorch reference (timings are not kernel timings; "
+             "the CUDA-graph times g.*, their floors flr/g.* and peak MB need CUDA: nan here; GB/s and the floors "
+             "flr/* of the GPU's copy bandwidth read ~0)")
     if cuda and args.profile:
         _profile()
     if cuda and args.sweep:
