@@ -598,19 +598,22 @@ def result_rows(report: dict[str, Any], env: dict) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench reversible", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--depths", type=positive_int, nargs="+", default=None)
-    ap.add_argument("--d-model", type=positive_int, default=None)
-    ap.add_argument("--heads", type=positive_int, default=None)
-    ap.add_argument("--seq", type=positive_int, default=None)
-    ap.add_argument("--batch", type=positive_int, default=None)
+    ap.add_argument("--depths", type=positive_int, nargs="+", default=None,
+                    help="stack depths (default 4 8 16 32 64; tiny 2 4)")
+    ap.add_argument("--d-model", type=positive_int, default=None, help="width (default 1024; tiny 64)")
+    ap.add_argument("--heads", type=positive_int, default=None,
+                    help="attention heads, dividing --d-model (default 16; tiny 4)")
+    ap.add_argument("--seq", type=positive_int, default=None, help="tokens per sequence (default 2048; tiny 32)")
+    ap.add_argument("--batch", type=positive_int, default=None, help="sequences (default 8; tiny 2)")
     ap.add_argument("--steps", type=positive_int, default=None, help="timed steps per point (median; default 3, tiny 1)")
-    ap.add_argument("--warmup", type=nonnegative_int, default=1)
+    ap.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed steps before them (default 1)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--no-amp", action="store_true", help="fp32 compute (default: bf16 autocast; tiny: fp32)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast also in the tiny config")
-    ap.add_argument("--no-micro", action="store_true")
-    ap.add_argument("--micro-only", action="store_true")
-    ap.add_argument("--micro-iters", type=positive_int, default=None)
+    ap.add_argument("--no-micro", action="store_true", help="skip the fused elementwise steps' microbenchmark")
+    ap.add_argument("--micro-only", action="store_true", help="only that microbenchmark")
+    ap.add_argument("--micro-iters", type=positive_int, default=None,
+                    help="calls averaged per figure there (default 50; tiny 5)")
     ap.add_argument("--no-errors", action="store_true", help="skip reconstruction / gradient errors")
     ap.add_argument("--no-accumulation", action="store_true",
                     help="skip the backward-peak-vs-depth table with .grad already filled")
