@@ -41,7 +41,10 @@ def nonnegative_float(text: str) -> float:
 
 def device_name(text: str) -> str:
     """An argparse ``type``: a name ``torch.device`` takes (``cpu``, ``cuda``, ``cuda:1``) of a device this machine
-    has, else a usage error (a CUDA name without that CUDA device fails here, not as a traceback mid-run)."""
+    has, else a usage error (a CUDA name without that CUDA device fails here, not as a traceback mid-run). ``cuda:N``
+    becomes the current CUDA device and is returned as ``cuda``: the benchmarks synchronise, time and read the memory
+    of the current device (they compare the name with ``"cuda"``, and ``cuda:1`` ran as a CPU there: no synchronisation,
+    no peak memory)."""
     import torch
 
     try:
@@ -54,6 +57,9 @@ def device_name(text: str) -> str:
             raise argparse.ArgumentTypeError(
                 f"{text!r}: this machine has {count} CUDA device(s)"
                 + ("" if torch.version.cuda else f" (torch {torch.__version__} is a CPU build)"))
+        if device.index is not None:
+            torch.cuda.set_device(device.index)
+        return "cuda"
     return text
 
 
