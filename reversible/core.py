@@ -71,7 +71,8 @@ class Coupling:
         kwargs: keyword arguments for ``fn``. Tensors in them that require grad get gradients.
         keys: the dict keys of a dict-valued stream, or ``None``.
         params: extra tensors ``fn`` closes over that need gradients (the parameters of ``fn``
-            itself are found automatically when it is an ``nn.Module`` or a bound method of one).
+            itself are found automatically when it is an ``nn.Module`` or a bound method of one); a tensor
+            computed from parameters (``w = 2 * weight``) passes its gradient on to them.
     """
 
     fn: Callable[..., Any]
@@ -232,15 +233,19 @@ def _check_snapshot(c: Coupling, then: tuple) -> None:
                        "backward first, or the forward again.")
 
 
-def _foreign_leaves(outs: Sequence[Tensor], known: set[int]) -> list[Tensor]:
-    """Leaf tensors needing grad that ``outs`` depend on but are not in ``known`` (by id):
-    their gradients would be lost (they are not inputs of the autograd nodes)."""
+def _foreign_leaves(outs: Sequence[Tensor], inputs: Sequence[Tensor]) -> list[Tensor]:
+    """Leaf tensors needing grad that ``outs`` depend on other than through ``inputs``: their gradients would be
+    lost (they are not inputs of the autograd nodes). A non-leaf input (a ``Coupling(params=...)`` tensor computed
+    from parameters) takes its gradient for its whole history, so the walk stops at its autograd edge."""
+    known = {id(t) for t in inputs if t.grad_fn is None}
+    stops = {(id(t.grad_fn), t.output_nr) for t in inputs if t.grad_fn is not None}
     seen: set[int] = set()
-    stack = [o.grad_fn for o in outs if o.grad_fn is not None]
+    # edges (node, output number): one output of a multi-output node may be an input, another not
+    stack = [(o.grad_fn, o.output_nr) for o in outs if o.grad_fn is not None]
     found = []
     while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
+        node, nr = stack.pop()
+        if node is None or (id(node), nr) in stops or id(node) in seen:
             continue
         seen.add(id(node))
         var = getattr(node, "variable", None)  # an AccumulateGrad node
@@ -248,7 +253,7 @@ def _foreign_leaves(outs: Sequence[Tensor], known: set[int]) -> list[Tensor]:
             if id(var) not in known:
                 found.append(var)
             continue
-        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+        stack.extend((nxt, n) for nxt, n in node.next_functions if nxt is not None)
     return found
 
 
@@ -258,7 +263,7 @@ def _check_closure(c: Coupling, outs: Sequence[Tensor], inputs: Sequence[Tensor]
     Checked on every recomputation, not once per module: what ``fn`` closes over can change between
     calls. The walk covers the recomputed step's own graph (it stops at ``inputs``, which are leaves),
     a few microseconds per autograd node."""
-    foreign = _foreign_leaves(outs, {id(t) for t in inputs})
+    foreign = _foreign_leaves(outs, inputs)
     if foreign:
         shapes = ", ".join(str(tuple(t.shape)) for t in foreign[:4])
         raise RuntimeError(
@@ -826,7 +831,8 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
 
     ``outputs`` and ``grads`` hold both halves of each stream along its split dim. Returns the
     reconstructed inputs and their gradients (new tensors; the arguments are not modified);
-    parameter gradients are accumulated into ``.grad`` like ``Tensor.backward`` does. RNG
+    parameter gradients are accumulated into ``.grad`` like ``Tensor.backward`` does (through the history of a
+    non-leaf ``Coupling(params=...)`` tensor and of keyword-argument tensors, to their leaves). RNG
     state is not replayed (this is a standalone inverse, not part of a recorded call).
 
     Raises TypeError / ValueError naming the argument, as :func:`run_couplings` does for its inputs: ``outputs`` or
@@ -849,15 +855,19 @@ def reverse_couplings(outputs: Sequence[Tensor], grads: Sequence[Tensor], coupli
     bufs = [run.to_buffer(i, y.detach()) for i, y in enumerate(outputs)]
     gbufs = [run.to_buffer(i, g.detach()) for i, g in enumerate(grads)]
     kgrads: dict[int, Tensor] = {}
+    nonleaf: dict[int, Tensor] = {}  # Coupling(params=...) tensors computed from others: by index into run.params
     for s in reversed(range(len(run.segments))):
         pgrads, kg = run.backward_segment(s, bufs, gbufs)
         with torch.no_grad():  # each segment's parameter gradients go to .grad as soon as they exist
             for j, g in pgrads.items():
                 p = run.params[j]
+                if p.grad_fn is not None:
+                    nonleaf[j] = g if j not in nonleaf else nonleaf[j] + g
+                    continue
                 p.grad = g.to(p.dtype).clone() if p.grad is None else p.grad.add_(g.to(p.dtype))
         for j, g in kg.items():
             kgrads[j] = g if j not in kgrads else kgrads[j] + g
-    pending = [(run.kw_tensors[j], g) for j, g in kgrads.items()]
-    if pending:  # tensors passed as keyword arguments: let their own graph take the gradient
+    pending = [(run.kw_tensors[j], g) for j, g in kgrads.items()] + [(run.params[j], g) for j, g in nonleaf.items()]
+    if pending:  # keyword-argument tensors and non-leaf params: let their own graph take the gradient
         torch.autograd.backward([t for t, _ in pending], [g for _, g in pending])
     return [run.from_buffer(i, b) for i, b in enumerate(bufs)], [run.from_buffer(i, g) for i, g in enumerate(gbufs)]
