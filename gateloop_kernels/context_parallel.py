@@ -67,10 +67,12 @@ from zero states (the initial states of the sequences that start on it). Only it
 a sequence from an earlier rank; the exchange carries, per rank, ``(A_r, S_r)`` of its *last* segment, with
 ``A_r`` its gate product when that segment continues an earlier sequence and 0 when it starts on the rank
 (an empty slice: ``(1, 0)``), so the same fold ``S^in_{j+1} = A_j S^in_j + S_j`` chains through the ranks a
-sequence crosses and restarts at boundaries. The gate-only scan runs packed from ``1`` / ``-i`` on the first
-segment (when it continues) and from 0 elsewhere, so ``c_t`` is zero past the first boundary and the same
-correction applies. Each sequence's final state is completed on the rank of its last token (rank 0 for an
-empty one: its initial state) and all-reduced (``N H d e`` complex numbers, forward and backward), with
+sequence crosses and restarts at boundaries (a selection from flags every rank computes from ``cu_seqlens`` and
+the slice lengths, not the product with 0, so a NaN or inf stays in its sequence). The gate-only scan runs
+packed from ``1`` / ``-i`` on the first segment (when it continues) and from 0 elsewhere, so ``c_t`` is zero
+past the first boundary and the same correction applies, to the first segment's tokens only (a mask). Each
+sequence's final state is completed on the rank of its last token (rank 0 for an empty one: its initial state)
+and all-reduced (``N H d e`` complex numbers, forward and backward), with
 ``output_final_state`` only. The slice offsets come from the descriptor (``check_shapes``) or one all-gather
 of the ``W`` slice lengths (without it): no other host synchronization.
 """
@@ -169,19 +171,25 @@ class _Correct(torch.autograd.Function):
 
     Saves ``q`` (the local scan keeps it anyway), ``c`` and ``S_in`` only: the ``(B, n, H, 2e)``
     product ``[Re S_in, Im S_in]^T q`` is recomputed in backward rather than kept as an activation.
+    ``mask`` (bool ``(n,)`` or ``None`` for all): the tokens corrected; the others pass ``o_loc`` and get no
+    gradient through ``S_in``, also where ``S_in`` or their ``q`` is not finite (packed: other sequences).
     """
 
     @staticmethod
-    def forward(ctx, o_loc: Tensor, q: Tensor, s_in: Tensor, c_re: Tensor, c_im: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(q, s_in, c_re, c_im)
+    def forward(ctx, o_loc: Tensor, q: Tensor, s_in: Tensor, c_re: Tensor, c_im: Tensor,  # type: ignore[override]
+                mask: Optional[Tensor] = None) -> Tensor:
+        ctx.save_for_backward(q, s_in, c_re, c_im, mask)
         e = s_in.shape[-1]
         t = torch.einsum("bnhd,bhdf->bnhf", q.to(c_re.dtype), torch.cat([s_in.real, s_in.imag], dim=-1))
-        return (o_loc.to(c_re.dtype) + c_re[..., None] * t[..., :e] - c_im[..., None] * t[..., e:]).to(o_loc.dtype)
+        corr = c_re[..., None] * t[..., :e] - c_im[..., None] * t[..., e:]
+        if mask is not None:  # a where, not a product: 0 * NaN would carry one sequence's NaN into the next
+            corr = torch.where(mask[:, None, None], corr, 0)
+        return (o_loc.to(c_re.dtype) + corr).to(o_loc.dtype)
 
     @staticmethod
     @first_order("context_parallel")
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        q, s_in, c_re, c_im = ctx.saved_tensors
+        q, s_in, c_re, c_im, mask = ctx.saved_tensors
         e = s_in.shape[-1]
         qf, gf = q.to(c_re.dtype), g.to(c_re.dtype)
         s2 = torch.cat([s_in.real, s_in.imag], dim=-1)
@@ -189,10 +197,16 @@ class _Correct(torch.autograd.Function):
         dc_re = (gf * t[..., :e]).sum(-1)
         dc_im = -(gf * t[..., e:]).sum(-1)
         dt = torch.cat([c_re[..., None] * gf, -c_im[..., None] * gf], dim=-1)
-        dq = torch.einsum("bnhf,bhdf->bnhd", dt, s2).to(q.dtype)
+        if mask is not None:
+            m = mask[:, None]
+            dc_re, dc_im = torch.where(m, dc_re, 0), torch.where(m, dc_im, 0)
+            dt, qf = torch.where(m[..., None], dt, 0), torch.where(m[..., None], qf, 0)
+        dq = torch.einsum("bnhf,bhdf->bnhd", dt, s2)
+        if mask is not None:
+            dq = torch.where(mask[:, None, None], dq, 0)
         ds2 = torch.einsum("bnhd,bnhf->bhdf", qf, dt)
         # a real loss's gradient for a complex tensor is dL/dRe + i dL/dIm
-        return g, dq, torch.complex(ds2[..., :e], ds2[..., e:]), dc_re, dc_im
+        return g, dq.to(q.dtype), torch.complex(ds2[..., :e], ds2[..., e:]), dc_re, dc_im, None
 
 
 def _group_rank(name: str, cp_group) -> tuple[int, int]:
@@ -382,9 +396,10 @@ def _agreed_table(name: str, desc: list, error: Optional[Exception], device: tor
 
 
 def _fold(loc: _Local, packed: Tensor, cp_group, rank: int, world: int, device: torch.device,
-          anchor: Optional[Tensor] = None):
+          anchor: Optional[Tensor] = None, restart: Optional[Tensor] = None, mask: Optional[Tensor] = None):
     """The all-gather, the fold and the correction: ``(o (B, n, H, e), the states entering each slice and
-    leaving the last (W + 1, B, H, d, e))``."""
+    leaving the last (W + 1, B, H, d, e))``. Packed: ``restart (W,)`` bool, rank ``j``'s last segment starts
+    on it (the chain restarts from its ``S_j``); ``mask``: the tokens of this rank's continuing first segment."""
     B, _, H, d = loc.q.shape
     e = loc.o.shape[-1]
     gathered = _GatherStates.apply(packed, cp_group, world, anchor)
@@ -395,12 +410,14 @@ def _fold(loc: _Local, packed: Tensor, cp_group, rank: int, world: int, device: 
         s = s_all.new_zeros((B, H, d, e)) if loc.initial_state is None else loc.initial_state.to(s_all.dtype)
         prefix = [s]
         for j in range(world):
+            if restart is not None:  # a where, not A_j = 0 times the state: 0 * NaN would cross the boundary
+                s = torch.where(restart[j], 0, s)
             s = a_all[j] * s + s_all[j]
             prefix.append(s)
         # selecting from the stack of all prefixes keeps every rank's outputs tied to the exchange, so
         # every rank's backward joins its reduce-scatter (rank 0's incoming state needs no other rank)
         states = torch.stack(prefix)
-        o = _Correct.apply(loc.o, loc.q, states[rank], loc.c_re, loc.c_im)
+        o = _Correct.apply(loc.o, loc.q, states[rank], loc.c_re, loc.c_im, mask)
     return o, states
 
 
@@ -544,6 +561,7 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
                                 None if error is not None else p.cu)[:, -1]
         lo, total = int(lengths[:rank].sum()), int(lengths.sum())
         lo = torch.full((1,), lo, dtype=torch.int64, device=device)
+        lengths = lengths.to(device)
     else:
         p = prepare()
         mine = torch.full((1,), p.q.shape[1], dtype=torch.int64, device=device)  # a fill: no host-to-device copy
@@ -558,6 +576,10 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
     cu = p.cu.long()
     hi = lo + n
     nonempty = cu[1:] > cu[:-1]
+    # each rank's last segment starts on it (no earlier rank's state enters it): from the slice lengths and cu
+    his = lengths.cumsum(0)
+    ends_at = torch.searchsorted(cu[1:].contiguous(), his - 1, right=True).clamp(max=N - 1)
+    restart = (lengths > 0) & (cu[ends_at] >= his - lengths)
     # who applies each sequence's initial state and who holds its final state: the ranks of its first and last
     # tokens; rank 0 for an empty sequence (its final state is its initial one)
     starts = torch.where(nonempty, (cu[:-1] >= lo) & (cu[:-1] < hi), rank == 0)
@@ -566,13 +588,15 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
     if n == 0:
         o_loc, s_last, a_last, c_re, c_im = p.empty()
         finals = s0.to(cdt) if s0 is not None else q.new_zeros((N, H, d, e), dtype=cdt)
-        c_fin = None
+        c_fin = mask = None
     else:
         cu_loc = (cu - lo).clamp(0, n).to(p.cu.dtype)
         o_loc, finals = p.run(cu_loc, s0)
         a_re, a_im = p.gate()
         j0 = torch.searchsorted(cu[1:].contiguous(), lo, right=True).clamp(max=N - 1)
         cont = (torch.arange(N, device=device) == j0) & (cu[:-1] < lo)  # the first segment continues a sequence
+        # its tokens: the only ones that S_in reaches
+        mask = torch.arange(n, device=device) < torch.where(cont.any(), cu[j0 + 1] - lo, 0)
         # the gate-only scan from 1 and -i on that segment, from 0 elsewhere: Re c_t, Im c_t, its gate product
         g0 = cont[:, None].to(cdt).expand(N, H)
         g0 = torch.cat([g0, -1j * g0], 1)
@@ -584,13 +608,16 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         last = torch.searchsorted(cu[1:].contiguous(), hi - 1, right=True).clamp(max=N - 1)
         a_last, s_last = c_fin[last], finals[last]
     loc = _Local(q, o_loc, s_last.to(cdt), a_last.to(cdt), c_re.to(rdt), c_im.to(rdt), None, [])
-    o, states = _fold(loc, _pack(loc), cp_group, rank, world, device, anchor=p.anchor)
+    o, states = _fold(loc, _pack(loc), cp_group, rank, world, device, anchor=p.anchor, restart=restart, mask=mask)
     if not want_final:
         return o, None
     with torch.autocast(device_type=device.type, enabled=False):
         mine = finals.to(states.dtype)
         if c_fin is not None:
-            mine = mine + c_fin.to(states.dtype)[:, :, None, None] * states[rank]
+            # S_in only where the first segment continues: a product with 0 would still carry its NaN (or its
+            # gradient's) into the other sequences
+            s_in = torch.where(cont[:, None, None, None], states[rank], 0)
+            mine = mine + c_fin.to(states.dtype)[:, :, None, None] * s_in
         final, o = _SumFinals.apply(torch.where(ends[:, None, None, None], mine, 0), o, cp_group)
     return o, final
 

@@ -376,3 +376,55 @@ def test_cp_varlen_matches_single_process(_seed):
     single-process packed call (float64 1e-12, float32 1e-5), head dims 1 and 16, gate_loop_heads (both gate
     forms) and gate_loop_operator, with and without initial / final states and the shape check."""
     spawn(_worker, 3, _seed)
+
+
+def _nonfinite_worker(rank, world, seed):
+    """A NaN / inf in one packed sequence stays in it across ranks (docs/design.md: nothing crosses a boundary)."""
+    group = dist.group.WORLD
+    slices = [4, 5, 3]
+    start, n = sum(slices[:rank]), slices[rank]
+    failures = []
+    # (sequences, the bad token, its input, check_shapes, operator): a sequence ending at a slice end, one crossing
+    # into the next slice and ending there, a bad gate, and one crossing two boundaries that stays finite
+    for i, (seqs, t, name, check, operator) in enumerate((([4, 5, 3], 1, "k", True, False),
+                                                          ([5, 7], 0, "k", False, False),
+                                                          ([6, 6], 1, "z", True, False),
+                                                          ([3, 1, 8], 3, "v", True, True),
+                                                          ([6, 6], 2, "a", False, True))):
+        T, N, H, d, e = sum(slices), len(seqs), 2, 3, 2
+        cu = torch.tensor([0, *torch.tensor(seqs).cumsum(0).tolist()])
+        x, init, w_o, w_f = _inputs(seed + i, T, N, H, d, e, torch.float64, "operator" if operator else "z", world)
+        x[name][:, t] = float("nan") if i % 2 else float("inf")
+        ref = {k: v.clone().requires_grad_() for k, v in x.items()}
+        ref_init = init.clone().requires_grad_()
+        o, f = _scan(ref, ref_init, cu, True)
+        # the finite outputs' and final states' loss: the gradients of the other sequences stay finite
+        (o[o.isfinite()] * w_o[o.isfinite()]).sum().backward(retain_graph=True)
+        (f[f.isfinite()].real * w_f[0].real[f.isfinite()]).sum().backward()
+        mine = {k: v[:, start:start + n].clone().requires_grad_() for k, v in x.items()}
+        my_init = init.clone().requires_grad_()
+        o_cp, f_cp = _scan(mine, my_init, cu, True, group, check)
+        w = w_o[:, start:start + n]
+        (o_cp[o_cp.isfinite()] * w[o_cp.isfinite()]).sum().backward(retain_graph=True)
+        ((f_cp[f_cp.isfinite()].real * w_f[0].real[f_cp.isfinite()]).sum() / world).backward()
+        gi = my_init.grad.clone()
+        dist.all_reduce(gi, group=group)
+        checks = [("o", o_cp, o[:, start:start + n]), ("final states", f_cp, f), ("dinitial_state", gi, ref_init.grad)]
+        checks += [(f"d{k}", mine[k].grad, ref[k].grad[:, start:start + n]) for k in x]
+        case = f"seqs={seqs} non-finite {name}[{t}] check_shapes={check}"
+        for what, got, want in checks:
+            if not torch.equal(got.isfinite(), want.isfinite()):
+                failures.append(f"{case}: rank {rank} {what}: {int((~got.isfinite()).sum())} non-finite entries, "
+                                f"single process {int((~want.isfinite()).sum())}")
+        finite = [(what, *(torch.where(t.isfinite(), t, 0).detach() for t in (got, want)))
+                  for what, got, want in checks]
+        failures += check_failures(case, rank, finite, 1e-12)
+    raise_failures(failures)
+
+
+def test_cp_varlen_nonfinite_stays_in_its_sequence(_seed):
+    """3 ranks, packed: an inf / NaN in one sequence (k, v, the gate; heads and operator) leaves every other sequence's
+    outputs, final states and gradients equal to the single-process packed call's, also where the bad sequence
+    ends at a slice end or crosses into the next slice (0 * NaN carried it through the fold and the correction:
+    every later sequence on every later rank was NaN)."""
+    spawn(_nonfinite_worker, 3, _seed)
