@@ -15,7 +15,7 @@ Order of attempts, on first use (not at import):
 
 ``REVERSIBLE_EXTENSION=0`` (or ``off``/``false``/``pytorch``; read at import) forces the PyTorch
 path; :func:`set_enabled` / :func:`use_extension` switch it at run time (tests compare on/off).
-``REVERSIBLE_EXTENSION_JIT=0`` skips step 2.
+``REVERSIBLE_EXTENSION_JIT=0`` (the same words) skips step 2.
 """
 from __future__ import annotations
 
@@ -55,8 +55,13 @@ _OVERLOADS: dict[str, Any] = {}
 _NOTICE_AFTER_S = 5.0
 
 
+def _env_flag(name: str, *off: str) -> bool:
+    """An on/off environment variable, on unless set to 0, off, false or no (any case, spaces ignored) or ``off``."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "off", "false", "no", *off)
+
+
 def _env_enabled() -> bool:
-    return os.environ.get("REVERSIBLE_EXTENSION", "1").strip().lower() not in ("0", "off", "false", "no", "pytorch")
+    return _env_flag("REVERSIBLE_EXTENSION", "pytorch")
 
 
 _env_on = _env_enabled()
@@ -149,7 +154,7 @@ def load() -> bool:
                 errors.append(f"no installed reversible._C ({e})")
             except Exception as e:  # a stale build against another torch, say
                 errors.append(f"installed reversible._C failed to load ({type(e).__name__}: {e})")
-        if not _state["loaded"] and os.environ.get("REVERSIBLE_EXTENSION_JIT", "1") not in ("0", "off", "false"):
+        if not _state["loaded"] and _env_flag("REVERSIBLE_EXTENSION_JIT"):
             t0 = time.perf_counter()
             announced = threading.Event()
 
@@ -179,6 +184,8 @@ def load() -> bool:
                 _notice(f"reversible: C++ extension built in {took:.1f} s" if _state["loaded"] else
                         f"reversible: C++ extension build failed after {took:.1f} s ({errors[-1]}); "
                         "using the PyTorch path")
+        elif not _state["loaded"]:
+            errors.append(f"no JIT build (REVERSIBLE_EXTENSION_JIT={os.environ['REVERSIBLE_EXTENSION_JIT']!r})")
         if _state["loaded"]:
             _state["devices"] = _kernel_devices()
         else:

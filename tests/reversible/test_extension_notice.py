@@ -59,3 +59,15 @@ def test_quick_load_from_the_cache_is_silent(fresh, capsys):
     fresh(0.0)
     assert _extension.load()
     assert _lines(capsys) == []
+
+
+@pytest.mark.parametrize("value, builds", [("0", False), ("No", False), (" FALSE ", False), ("off", False),
+                                           ("1", True), ("yes", True)])
+def test_jit_switch_reads_the_words_of_reversible_extension(fresh, monkeypatch, capsys, value, builds):
+    """REVERSIBLE_EXTENSION_JIT takes the off-words REVERSIBLE_EXTENSION takes, in any case (it took only
+    '0'/'off'/'false' exactly: 'No' or 'FALSE' built anyway), and a skipped build is named in the reason."""
+    fresh(0.0)
+    monkeypatch.setenv("REVERSIBLE_EXTENSION_JIT", value)
+    assert _extension.load() is builds
+    if not builds:
+        assert f"no JIT build (REVERSIBLE_EXTENSION_JIT={value!r})" in _extension._state["reason"]
