@@ -207,13 +207,15 @@ def _iter_tensors(obj: Any) -> Iterator[Tensor]:
 
 def _snapshot(c: Coupling) -> tuple:
     """What a step's recomputation reads besides its inputs: which tensors are its parameters and their in-place
-    versions, its keyword tensors' versions, and its modules' train/eval modes. The backward recomputes with the
-    values of its own time, so these must not change after the forward (:func:`_check_snapshot`)."""
+    versions, its keyword tensors' versions, its modules' train/eval modes, and which parameters need grad (the
+    forward's are its node's inputs). The backward recomputes with the values of its own time, so these must not
+    change after the forward (:func:`_check_snapshot`)."""
     owner = _fn_owner(c.fn)
     params = [p for p in (*_fn_params(c.fn), *c.params) if isinstance(p, Tensor)]
     return (tuple(id(p) for p in params), tuple(p._version for p in params),
             tuple(t._version for t in _iter_tensors(dict(c.kwargs))),
-            tuple(m.training for m in (() if owner is None else owner.modules())))
+            tuple(m.training for m in (() if owner is None else owner.modules())),
+            tuple(p.requires_grad for p in params))
 
 
 def _check_snapshot(c: Coupling, then: tuple) -> None:
@@ -227,7 +229,8 @@ def _check_snapshot(c: Coupling, then: tuple) -> None:
             "parameter reassigned), which the recomputation would use" if now[0] != then[0] else
             "a parameter was modified in place (e.g. an optimizer step or a copy_ under no_grad)" if now[1] != then[1]
             else "a tensor passed to it as a keyword argument was modified in place" if now[2] != then[2] else
-            "a module was switched between train() and eval() (dropout, batch norm)")
+            "a module was switched between train() and eval() (dropout, batch norm)" if now[3] != then[3] else
+            "a parameter's requires_grad was switched (a layer frozen or unfrozen; do it before the forward)")
     raise RuntimeError(f"coupling function {c.name} changed between the forward and the backward of a reversible "
                        f"stack: {what}. The backward recomputes each step, so it needs the forward's state; run the "
                        "backward first, or the forward again.")

@@ -286,6 +286,31 @@ def _stack(dropout: bool = False) -> reversible.ReversibleSequence:
     return reversible.ReversibleSequence([(blk(), blk()) for _ in range(2)]).double()
 
 
+@pytest.mark.parametrize("frozen_at_forward", [False, True])
+def test_requires_grad_switched_between_forward_and_backward_is_named(frozen_at_forward):
+    """A layer frozen (or unfrozen) between the forward and the backward: a RuntimeError naming requires_grad (it
+    raised autograd's 'One of the differentiated Tensors does not require grad', or, unfrozen, said the module's own
+    parameters were 'neither parameters of the function's module nor ...'). Switched back before the backward,
+    the gradients are plain autograd's."""
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    net = _stack().requires_grad_(not frozen_at_forward)
+    y = net(x)
+    net.blocks[1].g.requires_grad_(frozen_at_forward)
+    with pytest.raises(RuntimeError, match=r"coupling function Sequential changed .* requires_grad was switched"):
+        y.sum().backward()
+    x.grad = None
+    net.blocks[1].g.requires_grad_(not frozen_at_forward)
+    y = net(x)
+    net.blocks[1].g.requires_grad_(frozen_at_forward)
+    net.blocks[1].g.requires_grad_(not frozen_at_forward)
+    y.square().sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    seq = reversible.SequentialSequence(list(net.blocks))
+    seq(x).square().sum().backward()
+    torch.testing.assert_close(got, x.grad, rtol=0, atol=1e-12)
+
+
 def test_state_changed_between_forward_and_backward_raises():
     """The backward recomputes every step with the module's state of that time: parameters swapped
     (``torch.func.functional_call``, as MAML does), a parameter changed in place, a module switched to eval (dropout)
