@@ -110,6 +110,11 @@ class DualModalityReversibleSequence(nn.Module):
                  dim: int = -1, merge: str = "mean", stream_dtype: torch.dtype | None = None,
                  preserve_rng_state: bool = True) -> None:
         super().__init__()
+        if isinstance(input_blocks, (Tensor, _DualBlock)) or not isinstance(input_blocks, Iterable):
+            raise TypeError(f"input_blocks must be a list of (f, g, j, k) per layer, got {type(input_blocks).__name__}")
+        if isinstance(block_types, str) or not isinstance(block_types, Iterable):
+            raise TypeError(f"block_types must be a list of layer type names, one per layer (e.g. "
+                            f"['intra_modality_self_attn']), got {type(block_types).__name__}")
         input_blocks, block_types = list(input_blocks), list(block_types)
         if len(input_blocks) != len(block_types):
             raise ValueError(f"got {len(input_blocks)} blocks but {len(block_types)} block types")

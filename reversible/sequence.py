@@ -132,6 +132,9 @@ class ReversibleSequence(nn.Module):
                  stream_dtype: torch.dtype | None = None, preserve_rng_state: bool = True,
                  input_mode: str = "duplicate") -> None:
         super().__init__()
+        if isinstance(blocks, (Tensor, ReversibleBlock)) or not isinstance(blocks, Iterable):
+            raise TypeError(f"blocks must be a list of ReversibleBlocks or (f, g) pairs, one per layer, got "
+                            f"{type(blocks).__name__}")
         self.blocks = nn.ModuleList([_as_block(b, i, self.block_class) for i, b in enumerate(blocks)])
         if len(self.blocks) == 0:
             raise ValueError(f"{type(self).__name__} needs at least one block")

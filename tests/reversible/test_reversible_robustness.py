@@ -406,6 +406,24 @@ def test_constructor_arguments_of_the_wrong_type_name_themselves(kwargs, err, ma
         reversible.SequentialSequence([(nn.Linear(4, 4), nn.Linear(4, 4))], **kwargs)
 
 
+def test_blocks_and_block_types_of_the_wrong_form_name_themselves():
+    """One module for blocks was "'Linear' object is not iterable"; a string for block_types was iterated by
+    character ('got 1 blocks but 24 block types'). The list forms still build."""
+    lin = nn.Linear(4, 4)
+    for blocks in (lin, None, reversible.ReversibleBlock(lin, lin)):
+        for cls in (reversible.ReversibleSequence, reversible.SequentialSequence):
+            with pytest.raises(TypeError, match=f"blocks must be a list of ReversibleBlocks or \\(f, g\\) pairs, "
+                                                f"one per layer, got {type(blocks).__name__}"):
+                cls(blocks)
+    fns = [nn.Linear(4, 4) for _ in range(4)]
+    with pytest.raises(TypeError, match="input_blocks must be a list of \\(f, g, j, k\\) per layer, got Linear"):
+        reversible.DualModalityReversibleSequence(lin, ["intra_modality_self_attn"])
+    with pytest.raises(TypeError, match="block_types must be a list of layer type names, .* got str"):
+        reversible.DualModalityReversibleSequence([fns], "intra_modality_self_attn")
+    assert len(reversible.DualModalityReversibleSequence([fns], ("intra_modality_self_attn",)).blocks) == 1
+    assert len(reversible.ReversibleSequence(nn.ModuleList([nn.ModuleList([lin, lin])])).blocks) == 1
+
+
 def test_reconstruction_error_names_a_wrong_input():
     """A list where the model takes a tensor: a TypeError naming ``x`` (was ``'list' object has no attribute
     'dim'``)."""
