@@ -42,3 +42,13 @@ class ReversibleSequence(_seq.ReversibleSequence):
 
     def forward(self, x: Tensor, arg_route: Sequence[bool] = (True, True), **kwargs: Any) -> Tensor:  # type: ignore[override]
         return self._run(x, kwargs, default_route=tuple(arg_route))
+
+    def couplings(self, kwargs: Mapping[str, Any], keys: Sequence[str] | None = None, *,
+                  default_route: Any = "module") -> list:
+        """The core's, taking the call's ``arg_route`` from ``kwargs`` too (as :func:`reversible.reconstruction_error`
+        passes the call's keyword arguments)."""
+        kwargs = dict(kwargs)
+        route = kwargs.pop("arg_route", None)
+        if route is not None and isinstance(default_route, str):
+            default_route = tuple(route)
+        return super().couplings(kwargs, keys, default_route=default_route)

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import reversible
 from reversible.compat import axial_attention, h_transformer_1d, nuwa, se3_transformer
 
 from helpers.seed_reversible_oracle import (CrossFn, DictFn, Fn, assert_close_all, assert_matches_oracle,
@@ -133,6 +134,18 @@ def test_axial_attention(_seed):
     irr = axial_attention.IrreversibleBlock(*pairs[0]).eval()
     xx = torch.cat([x, x], dim=1)
     assert_close_all([irr(xx, {}, {})], [oracle_sequence(pairs[:1], x, dim=1, merge="cat", training=False)], TOL)
+
+
+def test_axial_attention_arg_route_reaches_reconstruction_error(_seed):
+    """reconstruction_error(net, x, **call_kwargs) with the axial call's own arg_route raised "forward() got an
+    unexpected keyword argument 'arg_route'" (routed to f and g as a model argument): it now routes as the call."""
+    c = 3
+    net = axial_attention.ReversibleSequence([(ImgFn(c), ImgFn(c)) for _ in range(2)])
+    x = torch.randn(2, c, 5, 4, dtype=torch.float64)
+    scale = torch.tensor(0.7, dtype=torch.float64)
+    for route, want in (((True, False), [{"scale": scale}, {}]), ((False, True), [{}, {"scale": scale}])):
+        assert [dict(cp.kwargs) for cp in net.couplings({"arg_route": route, "scale": scale})] == want * 2
+        assert reversible.reconstruction_error(net, x, arg_route=route, scale=scale) < 1e-12
 
 
 def test_se3_transformer(_seed):
