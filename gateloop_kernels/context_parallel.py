@@ -25,7 +25,8 @@ The steps, on every rank:
    forward in time only, never a division by a gate, so gates of 0 are exact and a product of many
    ``|a| < 1`` underflows to its correct value 0; its backward is the scan's own reverse scan;
 3. with ``check_shapes=True`` (the default), a small int64 descriptor (batch, heads, head dims,
-   dtypes, whether an initial state is given, whether the exchange needs gradients, whether the local
+   dtypes, whether an initial state is given and an int64 fingerprint of its bits (written on the device),
+   whether the exchange needs gradients, whether the local
    step failed; packed: ``N``, whether final states are wanted, ``cu_seqlens[-1]`` and an int64 fingerprint of
    the whole ``cu_seqlens``, both written on the device; the slice length, exchanged only) is
    all-gathered and compared, so that a mismatch raises the same error on every rank
@@ -53,7 +54,8 @@ slice's scan plus two collectives of that size and a fold of ``W`` states, so wi
 tokens the predicted per-step time is ``t_scan(T / W) + t_collective(W, P) + O(W B H d e)``.
 
 Limits: every rank must pass the same ``B, H, d, e`` and dtypes, give an initial state or not alike
-(each rank's own copy is read, so pass the same value on every rank, as a replicated tensor), and run
+(each rank's own copy is read, so pass the same value on every rank, as a replicated tensor; compared
+through a fingerprint of its bits with ``check_shapes``), and run
 backward whenever one rank does (as with DDP): the outputs of every rank depend on the gathered buffer,
 so every rank's backward joins the reduce-scatter. The descriptor check costs one small all-gather and
 one host synchronization per call; ``check_shapes=False`` skips it where the ranks' agreement is already
@@ -99,10 +101,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.co
 _FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype", "k dtype", "v dtype",
            "gate dtype", "initial_state dtype", "needs grad", "sequences N (len(cu_seqlens) - 1; -1 without)",
            "final states (with cu_seqlens)", "cu_seqlens[-1] (the group's T)",
-           "cu_seqlens (an int64 weighted sum of all its entries)", "slice length")
+           "cu_seqlens (an int64 weighted sum of all its entries)",
+           "initial_state values (an int64 weighted sum of the bits of all its entries)", "slice length")
 #: int64 entries of the descriptor every rank all-gathers before the states
 DESCRIPTOR_LEN = len(_FIELDS)
 _END = _FIELDS.index("cu_seqlens[-1] (the group's T)")  # then its fingerprint: written on the device (no host read)
+_INIT = _FIELDS.index("initial_state values (an int64 weighted sum of the bits of all its entries)")
 _PRIME = 2 ** 31 - 1  # the fingerprint's modulus
 _FAILED = [1] + [0] * (DESCRIPTOR_LEN - 1)  # the descriptor of a rank whose input failed its local checks
 
@@ -327,10 +331,19 @@ def _fingerprint(cu: Tensor) -> Tensor:
     return (cu.long() % _PRIME * (i * 2654435761 % _PRIME) % _PRIME).sum()
 
 
-def _exchange_descriptors(desc: list, device: torch.device, group, world: int, cu: Optional[Tensor] = None) -> Tensor:
+def _bits(t: Tensor) -> Tensor:
+    """``t``'s entries as integers of the same bits (complex: real and imaginary parts), flat."""
+    r = torch.view_as_real(t) if t.is_complex() else t
+    return r.contiguous().view({2: torch.int16, 4: torch.int32, 8: torch.int64}[r.element_size()]).reshape(-1)
+
+
+def _exchange_descriptors(desc: list, device: torch.device, group, world: int, cu: Optional[Tensor] = None,
+                          init: Optional[Tensor] = None) -> Tensor:
     mine = torch.tensor(desc, dtype=torch.int64, device=device)
     if cu is not None:  # cu_seqlens' last entry and fingerprint, on the device: read on the host with the table only
         mine[_END:_END + 2] = torch.stack([cu[-1].long(), _fingerprint(cu)])
+    if init is not None:  # each rank reads its own copy: ranks passing other values would silently disagree
+        mine[_INIT] = _fingerprint(_bits(init.detach()))
     out = mine.new_empty(world * DESCRIPTOR_LEN)
     _all_gather_single(out, mine, group)
     return out.view(world, DESCRIPTOR_LEN).cpu()
@@ -362,20 +375,21 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
     try:
         loc = local()
         packed = _pack(loc)
-        desc = [0, *loc.desc, int(packed.requires_grad), -1, 0, -1, 0, loc.q.shape[1]]
+        desc = [0, *loc.desc, int(packed.requires_grad), -1, 0, -1, 0, 0, loc.q.shape[1]]
     except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
         error = exc
-    _agreed_table(name, desc, error, device, cp_group, world)
+    _agreed_table(name, desc, error, device, cp_group, world,
+                  init=None if error is not None else loc.initial_state)
     o, states = _fold(loc, packed, cp_group, rank, world, device)
     return o, states[world]
 
 
 def _agreed_table(name: str, desc: list, error: Optional[Exception], device: torch.device, cp_group,
-                  world: int, cu: Optional[Tensor] = None) -> Tensor:
+                  world: int, cu: Optional[Tensor] = None, init: Optional[Tensor] = None) -> Tensor:
     """All-gathers the descriptors (``(W, DESCRIPTOR_LEN)`` on the host; ``cu``: this rank's ``cu_seqlens``, whose
-    last entry and fingerprint it carries) and raises, on every rank, the first rank's local error or a
-    disagreement."""
-    table = _exchange_descriptors(desc, device, cp_group, world, cu)
+    last entry and fingerprint it carries; ``init``: its initial state, whose fingerprint it carries) and raises,
+    on every rank, the first rank's local error or a disagreement."""
+    table = _exchange_descriptors(desc, device, cp_group, world, cu, init)
     if error is not None:
         raise error
     failed = [j for j in range(world) if table[j, 0]]
@@ -390,8 +404,8 @@ def _agreed_table(name: str, desc: list, error: Optional[Exception], device: tor
                           for c in values]
             raise ValueError(f"{name}: the ranks of cp_group disagree on {_FIELDS[i]}: {values} "
                              "(by rank); every rank must pass the same batch, heads, head dims and dtypes, give "
-                             "initial_state alike, need gradients alike, and pass the same cu_seqlens and "
-                             "output_final_state")
+                             "initial_state alike (the same values), need gradients alike, and pass the same "
+                             "cu_seqlens and output_final_state")
     return table
 
 
@@ -554,11 +568,12 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         desc = _FAILED
         try:
             p = prepare()
-            desc = [0, *p.desc, int(p.anchor is not None), p.cu.shape[0] - 1, int(want_final), 0, 0, p.q.shape[1]]
+            desc = [0, *p.desc, int(p.anchor is not None), p.cu.shape[0] - 1, int(want_final), 0, 0, 0,
+                    p.q.shape[1]]
         except Exception as exc:  # reported to every rank, so that no rank waits in a collective
             error = exc
-        lengths = _agreed_table(name, desc, error, device, cp_group, world,
-                                None if error is not None else p.cu)[:, -1]
+        lengths = _agreed_table(name, desc, error, device, cp_group, world, None if error is not None else p.cu,
+                                None if error is not None else p.initial_state)[:, -1]
         lo, total = int(lengths[:rank].sum()), int(lengths.sum())
         lo = torch.full((1,), lo, dtype=torch.int64, device=device)
         lengths = lengths.to(device)
@@ -671,7 +686,8 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             wrong dtypes, a non-int ``chunk_size`` (on the rank that passed them). ValueError: this process
             not in ``cp_group``; shapes, an unknown ``precision``, a bad ``chunk_size`` (on the rank that
             passed them); with ``check_shapes``, on every rank, when the ranks disagree on ``B, H, d, e``,
-            a dtype, giving an initial state, or whether gradients are needed, and (packed) on ``N``,
+            a dtype, giving an initial state, its values (a fingerprint of their bits), or whether gradients
+            are needed, and (packed) on ``N``,
             ``cu_seqlens[-1]``, any other entry of ``cu_seqlens`` (its fingerprint) or ``output_final_state``; a
             ``cu_seqlens`` not ending at the group's ``T`` (every rank, CPU; an asynchronous device assertion on
             CUDA).

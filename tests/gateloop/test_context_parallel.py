@@ -158,9 +158,16 @@ def _errors_worker(rank, world, seed):
     failures += expect_raises(ValueError if rank == 1 else RuntimeError, "one device" if rank == 1 else "rank(s) [1]",
                               lambda: call(initial_state=s0))
     # a real initial state, as gate_loop_heads takes it (was refused under a group): the complex one's results
-    s0 = torch.randn(2, 3, 1, 1, dtype=torch.float64)
+    s0 = torch.randn(2, 3, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 4))
     x = [torch.randn(2, 4, 3, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 5))
          for _ in range(4)]
+    # each rank reads its own initial state: other values on one rank (one bit of one entry: an unseeded random
+    # state per rank, say) raise on every rank (silently different results on each rank before)
+    other = s0.clone()
+    other.view(torch.int64)[1, 2, 0, 0] ^= rank
+    failures += expect_raises(ValueError, "disagree on initial_state values",
+                              lambda: gate_loop_heads_cp(*x[:3], z=x[3].expand(-1, -1, -1, 2), initial_state=other,
+                                                         cp_group=group))
     z = torch.cat([x[3][..., :1], x[3][..., :1]], -1)
     real, _ = gate_loop_heads_cp(*x[:3], z=z, initial_state=s0, cp_group=group)
     cplx, _ = gate_loop_heads_cp(*x[:3], z=z, initial_state=s0.to(torch.complex128), cp_group=group)
