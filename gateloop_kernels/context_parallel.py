@@ -25,8 +25,8 @@ The steps, on every rank:
    forward in time only, never a division by a gate, so gates of 0 are exact and a product of many
    ``|a| < 1`` underflows to its correct value 0; its backward is the scan's own reverse scan;
 3. with ``check_shapes=True`` (the default), a small int64 descriptor (batch, heads, head dims,
-   dtypes, whether an initial state is given and an int64 fingerprint of its bits (written on the device),
-   whether the exchange needs gradients, whether the local
+   dtypes, whether an initial state is given, whether it requires gradients and an int64 fingerprint of its bits
+   (written on the device), whether the exchange needs gradients, whether the local
    step failed; packed: ``N``, whether final states are wanted, ``cu_seqlens[-1]`` and an int64 fingerprint of
    the whole ``cu_seqlens``, both written on the device; the slice length, exchanged only) is
    all-gathered and compared, so that a mismatch raises the same error on every rank
@@ -55,7 +55,8 @@ tokens the predicted per-step time is ``t_scan(T / W) + t_collective(W, P) + O(W
 
 Limits: every rank must pass the same ``B, H, d, e`` and dtypes, give an initial state or not alike
 (each rank's own copy is read, so pass the same value on every rank, as a replicated tensor; compared
-through a fingerprint of its bits with ``check_shapes``), and run
+through a fingerprint of its bits with ``check_shapes``, as is its ``requires_grad``: each copy gets only its
+rank's share of the gradient), and run
 backward whenever one rank does (as with DDP): the outputs of every rank depend on the gathered buffer,
 so every rank's backward joins the reduce-scatter. The descriptor check costs one small all-gather and
 one host synchronization per call; ``check_shapes=False`` skips it where the ranks' agreement is already
@@ -99,7 +100,8 @@ __all__ = ["gate_loop_heads_cp", "gate_loop_operator_cp", "context_parallel_mean
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 # the last field (this rank's slice length) is exchanged, not compared
 _FIELDS = ("failed", "batch B", "heads H", "head dim d", "value dim e", "q dtype", "k dtype", "v dtype",
-           "gate dtype", "initial_state dtype", "needs grad", "sequences N (len(cu_seqlens) - 1; -1 without)",
+           "gate dtype", "initial_state dtype", "needs grad", "initial_state needs grad (its requires_grad)",
+           "sequences N (len(cu_seqlens) - 1; -1 without)",
            "final states (with cu_seqlens)", "cu_seqlens[-1] (the group's T)",
            "cu_seqlens (an int64 weighted sum of all its entries)",
            "initial_state values (an int64 weighted sum of the bits of all its entries)", "slice length")
@@ -109,6 +111,11 @@ _END = _FIELDS.index("cu_seqlens[-1] (the group's T)")  # then its fingerprint: 
 _INIT = _FIELDS.index("initial_state values (an int64 weighted sum of the bits of all its entries)")
 _PRIME = 2 ** 31 - 1  # the fingerprint's modulus
 _FAILED = [1] + [0] * (DESCRIPTOR_LEN - 1)  # the descriptor of a rank whose input failed its local checks
+
+
+def _init_grad(initial_state: Optional[Tensor]) -> int:
+    # each rank's copy gets only its share of the gradient: a rank without requires_grad would drop its share
+    return int(initial_state is not None and initial_state.requires_grad and torch.is_grad_enabled())
 
 
 def context_parallel_bytes(batch: int, heads: int, d: int, e: int, world_size: int,
@@ -375,7 +382,8 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
     try:
         loc = local()
         packed = _pack(loc)
-        desc = [0, *loc.desc, int(packed.requires_grad), -1, 0, -1, 0, 0, loc.q.shape[1]]
+        desc = [0, *loc.desc, int(packed.requires_grad), _init_grad(loc.initial_state), -1, 0, -1, 0, 0,
+                loc.q.shape[1]]
     except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
         error = exc
     _agreed_table(name, desc, error, device, cp_group, world,
@@ -404,7 +412,8 @@ def _agreed_table(name: str, desc: list, error: Optional[Exception], device: tor
                           for c in values]
             raise ValueError(f"{name}: the ranks of cp_group disagree on {_FIELDS[i]}: {values} "
                              "(by rank); every rank must pass the same batch, heads, head dims and dtypes, give "
-                             "initial_state alike (the same values), need gradients alike, and pass the same "
+                             "initial_state alike (the same values, requires_grad alike), need gradients alike, "
+                             "and pass the same "
                              "cu_seqlens and output_final_state")
     return table
 
@@ -568,8 +577,8 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         desc = _FAILED
         try:
             p = prepare()
-            desc = [0, *p.desc, int(p.anchor is not None), p.cu.shape[0] - 1, int(want_final), 0, 0, 0,
-                    p.q.shape[1]]
+            desc = [0, *p.desc, int(p.anchor is not None), _init_grad(p.initial_state), p.cu.shape[0] - 1,
+                    int(want_final), 0, 0, 0, p.q.shape[1]]
         except Exception as exc:  # reported to every rank, so that no rank waits in a collective
             error = exc
         lengths = _agreed_table(name, desc, error, device, cp_group, world, None if error is not None else p.cu,
@@ -653,8 +662,8 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             (``n_r`` may differ between ranks and may be 0). Real floating.
         log_magnitude, phase: ``(B, n_r, H)``; or z: ``(B, n_r, H, 2)``: the gate, as in ``gate_loop_heads``.
         initial_state: complex (or real) ``(B, H, d, e)``, the state before the first rank's first step, or
-            ``None``; every rank passes it (the same value) or none does. Its gradient on each rank
-            is that rank's share: summed over the group it is the single-process gradient.
+            ``None``; every rank passes it (the same value, ``requires_grad`` alike) or none does. Its
+            gradient on each rank is that rank's share: summed over the group it is the single-process gradient.
         output_final_state: also return the global final state (after the last rank's last step),
             the same on every rank.
         precision, chunk_size: as in ``gate_loop_heads``, for this rank's scan of its slice.
@@ -686,8 +695,8 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             wrong dtypes, a non-int ``chunk_size`` (on the rank that passed them). ValueError: this process
             not in ``cp_group``; shapes, an unknown ``precision``, a bad ``chunk_size`` (on the rank that
             passed them); with ``check_shapes``, on every rank, when the ranks disagree on ``B, H, d, e``,
-            a dtype, giving an initial state, its values (a fingerprint of their bits), or whether gradients
-            are needed, and (packed) on ``N``,
+            a dtype, giving an initial state, its values (a fingerprint of their bits) or its ``requires_grad``,
+            or whether gradients are needed, and (packed) on ``N``,
             ``cu_seqlens[-1]``, any other entry of ``cu_seqlens`` (its fingerprint) or ``output_final_state``; a
             ``cu_seqlens`` not ending at the group's ``T`` (every rank, CPU; an asynchronous device assertion on
             CUDA).

@@ -20,8 +20,8 @@ from gateloop_kernels import operator as operator_module
 from gateloop_kernels.context_parallel import (DESCRIPTOR_LEN, context_parallel_bytes, context_parallel_mean,
                                                gate_loop_heads_cp, gate_loop_operator_cp)
 
-from helpers.distributed import (check_failures, expect_raises, host_sync_failures, raise_failures, slice_checks,
-                                 spawn)
+from helpers.distributed import (check_failures, expect_raises, host_sync_failures, max_rel_err, raise_failures,
+                                 slice_checks, spawn)
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
 
@@ -301,6 +301,41 @@ def test_cp_bad_input_raises_everywhere_and_bytes(_seed):
     chunk_size reach the scan; bytes per call equal the formula for two slice lengths, with and without
     check_shapes (same outputs and gradients)."""
     spawn(_errors_worker, 2, _seed)
+
+
+def _init_grad_worker(rank, world, seed):
+    """initial_state requiring gradients on rank 0 only: a ValueError on every rank naming it (was: rank 1's share
+    of its gradient silently lost, the summed gradient not the single-process one); the group stays in step."""
+    x, init, w_o, _ = _inputs(seed, [3, 4], 1, 1, 1, 1, torch.float64, "z", "cpu")
+    ref_init = init.clone().requires_grad_()
+    o, _ = _scan(x, ref_init, True)
+    (o * w_o).sum().backward()
+    start, n = (0, 3) if rank == 0 else (3, 4)
+    # the sharded inputs need gradients on every rank (the descriptor's 'needs grad' agrees)
+    mine = {name: t[:, start:start + n].clone().requires_grad_() for name, t in x.items()}
+    my_init = init.clone().requires_grad_(rank == 0)
+    failures = []
+    try:
+        o_cp, _ = _scan(mine, my_init, False, dist.group.WORLD)
+        (o_cp * w_o[:, start:start + n]).sum().backward()
+        g = my_init.grad.clone() if my_init.grad is not None else torch.zeros_like(init)
+        dist.all_reduce(g)
+        failures.append(f"rank {rank}: nothing raised; dinitial_state summed over the ranks has relative error "
+                        f"{max_rel_err(g, ref_init.grad):.2e} against the single process")
+    except ValueError as exc:
+        if "initial_state needs grad" not in str(exc):
+            failures.append(f"rank {rank}: ValueError without 'initial_state needs grad': {exc}")
+    # packed sequences (two, the first crossing the ranks): the same check
+    packed = {name: t.clone().requires_grad_() for name, t in mine.items()}
+    s0 = torch.cat([init, init]).requires_grad_(rank == 0)
+    failures += expect_raises(ValueError, "initial_state needs grad", lambda: gate_loop_heads_cp(
+        **packed, initial_state=s0, cu_seqlens=torch.tensor([0, 5, 7]), cp_group=dist.group.WORLD))
+    failures += _check_case(dist.group.WORLD, rank, world, seed + 1, [3, 4], 1, 1, torch.float64, "z", True, False)
+    raise_failures(failures)
+
+
+def test_cp_initial_state_requires_grad_on_some_ranks_raises(_seed):
+    spawn(_init_grad_worker, 2, _seed)
 
 
 @pytest.mark.gpu
