@@ -226,8 +226,11 @@ def _group_rank(name: str, cp_group) -> tuple[int, int]:
                            "(torch.distributed.init_process_group)")
     outside = dist.GroupMember.NON_GROUP_MEMBER  # what new_group() hands the ranks it leaves out
     if cp_group is not outside and not isinstance(cp_group, dist.ProcessGroup):
+        from torch.distributed.device_mesh import DeviceMesh
+        hint = ("; for a DeviceMesh pass the group of its context dimension, mesh.get_group(<dim>) (a dimension "
+                "name or index)" if isinstance(cp_group, DeviceMesh) else "")
         raise TypeError(f"cp_group must be a torch.distributed.ProcessGroup (torch.distributed.group.WORLD for "
-                        f"every rank), got {type(cp_group).__name__}")
+                        f"every rank), got {type(cp_group).__name__}{hint}")
     rank = -1 if cp_group is outside else dist.get_rank(cp_group)
     if rank < 0:
         raise ValueError(f"cp_group does not hold this process (global rank {dist.get_rank()}); call "
@@ -673,7 +676,8 @@ def gate_loop_heads_cp(q: Tensor, k: Tensor, v: Tensor, *, log_magnitude: Option
             layer after the first of a model on one batch): every rank must then pass the same value,
             and ranks that disagree on ``B, H, d, e``, the fold's dtype or gradients get a collective
             error or hang until the group's timeout (NCCL).
-        cp_group: a ``torch.distributed.ProcessGroup`` holding this rank (``group.WORLD`` for all, taken after
+        cp_group: a ``torch.distributed.ProcessGroup`` holding this rank (of a ``DeviceMesh``:
+            ``mesh.get_group(<dim>)``; ``group.WORLD`` for all, taken after
             ``init_process_group``: before it ``group.WORLD`` is ``None``, which the public entries read as no
             context parallelism).
         cu_seqlens: packed sequences: the GLOBAL boundaries ``[0, l_1, ..., T]`` (1-D int32/int64 on the inputs'

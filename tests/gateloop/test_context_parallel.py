@@ -13,6 +13,7 @@ import inspect
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from gateloop_kernels import gate_loop_heads, gate_loop_operator
 from gateloop_kernels import heads as heads_module
@@ -184,6 +185,10 @@ def _errors_worker(rank, world, seed):
     else:
         failures += expect_raises(ValueError, "does not hold this process", lambda: call(grp=only0))
     failures += expect_raises(TypeError, "ProcessGroup", lambda: call(grp=None))
+    # a DeviceMesh: the error names the call that gives its group
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    failures += expect_raises(TypeError, "got DeviceMesh; for a DeviceMesh pass the group of its context dimension, "
+                              "mesh.get_group(<dim>)", lambda: call(grp=mesh))
     # still in step after all of that
     failures += _check_case(group, rank, world, seed + 1, [4] * world, 16, 16, torch.float64, "z", True, True)
 
