@@ -694,6 +694,15 @@ def _normalize_dim(dim: int, ndim: int) -> int:
     return dim % ndim
 
 
+def _check_stream_dtype(stream_dtype: Any) -> None:
+    """``stream_dtype``: ``None`` or a floating ``torch.dtype``; TypeError for a non-dtype, ValueError for another
+    dtype (the sequences check it at construction, not only at their first call)."""
+    if stream_dtype is not None and not isinstance(stream_dtype, torch.dtype):
+        raise TypeError(f"stream_dtype must be a torch.dtype or None, got {stream_dtype!r}")
+    if stream_dtype is not None and not stream_dtype.is_floating_point:
+        raise ValueError(f"stream_dtype must be a floating dtype, got {stream_dtype}")
+
+
 def _check_streams(arg: str, what: str, tensors: Sequence[Tensor]) -> list[Tensor]:
     """``tensors``: a non-empty sequence of floating tensors of at least one dim on one device (``arg`` names the
     argument, ``what`` one of its entries)."""
@@ -802,8 +811,7 @@ def run_couplings(inputs: Sequence[Tensor], couplings: Sequence[Coupling], *, di
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     if input_mode not in INPUT_MODES:
         raise ValueError(f"input_mode must be one of {INPUT_MODES}, got {input_mode!r}")
-    if stream_dtype is not None and not stream_dtype.is_floating_point:
-        raise ValueError(f"stream_dtype must be a floating dtype, got {stream_dtype}")
+    _check_stream_dtype(stream_dtype)
     split_dims = _split_dims(inputs, dims, "stream input", input_mode == "split")
     streams = [_Stream(d, x.dtype, stream_dtype or x.dtype) for x, d in zip(inputs, split_dims)]
     couplings = _check_couplings(couplings, len(inputs))

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import MERGES, Coupling, reverse_couplings, run_couplings
+from .core import MERGES, Coupling, _check_stream_dtype, reverse_couplings, run_couplings
 
 __all__ = ["ReversibleSelfAttnBlock", "ReversibleCrossAttnBlock", "ReversibleCrossModalityAttnBlock",
            "DualModalityReversibleSequence", "BLOCK_TYPES"]
@@ -122,6 +122,7 @@ class DualModalityReversibleSequence(nn.Module):
             raise ValueError("DualModalityReversibleSequence needs at least one block")
         if merge not in MERGES:
             raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
+        _check_stream_dtype(stream_dtype)
         self.block_types = block_types
         blocks = nn.ModuleList([])
         for i, (fns, kind) in enumerate(zip(input_blocks, block_types)):

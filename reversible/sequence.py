@@ -6,7 +6,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .core import INPUT_MODES, MERGES, Coupling, reverse_couplings, run_couplings
+from .core import INPUT_MODES, MERGES, Coupling, _check_stream_dtype, reverse_couplings, run_couplings
 from .routing import Route, check_router, layer_drop, route_args
 
 __all__ = ["ReversibleBlock", "IrreversibleBlock", "ReversibleSequence", "SequentialSequence", "Stream"]
@@ -112,8 +112,9 @@ class ReversibleSequence(nn.Module):
         default_route: where keyword arguments not in ``args_route`` go, ``(to_f, to_g)`` for
             every layer; ``None`` drops them.
         layer_dropout: probability of skipping each block while training.
-        stream_dtype: dtype of the activation/gradient buffers (``torch.float32`` keeps the
-            reconstruction exact to fp32 rounding for bf16/fp16 inputs).
+        stream_dtype: floating dtype of the activation/gradient buffers (``torch.float32`` keeps the
+            reconstruction exact to fp32 rounding for bf16/fp16 inputs); TypeError for a non-dtype, ValueError
+            for a non-floating one.
         preserve_rng_state: replay each call's RNG state in recomputation (dropout in f, g): the default
             generators' only, not a ``torch.Generator`` that f or g pass to random ops (see :func:`run_couplings`).
         input_mode: ``"duplicate"`` (``x`` goes to both halves) or ``"split"`` (``x`` is
@@ -147,8 +148,7 @@ class ReversibleSequence(nn.Module):
         if isinstance(layer_dropout, bool) or not isinstance(layer_dropout, (int, float)) \
                 or not 0.0 <= layer_dropout < 1.0:
             raise ValueError(f"layer_dropout must be a number in [0, 1), got {layer_dropout!r}")
-        if stream_dtype is not None and not isinstance(stream_dtype, torch.dtype):
-            raise TypeError(f"stream_dtype must be a torch.dtype or None, got {stream_dtype!r}")
+        _check_stream_dtype(stream_dtype)
         if default_route is not None and (not isinstance(default_route, (tuple, list)) or len(default_route) != 2):
             raise ValueError(f"default_route must be a (to_f, to_g) pair or None, got {default_route!r}")
         self.args_route = dict(args_route or {})

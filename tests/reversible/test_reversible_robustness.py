@@ -397,13 +397,18 @@ def test_namedtuple_kwarg_gets_its_gradient_and_a_bare_tensor_is_refused():
 @pytest.mark.parametrize("kwargs,err,match", [
     (dict(dim="x"), TypeError, "dim must be an int"), (dict(layer_dropout="0.1"), ValueError, "layer_dropout"),
     (dict(layer_dropout=None), ValueError, "layer_dropout"), (dict(default_route=True), ValueError, "default_route"),
-    (dict(stream_dtype="float32"), TypeError, "stream_dtype")])
+    (dict(stream_dtype="float32"), TypeError, "stream_dtype"),
+    # a non-floating dtype: rejected only at the first call before
+    (dict(stream_dtype=torch.int32), ValueError, "stream_dtype must be a floating dtype, got torch.int32")])
 def test_constructor_arguments_of_the_wrong_type_name_themselves(kwargs, err, match):
     """Was Python's own error from deep inside (``'<=' not supported``, ``'bool' object is not iterable``)."""
     with pytest.raises(err, match=match):
         reversible.ReversibleSequence([(nn.Linear(4, 4), nn.Linear(4, 4))], **kwargs)
     with pytest.raises(err, match=match):
         reversible.SequentialSequence([(nn.Linear(4, 4), nn.Linear(4, 4))], **kwargs)
+    if "stream_dtype" in kwargs:
+        with pytest.raises(err, match=match):
+            reversible.DualModalityReversibleSequence([[nn.Identity()] * 4], ["intra_modality_self_attn"], **kwargs)
 
 
 def test_blocks_and_block_types_of_the_wrong_form_name_themselves():
