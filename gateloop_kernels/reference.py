@@ -163,20 +163,26 @@ def diagonal_scan_chunked(a: Tensor, x: Tensor, h0: Optional[Tensor] = None,
     nc = -(-n // C)
     ac = _pad_time(a, nc * C, 1.0).reshape(B, nc, C, D)
     xc = _pad_time(x, nc * C, 0.0).reshape(B, nc, C, D)
-    local, prods = [], []
-    hl, pr = torch.zeros_like(xc[:, :, 0]), torch.ones_like(ac[:, :, 0])
-    for t in range(C):
-        hl = ac[:, :, t] * hl + xc[:, :, t]
-        pr = pr * ac[:, :, t]
-        local.append(hl)
-        prods.append(pr)
-    hloc, cum = torch.stack(local, dim=2), torch.stack(prods, dim=2)  # (B, nc, C, D)
+    hloc, cum = _scan_chunks(ac, xc)  # (B, nc, C, D)
     starts = []
     for c in range(nc):
         starts.append(h)
         h = cum[:, c, -1] * h + hloc[:, c, -1]
     out = hloc + cum * torch.stack(starts, dim=1)[:, :, None]
     return out.reshape(B, nc * C, D)[:, :n], h
+
+
+def _scan_chunks(ac: Tensor, xc: Tensor) -> tuple[Tensor, Tensor]:
+    """Each chunk of ``ac, xc: (..., C, D)`` scanned alone from a zero state, step by step for all chunks at once:
+    ``(h (..., C, D), gate products prod_{u <= t} a_u (..., C, D))``."""
+    local, prods = [], []
+    hl, pr = torch.zeros_like(xc[..., 0, :]), torch.ones_like(ac[..., 0, :])
+    for t in range(ac.shape[-2]):
+        hl = ac[..., t, :] * hl + xc[..., t, :]
+        pr = pr * ac[..., t, :]
+        local.append(hl)
+        prods.append(pr)
+    return torch.stack(local, dim=-2), torch.stack(prods, dim=-2)
 
 
 def _cumprod(a: Tensor) -> Tensor:

@@ -15,8 +15,8 @@ are clamped, so even ``cu_seqlens`` values that were never checked cannot index 
 does (head dims other than 1 and 16..256, gates per key dim or entry, float64 on CUDA, matrix states on the CPU):
 
 * a state of independent channels (head dims ``d = e = 1``, the simplified operator, or a gate per key dim
-  / per entry over the ``d e`` entries): the first-order scan
-  (:func:`gateloop_kernels.reference.diagonal_scan_chunked`) of each chunk alone on the layout below, the state
+  / per entry over the ``d e`` entries): the first-order scan of each chunk alone (the step loop of
+  :func:`gateloop_kernels.reference.diagonal_scan_chunked`) on the layout below, the state
   entering each sequence's first chunk replaced by ``S0_i`` (not a gate of 0, which gives 0 * inf = NaN: a
   non-finite sequence would reach the next);
 * a gate per head with a matrix state: the chunked algorithm of
@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ._checks import check_cu_seqlens, count_cu_seqlens, is_int
 from .dtypes import acc_dtypes, empty_scan
-from .reference import _add_state, _chunk_local, _cumprod, _fit_chunk, _no_autocast, diagonal_scan_chunked
+from .reference import _add_state, _chunk_local, _fit_chunk, _no_autocast, _scan_chunks
 
 __all__ = ["validate_cu_seqlens", "varlen_reference", "sequence_ids", "positions"]
 
@@ -93,6 +93,20 @@ def _chunk_layout(cu_seqlens: Tensor, T: int, C: int) -> tuple[Tensor, int, Tens
     return slot, NC, starts, owner, (first_chunk + chunks_of - 1).clamp(0, NC - 1), lengths
 
 
+def _carry(starts: Tensor, inits, totals, updates, state: Tensor) -> tuple[list, list]:
+    """The states entering and leaving each chunk of :func:`_chunk_layout` (lists of ``NC``), from ``state`` (zero):
+    a chunk that starts a sequence (``starts (NC,)``) is entered from its ``inits`` entry (``torch.where``, not a
+    gate of 0: 0 * inf would carry a non-finite state into the next sequence), then
+    ``state = total * state + update``."""
+    entering, leaving = [], []
+    for start, init, total, upd in zip(starts.unbind(0), inits, totals, updates):
+        state = torch.where(start, init, state)
+        entering.append(state)
+        state = total * state + upd
+        leaving.append(state)
+    return entering, leaving
+
+
 def _varlen_diagonal(a: Tensor, x: Tensor, s0: Optional[Tensor], cu_seqlens: Tensor,
                      chunk_size: int) -> tuple[Tensor, Tensor]:
     """``h_t = a_t h_{t-1} + x_t`` per channel and sequence: ``a, x: (T, D)`` one dtype, ``s0: (N, D)`` or ``None``.
@@ -106,18 +120,11 @@ def _varlen_diagonal(a: Tensor, x: Tensor, s0: Optional[Tensor], cu_seqlens: Ten
     def chunked(t: Tensor, fill: float) -> Tensor:
         return t.new_full((NC * C, D), fill).index_copy(0, slot, t).unflatten(0, (NC, C))
 
-    ac, xc = chunked(a, 1.0), chunked(x, 0.0)
-    hloc, _ = diagonal_scan_chunked(ac, xc, None, C)  # the chunks as a batch: (NC, C, D), each from zero
-    cum = _cumprod(ac.transpose(1, 2)).transpose(1, 2)
+    hloc, cum = _scan_chunks(chunked(a, 1.0), chunked(x, 0.0))  # (NC, C, D), each chunk from zero
     zero = x.new_zeros(D)
     s0 = None if s0 is None else s0.to(x.dtype)
-    state, entering, leaving = zero, [], []
-    for start, init, total, upd in zip(starts.unbind(0), (zero.expand(NC, D) if s0 is None else s0[owner]).unbind(0),
-                                       cum[:, -1].unbind(0), hloc[:, -1].unbind(0)):
-        state = torch.where(start, init, state)
-        entering.append(state)
-        state = total * state + upd
-        leaving.append(state)
+    entering, leaving = _carry(starts, (zero.expand(NC, D) if s0 is None else s0[owner]).unbind(0),
+                               cum[:, -1].unbind(0), hloc[:, -1].unbind(0), zero)
     h = (hloc + cum * torch.stack(entering)[:, None]).flatten(0, 1)[slot]
     before = zero.expand(lengths.shape[0], D) if s0 is None else s0
     return h, torch.where((lengths > 0)[:, None], torch.stack(leaving)[last_chunk], before)
@@ -141,14 +148,8 @@ def _varlen_heads(q: Tensor, k: Tensor, v: Tensor, gate: Tensor, s0: Optional[Te
     state = torch.zeros((H, d, e), dtype=gate.dtype, device=q.device)
     s0c = (torch.zeros_like(state)[:, None].expand(H, NC, d, e) if s0 is None
            else s0.to(gate.dtype)[owner].transpose(0, 1))
-    entering, leaving = [], []
     # unbind, not update[:, c]: one backward stack instead of a zero-filled (H, NC, d, e) per chunk
-    for start, init, total, upd in zip(starts.unbind(0), s0c.unbind(1), cum[:, :, -1, None, None].unbind(1),
-                                       update.unbind(1)):
-        state = torch.where(start, init, state)
-        entering.append(state)
-        state = total * state + upd
-        leaving.append(state)
+    entering, leaving = _carry(starts, s0c.unbind(1), cum[:, :, -1, None, None].unbind(1), update.unbind(1), state)
     out = _add_state(out, cum, qc, torch.stack(entering, dim=1)).flatten(1, 2)[:, slot]
     final = torch.stack(leaving, dim=1)[:, last_chunk].transpose(0, 1)  # (N, H, d, e)
     before = torch.zeros_like(state)[None] if s0 is None else s0.to(gate.dtype)
