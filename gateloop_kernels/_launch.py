@@ -35,9 +35,8 @@ except ImportError:  # pragma: no cover - Triton < 3.4 has no knobs module
 #: direct launches on (see the module docstring)
 ENABLED = os.environ.get("GATELOOP_DIRECT_LAUNCH", "1") != "0"
 
-_I32 = (-(2 ** 31), 2 ** 31)
-_I64 = (-(2 ** 63), 2 ** 63)
-_LO32, _HI32 = _I32
+_LO32, _HI32 = -(2 ** 31), 2 ** 31
+_LO64, _HI64 = -(2 ** 63), 2 ** 63
 
 
 def _device() -> int:
@@ -71,7 +70,7 @@ def _keyed(device: int, args: tuple, kwargs: dict) -> tuple[tuple, list]:
             key(4 + (p % 16 == 0) + 2 * x.is_cuda)
             val(p)
         elif tx is int or (tx is not bool and isinstance(x, int)):
-            key((x == 1, x % 16 == 0, 0 if _I32[0] <= x < _I32[1] else 1 if _I64[0] <= x < _I64[1] else 2))
+            key((x == 1, x % 16 == 0, 0 if _LO32 <= x < _HI32 else 1 if _LO64 <= x < _HI64 else 2))
             val(x)
         else:  # bools and None by value, other values (floats) by type
             key(x if tx is bool or x is None else tx)

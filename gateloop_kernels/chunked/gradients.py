@@ -228,7 +228,8 @@ def _backward(q, k, v, a_re, a_im, h0, do, dht, BT, mode, prec, chunks=None, da_
     tab, varlen = (a_re, False) if chunks is None else (chunks, True)
     dh0 = torch.empty(h0.shape[0] * H, 2, K, V, device=q.device, dtype=torch.float32) if h0 is not None else None
     a_re, a_im, gs = _gate_planes(a_re, a_im, H)
-    h, dh = _carried((k, v, h0, None), (q, do, dht, dh0), a_re, a_im, gs, BT, mode, prec, chunks=chunks)
+    h, dh = _carried((k, v, h0, None), (q, do, dht, dh0), a_re, a_im, gs, sqk, BT, mode, prec,
+                     chunks=chunks)
     dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # dense, whatever q, k, v's strides
     da_re, da_im = da_out or (torch.empty_like(a_re), torch.empty_like(a_im))  # (dense: a_re's GS is 1 or 2)
     dgs = _gate_step(da_re, H)

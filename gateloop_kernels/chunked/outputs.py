@@ -74,7 +74,8 @@ def _forward(q, k, v, a_re, a_im, h0, store_ht, BT, mode, prec, chunks=None, nse
                      dtype=torch.float32) if store_ht else None
     if trans and h0 is not None:
         h0 = h0.transpose(-1, -2).contiguous()
-    h, _ = _carried((k, v, h0, ht), None, a_re, a_im, gs, BT, mode, prec, trans_f=trans, chunks=chunks)
+    h, _ = _carried((k, v, h0, ht), None, a_re, a_im, gs, sqk, BT, mode, prec, trans_f=trans,
+                    chunks=chunks)
     o = v.new_empty(v.shape)  # dense, whatever v's step stride
     # num_stages=1: with the K loop software-pipelined (num_stages=2) Triton 3.6 miscompiled this kernel
     # on the H100 whenever the loop ran more than once: 7% output error in tf32 at (d, e) = (96, 160),

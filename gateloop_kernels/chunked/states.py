@@ -22,8 +22,7 @@ from torch import Tensor
 
 from .._custom_op import PlainOp
 from .._launch import Launcher
-from ..dtypes import dense
-from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _dims, _launch, _readable
+from .config import MODE_BF16, MODE_F32, _blocks, _cdiv, _cfg, _dims, _launch
 from .dots import _wide_dot
 from .gates import _end_decay, _ends, _gate_prefix, _span
 from .tiles import (_at, _chunk_span, _head, _load_state, _load_steps, _load_steps_T, _opens_closes, _seq_ends, _slot,
@@ -424,7 +423,7 @@ def _one_pass_pays(programs: int, NT: int, sms: int) -> bool:
     return 2 * programs >= sms or NT <= 2 * programs
 
 
-def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=None):
+def _carried(fwd, rev, a_re, a_im, gs, sqk, BT, mode, prec, trans_f=False, chunks=None):
     """Chunk states and/or adjoint states, each (B*H, NT, 2, K, V): ``fwd = (k, v, s0, sT)`` gives the states
     entering each chunk, ``rev = (q, dO, s0, sT)`` the adjoints of the states leaving each chunk (``s0``: the
     initial state / final-state gradient or None; ``sT``: where to store the final state / initial-state
@@ -441,8 +440,8 @@ def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=Non
     (docs/kernels.md section 1 has the timings of both forms.)
 
     ``chunks``: the chunk table of a packed batch (:func:`_chunk_table`; ``B = 1``), whose slots are the chunks;
-    ``s0``, ``sT`` then hold one state per sequence, (N, H, 2, K, V). k, v, q (and dO) are read in place where
-    :func:`.config._step_stride` allows (e.g. views of a fused projection), else from dense copies."""
+    ``s0``, ``sT`` then hold one state per sequence, (N, H, 2, K, V). ``sqk``: the step stride of k (and q) as
+    :func:`.config._readable` gave them to the launcher; v and dO dense."""
     x, y = (fwd or rev)[:2]
     B, n, H, K, V = _dims(x, y)
     BH, NT = B * H, (_cdiv(n, BT) if chunks is None else chunks.shape[0] // 4)
@@ -450,11 +449,6 @@ def _carried(fwd, rev, a_re, a_im, gs, BT, mode, prec, trans_f=False, chunks=Non
     jobs = (fwd is not None) + (rev is not None)
     f_x, f_y, f_s0, f_sT = fwd or (x, y, None, None)
     r_x, r_y, r_s0, r_sT = rev or (x, y, None, None)
-    if fwd is not None and rev is not None:  # (the backward: q and k as _readable gave them, one step stride)
-        r_x, f_x, sqk = _readable(r_x, f_x, H, K)
-    else:
-        f_x, r_x, sqk = _readable(f_x, r_x, H, K)
-    f_y, r_y = dense(f_y), dense(r_y)
     flags = dict(FWD=fwd is not None, BWD=rev is not None, HAS_S0_F=f_s0 is not None, STORE_ST_F=f_sT is not None,
                  HAS_S0_R=r_s0 is not None, STORE_ST_R=r_sT is not None)
 
