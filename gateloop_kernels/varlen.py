@@ -85,8 +85,9 @@ def _chunk_layout(cu_seqlens: Tensor, T: int, C: int) -> tuple[Tensor, int, Tens
     chunk_end = torch.cumsum(chunks_of, 0)
     first_chunk = chunk_end - chunks_of
     NC = T // C + N  # sum of ceil(l_i / C) over the sequences is at most this
-    # token t goes to its sequence's first chunk plus its position
-    slot = (first_chunk[sequence_ids(cu_seqlens, T)] * C + positions(cu_seqlens, T)).clamp(0, NC * C - 1)
+    # token t goes to its sequence's first chunk plus its position t - cu[seq] (positions() without a second search)
+    slot = ((first_chunk * C - cu[:-1])[sequence_ids(cu_seqlens, T)] + torch.arange(T, device=cu.device)).clamp(
+        0, NC * C - 1)
     chunk = torch.arange(NC, device=cu.device)
     owner = torch.searchsorted(chunk_end, chunk, right=True).clamp(max=N - 1)
     starts = (chunk == first_chunk[owner]) & (chunks_of[owner] > 0)
