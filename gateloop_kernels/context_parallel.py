@@ -356,7 +356,7 @@ def _exchange_descriptors(desc: list, device: torch.device, group, world: int, c
         mine[_INIT] = _fingerprint(_bits(init.detach()))
     out = mine.new_empty(world * DESCRIPTOR_LEN)
     _all_gather_single(out, mine, group)
-    return out.view(world, DESCRIPTOR_LEN).cpu()
+    return out.view(world, DESCRIPTOR_LEN)
 
 
 def report_failure(name: str, cp_group, device: torch.device) -> None:
@@ -397,10 +397,11 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
 
 def _agreed_table(name: str, desc: list, error: Optional[Exception], device: torch.device, cp_group,
                   world: int, cu: Optional[Tensor] = None, init: Optional[Tensor] = None) -> Tensor:
-    """All-gathers the descriptors (``(W, DESCRIPTOR_LEN)`` on the host; ``cu``: this rank's ``cu_seqlens``, whose
-    last entry and fingerprint it carries; ``init``: its initial state, whose fingerprint it carries) and raises,
-    on every rank, the first rank's local error or a disagreement."""
-    table = _exchange_descriptors(desc, device, cp_group, world, cu, init)
+    """All-gathers the descriptors (``cu``: this rank's ``cu_seqlens``, whose last entry and fingerprint it carries;
+    ``init``: its initial state, whose fingerprint it carries), raises, on every rank, the first rank's local error
+    or a disagreement, and returns them: ``(W, DESCRIPTOR_LEN)`` on ``device`` (read on the host once, here)."""
+    gathered = _exchange_descriptors(desc, device, cp_group, world, cu, init)
+    table = gathered.cpu()
     if error is not None:
         raise error
     failed = [j for j in range(world) if table[j, 0]]
@@ -418,7 +419,7 @@ def _agreed_table(name: str, desc: list, error: Optional[Exception], device: tor
                              "initial_state alike (the same values, requires_grad alike), need gradients alike, "
                              "and pass the same "
                              "cu_seqlens and output_final_state")
-    return table
+    return gathered
 
 
 def _fold(loc: _Local, packed: Tensor, cp_group, rank: int, world: int, device: torch.device,
@@ -585,16 +586,13 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         except Exception as exc:  # reported to every rank, so that no rank waits in a collective
             error = exc
         lengths = _agreed_table(name, desc, error, device, cp_group, world, None if error is not None else p.cu,
-                                None if error is not None else p.initial_state)[:, -1]
-        lo, total = int(lengths[:rank].sum()), int(lengths.sum())
-        lo = torch.full((1,), lo, dtype=torch.int64, device=device)
-        lengths = lengths.to(device)
+                                None if error is not None else p.initial_state)[:, -1]  # the device's copy
     else:
         p = prepare()
         mine = torch.full((1,), p.q.shape[1], dtype=torch.int64, device=device)  # a fill: no host-to-device copy
         lengths = mine.new_empty(world)
         _all_gather_single(lengths, mine, cp_group)
-        lo, total = lengths[:rank].sum()[None], lengths.sum()
+    lo, total = lengths[:rank].sum()[None], lengths.sum()
     _check_total(p.cu, total)
     q, e = p.q, p.e
     _, n, H, d = q.shape
