@@ -113,9 +113,14 @@ _PRIME = 2 ** 31 - 1  # the fingerprint's modulus
 _FAILED = [1] + [0] * (DESCRIPTOR_LEN - 1)  # the descriptor of a rank whose input failed its local checks
 
 
-def _init_grad(initial_state: Optional[Tensor]) -> int:
+def _descriptor(local: list, needs_grad: bool, initial_state: Optional[Tensor], n: int, sequences: int = -1,
+                want_final: bool = False) -> list:
+    """This rank's descriptor in ``_FIELDS``' order (``local``: the shape and dtype fields; ``sequences``: ``N``, -1
+    unpacked); :func:`_exchange_descriptors` writes the fingerprints and ``cu_seqlens[-1]`` on the device."""
     # each rank's copy gets only its share of the gradient: a rank without requires_grad would drop its share
-    return int(initial_state is not None and initial_state.requires_grad and torch.is_grad_enabled())
+    init_grad = initial_state is not None and initial_state.requires_grad and torch.is_grad_enabled()
+    return [0, *local, int(needs_grad), int(init_grad), sequences, int(want_final), 0 if sequences >= 0 else -1, 0,
+            0, n]
 
 
 def context_parallel_bytes(batch: int, heads: int, d: int, e: int, world_size: int,
@@ -385,8 +390,7 @@ def _split_scan(name: str, cp_group, local: Callable[[], _Local], device: torch.
     try:
         loc = local()
         packed = _pack(loc)
-        desc = [0, *loc.desc, int(packed.requires_grad), _init_grad(loc.initial_state), -1, 0, -1, 0, 0,
-                loc.q.shape[1]]
+        desc = _descriptor(loc.desc, packed.requires_grad, loc.initial_state, loc.q.shape[1])
     except Exception as exc:  # reported to every rank below, so that no rank waits in a collective
         error = exc
     _agreed_table(name, desc, error, device, cp_group, world,
@@ -581,8 +585,8 @@ def _packed_split(name: str, cp_group, prepare: Callable[[], _Packed], device: t
         desc = _FAILED
         try:
             p = prepare()
-            desc = [0, *p.desc, int(p.anchor is not None), _init_grad(p.initial_state), p.cu.shape[0] - 1,
-                    int(want_final), 0, 0, 0, p.q.shape[1]]
+            desc = _descriptor(p.desc, p.anchor is not None, p.initial_state, p.q.shape[1], p.cu.shape[0] - 1,
+                               want_final)
         except Exception as exc:  # reported to every rank, so that no rank waits in a collective
             error = exc
         lengths = _agreed_table(name, desc, error, device, cp_group, world, None if error is not None else p.cu,
