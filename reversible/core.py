@@ -35,6 +35,7 @@ node, what keeps the backward's memory flat in depth when ``.grad`` already hold
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -754,12 +755,16 @@ _NO_TRACE = ("a reversible stack's autograd nodes update its buffers in place, w
 
 
 def _no_trace(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run eagerly under torch.compile (a graph break; with ``fullgraph=True`` dynamo's error gives
-    :data:`_NO_TRACE`)."""
-    try:
-        return torch.compiler.disable(fn, reason=_NO_TRACE)
-    except TypeError:  # torch < 2.7 takes no reason
-        return torch.compiler.disable(fn)
+    """``fn`` run eagerly under torch.compile: a graph break, whose message with ``fullgraph=True`` is
+    :data:`_NO_TRACE`. Not ``torch.compiler.disable`` at import: that imports torch._dynamo (~1 s) with this
+    package, and dynamo cannot trace the call that makes it."""
+    @functools.wraps(fn)
+    def call(*args: Any) -> Any:
+        if torch.compiler.is_compiling():
+            torch._dynamo.graph_break(msg=_NO_TRACE)
+            return torch._dynamo.disable(fn)(*args)  # runs after the break, eagerly: no tracing inside fn
+        return fn(*args)
+    return call
 
 
 @_no_trace

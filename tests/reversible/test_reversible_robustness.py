@@ -1,6 +1,10 @@
 """User inputs a reversible stack must handle like plain autograd (or refuse clearly): closures that change
 between calls, stride-0 / non-contiguous inputs, empty batches, dtype mixes, inputs or parameters that do
 not need grad, non-finite values; a property test against plain autograd over shapes and dtypes."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -565,3 +569,12 @@ def test_non_leaf_coupling_params_get_their_gradients():
     torch.testing.assert_close(xr, xs.detach(), rtol=0, atol=1e-12)
     torch.testing.assert_close(dx, ref[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(w0.grad, ref[1], rtol=0, atol=1e-12)
+
+
+def test_import_leaves_dynamo_unloaded():
+    """``import reversible`` imported torch._dynamo (~1 s) since the reversible chain was wrapped in
+    ``torch.compiler.disable`` at import; the graph break is now made where torch.compile traces it."""
+    code = "import sys, reversible; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stdout + out.stderr
