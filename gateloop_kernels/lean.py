@@ -145,8 +145,9 @@ class _OneNode(torch.autograd.Function):
             dq, dk, dv = (cast(_sequences(g, 3), t) for g, t in zip((dq, dk, dv), ctx.dtypes))
             return None, dq, dk, dv, dg0, None, None
         if path == "chunked" and form == "complex" and g0.dtype == torch.complex64:
-            # the kernel writes the gradient's parts in place (element stride 2): no interleave afterwards
-            dg0 = torch.empty_like(g0)
+            # the kernel writes the gradient's parts in place (element stride 2): no interleave afterwards; dense,
+            # since empty_like keeps a permuted gate's strides (e.g. a (n, B) transpose), which the kernel cannot write
+            dg0 = torch.empty_like(g0, memory_format=torch.contiguous_format)
             da = _gate_parts(form, dg0, None)
             dq, dk, dv, *_ = _chunk_op.vjp_saved(ctx.saved, do, None, backward=backward_into(*da))
             dq, dk, dv = (cast(g, t) for g, t in zip((dq, dk, dv), ctx.dtypes))

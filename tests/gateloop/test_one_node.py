@@ -128,6 +128,27 @@ def test_operator_one_node_chunked_one_head_layout(kernels_on, device, gate):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [1, 16])
+def test_operator_one_node_transposed_complex_gate(kernels_on, device, d):
+    """A complex gate that is dense but permuted (a transposed ``(n, B, 1, 1)`` tensor, strides ``(1, B, 1, 1)``):
+    the chunked backward writes the gate's gradient into a buffer of its own (empty_like kept the gate's strides, a
+    layout the kernel cannot write: it raised), with the general path's results and the float64 reference's."""
+    kernels_on(device)
+    B, n = 3, 21
+    qkv = torch.randn(B, n, 3 * d, device=device, requires_grad=True)
+    a = torch.polar(0.6 + 0.35 * torch.rand(n, B, 1, 1, device=device),
+                    torch.randn(n, B, 1, 1, device=device)).transpose(0, 1).detach().requires_grad_()
+    g = torch.randn(B, n, d, device=device)
+    out = gk.gate_loop_operator(*qkv.chunk(3, -1), a, chunk_size=16)
+    assert type(out.grad_fn).__name__ == "_OneNodeBackward"
+    ref, _ = gk.gate_loop_operator(*qkv.chunk(3, -1), a, chunk_size=16, return_final_state=True)
+    want = R.sequential_reference(*qkv.detach().double().chunk(3, -1), a.detach().to(torch.complex128))
+    assert rel_err(out, ref) <= 1e-6 and rel_err(out, want) <= 1e-5
+    for x, y in zip(_grads(out, [qkv, a], g), _grads(ref, [qkv, a], g)):
+        assert x.shape == y.shape and rel_err(x, y) <= 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d, form, packed", [(1, "z", False), (16, "polar", False), (16, "z", True),
                                              (1, "polar", True)])
 def test_heads_is_one_node_with_the_general_paths_results(kernels_on, device, d, form, packed):
