@@ -119,6 +119,10 @@ class _OneNode(torch.autograd.Function):
             a_im = torch.zeros_like(a_re) if a_im is None else a_im
             args = op_args(*x, a_re, a_im, None, False, precision, chunk_size, cu_seqlens)
             (o, _), saved = _chunk_op.forward_saved(*args)
+        # what the backward reads goes through autograd's saved tensors (q, k may be views of a fused projection,
+        # z is read again): an in-place change after this call raises there, as in plain autograd, not a wrong gradient
+        ctx.save_for_backward(*saved.saved_tensors, g0 if form == "z" else None)
+        saved.saved_tensors = ()
         ctx.spec, ctx.saved = spec, saved
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         ctx.gate = (g0, g1, a_re, a_im) if form == "polar" else (g0, g1, None, None)
@@ -130,6 +134,7 @@ class _OneNode(torch.autograd.Function):
     @first_order("gate_loop_operator / gate_loop_heads")  # the kernels record no graph: a 2nd derivative raises
     def backward(ctx, do):  # type: ignore[override]
         entry, form, path, dt, _, _ = ctx.spec
+        ctx.saved.saved_tensors = ctx.saved_tensors[:-1]  # (autograd's version check: raises after an in-place change)
         if entry == "operator" and path == "elementwise":
             do = _channels(do)
         elif entry == "heads" and path == "elementwise":

@@ -149,6 +149,34 @@ def test_operator_one_node_transposed_complex_gate(kernels_on, device, d):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry, d", [("operator", 16), ("heads", 16), ("operator", 1), ("heads", 1)])
+def test_one_node_inplace_change_after_forward_raises(kernels_on, device, entry, d):
+    """The one node's backward reads q, k (at d >= 16 in place: views of the fused projection), v, the gate planes
+    and z as autograd's saved tensors: an in-place change to one of them, or to their base, between the forward and
+    the backward raises as in plain autograd (the general path's), instead of a silently wrong gradient."""
+    kernels_on(device)
+    B, n, H = 2, 21, 2
+    shape = (B, n, 3 * d) if entry == "operator" else (B, n, 3 * H * d)
+
+    def call(qkv, gate):
+        if entry == "operator":
+            return gk.gate_loop_operator(*qkv.chunk(3, -1), gate, chunk_size=16)
+        return gk.gate_loop_heads(*(t.unflatten(-1, (H, d)) for t in qkv.chunk(3, -1)), z=gate, chunk_size=16)[0]
+    for changed in ("qkv", "gate"):
+        x = torch.randn(shape, device=device, requires_grad=True)
+        zl = torch.randn(B, n, *((1, 1) if entry == "operator" else (H, 2)), device=device, requires_grad=True)
+        qkv, gate = x * 1.0, zl * 1.0  # non-leaves (a projection's output, the gate's)
+        if entry == "operator":
+            gate = torch.polar(0.6 + 0.35 * torch.sigmoid(gate), gate)
+        out = call(qkv, gate)
+        assert type(out.grad_fn).__name__ == "_OneNodeBackward"
+        with torch.no_grad():
+            (qkv if changed == "qkv" else gate).mul_(2)
+        with pytest.raises(RuntimeError, match="modified (by an )?inplace"):
+            torch.autograd.grad(out.sum(), [x, zl])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d, form, packed", [(1, "z", False), (16, "polar", False), (16, "z", True),
                                              (1, "polar", True)])
 def test_heads_is_one_node_with_the_general_paths_results(kernels_on, device, d, form, packed):
