@@ -5,6 +5,7 @@
   :func:`wall_times` and :class:`Timer` time on the host where there is no GPU (or around whole steps).
 * :func:`rel_err`: relative error of a result against its oracle (``inf`` where the result is not finite).
 * :func:`environment`: GPU, driver, torch and Triton versions, commit and date of a run, for every row.
+* :func:`backward_thread` / ``--calling-thread``: where a benchmark's backwards run.
 * :func:`record`: appends result rows (:mod:`bench.results`) to ``bench/results/<benchmark>.jsonl``.
 * The floors' ceilings are :func:`bench._ceilings.ceilings` (re-exported here).
 """
@@ -151,6 +152,29 @@ def add_record_argument(p) -> None:
                    help="append the result rows to bench/results/<benchmark>.jsonl (the default on a GPU)")
     p.add_argument("--no-record", dest="record", action="store_false",
                    help="do not append result rows (the default on a CPU)")
+
+
+def add_thread_argument(p) -> None:
+    """``--calling-thread`` on a benchmark's parser (see :func:`backward_thread`)."""
+    p.add_argument("--calling-thread", action="store_true",
+                   help="run every backward on the calling thread (torch.autograd.set_multithreading_enabled(False)), "
+                        "not on autograd's device thread; rows say so in impl")
+
+
+def backward_thread(calling: bool):
+    """The context a benchmark times its calls in: PyTorch runs the backward of CUDA tensors on a per-device thread
+    (a hand-off and cold caches per backward), which ``calling=True`` avoids (docs/kernels.md section 5)."""
+    return torch.autograd.set_multithreading_enabled(not calling)
+
+
+def thread_rows(rows: list[dict], calling: bool) -> list[dict]:
+    """``rows`` with ``impl`` naming the calling thread where ``calling`` (the rows of the two modes stay apart); the
+    floors (``impl`` "... floor": no call timed) as they are."""
+    from bench import results
+    if not calling:
+        return rows
+    return [r if r["impl"].endswith(" floor") else
+            results.validate(dict(r, impl=f"{r['impl']} (backward on the calling thread)")) for r in rows]
 
 
 def record(benchmark: str, rows: list[dict], flag: Optional[bool], log: Callable[[str], None] = print,

@@ -168,9 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the model at batch B x T tokens only (repeatable; default: " +
                    ", ".join(f"{b}x{t}" for b, t in MODEL_SHAPES) + ")")
     p.add_argument("--profile", action="store_true", help="print the host profile and kernels of each case")
-    p.add_argument("--calling-thread", action="store_true",
-                   help="run every backward on the calling thread (torch.autograd.set_multithreading_enabled(False)), "
-                        "not on autograd's device thread; rows say so in impl")
+    harness.add_thread_argument(p)
     harness.add_record_argument(p)
     return p
 
@@ -183,9 +181,7 @@ def main(argv: list[str]) -> None:
     env = harness.environment()
     _log(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}"
          + (", backward on the calling thread" if args.calling_thread else ""))
-    # PyTorch runs the backward of CUDA tensors on a per-device thread: a hand-off and cold caches per backward, which
-    # set_multithreading_enabled(False) avoids (docs/kernels.md section 5)
-    with torch.autograd.set_multithreading_enabled(not args.calling_thread):
+    with harness.backward_thread(args.calling_thread):
         ops = [] if args.model_only else [run_case(*c, profile=args.profile) for c in CASES]
         rows = result_rows(ops, env)
         if args.model or args.model_only:
@@ -193,6 +189,4 @@ def main(argv: list[str]) -> None:
             shapes = args.shape or (MODEL_SHAPES[:2] if args.quick else MODEL_SHAPES)
             mrows = model_rows(shapes, args.profile)
             rows += [dict(r, benchmark="overhead") for r in model_result_rows(mrows, env)]
-    if args.calling_thread:
-        rows = [results.validate(dict(r, impl=f"{r['impl']} (backward on the calling thread)")) for r in rows]
-    harness.record("overhead", rows, args.record, log=_log)
+    harness.record("overhead", harness.thread_rows(rows, args.calling_thread), args.record, log=_log)

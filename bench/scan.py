@@ -18,7 +18,8 @@ Each result is checked against a float64 oracle before it is timed. Prints a tab
 each input read once and each output written once, over the copy bandwidth measured on the device at the
 start (``bench/_ceilings.py``). On a GPU the figures are also appended as result rows to
 ``bench/results/scan.jsonl`` (``--no-record`` skips that; ``python -m bench render`` draws them).
-On a machine without CUDA it runs tiny sizes through the reference only, and says so.
+On a machine without CUDA it runs tiny sizes through the reference only, and says so. ``--calling-thread`` runs
+every implementation's backward on the calling thread (rows say so in ``impl``; the chunked scan's run is unchanged).
 Afterwards runs ``bench.scan_chunked`` (unless ``--no-chunked``), whose options it accepts too.
 """
 from __future__ import annotations
@@ -351,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "defaults, with --quick, --out and --record: python -m bench.varlen --help for its own options")
     p.add_argument("--profile", action="store_true", help="host overheads and per-kernel device times first "
                    "(the chunked scan: per-kernel times of one fwd+bwd)")
+    harness.add_thread_argument(p)
     harness.add_record_argument(p)
     return p
 
@@ -369,7 +371,8 @@ def main(argv: list[str]) -> None:
         shapes = [(4096, 2048), (64, 1024)]
         if not args.quick:
             shapes += [(TOTAL // n, n) for n in (1024, 16384, 262144, 1 << 20)]
-        _log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+        _log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}"
+             + (", backward on the calling thread" if args.calling_thread else ""))
         _log(describe(ceilings()))
     else:
         shapes = [(16, 256), (4, 1024)]
@@ -381,9 +384,10 @@ def main(argv: list[str]) -> None:
     if cuda and args.sweep:
         _sweep_tiles()
     rows = []
-    for BH, n in shapes:
-        for dtype in (torch.float32, torch.bfloat16):
-            rows += run_case(BH, n, dtype, device, check_grads=BH * n <= TOTAL)
+    with harness.backward_thread(args.calling_thread):  # every implementation's backward alike
+        for BH, n in shapes:
+            for dtype in (torch.float32, torch.bfloat16):
+                rows += run_case(BH, n, dtype, device, check_grads=BH * n <= TOTAL)
     print(_table(rows), flush=True)
     os.makedirs(args.out, exist_ok=True)
     env = harness.environment()
@@ -393,7 +397,7 @@ def main(argv: list[str]) -> None:
     with open(os.path.join(args.out, "scan.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     _log(f"json: {os.path.join(args.out, 'scan.json')}")
-    harness.record("scan", result_rows(rows, env), args.record, log=_log)
+    harness.record("scan", harness.thread_rows(result_rows(rows, env), args.calling_thread), args.record, log=_log)
     _plot(rows, os.path.join(args.out, "scan.png"), f"{meta['device']}, torch {meta['torch']}" +
           ("" if cuda else ": the PyTorch reference on tiny sizes, not kernel timings"))
     if not args.no_chunked:

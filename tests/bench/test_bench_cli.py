@@ -289,3 +289,25 @@ def test_overhead_calling_thread_rows_say_so(monkeypatch):
     assert seen == [False, True]
     impls = [r["impl"] for r in recorded]
     assert impls[:4] == ["ours (backward on the calling thread)"] * 4 and impls[4:] == ["ours"] * 4
+
+
+def test_scan_calling_thread_rows_say_so(monkeypatch, tmp_path):
+    """``bench scan --calling-thread`` times every implementation (ours and the peers alike) with autograd's
+    multithreading off and marks every row's impl, as ``bench overhead`` does (the drop-in's comparison with
+    accelerated-scan in both modes)."""
+    from bench import harness, scan
+    seen, recorded = [], []
+
+    def fake_case(BH, n, dtype, device, check_grads=True):
+        seen.append(torch._C._is_multithreading_enabled())
+        return [{"impl": "accel-scan", "BH": BH, "n": n, "d": 1, "dtype": "float32", "fwd_ms": 1.0, "fwdbwd_ms": 2.0,
+                 "fwd_floor_ms": 0.5, "fwdbwd_floor_ms": 1.0, "fwd_GBps": 1.0, "fwdbwd_GBps": 1.0,
+                 "fwd_frac_floor": 0.5, "fwdbwd_frac_floor": 0.5, "rel_err_fwd": 0.0}]
+    monkeypatch.setattr(scan, "run_case", fake_case)
+    monkeypatch.setattr(scan, "_plot", lambda *a, **k: None)
+    monkeypatch.setattr(harness, "record", lambda bench, rows, flag, log=None: recorded.append(rows))
+    for extra in (["--calling-thread"], []):
+        scan.main(["--quick", "--no-chunked", "--no-record", "--out", str(tmp_path)] + extra)
+    assert seen == [False] * 4 + [True] * 4
+    with_thread, default = ({r["impl"] for r in rows if r["impl"] != "bytes floor"} for rows in recorded)
+    assert with_thread == {"accel-scan (backward on the calling thread)"} and default == {"accel-scan"}
