@@ -1,4 +1,6 @@
 """``bench/model.py``'s table and result rows (no model runs here)."""
+import torch
+
 from bench import model as bench_model
 from bench import results
 
@@ -31,3 +33,17 @@ def test_result_rows_carry_tokens_per_second_with_spread_and_skip_failed_configu
     assert by["tokens_per_s"]["shape"] == {"batch": 8, "seq": 2048, "dim": 512, "depth": 6, "head_dim": 64}
     for r in out:
         results.validate(r)
+
+
+def test_count_syncs_ignores_the_debug_modes_own_warning(monkeypatch):
+    """``set_sync_debug_mode("warn")`` warns once per process that it is a prototype feature ("Synchronization debug
+    mode ..."): counted as a synchronisation, it put one a step on whichever model was measured first (the docs then
+    read it as ours' one-time initialisation). Only the synchronising calls' own warnings count."""
+    import warnings
+
+    from bench import model
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda mode: mode == "warn" and warnings.warn(
+        "Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations"))
+    assert model.count_syncs(lambda: None) == 0
+    assert model.count_syncs(lambda: warnings.warn("called a synchronizing CUDA operation")) == 1
