@@ -152,6 +152,8 @@ def _gate_step(a: Tensor, H: int) -> Optional[int]:
     """The element stride ``GS`` the kernels read a ``(B, n, H)`` float32 gate plane with: 1 for a dense plane, 2 for
     a complex tensor's real or imaginary parts in place (strides ``(n H GS, H GS, GS)``, size-1 dims aside); None
     for any other layout."""
+    if a.is_contiguous():  # (the common case, one cheap check: op_args and every launcher ask)
+        return 1
     for gs in (1, 2):
         if all(st == want for st, want, size in zip(a.stride(), (a.shape[1] * H * gs, H * gs, gs), a.shape)
                if size > 1):
