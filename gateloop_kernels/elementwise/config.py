@@ -48,13 +48,31 @@ def _needs_int64(*ts: Tensor) -> bool:
 
 def _num_segments(n: int, block_t: int) -> int:
     """Tiles (segments) of ``block_t`` steps along ``n``, at least one."""
-    return max(1, -(-n // block_t))
+    if isinstance(n, int):
+        return max(1, -(-n // block_t))
+    return torch.sym_max(1, -(-n // block_t))  # a symbolic n (fake implementations): no guard on its value
+
+
+def _table_carry_t(C: int) -> int:
+    """The backward's ``BLOCK_T`` in the table for ``C`` channels (:func:`tile_config`'s before its cut to ``n``)
+    without ``int(C)``: ``C`` is compared only at the tile widths where that ``BLOCK_T`` changes, so a symbolic
+    ``C`` (a fake implementation's under torch.compile's dynamic shapes) is guarded to a range, not specialized."""
+    if C >= 32:
+        return WIDE_BWD[0]
+    block_t, block_c, warps = NARROW
+    steps = 16 * 32 * warps  # tile_config's bound on a narrow tile's steps x channels
+    p = 1  # min(block_c, next_pow2(C)), or a narrower width of the same BLOCK_T
+    while p < block_c and (min(block_t, steps // (2 * p)) == min(block_t, steps // p) or p < C):
+        p *= 2
+    return min(block_t, steps // p)
 
 
 def carries_numel(B: int, n: int, C: int, carry_t: Optional[int] = None) -> int:
     """Number of float32 of the forward's ``carries`` (the state after every ``carry_t`` steps, real and
     imaginary planes; ``carry_t`` defaults to the backward's ``BLOCK_T``)."""
-    carry_t = carry_t or tile_config(n, C, backward=True)[0]
+    # the table's BLOCK_T, not tile_config's cut to n: the cut only shortens a tile that n fits in (one segment
+    # either way), and a fake implementation's n must stay symbolic (no recompile per length under torch.compile)
+    carry_t = carry_t or _table_carry_t(C)
     return _num_segments(n, carry_t) * 2 * B * C
 
 

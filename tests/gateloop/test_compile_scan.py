@@ -98,3 +98,38 @@ def test_eager_path_is_the_custom_op():
     h0 = torch.randn(B, H, 2, d, d, device=DEV)
     leaves = [t.requires_grad_() for t in (q, k, v, ar, ai, h0)] + [True, "tf32x3", 16]
     _same_grads(_chunk_op.eager.apply, _chunk_op.op, leaves)
+
+
+def test_compile_dynamic_lengths_one_graph(monkeypatch):
+    """torch.compile(dynamic=True) over the head-dim-1 kernel path compiles once for every length and batch size of
+    one tile-width range: the elementwise op's fake implementation sized its ``carries`` through ``int(n)`` and
+    ``int(C)`` (the tile table's powers of two), which specialized the length and the channels (the operator's batch)
+    and recompiled at each new length. Outputs and gradients are the eager call's."""
+    from gateloop_kernels import dispatch
+    from gateloop_kernels.elementwise import op as ew_op
+    from helpers.kernels import HAS_CUDA, INTERPRET
+    if not (HAS_CUDA or INTERPRET):
+        pytest.skip("the CPU runs the kernels only under TRITON_INTERPRET=1")
+    if DEV == "cpu":
+        monkeypatch.setattr(dispatch, "KERNEL_DEVICES", ("cuda", "cpu"))
+        monkeypatch.setattr(ew_op, "KERNEL_DEVICES", ("cuda", "cpu"))
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    f = lambda *t: G.gate_loop_operator(*t)  # noqa: E731
+    compiled = torch.compile(f, dynamic=True, fullgraph=True, backend=backend)
+    for B, n in ((3, 17), (3, 33), (4, 64), (2, 100)):
+        q, k, v = (torch.randn(B, n, 1, device=DEV, requires_grad=True) for _ in range(3))
+        a = torch.polar(0.5 + 0.5 * torch.rand(B, n, 1, 1, device=DEV),
+                        torch.randn(B, n, 1, 1, device=DEV)).requires_grad_()
+        got, ref = compiled(q, k, v, a), f(q, k, v, a)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(ref)
+        for x, y in zip(torch.autograd.grad(got, [q, k, v, a], g), torch.autograd.grad(ref, [q, k, v, a], g)):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
