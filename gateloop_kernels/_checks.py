@@ -297,8 +297,10 @@ def check_cu_seqlens(cu_seqlens: Tensor, B: int, T: int, device: torch.device) -
         if (cu_seqlens[1:] < cu_seqlens[:-1]).any():
             raise ValueError(f"cu_seqlens must be non-decreasing (sequence lengths >= 0), got {cu_seqlens.tolist()}")
     else:
+        # no T's value in a traced message: formatting a symbolic T (torch.compile's dynamic shapes) specializes it
+        end = "the inputs' number of tokens" if torch.compiler.is_compiling() else f"T = {T}"
         torch._assert_async(boundaries_ok(cu_seqlens, T), f"cu_seqlens must start at 0, be non-decreasing and end at "
-                                                          f"T = {T}")
+                                                          f"{end}")
     return N
 
 

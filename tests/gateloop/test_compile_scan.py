@@ -133,3 +133,32 @@ def test_compile_dynamic_lengths_one_graph(monkeypatch):
         for x, y in zip(torch.autograd.grad(got, [q, k, v, a], g), torch.autograd.grad(ref, [q, k, v, a], g)):
             assert torch.allclose(x, y, rtol=1e-5, atol=1e-5)
     assert len(graphs) == 1
+
+
+def test_compile_dynamic_packed_lengths_one_graph():
+    """torch.compile(dynamic=True) over packed sequences (``cu_seqlens``) compiles once for every total length:
+    check_cu_seqlens formatted the symbolic ``T`` into its device-side assertion's message, which specialized it
+    (a recompile per length). Outputs, final states and gradients are the eager call's."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    def f(q, k, v, z, cu):
+        o, s = G.gate_loop_heads(q, k, v, z=z, cu_seqlens=cu, output_final_state=True)
+        return o, torch.view_as_real(s)
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True, backend=backend)
+    for T, cuts in ((17, (5, 5)), (33, (10, 30)), (64, (1, 40))):
+        q, k, v = (torch.randn(1, T, 2, 1, device=DEV, requires_grad=True) for _ in range(3))
+        z = torch.randn(1, T, 2, 2, device=DEV, requires_grad=True)
+        cu = torch.tensor((0, *cuts, T), device=DEV, dtype=torch.int32)
+        got, ref = compiled(q, k, v, z, cu), f(q, k, v, z, cu)
+        gs = [torch.randn_like(r) for r in ref]
+        for x, y in zip(list(got) + list(torch.autograd.grad(got, [q, k, v, z], gs)),
+                        list(ref) + list(torch.autograd.grad(ref, [q, k, v, z], gs))):
+            assert torch.allclose(x, y, rtol=1e-5, atol=1e-5)
+    assert len(graphs) == 1
