@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 
+import gateloop_kernels as gk
 from gateloop_kernels import decode as D
 from gateloop_kernels import layers as L
 
@@ -668,3 +669,39 @@ def test_failed_capture_falls_back(monkeypatch):
     with torch.no_grad(), pytest.warns(UserWarning, match="capture failed .*not permitted.*decoding eagerly"):
         assert G._captured_step(step, x[:, 5:6], cache) is None
     assert [c.length for c in cache.layers] == [5, 5]
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["bf16", "bf16-autocast-layer"])
+def test_simple_cache_keeps_float32_state_in_bf16(amp):
+    """Found by a serving probe: ``simple_gate_loop_operator`` returned its cache rounded to the inputs' dtype, so bf16
+    decoding (a bf16 model or autocast) one token at a time added each ``kv`` to a bf16 state: at a gate of 1 (where a
+    bf16 sigmoid saturates) the state stopped at 256 (``kv = 1`` is half its bf16 spacing there) while one call over
+    the same 300 tokens reached 300. The cache keeps the scan's float32 state: token by token equals one call."""
+    T = 300
+    if amp:  # the layer under autocast, its gate saturated (sigmoid(20) is 1 in bf16), kv from the projection
+        layer = L.SimpleGateLoopLayer(4)
+        with torch.no_grad():
+            w = layer.to_qkva[0].weight
+            w.zero_()
+            w[:4] = w[4:8] = torch.eye(4)  # q = kv = the normed input
+            w[8:, 0] = 20.0
+        x = torch.ones(1, T, 4)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            full = layer(x)
+            out, cache = layer(x[:, :1], return_cache=True)
+            outs = [out]
+            for t in range(1, T):
+                o, cache = layer(x[:, t:t + 1], cache=cache, return_cache=True)
+                outs.append(o)
+    else:
+        q = a = torch.ones(1, T, 3, dtype=torch.bfloat16)
+        kv = torch.ones(1, T, 3, dtype=torch.bfloat16)
+        full, _ = gk.simple_gate_loop_operator(q, kv, a)
+        cache, outs = None, []
+        for t in range(T):
+            o, cache = gk.simple_gate_loop_operator(q[:, t:t + 1], kv[:, t:t + 1], a[:, t:t + 1], cache=cache)
+            outs.append(o)
+        assert all(c.dtype == torch.float32 for c in cache)
+    got = torch.cat(outs, dim=1)
+    assert full.dtype == got.dtype == torch.bfloat16
+    assert (got.float() - full.float()).abs().max() <= 1e-2 * full.float().abs().max()
