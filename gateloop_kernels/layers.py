@@ -20,6 +20,7 @@ target crosses a boundary, so a packed batch computes exactly what its documents
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any, Optional
 
@@ -820,6 +821,17 @@ class TransformerCache:
             raise TypeError(f"cache was made for {self.dtype}, the model is {dtype}")
         for i, layer in enumerate(self.layers):  # all before any block runs: a failing one would leave others updated
             _check_not_inference(f"cache.layers[{i}]", layer)
+
+    def __deepcopy__(self, memo: dict) -> "TransformerCache":
+        """A branch for the same model: the layer caches copied, the model referred to as before."""
+        other = object.__new__(TransformerCache)
+        other.__dict__.update(self.__dict__, layers=copy.deepcopy(self.layers, memo))
+        return other
+
+    def __getstate__(self) -> dict:
+        # pickling reached the model's weak reference and failed with "cannot pickle 'weakref.ReferenceType'"
+        raise TypeError("a TransformerCache refers to its model and is not saved: save cache.layers (plus batch_size "
+                        "and dtype) and rebuild it with TransformerCache(model, layers, batch_size, dtype)")
 
 
 class _Branch(Module):

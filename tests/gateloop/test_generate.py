@@ -705,3 +705,25 @@ def test_simple_cache_keeps_float32_state_in_bf16(amp):
     got = torch.cat(outs, dim=1)
     assert full.dtype == got.dtype == torch.bfloat16
     assert (got.float() - full.float()).abs().max() <= 1e-2 * full.float().abs().max()
+
+
+def test_cache_save_named_and_rebuilt_from_its_layers():
+    """Found by a serving probe: ``torch.save(cache)`` failed with "cannot pickle 'weakref.ReferenceType' object"
+    (the cache refers to its model weakly), naming no way out. Now a TypeError that names it; the layers saved and
+    loaded, rebuilt into a cache for the model, continue the sequences as the original cache does."""
+    import io
+
+    model = _model(CONFIGS["hd8-noswish-subln"])
+    x = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        _, cache = model(x[:, :5], return_cache=True)
+        with pytest.raises(TypeError, match=r"save cache.layers .*TransformerCache\(model, layers, batch_size, dtype\)"):
+            torch.save(cache, io.BytesIO())
+        buf = io.BytesIO()
+        torch.save(cache.layers, buf)
+        buf.seek(0)
+        rebuilt = gk.TransformerCache(model, torch.load(buf), cache.batch_size, cache.dtype)
+        branch = copy.deepcopy(cache)  # deepcopy still branches (the model referred to, the layers copied)
+        want = model(x)[:, 5:]
+        for c in (rebuilt, branch, cache):
+            assert _max_rel(model(x[:, 5:], cache=c), want) < 1e-10
