@@ -252,12 +252,15 @@ class CausalFullAttention(Module):
             z = self._heads(z).unflatten(-1, (-1, 2))  # (b, h, n, d/2, 2): (re, im) per feature pair
             if ablate_complex:
                 z = torch.stack([z[..., 0], torch.zeros_like(z[..., 0])], dim=-1)
+            if z.dtype in (torch.bfloat16, torch.float16):  # torch.polar takes no 16-bit parts (bf16 parameters)
+                z = z.float()
             a = torch.polar(torch.linalg.vector_norm(z, dim=-1).sigmoid(), torch.atan2(z[..., 1], z[..., 0]))
             # the seed's cumulative product runs over the feature pairs (dim -2 of its (..., d/2, 1)
             # tensor), not over time; kept as is so that trained weights mean the same thing
             cum_real = a.cumprod(dim=-1).real.clamp(min=1e-10)[..., None]
-            q = (q.unflatten(-1, (-1, 2)) * cum_real).flatten(-2)
-            k = (k.unflatten(-1, (-1, 2)) / cum_real).flatten(-2)
+            # back in q's dtype, as autocast's attention would take them (a float32 q beside a bf16 v raised)
+            q = (q.unflatten(-1, (-1, 2)) * cum_real).flatten(-2).to(q.dtype)
+            k = (k.unflatten(-1, (-1, 2)) / cum_real).flatten(-2).to(k.dtype)
         mask = None
         if cu_seqlens is not None:
             seq = sequence_ids(cu_seqlens, n)
