@@ -5,17 +5,18 @@
   :func:`wall_times` and :class:`Timer` time on the host where there is no GPU (or around whole steps).
 * :func:`rel_err`: relative error of a result against its oracle (``inf`` where the result is not finite).
 * :func:`environment`: GPU, driver, torch and Triton versions, commit and date of a run, for every row.
-* :func:`backward_thread` / ``--calling-thread``: where a benchmark's backwards run.
+* :func:`backward_thread` / ``--calling-thread`` / ``--pin-core``: where a benchmark's backwards run.
 * :func:`record`: appends result rows (:mod:`bench.results`) to ``bench/results/<benchmark>.jsonl``.
 * The floors' ceilings are :func:`bench._ceilings.ceilings` (re-exported here).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import statistics
 import subprocess
 import time
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -154,27 +155,54 @@ def add_record_argument(p) -> None:
                    help="do not append result rows (the default on a CPU)")
 
 
+def _core(text: str) -> int:
+    """``--pin-core N``: a core this process may run on, else the command's usage error."""
+    import argparse
+    import os
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not text.isdigit() or int(text) not in allowed:
+        raise argparse.ArgumentTypeError(f"must be one of this process's cores {allowed}, got {text!r}")
+    return int(text)
+
+
 def add_thread_argument(p) -> None:
-    """``--calling-thread`` on a benchmark's parser (see :func:`backward_thread`)."""
+    """``--calling-thread`` and ``--pin-core`` on a benchmark's parser (see :func:`backward_thread`)."""
     p.add_argument("--calling-thread", action="store_true",
                    help="run every backward on the calling thread (torch.autograd.set_multithreading_enabled(False)), "
                         "not on autograd's device thread; rows say so in impl")
+    p.add_argument("--pin-core", type=_core, metavar="N",
+                   help="pin the timing thread, and the autograd device thread its first backward starts, to core N "
+                        "(os.sched_setaffinity; Linux): the backward's hand-off then stays on one core; rows say so")
 
 
-def backward_thread(calling: bool):
-    """The context a benchmark times its calls in: PyTorch runs the backward of CUDA tensors on a per-device thread
-    (a hand-off and cold caches per backward), which ``calling=True`` avoids (docs/kernels.md section 5)."""
-    return torch.autograd.set_multithreading_enabled(not calling)
+@contextlib.contextmanager
+def backward_thread(args) -> Iterator[None]:
+    """The context a benchmark times its calls in (``args``: :func:`add_thread_argument`'s options). PyTorch runs the
+    backward of CUDA tensors on a per-device thread on another core (a hand-off and cold caches per backward), which
+    ``--calling-thread`` avoids and ``--pin-core`` keeps on one core (docs/kernels.md section 5). The device thread
+    is started by a process's first backward and keeps the mask it started with."""
+    import os
+    before = None
+    if args.pin_core is not None:
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {args.pin_core})  # pid 0: this thread (Linux); threads it starts inherit the mask
+    try:
+        with torch.autograd.set_multithreading_enabled(not args.calling_thread):
+            yield
+    finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
 
 
-def thread_rows(rows: list[dict], calling: bool) -> list[dict]:
-    """``rows`` with ``impl`` naming the calling thread where ``calling`` (the rows of the two modes stay apart); the
-    floors (``impl`` "... floor": no call timed) as they are."""
+def thread_rows(rows: list[dict], args) -> list[dict]:
+    """``rows`` with ``impl`` naming the thread options in ``args`` (the rows of each mode stay apart); the floors
+    (``impl`` "... floor": no call timed) as they are."""
     from bench import results
-    if not calling:
+    suffix = ((" (backward on the calling thread)" if args.calling_thread else "")
+              + (" (threads pinned to one core)" if args.pin_core is not None else ""))
+    if not suffix:
         return rows
-    return [r if r["impl"].endswith(" floor") else
-            results.validate(dict(r, impl=f"{r['impl']} (backward on the calling thread)")) for r in rows]
+    return [r if r["impl"].endswith(" floor") else results.validate(dict(r, impl=r["impl"] + suffix)) for r in rows]
 
 
 def record(benchmark: str, rows: list[dict], flag: Optional[bool], log: Callable[[str], None] = print,

@@ -13,7 +13,8 @@ The issue-20 targets: eager <= device + 0.15 ms. ``--model`` adds training steps
 (head dims 64 and 1) against the same model with softmax attention through SDPA (``CausalFullAttention``),
 bf16 autocast and float32, tokens/s in one run. ``--profile`` prints the host-side profile of one call per case and,
 with ``--model``, each step's kernel device time beside its wall time (host-bound or device-bound).
-``--calling-thread`` runs every backward on the calling thread instead of autograd's device thread (rows say so).
+``--calling-thread`` runs every backward on the calling thread instead of autograd's device thread, ``--pin-core N``
+keeps the timing thread and the device thread on core N (rows say so).
 On a GPU the figures are appended as rows to ``bench/results/overhead.jsonl`` (``--no-record`` skips that).
 """
 from __future__ import annotations
@@ -180,8 +181,9 @@ def main(argv: list[str]) -> None:
         return
     env = harness.environment()
     _log(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}"
-         + (", backward on the calling thread" if args.calling_thread else ""))
-    with harness.backward_thread(args.calling_thread):
+         + (", backward on the calling thread" if args.calling_thread else "")
+         + (f", threads pinned to core {args.pin_core}" if args.pin_core is not None else ""))
+    with harness.backward_thread(args):
         ops = [] if args.model_only else [run_case(*c, profile=args.profile) for c in CASES]
         rows = result_rows(ops, env)
         if args.model or args.model_only:
@@ -189,4 +191,4 @@ def main(argv: list[str]) -> None:
             shapes = args.shape or (MODEL_SHAPES[:2] if args.quick else MODEL_SHAPES)
             mrows = model_rows(shapes, args.profile)
             rows += [dict(r, benchmark="overhead") for r in model_result_rows(mrows, env)]
-    harness.record("overhead", harness.thread_rows(rows, args.calling_thread), args.record, log=_log)
+    harness.record("overhead", harness.thread_rows(rows, args), args.record, log=_log)

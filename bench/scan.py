@@ -19,7 +19,8 @@ each input read once and each output written once, over the copy bandwidth measu
 start (``bench/_ceilings.py``). On a GPU the figures are also appended as result rows to
 ``bench/results/scan.jsonl`` (``--no-record`` skips that; ``python -m bench render`` draws them).
 On a machine without CUDA it runs tiny sizes through the reference only, and says so. ``--calling-thread`` runs
-every implementation's backward on the calling thread (rows say so in ``impl``; the chunked scan's run is unchanged).
+every implementation's backward on the calling thread, ``--pin-core N`` keeps it on autograd's device thread with both
+threads on core N (rows say so in ``impl``; the chunked scan's run is unchanged).
 Afterwards runs ``bench.scan_chunked`` (unless ``--no-chunked``), whose options it accepts too.
 """
 from __future__ import annotations
@@ -372,7 +373,8 @@ def main(argv: list[str]) -> None:
         if not args.quick:
             shapes += [(TOTAL // n, n) for n in (1024, 16384, 262144, 1 << 20)]
         _log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}"
-             + (", backward on the calling thread" if args.calling_thread else ""))
+             + (", backward on the calling thread" if args.calling_thread else "")
+         + (f", threads pinned to core {args.pin_core}" if args.pin_core is not None else ""))
         _log(describe(ceilings()))
     else:
         shapes = [(16, 256), (4, 1024)]
@@ -384,7 +386,7 @@ def main(argv: list[str]) -> None:
     if cuda and args.sweep:
         _sweep_tiles()
     rows = []
-    with harness.backward_thread(args.calling_thread):  # every implementation's backward alike
+    with harness.backward_thread(args):  # every implementation's backward alike
         for BH, n in shapes:
             for dtype in (torch.float32, torch.bfloat16):
                 rows += run_case(BH, n, dtype, device, check_grads=BH * n <= TOTAL)
@@ -397,7 +399,7 @@ def main(argv: list[str]) -> None:
     with open(os.path.join(args.out, "scan.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     _log(f"json: {os.path.join(args.out, 'scan.json')}")
-    harness.record("scan", harness.thread_rows(result_rows(rows, env), args.calling_thread), args.record, log=_log)
+    harness.record("scan", harness.thread_rows(result_rows(rows, env), args), args.record, log=_log)
     _plot(rows, os.path.join(args.out, "scan.png"), f"{meta['device']}, torch {meta['torch']}" +
           ("" if cuda else ": the PyTorch reference on tiny sizes, not kernel timings"))
     if not args.no_chunked:

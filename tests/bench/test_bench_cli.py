@@ -311,3 +311,30 @@ def test_scan_calling_thread_rows_say_so(monkeypatch, tmp_path):
     assert seen == [False] * 4 + [True] * 4
     with_thread, default = ({r["impl"] for r in rows if r["impl"] != "bytes floor"} for rows in recorded)
     assert with_thread == {"accel-scan (backward on the calling thread)"} and default == {"accel-scan"}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
+def test_overhead_pin_core_pins_the_timing_thread_and_says_so(monkeypatch):
+    """``bench overhead --pin-core N`` times its cases with this thread's affinity {N} (the autograd device thread a
+    first backward starts inherits it), restores the mask afterwards and marks the rows; a core outside this
+    process's mask is a usage error (exit status 2)."""
+    from bench import harness, overhead
+    core = max(os.sched_getaffinity(0))
+    before, seen, recorded = os.sched_getaffinity(0), [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(overhead, "CASES", [(2, 8, 1, torch.float32, "ieee")])
+    monkeypatch.setattr(harness, "environment", lambda: dict(gpu="test", driver=None, torch="t", triton="t",
+                                                              commit=None, date="d"))
+
+    def fake_case(B, n, d, dtype, precision, profile):
+        seen.append(os.sched_getaffinity(0))
+        return {"B": B, "n": n, "d": d, "dtype": "float32", "precision": precision, "device_ms": 1.0,
+                "host_ms": 2.0, "eager": harness.summarize([3.0]), "graph": harness.summarize([1.0])}
+    monkeypatch.setattr(overhead, "run_case", fake_case)
+    monkeypatch.setattr(harness, "record", lambda bench, rows, flag, log=None: recorded.extend(rows))
+    overhead.main(["--pin-core", str(core), "--no-record"])
+    assert seen == [{core}] and os.sched_getaffinity(0) == before
+    assert {r["impl"] for r in recorded} == {"ours (threads pinned to one core)"}
+    with pytest.raises(SystemExit) as e:
+        overhead.main(["--pin-core", "100000", "--no-record"])
+    assert e.value.code == 2
