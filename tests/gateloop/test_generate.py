@@ -605,7 +605,7 @@ def test_patched_upstream_model_generates():
 
     saved = {(cls, name): cls.__dict__.get(name) for cls, names in
              ((up.GateLoopedAttention, ("forward", "new_cache")), (up.Transformer, ("init_cache", "generate")),
-              (up_simple.SimpleGateLoopLayer, ("forward",))) for name in names}
+              (up_simple.SimpleGateLoopLayer, ("forward", "__getstate__"))) for name in names}
     saved_ops = up.gate_loop_operator, up_simple.gate_loop_operator
     model = up.Transformer(dim=16, num_tokens=VOCAB, depth=2, gate_loop_heads=2).double()
     prompt = torch.randint(0, VOCAB, (2, 4))

@@ -89,7 +89,7 @@ def patched(monkeypatch):
 
     for obj, names in ((upm, ("gate_loop_operator",)), (ups, ("gate_loop_operator",)),
                        (upm.GateLoopedAttention, ("forward", "new_cache")), (upm.Transformer, ("init_cache", "generate")),
-                       (ups.SimpleGateLoopLayer, ("forward",))):
+                       (ups.SimpleGateLoopLayer, ("forward", "__getstate__"))):
         for name in names:  # recorded by monkeypatch (a missing one is deleted again)
             monkeypatch.setattr(obj, name, getattr(obj, name, None), raising=False)
     return patch_gateloop_transformer
@@ -122,6 +122,35 @@ def test_patch_gateloop_transformer_keeps_outputs_and_gradients(patched):
         assert (a - b).abs().max() <= tol * a.abs().max()
         for name in ga:
             assert (ga[name] - gb[name]).norm() <= tol * ga[name].norm(), name
+
+
+def test_patched_simple_layer_pickles(patched, monkeypatch):
+    """Upstream SimpleGateLoopLayers made before and after the patch (plain and heinsen) survive torch.save /
+    pickle, giving the same outputs; the saved operator is upstream's by name, so the pickle loads without the
+    patch too (upstream's own operator then). Before: the patch's operator was a lambda (unpicklable) and a layer
+    made before it held upstream's replaced operator ("not the same object as ...gate_loop_operator")."""
+    import io
+    import pickle
+
+    import gateloop_transformer.simplified_gate_loop as ups
+
+    upstream_op = ups.gate_loop_operator
+    torch.manual_seed(0)
+    before = [ups.SimpleGateLoopLayer(8), ups.SimpleGateLoopLayer(8, use_heinsen=True)]
+    patched()
+    layers = before + [ups.SimpleGateLoopLayer(8), ups.SimpleGateLoopLayer(8, use_heinsen=True)]
+    x = torch.randn(2, 17, 8)
+    for layer in layers:
+        buf = io.BytesIO()
+        torch.save(layer, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        assert torch.equal(loaded(x), layer(x))
+        saved = pickle.dumps(layer)
+        with monkeypatch.context() as m:  # loaded where upstream is not patched
+            m.setattr(ups, "gate_loop_operator", upstream_op)
+            fn = pickle.loads(saved).gate_loop_fn
+        assert getattr(fn, "func", fn) is upstream_op
 
 
 def test_rmsnorm_is_the_seeds_formula():
