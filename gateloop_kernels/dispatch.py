@@ -117,6 +117,11 @@ def scan(q: Tensor, k: Tensor, v: Optional[Tensor], a_re: Tensor, a_im: Optional
             if per_channel:
                 return o, final
             return o[..., None], (None if final is None else final[..., None, None])
+        if per_channel and cu_seqlens is not None:  # float64 on CUDA, packed: the packed reference runs this layout
+            # as it is (in head layout below it read v = None, the simplified operator's, and returned no per-channel o)
+            if q.shape[1]:
+                _warn_reference(caller, a_re, 1, 1, q.dtype)
+            return _varlen_reference(q, k, v, a_re, a_im, initial_state, output_final_state, chunk_size, cu_seqlens)
         if per_channel:  # the reference runs in head layout
             q, k, v = q[..., None], k[..., None], (None if v is None else v[..., None])
             initial_state = None if initial_state is None else initial_state[..., None, None]

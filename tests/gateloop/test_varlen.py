@@ -169,6 +169,22 @@ def test_simple_operator_packed_equals_each_alone(dtype, with_cache):
     _check_packed(packed, alone, leaves, lengths, TOL[dtype])
 
 
+@pytest.mark.filterwarnings("ignore:simple_gate_loop_operator")
+@pytest.mark.parametrize("with_cache", [True, False])
+def test_simple_operator_packed_float64_on_a_kernel_device(monkeypatch, with_cache):
+    """float64 ``simple_gate_loop_operator`` with ``cu_seqlens`` on a kernel device (CUDA; here the CPU marked as one:
+    float64 runs no kernel) raised AttributeError "'NoneType' object has no attribute 'shape'": ``scan`` brought the
+    per-channel scan into head layout with ``v = None`` (``k`` holds ``k v``) for the packed reference, which read
+    ``v``'s head dim (and its head-layout output was returned as it was). Now as each sequence alone (outputs,
+    caches, gradients), through the layer too."""
+    from gateloop_kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "KERNEL_DEVICES", ("cuda", "cpu"))
+    test_simple_operator_packed_equals_each_alone(torch.float64, with_cache)
+    if with_cache:
+        test_layer_packed_equals_each_document("simple reverse")
+
+
 def test_packed_matches_the_sequential_oracle():
     """Not only consistent with itself: each packed sequence against the float64 sequential loop."""
     lengths, H, d, e = _lengths(), 2, 16, 8
