@@ -37,7 +37,11 @@ def _fold_vmap(fn: type[torch.autograd.Function]) -> Callable:
                 if contiguous:  # the op may have been handed contiguous tensors for its kernels' sake
                     x = x.contiguous()
             folded.append(x)
-        outs = fn.apply(*folded)
+        try:
+            outs = fn.apply(*folded)
+        except ValueError as err:  # a shape error names the folded batch, not the user's: say where it came from
+            raise ValueError(f"{err} (under torch.func.vmap the mapped dim joins the batch dim, {V} x {B}; a packed "
+                             "batch (cu_seqlens, batch 1) cannot take it on the Triton kernels' path)") from err
         single = isinstance(outs, Tensor)
         outs = (outs,) if single else tuple(outs)
         per_batch = [isinstance(o, Tensor) and o.dim() >= 2 for o in outs]

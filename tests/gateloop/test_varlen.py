@@ -604,3 +604,20 @@ def test_strided_cu_seqlens_is_read_by_its_strides():
         if c is cu:
             want = (o, s, o1, a1, kv1)
     assert all(torch.equal(x, y) for x, y in zip((o, s, o1, a1, kv1), want))
+
+
+def test_vmap_over_a_packed_batch_names_vmap(monkeypatch):
+    """Found by a packed-sequence probe: ``torch.func.vmap`` over a packed call on the kernels' path raised "cu_seqlens
+    must be 1-D (N + 1,) with q of batch 1, got ... q (2, 41, 3)" for a q of batch 1 (the vmap rule folds the mapped
+    dim into the batch). The message now says vmap folded it and that packed batches cannot take it there."""
+    from gateloop_kernels import dispatch
+    from gateloop_kernels.elementwise import op as ew_op
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the CPU runs the kernels only under TRITON_INTERPRET=1")
+    monkeypatch.setattr(dispatch, "KERNEL_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(ew_op, "KERNEL_DEVICES", ("cuda", "cpu"))
+    cu = torch.tensor([0, 17, 41])
+    q, k, v = (torch.randn(2, 1, 41, 3, 1) for _ in range(3))
+    z = torch.randn(2, 1, 41, 3, 2)
+    with pytest.raises(ValueError, match=r"q of batch 1.*under torch.func.vmap the mapped dim joins the batch"):
+        torch.func.vmap(lambda q, k, v, z: G.gate_loop_heads(q, k, v, z=z, cu_seqlens=cu)[0])(q, k, v, z)
