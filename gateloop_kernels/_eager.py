@@ -39,7 +39,12 @@ def _fold_vmap(fn: type[torch.autograd.Function]) -> Callable:
             folded.append(x)
         try:
             outs = fn.apply(*folded)
-        except ValueError as err:  # a shape error names the folded batch, not the user's: say where it came from
+        except ValueError as err:
+            # a packed batch's boundaries (a 1-D integer tensor) take no folded batch: its shape error names the
+            # folded batch, not the user's, so say where it came from (other errors pass as they are)
+            if not any(isinstance(x, Tensor) and x.dim() == 1 and not x.is_floating_point() and not x.is_complex()
+                       for x in args):
+                raise
             raise ValueError(f"{err} (under torch.func.vmap the mapped dim joins the batch dim, {V} x {B}; a packed "
                              "batch (cu_seqlens, batch 1) cannot take it on the Triton kernels' path)") from err
         single = isinstance(outs, Tensor)
