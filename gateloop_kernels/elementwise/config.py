@@ -35,7 +35,7 @@ def tile_config(n: int, C: int, backward: bool = False) -> tuple[int, int, int]:
     block_t, block_c, warps = (WIDE_BWD if backward else WIDE_FWD) if C >= 32 else NARROW
     block_c = min(block_c, _next_pow2(C))
     if C < 32:
-        block_t = min(block_t, 16 * 32 * warps // block_c)
+        block_t = _narrow_steps(block_t, block_c, warps)
     else:  # warps only along the channels: a warp along time would put the scans in shared memory
         warps = min(warps, block_c // 32)
     return min(block_t, max(16, _next_pow2(n))), block_c, warps
@@ -60,11 +60,15 @@ def _table_carry_t(C: int) -> int:
     if C >= 32:
         return WIDE_BWD[0]
     block_t, block_c, warps = NARROW
-    steps = 16 * 32 * warps  # tile_config's bound on a narrow tile's steps x channels
     p = 1  # min(block_c, next_pow2(C)), or a narrower width of the same BLOCK_T
-    while p < block_c and (min(block_t, steps // (2 * p)) == min(block_t, steps // p) or p < C):
+    while p < block_c and (_narrow_steps(block_t, 2 * p, warps) == _narrow_steps(block_t, p, warps) or p < C):
         p *= 2
-    return min(block_t, steps // p)
+    return _narrow_steps(block_t, p, warps)
+
+
+def _narrow_steps(block_t: int, block_c: int, warps: int) -> int:
+    """A narrow tile's steps: the table's ``block_t``, at most 16 steps per thread over ``block_c`` channels."""
+    return min(block_t, 16 * 32 * warps // block_c)
 
 
 def carries_numel(B: int, n: int, C: int, carry_t: Optional[int] = None) -> int:
